@@ -1,0 +1,97 @@
+"""A Mosquitto broker spawned as a child process on a free loopback port, with its own config.
+
+The local stack, the benchmarks and the test fixtures all start brokers through this, so the tests
+exercise the broker set-up the main job uses.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def find_mosquitto() -> str:
+    path = shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None
+    )
+    if path is None:
+        raise FileNotFoundError("mosquitto is not installed (scripts/setup.sh installs Debian's package)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Broker:
+    def __init__(self, port: int | None = None, workdir: Path | None = None, extra_config: str = "") -> None:
+        self.port = port or free_port()
+        self._own_dir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="edgefleet-broker-"))
+        self.extra_config = extra_config
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> Broker:
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence false\n"
+            f"log_dest file {self.workdir / 'mosquitto.log'}\n"
+            "log_type error\nlog_type warning\nlog_type notice\n"
+            # Frames are large and arrive in bursts: let the broker hold a backlog for slow clients.
+            "max_queued_messages 10000\n"
+            f"{self.extra_config}\n"
+        )
+        self.process = subprocess.Popen(
+            [find_mosquitto(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C in the terminal reaches our handler, not the broker
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mosquitto exited with {self.process.returncode}; see {self.workdir}/mosquitto.log")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"mosquitto did not listen on port {self.port} within {timeout}s")
+
+    def kill(self) -> None:
+        """SIGKILL: the broker dies as in a crash or power cut."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Broker:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

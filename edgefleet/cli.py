@@ -1,0 +1,111 @@
+"""`edgefleet <command>`: the services (`inference`, ...), and the tools beside them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from shared.config import (
+    DEFAULT_MODEL_DIR,
+    CameraSettings,
+    CommonSettings,
+    ConfigError,
+    InferenceSettings,
+    describe_keys,
+    load,
+)
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None, help=__doc__)
+model_app = typer.Typer(no_args_is_help=True, help="Build and manage models.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: each prints a table and writes JSON with its goals.")
+app.add_typer(model_app, name="model")
+app.add_typer(bench_app, name="bench")
+
+ConfigFile = Annotated[
+    Optional[Path], typer.Option("--config", help="A TOML file of config keys; the environment wins over it.")
+]
+
+
+def _settings(cls, config: Path | None, **overrides):
+    try:
+        return load(cls, config, **{k: v for k, v in overrides.items() if v is not None})
+    except ConfigError as exc:
+        typer.echo(f"edgefleet: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command(epilog=describe_keys(InferenceSettings))
+def inference(config: ConfigFile = None) -> None:
+    """Run the inference service: frames in, predictions out. Configured by these keys:"""
+    from services.inference.service import main
+
+    raise typer.Exit(main(_settings(InferenceSettings, config)))
+
+
+@app.command(epilog=describe_keys(CameraSettings))
+def camera(
+    config: ConfigFile = None,
+    cameras: Annotated[Optional[str], typer.Option(help="Camera ids, comma-separated.")] = None,
+    rate: Annotated[Optional[float], typer.Option(help="Frames per second per camera.")] = None,
+    source: Annotated[Optional[str], typer.Option(help="bundled, a folder, an image, a video file or a device number.")] = None,
+    envelope: Annotated[Optional[bool], typer.Option("--envelope/--raw", help="msgpack envelopes or raw bytes.")] = None,
+    count: Annotated[Optional[int], typer.Option(help="Frames per camera, then stop (0: run on).")] = None,
+) -> None:
+    """Simulate cameras: publish real images at a fixed rate. Keys (flags override them):"""
+    from edgefleet import camera as simulator
+    from shared import logs
+
+    settings = _settings(CameraSettings, config, cameras=cameras, rate_hz=rate, source=source, envelope=envelope, count=count)
+    logs.setup("camera", settings.device_id, settings.log_level, settings.log_format)
+    try:
+        raise typer.Exit(simulator.main(settings))
+    except ValueError as exc:
+        typer.echo(f"edgefleet camera: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def up(
+    cameras: Annotated[int, typer.Option(min=1, max=64, help="Simulated cameras.")] = 3,
+    rate: Annotated[float, typer.Option(min=0.1, help="Frames per second per camera.")] = 2.0,
+    device_id: Annotated[str, typer.Option(help="The device id.")] = "device-1",
+    mqtt_url: Annotated[Optional[str], typer.Option(help="Use this broker instead of spawning one.")] = None,
+    duration: Annotated[Optional[float], typer.Option(help="Stop after this many seconds.")] = None,
+) -> None:
+    """The whole edge stack locally: broker, inference, cameras, and live predictions. Ctrl-C stops."""
+    from edgefleet import stack
+
+    _settings(CommonSettings, None, device_id=device_id, mqtt_url=mqtt_url)  # fail fast on bad values
+    raise typer.Exit(stack.run(cameras, rate, device_id, mqtt_url, duration))
+
+
+@model_app.command("build")
+def model_build(
+    out: Annotated[Path, typer.Option(help="Where model.onnx and manifest.json go.")] = DEFAULT_MODEL_DIR,
+    force: Annotated[bool, typer.Option(help="Rebuild even if a verified model is there.")] = False,
+) -> None:
+    """Export EfficientNet-Lite0 (real ImageNet weights) to ONNX with a manifest; cached once built."""
+    from edgefleet.model_build import build
+    from shared.manifest import ModelError
+
+    try:
+        manifest, built = build(out, force)
+    except ModelError as exc:
+        typer.echo(f"edgefleet model build: {exc}", err=True)
+        raise typer.Exit(1) from None
+    verb = "built" if built else "cached"
+    typer.echo(f"{verb} {manifest.name} v{manifest.version} sha256 {manifest.sha256[:16]}… in {out}", err=True)
+
+
+@bench_app.command("pipeline")
+def bench_pipeline(
+    quick: Annotated[bool, typer.Option(help="Less data; finishes within a minute.")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here.")] = None,
+    model_dir: Annotated[Path, typer.Option(help="The model to measure.")] = DEFAULT_MODEL_DIR,
+) -> None:
+    """Raw ONNX Runtime against the whole MQTT path, in one run on the same model and cores."""
+    from edgefleet.bench import pipeline
+
+    raise typer.Exit(pipeline.run(quick=quick, json_out=json_out, model_dir=model_dir))

@@ -1,0 +1,39 @@
+"""Real photos for the camera simulator, tests and benchmarks: the ones scikit-image ships.
+Nothing is downloaded."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import cv2
+import numpy as np
+
+# Colour and grey photographs bundled inside the scikit-image wheel.
+BUNDLED = ("chelsea", "coffee", "astronaut", "rocket", "camera", "coins", "immunohistochemistry", "hubble_deep_field")
+
+
+def photo_rgb(name: str) -> np.ndarray:
+    from skimage import data
+
+    image = getattr(data, name)()
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+@lru_cache(maxsize=None)
+def jpeg(name: str, quality: int = 90) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(photo_rgb(name), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    return buf.tobytes()
+
+
+@lru_cache(maxsize=None)
+def png(name: str) -> bytes:
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(photo_rgb(name), cv2.COLOR_RGB2BGR))
+    assert ok
+    return buf.tobytes()
+
+
+def bundled_jpegs() -> list[tuple[str, bytes]]:
+    return [(name, jpeg(name)) for name in BUNDLED]

@@ -1,0 +1,167 @@
+"""The main job, locally: a spawned Mosquitto (or a given broker), the inference service and a camera
+simulator as child processes, and live predictions in the terminal. Ctrl-C stops everything."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from edgefleet.broker import Broker
+from shared import topics
+from shared.codec import DecodeError, decode
+from shared.config import CommonSettings
+from shared.mqtt import MqttLink, content_type_of
+from shared.schemas import ErrorReport, Prediction, ServiceStatus
+
+
+@dataclass
+class CameraRow:
+    last: Prediction | None = None
+    arrivals: collections.deque = field(default_factory=lambda: collections.deque(maxlen=50))
+
+
+class LiveView:
+    """Collects predictions, statuses and errors from the broker; renders them as a rich table."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.cameras: dict[str, CameraRow] = collections.defaultdict(CameraRow)
+        self.statuses: dict[str, ServiceStatus] = {}
+        self.errors: collections.deque[ErrorReport] = collections.deque(maxlen=3)
+        self.predictions = 0
+
+    def on_prediction(self, message) -> None:
+        try:
+            prediction = decode(Prediction, message.payload, content_type_of(message))
+        except DecodeError:
+            return
+        with self._lock:
+            row = self.cameras[prediction.camera]
+            row.last = prediction
+            row.arrivals.append(time.monotonic())
+            self.predictions += 1
+
+    def on_status(self, message) -> None:
+        try:
+            status = decode(ServiceStatus, message.payload, content_type_of(message))
+        except DecodeError:
+            return
+        with self._lock:
+            self.statuses[status.service] = status
+
+    def on_error(self, message) -> None:
+        try:
+            report = decode(ErrorReport, message.payload, content_type_of(message))
+        except DecodeError:
+            return
+        with self._lock:
+            self.errors.append(report)
+
+    def render(self, title: str) -> Group:
+        table = Table(title=title, expand=True)
+        for column in ("camera", "frame", "top label", "confidence", "2nd", "latency ms", "fps"):
+            table.add_column(column, justify="right" if column in ("confidence", "latency ms", "fps") else "left")
+        with self._lock:
+            for camera in sorted(self.cameras):
+                row = self.cameras[camera]
+                p = row.last
+                if p is None:
+                    continue
+                arrivals = [t for t in row.arrivals if t > time.monotonic() - 5]
+                fps = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0]) if len(arrivals) > 1 else 0.0
+                second = f"{p.top[1].label} {p.top[1].score:.0%}" if len(p.top) > 1 else ""
+                table.add_row(
+                    camera, p.frame_id, p.top[0].label, f"{p.top[0].score:.1%}", second,
+                    f"{p.timings.total_ms:.1f}", f"{fps:.1f}",
+                )
+            footer = Text()
+            inference = self.statuses.get("inference")
+            if inference is not None:
+                stats, model, provider = inference.inference, inference.model, inference.provider
+                footer.append(f"inference {inference.state.value}", style="green" if inference.state == "online" else "red")
+                if model:
+                    footer.append(f"  model {model.name} v{model.version} ({model.sha256[:12]})")
+                if provider:
+                    footer.append(f"  provider {provider.active}", style="red" if provider.fallback else "")
+                if stats:
+                    footer.append(
+                        f"\nreceived {stats.frames_received}  answered {stats.predictions_published}  "
+                        f"dropped {stats.frames_dropped}  rejected {stats.frames_rejected}  queue {stats.queue_depth}"
+                    )
+            footer.append(f"\npredictions seen here {self.predictions}")
+            for report in self.errors:
+                footer.append(f"\nerror {report.reason.value}: {report.detail[:100]}", style="yellow")
+        return Group(table, footer)
+
+
+def run(
+    cameras: int = 3,
+    rate_hz: float = 2.0,
+    device_id: str = "device-1",
+    mqtt_url: str | None = None,
+    duration_s: float | None = None,
+    log_dir: Path = Path("var/log"),
+) -> int:
+    console = Console()
+    broker = None if mqtt_url else Broker().start()
+    url = mqtt_url or broker.url
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "EDGEFLEET_MQTT_URL": url, "EDGEFLEET_DEVICE_ID": device_id, "EDGEFLEET_LOG_FORMAT": "json"}
+    command = [sys.executable, "-m", "edgefleet"]
+    camera_ids = ",".join(f"cam-{i + 1}" for i in range(cameras))
+    children: list[subprocess.Popen] = []
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        for name, args in (
+            ("inference", ["inference"]),
+            ("camera", ["camera", "--cameras", camera_ids, "--rate", str(rate_hz)]),
+        ):
+            log_file = (log_dir / f"{name}.log").open("ab")
+            children.append(
+                subprocess.Popen(command + args, env=env, stdout=log_file, stderr=log_file, start_new_session=True)
+            )
+        view = LiveView()
+        settings = CommonSettings(mqtt_url=url, device_id=device_id)
+        link = MqttLink(settings, "console", unique=True)
+        link.subscribe(topics.all_predictions(device_id), view.on_prediction, qos=0)
+        link.subscribe(topics.all_status(device_id), view.on_status)
+        link.subscribe(topics.errors(device_id), view.on_error)
+        link.start()
+        title = f"edgefleet · {device_id} · broker {url} · logs in {log_dir}/ · Ctrl-C stops"
+        started = time.monotonic()
+        with Live(view.render(title), console=console, refresh_per_second=4) as live:
+            while not stop.wait(0.25):
+                live.update(view.render(title))
+                if any(c.poll() is not None for c in children):
+                    console.print(f"[red]a service exited; see {log_dir}/[/red]")
+                    break
+                if duration_s is not None and time.monotonic() - started > duration_s:
+                    break
+        link.stop()
+        console.print(f"stopped; {view.predictions} predictions shown")
+        return 0 if view.predictions else 1
+    finally:
+        for child in reversed(children):
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if broker:
+            broker.close()

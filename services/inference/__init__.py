@@ -1,0 +1,1 @@
+"""The inference service: frames in, predictions out."""

@@ -1,0 +1,58 @@
+"""The wire codec: JSON for what third-party clients read, msgpack where configured and for frames."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import TypeVar
+
+import msgpack
+from pydantic import BaseModel
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class WireFormat(StrEnum):
+    JSON = "json"
+    MSGPACK = "msgpack"
+
+    @property
+    def content_type(self) -> str:
+        return "application/json" if self is WireFormat.JSON else "application/msgpack"
+
+
+class DecodeError(ValueError):
+    """A payload that is not a valid message of the expected type; the text says why."""
+
+
+def encode(message: BaseModel, fmt: WireFormat = WireFormat.JSON) -> bytes:
+    if fmt is WireFormat.JSON:
+        return message.model_dump_json().encode()
+    return msgpack.packb(message.model_dump(mode="python"), use_bin_type=True)
+
+
+def decode(cls: type[M], payload: bytes, content_type: str | None = None) -> M:
+    """Decodes JSON or msgpack (by content type, else by sniffing: JSON objects start with '{')."""
+    try:
+        if content_type == WireFormat.JSON.content_type or (
+            content_type is None and payload[:1] == b"{"
+        ):
+            obj = json.loads(payload)
+        else:
+            obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise DecodeError(f"not valid {cls.__name__} data: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise DecodeError(f"{cls.__name__} must be a map, got {type(obj).__name__}")
+    try:
+        return cls.model_validate(obj)
+    except ValueError as exc:  # pydantic.ValidationError is a ValueError
+        raise DecodeError(_summarise(cls, exc)) from exc
+
+
+def _summarise(cls: type[BaseModel], exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    parts = [f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in errors()]
+    return f"invalid {cls.__name__}: " + "; ".join(parts)

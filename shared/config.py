@@ -1,0 +1,203 @@
+"""Typed configuration for every service: environment (EDGEFLEET_*) over an optional TOML file over
+defaults. Every config key is defined here, once; a bad value fails at start naming its key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from shared import topics
+from shared.codec import WireFormat
+
+ENV_PREFIX = "EDGEFLEET_"
+CONFIG_FILE_ENV = f"{ENV_PREFIX}CONFIG_FILE"
+DEFAULT_MODEL_DIR = Path("var/models/efficientnet-lite0")
+
+S = TypeVar("S", bound="CommonSettings")
+
+
+class ConfigError(SystemExit):
+    """Raised at start for a bad config; exits the process with status 2 and a message naming the key."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    mqtt_url: str = Field(
+        "mqtt://127.0.0.1:1883", description="The device's broker, mqtt://host:port (mqtts:// for TLS)."
+    )
+    device_id: str = Field("device-1", description="This device's id: the <device> level of every topic.")
+    mqtt_username: str | None = Field(None, description="Broker user name, where the broker asks for one.")
+    mqtt_password: SecretStr | None = Field(None, description="Broker password (prefer a mounted secret file over the environment).")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log threshold.")
+    log_format: Literal["json", "text"] = Field("json", description="json: one object per line; text: for people.")
+    mqtt_reconnect_min_s: float = Field(0.5, gt=0, description="First delay before reconnecting to a lost broker.")
+    mqtt_reconnect_max_s: float = Field(10.0, gt=0, description="Longest delay between reconnect attempts (backoff doubles up to it).")
+    status_interval_s: float = Field(5.0, gt=0, description="How often the retained status (with counters) is refreshed.")
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError("must look like mqtt://host:port or mqtts://host:port")
+        parts.port  # raises ValueError for a port out of range or not a number
+        return value
+
+    @field_validator("device_id")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return topics.check_id("device", value)
+
+    @property
+    def mqtt_host(self) -> str:
+        return urlsplit(self.mqtt_url).hostname or "127.0.0.1"
+
+    @property
+    def mqtt_port(self) -> int:
+        parts = urlsplit(self.mqtt_url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def mqtt_tls(self) -> bool:
+        return urlsplit(self.mqtt_url).scheme == "mqtts"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+ProviderList = Annotated[list[str], NoDecode]
+
+
+class InferenceSettings(CommonSettings):
+    model_dir: Path = Field(DEFAULT_MODEL_DIR, description="Folder holding model.onnx and manifest.json.")
+    providers: ProviderList = Field(
+        ["cpu"],
+        description="Execution providers in order of preference, comma-separated: "
+        "tensorrt, cuda, openvino, coreml, dml, cpu (or ONNX Runtime's full names).",
+    )
+    provider_policy: Literal["warn", "strict"] = Field(
+        "warn",
+        description="When the first provider is not the one really active: warn (serve on the fallback, "
+        "report and alert) or strict (refuse to start).",
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 lets it use every core.")
+    max_batch: int = Field(8, ge=1, le=256, description="Most frames inferred together, across cameras.")
+    max_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="How long a batch may wait for more frames after its first. 0 takes what is queued "
+        "at once: batches still grow under load, and an idle service adds no latency.",
+    )
+    queue_size: int = Field(64, ge=1, le=100_000, description="Frames held before the oldest are dropped.")
+    max_frame_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Larger frames are rejected with an 'oversized' error."
+    )
+    top_k: int = Field(5, ge=1, le=1000, description="Classes per prediction.")
+    prediction_qos: Literal[0, 1] = Field(
+        1, description="MQTT QoS of predictions and error reports: 1 survives a broker hiccup, 0 is cheaper."
+    )
+    prediction_format: WireFormat = Field(
+        WireFormat.JSON, description="json (readable by any client) or msgpack; the MQTT v5 content type says which."
+    )
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [p.strip() for p in value.split(",") if p.strip()]
+        if isinstance(value, list) and not value:
+            raise ValueError("name at least one execution provider")
+        return value
+
+
+class CameraSettings(CommonSettings):
+    cameras: Annotated[list[str], NoDecode] = Field(["cam-1"], description="Camera ids, comma-separated.")
+    rate_hz: float = Field(5.0, gt=0, le=10_000, description="Frames per second, per camera.")
+    source: str = Field(
+        "bundled",
+        description="bundled (real photos shipped with scikit-image), a folder of images, "
+        "a video file, or a capture device number.",
+    )
+    envelope: bool = Field(False, description="Send msgpack envelopes (frame id, capture time) instead of raw bytes.")
+    count: int = Field(0, ge=0, description="Frames per camera before stopping; 0 runs until stopped.")
+
+    @field_validator("cameras", mode="before")
+    @classmethod
+    def _cameras(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [c.strip() for c in value.split(",") if c.strip()]
+        if not value:
+            raise ValueError("name at least one camera")
+        return [topics.check_id("camera", c) for c in value]
+
+
+def load(cls: type[S], config_file: Path | str | None = None, **overrides: Any) -> S:
+    """Builds the settings, raising ConfigError with the offending key named."""
+    import os
+
+    path = config_file or os.environ.get(CONFIG_FILE_ENV) or None
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} ({CONFIG_FILE_ENV}) does not exist")
+        try:
+            tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+    bound = type(cls.__name__, (cls,), {"model_config": {**cls.model_config, "toml_file": path}})
+    try:
+        return bound(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc, path)) from None
+
+
+def describe_errors(exc: ValidationError, path: Path | None) -> str:
+    lines = []
+    for err in exc.errors():
+        key = str(err["loc"][0]) if err["loc"] else "<config>"
+        where = f"{ENV_PREFIX}{key.upper()}" + (f" or '{key}' in {path}" if path else "")
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown config key {key!r} ({where})")
+        else:
+            lines.append(f"bad config key {key!r} ({where}): {err['msg']}; got {err.get('input')!r}")
+    return "config error: " + "; ".join(lines)
+
+
+def describe_keys(cls: type[CommonSettings]) -> str:
+    """Every key with its environment variable, default and meaning: the text of `--help`."""
+    rows = []
+    for name, field in cls.model_fields.items():
+        default = field.default.value if hasattr(field.default, "value") else field.default
+        if isinstance(default, list):
+            default = ",".join(map(str, default))
+        rows.append(f"{ENV_PREFIX}{name.upper()} (default {default}): {field.description}")
+    rows.append(f"{CONFIG_FILE_ENV}: a TOML file with the same keys in lower case; the environment wins.")
+    return "\n\n".join(rows)

@@ -1,0 +1,99 @@
+"""The model manifest: what a model is and exactly how to feed it. Written beside model.onnx as
+manifest.json by the model build, read by inference (and later by sync and the operator tools)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.schemas import ModelRef
+
+MODEL_FILE = "model.onnx"
+MANIFEST_FILE = "manifest.json"
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class Preprocessing(_Strict):
+    """Resize so the shorter side is `resize_shorter`, centre-crop `crop`x`crop`, then (x - mean) / std."""
+
+    resize_shorter: int = Field(gt=0)
+    crop: int = Field(gt=0)
+    color_order: Literal["RGB", "BGR"]
+    interpolation: Literal["linear", "area", "cubic"]
+    mean: list[float] = Field(min_length=3, max_length=3)
+    std: list[float] = Field(min_length=3, max_length=3)
+    layout: Literal["NCHW"] = "NCHW"
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> Preprocessing:
+        if self.crop > self.resize_shorter:
+            raise ValueError("crop must not exceed resize_shorter")
+        if any(s == 0 for s in self.std):
+            raise ValueError("std must not be zero")
+        return self
+
+class TensorSpec(_Strict):
+    name: str
+    # A string is a symbolic (dynamic) axis, such as "batch".
+    shape: list[int | str]
+    dtype: Literal["float32", "float16", "uint8", "int8"]
+
+class ModelManifest(_Strict):
+    name: str
+    version: int = Field(ge=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int = Field(gt=0)
+    file: str = MODEL_FILE
+    opset: int
+    input: TensorSpec
+    output: TensorSpec
+    preprocessing: Preprocessing
+    labels: list[str]
+    # How it was made, so a result can be reproduced: source weights, exporter, recipe.
+    recipe: dict[str, str]
+    parent_sha256: str | None = None
+    created_at: float
+
+    @model_validator(mode="after")
+    def _labels_match_output(self) -> ModelManifest:
+        classes = self.output.shape[-1]
+        if isinstance(classes, int) and classes != len(self.labels):
+            raise ValueError(f"{len(self.labels)} labels for {classes} output classes")
+        return self
+
+    def ref(self) -> ModelRef:
+        return ModelRef(name=self.name, version=self.version, sha256=self.sha256)
+
+class ModelError(RuntimeError):
+    """A model that must not be served: missing, unreadable, or not what its manifest says."""
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+def load_verified(model_dir: Path) -> tuple[ModelManifest, Path]:
+    """Reads manifest.json and checks the model file's size and SHA-256 against it."""
+    manifest_path = model_dir / MANIFEST_FILE
+    try:
+        manifest = ModelManifest.model_validate_json(manifest_path.read_bytes())
+    except FileNotFoundError:
+        raise ModelError(f"no {MANIFEST_FILE} in {model_dir} (build one with `edgefleet model build`)") from None
+    except ValueError as exc:
+        raise ModelError(f"{manifest_path} is not a valid manifest: {exc}") from exc
+    model_path = model_dir / manifest.file
+    if not model_path.is_file():
+        raise ModelError(f"{model_path} is missing")
+    size = model_path.stat().st_size
+    if size != manifest.size_bytes:
+        raise ModelError(f"{model_path} is {size} bytes, its manifest says {manifest.size_bytes}")
+    actual = sha256_of(model_path)
+    if actual != manifest.sha256:
+        raise ModelError(f"{model_path} has SHA-256 {actual}, its manifest says {manifest.sha256}")
+    return manifest, model_path

@@ -1,0 +1,58 @@
+"""The topic scheme. Every topic any part of edgefleet uses is built here and nowhere else.
+
+    edgefleet/<device>/frames/<camera>        frames in (raw JPEG/PNG or a msgpack envelope)
+    edgefleet/<device>/predictions/<camera>   one prediction per frame
+    edgefleet/<device>/errors                 error reports (bad frames, provider fallback, ...)
+    edgefleet/<device>/status/<service>       retained service status (online/offline, counters)
+"""
+
+from __future__ import annotations
+
+import re
+
+ROOT = "edgefleet"
+
+# MQTT forbids wildcards and separators inside a level; we also keep ids shell- and path-safe.
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_id(kind: str, value: str) -> str:
+    if not _ID.match(value):
+        raise ValueError(
+            f"{kind} id {value!r} must be 1-64 characters of letters, digits, '_', '.', '-' "
+            "and start with a letter or digit"
+        )
+    return value
+
+
+def frames(device: str, camera: str) -> str:
+    return f"{ROOT}/{device}/frames/{camera}"
+
+
+def all_frames(device: str) -> str:
+    return f"{ROOT}/{device}/frames/+"
+
+
+def predictions(device: str, camera: str) -> str:
+    return f"{ROOT}/{device}/predictions/{camera}"
+
+
+def all_predictions(device: str) -> str:
+    return f"{ROOT}/{device}/predictions/+"
+
+
+def errors(device: str) -> str:
+    return f"{ROOT}/{device}/errors"
+
+
+def status(device: str, service: str) -> str:
+    return f"{ROOT}/{device}/status/{service}"
+
+
+def all_status(device: str) -> str:
+    return f"{ROOT}/{device}/status/+"
+
+
+def last_level(topic: str) -> str:
+    """The camera of a frames/predictions topic, the service of a status topic."""
+    return topic.rsplit("/", 1)[-1]

@@ -53,6 +53,8 @@ class Broker:
             "log_type error\nlog_type warning\nlog_type notice\n"
             # Frames are large and arrive in bursts: let the broker hold a backlog for slow clients.
             "max_queued_messages 10000\n"
+            # Nagle's algorithm delays the tail of every frame bigger than one segment.
+            "set_tcp_nodelay true\n"
             f"{self.extra_config}\n"
         )
         self.process = subprocess.Popen(

@@ -107,7 +107,17 @@ class InferenceSettings(CommonSettings):
         description="When the first provider is not the one really active: warn (serve on the fallback, "
         "report and alert) or strict (refuse to start).",
     )
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 lets it use every core.")
+    inference_workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Model runs in parallel, each taking its own batches. 0: one per core when the first "
+        "provider is the CPU (each run single-threaded, which beats one run spread over every core on "
+        "small CPUs), else one.",
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime threads per run; 0: 1 with several workers, else ONNX Runtime's default."
+    )
     max_batch: int = Field(8, ge=1, le=256, description="Most frames inferred together, across cameras.")
     max_wait_ms: float = Field(
         0.0,
@@ -119,6 +129,11 @@ class InferenceSettings(CommonSettings):
     queue_size: int = Field(64, ge=1, le=100_000, description="Frames held before the oldest are dropped.")
     max_frame_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Larger frames are rejected with an 'oversized' error."
+    )
+    scaled_decode: bool = Field(
+        True,
+        description="Decode JPEGs at least twice the model's size at 1/2, 1/4 or 1/8 scale (DCT domain): "
+        "less work per HD frame; false decodes every pixel.",
     )
     top_k: int = Field(5, ge=1, le=1000, description="Classes per prediction.")
     prediction_qos: Literal[0, 1] = Field(

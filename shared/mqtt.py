@@ -8,6 +8,7 @@ publishes a retained "online" status on every connect.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 import uuid
@@ -130,6 +131,7 @@ class MqttLink:
         if reason_code.is_failure:
             log.error("broker refused connection", extra=fields(reason=str(reason_code)))
             return
+        _disable_nagle(client)
         with self._lock:
             subscriptions = list(self._subscriptions)
         for topic_filter, qos, _ in subscriptions:
@@ -154,6 +156,17 @@ class MqttLink:
                     handler(message)
                 except Exception:  # a handler's bug must not stop the network loop
                     log.exception("message handler failed", extra=fields(topic=message.topic))
+
+
+def _disable_nagle(client: paho.Client) -> None:
+    """paho leaves Nagle's algorithm on. A frame larger than one TCP segment then holds its tail until
+    the peer's delayed ACK, adding milliseconds to every frame; small predictions suffer the same."""
+    sock = client.socket()
+    raw = getattr(sock, "_sock", sock)  # paho may wrap the socket; setsockopt works on either
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):  # not TCP (a unix socket or websockets): nothing to tune
+        pass
 
 
 def content_type_of(message: paho.MQTTMessage) -> str | None:

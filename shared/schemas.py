@@ -23,11 +23,10 @@ class Encoding(StrEnum):
 class FrameEnvelope(_Message):
     """A frame with metadata, msgpack-encoded. Raw JPEG/PNG bytes on the frames topic are also accepted."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-    frame_id: Annotated[str, Field(min_length=1, max_length=128)]
+    # Strict where a wrong type would otherwise be coerced: a number is not a frame id, text is not bytes.
+    frame_id: Annotated[str, Field(strict=True, min_length=1, max_length=128)]
     encoding: Encoding
-    data: Annotated[bytes, Field(min_length=1)]
+    data: Annotated[bytes, Field(strict=True, min_length=1)]
     # The camera's wall clock, seconds since the epoch. Informational only: latency figures come
     # from the receiving service's monotonic clock, because device clocks disagree.
     captured_at: float | None = None

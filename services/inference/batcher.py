@@ -1,8 +1,11 @@
-"""Batch: the bounded backlog between the network thread and the inference worker.
+"""The two queues of a frame's way, one class with two overflow policies.
 
-Under overload the oldest frames go first, since a live camera's newest frame is the one worth
-answering, and every drop is counted. A batch is whatever is queued, up to max_batch, optionally
-waiting up to max_wait after its first frame for more.
+- The backlog between the network thread and the decoder: bounded, and under overload the oldest frame
+  goes, since a live camera's newest frame is the one worth answering. Every drop is counted by the caller.
+- The batcher between the decoder and the inference worker: small and blocking, so a busy model
+  holds the decoder back and the backlog (not memory) absorbs the excess.
+
+A batch is whatever is queued, up to max_batch, optionally waiting up to max_wait after its first item.
 """
 
 from __future__ import annotations
@@ -10,47 +13,64 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from typing import Generic, Protocol, TypeVar
 
-from services.inference.intake import Frame
+
+class _Timed(Protocol):
+    @property
+    def received(self) -> float: ...
 
 
-class FrameBacklog:
-    def __init__(self, capacity: int) -> None:
-        self._frames: deque[Frame] = deque()
+T = TypeVar("T", bound=_Timed)
+
+
+class Closed(Exception):
+    """put() on a queue that was closed."""
+
+
+class BatchQueue(Generic[T]):
+    def __init__(self, capacity: int, drop_oldest: bool) -> None:
+        self._items: deque[T] = deque()
         self._capacity = capacity
-        self._ready = threading.Condition()
+        self._drop_oldest = drop_oldest
+        self._changed = threading.Condition()
         self._closed = False
 
-    def put(self, frame: Frame) -> Frame | None:
-        """Queues a frame; returns the frame dropped to make room, if any."""
-        with self._ready:
-            dropped = self._frames.popleft() if len(self._frames) >= self._capacity else None
-            self._frames.append(frame)
-            self._ready.notify()
+    def put(self, item: T) -> T | None:
+        """Queues an item. Drop-oldest: returns the item dropped to make room, if any. Blocking:
+        waits for room. Raises Closed once close() was called."""
+        with self._changed:
+            if not self._drop_oldest:
+                self._changed.wait_for(lambda: len(self._items) < self._capacity or self._closed)
+            if self._closed:
+                raise Closed()
+            dropped = self._items.popleft() if len(self._items) >= self._capacity else None
+            self._items.append(item)
+            self._changed.notify_all()
             return dropped
 
-    def take(self, max_batch: int, max_wait_s: float, idle_timeout_s: float) -> list[Frame] | None:
-        """Up to max_batch frames; empty if none came within idle_timeout_s; None once the backlog is
-        closed and drained."""
-        with self._ready:
-            if not self._ready.wait_for(lambda: self._frames or self._closed, idle_timeout_s):
+    def take(self, max_batch: int, max_wait_s: float = 0.0, idle_timeout_s: float = 0.5) -> list[T] | None:
+        """Up to max_batch items; empty if none came within idle_timeout_s; None once closed and drained."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._items or self._closed, idle_timeout_s):
                 return []
-            if not self._frames:
+            if not self._items:
                 return None
-            if max_wait_s > 0 and not self._closed:
-                deadline = self._frames[0].received + max_wait_s if self._frames else time.monotonic()
-                while len(self._frames) < max_batch and not self._closed:
+            if max_wait_s > 0:
+                deadline = self._items[0].received + max_wait_s
+                while len(self._items) < max_batch and not self._closed:
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0 or not self._ready.wait(remaining):
+                    if remaining <= 0 or not self._changed.wait(remaining):
                         break
-            n = min(max_batch, len(self._frames))
-            return [self._frames.popleft() for _ in range(n)]
+            batch = [self._items.popleft() for _ in range(min(max_batch, len(self._items)))]
+            self._changed.notify_all()
+            return batch
 
     def close(self) -> None:
-        """No more frames will come; take() returns what is left, then empty lists."""
-        with self._ready:
+        """No more items will come: take() hands out what is left, then None."""
+        with self._changed:
             self._closed = True
-            self._ready.notify_all()
+            self._changed.notify_all()
 
     def __len__(self) -> int:
-        return len(self._frames)
+        return len(self._items)

@@ -14,20 +14,17 @@ class Preprocessor:
     def __init__(self, spec: Preprocessing) -> None:
         self._spec = spec
         self._interpolation = _INTERPOLATION[spec.interpolation]
-        # Folded into one multiply-add per pixel, in the decoder's BGR channel order.
-        mean = np.asarray(spec.mean, dtype=np.float32)
-        scale = 1.0 / np.asarray(spec.std, dtype=np.float32)
-        if spec.color_order == "RGB":
-            mean, scale = mean[::-1].copy(), scale[::-1].copy()
-        self._mean, self._scale = mean, scale
-        self._swap_to_rgb = spec.color_order == "RGB"
+        self._mean = np.asarray(spec.mean, dtype=np.float32)
+        self._scale = 1.0 / np.asarray(spec.std, dtype=np.float32)
+        # OpenCV decodes to BGR: the source channel of each model channel.
+        self._source_channel = (2, 1, 0) if spec.color_order == "RGB" else (0, 1, 2)
 
     def __call__(self, bgr: np.ndarray, out: np.ndarray) -> None:
         """Writes the CHW tensor for one BGR image into `out` (a slot of the batch array)."""
         spec = self._spec
         height, width = bgr.shape[:2]
-        # Resize-shorter-then-centre-crop, done as crop-then-resize: the same pixels for a fraction
-        # of the work, since only the crop's area is ever resampled.
+        # Resize-shorter-then-centre-crop, done as crop-then-resize: the same scale factor and sampling
+        # grid (up to rounding at the edges) for a fraction of the work, as only the crop is resampled.
         side = round(min(height, width) * spec.crop / spec.resize_shorter)
         top, left = (height - side) // 2, (width - side) // 2
         crop = cv2.resize(
@@ -35,6 +32,7 @@ class Preprocessor:
             (spec.crop, spec.crop),
             interpolation=self._interpolation,
         )
-        normalised = (crop.astype(np.float32) - self._mean) * self._scale
-        channels = normalised.transpose(2, 0, 1)
-        out[:] = channels[::-1] if self._swap_to_rgb else channels
+        # Channel by channel straight into the batch slot: no float HWC temporary, no transpose copy.
+        for c, source in enumerate(self._source_channel):
+            np.subtract(crop[:, :, source], self._mean[c], out=out[c], dtype=np.float32)
+            out[c] *= self._scale[c]

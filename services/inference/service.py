@@ -1,8 +1,12 @@
-"""The inference service: the one owner of its MQTT link and its worker thread.
+"""The inference service: the one owner of its MQTT link and its two threads.
 
-A frame's way: receive (network thread: `_on_frame`) → backlog → decode → preprocess → batch →
-infer → publish (worker thread: `_process`). SIGTERM stops intake, answers every frame already
-accepted, publishes the offline status and exits 0.
+A frame's way:
+    receive (paho's network thread: `_on_frame`) → backlog (bounded, drops the oldest)
+    → decode → preprocess (decoder thread: `_decode_loop`) → batcher
+    → infer → publish (inference workers: `_infer_loop`, one or more)
+Decoding the next frames while the model runs keeps every core busy; several workers each run their
+own batch on the one session, which beats one run spread over all cores on small CPUs.
+SIGTERM stops intake, answers every frame already accepted, publishes the offline status, exits 0.
 """
 
 from __future__ import annotations
@@ -12,16 +16,17 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import paho.mqtt.client as paho
 
-from services.inference.batcher import FrameBacklog
+from services.inference.batcher import BatchQueue, Closed
 from services.inference.decode import UndecodableFrame, decode_bgr
 from services.inference.intake import Frame, FrameRejected, Intake
 from services.inference.postprocess import top_k
 from services.inference.preprocess import Preprocessor
-from services.inference.session import ModelSession, ProviderRefused
+from services.inference.session import ModelSession, ProviderRefused, plan_workers
 from shared import VERSION, logs, topics
 from shared.codec import WireFormat, encode
 from shared.config import InferenceSettings
@@ -45,21 +50,34 @@ SERVICE = "inference"
 log = logging.getLogger(__name__)
 
 
+@dataclass(slots=True)
+class Prepared:
+    """A frame decoded and preprocessed, waiting for a batch."""
+
+    frame: Frame
+    tensor: np.ndarray
+    preprocess_s: float
+
+    @property
+    def received(self) -> float:
+        return self.frame.received
+
+
 class InferenceService:
     def __init__(self, settings: InferenceSettings) -> None:
         self.settings = settings
         manifest, model_path = load_verified(settings.model_dir)
+        workers, threads = plan_workers(settings.providers, settings.inference_workers, settings.intra_op_threads)
         self.session = ModelSession.open(
-            manifest,
-            model_path,
-            settings.providers,
-            strict=settings.provider_policy == "strict",
-            intra_op_threads=settings.intra_op_threads,
+            manifest, model_path, settings.providers, strict=settings.provider_policy == "strict", intra_op_threads=threads
         )
         self.manifest = manifest
         self.preprocess = Preprocessor(manifest.preprocessing)
+        self._decode_min_side = manifest.preprocessing.resize_shorter if settings.scaled_decode else 0
         self.intake = Intake(settings.max_frame_bytes)
-        self.backlog = FrameBacklog(settings.queue_size)
+        self.backlog: BatchQueue[Frame] = BatchQueue(settings.queue_size, drop_oldest=True)
+        # Room for one batch being formed while another runs: enough to keep the model fed.
+        self.batcher: BatchQueue[Prepared] = BatchQueue(2 * settings.max_batch, drop_oldest=False)
         self.received, self.rejected, self.dropped = Counter(), Counter(), Counter()
         self.published, self.batches = Counter(), Counter()
         self._started_at = time.time()
@@ -74,7 +92,9 @@ class InferenceService:
                 will=encode(self.status(ServiceState.OFFLINE, reason="connection lost", with_stats=False)),
             ),
         )
-        self._worker = threading.Thread(target=self._work, name="inference-worker")
+        self._threads = [threading.Thread(target=self._decode_loop, name="decoder")] + [
+            threading.Thread(target=self._infer_loop, name=f"inference-{i}") for i in range(workers)
+        ]
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -83,20 +103,25 @@ class InferenceService:
         frames_filter = topics.all_frames(self._device)
         self.link.subscribe(frames_filter, self._on_frame, qos=1)
         self.link.start()
-        self._worker.start()
+        for thread in self._threads:
+            thread.start()
         if self.session.provider.fallback:
             self._report(ErrorReason.PROVIDER_FALLBACK, self._fallback_text())
         log.info(
             "serving",
-            extra=fields(model=self.manifest.name, version=self.manifest.version, provider=self.session.provider.active),
+            extra=fields(
+                model=self.manifest.name, version=self.manifest.version,
+                provider=self.session.provider.active, workers=len(self._threads) - 1,
+            ),
         )
         while not self._stopping.wait(self.settings.status_interval_s):
             self._publish_status()
 
         log.info("draining", extra=fields(queued=len(self.backlog)))
         self.link.client.unsubscribe(frames_filter)
-        self.backlog.close()
-        self._worker.join()
+        self.backlog.close()  # the decoder drains it, then closes the batcher; inference drains that
+        for thread in self._threads:
+            thread.join()
         self.link.stop(final_status=encode(self.status(ServiceState.OFFLINE, reason="shutdown")))
         log.info("stopped", extra=fields(**self.stats().model_dump()))
         return 0
@@ -114,50 +139,64 @@ class InferenceService:
         except FrameRejected as rejected:
             self._reject(camera, rejected.reason, rejected.detail, rejected.frame_id)
             return
-        if self.backlog.put(frame) is not None:
+        try:
+            if self.backlog.put(frame) is not None:
+                self.dropped.add()
+        except Closed:  # arrived while shutting down, after intake stopped
             self.dropped.add()
 
-    # -- decode → preprocess → batch → infer → publish (the worker thread) -------------------------
+    # -- decode → preprocess (the decoder thread) ---------------------------------------------------
 
-    def _work(self) -> None:
-        s = self.settings
-        while (frames := self.backlog.take(s.max_batch, s.max_wait_ms / 1000, idle_timeout_s=0.5)) is not None:
-            if frames:
-                try:
-                    self._process(frames)
-                except Exception as exc:  # keep serving; the frames of this batch get an error each
-                    log.exception("batch failed")
-                    for frame in frames:
-                        self._reject(frame.camera, ErrorReason.INTERNAL, f"inference failed: {exc}", frame.frame_id)
+    def _decode_loop(self) -> None:
+        while (frames := self.backlog.take(self.settings.max_batch)) is not None:
+            for frame in frames:
+                if (prepared := self._prepare(frame)) is not None:
+                    self.batcher.put(prepared)
+        self.batcher.close()
 
-    def _process(self, frames: list[Frame]) -> None:
-        started = time.monotonic()
-        crop = self.manifest.preprocessing.crop
-        batch = np.empty((len(frames), 3, crop, crop), dtype=np.float32)
-        ready: list[tuple[Frame, float]] = []
-        for frame in frames:
-            t0 = time.monotonic()
-            try:
-                self.preprocess(decode_bgr(frame.data), batch[len(ready)])
-            except UndecodableFrame as exc:
-                self._reject(frame.camera, ErrorReason.UNDECODABLE, str(exc), frame.frame_id)
-                continue
-            ready.append((frame, time.monotonic() - t0))
-        if not ready:
-            return
+    def _prepare(self, frame: Frame) -> Prepared | None:
         t0 = time.monotonic()
-        logits = self.session.run(batch[: len(ready)])
-        inference_s = time.monotonic() - t0
+        crop = self.manifest.preprocessing.crop
+        tensor = np.empty((3, crop, crop), dtype=np.float32)
+        try:
+            self.preprocess(decode_bgr(frame.data, self._decode_min_side), tensor)
+        except UndecodableFrame as exc:
+            self._reject(frame.camera, ErrorReason.UNDECODABLE, str(exc), frame.frame_id)
+            return None
+        except Exception as exc:  # an image OpenCV decoded but we cannot use: report, keep serving
+            log.exception("preprocessing failed")
+            self._reject(frame.camera, ErrorReason.INTERNAL, f"preprocessing failed: {exc}", frame.frame_id)
+            return None
+        return Prepared(frame, tensor, time.monotonic() - t0)
+
+    # -- batch → infer → publish (the inference thread) ----------------------------------------------
+
+    def _infer_loop(self) -> None:
+        s = self.settings
+        while (batch := self.batcher.take(s.max_batch, s.max_wait_ms / 1000)) is not None:
+            if not batch:
+                continue
+            try:
+                self._infer_and_publish(batch)
+            except Exception as exc:  # keep serving; the frames of this batch get an error each
+                log.exception("batch failed")
+                for item in batch:
+                    self._reject(item.frame.camera, ErrorReason.INTERNAL, f"inference failed: {exc}", item.frame.frame_id)
+
+    def _infer_and_publish(self, batch: list[Prepared]) -> None:
+        started = time.monotonic()
+        logits = self.session.run(np.stack([item.tensor for item in batch]))
+        inference_s = time.monotonic() - started
         self.batches.add()
         indices, scores = top_k(logits, self.settings.top_k)
-        for i, (frame, preprocess_s) in enumerate(ready):
-            self._publish_prediction(frame, indices[i], scores[i], started, preprocess_s, inference_s, len(ready))
+        for i, item in enumerate(batch):
+            self._publish_prediction(item, indices[i], scores[i], started, inference_s, len(batch))
 
     def _publish_prediction(
-        self, frame: Frame, indices: np.ndarray, scores: np.ndarray,
-        started: float, preprocess_s: float, inference_s: float, batch_size: int,
+        self, item: Prepared, indices: np.ndarray, scores: np.ndarray,
+        started: float, inference_s: float, batch_size: int,
     ) -> None:
-        labels = self.manifest.labels
+        frame, labels = item.frame, self.manifest.labels
         now = time.monotonic()
         prediction = Prediction(
             device=self._device,
@@ -168,8 +207,8 @@ class InferenceService:
             model=self.manifest.ref(),
             provider=self.session.provider.active,
             timings=Timings(
-                queued_ms=_ms(started - frame.received),
-                preprocess_ms=_ms(preprocess_s),
+                queued_ms=_ms(started - frame.received - item.preprocess_s),
+                preprocess_ms=_ms(item.preprocess_s),
                 inference_ms=_ms(inference_s),
                 total_ms=_ms(now - frame.received),
                 batch_size=batch_size,
@@ -211,7 +250,7 @@ class InferenceService:
             frames_dropped=self.dropped.value,
             predictions_published=self.published.value,
             batches=self.batches.value,
-            queue_depth=len(self.backlog),
+            queue_depth=len(self.backlog) + len(self.batcher),
         )
 
     def status(self, state: ServiceState, reason: str | None = None, with_stats: bool = True) -> ServiceStatus:

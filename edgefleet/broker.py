@@ -55,7 +55,9 @@ class Broker:
             "max_queued_messages 10000\n"
             # Nagle's algorithm delays the tail of every frame bigger than one segment.
             "set_tcp_nodelay true\n"
-            f"{self.extra_config}\n"
+            # As root, mosquitto would switch to the 'mosquitto' user and lose access to this folder.
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + f"{self.extra_config}\n"
         )
         self.process = subprocess.Popen(
             [find_mosquitto(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -136,8 +136,8 @@ class InferenceSettings(CommonSettings):
         "less work per HD frame; false decodes every pixel.",
     )
     top_k: int = Field(5, ge=1, le=1000, description="Classes per prediction.")
-    prediction_qos: Literal[0, 1] = Field(
-        1, description="MQTT QoS of predictions and error reports: 1 survives a broker hiccup, 0 is cheaper."
+    prediction_qos: int = Field(
+        1, ge=0, le=1, description="MQTT QoS of predictions and error reports: 1 survives a broker hiccup, 0 is cheaper."
     )
     prediction_format: WireFormat = Field(
         WireFormat.JSON, description="json (readable by any client) or msgpack; the MQTT v5 content type says which."

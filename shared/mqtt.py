@@ -63,6 +63,7 @@ class MqttLink:
         self.connected = threading.Event()
         self._closing = False
         self._content_types: dict[str, Properties] = {}
+        self._unsubscribed: dict[int, threading.Event] = {}
 
         c = self._client
         c.reconnect_delay_set(settings.mqtt_reconnect_min_s, settings.mqtt_reconnect_max_s)
@@ -78,6 +79,7 @@ class MqttLink:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_unsubscribe = self._on_unsubscribe
 
     @property
     def client(self) -> paho.Client:
@@ -89,6 +91,17 @@ class MqttLink:
             self._subscriptions.append((topic_filter, qos, handler))
         if self.connected.is_set():
             self._client.subscribe(topic_filter, qos)
+
+    def unsubscribe(self, topic_filter: str, timeout: float = 5.0) -> bool:
+        """Stops a subscription and waits for the broker's UNSUBACK: after it no message of that
+        filter arrives, so a service that stops intake here has every message it acknowledged."""
+        with self._lock:
+            self._subscriptions = [s for s in self._subscriptions if s[0] != topic_filter]
+            rc, mid = self._client.unsubscribe(topic_filter)
+            if rc != paho.MQTT_ERR_SUCCESS:
+                return False
+            done = self._unsubscribed[mid] = threading.Event()
+        return done.wait(timeout)
 
     def publish(
         self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, content_type: str | None = None
@@ -146,6 +159,12 @@ class MqttLink:
         self.connected.clear()
         if was_connected and not self._closing:
             log.warning("lost broker, reconnecting with backoff", extra=fields(reason=str(reason_code)))
+
+    def _on_unsubscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        with self._lock:
+            done = self._unsubscribed.pop(mid, None)
+        if done is not None:
+            done.set()
 
     def _on_message(self, client, userdata, message: paho.MQTTMessage) -> None:
         with self._lock:

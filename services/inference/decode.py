@@ -32,6 +32,7 @@ class UndecodableFrame(ValueError):
 def decode_bgr(data: bytes, min_short_side: int = 0) -> np.ndarray:
     """Decodes a JPEG or PNG into an 8-bit, 3-channel BGR image (grey and alpha are converted).
     A JPEG is decoded at the coarsest scale that keeps its shorter side at least min_short_side."""
+    check_complete(data)
     flag = cv2.IMREAD_COLOR
     if min_short_side and (size := jpeg_size(data)) is not None:
         short = min(size)
@@ -43,6 +44,17 @@ def decode_bgr(data: bytes, min_short_side: int = 0) -> np.ndarray:
     if image is None or image.size == 0:
         raise UndecodableFrame("OpenCV could not decode the image (corrupt, truncated or not JPEG/PNG)")
     return image
+
+
+def check_complete(data: bytes) -> None:
+    """OpenCV decodes a truncated JPEG without complaint, filling the missing part with grey, and the
+    model would answer it with confidence. A whole JPEG ends with its end-of-image marker (FFD9, which
+    byte stuffing keeps out of the image data); a whole PNG with its IEND chunk. Tolerates padding."""
+    tail = data[-64:]
+    if data.startswith(b"\xff\xd8") and b"\xff\xd9" not in tail:
+        raise UndecodableFrame("truncated JPEG: no end-of-image marker")
+    if data.startswith(b"\x89PNG") and b"IEND" not in tail:
+        raise UndecodableFrame("truncated PNG: no IEND chunk")
 
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:

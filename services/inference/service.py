@@ -117,8 +117,9 @@ class InferenceService:
         while not self._stopping.wait(self.settings.status_interval_s):
             self._publish_status()
 
-        log.info("draining", extra=fields(queued=len(self.backlog)))
-        self.link.client.unsubscribe(frames_filter)
+        if not self.link.unsubscribe(frames_filter):
+            log.warning("no UNSUBACK from the broker: frames it sent meanwhile count as dropped")
+        log.info("draining", extra=fields(queued=len(self.backlog) + len(self.batcher)))
         self.backlog.close()  # the decoder drains it, then closes the batcher; inference drains that
         for thread in self._threads:
             thread.join()

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from edgefleet.broker import Broker
+from edgefleet.model_build import build
+from shared.config import DEFAULT_MODEL_DIR
+from tests.support import Device, InferenceProcess, wait_until
+
+REPO = Path(__file__).resolve().parent.parent
+_device_ids = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """The real EfficientNet-Lite0, built once at set-up (cached; built here if missing)."""
+    path = REPO / DEFAULT_MODEL_DIR
+    build(path)
+    return path
+
+
+@pytest.fixture
+def broker():
+    """A real Mosquitto on its own port with its own config, killed at the end of the test."""
+    with Broker() as b:
+        yield b
+
+
+@pytest.fixture
+def start_inference(model_dir, tmp_path, request):
+    """Starts `edgefleet inference` against a broker and waits for its retained online status."""
+    started: list[InferenceProcess] = []
+
+    def start(broker: Broker, wait_online: bool = True, **settings: str) -> tuple[InferenceProcess, Device]:
+        device_id = settings.pop("device_id", f"dev-{next(_device_ids)}")
+        env = {
+            "EDGEFLEET_MQTT_URL": broker.url,
+            "EDGEFLEET_DEVICE_ID": device_id,
+            "EDGEFLEET_MODEL_DIR": str(model_dir),
+            "EDGEFLEET_STATUS_INTERVAL_S": "0.5",
+            "EDGEFLEET_MQTT_RECONNECT_MAX_S": "1",
+            **{f"EDGEFLEET_{k.upper()}": str(v) for k, v in settings.items()},
+        }
+        service = InferenceProcess(env, tmp_path / f"inference-{len(started)}.log")
+        started.append(service)
+        device = Device(broker.url, device_id)
+        request.addfinalizer(device.close)
+        if wait_online:
+            wait_until(
+                lambda: (s := device.latest_status()) is not None and s.state == "online" or not service.alive(),
+                60, "the inference service's online status",
+            )
+            assert service.alive(), f"inference exited:\n{service.log()}"
+        return service, device
+
+    yield start
+    for service in started:
+        service.kill()
+    if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+        for service in started:
+            print(f"--- {service.log_path}\n{service.log()[-5000:]}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)

@@ -1,0 +1,133 @@
+"""What the tests share: the inference service as a real child process, and an MQTT client that
+collects what the device publishes. Everything talks to real Mosquitto brokers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import psutil
+
+from shared import topics
+from shared.codec import DecodeError, WireFormat, decode, encode
+from shared.config import CommonSettings
+from shared.mqtt import MqttLink, content_type_of
+from shared.schemas import Encoding, ErrorReport, FrameEnvelope, Prediction, ServiceStatus
+
+T = TypeVar("T")
+
+
+def wait_until(check: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Device:
+    """A test's view of one device on a broker: publishes frames, collects predictions, errors and
+    statuses. Reconnects by itself, like the services, through the same MqttLink."""
+
+    def __init__(self, url: str, device_id: str) -> None:
+        self.device_id = device_id
+        settings = CommonSettings(mqtt_url=url, device_id=device_id, mqtt_reconnect_max_s=1)
+        self.link = MqttLink(settings, "test", unique=True)
+        self.predictions: list[Prediction] = []
+        self.content_types: list[str | None] = []
+        self.errors: list[ErrorReport] = []
+        self.statuses: list[ServiceStatus] = []
+        self.undecodable: list[bytes] = []
+        self._lock = threading.Lock()
+        self.link.subscribe(topics.all_predictions(device_id), self._on_prediction)
+        self.link.subscribe(topics.errors(device_id), self._on_error)
+        self.link.subscribe(topics.all_status(device_id), self._on_status)
+        self.link.start()
+        assert self.link.wait_connected(10), "test client could not connect"
+
+    def _on_prediction(self, message) -> None:
+        with self._lock:
+            self.content_types.append(content_type_of(message))
+            try:
+                self.predictions.append(decode(Prediction, message.payload, content_type_of(message)))
+            except DecodeError:
+                self.undecodable.append(message.payload)
+
+    def _on_error(self, message) -> None:
+        with self._lock:
+            self.errors.append(decode(ErrorReport, message.payload, content_type_of(message)))
+
+    def _on_status(self, message) -> None:
+        with self._lock:
+            self.statuses.append(decode(ServiceStatus, message.payload, content_type_of(message)))
+
+    def publish_frame(self, camera: str, payload: bytes, qos: int = 1) -> None:
+        info = self.link.publish(topics.frames(self.device_id, camera), payload, qos=qos)
+        if qos:
+            info.wait_for_publish(10)
+
+    def publish_envelope(self, camera: str, frame_id: str, data: bytes, qos: int = 1) -> None:
+        encoding = Encoding.PNG if data.startswith(b"\x89PNG") else Encoding.JPEG
+        envelope = FrameEnvelope(frame_id=frame_id, encoding=encoding, data=data, captured_at=time.time())
+        self.publish_frame(camera, encode(envelope, WireFormat.MSGPACK), qos)
+
+    def prediction_for(self, frame_id: str, timeout: float = 30) -> Prediction:
+        def find():
+            with self._lock:
+                return next((p for p in self.predictions if p.frame_id == frame_id), None)
+
+        return wait_until(find, timeout, f"a prediction for frame {frame_id}")
+
+    def error_for(self, camera: str, timeout: float = 30) -> ErrorReport:
+        def find():
+            with self._lock:
+                return next((e for e in self.errors if e.camera == camera), None)
+
+        return wait_until(find, timeout, f"an error report for camera {camera}")
+
+    def latest_status(self, service: str = "inference") -> ServiceStatus | None:
+        with self._lock:
+            return next((s for s in reversed(self.statuses) if s.service == service), None)
+
+    def close(self) -> None:
+        self.link.stop()
+
+
+class InferenceProcess:
+    """`edgefleet inference` as a child process: the command the containers run."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edgefleet", "inference"],
+            env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def rss(self) -> int:
+        return psutil.Process(self.proc.pid).memory_info().rss
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def terminate(self, timeout: float = 60) -> int:
+        if self.alive():
+            self.proc.terminate()
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()

@@ -1,0 +1,89 @@
+"""Config fails fast and names the key; --help documents every key."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from shared.config import ConfigError, InferenceSettings, load
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith("EDGEFLEET_"):
+            monkeypatch.delenv(key)
+
+
+def test_defaults_are_valid():
+    settings = load(InferenceSettings)
+    assert settings.mqtt_url == "mqtt://127.0.0.1:1883" and settings.providers == ["cpu"]
+
+
+def test_environment_over_file_over_defaults(tmp_path, monkeypatch):
+    config = tmp_path / "edgefleet.toml"
+    config.write_text('max_batch = 4\ndevice_id = "from-file"\nproviders = ["cuda", "cpu"]\n')
+    monkeypatch.setenv("EDGEFLEET_DEVICE_ID", "from-env")
+    monkeypatch.setenv("EDGEFLEET_TOP_K", "3")
+    settings = load(InferenceSettings, config)
+    assert (settings.max_batch, settings.device_id, settings.top_k) == (4, "from-env", 3)
+    assert settings.providers == ["cuda", "cpu"]
+    monkeypatch.setenv("EDGEFLEET_PROVIDERS", "tensorrt, cuda,cpu")
+    assert load(InferenceSettings, config).providers == ["tensorrt", "cuda", "cpu"]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "named"),
+    [
+        ("MAX_BATCH", "0", "max_batch"),
+        ("MQTT_URL", "http://broker", "mqtt_url"),
+        ("DEVICE_ID", "a/b", "device_id"),
+        ("PROVIDER_POLICY", "maybe", "provider_policy"),
+        ("PREDICTION_FORMAT", "xml", "prediction_format"),
+        ("QUEUE_SIZE", "lots", "queue_size"),
+        ("PREDICTION_QOS", "2", "prediction_qos"),
+    ],
+)
+def test_a_bad_value_names_its_key(monkeypatch, key, value, named):
+    monkeypatch.setenv(f"EDGEFLEET_{key}", value)
+    with pytest.raises(ConfigError) as caught:
+        load(InferenceSettings)
+    assert named in str(caught.value) and f"EDGEFLEET_{key}" in str(caught.value)
+
+
+def test_an_unknown_key_in_the_file_is_named(tmp_path):
+    config = tmp_path / "edgefleet.toml"
+    config.write_text("max_bacth = 4\n")
+    with pytest.raises(ConfigError, match="unknown config key 'max_bacth'"):
+        load(InferenceSettings, config)
+
+
+def test_a_missing_or_broken_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(InferenceSettings, tmp_path / "nope.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("max_batch = = 4")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(InferenceSettings, broken)
+
+
+def test_the_service_command_fails_fast_naming_the_key():
+    result = subprocess.run(
+        [sys.executable, "-m", "edgefleet", "inference"],
+        env={**os.environ, "EDGEFLEET_MAX_BATCH": "-3"}, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "max_batch" in result.stderr and "EDGEFLEET_MAX_BATCH" in result.stderr
+
+
+def test_help_documents_every_key():
+    result = subprocess.run(
+        [sys.executable, "-m", "edgefleet", "inference", "--help"], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert result.returncode == 0
+    for name in InferenceSettings.model_fields:
+        assert f"EDGEFLEET_{name.upper()}" in result.stdout, name

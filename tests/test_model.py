@@ -1,0 +1,69 @@
+"""The model is real: EfficientNet-Lite0 with ImageNet weights, exported with a dynamic batch axis and
+a manifest that says exactly how to feed it."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from edgefleet import photos
+from edgefleet.model_build import build
+from services.inference.decode import decode_bgr
+from services.inference.postprocess import top_k
+from services.inference.preprocess import Preprocessor
+from shared.manifest import MANIFEST_FILE, MODEL_FILE, ModelError, load_verified
+
+CATS = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
+COFFEE = {"espresso", "cup", "coffee mug"}
+
+
+def _top5(model_dir, *images: bytes) -> list[list[str]]:
+    manifest, path = load_verified(model_dir)
+    pre = Preprocessor(manifest.preprocessing)
+    crop = manifest.preprocessing.crop
+    batch = np.empty((len(images), 3, crop, crop), dtype=np.float32)
+    for i, data in enumerate(images):
+        pre(decode_bgr(data), batch[i])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    indices, _ = top_k(session.run(None, {manifest.input.name: batch})[0], 5)
+    return [[manifest.labels[i] for i in row] for row in indices]
+
+
+def test_real_photos_get_real_classes_in_one_batch(model_dir):
+    chelsea, coffee = _top5(model_dir, photos.jpeg("chelsea"), photos.png("coffee"))
+    assert CATS & set(chelsea), chelsea
+    assert COFFEE & set(coffee), coffee
+
+
+def test_manifest_describes_the_model(model_dir):
+    manifest, path = load_verified(model_dir)
+    graph = onnx.load(str(path)).graph
+    (graph_input,) = graph.input
+    dims = [d.dim_param or d.dim_value for d in graph_input.type.tensor_type.shape.dim]
+    assert graph_input.name == manifest.input.name
+    assert dims == manifest.input.shape == ["batch", 3, 224, 224]
+    assert len(manifest.labels) == 1000 and manifest.labels[281] == "tabby"
+    assert manifest.preprocessing.color_order == "RGB" and manifest.preprocessing.mean == [127.0] * 3
+    assert {"weights", "network", "exporter", "labels"} <= set(manifest.recipe)
+
+
+def test_a_second_build_is_cached(model_dir):
+    manifest, built = build(model_dir)
+    assert built is False and manifest.sha256 == load_verified(model_dir)[0].sha256
+
+
+def test_a_tampered_model_is_refused(model_dir, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    with (copy / MODEL_FILE).open("r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(ModelError, match="SHA-256"):
+        load_verified(copy)
+    (copy / MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(ModelError, match="not a valid manifest"):
+        load_verified(copy)

@@ -35,7 +35,10 @@ class CameraRow:
 class LiveView:
     """Collects predictions, statuses and errors from the broker; renders them as a rich table."""
 
-    def __init__(self) -> None:
+    def __init__(self, console: Console | None = None) -> None:
+        # Without a terminal (a pipe, a CI log) a live table would only show at the end: print a line
+        # per prediction instead.
+        self._lines = console if console is not None and not console.is_terminal else None
         self._lock = threading.Lock()
         self.cameras: dict[str, CameraRow] = collections.defaultdict(CameraRow)
         self.statuses: dict[str, ServiceStatus] = {}
@@ -52,6 +55,12 @@ class LiveView:
             row.last = prediction
             row.arrivals.append(time.monotonic())
             self.predictions += 1
+        if self._lines is not None:
+            best = prediction.top[0]
+            self._lines.print(
+                f"{prediction.camera} {prediction.frame_id}: {best.label} {best.score:.1%} "
+                f"({prediction.timings.total_ms:.1f} ms)", highlight=False,
+            )
 
     def on_status(self, message) -> None:
         try:
@@ -134,7 +143,7 @@ def run(
             children.append(
                 subprocess.Popen(command + args, env=env, stdout=log_file, stderr=log_file, start_new_session=True)
             )
-        view = LiveView()
+        view = LiveView(console)
         settings = CommonSettings(mqtt_url=url, device_id=device_id)
         link = MqttLink(settings, "console", unique=True)
         link.subscribe(topics.all_predictions(device_id), view.on_prediction, qos=0)
@@ -152,7 +161,7 @@ def run(
                 if duration_s is not None and time.monotonic() - started > duration_s:
                     break
         link.stop()
-        console.print(f"stopped; {view.predictions} predictions shown")
+        console.print(f"\nstopped; {view.predictions} predictions shown")
         return 0 if view.predictions else 1
     finally:
         for child in reversed(children):

@@ -16,8 +16,8 @@ JPEG = photos.jpeg("chelsea")
 PNG = photos.png("coins")
 
 envelope_values = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=20),
-    st.binary(max_size=64), st.lists(st.integers(), max_size=3), st.sampled_from(["jpeg", "png", "gif"]),
+    st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=True), st.text(max_size=20),
+    st.binary(max_size=64), st.lists(st.integers(-100, 100), max_size=3), st.sampled_from(["jpeg", "png", "gif"]),
 )
 bad_payloads = st.one_of(
     st.binary(max_size=4096).map(lambda b: ("random bytes", b)),

@@ -1,11 +1,11 @@
-"""The inference service: the one owner of its MQTT link and its two threads.
+"""The inference service: the one owner of its MQTT link and its worker threads.
 
 A frame's way:
     receive (paho's network thread: `_on_frame`) → backlog (bounded, drops the oldest)
-    → decode → preprocess (decoder thread: `_decode_loop`) → batcher
-    → infer → publish (inference workers: `_infer_loop`, one or more)
-Decoding the next frames while the model runs keeps every core busy; several workers each run their
-own batch on the one session, which beats one run spread over all cores on small CPUs.
+    → batch → decode → preprocess → infer → publish (each worker: `_work`)
+Workers share one ONNX Runtime session and each run their own batch: while one decodes, another
+infers, so every core stays busy, and on small CPUs several single-threaded runs beat one run spread
+over all cores. Frames are decoded only once taken, so frames dropped under overload cost nothing.
 SIGTERM stops intake, answers every frame already accepted, publishes the offline status, exits 0.
 """
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import paho.mqtt.client as paho
 
-from services.inference.batcher import BatchQueue, Closed
+from services.inference.batcher import Closed, FrameBacklog
 from services.inference.decode import UndecodableFrame, decode_bgr
 from services.inference.intake import Frame, FrameRejected, Intake
 from services.inference.postprocess import top_k
@@ -52,15 +52,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class Prepared:
-    """A frame decoded and preprocessed, waiting for a batch."""
+    """A frame decoded and preprocessed, about to join its batch on the model."""
 
     frame: Frame
     tensor: np.ndarray
     preprocess_s: float
-
-    @property
-    def received(self) -> float:
-        return self.frame.received
 
 
 class InferenceService:
@@ -75,9 +71,7 @@ class InferenceService:
         self.preprocess = Preprocessor(manifest.preprocessing)
         self._decode_min_side = manifest.preprocessing.resize_shorter if settings.scaled_decode else 0
         self.intake = Intake(settings.max_frame_bytes)
-        self.backlog: BatchQueue[Frame] = BatchQueue(settings.queue_size, drop_oldest=True)
-        # Room for one batch being formed while another runs: enough to keep the model fed.
-        self.batcher: BatchQueue[Prepared] = BatchQueue(2 * settings.max_batch, drop_oldest=False)
+        self.backlog = FrameBacklog(settings.queue_size)
         self.received, self.rejected, self.dropped = Counter(), Counter(), Counter()
         self.published, self.batches = Counter(), Counter()
         self._started_at = time.time()
@@ -92,9 +86,7 @@ class InferenceService:
                 will=encode(self.status(ServiceState.OFFLINE, reason="connection lost", with_stats=False)),
             ),
         )
-        self._threads = [threading.Thread(target=self._decode_loop, name="decoder")] + [
-            threading.Thread(target=self._infer_loop, name=f"inference-{i}") for i in range(workers)
-        ]
+        self._threads = [threading.Thread(target=self._work, name=f"worker-{i}") for i in range(workers)]
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -119,8 +111,8 @@ class InferenceService:
 
         if not self.link.unsubscribe(frames_filter):
             log.warning("no UNSUBACK from the broker: frames it sent meanwhile count as dropped")
-        log.info("draining", extra=fields(queued=len(self.backlog) + len(self.batcher)))
-        self.backlog.close()  # the decoder drains it, then closes the batcher; inference drains that
+        log.info("draining", extra=fields(queued=len(self.backlog)))
+        self.backlog.close()  # the workers answer what is left, then stop
         for thread in self._threads:
             thread.join()
         self.link.stop(final_status=encode(self.status(ServiceState.OFFLINE, reason="shutdown")))
@@ -146,14 +138,20 @@ class InferenceService:
         except Closed:  # arrived while shutting down, after intake stopped
             self.dropped.add()
 
-    # -- decode → preprocess (the decoder thread) ---------------------------------------------------
+    # -- decode → preprocess → batch → infer → publish (each worker thread) -------------------------
 
-    def _decode_loop(self) -> None:
-        while (frames := self.backlog.take(self.settings.max_batch)) is not None:
-            for frame in frames:
-                if (prepared := self._prepare(frame)) is not None:
-                    self.batcher.put(prepared)
-        self.batcher.close()
+    def _work(self) -> None:
+        s = self.settings
+        while (frames := self.backlog.take(s.max_batch, s.max_wait_ms / 1000)) is not None:
+            batch = [p for frame in frames if (p := self._prepare(frame)) is not None]
+            if not batch:
+                continue
+            try:
+                self._infer_and_publish(batch)
+            except Exception as exc:  # keep serving; the frames of this batch get an error each
+                log.exception("batch failed")
+                for item in batch:
+                    self._reject(item.frame.camera, ErrorReason.INTERNAL, f"inference failed: {exc}", item.frame.frame_id)
 
     def _prepare(self, frame: Frame) -> Prepared | None:
         t0 = time.monotonic()
@@ -169,20 +167,6 @@ class InferenceService:
             self._reject(frame.camera, ErrorReason.INTERNAL, f"preprocessing failed: {exc}", frame.frame_id)
             return None
         return Prepared(frame, tensor, time.monotonic() - t0)
-
-    # -- batch → infer → publish (the inference thread) ----------------------------------------------
-
-    def _infer_loop(self) -> None:
-        s = self.settings
-        while (batch := self.batcher.take(s.max_batch, s.max_wait_ms / 1000)) is not None:
-            if not batch:
-                continue
-            try:
-                self._infer_and_publish(batch)
-            except Exception as exc:  # keep serving; the frames of this batch get an error each
-                log.exception("batch failed")
-                for item in batch:
-                    self._reject(item.frame.camera, ErrorReason.INTERNAL, f"inference failed: {exc}", item.frame.frame_id)
 
     def _infer_and_publish(self, batch: list[Prepared]) -> None:
         started = time.monotonic()
@@ -251,7 +235,7 @@ class InferenceService:
             frames_dropped=self.dropped.value,
             predictions_published=self.published.value,
             batches=self.batches.value,
-            queue_depth=len(self.backlog) + len(self.batcher),
+            queue_depth=len(self.backlog),
         )
 
     def status(self, state: ServiceState, reason: str | None = None, with_stats: bool = True) -> ServiceStatus:

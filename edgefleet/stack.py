@@ -46,9 +46,7 @@ class LiveView:
         self.predictions = 0
 
     def on_prediction(self, message) -> None:
-        try:
-            prediction = decode(Prediction, message.payload, content_type_of(message))
-        except DecodeError:
+        if (prediction := _decoded(Prediction, message)) is None:
             return
         with self._lock:
             row = self.cameras[prediction.camera]
@@ -63,20 +61,14 @@ class LiveView:
             )
 
     def on_status(self, message) -> None:
-        try:
-            status = decode(ServiceStatus, message.payload, content_type_of(message))
-        except DecodeError:
-            return
-        with self._lock:
-            self.statuses[status.service] = status
+        if (status := _decoded(ServiceStatus, message)) is not None:
+            with self._lock:
+                self.statuses[status.service] = status
 
     def on_error(self, message) -> None:
-        try:
-            report = decode(ErrorReport, message.payload, content_type_of(message))
-        except DecodeError:
-            return
-        with self._lock:
-            self.errors.append(report)
+        if (report := _decoded(ErrorReport, message)) is not None:
+            with self._lock:
+                self.errors.append(report)
 
     def render(self, title: str) -> Group:
         table = Table(title=title, expand=True)
@@ -113,6 +105,14 @@ class LiveView:
             for report in self.errors:
                 footer.append(f"\nerror {report.reason.value}: {report.detail[:100]}", style="yellow")
         return Group(table, footer)
+
+
+def _decoded(cls, message):
+    """The message as `cls`, or None: a console shows what it can read and skips the rest."""
+    try:
+        return decode(cls, message.payload, content_type_of(message))
+    except DecodeError:
+        return None
 
 
 def run(

@@ -59,7 +59,8 @@ def start_inference(model_dir, tmp_path, request):
     yield start
     for service in started:
         service.kill()
-    if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+    call = getattr(request.node, "rep_call", None)
+    if call is not None and call.failed:  # the services' logs, for whoever reads the failure
         for service in started:
             print(f"--- {service.log_path}\n{service.log()[-5000:]}")
 

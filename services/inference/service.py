@@ -52,10 +52,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class Prepared:
-    """A frame decoded and preprocessed, about to join its batch on the model."""
+    """A frame decoded and preprocessed into its slot of the batch."""
 
     frame: Frame
-    tensor: np.ndarray
     preprocess_s: float
 
 
@@ -143,22 +142,42 @@ class InferenceService:
     def _work(self) -> None:
         s = self.settings
         while (frames := self.backlog.take(s.max_batch, s.max_wait_ms / 1000)) is not None:
-            batch = [p for frame in frames if (p := self._prepare(frame)) is not None]
-            if not batch:
+            if not frames:
                 continue
             try:
-                self._infer_and_publish(batch)
-            except Exception as exc:  # keep serving; the frames of this batch get an error each
-                log.exception("batch failed")
-                for item in batch:
-                    self._reject(item.frame.camera, ErrorReason.INTERNAL, f"inference failed: {exc}", item.frame.frame_id)
+                self._answer(frames)
+            except Exception:  # a bug must not stop the worker; model failures are reported in _answer
+                log.exception("batch abandoned", extra=fields(frames=[f.frame_id for f in frames]))
 
-    def _prepare(self, frame: Frame) -> Prepared | None:
-        t0 = time.monotonic()
+    def _answer(self, frames: list[Frame]) -> None:
         crop = self.manifest.preprocessing.crop
-        tensor = np.empty((3, crop, crop), dtype=np.float32)
+        batch = np.empty((len(frames), 3, crop, crop), dtype=np.float32)
+        ready: list[Prepared] = []
+        for frame in frames:
+            if (preprocess_s := self._prepare(frame, batch[len(ready)])) is not None:
+                ready.append(Prepared(frame, preprocess_s))
+        if not ready:
+            return
+        started = time.monotonic()
         try:
-            self.preprocess(decode_bgr(frame.data, self._decode_min_side), tensor)
+            logits = self.session.run(batch[: len(ready)])
+        except Exception as exc:  # e.g. an execution provider failing: every frame hears why
+            log.exception("inference failed")
+            for item in ready:
+                self._reject(item.frame.camera, ErrorReason.INTERNAL, f"inference failed: {exc}", item.frame.frame_id)
+            return
+        inference_s = time.monotonic() - started
+        self.batches.add()
+        indices, scores = top_k(logits, self.settings.top_k)
+        for i, item in enumerate(ready):
+            self._publish_prediction(item, indices[i], scores[i], started, inference_s, len(ready))
+
+    def _prepare(self, frame: Frame, slot: np.ndarray) -> float | None:
+        """Decodes and preprocesses into the batch slot; returns the seconds it took, or None after
+        reporting a frame that cannot be used."""
+        t0 = time.monotonic()
+        try:
+            self.preprocess(decode_bgr(frame.data, self._decode_min_side), slot)
         except UndecodableFrame as exc:
             self._reject(frame.camera, ErrorReason.UNDECODABLE, str(exc), frame.frame_id)
             return None
@@ -166,16 +185,7 @@ class InferenceService:
             log.exception("preprocessing failed")
             self._reject(frame.camera, ErrorReason.INTERNAL, f"preprocessing failed: {exc}", frame.frame_id)
             return None
-        return Prepared(frame, tensor, time.monotonic() - t0)
-
-    def _infer_and_publish(self, batch: list[Prepared]) -> None:
-        started = time.monotonic()
-        logits = self.session.run(np.stack([item.tensor for item in batch]))
-        inference_s = time.monotonic() - started
-        self.batches.add()
-        indices, scores = top_k(logits, self.settings.top_k)
-        for i, item in enumerate(batch):
-            self._publish_prediction(item, indices[i], scores[i], started, inference_s, len(batch))
+        return time.monotonic() - t0
 
     def _publish_prediction(
         self, item: Prepared, indices: np.ndarray, scores: np.ndarray,

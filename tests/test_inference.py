@@ -12,9 +12,10 @@ import time
 import pytest
 
 from edgefleet import photos
+from edgefleet.broker import Broker
 from shared import topics
 from shared.manifest import load_verified
-from tests.support import wait_until
+from tests.support import Device, InferenceProcess, wait_until
 
 CATS = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
 COFFEE = {"espresso", "cup", "coffee mug"}
@@ -141,3 +142,28 @@ def test_sigterm_answers_every_accepted_frame_then_exits_zero(broker, start_infe
     assert set(answered) <= set(sent)
     drained = [json.loads(line) for line in service.log().splitlines() if '"draining"' in line]
     assert drained and drained[0]["queued"] > 0, "the test must stop the service with frames still queued"
+
+
+def test_a_service_started_before_its_broker_waits_for_it(model_dir, tmp_path):
+    broker = Broker()  # its port is chosen, nothing listens yet
+    service = InferenceProcess(
+        {
+            "EDGEFLEET_MQTT_URL": broker.url, "EDGEFLEET_DEVICE_ID": "early", "EDGEFLEET_MODEL_DIR": str(model_dir),
+            "EDGEFLEET_MQTT_RECONNECT_MAX_S": "1",
+        },
+        tmp_path / "inference.log",
+    )
+    try:
+        time.sleep(3)  # connection attempts fail meanwhile
+        assert service.alive(), service.log()
+        broker.start()
+        device = Device(broker.url, "early")
+        try:
+            wait_until(lambda: (st := device.latest_status()) is not None and st.state == "online", 30, "online")
+            device.publish_envelope("cam", "late-1", photos.jpeg("coffee"))
+            assert device.prediction_for("late-1").top[0].label in COFFEE
+        finally:
+            device.close()
+    finally:
+        service.kill()
+        broker.close()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from edgefleet import photos
+from tests.support import wait_until
 
 
 def _edgefleet(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -35,10 +36,25 @@ def test_camera_simulator_raw_frames_from_a_folder(broker, start_inference, tmp_
     env = {"EDGEFLEET_MQTT_URL": broker.url, "EDGEFLEET_DEVICE_ID": device.device_id}
     result = _edgefleet("camera", "--source", str(tmp_path), "--cameras", "yard", "--count", "2", "--raw", env=env)
     assert result.returncode == 0, result.stderr
-    from tests.support import wait_until
-
     wait_until(lambda: len(device.predictions) >= 2, 30, "two predictions")
     assert {p.camera for p in device.predictions} == {"yard"}
+
+
+def test_camera_simulator_plays_a_video_file(broker, start_inference, tmp_path):
+    import cv2
+
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (451, 300))
+    for _ in range(3):
+        writer.write(cv2.cvtColor(photos.photo_rgb("chelsea"), cv2.COLOR_RGB2BGR))
+    writer.release()
+    _, device = start_inference(broker)
+    env = {"EDGEFLEET_MQTT_URL": broker.url, "EDGEFLEET_DEVICE_ID": device.device_id}
+    result = _edgefleet("camera", "--source", str(video), "--cameras", "gate", "--count", "4", "--envelope", env=env)
+    assert result.returncode == 0, result.stderr
+    # Four frames from a three-frame clip: the file loops.
+    for n in range(1, 5):
+        assert device.prediction_for(f"gate-{n}").top[0].label in {"tabby", "tiger cat", "Egyptian cat"}
 
 
 def test_camera_simulator_refuses_a_bad_source():

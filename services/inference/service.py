@@ -102,7 +102,7 @@ class InferenceService:
             "serving",
             extra=fields(
                 model=self.manifest.name, version=self.manifest.version,
-                provider=self.session.provider.active, workers=len(self._threads) - 1,
+                provider=self.session.provider.active, workers=len(self._threads),
             ),
         )
         while not self._stopping.wait(self.settings.status_interval_s):

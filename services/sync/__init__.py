@@ -1,0 +1,1 @@
+"""The sync service: applies model updates from the cloud registry (the model-delivery issue)."""

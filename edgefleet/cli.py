@@ -87,7 +87,7 @@ def model_build(
     force: Annotated[bool, typer.Option(help="Rebuild even if a verified model is there.")] = False,
 ) -> None:
     """Export EfficientNet-Lite0 (real ImageNet weights) to ONNX with a manifest; cached once built."""
-    from edgefleet.model_build import build
+    from edgefleet.models.build import build
     from shared.manifest import ModelError
 
     try:
@@ -97,6 +97,79 @@ def model_build(
         raise typer.Exit(1) from None
     verb = "built" if built else "cached"
     typer.echo(f"{verb} {manifest.name} v{manifest.version} sha256 {manifest.sha256[:16]}… in {out}", err=True)
+
+
+DATA_DIR = Path("var/data")
+
+
+@model_app.command("dataset")
+def model_dataset(
+    out: Annotated[Path, typer.Option(help="Where eval/ and calibration/ go.")] = DATA_DIR,
+    eval_count: Annotated[int, typer.Option(min=1, help="Held-out evaluation images.")] = 300,
+    calibration_count: Annotated[int, typer.Option(min=1, help="Calibration images.")] = 64,
+) -> None:
+    """Make the evaluation and calibration images from real photos (fixed seeds, disjoint sets)."""
+    from edgefleet.models import dataset
+
+    index = dataset.make(out, eval_count, calibration_count)
+    counts = {split: len(v["images"]) for split, v in index["splits"].items()}
+    typer.echo(f"wrote {counts} images to {out}", err=True)
+
+
+@model_app.command("quantize")
+def model_quantize(
+    mode: Annotated[str, typer.Option(help="static (QDQ, per-channel, calibrated) or dynamic.")] = "static",
+    parent: Annotated[Path, typer.Option(help="The float model's folder.")] = DEFAULT_MODEL_DIR,
+    out: Annotated[Optional[Path], typer.Option(help="Where the INT8 model goes (default: beside the parent).")] = None,
+    calibration: Annotated[Path, typer.Option(help="Real frames to calibrate on (e.g. the fleet's hard examples).")] = DATA_DIR / "calibration",
+    eval_dir: Annotated[Path, typer.Option("--eval", help="Held-out images for the quality gate.")] = DATA_DIR / "eval",
+    method: Annotated[str, typer.Option(help="minmax, entropy or percentile.")] = "minmax",
+    weight_type: Annotated[str, typer.Option(help="qint8 or quint8.")] = "qint8",
+    gate: Annotated[float, typer.Option(min=0, max=1, help="Least top-1 agreement with the parent to pass.")] = 0.97,
+) -> None:
+    """INT8 with onnxruntime.quantization; writes model.onnx and a manifest with recipe and quality gate."""
+    from edgefleet.models.quantize import Method, Mode, WeightType, derived_name, quantize
+    from shared.manifest import ModelError
+
+    try:
+        chosen = Mode(mode), Method(method), WeightType(weight_type)
+    except ValueError as exc:
+        typer.echo(f"edgefleet model quantize: {exc}", err=True)
+        raise typer.Exit(2) from None
+    target = out or parent.with_name(derived_name(parent.name, chosen[0], chosen[1]))
+    try:
+        manifest, report = quantize(parent, target, chosen[0], eval_dir, calibration, chosen[1], chosen[2], gate)
+    except (ModelError, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"edgefleet model quantize: {exc}", err=True)
+        raise typer.Exit(1) from None
+    q = manifest.quality
+    typer.echo(
+        f"{manifest.name}: {manifest.size_bytes / 1e6:.1f} MB, top-1 agreement {q.value:.1%} on {q.samples} held-out "
+        f"images (gate {q.threshold:.0%}: {'passed' if q.passed else 'FAILED, not publishable'}); "
+        f"left in float: {report.left_in_float()}; {report.seconds:.0f} s -> {target}",
+        err=True,
+    )
+
+
+@model_app.command("evaluate")
+def model_evaluate(
+    models: Annotated[list[Path], typer.Argument(help="Model folders to compare.")],
+    teacher: Annotated[Path, typer.Option(help="The float model agreement is measured against.")] = DEFAULT_MODEL_DIR,
+    eval_dir: Annotated[Path, typer.Option("--eval", help="Held-out images.")] = DATA_DIR / "eval",
+    threads: Annotated[int, typer.Option(min=0, help="ONNX Runtime threads (0: all cores).")] = 0,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here.")] = None,
+    markdown: Annotated[Optional[Path], typer.Option(help="Write a Markdown table here.")] = None,
+) -> None:
+    """Size, agreement with the float teacher, latency p50/p95/p99 and best throughput, on held-out images."""
+    from edgefleet.models.evaluate import evaluate, write
+    from shared.manifest import ModelError
+
+    try:
+        results = evaluate(models, teacher, eval_dir, threads)
+    except (ModelError, FileNotFoundError) as exc:
+        typer.echo(f"edgefleet model evaluate: {exc}", err=True)
+        raise typer.Exit(1) from None
+    write(results, json_out, markdown)
 
 
 @bench_app.command("pipeline")

@@ -42,6 +42,17 @@ class TensorSpec(_Strict):
     shape: list[int | str]
     dtype: Literal["float32", "float16", "uint8", "int8"]
 
+class Quality(_Strict):
+    """The quality gate: how closely a derived model agrees with its parent, and whether that is enough."""
+
+    metric: Literal["top1_agreement"]
+    value: float
+    threshold: float
+    samples: int
+    measured_on: str
+    passed: bool
+
+
 class ModelManifest(_Strict):
     name: str
     version: int = Field(ge=1)
@@ -56,6 +67,9 @@ class ModelManifest(_Strict):
     # How it was made, so a result can be reproduced: source weights, exporter, recipe.
     recipe: dict[str, str]
     parent_sha256: str | None = None
+    # Absent on a model built from source weights; set on every compressed model. A failed gate means
+    # the model must not be published.
+    quality: Quality | None = None
     created_at: float
 
     @model_validator(mode="after")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from edgefleet.broker import Broker
-from edgefleet.model_build import build
+from edgefleet.models.build import build
 from shared.config import DEFAULT_MODEL_DIR
 from tests.support import Device, InferenceProcess, wait_until
 

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from edgefleet import photos
-from edgefleet.model_build import build
+from edgefleet.models.build import build
 from services.inference.decode import decode_bgr
 from services.inference.postprocess import top_k
 from services.inference.preprocess import Preprocessor

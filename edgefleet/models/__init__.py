@@ -1,0 +1,1 @@
+"""Operator tooling for models: build, dataset, quantize, evaluate."""

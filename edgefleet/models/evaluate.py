@@ -1,0 +1,133 @@
+"""`edgefleet model evaluate`: what each model costs and how closely it follows the float teacher, on
+held-out real images. Agreement is given overall and split by the teacher's own confidence: where the
+teacher's top two classes nearly tie, any change flips its answer, and the split shows that plainly."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from rich.console import Console
+from rich.table import Table
+
+from edgefleet.models.frames import load_inputs
+from shared.manifest import load_verified
+
+CONFIDENT = 0.5  # the teacher's top-1 probability above which an image counts as clearly decided
+
+
+@dataclass
+class Evaluation:
+    model: str
+    size_mb: float
+    top1_agreement: float
+    top5_agreement: float
+    top1_agreement_confident: float
+    confident_samples: int
+    samples: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    best_images_per_s: float
+    best_batch: int
+    gate: str
+
+
+def evaluate(model_dirs: list[Path], teacher_dir: Path, eval_dir: Path, threads: int = 0, runs: int = 100) -> list[Evaluation]:
+    teacher, teacher_path = load_verified(teacher_dir)
+    inputs = load_inputs(eval_dir, teacher)
+    reference = _logits(_session(teacher_path, threads), teacher.input.name, inputs)
+    probs = _softmax(reference)
+    confident = probs.max(1) >= CONFIDENT
+    results = []
+    for model_dir in model_dirs:
+        manifest, path = load_verified(model_dir)
+        session = _session(path, threads)
+        logits = _logits(session, manifest.input.name, inputs)
+        agree = logits.argmax(1) == reference.argmax(1)
+        top5 = np.array([reference[i].argmax() in np.argsort(-logits[i])[:5] for i in range(len(logits))])
+        latencies = _latencies(session, manifest.input.name, inputs[:1], runs)
+        best_batch, best_rate = _best_throughput(session, manifest.input.name, inputs)
+        gate = "n/a" if manifest.quality is None else ("passed" if manifest.quality.passed else "FAILED")
+        results.append(
+            Evaluation(
+                model=f"{manifest.name} v{manifest.version}",
+                size_mb=round(manifest.size_bytes / 1e6, 2),
+                top1_agreement=round(float(agree.mean()), 4),
+                top5_agreement=round(float(top5.mean()), 4),
+                top1_agreement_confident=round(float(agree[confident].mean()), 4) if confident.any() else float("nan"),
+                confident_samples=int(confident.sum()),
+                samples=len(inputs),
+                p50_ms=round(float(np.percentile(latencies, 50)), 3),
+                p95_ms=round(float(np.percentile(latencies, 95)), 3),
+                p99_ms=round(float(np.percentile(latencies, 99)), 3),
+                best_images_per_s=round(best_rate, 1),
+                best_batch=best_batch,
+                gate=gate,
+            )
+        )
+    return results
+
+
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _logits(session: ort.InferenceSession, name: str, inputs: np.ndarray) -> np.ndarray:
+    return np.concatenate([session.run(None, {name: inputs[i : i + 16]})[0] for i in range(0, len(inputs), 16)])
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _latencies(session: ort.InferenceSession, name: str, one: np.ndarray, runs: int) -> np.ndarray:
+    for _ in range(5):
+        session.run(None, {name: one})
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        session.run(None, {name: one})
+        times.append((time.perf_counter() - t0) * 1000)
+    return np.array(times)
+
+
+def _best_throughput(session: ort.InferenceSession, name: str, inputs: np.ndarray) -> tuple[int, float]:
+    best = (1, 0.0)
+    for batch in (1, 4, 8, 16):
+        x = np.ascontiguousarray(np.resize(inputs, (batch, *inputs.shape[1:])))
+        session.run(None, {name: x})
+        n, t0 = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - t0) < 1.0 or n < 3:
+            session.run(None, {name: x})
+            n += 1
+        rate = batch * n / elapsed
+        best = max(best, (batch, rate), key=lambda b: b[1])
+    return best
+
+
+def write(results: list[Evaluation], json_out: Path | None, markdown_out: Path | None) -> None:
+    table = Table(title="edgefleet model evaluate")
+    for column in ("model", "MB", "top-1 agree", "top-1 (sure)", "top-5 agree", "p50/p95/p99 ms", "img/s (batch)", "gate"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(
+            r.model, f"{r.size_mb:.1f}", f"{r.top1_agreement:.1%}",
+            f"{r.top1_agreement_confident:.1%} of {r.confident_samples}", f"{r.top5_agreement:.1%}",
+            f"{r.p50_ms:.2f}/{r.p95_ms:.2f}/{r.p99_ms:.2f}", f"{r.best_images_per_s:.0f} ({r.best_batch})", r.gate,
+        )
+    Console().print(table)
+    columns = list(asdict(results[0]))
+    if json_out:
+        json_out.write_text(json.dumps([asdict(r) for r in results], indent=1))
+    if markdown_out:
+        lines = ["| " + " | ".join(c.replace("_", " ") for c in columns) + " |", "|" + " --- |" * len(columns)]
+        lines += ["| " + " | ".join(str(v) for v in asdict(r).values()) + " |" for r in results]
+        markdown_out.write_text("\n".join(lines) + "\n")

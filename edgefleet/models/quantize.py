@@ -1,0 +1,182 @@
+"""`edgefleet model quantize`: INT8 with onnxruntime.quantization.
+
+- dynamic: weights in INT8 (QUInt8 or QInt8), activations quantized at run time;
+- static: QDQ with per-channel weights, activations calibrated (MinMax, Entropy or Percentile) on real
+  frames through the inference service's own decode and preprocessing.
+
+A node whose op the quantizer has no rule for is excluded, stays in float and is reported, never a
+crash. The result's agreement with its parent on held-out images is written to its manifest as the
+quality gate; a failed gate marks the model unpublishable.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quant_pre_process,
+    quantize_dynamic,
+    quantize_static,
+)
+from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
+
+from edgefleet.models.frames import load_inputs
+from edgefleet.models.store import install
+from shared.manifest import ModelError, ModelManifest, Quality, load_verified, sha256_of
+
+# Plumbing ops move or reshape tensors without arithmetic of their own: nothing to quantize, nothing to report.
+_NO_ARITHMETIC = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Shape", "Gather", "Concat", "Slice"}
+
+
+class Mode(StrEnum):
+    DYNAMIC = "dynamic"
+    STATIC = "static"
+
+
+class Method(StrEnum):
+    MINMAX = "minmax"
+    ENTROPY = "entropy"
+    PERCENTILE = "percentile"
+
+    @property
+    def ort(self) -> CalibrationMethod:
+        return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                "percentile": CalibrationMethod.Percentile}[self.value]
+
+
+class WeightType(StrEnum):
+    QINT8 = "qint8"
+    QUINT8 = "quint8"
+
+    @property
+    def ort(self) -> QuantType:
+        return QuantType.QInt8 if self is WeightType.QINT8 else QuantType.QUInt8
+
+
+@dataclass
+class Report:
+    mode: str
+    unsupported: list[tuple[str, str]] = field(default_factory=list)  # (node, op type) left in float
+    agreement: float = 0.0
+    samples: int = 0
+    seconds: float = 0.0
+
+    def left_in_float(self) -> str:
+        """'Add x9, ReduceMean x1': the ops this quantizer has no INT8 rule for, kept in float."""
+        counts: dict[str, int] = {}
+        for _, op in self.unsupported:
+            counts[op] = counts.get(op, 0) + 1
+        return ", ".join(f"{op} x{n}" for op, n in sorted(counts.items())) or "none"
+
+
+class _Inputs(CalibrationDataReader):
+    def __init__(self, input_name: str, inputs: np.ndarray) -> None:
+        self._feeds = iter([{input_name: inputs[i : i + 1]} for i in range(len(inputs))])
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+
+def derived_name(parent_name: str, mode: Mode, method: Method) -> str:
+    """efficientnet-lite0-int8-static-minmax, efficientnet-lite0-int8-dynamic: the recipe at a glance."""
+    return f"{parent_name}-int8-" + (mode.value if mode is Mode.DYNAMIC else f"static-{method.value}")
+
+
+def unsupported_nodes(model: onnx.ModelProto, mode: Mode) -> list[tuple[str, str]]:
+    """Nodes the quantizer has no rule for, by its own registry."""
+    registry = QDQRegistry if mode is Mode.STATIC else IntegerOpsRegistry
+    return [
+        (node.name, node.op_type)
+        for node in model.graph.node
+        if node.op_type not in registry and node.op_type not in _NO_ARITHMETIC
+    ]
+
+
+def quantize(
+    parent_dir: Path,
+    out_dir: Path,
+    mode: Mode,
+    eval_dir: Path,
+    calibration_dir: Path | None = None,
+    method: Method = Method.MINMAX,
+    weight_type: WeightType = WeightType.QINT8,
+    gate: float = 0.97,
+    calibration_limit: int | None = None,
+    eval_limit: int | None = None,
+) -> tuple[ModelManifest, Report]:
+    started = time.monotonic()
+    parent, parent_path = load_verified(parent_dir)
+    try:
+        model = onnx.load(str(parent_path))
+        onnx.checker.check_model(model)
+    except Exception as exc:  # onnx raises DecodeError, ValidationError and more for a bad file
+        raise ModelError(f"{parent_path} is not a valid ONNX model: {exc}") from None
+    report = Report(mode=mode.value, unsupported=unsupported_nodes(model, mode))
+    excluded = [name for name, _ in report.unsupported]
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        # Shape inference and graph clean-up the quantizer expects (its documented first step).
+        quant_pre_process(str(parent_path), str(prepared), skip_symbolic_shape=True)
+        staged = Path(tmp) / "model.onnx"
+        if mode is Mode.DYNAMIC:
+            quantize_dynamic(str(prepared), str(staged), weight_type=weight_type.ort, nodes_to_exclude=excluded)
+            recipe = {"weight_type": weight_type.value}
+        else:
+            if calibration_dir is None:
+                raise ValueError("static quantization needs a calibration folder of real frames")
+            calibration = load_inputs(calibration_dir, parent, calibration_limit)
+            quantize_static(
+                str(prepared), str(staged), _Inputs(parent.input.name, calibration),
+                quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=weight_type.ort,
+                calibrate_method=method.ort, nodes_to_exclude=excluded,
+            )
+            recipe = {
+                "weight_type": weight_type.value, "activation_type": "quint8", "format": "qdq", "per_channel": "true",
+                "calibration_method": method.value, "calibration_set": f"{calibration_dir} ({len(calibration)} images)",
+            }
+        held_out = load_inputs(eval_dir, parent, eval_limit)
+        report.agreement = top1_agreement(parent_path, staged, parent.input.name, held_out)
+        report.samples = len(held_out)
+        manifest = ModelManifest(
+            **{
+                **parent.model_dump(exclude={"sha256", "size_bytes", "recipe", "parent_sha256", "quality", "created_at", "name"}),
+                "name": derived_name(parent.name, mode, method),
+                "sha256": sha256_of(staged),
+                "size_bytes": staged.stat().st_size,
+                "recipe": {
+                    "quantizer": f"onnxruntime.quantization {ort.__version__}", "mode": mode.value, **recipe,
+                    "left_in_float": report.left_in_float(),
+                },
+                "parent_sha256": parent.sha256,
+                "quality": Quality(
+                    metric="top1_agreement", value=round(report.agreement, 4), threshold=gate,
+                    samples=report.samples, measured_on=str(eval_dir), passed=report.agreement >= gate,
+                ),
+                "created_at": time.time(),
+            }
+        )
+        installed = install(staged, manifest, out_dir)
+    report.seconds = time.monotonic() - started
+    return installed, report
+
+
+def top1_agreement(reference: Path, candidate: Path, input_name: str, inputs: np.ndarray) -> float:
+    expected = _logits(reference, input_name, inputs).argmax(1)
+    return float((_logits(candidate, input_name, inputs).argmax(1) == expected).mean())
+
+
+def _logits(path: Path, input_name: str, inputs: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(None, {input_name: inputs[i : i + 16]})[0] for i in range(0, len(inputs), 16)])

@@ -182,3 +182,17 @@ def bench_pipeline(
     from edgefleet.bench import pipeline
 
     raise typer.Exit(pipeline.run(quick=quick, json_out=json_out, model_dir=model_dir))
+
+
+@bench_app.command("compression")
+def bench_compression(
+    quick: Annotated[bool, typer.Option(help="Less data; finishes within a minute.")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here.")] = None,
+    model_dir: Annotated[Path, typer.Option(help="The float model.")] = DEFAULT_MODEL_DIR,
+    threads: Annotated[int, typer.Option(min=0, help="ONNX Runtime threads for every model (0: all cores).")] = 1,
+) -> None:
+    """FP32 against static and dynamic INT8, quantized and measured in one run on held-out real images."""
+    from edgefleet.bench import compression
+
+    raise typer.Exit(compression.run(quick=quick, json_out=json_out, model_dir=model_dir, threads=threads))
+

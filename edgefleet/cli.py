@@ -106,7 +106,7 @@ DATA_DIR = Path("var/data")
 def model_dataset(
     out: Annotated[Path, typer.Option(help="Where eval/ and calibration/ go.")] = DATA_DIR,
     eval_count: Annotated[int, typer.Option(min=1, help="Held-out evaluation images.")] = 300,
-    calibration_count: Annotated[int, typer.Option(min=1, help="Calibration images.")] = 64,
+    calibration_count: Annotated[int, typer.Option(min=1, help="Calibration images.")] = 128,
 ) -> None:
     """Make the evaluation and calibration images from real photos (fixed seeds, disjoint sets)."""
     from edgefleet.models import dataset
@@ -126,6 +126,7 @@ def model_quantize(
     method: Annotated[str, typer.Option(help="minmax, entropy or percentile.")] = "minmax",
     weight_type: Annotated[str, typer.Option(help="qint8 or quint8.")] = "qint8",
     gate: Annotated[float, typer.Option(min=0, max=1, help="Least top-1 agreement with the parent to pass.")] = 0.97,
+    max_float_layers: Annotated[int, typer.Option(min=0, help="Mixed precision: most layers kept in float, worst first, until the gate holds (0: none).")] = 24,
 ) -> None:
     """INT8 with onnxruntime.quantization; writes model.onnx and a manifest with recipe and quality gate."""
     from edgefleet.models.quantize import Method, Mode, WeightType, derived_name, quantize
@@ -138,7 +139,9 @@ def model_quantize(
         raise typer.Exit(2) from None
     target = out or parent.with_name(derived_name(parent.name, chosen[0], chosen[1]))
     try:
-        manifest, report = quantize(parent, target, chosen[0], eval_dir, calibration, chosen[1], chosen[2], gate)
+        manifest, report = quantize(
+            parent, target, chosen[0], eval_dir, calibration, chosen[1], chosen[2], gate, max_float_layers
+        )
     except (ModelError, FileNotFoundError, ValueError) as exc:
         typer.echo(f"edgefleet model quantize: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -149,6 +152,9 @@ def model_quantize(
         f"left in float: {report.left_in_float()}; {report.seconds:.0f} s -> {target}",
         err=True,
     )
+    for name, shift, agreement in report.float_layers:
+        typer.echo(f"  kept in float: {name} (output shift KL {shift:.4f} when quantized alone; "
+                   f"calibration agreement {agreement:.1%} with it in float)", err=True)
 
 
 @model_app.command("evaluate")

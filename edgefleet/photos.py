@@ -1,5 +1,5 @@
-"""Real photos for the camera simulator, tests and benchmarks: the ones scikit-image ships.
-Nothing is downloaded."""
+"""Real photos for the camera simulator, tests, benchmarks and model evaluation: the ones that
+scikit-image, scikit-learn and matplotlib ship inside their wheels. Nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -8,11 +8,25 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-# Colour and grey photographs bundled inside the scikit-image wheel.
+# Colour and grey photographs bundled inside the scikit-image wheel: the camera simulator's stills.
 BUNDLED = ("chelsea", "coffee", "astronaut", "rocket", "camera", "coins", "immunohistochemistry", "hubble_deep_field")
+# More photographs of things ImageNet names, for evaluation and calibration sets.
+_FILES = {
+    "grace_hopper": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+    "china": ("sklearn.datasets", "images/china.jpg"),
+    "flower": ("sklearn.datasets", "images/flower.jpg"),
+}
+EVALUATION = BUNDLED + tuple(_FILES)
 
 
 def photo_rgb(name: str) -> np.ndarray:
+    if name in _FILES:
+        import importlib
+        from pathlib import Path
+
+        package, relative = _FILES[name]
+        path = Path(importlib.import_module(package).__file__).parent / relative
+        return np.ascontiguousarray(cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB))
     from skimage import data
 
     image = getattr(data, name)()

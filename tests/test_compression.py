@@ -37,7 +37,7 @@ def test_dataset_is_reproducible_disjoint_and_recorded(data, tmp_path):
     assert not _hashes(data / "eval") & _hashes(data / "calibration")
     index = json.loads((data / dataset.INDEX_FILE).read_text())
     entry = index["splits"]["eval"]["images"][0]
-    assert {"file", "source", "box", "flip", "scale"} <= set(entry) and entry["source"] in photos.BUNDLED
+    assert {"file", "source", "box", "flip", "scale"} <= set(entry) and entry["source"] in photos.EVALUATION
 
 
 def test_static_int8_is_smaller_agrees_and_is_served(data, model_dir, tmp_path, broker, start_inference):
@@ -128,3 +128,48 @@ def test_a_non_onnx_or_tampered_input_is_a_clear_error(data, tmp_path):
     (tmp_path / "junk" / "model.onnx").write_bytes(b"changed after the manifest was written")
     with pytest.raises(ModelError, match="bytes|SHA-256"):
         quantize(tmp_path / "junk", tmp_path / "out", Mode.STATIC, data / "eval", data / "calibration")
+
+
+def _model_with_a_sensitive_layer(folder):
+    """convA makes one channel 10^4 x larger and convB scales it back: the float model is unchanged,
+    but quantizing the tensor between them per-tensor crushes its other seven channels to zero."""
+    rng = np.random.default_rng(1)
+    wa = rng.normal(size=(8, 3, 3, 3)).astype(np.float32)
+    wb = rng.normal(size=(8, 8, 1, 1)).astype(np.float32) * 0.3
+    wa[0] *= 1e4
+    wb[:, 0] *= 1e-4
+    wc = rng.normal(size=(8, 8, 3, 3)).astype(np.float32) * 0.3
+    wfc = rng.normal(size=(10, 8)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, n) for w, n in ((wa, "wa"), (wb, "wb"), (wc, "wc"), (wfc, "wfc"))]
+    nodes = [
+        helper.make_node("Conv", ["images", "wa"], ["a"], name="convA", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["a", "wb"], ["b"], name="convB"),
+        helper.make_node("Conv", ["b", "wc"], ["c"], name="convC", pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["c"], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "wfc"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "sensitive",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        inits,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    staged = folder / "staged.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(staged))
+    return install(staged, _manifest_for(staged, 32), folder / "model")
+
+
+def test_the_sensitivity_pass_keeps_an_artificially_sensitive_layer_in_float(data, tmp_path):
+    _model_with_a_sensitive_layer(tmp_path / "sensitive")
+    parent = tmp_path / "sensitive" / "model"
+    plain, _ = quantize(parent, tmp_path / "plain", Mode.STATIC, data / "eval", data / "calibration", gate=0.9)
+    mixed, report = quantize(
+        parent, tmp_path / "mixed", Mode.STATIC, data / "eval", data / "calibration", gate=0.9, max_float_layers=4
+    )
+    kept = [name for name, _, _ in report.float_layers]
+    assert {"convA", "convB"} <= set(kept), report.float_layers
+    assert "convC" not in kept and "fc" not in kept
+    assert mixed.quality.value > plain.quality.value
+    assert mixed.recipe["float_layers"] == ",".join(kept)

@@ -4,6 +4,13 @@
 - static: QDQ with per-channel weights, activations calibrated (MinMax, Entropy or Percentile) on real
   frames through the inference service's own decode and preprocessing.
 
+Mixed precision by measurement (static): calibrate once, quantize one layer at a time and measure how
+far the output moves (KL divergence from the float model on the calibration frames), then keep the
+worst layers in float, one by one, until agreement reaches the gate or the budget of float layers is
+spent. Ranges are fitted on one half of the calibration frames and layers chosen on the other: measured
+on the frames the ranges were fitted to, agreement looks better than it is. A layer is a Conv or Gemm with the activation that follows it: leaving
+the activation quantized over the float layer's raw range would cost more than it saves.
+
 A node whose op the quantizer has no rule for is excluded, stays in float and is reported, never a
 crash. The result's agreement with its parent on held-out images is written to its manifest as the
 quality gate; a failed gate marks the model unpublishable.
@@ -11,6 +18,7 @@ quality gate; a failed gate marks the model unpublishable.
 
 from __future__ import annotations
 
+import collections
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -68,6 +76,10 @@ class WeightType(StrEnum):
 class Report:
     mode: str
     unsupported: list[tuple[str, str]] = field(default_factory=list)  # (node, op type) left in float
+    # Mixed precision: each layer kept in float, its own sensitivity (KL when it alone is quantized)
+    # and the calibration agreement once it is in float.
+    float_layers: list[tuple[str, float, float]] = field(default_factory=list)
+    calibration_agreement: float = 0.0
     agreement: float = 0.0
     samples: int = 0
     seconds: float = 0.0
@@ -112,6 +124,7 @@ def quantize(
     method: Method = Method.MINMAX,
     weight_type: WeightType = WeightType.QINT8,
     gate: float = 0.97,
+    max_float_layers: int = 0,
     calibration_limit: int | None = None,
     eval_limit: int | None = None,
 ) -> tuple[ModelManifest, Report]:
@@ -136,15 +149,19 @@ def quantize(
             if calibration_dir is None:
                 raise ValueError("static quantization needs a calibration folder of real frames")
             calibration = load_inputs(calibration_dir, parent, calibration_limit)
-            quantize_static(
-                str(prepared), str(staged), _Inputs(parent.input.name, calibration),
-                quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=weight_type.ort,
-                calibrate_method=method.ort, nodes_to_exclude=excluded,
-            )
+            fit, select = (calibration[0::2], calibration[1::2]) if max_float_layers and len(calibration) > 1 else (calibration, calibration)
+            static = _StaticQuantizer(prepared, parent.input.name, fit, select, method, weight_type, Path(tmp))
+            static.quantize(staged, excluded)
+            report.calibration_agreement = _agreement(static.reference, _logits(staged, parent.input.name, select))
+            if report.calibration_agreement < gate and max_float_layers > 0:
+                report.float_layers = static.mixed_precision(staged, excluded, gate, max_float_layers)
+                if report.float_layers:
+                    report.calibration_agreement = report.float_layers[-1][2]
             recipe = {
                 "weight_type": weight_type.value, "activation_type": "quint8", "format": "qdq", "per_channel": "true",
-                "calibration_method": method.value, "calibration_set": f"{calibration_dir} ({len(calibration)} images)",
+                "calibration_method": method.value,
+                "calibration_set": f"{calibration_dir} ({len(fit)} images fit the ranges, {len(select)} choose float layers)",
+                "float_layers": ",".join(name for name, _, _ in report.float_layers) or "none",
             }
         held_out = load_inputs(eval_dir, parent, eval_limit)
         report.agreement = top1_agreement(parent_path, staged, parent.input.name, held_out)
@@ -172,9 +189,79 @@ def quantize(
     return installed, report
 
 
+class _StaticQuantizer:
+    """Static QDQ quantization of one prepared model, calibrated once and re-quantized cheaply with
+    different layers kept in float."""
+
+    def __init__(self, prepared: Path, input_name: str, calibration: np.ndarray, selection: np.ndarray,
+                 method: Method, weight_type: WeightType, workdir: Path) -> None:
+        self.prepared, self.input_name = prepared, input_name
+        self.calibration, self.selection = calibration, selection
+        self.method, self.weight_type, self.workdir = method, weight_type, workdir
+        self.cache = workdir / "calibration.cache"
+        self.reference = _logits(prepared, input_name, selection)
+
+    def quantize(self, out: Path, exclude: list[str]) -> None:
+        quantize_static(
+            str(self.prepared), str(out), _Inputs(self.input_name, self.calibration),
+            quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=self.weight_type.ort,
+            calibrate_method=self.method.ort, nodes_to_exclude=exclude,
+            calibration_cache_path=str(self.cache),  # the first call calibrates; the rest reuse it
+        )
+
+    def layers(self) -> list[list[str]]:
+        model = onnx.load(str(self.prepared))
+        consumers = collections.defaultdict(list)
+        for node in model.graph.node:
+            for name in node.input:
+                consumers[name].append(node)
+        return [
+            [node.name] + [c.name for c in consumers[node.output[0]] if c.op_type in ("Clip", "Relu")]
+            for node in model.graph.node
+            if node.op_type in ("Conv", "Gemm", "MatMul")
+        ]
+
+    def mixed_precision(self, out: Path, excluded: list[str], gate: float, budget: int) -> list[tuple[str, float, float]]:
+        """Ranks layers by the output shift each causes alone, then keeps the worst in float until the
+        calibration agreement reaches the gate; leaves the best model found at `out`."""
+        layers = self.layers()
+        everything = [name for layer in layers for name in layer]
+        probe = self.workdir / "probe.onnx"
+        sensitivity = []
+        for layer in layers:
+            self.quantize(probe, excluded + [n for n in everything if n not in layer])
+            sensitivity.append((_kl(self.reference, _logits(probe, self.input_name, self.selection)), layer))
+        sensitivity.sort(key=lambda s: s[0], reverse=True)
+        kept: list[tuple[str, float, float]] = []
+        in_float = list(excluded)
+        for shift, layer in sensitivity[:budget]:
+            in_float += layer
+            self.quantize(probe, in_float)
+            agreement = _agreement(self.reference, _logits(probe, self.input_name, self.selection))
+            kept.append((layer[0], round(shift, 5), round(agreement, 4)))
+            probe.replace(out)
+            if agreement >= gate:
+                break
+        return kept
+
+
+def _agreement(reference: np.ndarray, logits: np.ndarray) -> float:
+    return float((logits.argmax(1) == reference.argmax(1)).mean())
+
+
+def _kl(reference: np.ndarray, logits: np.ndarray) -> float:
+    p, q = _softmax(reference), _softmax(logits)
+    return float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
 def top1_agreement(reference: Path, candidate: Path, input_name: str, inputs: np.ndarray) -> float:
-    expected = _logits(reference, input_name, inputs).argmax(1)
-    return float((_logits(candidate, input_name, inputs).argmax(1) == expected).mean())
+    return _agreement(_logits(reference, input_name, inputs), _logits(candidate, input_name, inputs))
 
 
 def _logits(path: Path, input_name: str, inputs: np.ndarray) -> np.ndarray:

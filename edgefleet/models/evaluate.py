@@ -55,7 +55,7 @@ def evaluate(model_dirs: list[Path], teacher_dir: Path, eval_dir: Path, threads:
         gate = "n/a" if manifest.quality is None else ("passed" if manifest.quality.passed else "FAILED")
         results.append(
             Evaluation(
-                model=f"{manifest.name} v{manifest.version}",
+                model=f"{manifest.name} v{manifest.version}" + _float_layers(manifest.recipe),
                 size_mb=round(manifest.size_bytes / 1e6, 2),
                 top1_agreement=round(float(agree.mean()), 4),
                 top5_agreement=round(float(top5.mean()), 4),
@@ -71,6 +71,11 @@ def evaluate(model_dirs: list[Path], teacher_dir: Path, eval_dir: Path, threads:
             )
         )
     return results
+
+
+def _float_layers(recipe: dict[str, str]) -> str:
+    kept = recipe.get("float_layers", "none")
+    return "" if kept == "none" else f" ({len(kept.split(','))} layers float)"
 
 
 def _session(path: Path, threads: int) -> ort.InferenceSession:

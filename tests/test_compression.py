@@ -69,6 +69,22 @@ def test_dynamic_int8_loads_and_agrees_above_a_floor(data, model_dir, tmp_path):
     assert manifest.quality.value >= 0.25  # measured 0.48 on 300 images: reported as it is, gate failed
 
 
+def _save_classifier(nodes, initializers, folder):
+    """A 32x32, 10-class ONNX model from these nodes, installed with a manifest under folder/model."""
+    graph = helper.make_graph(
+        nodes, "synthetic",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    staged = folder / "staged.onnx"
+    onnx.save(model, str(staged))
+    return install(staged, _manifest_for(staged, 32), folder / "model")
+
+
 def _tiny_model_with(op_type: str, folder):
     """A 32x32 classifier with a node the quantizer has no rule for, and its manifest."""
     rng = np.random.default_rng(0)
@@ -81,19 +97,7 @@ def _tiny_model_with(op_type: str, folder):
         helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
         helper.make_node("Gemm", ["flat", "w2"], ["logits"], name="fc", transB=1),
     ]
-    graph = helper.make_graph(
-        nodes, "tiny",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 32, 32])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
-        [w1, w2],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    staged = folder / "staged.onnx"
-    folder.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(staged))
-    manifest = _manifest_for(staged, 32)
-    return install(staged, manifest, folder / "model")
+    return _save_classifier(nodes, [w1, w2], folder)
 
 
 def _manifest_for(staged, crop: int) -> ModelManifest:
@@ -149,16 +153,7 @@ def _model_with_a_sensitive_layer(folder):
         helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
         helper.make_node("Gemm", ["flat", "wfc"], ["logits"], name="fc", transB=1),
     ]
-    graph = helper.make_graph(
-        nodes, "sensitive",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 32, 32])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
-        inits,
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    staged = folder / "staged.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(staged))
-    return install(staged, _manifest_for(staged, 32), folder / "model")
+    return _save_classifier(nodes, inits, folder)
 
 
 def test_the_sensitivity_pass_keeps_an_artificially_sensitive_layer_in_float(data, tmp_path):

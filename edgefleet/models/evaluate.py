@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgefleet.models.frames import load_inputs
+from edgefleet.models.outputs import logits, session, softmax
 from shared.manifest import load_verified
 
 CONFIDENT = 0.5  # the teacher's top-1 probability above which an image counts as clearly decided
@@ -40,18 +41,18 @@ class Evaluation:
 def evaluate(model_dirs: list[Path], teacher_dir: Path, eval_dir: Path, threads: int = 0, runs: int = 100) -> list[Evaluation]:
     teacher, teacher_path = load_verified(teacher_dir)
     inputs = load_inputs(eval_dir, teacher)
-    reference = _logits(_session(teacher_path, threads), teacher.input.name, inputs)
-    probs = _softmax(reference)
+    reference = logits(session(teacher_path, threads), teacher.input.name, inputs)
+    probs = softmax(reference)
     confident = probs.max(1) >= CONFIDENT
     results = []
     for model_dir in model_dirs:
         manifest, path = load_verified(model_dir)
-        session = _session(path, threads)
-        logits = _logits(session, manifest.input.name, inputs)
-        agree = logits.argmax(1) == reference.argmax(1)
-        top5 = np.array([reference[i].argmax() in np.argsort(-logits[i])[:5] for i in range(len(logits))])
-        latencies = _latencies(session, manifest.input.name, inputs[:1], runs)
-        best_batch, best_rate = _best_throughput(session, manifest.input.name, inputs)
+        runner = session(path, threads)
+        outputs = logits(runner, manifest.input.name, inputs)
+        agree = outputs.argmax(1) == reference.argmax(1)
+        top5 = np.array([reference[i].argmax() in np.argsort(-outputs[i])[:5] for i in range(len(outputs))])
+        latencies = _latencies(runner, manifest.input.name, inputs[:1], runs)
+        best_batch, best_rate = _best_throughput(runner, manifest.input.name, inputs)
         gate = "n/a" if manifest.quality is None else ("passed" if manifest.quality.passed else "FAILED")
         results.append(
             Evaluation(
@@ -78,40 +79,25 @@ def _float_layers(recipe: dict[str, str]) -> str:
     return "" if kept == "none" else f" ({len(kept.split(','))} layers float)"
 
 
-def _session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _logits(session: ort.InferenceSession, name: str, inputs: np.ndarray) -> np.ndarray:
-    return np.concatenate([session.run(None, {name: inputs[i : i + 16]})[0] for i in range(0, len(inputs), 16)])
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
-
-def _latencies(session: ort.InferenceSession, name: str, one: np.ndarray, runs: int) -> np.ndarray:
+def _latencies(runner: ort.InferenceSession, name: str, one: np.ndarray, runs: int) -> np.ndarray:
     for _ in range(5):
-        session.run(None, {name: one})
+        runner.run(None, {name: one})
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        session.run(None, {name: one})
+        runner.run(None, {name: one})
         times.append((time.perf_counter() - t0) * 1000)
     return np.array(times)
 
 
-def _best_throughput(session: ort.InferenceSession, name: str, inputs: np.ndarray) -> tuple[int, float]:
+def _best_throughput(runner: ort.InferenceSession, name: str, inputs: np.ndarray) -> tuple[int, float]:
     best = (1, 0.0)
     for batch in (1, 4, 8, 16):
         x = np.ascontiguousarray(np.resize(inputs, (batch, *inputs.shape[1:])))
-        session.run(None, {name: x})
+        runner.run(None, {name: x})
         n, t0 = 0, time.perf_counter()
         while (elapsed := time.perf_counter() - t0) < 1.0 or n < 3:
-            session.run(None, {name: x})
+            runner.run(None, {name: x})
             n += 1
         rate = batch * n / elapsed
         best = max(best, (batch, rate), key=lambda b: b[1])

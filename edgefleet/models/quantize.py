@@ -40,6 +40,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 
 from edgefleet.models.frames import load_inputs
+from edgefleet.models.outputs import logits, softmax
 from edgefleet.models.store import install
 from shared.manifest import ModelError, ModelManifest, Quality, load_verified, sha256_of
 
@@ -152,7 +153,7 @@ def quantize(
             fit, select = (calibration[0::2], calibration[1::2]) if max_float_layers and len(calibration) > 1 else (calibration, calibration)
             static = _StaticQuantizer(prepared, parent.input.name, fit, select, method, weight_type, Path(tmp))
             static.quantize(staged, excluded)
-            report.calibration_agreement = _agreement(static.reference, _logits(staged, parent.input.name, select))
+            report.calibration_agreement = _agreement(static.reference, logits(staged, parent.input.name, select))
             if report.calibration_agreement < gate and max_float_layers > 0:
                 report.float_layers = static.mixed_precision(staged, excluded, gate, max_float_layers)
                 if report.float_layers:
@@ -199,7 +200,7 @@ class _StaticQuantizer:
         self.calibration, self.selection = calibration, selection
         self.method, self.weight_type, self.workdir = method, weight_type, workdir
         self.cache = workdir / "calibration.cache"
-        self.reference = _logits(prepared, input_name, selection)
+        self.reference = logits(prepared, input_name, selection)
 
     def quantize(self, out: Path, exclude: list[str]) -> None:
         quantize_static(
@@ -231,14 +232,14 @@ class _StaticQuantizer:
         sensitivity = []
         for layer in layers:
             self.quantize(probe, excluded + [n for n in everything if n not in layer])
-            sensitivity.append((_kl(self.reference, _logits(probe, self.input_name, self.selection)), layer))
+            sensitivity.append((_kl(self.reference, logits(probe, self.input_name, self.selection)), layer))
         sensitivity.sort(key=lambda s: s[0], reverse=True)
         kept: list[tuple[str, float, float]] = []
         in_float = list(excluded)
         for shift, layer in sensitivity[:budget]:
             in_float += layer
             self.quantize(probe, in_float)
-            agreement = _agreement(self.reference, _logits(probe, self.input_name, self.selection))
+            agreement = _agreement(self.reference, logits(probe, self.input_name, self.selection))
             kept.append((layer[0], round(shift, 5), round(agreement, 4)))
             probe.replace(out)
             if agreement >= gate:
@@ -246,24 +247,14 @@ class _StaticQuantizer:
         return kept
 
 
-def _agreement(reference: np.ndarray, logits: np.ndarray) -> float:
-    return float((logits.argmax(1) == reference.argmax(1)).mean())
+def _agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
+    return float((candidate.argmax(1) == reference.argmax(1)).mean())
 
 
-def _kl(reference: np.ndarray, logits: np.ndarray) -> float:
-    p, q = _softmax(reference), _softmax(logits)
+def _kl(reference: np.ndarray, candidate: np.ndarray) -> float:
+    p, q = softmax(reference), softmax(candidate)
     return float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
-
 def top1_agreement(reference: Path, candidate: Path, input_name: str, inputs: np.ndarray) -> float:
-    return _agreement(_logits(reference, input_name, inputs), _logits(candidate, input_name, inputs))
-
-
-def _logits(path: Path, input_name: str, inputs: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run(None, {input_name: inputs[i : i + 16]})[0] for i in range(0, len(inputs), 16)])
+    return _agreement(logits(reference, input_name, inputs), logits(candidate, input_name, inputs))

@@ -165,6 +165,7 @@ def model_evaluate(
     threads: Annotated[int, typer.Option(min=0, help="ONNX Runtime threads (0: all cores).")] = 0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here.")] = None,
     markdown: Annotated[Optional[Path], typer.Option(help="Write a Markdown table here.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of agreement against latency, Pareto front marked.")] = None,
 ) -> None:
     """Size, agreement with the float teacher, latency p50/p95/p99 and best throughput, on held-out images."""
     from edgefleet.models.evaluate import evaluate, write
@@ -176,6 +177,11 @@ def model_evaluate(
         typer.echo(f"edgefleet model evaluate: {exc}", err=True)
         raise typer.Exit(1) from None
     write(results, json_out, markdown)
+    if plot is not None:
+        from edgefleet.models.plot import save
+
+        save(results, plot)
+        typer.echo(f"wrote {plot}", err=True)
 
 
 @bench_app.command("pipeline")
@@ -201,4 +207,17 @@ def bench_compression(
     from edgefleet.bench import compression
 
     raise typer.Exit(compression.run(quick=quick, json_out=json_out, model_dir=model_dir, threads=threads))
+
+
+@bench_app.command("ep")
+def bench_ep(
+    quick: Annotated[bool, typer.Option(help="Fewer runs per provider.")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here.")] = None,
+    model_dir: Annotated[Path, typer.Option(help="The model to run.")] = DEFAULT_MODEL_DIR,
+    providers: Annotated[str, typer.Option(help="Providers to try, comma-separated.")] = "tensorrt,cuda,openvino,cpu",
+) -> None:
+    """Which execution providers this machine has, latency on each, and every fallback said out loud."""
+    from edgefleet.bench import ep
+
+    raise typer.Exit(ep.run(quick, json_out, model_dir, [p.strip() for p in providers.split(",") if p.strip()]))
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("name", ["pipeline", "compression"])
+@pytest.mark.parametrize("name", ["pipeline", "compression", "ep"])
 def test_bench_quick_writes_its_goals(name, model_dir, tmp_path):
     out = tmp_path / f"{name}.json"
     result = subprocess.run(
@@ -26,3 +26,7 @@ def test_bench_quick_writes_its_goals(name, model_dir, tmp_path):
         assert set(goal) >= {"name", "value", "target", "unit", "met"}
         assert isinstance(goal["met"], bool) and isinstance(goal["value"], (int, float))
     assert "goals" in result.stdout
+    if name == "ep":  # this machine has no GPU: CUDA and TensorRT must be reported as fallbacks
+        rows = {r["requested"]: r for r in document["rows"]}
+        assert rows["CUDAExecutionProvider"]["fell back"] and rows["CPUExecutionProvider"]["fell back"] is False
+        assert "FALLBACK: CUDAExecutionProvider" in result.stdout and document["goals"][0]["met"]

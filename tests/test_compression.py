@@ -168,3 +168,33 @@ def test_the_sensitivity_pass_keeps_an_artificially_sensitive_layer_in_float(dat
     assert "convC" not in kept and "fc" not in kept
     assert mixed.quality.value > plain.quality.value
     assert mixed.recipe["float_layers"] == ",".join(kept)
+
+
+def test_pareto_front_keeps_only_undominated_models():
+    from edgefleet.models.evaluate import Evaluation
+    from edgefleet.models.plot import pareto_front
+
+    def model(name, ms, agreement):
+        return Evaluation(name, 1.0, agreement, 1.0, 1.0, 1, 10, ms, ms, ms, 1.0, 1, "n/a")
+
+    fp32, int8, mixed, dynamic = model("fp32", 9.0, 1.0), model("int8", 4.0, 0.86), model("mixed", 5.0, 0.91), model("dyn", 80.0, 0.6)
+    slow_and_worse = model("worse", 6.0, 0.85)
+    assert [m.model for m in pareto_front([fp32, int8, mixed, dynamic, slow_and_worse])] == ["int8", "mixed", "fp32"]
+
+
+def test_evaluate_writes_table_json_markdown_and_plot(data, model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = {k: tmp_path / f"eval.{k}" for k in ("json", "md", "png")}
+    result = subprocess.run(
+        [sys.executable, "-m", "edgefleet", "model", "evaluate", str(model_dir), "--eval", str(data / "eval"),
+         "--json", str(out["json"]), "--markdown", str(out["md"]), "--plot", str(out["png"])],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
+    )
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(out["json"].read_text())
+    assert row["top1_agreement"] == 1.0 and row["samples"] == 24 and row["p99_ms"] >= row["p50_ms"]
+    assert out["md"].read_text().startswith("| model |")
+    assert out["png"].read_bytes().startswith(b"\x89PNG")

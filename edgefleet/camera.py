@@ -20,7 +20,6 @@ from shared.mqtt import MqttLink
 from shared.schemas import Encoding, FrameEnvelope
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
 def load_source(source: str) -> list[bytes] | cv2.VideoCapture:
@@ -29,11 +28,11 @@ def load_source(source: str) -> list[bytes] | cv2.VideoCapture:
         return [data for _, data in photos.bundled_jpegs()]
     path = Path(source)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = photos.image_files(path)
         if not files:
             raise ValueError(f"no .jpg/.jpeg/.png images in {path}")
         return [p.read_bytes() for p in files]
-    if path.suffix.lower() in IMAGE_SUFFIXES:
+    if path.suffix.lower() in photos.IMAGE_SUFFIXES:
         return [path.read_bytes()]
     capture = cv2.VideoCapture(int(source) if source.isdigit() else source)
     if not capture.isOpened():

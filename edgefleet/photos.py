@@ -49,5 +49,16 @@ def png(name: str) -> bytes:
     return buf.tobytes()
 
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+def image_files(folder) -> list:
+    """The JPEG and PNG files of a folder, sorted by name; none if it is not a folder."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+
+
 def bundled_jpegs() -> list[tuple[str, bytes]]:
     return [(name, jpeg(name)) for name in BUNDLED]

@@ -3,6 +3,7 @@ defaults. Every config key is defined here, once; a bad value fails at start nam
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -176,8 +177,6 @@ class CameraSettings(CommonSettings):
 
 def load(cls: type[S], config_file: Path | str | None = None, **overrides: Any) -> S:
     """Builds the settings, raising ConfigError with the offending key named."""
-    import os
-
     path = config_file or os.environ.get(CONFIG_FILE_ENV) or None
     if path is not None:
         path = Path(path)

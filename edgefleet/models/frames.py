@@ -7,15 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
+from edgefleet.photos import image_files
 from services.inference.decode import decode_bgr
 from services.inference.preprocess import Preprocessor
 from shared.manifest import ModelManifest
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
 def load_inputs(folder: Path, manifest: ModelManifest, limit: int | None = None) -> np.ndarray:
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    files = image_files(folder)
     if not files:
         raise FileNotFoundError(f"no .jpg/.jpeg/.png images in {folder} (make them with `edgefleet model dataset`)")
     files = files[:limit]

@@ -67,6 +67,7 @@ class InferenceService:
             manifest, model_path, settings.providers, strict=settings.provider_policy == "strict", intra_op_threads=threads
         )
         self.manifest = manifest
+        self._model = manifest.ref()  # named in every prediction: built once
         self.preprocess = Preprocessor(manifest.preprocessing)
         self._decode_min_side = manifest.preprocessing.resize_shorter if settings.scaled_decode else 0
         self.intake = Intake(settings.max_frame_bytes)
@@ -199,7 +200,7 @@ class InferenceService:
             frame_id=frame.frame_id,
             captured_at=frame.captured_at,
             top=[ClassScore(index=int(c), label=labels[c], score=round(float(p), 5)) for c, p in zip(indices, scores)],
-            model=self.manifest.ref(),
+            model=self._model,
             provider=self.session.provider.active,
             timings=Timings(
                 queued_ms=_ms(started - frame.received - item.preprocess_s),
@@ -256,7 +257,7 @@ class InferenceService:
             at=time.time(),
             edgefleet_version=VERSION,
             reason=reason,
-            model=self.manifest.ref(),
+            model=self._model,
             provider=self.session.provider,
             inference=self.stats() if with_stats else None,
         )

@@ -102,6 +102,33 @@ def model_build(
 DATA_DIR = Path("var/data")
 
 
+def _training(epochs: int, batch: int, learning_rate: float, temperature: float, alpha: float):
+    from edgefleet.models.distill import Training
+
+    return Training(epochs=epochs, batch=batch, learning_rate=learning_rate, temperature=temperature, alpha=alpha)
+
+
+Epochs = Annotated[int, typer.Option(min=1, help="Passes over the frames.")]
+Batch = Annotated[int, typer.Option(min=1, help="Frames per training step.")]
+LearningRate = Annotated[float, typer.Option(min=0, help="Adam's learning rate.")]
+Temperature = Annotated[float, typer.Option(min=0.1, help="Softens teacher and student outputs.")]
+Alpha = Annotated[float, typer.Option(min=0, max=1, help="Weight of the teacher's soft labels (the rest: true labels, where a frame has one).")]
+Gate = Annotated[float, typer.Option(min=0, max=1, help="Least top-1 agreement with the parent to pass.")]
+Frames = Annotated[Path, typer.Option(help="Training frames; a sub-folder named after a label gives its frames that true label.")]
+EvalDir = Annotated[Path, typer.Option("--eval", help="Held-out images for the quality gate.")]
+
+
+def _fail(command: str, exc: Exception) -> typer.Exit:
+    typer.echo(f"edgefleet model {command}: {exc}", err=True)
+    return typer.Exit(1)
+
+
+def _gate_line(manifest) -> str:
+    q = manifest.quality
+    return (f"top-1 agreement with the parent {q.value:.1%} on {q.samples} held-out images "
+            f"(gate {q.threshold:.0%}: {'passed' if q.passed else 'FAILED, not publishable'})")
+
+
 @model_app.command("dataset")
 def model_dataset(
     out: Annotated[Path, typer.Option(help="Where eval/ and calibration/ go.")] = DATA_DIR,
@@ -122,10 +149,10 @@ def model_quantize(
     parent: Annotated[Path, typer.Option(help="The float model's folder.")] = DEFAULT_MODEL_DIR,
     out: Annotated[Optional[Path], typer.Option(help="Where the INT8 model goes (default: beside the parent).")] = None,
     calibration: Annotated[Path, typer.Option(help="Real frames to calibrate on (e.g. the fleet's hard examples).")] = DATA_DIR / "calibration",
-    eval_dir: Annotated[Path, typer.Option("--eval", help="Held-out images for the quality gate.")] = DATA_DIR / "eval",
+    eval_dir: EvalDir = DATA_DIR / "eval",
     method: Annotated[str, typer.Option(help="minmax, entropy or percentile.")] = "minmax",
     weight_type: Annotated[str, typer.Option(help="qint8 or quint8.")] = "qint8",
-    gate: Annotated[float, typer.Option(min=0, max=1, help="Least top-1 agreement with the parent to pass.")] = 0.97,
+    gate: Gate = 0.97,
     max_float_layers: Annotated[int, typer.Option(min=0, help="Mixed precision: most layers kept in float, worst first, until the gate holds (0: none).")] = 24,
 ) -> None:
     """INT8 with onnxruntime.quantization; writes model.onnx and a manifest with recipe and quality gate."""
@@ -143,18 +170,83 @@ def model_quantize(
             parent, target, chosen[0], eval_dir, calibration, chosen[1], chosen[2], gate, max_float_layers
         )
     except (ModelError, FileNotFoundError, ValueError) as exc:
-        typer.echo(f"edgefleet model quantize: {exc}", err=True)
-        raise typer.Exit(1) from None
-    q = manifest.quality
+        raise _fail("quantize", exc) from None
     typer.echo(
-        f"{manifest.name}: {manifest.size_bytes / 1e6:.1f} MB, top-1 agreement {q.value:.1%} on {q.samples} held-out "
-        f"images (gate {q.threshold:.0%}: {'passed' if q.passed else 'FAILED, not publishable'}); "
+        f"{manifest.name}: {manifest.size_bytes / 1e6:.1f} MB, {_gate_line(manifest)}; "
         f"left in float: {report.left_in_float()}; {report.seconds:.0f} s -> {target}",
         err=True,
     )
     for name, shift, agreement in report.float_layers:
         typer.echo(f"  kept in float: {name} (output shift KL {shift:.4f} when quantized alone; "
                    f"calibration agreement {agreement:.1%} with it in float)", err=True)
+
+
+@model_app.command("prune")
+def model_prune(
+    parent: Annotated[Path, typer.Option(help="The float model's folder.")] = DEFAULT_MODEL_DIR,
+    out: Annotated[Optional[Path], typer.Option(help="Where the pruned model goes (default: beside the parent).")] = None,
+    ratio: Annotated[float, typer.Option(min=0.01, max=0.95, help="Share of channels (structured) or weights (unstructured) removed.")] = 0.2,
+    unstructured: Annotated[bool, typer.Option(help="Zero single weights instead of removing channels (no speed-up; for comparison).")] = False,
+    frames: Frames = DATA_DIR / "calibration",
+    eval_dir: EvalDir = DATA_DIR / "eval",
+    threads: Annotated[int, typer.Option(min=0, help="ONNX Runtime threads for the latency figures.")] = 1,
+    epochs: Epochs = 3, batch: Batch = 16, learning_rate: LearningRate = 1e-4,
+    temperature: Temperature = 4.0, alpha: Alpha = 0.9, gate: Gate = 0.97,
+) -> None:
+    """Structured channel pruning (torch-pruning), fine-tuned on the parent's outputs, exported smaller."""
+    from edgefleet.models.prune import prune
+    from shared.manifest import ModelError
+
+    kind = "unstructured" if unstructured else "structured"
+    target = out or parent.with_name(f"{parent.name}-pruned-{kind}-{round(ratio * 100)}")
+    try:
+        manifest, report = prune(parent, target, frames, eval_dir, ratio, not unstructured,
+                                 _training(epochs, batch, learning_rate, temperature, alpha), gate, threads)
+    except (ModelError, FileNotFoundError, ValueError) as exc:
+        raise _fail("prune", exc) from None
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{manifest.name}: {kind} pruning, {ratio:.0%}")
+    for column in ("", "parameters", "zero weights", "MMACs / image", "file MB", f"p50 ms, batch 1, {threads} thread(s)"):
+        table.add_column(column, justify="right")
+    for label, f in (("before", report.before), ("after", report.after)):
+        table.add_row(label, f"{f.cost.parameters:,}", f"{f.cost.zero_parameters:,}", f"{f.cost.macs / 1e6:.0f}",
+                      f"{f.size_bytes / 1e6:.2f}", f"{f.p50_ms:.2f}")
+    console = Console(stderr=True)
+    console.print(table)
+    if report.note:
+        console.print(f"[yellow]NOTE: {report.note}[/]")
+    typer.echo(f"{manifest.name}: {_gate_line(manifest)}; fine-tune {report.fit.steps} steps, loss "
+               f"{report.fit.first_loss:.3f} -> {report.fit.last_loss:.3f} -> {target}", err=True)
+
+
+@model_app.command("distill")
+def model_distill(
+    parent: Annotated[Path, typer.Option("--teacher", help="The float teacher's folder.")] = DEFAULT_MODEL_DIR,
+    out: Annotated[Optional[Path], typer.Option(help="Where the student goes (default: beside the teacher).")] = None,
+    drop_blocks: Annotated[int, typer.Option(min=1, max=9, help="Residual blocks the student goes without.")] = 5,
+    frames: Frames = DATA_DIR / "calibration",
+    eval_dir: EvalDir = DATA_DIR / "eval",
+    epochs: Epochs = 3, batch: Batch = 16, learning_rate: LearningRate = 1e-4,
+    temperature: Temperature = 4.0, alpha: Alpha = 0.9, gate: Gate = 0.97,
+) -> None:
+    """Trains a smaller student on the teacher's soft labels (and true labels where there are any)."""
+    from edgefleet.models.distill import distill
+    from shared.manifest import ModelError
+
+    target = out or parent.with_name(f"{parent.name}-distilled-{16 - drop_blocks}blocks")
+    try:
+        manifest, report = distill(parent, target, frames, eval_dir, drop_blocks,
+                                   _training(epochs, batch, learning_rate, temperature, alpha), gate)
+    except (ModelError, FileNotFoundError, ValueError) as exc:
+        raise _fail("distill", exc) from None
+    typer.echo(
+        f"{manifest.name}: without blocks {report.dropped_blocks}; parameters {report.before.parameters:,} -> "
+        f"{report.after.parameters:,}, MMACs {report.before.macs / 1e6:.0f} -> {report.after.macs / 1e6:.0f}; "
+        f"{report.fit.frames} frames ({report.fit.labelled_frames} labelled), loss {report.fit.first_loss:.3f} -> "
+        f"{report.fit.last_loss:.3f}; {_gate_line(manifest)} -> {target}", err=True,
+    )
 
 
 @model_app.command("evaluate")

@@ -36,7 +36,7 @@ def make(out: Path, eval_count: int = 300, calibration_count: int = 128, sources
         for i in range(count):
             source = sources[i % len(sources)]
             image, recipe = _augment(cv2.cvtColor(photos.photo_rgb(source), cv2.COLOR_RGB2BGR), rng)
-            data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes()
+            data = _jpeg(image)
             name = f"{i:04d}-{source}.jpg"
             (folder / name).write_bytes(data)
             hashes[split].add(hashlib.sha256(data).hexdigest())
@@ -46,6 +46,17 @@ def make(out: Path, eval_count: int = 300, calibration_count: int = 128, sources
         raise RuntimeError("evaluation and calibration sets share an image")
     (out / INDEX_FILE).write_text(json.dumps(index, indent=1))
     return index
+
+
+def crops_of(source: str, count: int, seed: int) -> list[bytes]:
+    """JPEGs of `count` augmented crops of one photo: frames for a labelled folder."""
+    rng = np.random.default_rng(seed)
+    image = cv2.cvtColor(photos.photo_rgb(source), cv2.COLOR_RGB2BGR)
+    return [_jpeg(_augment(image, rng)[0]) for _ in range(count)]
+
+
+def _jpeg(image: np.ndarray) -> bytes:
+    return cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes()
 
 
 def _augment(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:

@@ -51,7 +51,7 @@ def evaluate(model_dirs: list[Path], teacher_dir: Path, eval_dir: Path, threads:
         outputs = logits(runner, manifest.input.name, inputs)
         agree = outputs.argmax(1) == reference.argmax(1)
         top5 = np.array([reference[i].argmax() in np.argsort(-outputs[i])[:5] for i in range(len(outputs))])
-        latencies = _latencies(runner, manifest.input.name, inputs[:1], runs)
+        latencies = latencies(runner, manifest.input.name, inputs[:1], runs)
         best_batch, best_rate = _best_throughput(runner, manifest.input.name, inputs)
         gate = "n/a" if manifest.quality is None else ("passed" if manifest.quality.passed else "FAILED")
         results.append(
@@ -79,7 +79,7 @@ def _float_layers(recipe: dict[str, str]) -> str:
     return "" if kept == "none" else f" ({len(kept.split(','))} layers float)"
 
 
-def _latencies(runner: ort.InferenceSession, name: str, one: np.ndarray, runs: int) -> np.ndarray:
+def latencies(runner: ort.InferenceSession, name: str, one: np.ndarray, runs: int) -> np.ndarray:
     for _ in range(5):
         runner.run(None, {name: one})
     times = []

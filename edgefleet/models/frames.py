@@ -13,7 +13,6 @@ from services.inference.preprocess import Preprocessor
 from shared.manifest import ModelManifest
 
 
-
 def load_inputs(folder: Path, manifest: ModelManifest, limit: int | None = None) -> np.ndarray:
     files = image_files(folder)
     if not files:
@@ -25,3 +24,23 @@ def load_inputs(folder: Path, manifest: ModelManifest, limit: int | None = None)
     for i, path in enumerate(files):
         pre(decode_bgr(path.read_bytes(), manifest.preprocessing.resize_shorter), inputs[i])
     return inputs
+
+
+UNLABELLED = -1
+
+
+def load_labelled(folder: Path, manifest: ModelManifest, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Frames and their true class indices. Images directly in `folder` have no label (-1); images in a
+    sub-folder named after one of the model's labels (`folder/tabby/x.jpg`) have that label."""
+    index = {label: i for i, label in enumerate(manifest.labels)}
+    parts, labels = [], []
+    if image_files(folder):
+        parts.append(load_inputs(folder, manifest, limit))
+        labels += [UNLABELLED] * len(parts[-1])
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []:
+        if sub.name in index and image_files(sub):
+            parts.append(load_inputs(sub, manifest, limit))
+            labels += [index[sub.name]] * len(parts[-1])
+    if not parts:
+        raise FileNotFoundError(f"no .jpg/.jpeg/.png images in {folder} or in its label-named sub-folders")
+    return np.concatenate(parts)[:limit], np.array(labels[:limit], dtype=np.int64)

@@ -41,8 +41,8 @@ from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 
 from edgefleet.models.frames import load_inputs
 from edgefleet.models.outputs import logits, softmax
-from edgefleet.models.store import install
-from shared.manifest import ModelError, ModelManifest, Quality, load_verified, sha256_of
+from edgefleet.models.derive import install_derived, measure_quality, top1_agreement
+from shared.manifest import ModelError, ModelManifest, load_verified
 
 # Plumbing ops move or reshape tensors without arithmetic of their own: nothing to quantize, nothing to report.
 _NO_ARITHMETIC = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Shape", "Gather", "Concat", "Slice"}
@@ -153,7 +153,7 @@ def quantize(
             fit, select = (calibration[0::2], calibration[1::2]) if max_float_layers and len(calibration) > 1 else (calibration, calibration)
             static = _StaticQuantizer(prepared, parent.input.name, fit, select, method, weight_type, Path(tmp))
             static.quantize(staged, excluded)
-            report.calibration_agreement = _agreement(static.reference, logits(staged, parent.input.name, select))
+            report.calibration_agreement = top1_agreement(static.reference, logits(staged, parent.input.name, select))
             if report.calibration_agreement < gate and max_float_layers > 0:
                 report.float_layers = static.mixed_precision(staged, excluded, gate, max_float_layers)
                 if report.float_layers:
@@ -165,27 +165,11 @@ def quantize(
                 "float_layers": ",".join(name for name, _, _ in report.float_layers) or "none",
             }
         held_out = load_inputs(eval_dir, parent, eval_limit)
-        report.agreement = top1_agreement(parent_path, staged, parent.input.name, held_out)
-        report.samples = len(held_out)
-        manifest = ModelManifest(
-            **{
-                **parent.model_dump(exclude={"sha256", "size_bytes", "recipe", "parent_sha256", "quality", "created_at", "name"}),
-                "name": derived_name(parent.name, mode, method),
-                "sha256": sha256_of(staged),
-                "size_bytes": staged.stat().st_size,
-                "recipe": {
-                    "quantizer": f"onnxruntime.quantization {ort.__version__}", "mode": mode.value, **recipe,
-                    "left_in_float": report.left_in_float(),
-                },
-                "parent_sha256": parent.sha256,
-                "quality": Quality(
-                    metric="top1_agreement", value=round(report.agreement, 4), threshold=gate,
-                    samples=report.samples, measured_on=str(eval_dir), passed=report.agreement >= gate,
-                ),
-                "created_at": time.time(),
-            }
-        )
-        installed = install(staged, manifest, out_dir)
+        quality = measure_quality(parent_path, staged, parent.input.name, held_out, eval_dir, gate)
+        report.agreement, report.samples = quality.value, quality.samples
+        recipe = {"quantizer": f"onnxruntime.quantization {ort.__version__}", "mode": mode.value, **recipe,
+                  "left_in_float": report.left_in_float()}
+        installed = install_derived(parent, derived_name(parent.name, mode, method), staged, recipe, quality, out_dir)
     report.seconds = time.monotonic() - started
     return installed, report
 
@@ -239,7 +223,7 @@ class _StaticQuantizer:
         for shift, layer in sensitivity[:budget]:
             in_float += layer
             self.quantize(probe, in_float)
-            agreement = _agreement(self.reference, logits(probe, self.input_name, self.selection))
+            agreement = top1_agreement(self.reference, logits(probe, self.input_name, self.selection))
             kept.append((layer[0], round(shift, 5), round(agreement, 4)))
             probe.replace(out)
             if agreement >= gate:
@@ -247,14 +231,7 @@ class _StaticQuantizer:
         return kept
 
 
-def _agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
-    return float((candidate.argmax(1) == reference.argmax(1)).mean())
-
-
 def _kl(reference: np.ndarray, candidate: np.ndarray) -> float:
     p, q = softmax(reference), softmax(candidate)
     return float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
 
-
-def top1_agreement(reference: Path, candidate: Path, input_name: str, inputs: np.ndarray) -> float:
-    return _agreement(logits(reference, input_name, inputs), logits(candidate, input_name, inputs))

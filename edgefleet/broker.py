@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
+
+from edgefleet.ports import free_port, wait_listening
 
 
 def find_mosquitto() -> str:
@@ -23,12 +23,6 @@ def find_mosquitto() -> str:
     if path is None:
         raise FileNotFoundError("mosquitto is not installed (scripts/setup.sh installs Debian's package)")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Broker:
@@ -63,17 +57,12 @@ class Broker:
             [find_mosquitto(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,  # a Ctrl-C in the terminal reaches our handler, not the broker
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mosquitto exited with {self.process.returncode}; see {self.workdir}/mosquitto.log")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise TimeoutError(f"mosquitto did not listen on port {self.port} within {timeout}s")
+        try:
+            wait_listening(self.process, self.port, timeout, f"mosquitto (log: {self.workdir}/mosquitto.log)")
+        except (RuntimeError, TimeoutError):
+            self.stop()
+            raise
+        return self
 
     def kill(self) -> None:
         """SIGKILL: the broker dies as in a crash or power cut."""

@@ -13,6 +13,7 @@ from shared.config import (
     CommonSettings,
     ConfigError,
     InferenceSettings,
+    StoreSettings,
     describe_keys,
     load,
 )
@@ -21,7 +22,9 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=N
 model_app = typer.Typer(no_args_is_help=True, help="Build and manage models.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: each prints a table and writes JSON with its goals.")
 app.add_typer(model_app, name="model")
+keys_app = typer.Typer(no_args_is_help=True, help="Operator signing keys.")
 app.add_typer(bench_app, name="bench")
+app.add_typer(keys_app, name="keys")
 
 ConfigFile = Annotated[
     Optional[Path], typer.Option("--config", help="A TOML file of config keys; the environment wins over it.")
@@ -247,6 +250,49 @@ def model_distill(
         f"{report.fit.frames} frames ({report.fit.labelled_frames} labelled), loss {report.fit.first_loss:.3f} -> "
         f"{report.fit.last_loss:.3f}; {_gate_line(manifest)} -> {target}", err=True,
     )
+
+
+DEFAULT_KEY_DIR = Path("var/keys")
+
+
+@keys_app.command("new")
+def keys_new(
+    out: Annotated[Path, typer.Option(help="Folder for <name>.key (private, mode 600) and <name>.pub.")] = DEFAULT_KEY_DIR,
+    name: Annotated[str, typer.Option(help="File name stem.")] = "operator",
+) -> None:
+    """Make an Ed25519 signing key; devices trust its .pub half (EDGEFLEET_TRUSTED_KEYS_DIR)."""
+    from shared.registry import new_key_pair
+
+    try:
+        pair = new_key_pair(out, name)
+    except FileExistsError as exc:
+        typer.echo(f"edgefleet keys new: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"key {pair.key_id}: private {pair.private}, public {pair.public}", err=True)
+
+
+@model_app.command("publish", epilog=describe_keys(StoreSettings))
+def model_publish(
+    model: Annotated[Path, typer.Argument(help="The model's folder (model.onnx and manifest.json).")],
+    key: Annotated[Path, typer.Option(help="The operator's Ed25519 private key.")] = DEFAULT_KEY_DIR / "operator.key",
+    name: Annotated[Optional[str], typer.Option(help="Publish under this name (default: the manifest's).")] = None,
+    version: Annotated[Optional[int], typer.Option(min=1, help="Version number (default: the latest + 1).")] = None,
+    config: ConfigFile = None,
+) -> None:
+    """Sign and upload a model to the S3 registry. Refuses gate-failed models and stale versions. Keys:"""
+    from edgefleet.registry import PublishRefused, publish
+    from shared import s3
+    from shared.manifest import ModelError
+    from shared.registry import SignatureError
+
+    settings = _settings(StoreSettings, config)
+    try:
+        done = publish(s3.client(settings), settings.registry_bucket, model, key, name, version)
+    except (PublishRefused, ModelError, SignatureError, FileNotFoundError) as exc:
+        typer.echo(f"edgefleet model publish: refused: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"published {done.name} v{done.version} (sha256 {done.sha256[:16]}…, signed by key {done.key_id}) "
+               f"at s3://{settings.registry_bucket}/{done.prefix}", err=True)
 
 
 @model_app.command("evaluate")

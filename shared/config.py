@@ -175,6 +175,24 @@ class CameraSettings(CommonSettings):
         return [topics.check_id("camera", c) for c in value]
 
 
+class StoreSettings(CommonSettings):
+    """Where the model registry lives: any S3-compatible store, reached through boto3. Credentials come
+    from these keys or, when unset, from boto3's own chain (AWS_* variables, profiles, instance roles)."""
+
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint, e.g. http://minio:9000; unset: AWS S3.")
+    s3_region: str = Field("us-east-1", description="S3 region.")
+    s3_access_key_id: str | None = Field(None, description="S3 access key id (unset: boto3's credential chain).")
+    s3_secret_access_key: SecretStr | None = Field(None, description="S3 secret key (prefer a mounted secret).")
+    registry_bucket: str = Field("edgefleet-models", min_length=3, max_length=63, description="The registry's bucket.")
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname):
+            raise ValueError("must look like http://host:port or https://host")
+        return value
+
+
 def load(cls: type[S], config_file: Path | str | None = None, **overrides: Any) -> S:
     """Builds the settings, raising ConfigError with the offending key named."""
     path = config_file or os.environ.get(CONFIG_FILE_ENV) or None

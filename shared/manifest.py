@@ -70,6 +70,8 @@ class ModelManifest(_Strict):
     # Absent on a model built from source weights; set on every compressed model. A failed gate means
     # the model must not be published.
     quality: Quality | None = None
+    # The oldest edgefleet release that can serve this model; set when it is published.
+    min_edgefleet: str | None = None
     created_at: float
 
     @model_validator(mode="after")

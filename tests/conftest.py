@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from edgefleet.broker import Broker
+from edgefleet.s3server import S3Server
 from edgefleet.models.build import build
 from shared.config import DEFAULT_MODEL_DIR
 from tests.support import Device, InferenceProcess, wait_until
@@ -27,6 +28,13 @@ def broker():
     """A real Mosquitto on its own port with its own config, killed at the end of the test."""
     with Broker() as b:
         yield b
+
+
+@pytest.fixture
+def s3_server():
+    """A real S3-compatible server (moto in server mode) in its own process, for this test alone."""
+    with S3Server() as server:
+        yield server
 
 
 @pytest.fixture

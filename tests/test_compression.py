@@ -57,9 +57,24 @@ def test_static_int8_is_smaller_agrees_and_is_served(data, model_dir, tmp_path, 
     assert prediction.model.sha256 == manifest.sha256 and prediction.top[0].label in {"espresso", "cup", "coffee mug"}
 
 
-def test_a_model_below_the_gate_is_marked_failed(data, model_dir, tmp_path):
+def test_a_model_below_the_gate_is_marked_failed_and_cannot_be_published(data, model_dir, tmp_path, s3_server):
+    import os
+    import subprocess
+    import sys
+
+    from shared import s3
+    from shared.registry import new_key_pair
+
     manifest, _ = quantize(model_dir, tmp_path / "int8", Mode.STATIC, data / "eval", data / "calibration", gate=1.01)
     assert manifest.quality.passed is False and manifest.quality.threshold == 1.01
+    keys = new_key_pair(tmp_path / "keys")
+    result = subprocess.run(
+        [sys.executable, "-m", "edgefleet", "model", "publish", str(tmp_path / "int8"), "--key", str(keys.private)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **s3_server.env()},
+    )
+    assert result.returncode == 1 and "refused" in result.stderr and "failed its quality gate" in result.stderr
+    store = s3.client(s3_server.settings())
+    assert store.list_buckets()["Buckets"] == [] or store.list_objects_v2(Bucket="edgefleet-models")["KeyCount"] == 0
 
 
 def test_dynamic_int8_loads_and_agrees_above_a_floor(data, model_dir, tmp_path):

@@ -51,7 +51,7 @@ def evaluate(model_dirs: list[Path], teacher_dir: Path, eval_dir: Path, threads:
         outputs = logits(runner, manifest.input.name, inputs)
         agree = outputs.argmax(1) == reference.argmax(1)
         top5 = np.array([reference[i].argmax() in np.argsort(-outputs[i])[:5] for i in range(len(outputs))])
-        latencies = latencies(runner, manifest.input.name, inputs[:1], runs)
+        times = latencies(runner, manifest.input.name, inputs[:1], runs)
         best_batch, best_rate = _best_throughput(runner, manifest.input.name, inputs)
         gate = "n/a" if manifest.quality is None else ("passed" if manifest.quality.passed else "FAILED")
         results.append(
@@ -63,9 +63,9 @@ def evaluate(model_dirs: list[Path], teacher_dir: Path, eval_dir: Path, threads:
                 top1_agreement_confident=round(float(agree[confident].mean()), 4) if confident.any() else float("nan"),
                 confident_samples=int(confident.sum()),
                 samples=len(inputs),
-                p50_ms=round(float(np.percentile(latencies, 50)), 3),
-                p95_ms=round(float(np.percentile(latencies, 95)), 3),
-                p99_ms=round(float(np.percentile(latencies, 99)), 3),
+                p50_ms=round(float(np.percentile(times, 50)), 3),
+                p95_ms=round(float(np.percentile(times, 95)), 3),
+                p99_ms=round(float(np.percentile(times, 99)), 3),
                 best_images_per_s=round(best_rate, 1),
                 best_batch=best_batch,
                 gate=gate,

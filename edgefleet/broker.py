@@ -26,8 +26,11 @@ def find_mosquitto() -> str:
 
 
 class Broker:
-    def __init__(self, port: int | None = None, workdir: Path | None = None, extra_config: str = "") -> None:
+    def __init__(self, port: int | None = None, workdir: Path | None = None, extra_config: str = "",
+                 persistent: bool = False) -> None:
         self.port = port or free_port()
+        # Persistent: retained messages and sessions survive a restart (saved on a clean stop).
+        self.persistent = persistent
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="edgefleet-broker-"))
         self.extra_config = extra_config
@@ -42,8 +45,8 @@ class Broker:
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
-            "persistence false\n"
-            f"log_dest file {self.workdir / 'mosquitto.log'}\n"
+            + (f"persistence true\npersistence_location {self.workdir}/\n" if self.persistent else "persistence false\n")
+            + f"log_dest file {self.workdir / 'mosquitto.log'}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
             # Frames are large and arrive in bursts: let the broker hold a backlog for slow clients.
             "max_queued_messages 10000\n"

@@ -14,6 +14,7 @@ from shared.config import (
     ConfigError,
     InferenceSettings,
     StoreSettings,
+    SyncSettings,
     describe_keys,
     load,
 )
@@ -23,6 +24,8 @@ model_app = typer.Typer(no_args_is_help=True, help="Build and manage models.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: each prints a table and writes JSON with its goals.")
 app.add_typer(model_app, name="model")
 keys_app = typer.Typer(no_args_is_help=True, help="Operator signing keys.")
+rollout_app = typer.Typer(no_args_is_help=True, help="Roll models out to the fleet: canary, promote, abort, status.")
+app.add_typer(rollout_app, name="rollout")
 app.add_typer(bench_app, name="bench")
 app.add_typer(keys_app, name="keys")
 
@@ -45,6 +48,14 @@ def inference(config: ConfigFile = None) -> None:
     from services.inference.service import main
 
     raise typer.Exit(main(_settings(InferenceSettings, config)))
+
+
+@app.command(epilog=describe_keys(SyncSettings))
+def sync(config: ConfigFile = None) -> None:
+    """Run the sync service: rollouts in, verified models installed, canaries judged. Configured by these keys:"""
+    from services.sync.service import main
+
+    raise typer.Exit(main(_settings(SyncSettings, config)))
 
 
 @app.command(epilog=describe_keys(CameraSettings))
@@ -359,3 +370,89 @@ def bench_ep(
 
     raise typer.Exit(ep.run(quick, json_out, model_dir, [p.strip() for p in providers.split(",") if p.strip()]))
 
+
+
+def _fleet(config: Path | None, mqtt_url: str | None) -> CommonSettings:
+    return _settings(CommonSettings, config, mqtt_url=mqtt_url)
+
+
+FleetUrl = Annotated[Optional[str], typer.Option(help="The fleet broker (default: EDGEFLEET_MQTT_URL).")]
+
+
+@rollout_app.command("start")
+def rollout_start(
+    model: Annotated[str, typer.Argument(help="The registry's model name.")],
+    version: Annotated[int, typer.Argument(min=1, help="The published version.")],
+    devices: Annotated[Optional[str], typer.Option(help="Only these devices, comma-separated.")] = None,
+    group: Annotated[Optional[str], typer.Option(help="Only devices in these groups, comma-separated.")] = None,
+    canary: Annotated[float, typer.Option(min=0.0001, max=100, help="Percent of the target that goes first (100: all).")] = 100.0,
+    allow_downgrade: Annotated[bool, typer.Option(help="An explicit rollback to an older version.")] = False,
+    mqtt_url: FleetUrl = None,
+    config: ConfigFile = None,
+) -> None:
+    """Start a rollout: all devices, a group, listed devices, or a canary share of them."""
+    from edgefleet import rollout
+    from shared.schemas import RolloutTarget
+
+    split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else []  # noqa: E731
+    target = RolloutTarget(devices=split(devices), groups=split(group), share=canary / 100)
+    try:
+        started = rollout.start(_fleet(config, mqtt_url), model, version, target, allow_downgrade)
+    except ConnectionError as exc:
+        typer.echo(f"edgefleet rollout start: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"rollout {started.rollout_id}: {model} v{version}, {started.phase.value}, "
+               f"{canary:g} % of {', '.join(target.devices or target.groups) or 'all devices'}", err=True)
+    typer.echo(started.rollout_id)
+
+
+def _change(phase_name: str, config: Path | None, mqtt_url: str | None) -> None:
+    from edgefleet import rollout
+    from shared.schemas import RolloutPhase
+
+    try:
+        changed = rollout.change_phase(_fleet(config, mqtt_url), RolloutPhase(phase_name))
+    except (ConnectionError, rollout.NoRollout) as exc:
+        typer.echo(f"edgefleet rollout: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"rollout {changed.rollout_id}: {phase_name}", err=True)
+
+
+@rollout_app.command("promote")
+def rollout_promote(mqtt_url: FleetUrl = None, config: ConfigFile = None) -> None:
+    """Every device of the rollout's target installs it (after a canary)."""
+    _change("promoted", config, mqtt_url)
+
+
+@rollout_app.command("abort")
+def rollout_abort(mqtt_url: FleetUrl = None, config: ConfigFile = None) -> None:
+    """Every device that installed the rollout's model goes back to the one it had."""
+    _change("aborted", config, mqtt_url)
+
+
+@rollout_app.command("status")
+def rollout_status(
+    wait: Annotated[float, typer.Option(min=0.1, help="Seconds to collect the devices' retained states.")] = 2.0,
+    json_out: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
+    mqtt_url: FleetUrl = None,
+    config: ConfigFile = None,
+) -> None:
+    """Per device: state, model served, the rollout's model, and the last reason."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgefleet import rollout
+
+    reports = rollout.states(_fleet(config, mqtt_url), wait)
+    if json_out:
+        for report in reports.values():
+            typer.echo(report.model_dump_json())
+        return
+    table = Table(title="edgefleet rollout status")
+    for column in ("device", "rollout", "state", "serving", "target", "reason"):
+        table.add_column(column)
+    for device, r in sorted(reports.items()):
+        table.add_row(device, r.rollout_id or "", r.state.value,
+                      f"{r.serving.name} v{r.serving.version}" if r.serving else "",
+                      f"{r.target.name} v{r.target.version}" if r.target else "", r.reason or "")
+    Console().print(table)

@@ -193,6 +193,45 @@ class StoreSettings(CommonSettings):
         return value
 
 
+DEFAULT_STORE_DIR = Path("var/store")
+
+
+class SyncSettings(StoreSettings):
+    model_store: Path = Field(
+        DEFAULT_STORE_DIR,
+        description="The device's model store: versions/, staging/, fallback/ and the 'current' link "
+        "that inference serves from (point EDGEFLEET_MODEL_DIR at <store>/current).",
+    )
+    seed_model_dir: Path = Field(
+        DEFAULT_MODEL_DIR, description="The model copied into an empty store as its fallback, which is never removed."
+    )
+    trusted_keys_dir: Path = Field(Path("var/keys"), description="Operator public keys (*.pub, PEM) this device trusts.")
+    groups: Annotated[list[str], NoDecode] = Field([], description="Groups this device belongs to, comma-separated.")
+    keep_versions: int = Field(3, ge=1, le=100, description="Installed versions kept (the fallback comes on top).")
+    download_chunk_bytes: int = Field(1 << 20, ge=4096, description="Bytes per ranged GET while downloading.")
+    download_limit_bytes_s: int = Field(
+        0, ge=0, description="Bandwidth cap for model downloads on metered links, bytes/s; 0: none."
+    )
+    download_timeout_s: float = Field(10.0, gt=0, description="A stalled read or connection gives up after this.")
+    download_retry_max_s: float = Field(30.0, gt=0, description="Longest wait between download retries (backoff).")
+    switch_timeout_s: float = Field(120.0, gt=0, description="How long inference may take to load and warm a model.")
+    canary_window: int = Field(50, ge=5, description="Predictions compared on each side of a switch.")
+    canary_timeout_s: float = Field(
+        600.0, gt=0, description="A canary whose window does not fill in this time is judged on what it has."
+    )
+    canary_max_psi: float = Field(0.5, gt=0, description="Roll back when the predicted-class PSI (new vs old) exceeds this.")
+    canary_max_error_rate: float = Field(0.05, ge=0, le=1, description="Roll back when the new model's error rate exceeds the old one's by more than this.")
+    canary_max_latency_ratio: float = Field(1.5, gt=0, description="Roll back when p95 latency grows by more than this factor.")
+    canary_max_confidence_drop: float = Field(0.2, ge=0, le=1, description="Roll back when mean top-1 confidence falls by more than this.")
+
+    @field_validator("groups", mode="before")
+    @classmethod
+    def _groups(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [g.strip() for g in value.split(",") if g.strip()]
+        return [topics.check_id("group", g) for g in value]
+
+
 def load(cls: type[S], config_file: Path | str | None = None, **overrides: Any) -> S:
     """Builds the settings, raising ConfigError with the offending key named."""
     path = config_file or os.environ.get(CONFIG_FILE_ENV) or None

@@ -74,6 +74,7 @@ class ErrorReason(StrEnum):
     EMPTY = "empty"
     PROVIDER_FALLBACK = "provider_fallback"
     INTERNAL = "internal"
+    MALFORMED_COMMAND = "malformed_command"  # a control message (e.g. a model switch) that does not parse
 
 
 class ErrorReport(_Message):
@@ -120,3 +121,97 @@ class ServiceStatus(_Message):
     model: ModelRef | None = None
     provider: ProviderReport | None = None
     inference: InferenceStats | None = None
+
+
+# -- model delivery ------------------------------------------------------------------------------------
+
+
+class ModelSwitch(_Message):
+    """sync -> inference: load the model in `model_dir` (it must have this SHA-256), warm it, serve it."""
+
+    v: int = WIRE_VERSION
+    request_id: str
+    model_dir: str
+    sha256: str
+    at: float
+
+
+class ModelSwitched(_Message):
+    """inference -> sync: the switch is done (`ok`) and which model now serves, or why it failed."""
+
+    v: int = WIRE_VERSION
+    request_id: str
+    ok: bool
+    serving: ModelRef
+    load_ms: float | None = None
+    error: str | None = None
+    at: float
+
+
+class RolloutPhase(StrEnum):
+    CANARY = "canary"  # the share of the target chosen by hash installs it
+    PROMOTED = "promoted"  # every device of the target installs it
+    ABORTED = "aborted"  # every device that installed it goes back to the model it had before
+
+
+class RolloutTarget(_Message):
+    """Which devices: all (no devices, no groups), listed devices, or members of groups; then `share`
+    of those, chosen by a hash of device id and rollout id (stable: the same devices every time)."""
+
+    devices: list[str] = Field(default_factory=list)
+    groups: list[str] = Field(default_factory=list)
+    share: float = Field(1.0, gt=0, le=1)
+
+
+class Rollout(_Message):
+    v: int = WIRE_VERSION
+    rollout_id: Annotated[str, Field(min_length=1, max_length=64)]
+    model: str
+    version: int = Field(ge=1)
+    phase: RolloutPhase
+    target: RolloutTarget
+    # An explicit rollback to an older version is allowed only with this set; otherwise a device
+    # refuses a version older than the one it serves.
+    allow_downgrade: bool = False
+    issued_at: float
+
+
+class SyncState(StrEnum):
+    IDLE = "idle"
+    RECEIVED = "received"
+    DOWNLOADING = "downloading"
+    VERIFIED = "verified"
+    INSTALLED = "installed"
+    ACTIVE = "active"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+    NOT_TARGETED = "not_targeted"
+
+
+class CanaryVerdict(_Message):
+    """The new model against the one before it on the same device, each over its own window."""
+
+    samples_before: int
+    samples_after: int
+    error_rate_before: float
+    error_rate_after: float
+    latency_p95_before_ms: float | None
+    latency_p95_after_ms: float | None
+    mean_confidence_before: float | None
+    mean_confidence_after: float | None
+    prediction_psi: float | None
+    passed: bool
+    reasons: list[str]
+
+
+class SyncReport(_Message):
+    v: int = WIRE_VERSION
+    device: str
+    rollout_id: str | None
+    state: SyncState
+    target: ModelRef | None = None
+    serving: ModelRef | None = None
+    reason: str | None = None
+    progress_bytes: int | None = None
+    canary: CanaryVerdict | None = None
+    at: float

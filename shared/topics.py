@@ -4,6 +4,12 @@
     edgefleet/<device>/predictions/<camera>   one prediction per frame
     edgefleet/<device>/errors                 error reports (bad frames, provider fallback, ...)
     edgefleet/<device>/status/<service>       retained service status (online/offline, counters)
+    edgefleet/<device>/inference/switch       sync -> inference: serve this model now
+    edgefleet/<device>/inference/switched     inference -> sync: the outcome of a switch
+    edgefleet/<device>/sync/state             retained: where this device is in the current rollout
+    edgefleet/_fleet/rollout                  retained: the fleet's current rollout, from the operators
+
+`_fleet` can never be a device id (ids start with a letter or digit).
 """
 
 from __future__ import annotations
@@ -51,6 +57,31 @@ def status(device: str, service: str) -> str:
 
 def all_status(device: str) -> str:
     return f"{ROOT}/{device}/status/+"
+
+
+def model_switch(device: str) -> str:
+    return f"{ROOT}/{device}/inference/switch"
+
+
+def model_switched(device: str) -> str:
+    return f"{ROOT}/{device}/inference/switched"
+
+
+def sync_state(device: str) -> str:
+    return f"{ROOT}/{device}/sync/state"
+
+
+def all_sync_states() -> str:
+    return f"{ROOT}/+/sync/state"
+
+
+def rollout() -> str:
+    return f"{ROOT}/_fleet/rollout"
+
+
+def device_of(topic: str) -> str:
+    """The <device> level of any per-device topic."""
+    return topic.split("/")[1]
 
 
 def last_level(topic: str) -> str:

@@ -9,7 +9,7 @@ from edgefleet.broker import Broker
 from edgefleet.s3server import S3Server
 from edgefleet.models.build import build
 from shared.config import DEFAULT_MODEL_DIR
-from tests.support import Device, InferenceProcess, wait_until
+from tests.support import Device, ServiceProcess, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 _device_ids = itertools.count(1)
@@ -38,11 +38,21 @@ def s3_server():
 
 
 @pytest.fixture
+def fleet(tmp_path, request):
+    """A broker, an S3 registry and an operator key; devices of real processes on demand."""
+    from tests.fleet import Fleet
+
+    f = Fleet(tmp_path, request)
+    yield f
+    f.close()
+
+
+@pytest.fixture
 def start_inference(model_dir, tmp_path, request):
     """Starts `edgefleet inference` against a broker and waits for its retained online status."""
-    started: list[InferenceProcess] = []
+    started: list[ServiceProcess] = []
 
-    def start(broker: Broker, wait_online: bool = True, **settings: str) -> tuple[InferenceProcess, Device]:
+    def start(broker: Broker, wait_online: bool = True, **settings: str) -> tuple[ServiceProcess, Device]:
         device_id = settings.pop("device_id", f"dev-{next(_device_ids)}")
         env = {
             "EDGEFLEET_MQTT_URL": broker.url,
@@ -52,7 +62,7 @@ def start_inference(model_dir, tmp_path, request):
             "EDGEFLEET_MQTT_RECONNECT_MAX_S": "1",
             **{f"EDGEFLEET_{k.upper()}": str(v) for k, v in settings.items()},
         }
-        service = InferenceProcess(env, tmp_path / f"inference-{len(started)}.log")
+        service = ServiceProcess(env, tmp_path / f"inference-{len(started)}.log")
         started.append(service)
         device = Device(broker.url, device_id)
         request.addfinalizer(device.close)

@@ -1,4 +1,4 @@
-"""What the tests share: the inference service as a real child process, and an MQTT client that
+"""What the tests share: services as real child processes, and an MQTT client that
 collects what the device publishes. Everything talks to real Mosquitto brokers."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from shared import topics
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import CommonSettings
 from shared.mqtt import MqttLink, content_type_of
-from shared.schemas import Encoding, ErrorReport, FrameEnvelope, Prediction, ServiceStatus
+from shared.schemas import Encoding, ErrorReport, FrameEnvelope, Prediction, ServiceStatus, SyncReport
 
 T = TypeVar("T")
 
@@ -45,7 +45,9 @@ class Device:
         self.errors: list[ErrorReport] = []
         self.statuses: list[ServiceStatus] = []
         self.undecodable: list[bytes] = []
+        self.sync_reports: list[SyncReport] = []
         self._lock = threading.Lock()
+        self.link.subscribe(topics.sync_state(device_id), self._on_sync_report)
         self.link.subscribe(topics.all_predictions(device_id), self._on_prediction)
         self.link.subscribe(topics.errors(device_id), self._on_error)
         self.link.subscribe(topics.all_status(device_id), self._on_status)
@@ -59,6 +61,22 @@ class Device:
                 self.predictions.append(decode(Prediction, message.payload, content_type_of(message)))
             except DecodeError:
                 self.undecodable.append(message.payload)
+
+    def _on_sync_report(self, message) -> None:
+        with self._lock:
+            self.sync_reports.append(decode(SyncReport, message.payload, content_type_of(message)))
+
+    def sync_report(self, matches: Callable[[SyncReport], bool], what: str, timeout: float = 60) -> SyncReport:
+        def find():
+            with self._lock:
+                return next((r for r in self.sync_reports if matches(r)), None)
+
+        return wait_until(find, timeout, what)
+
+    def sync_states(self, rollout_id: str) -> list[str]:
+        with self._lock:
+            states = [r.state.value for r in self.sync_reports if r.rollout_id == rollout_id]
+        return [s for i, s in enumerate(states) if i == 0 or states[i - 1] != s]
 
     def _on_error(self, message) -> None:
         with self._lock:
@@ -100,14 +118,14 @@ class Device:
         self.link.stop()
 
 
-class InferenceProcess:
-    """`edgefleet inference` as a child process: the command the containers run."""
+class ServiceProcess:
+    """`edgefleet <service>` as a child process: the command the containers run."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, service: str = "inference") -> None:
         self.log_path = log_path
-        self._log = log_path.open("wb")
+        self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgefleet", "inference"],
+            [sys.executable, "-m", "edgefleet", service],
             env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
         )
 

@@ -15,7 +15,7 @@ from edgefleet import photos
 from edgefleet.broker import Broker
 from shared import topics
 from shared.manifest import load_verified
-from tests.support import Device, InferenceProcess, wait_until
+from tests.support import Device, ServiceProcess, wait_until
 
 CATS = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
 COFFEE = {"espresso", "cup", "coffee mug"}
@@ -146,7 +146,7 @@ def test_sigterm_answers_every_accepted_frame_then_exits_zero(broker, start_infe
 
 def test_a_service_started_before_its_broker_waits_for_it(model_dir, tmp_path):
     broker = Broker()  # its port is chosen, nothing listens yet
-    service = InferenceProcess(
+    service = ServiceProcess(
         {
             "EDGEFLEET_MQTT_URL": broker.url, "EDGEFLEET_DEVICE_ID": "early", "EDGEFLEET_MODEL_DIR": str(model_dir),
             "EDGEFLEET_MQTT_RECONNECT_MAX_S": "1",

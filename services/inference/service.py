@@ -3,10 +3,12 @@
 A frame's way:
     receive (paho's network thread: `_on_frame`) → backlog (bounded, drops the oldest)
     → batch → decode → preprocess → infer → publish (each worker: `_work`)
-Workers share one ONNX Runtime session and each run their own batch: while one decodes, another
+Workers share the served model's ONNX Runtime session and each run their own batch: while one decodes, another
 infers, so every core stays busy, and on small CPUs several single-threaded runs beat one run spread
 over all cores. Frames are decoded only once taken, so frames dropped under overload cost nothing.
 SIGTERM stops intake, answers every frame already accepted, publishes the offline status, exits 0.
+A switch request from the sync service loads the next model beside the current one and swaps it in
+between batches (swap.py): no frame is dropped or answered twice.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as paho
@@ -25,13 +28,14 @@ from services.inference.batcher import Closed, FrameBacklog
 from services.inference.decode import UndecodableFrame, decode_bgr
 from services.inference.intake import Frame, FrameRejected, Intake
 from services.inference.postprocess import top_k
-from services.inference.preprocess import Preprocessor
-from services.inference.session import ModelSession, ProviderRefused, plan_workers
+from services.inference import swap
+from services.inference.session import ProviderRefused, plan_workers
+from services.inference.swap import ServedModel, Swapper
 from shared import VERSION, logs, topics
-from shared.codec import WireFormat, encode
+from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import InferenceSettings
 from shared.logs import fields
-from shared.manifest import ModelError, load_verified
+from shared.manifest import ModelError
 from shared.metrics import Counter
 from shared.mqtt import MqttLink, StatusPublisher, content_type_of
 from shared.schemas import (
@@ -39,6 +43,8 @@ from shared.schemas import (
     ErrorReason,
     ErrorReport,
     InferenceStats,
+    ModelSwitch,
+    ModelSwitched,
     Prediction,
     ServiceState,
     ServiceStatus,
@@ -61,15 +67,8 @@ class Prepared:
 class InferenceService:
     def __init__(self, settings: InferenceSettings) -> None:
         self.settings = settings
-        manifest, model_path = load_verified(settings.model_dir)
-        workers, threads = plan_workers(settings.providers, settings.inference_workers, settings.intra_op_threads)
-        self.session = ModelSession.open(
-            manifest, model_path, settings.providers, strict=settings.provider_policy == "strict", intra_op_threads=threads
-        )
-        self.manifest = manifest
-        self._model = manifest.ref()  # named in every prediction: built once
-        self.preprocess = Preprocessor(manifest.preprocessing)
-        self._decode_min_side = manifest.preprocessing.resize_shorter if settings.scaled_decode else 0
+        workers, self._threads_per_run = plan_workers(settings.providers, settings.inference_workers, settings.intra_op_threads)
+        self.model = self._load(settings.model_dir)
         self.intake = Intake(settings.max_frame_bytes)
         self.backlog = FrameBacklog(settings.queue_size)
         self.received, self.rejected, self.dropped = Counter(), Counter(), Counter()
@@ -87,6 +86,22 @@ class InferenceService:
             ),
         )
         self._threads = [threading.Thread(target=self._work, name=f"worker-{i}") for i in range(workers)]
+        self.swapper = Swapper(
+            lambda switch: self._load(Path(switch.model_dir), switch.sha256), self._install,
+            lambda: self.model.ref, self._reply_switched,
+        )
+        self.switches = Counter()
+
+    def _load(self, model_dir: Path, expected_sha256: str | None = None) -> ServedModel:
+        s = self.settings
+        return swap.load(model_dir, s.providers, s.provider_policy == "strict", self._threads_per_run, s.scaled_decode, expected_sha256)
+
+    def _install(self, model: ServedModel) -> None:
+        self.model = model  # one reference assignment: workers pick it up at their next batch
+        self.switches.add()
+        if model.session.provider.fallback:
+            self._report(ErrorReason.PROVIDER_FALLBACK, self._fallback_text())
+        self._publish_status()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -94,16 +109,18 @@ class InferenceService:
         """Serves until stop() is called, then drains and returns the exit status."""
         frames_filter = topics.all_frames(self._device)
         self.link.subscribe(frames_filter, self._on_frame, qos=1)
+        self.link.subscribe(topics.model_switch(self._device), self._on_switch, qos=1)
         self.link.start()
         for thread in self._threads:
             thread.start()
-        if self.session.provider.fallback:
+        self.swapper.start()
+        if self.model.session.provider.fallback:
             self._report(ErrorReason.PROVIDER_FALLBACK, self._fallback_text())
         log.info(
             "serving",
             extra=fields(
-                model=self.manifest.name, version=self.manifest.version,
-                provider=self.session.provider.active, workers=len(self._threads),
+                model=self.model.manifest.name, version=self.model.manifest.version,
+                provider=self.model.session.provider.active, workers=len(self._threads),
             ),
         )
         while not self._stopping.wait(self.settings.status_interval_s):
@@ -111,6 +128,7 @@ class InferenceService:
 
         if not self.link.unsubscribe(frames_filter):
             log.warning("no UNSUBACK from the broker: frames it sent meanwhile count as dropped")
+        self.swapper.stop()  # a switch in progress completes; none starts after
         log.info("draining", extra=fields(queued=len(self.backlog)))
         self.backlog.close()  # the workers answer what is left, then stop
         for thread in self._threads:
@@ -138,6 +156,18 @@ class InferenceService:
         except Closed:  # arrived while shutting down, after intake stopped
             self.dropped.add()
 
+    def _on_switch(self, message: paho.MQTTMessage) -> None:
+        try:
+            switch = decode(ModelSwitch, message.payload, content_type_of(message))
+        except DecodeError as exc:
+            self._report(ErrorReason.MALFORMED_COMMAND, f"model switch request: {exc}")
+            return
+        self.swapper.request(switch)
+
+    def _reply_switched(self, result: ModelSwitched) -> None:
+        self.link.publish(topics.model_switched(self._device), encode(result), qos=1,
+                          content_type=WireFormat.JSON.content_type)
+
     # -- decode → preprocess → batch → infer → publish (each worker thread) -------------------------
 
     def _work(self) -> None:
@@ -151,17 +181,18 @@ class InferenceService:
                 log.exception("batch abandoned", extra=fields(frames=[f.frame_id for f in frames]))
 
     def _answer(self, frames: list[Frame]) -> None:
-        crop = self.manifest.preprocessing.crop
+        model = self.model  # this batch's model from start to end, whatever a swap does meanwhile
+        crop = model.manifest.preprocessing.crop
         batch = np.empty((len(frames), 3, crop, crop), dtype=np.float32)
         ready: list[Prepared] = []
         for frame in frames:
-            if (preprocess_s := self._prepare(frame, batch[len(ready)])) is not None:
+            if (preprocess_s := self._prepare(model, frame, batch[len(ready)])) is not None:
                 ready.append(Prepared(frame, preprocess_s))
         if not ready:
             return
         started = time.monotonic()
         try:
-            logits = self.session.run(batch[: len(ready)])
+            logits = model.session.run(batch[: len(ready)])
         except Exception as exc:  # e.g. an execution provider failing: every frame hears why
             log.exception("inference failed")
             for item in ready:
@@ -171,14 +202,14 @@ class InferenceService:
         self.batches.add()
         indices, scores = top_k(logits, self.settings.top_k)
         for i, item in enumerate(ready):
-            self._publish_prediction(item, indices[i], scores[i], started, inference_s, len(ready))
+            self._publish_prediction(model, item, indices[i], scores[i], started, inference_s, len(ready))
 
-    def _prepare(self, frame: Frame, slot: np.ndarray) -> float | None:
+    def _prepare(self, model: ServedModel, frame: Frame, slot: np.ndarray) -> float | None:
         """Decodes and preprocesses into the batch slot; returns the seconds it took, or None after
         reporting a frame that cannot be used."""
         t0 = time.monotonic()
         try:
-            self.preprocess(decode_bgr(frame.data, self._decode_min_side), slot)
+            model.preprocess(decode_bgr(frame.data, model.decode_min_side), slot)
         except UndecodableFrame as exc:
             self._reject(frame.camera, ErrorReason.UNDECODABLE, str(exc), frame.frame_id)
             return None
@@ -189,10 +220,10 @@ class InferenceService:
         return time.monotonic() - t0
 
     def _publish_prediction(
-        self, item: Prepared, indices: np.ndarray, scores: np.ndarray,
+        self, model: ServedModel, item: Prepared, indices: np.ndarray, scores: np.ndarray,
         started: float, inference_s: float, batch_size: int,
     ) -> None:
-        frame, labels = item.frame, self.manifest.labels
+        frame, labels = item.frame, model.manifest.labels
         now = time.monotonic()
         prediction = Prediction(
             device=self._device,
@@ -200,8 +231,8 @@ class InferenceService:
             frame_id=frame.frame_id,
             captured_at=frame.captured_at,
             top=[ClassScore(index=int(c), label=labels[c], score=round(float(p), 5)) for c, p in zip(indices, scores)],
-            model=self._model,
-            provider=self.session.provider.active,
+            model=model.ref,
+            provider=model.session.provider.active,
             timings=Timings(
                 queued_ms=_ms(started - frame.received - item.preprocess_s),
                 preprocess_ms=_ms(item.preprocess_s),
@@ -236,7 +267,7 @@ class InferenceService:
         self.link.publish(topics.errors(self._device), encode(report, fmt), qos=self.settings.prediction_qos, content_type=fmt.content_type)
 
     def _fallback_text(self) -> str:
-        p = self.session.provider
+        p = self.model.session.provider
         return f"requested {p.requested[0]} but running on {p.active} (available: {', '.join(p.available)})"
 
     def stats(self) -> InferenceStats:
@@ -257,8 +288,8 @@ class InferenceService:
             at=time.time(),
             edgefleet_version=VERSION,
             reason=reason,
-            model=self._model,
-            provider=self.session.provider,
+            model=self.model.ref,
+            provider=self.model.session.provider,
             inference=self.stats() if with_stats else None,
         )
 

@@ -1,0 +1,92 @@
+"""Hot swap: the model being served, and the thread that replaces it on request.
+
+A new model is loaded and warmed beside the old one (the old keeps serving meanwhile), then swapped in
+by one reference assignment. Each worker takes the reference once per batch, so a batch is decoded,
+run and labelled by one model from start to end, and its predictions name that model. The old model's
+session is freed when the last batch holding it finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from services.inference.preprocess import Preprocessor
+from services.inference.session import ModelSession
+from shared.logs import fields
+from shared.manifest import ModelError, ModelManifest, load_verified
+from shared.schemas import ModelRef, ModelSwitch, ModelSwitched
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    manifest: ModelManifest
+    session: ModelSession
+    ref: ModelRef  # named in every prediction: built once
+    preprocess: Preprocessor
+    decode_min_side: int  # 0: decode every pixel
+
+
+def load(model_dir: Path, providers: list[str], strict: bool, threads: int, scaled_decode: bool,
+         expected_sha256: str | None = None) -> ServedModel:
+    manifest, path = load_verified(model_dir)
+    if expected_sha256 is not None and manifest.sha256 != expected_sha256:
+        raise ModelError(f"{model_dir} holds {manifest.sha256[:16]}…, the switch asked for {expected_sha256[:16]}…")
+    session = ModelSession.open(manifest, path, providers, strict=strict, intra_op_threads=threads)
+    return ServedModel(
+        manifest=manifest, session=session, ref=manifest.ref(), preprocess=Preprocessor(manifest.preprocessing),
+        decode_min_side=manifest.preprocessing.resize_shorter if scaled_decode else 0,
+    )
+
+
+def warm(model: ServedModel) -> None:
+    """One run at batch 1, so the first real batch does not pay for ONNX Runtime's lazy set-up."""
+    crop = model.manifest.preprocessing.crop
+    model.session.run(np.zeros((1, 3, crop, crop), dtype=np.float32))
+
+
+class Swapper:
+    """Owns the swap thread: takes switch requests, loads and warms off the frame path, installs."""
+
+    def __init__(self, loader: Callable[[ModelSwitch], ServedModel], install: Callable[[ServedModel], None],
+                 serving: Callable[[], ModelRef], reply: Callable[[ModelSwitched], None]) -> None:
+        self._loader, self._install, self._serving, self._reply = loader, install, serving, reply
+        self._requests: queue.Queue[ModelSwitch | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="swapper")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request(self, switch: ModelSwitch) -> None:
+        self._requests.put(switch)
+
+    def stop(self) -> None:
+        self._requests.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (switch := self._requests.get()) is not None:
+            started = time.monotonic()
+            try:
+                model = self._loader(switch)
+                warm(model)
+            except Exception as exc:  # a bad model must never stop the service: the old one keeps serving
+                log.warning("model switch refused", extra=fields(request=switch.request_id, error=str(exc)))
+                self._reply(ModelSwitched(request_id=switch.request_id, ok=False, serving=self._serving(),
+                                          error=str(exc), at=time.time()))
+                continue
+            self._install(model)
+            serving = model.ref
+            load_ms = round((time.monotonic() - started) * 1000, 1)
+            log.info("model switched", extra=fields(request=switch.request_id, model=serving.name,
+                                                    version=serving.version, load_ms=load_ms))
+            self._reply(ModelSwitched(request_id=switch.request_id, ok=True, serving=serving, load_ms=load_ms, at=time.time()))

@@ -1,0 +1,25 @@
+"""Whether a rollout is for this device. Deterministic: a hash of rollout id and device id, so the same
+canary share picks the same devices on every device, on every retry and after every restart, without
+any device knowing the others."""
+
+from __future__ import annotations
+
+import hashlib
+
+from shared.schemas import Rollout, RolloutPhase
+
+
+def position(rollout_id: str, device_id: str) -> float:
+    """This device's place in [0, 1) for this rollout."""
+    digest = hashlib.sha256(f"{rollout_id}\0{device_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def is_member(rollout: Rollout, device_id: str, groups: list[str]) -> bool:
+    target = rollout.target
+    if target.devices and device_id not in target.devices:
+        return False
+    if target.groups and not set(target.groups) & set(groups):
+        return False
+    share = 1.0 if rollout.phase is RolloutPhase.PROMOTED else target.share
+    return position(rollout.rollout_id, device_id) < share

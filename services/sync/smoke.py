@@ -1,0 +1,38 @@
+"""The smoke test a model passes before inference is asked to serve it: it loads, runs on a reference
+input, and its output has the shape and the label count its manifest promises."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from shared.manifest import load_verified
+
+
+class SmokeFailed(RuntimeError):
+    pass
+
+
+def reference_input(crop: int, mean: list[float], std: list[float]) -> np.ndarray:
+    """A smooth colour gradient, preprocessed like a frame: deterministic and free of any file."""
+    ramp = np.linspace(0, 255, crop, dtype=np.float32)
+    image = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (crop, 1)), np.tile(ramp[:, None], (1, crop))])
+    return ((image - np.array(mean, np.float32)[:, None, None]) / np.array(std, np.float32)[:, None, None])[None]
+
+
+def smoke_test(model_dir: Path) -> None:
+    try:
+        manifest, path = load_verified(model_dir)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        p = manifest.preprocessing
+        outputs = session.run(None, {manifest.input.name: reference_input(p.crop, p.mean, p.std)})
+    # ONNX Runtime's errors (Fail, InvalidGraph, InvalidProtobuf, ...) derive from Exception alone.
+    except Exception as exc:
+        raise SmokeFailed(f"the model does not load or run: {exc}") from None
+    logits = outputs[0]
+    if logits.shape != (1, len(manifest.labels)):
+        raise SmokeFailed(f"output shape {logits.shape}, the manifest promises (1, {len(manifest.labels)}) for its labels")
+    if not np.isfinite(logits).all():
+        raise SmokeFailed("the model's output on the reference input is not finite")

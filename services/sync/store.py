@@ -1,0 +1,231 @@
+"""The device's model store on disk, and the only code that changes it.
+
+    <store>/versions/<name>/<version>/   model.onnx, manifest.json, manifest.sig: installed, verified
+    <store>/fallback/                    the seed model: never removed, the last resort
+    <store>/staging/                     downloads in progress (<name>-<version>-<sha>.part), resumable
+    <store>/current -> versions/...      the model inference serves (a symlink, swapped atomically)
+    <store>/state.json                   the previous model, and models a canary rejected
+
+Every change is write-to-temporary, fsync, rename, fsync the folder: a power cut leaves either the old
+state or the new one, never a half-written model where inference could load it. repair() runs at
+start and mends what a crash left.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.logs import fields
+from shared.manifest import MANIFEST_FILE, MODEL_FILE, ModelError, ModelManifest, load_verified
+from shared.registry import SIGNATURE_OBJECT
+
+log = logging.getLogger(__name__)
+
+CURRENT, FALLBACK, VERSIONS, STAGING, QUARANTINE, STATE = "current", "fallback", "versions", "staging", "quarantine", "state.json"
+_TMP = ".tmp"
+
+
+@dataclass
+class StoreState:
+    previous: str | None = None  # relative path of the model served before the current one
+    rejected: list[str] = field(default_factory=list)  # SHA-256 of models a canary rolled back
+
+
+class ModelStore:
+    def __init__(self, root: Path, keep_versions: int) -> None:
+        self.root = root
+        self.keep_versions = keep_versions
+        for folder in (VERSIONS, STAGING):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    @property
+    def current_link(self) -> Path:
+        return self.root / CURRENT
+
+    def current(self) -> tuple[Path, ModelManifest]:
+        """The folder inference serves and its verified manifest."""
+        target = self.root / os.readlink(self.current_link)
+        return target, load_verified(target)[0]
+
+    def version_dir(self, name: str, version: int) -> Path:
+        return self.root / VERSIONS / name / str(version)
+
+    def part_file(self, name: str, version: int, sha256: str) -> Path:
+        return self.root / STAGING / f"{name}-{version}-{sha256[:16]}.part"
+
+    def state(self) -> StoreState:
+        try:
+            return StoreState(**json.loads((self.root / STATE).read_text()))
+        except (FileNotFoundError, ValueError, TypeError):
+            return StoreState()
+
+    def save_state(self, state: StoreState) -> None:
+        self._write_atomic(self.root / STATE, json.dumps(state.__dict__).encode())
+
+    # -- start-up ----------------------------------------------------------------------------------
+
+    def seed(self, seed_dir: Path) -> None:
+        """Copies the seed model in as the fallback, once."""
+        fallback = self.root / FALLBACK
+        try:
+            load_verified(fallback)
+            return
+        except ModelError:
+            pass
+        load_verified(seed_dir)  # refuse to seed from a broken model
+        staging = self.root / (FALLBACK + _TMP)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        for name in (MODEL_FILE, MANIFEST_FILE):
+            shutil.copyfile(seed_dir / name, staging / name)
+            _fsync(staging / name)
+        shutil.rmtree(fallback, ignore_errors=True)
+        os.replace(staging, fallback)
+        _fsync_dir(self.root)
+        log.info("fallback model seeded", extra=fields(source=str(seed_dir)))
+
+    def repair(self) -> list[str]:
+        """Mends what a crash left; returns what it did, in words (empty: nothing to mend)."""
+        notes = []
+        for leftover in [*self.root.glob(f"*{_TMP}"), *(self.root / VERSIONS).glob(f"*/*{_TMP}")]:
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+            notes.append(f"removed the half-written {leftover.relative_to(self.root)}")
+        for folder in self._installed():
+            try:
+                load_verified(folder)
+            except ModelError as exc:
+                self.quarantine(folder)
+                notes.append(f"quarantined {folder.relative_to(self.root)}: {exc}")
+        if not self.current_link.is_symlink():  # a new store, not a damaged one
+            self.activate(self.last_good(), remember_previous=False)
+        try:
+            self.current()
+        except (OSError, ModelError) as exc:
+            good = self.last_good()
+            self.activate(good, remember_previous=False)
+            notes.append(f"the active model was unusable ({exc}); now serving {good.relative_to(self.root)}")
+        for note in notes:
+            log.warning("store repaired", extra=fields(action=note))
+        return notes
+
+    def last_good(self) -> Path:
+        """The newest installed version that verifies, else the fallback."""
+        for folder in sorted(self._installed(), key=lambda p: p.stat().st_mtime, reverse=True):
+            try:
+                load_verified(folder)
+                return folder
+            except ModelError:
+                continue
+        load_verified(self.root / FALLBACK)
+        return self.root / FALLBACK
+
+    # -- changing ----------------------------------------------------------------------------------
+
+    def install(self, part: Path, manifest_bytes: bytes, signature: bytes, manifest: ModelManifest) -> Path:
+        """Moves a verified download into versions/<name>/<version>/ in one rename."""
+        final = self.version_dir(manifest.name, manifest.version)
+        staging = final.with_name(final.name + _TMP)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        _fsync(part)
+        os.replace(part, staging / MODEL_FILE)
+        self._write_atomic(staging / MANIFEST_FILE, manifest_bytes)
+        self._write_atomic(staging / SIGNATURE_OBJECT, signature)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        _fsync_dir(final.parent)
+        load_verified(final)
+        return final
+
+    def activate(self, folder: Path, remember_previous: bool = True) -> None:
+        """Points `current` at folder in one atomic rename of a symlink."""
+        state = self.state()
+        if remember_previous:
+            try:
+                state.previous = str(self.current()[0].relative_to(self.root))
+            except (OSError, ModelError):
+                pass
+        link = self.root / (CURRENT + _TMP)
+        link.unlink(missing_ok=True)
+        link.symlink_to(folder.relative_to(self.root))
+        os.replace(link, self.current_link)
+        _fsync_dir(self.root)
+        self.save_state(state)
+
+    def previous(self) -> Path:
+        """The model to go back to: the one served before, if it still verifies, else the last good one."""
+        recorded = self.state().previous
+        if recorded:
+            try:
+                load_verified(self.root / recorded)
+                return self.root / recorded
+            except ModelError:
+                pass
+        return self.last_good()
+
+    def reject(self, sha256: str) -> None:
+        state = self.state()
+        if sha256 not in state.rejected:
+            state.rejected.append(sha256)
+            self.save_state(state)
+
+    def prune(self) -> list[Path]:
+        """Removes installed versions beyond the newest keep_versions, never the current or previous one."""
+        keep = set()
+        try:
+            keep.add(self.current()[0].resolve())
+        except (OSError, ModelError):
+            pass
+        if self.state().previous:
+            keep.add((self.root / self.state().previous).resolve())
+        installed = sorted(self._installed(), key=lambda p: p.stat().st_mtime, reverse=True)
+        removed = [p for p in installed[self.keep_versions :] if p.resolve() not in keep]
+        for folder in removed:
+            shutil.rmtree(folder)
+        return removed
+
+    def discard_parts(self, keep: Path | None = None) -> None:
+        for part in (self.root / STAGING).glob("*.part"):
+            if part != keep:
+                part.unlink(missing_ok=True)
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _installed(self) -> list[Path]:
+        return [p for p in (self.root / VERSIONS).glob("*/*") if p.is_dir() and not p.name.endswith(_TMP)]
+
+    def quarantine(self, folder: Path) -> None:
+        target = self.root / QUARANTINE / f"{folder.parent.name}-{folder.name}-{int(time.time())}"
+        target.parent.mkdir(exist_ok=True)
+        os.replace(folder, target)
+
+    def _write_atomic(self, path: Path, data: bytes) -> None:
+        staging = path.with_name(path.name + _TMP)
+        with staging.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(staging, path)
+        _fsync_dir(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -358,6 +358,19 @@ def bench_compression(
     raise typer.Exit(compression.run(quick=quick, json_out=json_out, model_dir=model_dir, threads=threads))
 
 
+@bench_app.command("swap")
+def bench_swap(
+    quick: Annotated[bool, typer.Option(help="A shorter stream; about half a minute.")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here.")] = None,
+    model_dir: Annotated[Path, typer.Option(help="The model swapped in and out (with a rebuilt copy of itself).")] = DEFAULT_MODEL_DIR,
+    rate: Annotated[float, typer.Option(min=1, help="Frames per second offered throughout.")] = 100.0,
+) -> None:
+    """Frames through inference while 20 hot swaps happen, against the same stream without: drops, gaps, memory."""
+    from edgefleet.bench import swap
+
+    raise typer.Exit(swap.run(quick, json_out, model_dir, rate))
+
+
 @bench_app.command("ep")
 def bench_ep(
     quick: Annotated[bool, typer.Option(help="Fewer runs per provider.")] = False,

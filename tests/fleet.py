@@ -8,14 +8,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import onnx
-
 from edgefleet.broker import Broker
-from edgefleet.models.store import install
+from edgefleet.models.store import resave
 from edgefleet.registry import publish
 from edgefleet.s3server import S3Server
 from shared import registry, s3
-from shared.manifest import ModelManifest, load_verified
+from shared.manifest import ModelManifest
 from shared.schemas import Rollout, RolloutPhase, RolloutTarget
 from tests.support import Device, ServiceProcess, wait_until
 
@@ -23,18 +21,7 @@ BUCKET = "edgefleet-models"
 
 
 def model_variant(source: Path, out: Path, note: str, **changes) -> Path:
-    """The source model re-saved with a note in its metadata (so a new artifact with a new SHA-256,
-    computing exactly the same) and manifest fields changed, e.g. version or shuffled labels."""
-    manifest, path = load_verified(source)
-    model = onnx.load(str(path))
-    model.doc_string = note
-    out.mkdir(parents=True, exist_ok=True)
-    staged = out / "staged.onnx"
-    onnx.save(model, str(staged))
-    from shared.manifest import sha256_of
-
-    fields = {**manifest.model_dump(), "sha256": sha256_of(staged), "size_bytes": staged.stat().st_size, **changes}
-    install(staged, ModelManifest(**fields), out)
+    resave(source, out, note, **changes)
     return out
 
 

@@ -13,33 +13,22 @@ inference time) at half load ≤ 3 ms.
 
 from __future__ import annotations
 
-import itertools
 import os
-from concurrent.futures import ThreadPoolExecutor
-import subprocess
-import sys
-import tempfile
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from edgefleet import photos
+from edgefleet.bench.harness import serving
 from edgefleet.bench.report import Goal, emit
 from edgefleet.broker import Broker
 from services.inference.decode import decode_bgr
 from services.inference.preprocess import Preprocessor
-from shared import topics
-from shared.codec import WireFormat, decode, encode
-from shared.config import CommonSettings
 from shared.manifest import load_verified
-from shared.mqtt import MqttLink, content_type_of
-from shared.schemas import Encoding, FrameEnvelope, Prediction, ServiceState, ServiceStatus
 
-DEVICE = "bench"
-CAMERAS = ("cam-1", "cam-2", "cam-3", "cam-4")
 BATCHES = (1, 2, 4, 8, 16)
 
 
@@ -108,107 +97,39 @@ def _raw_onnxruntime(model_path: Path, input_name: str, tensors: np.ndarray, sec
     return rows, best, best_batch
 
 
-class _Harness:
-    """The bench's camera and predictions subscriber, on one MQTT link."""
-
-    def __init__(self, url: str) -> None:
-        self.link = MqttLink(CommonSettings(mqtt_url=url, device_id=DEVICE), "bench", unique=True)
-        self.frames = itertools.cycle([(n, photos.jpeg(n)) for n in photos.BUNDLED])
-        self.ids = itertools.count()
-        self.sent: dict[str, float] = {}
-        self.results: list[tuple[float, float, float]] = []  # (received_at, e2e_s, inference_ms)
-        self.online = threading.Event()
-        self.refill = False
-        self.lock = threading.Lock()
-        self.link.subscribe(topics.all_predictions(DEVICE), self._on_prediction)
-        self.link.subscribe(topics.status(DEVICE, "inference"), self._on_status)
-
-    def send(self) -> None:
-        n = next(self.ids)
-        frame_id = f"f{n}"
-        _, data = next(self.frames)
-        payload = encode(FrameEnvelope(frame_id=frame_id, encoding=Encoding.JPEG, data=data, captured_at=time.time()), WireFormat.MSGPACK)
-        with self.lock:
-            self.sent[frame_id] = time.perf_counter()
-        self.link.publish(topics.frames(DEVICE, CAMERAS[n % len(CAMERAS)]), payload, qos=0)
-
-    def _on_prediction(self, message) -> None:
-        now = time.perf_counter()
-        prediction = decode(Prediction, message.payload, content_type_of(message))
-        with self.lock:
-            sent = self.sent.pop(prediction.frame_id, None)
-        if sent is not None:
-            self.results.append((now, now - sent, prediction.timings.inference_ms))
-        if self.refill:  # closed loop: every answer lets the next frame in
-            self.send()
-
-    def _on_status(self, message) -> None:
-        if decode(ServiceStatus, message.payload, content_type_of(message)).state is ServiceState.ONLINE:
-            self.online.set()
-
-    def window(self, start: float, end: float) -> list[tuple[float, float, float]]:
-        return [r for r in self.results if start <= r[0] < end]
-
-
 def _end_to_end(model_dir: Path, seconds: float, max_batch: int) -> tuple[dict, dict]:
-    with Broker() as broker, tempfile.TemporaryDirectory() as tmp:
-        env = {
-            **os.environ,
-            "EDGEFLEET_MQTT_URL": broker.url,
-            "EDGEFLEET_DEVICE_ID": DEVICE,
-            "EDGEFLEET_MODEL_DIR": str(model_dir),
-            "EDGEFLEET_MAX_BATCH": str(max_batch),
-            "EDGEFLEET_QUEUE_SIZE": "256",
-            "EDGEFLEET_LOG_LEVEL": "WARNING",
+    with Broker() as broker, serving(broker, model_dir, EDGEFLEET_MAX_BATCH=str(max_batch)) as (harness, _):
+        # Saturation: a closed loop keeps 4 × max_batch frames in flight (at least 16), so no
+        # worker is ever idle and the service never drops.
+        harness.refill = True
+        for _ in range(max(16, 4 * max_batch)):
+            harness.send()
+        time.sleep(1.0)  # warm-up
+        t0 = time.perf_counter()
+        time.sleep(seconds)
+        t1 = time.perf_counter()
+        harness.refill = False
+        done = harness.window(t0, t1)
+        sat_rate = len(done) / (t1 - t0)
+        time.sleep(1.0)  # let the loop drain
+        saturated = {
+            "run": f"e2e saturated, batch≤{max_batch}",
+            "img/s": round(sat_rate, 1),
+            "p50_ms": round(float(np.percentile([r[1] for r in done], 50)) * 1000, 2),
         }
-        log = open(Path(tmp) / "inference.log", "wb")
-        service = subprocess.Popen([sys.executable, "-m", "edgefleet", "inference"], env=env, stdout=log, stderr=log)
-        harness = _Harness(broker.url)
-        try:
-            harness.link.start()
-            if not harness.online.wait(60):
-                raise RuntimeError(f"inference did not come online; see {log.name}")
-            # Saturation: a closed loop keeps 4 × max_batch frames in flight (at least 16), so no
-            # worker is ever idle and the service never drops.
-            harness.refill = True
-            for _ in range(max(16, 4 * max_batch)):
-                harness.send()
-            time.sleep(1.0)  # warm-up
-            t0 = time.perf_counter()
-            time.sleep(seconds)
-            t1 = time.perf_counter()
-            harness.refill = False
-            done = harness.window(t0, t1)
-            sat_rate = len(done) / (t1 - t0)
-            time.sleep(1.0)  # let the loop drain
-            saturated = {
-                "run": f"e2e saturated, batch≤{max_batch}",
-                "img/s": round(sat_rate, 1),
-                "p50_ms": round(float(np.percentile([r[1] for r in done], 50)) * 1000, 2),
-            }
-            # Half load: an open loop at half the saturated rate, frames spread evenly.
-            period = 2.0 / sat_rate
-            t0 = time.perf_counter()
-            next_send = t0
-            while (now := time.perf_counter()) < t0 + seconds:
-                if now >= next_send:
-                    harness.send()
-                    next_send += period
-                time.sleep(max(0.0, min(next_send - time.perf_counter(), 0.002)))
-            time.sleep(1.0)
-            done = harness.window(t0, t0 + seconds + 1.0)
-            e2e = np.array([r[1] * 1000 for r in done])
-            added = e2e - np.array([r[2] for r in done])
-            half = {
-                "run": "e2e half load",
-                "img/s": round(len(done) / seconds, 1),
-                "p50_ms": round(float(np.percentile(e2e, 50)), 2),
-                "p95_ms": round(float(np.percentile(e2e, 95)), 2),
-                "added_p50": round(float(np.percentile(added, 50)), 3),
-                "added_p95": round(float(np.percentile(added, 95)), 3),
-            }
-            return saturated, half
-        finally:
-            harness.link.stop()
-            service.terminate()
-            service.wait(30)
+        # Half load: an open loop at half the saturated rate, frames spread evenly.
+        t0 = time.perf_counter()
+        harness.paced(sat_rate / 2, seconds)
+        time.sleep(1.0)
+        done = harness.window(t0, t0 + seconds + 1.0)
+        e2e = np.array([r[1] * 1000 for r in done])
+        added = e2e - np.array([r[2] for r in done])
+        half = {
+            "run": "e2e half load",
+            "img/s": round(len(done) / seconds, 1),
+            "p50_ms": round(float(np.percentile(e2e, 50)), 2),
+            "p95_ms": round(float(np.percentile(e2e, 95)), 2),
+            "added_p50": round(float(np.percentile(added, 50)), 3),
+            "added_p95": round(float(np.percentile(added, 95)), 3),
+        }
+        return saturated, half

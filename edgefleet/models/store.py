@@ -24,3 +24,21 @@ def _replace(staged: Path, final: Path) -> None:
     with staged.open("rb") as f:
         os.fsync(f.fileno())
     os.replace(staged, final)
+
+
+def resave(source: Path, out: Path, note: str, **changes) -> ModelManifest:
+    """The source model saved again with `note` as its ONNX doc string: a new artifact (new SHA-256)
+    that computes exactly the same, with manifest fields changed (version, name, labels, ...). What a
+    rebuild of the same network gives; the delivery tests and the swap benchmark use it."""
+    import onnx
+
+    from shared.manifest import sha256_of
+
+    manifest, path = load_verified(source)
+    model = onnx.load(str(path))
+    model.doc_string = note
+    out.mkdir(parents=True, exist_ok=True)
+    staged = out / "staged.onnx"
+    onnx.save(model, str(staged))
+    fields = {**manifest.model_dump(), "sha256": sha256_of(staged), "size_bytes": staged.stat().st_size, **changes}
+    return install(staged, ModelManifest(**fields), out)

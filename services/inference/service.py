@@ -96,12 +96,14 @@ class InferenceService:
         s = self.settings
         return swap.load(model_dir, s.providers, s.provider_policy == "strict", self._threads_per_run, s.scaled_decode, expected_sha256)
 
-    def _install(self, model: ServedModel) -> None:
-        self.model = model  # one reference assignment: workers pick it up at their next batch
+    def _install(self, model: ServedModel) -> ServedModel:
+        """Serves `model` from the next batch on; returns the model it replaces."""
+        old, self.model = self.model, model  # one reference assignment: workers pick it up at their next batch
         self.switches.add()
         if model.session.provider.fallback:
             self._report(ErrorReason.PROVIDER_FALLBACK, self._fallback_text())
         self._publish_status()
+        return old
 
     # -- lifecycle ---------------------------------------------------------------------------------
 

@@ -4,14 +4,22 @@ A new model is loaded and warmed beside the old one (the old keeps serving meanw
 by one reference assignment. Each worker takes the reference once per batch, so a batch is decoded,
 run and labelled by one model from start to end, and its predictions name that model. The old model's
 session is freed when the last batch holding it finishes.
+
+Freed is not returned: glibc keeps the heap pages an ONNX Runtime session released, and resident
+memory grew by a third over 20 swaps (216 -> 298 MB, `edgefleet bench swap`). Once the old model is
+really gone, malloc_trim hands those pages back (measured in isolation: +79 % over 20 session
+replacements without it, +2 % with it).
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,10 +62,30 @@ def warm(model: ServedModel) -> None:
     model.session.run(np.zeros((1, 3, crop, crop), dtype=np.float32))
 
 
+def _release_when_gone(old: weakref.ref, timeout_s: float = 10.0) -> None:
+    """Waits for the last batch holding the old model to finish, then returns freed memory to the OS."""
+    deadline = time.monotonic() + timeout_s
+    while old() is not None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.01)
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _find_malloc_trim():
+    try:  # glibc only; musl and macOS have no malloc_trim and need none of this
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _find_malloc_trim()
+
+
 class Swapper:
     """Owns the swap thread: takes switch requests, loads and warms off the frame path, installs."""
 
-    def __init__(self, loader: Callable[[ModelSwitch], ServedModel], install: Callable[[ServedModel], None],
+    def __init__(self, loader: Callable[[ModelSwitch], ServedModel], install: Callable[[ServedModel], ServedModel],
                  serving: Callable[[], ModelRef], reply: Callable[[ModelSwitched], None]) -> None:
         self._loader, self._install, self._serving, self._reply = loader, install, serving, reply
         self._requests: queue.Queue[ModelSwitch | None] = queue.Queue()
@@ -84,9 +112,11 @@ class Swapper:
                 self._reply(ModelSwitched(request_id=switch.request_id, ok=False, serving=self._serving(),
                                           error=str(exc), at=time.time()))
                 continue
-            self._install(model)
+            old = weakref.ref(self._install(model))
             serving = model.ref
+            del model
             load_ms = round((time.monotonic() - started) * 1000, 1)
             log.info("model switched", extra=fields(request=switch.request_id, model=serving.name,
                                                     version=serving.version, load_ms=load_ms))
             self._reply(ModelSwitched(request_id=switch.request_id, ok=True, serving=serving, load_ms=load_ms, at=time.time()))
+            _release_when_gone(old)

@@ -1,0 +1,67 @@
+"""The device's model store on a real file system: atomic installs, repair after a crash, fallback."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from edgefleet.models.store import resave
+from services.sync.store import ModelStore
+from shared.manifest import MANIFEST_FILE, MODEL_FILE, load_verified
+
+
+@pytest.fixture
+def store(tmp_path, model_dir):
+    s = ModelStore(tmp_path / "store", keep_versions=2)
+    s.seed(model_dir)
+    s.repair()
+    return s
+
+
+def _install(store, model_dir, tmp_path, version):
+    source = tmp_path / f"src-{version}"
+    manifest = resave(model_dir, source, f"build {version}", version=version)
+    part = store.part_file(manifest.name, version, manifest.sha256)
+    part.write_bytes((source / MODEL_FILE).read_bytes())
+    return store.install(part, (source / MANIFEST_FILE).read_bytes(), b"{}", manifest)
+
+
+def test_a_new_store_serves_its_fallback(store):
+    folder, manifest = store.current()
+    assert folder.name == "fallback" and manifest.version == 1
+
+
+def test_install_and_activate_remember_the_previous_model(store, model_dir, tmp_path):
+    folder = _install(store, model_dir, tmp_path, 2)
+    store.activate(folder)
+    assert store.current()[1].version == 2 and store.previous().name == "fallback"
+
+
+def test_repair_removes_half_written_files_and_replaces_a_corrupt_active_model(store, model_dir, tmp_path):
+    good = _install(store, model_dir, tmp_path, 2)
+    bad = _install(store, model_dir, tmp_path, 3)
+    os.utime(good, (1, 1))  # v3 is the newest, v2 the last good one after v3 is damaged
+    store.activate(bad)
+    (bad / MODEL_FILE).write_bytes(b"\0" * 100)  # a power cut mid-write, or a bad flash block
+    half = store.root / "versions" / "efficientnet-lite0" / "4.tmp"
+    half.mkdir()
+    (half / MODEL_FILE).write_bytes(b"partial")
+    notes = store.repair()
+    assert any("half-written" in n for n in notes) and any("quarantined" in n for n in notes)
+    assert any("the active model was unusable" in n for n in notes)
+    assert store.current()[0] == good and not half.exists()
+    assert list((store.root / "quarantine").iterdir())  # kept for a post-mortem, not deleted
+
+
+def test_the_fallback_is_the_last_resort_and_is_never_pruned(store, model_dir, tmp_path):
+    for version in (2, 3, 4, 5):
+        store.activate(_install(store, model_dir, tmp_path, version))
+    removed = store.prune()
+    assert sorted(p.name for p in removed) == ["2", "3"]
+    assert load_verified(store.root / "fallback")[0].version == 1
+    assert store.current()[1].version == 5 and store.previous().name == "4"
+    for folder in (store.root / "versions" / "efficientnet-lite0").iterdir():
+        (folder / MODEL_FILE).write_bytes(b"x")
+    store.repair()
+    assert store.current()[0].name == "fallback"

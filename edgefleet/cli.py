@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from shared.config import (
+    DEFAULT_KEY_DIR,
     DEFAULT_MODEL_DIR,
     CameraSettings,
     CommonSettings,
@@ -261,9 +262,6 @@ def model_distill(
         f"{report.fit.frames} frames ({report.fit.labelled_frames} labelled), loss {report.fit.first_loss:.3f} -> "
         f"{report.fit.last_loss:.3f}; {_gate_line(manifest)} -> {target}", err=True,
     )
-
-
-DEFAULT_KEY_DIR = Path("var/keys")
 
 
 @keys_app.command("new")

@@ -1,5 +1,11 @@
-"""The main job, locally: a spawned Mosquitto (or a given broker), the inference service and a camera
-simulator as child processes, and live predictions in the terminal. Ctrl-C stops everything."""
+"""The main job, locally: a spawned Mosquitto (or a given broker), an S3-compatible store for the model
+registry, the sync and inference services and a camera simulator as child processes, and live
+predictions in the terminal. Ctrl-C stops everything.
+
+Sync starts first: it seeds the device's model store with the built model and points `current` at
+it; inference serves from `current`. A model published to the store and rolled out
+(`edgefleet model publish`, `edgefleet rollout start`, with the settings the title shows) arrives
+live: the table names the model of every prediction."""
 
 from __future__ import annotations
 
@@ -19,11 +25,13 @@ from rich.table import Table
 from rich.text import Text
 
 from edgefleet.broker import Broker
+from edgefleet.s3server import S3Server
 from shared import topics
 from shared.codec import DecodeError, decode
-from shared.config import CommonSettings
+from shared.config import DEFAULT_KEY_DIR, DEFAULT_MODEL_DIR, DEFAULT_STORE_DIR, CommonSettings
+from shared.registry import new_key_pair
 from shared.mqtt import MqttLink, content_type_of
-from shared.schemas import ErrorReport, Prediction, ServiceStatus
+from shared.schemas import ErrorReport, Prediction, ServiceStatus, SyncReport
 
 
 @dataclass
@@ -43,6 +51,7 @@ class LiveView:
         self.cameras: dict[str, CameraRow] = collections.defaultdict(CameraRow)
         self.statuses: dict[str, ServiceStatus] = {}
         self.errors: collections.deque[ErrorReport] = collections.deque(maxlen=3)
+        self.sync: SyncReport | None = None
         self.predictions = 0
 
     def on_prediction(self, message) -> None:
@@ -65,6 +74,11 @@ class LiveView:
             with self._lock:
                 self.statuses[status.service] = status
 
+    def on_sync(self, message) -> None:
+        if (report := _decoded(SyncReport, message)) is not None:
+            with self._lock:
+                self.sync = report
+
     def on_error(self, message) -> None:
         if (report := _decoded(ErrorReport, message)) is not None:
             with self._lock:
@@ -72,7 +86,7 @@ class LiveView:
 
     def render(self, title: str) -> Group:
         table = Table(title=title, expand=True)
-        for column in ("camera", "frame", "top label", "confidence", "2nd", "latency ms", "fps"):
+        for column in ("camera", "frame", "top label", "confidence", "2nd", "model", "latency ms", "fps"):
             table.add_column(column, justify="right" if column in ("confidence", "latency ms", "fps") else "left")
         with self._lock:
             for camera in sorted(self.cameras):
@@ -85,7 +99,7 @@ class LiveView:
                 second = f"{p.top[1].label} {p.top[1].score:.0%}" if len(p.top) > 1 else ""
                 table.add_row(
                     camera, p.frame_id, p.top[0].label, f"{p.top[0].score:.1%}", second,
-                    f"{p.timings.total_ms:.1f}", f"{fps:.1f}",
+                    f"v{p.model.version}", f"{p.timings.total_ms:.1f}", f"{fps:.1f}",
                 )
             footer = Text()
             inference = self.statuses.get("inference")
@@ -101,6 +115,10 @@ class LiveView:
                         f"\nreceived {stats.frames_received}  answered {stats.predictions_published}  "
                         f"dropped {stats.frames_dropped}  rejected {stats.frames_rejected}  queue {stats.queue_depth}"
                     )
+            if self.sync is not None:
+                r = self.sync
+                footer.append(f"\nsync {r.state.value}" + (f" {r.rollout_id}" if r.rollout_id else "")
+                              + (f": {r.reason}" if r.reason else ""), style="red" if r.state in ("failed", "rolled_back") else "")
             footer.append(f"\npredictions seen here {self.predictions}")
             for report in self.errors:
                 footer.append(f"\nerror {report.reason.value}: {report.detail[:100]}", style="yellow")
@@ -126,8 +144,16 @@ def run(
     console = Console()
     broker = None if mqtt_url else Broker().start()
     url = mqtt_url or broker.url
+    s3_server = S3Server().start()
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "EDGEFLEET_MQTT_URL": url, "EDGEFLEET_DEVICE_ID": device_id, "EDGEFLEET_LOG_FORMAT": "json"}
+    if not (DEFAULT_KEY_DIR / "operator.key").exists():
+        new_key_pair(DEFAULT_KEY_DIR)
+    store = DEFAULT_STORE_DIR / device_id
+    env = {
+        **os.environ, **s3_server.env(), "EDGEFLEET_MQTT_URL": url, "EDGEFLEET_DEVICE_ID": device_id,
+        "EDGEFLEET_LOG_FORMAT": "json", "EDGEFLEET_MODEL_STORE": str(store), "EDGEFLEET_TRUSTED_KEYS_DIR": str(DEFAULT_KEY_DIR),
+        "EDGEFLEET_SEED_MODEL_DIR": str(DEFAULT_MODEL_DIR), "EDGEFLEET_MODEL_DIR": str(store / "current"),
+    }
     command = [sys.executable, "-m", "edgefleet"]
     camera_ids = ",".join(f"cam-{i + 1}" for i in range(cameras))
     children: list[subprocess.Popen] = []
@@ -136,6 +162,7 @@ def run(
         signal.signal(sig, lambda *_: stop.set())
     try:
         for name, args in (
+            ("sync", ["sync"]),
             ("inference", ["inference"]),
             ("camera", ["camera", "--cameras", camera_ids, "--rate", str(rate_hz)]),
         ):
@@ -143,14 +170,21 @@ def run(
             children.append(
                 subprocess.Popen(command + args, env=env, stdout=log_file, stderr=log_file, start_new_session=True)
             )
+            if name == "sync":  # inference serves from the store that sync prepares
+                _wait_for(lambda: (store / "current").exists() or children[-1].poll() is not None, 60)
         view = LiveView(console)
         settings = CommonSettings(mqtt_url=url, device_id=device_id)
         link = MqttLink(settings, "console", unique=True)
         link.subscribe(topics.all_predictions(device_id), view.on_prediction, qos=0)
         link.subscribe(topics.all_status(device_id), view.on_status)
         link.subscribe(topics.errors(device_id), view.on_error)
+        link.subscribe(topics.sync_state(device_id), view.on_sync)
         link.start()
-        title = f"edgefleet · {device_id} · broker {url} · logs in {log_dir}/ · Ctrl-C stops"
+        title = (f"edgefleet · {device_id} · broker {url} · registry {s3_server.url} · logs in {log_dir}/ · Ctrl-C stops\n"
+                 f"roll out a model: EDGEFLEET_MQTT_URL={url} EDGEFLEET_S3_ENDPOINT_URL={s3_server.url} "
+                 f"EDGEFLEET_S3_ACCESS_KEY_ID={s3_server.env()['EDGEFLEET_S3_ACCESS_KEY_ID']} "
+                 f"EDGEFLEET_S3_SECRET_ACCESS_KEY={s3_server.env()['EDGEFLEET_S3_SECRET_ACCESS_KEY']} "
+                 "edgefleet model publish DIR && edgefleet rollout start NAME VERSION")
         started = time.monotonic()
         with Live(view.render(title), console=console, refresh_per_second=4) as live:
             while not stop.wait(0.25):
@@ -174,3 +208,10 @@ def run(
                 child.kill()
         if broker:
             broker.close()
+        s3_server.close()
+
+
+def _wait_for(check, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.1)

@@ -194,6 +194,7 @@ class StoreSettings(CommonSettings):
 
 
 DEFAULT_STORE_DIR = Path("var/store")
+DEFAULT_KEY_DIR = Path("var/keys")
 
 
 class SyncSettings(StoreSettings):
@@ -205,7 +206,7 @@ class SyncSettings(StoreSettings):
     seed_model_dir: Path = Field(
         DEFAULT_MODEL_DIR, description="The model copied into an empty store as its fallback, which is never removed."
     )
-    trusted_keys_dir: Path = Field(Path("var/keys"), description="Operator public keys (*.pub, PEM) this device trusts.")
+    trusted_keys_dir: Path = Field(DEFAULT_KEY_DIR, description="Operator public keys (*.pub, PEM) this device trusts.")
     groups: Annotated[list[str], NoDecode] = Field([], description="Groups this device belongs to, comma-separated.")
     keep_versions: int = Field(3, ge=1, le=100, description="Installed versions kept (the fallback comes on top).")
     download_chunk_bytes: int = Field(1 << 20, ge=4096, description="Bytes per ranged GET while downloading.")

@@ -14,8 +14,10 @@ from shared.config import (
     CommonSettings,
     ConfigError,
     InferenceSettings,
+    IngestSettings,
     StoreSettings,
     SyncSettings,
+    TelemetrySettings,
     describe_keys,
     load,
 )
@@ -57,6 +59,60 @@ def sync(config: ConfigFile = None) -> None:
     from services.sync.service import main
 
     raise typer.Exit(main(_settings(SyncSettings, config)))
+
+
+telemetry_app = typer.Typer(help="The telemetry service (with no sub-command), and the completeness audit.",
+                            invoke_without_command=True, epilog=describe_keys(TelemetrySettings))
+app.add_typer(telemetry_app, name="telemetry")
+
+
+@telemetry_app.callback()
+def telemetry(ctx: typer.Context, config: ConfigFile = None) -> None:
+    """Run the telemetry service: drift alerts, resources, hard examples, store-and-forward to the cloud."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from services.telemetry.service import main
+
+    raise typer.Exit(main(_settings(TelemetrySettings, config)))
+
+
+@telemetry_app.command("audit")
+def telemetry_audit(
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per device instead of a table.")] = False,
+    config: ConfigFile = None,
+) -> None:
+    """Per device: records in S3, the highest sequence number, what the device declared lost, what is missing."""
+    import json
+    from dataclasses import asdict
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgefleet.audit import audit
+    from shared import s3
+
+    settings = _settings(IngestSettings, config)
+    report = audit(s3.client(settings), settings.telemetry_bucket)
+    if json_out:
+        for device in sorted(report):
+            typer.echo(json.dumps({**asdict(report[device]), "missing_count": report[device].missing_count}))
+        return
+    table = Table(title=f"edgefleet telemetry audit · s3://{settings.telemetry_bucket}")
+    for column in ("device", "received", "highest seq", "declared lost", "missing (unexplained)", "duplicates"):
+        table.add_column(column)
+    for device, r in sorted(report.items()):
+        lost = ", ".join(f"{reason} {n}" for reason, n in r.declared_lost.items()) or "none"
+        missing = ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in r.missing[:5]) or "none"
+        table.add_row(device, str(r.received), str(r.highest_seq), lost, missing, str(r.duplicates))
+    Console().print(table)
+
+
+@app.command("cloud-ingest", epilog=describe_keys(IngestSettings))
+def cloud_ingest(config: ConfigFile = None) -> None:
+    """Run a cloud_ingest replica: telemetry batches from the cloud broker into S3. Configured by these keys:"""
+    from services.cloud_ingest.service import main
+
+    raise typer.Exit(main(_settings(IngestSettings, config)))
 
 
 @app.command(epilog=describe_keys(CameraSettings))
@@ -369,6 +425,17 @@ def bench_swap(
     raise typer.Exit(swap.run(quick, json_out, model_dir, rate))
 
 
+@bench_app.command("telemetry")
+def bench_telemetry(
+    quick: Annotated[bool, typer.Option(help="Smaller volumes; about a minute.")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here.")] = None,
+) -> None:
+    """Outbox writes against raw SQLite, backlog drain to S3, cloud_ingest with two replicas against one."""
+    from edgefleet.bench import telemetry
+
+    raise typer.Exit(telemetry.run(quick, json_out))
+
+
 @bench_app.command("ep")
 def bench_ep(
     quick: Annotated[bool, typer.Option(help="Fewer runs per provider.")] = False,
@@ -398,6 +465,7 @@ def rollout_start(
     group: Annotated[Optional[str], typer.Option(help="Only devices in these groups, comma-separated.")] = None,
     canary: Annotated[float, typer.Option(min=0.0001, max=100, help="Percent of the target that goes first (100: all).")] = 100.0,
     allow_downgrade: Annotated[bool, typer.Option(help="An explicit rollback to an older version.")] = False,
+    rollout_id: Annotated[Optional[str], typer.Option(help="Name the rollout (default: model, version and a random suffix).")] = None,
     mqtt_url: FleetUrl = None,
     config: ConfigFile = None,
 ) -> None:
@@ -408,7 +476,7 @@ def rollout_start(
     split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else []  # noqa: E731
     target = RolloutTarget(devices=split(devices), groups=split(group), share=canary / 100)
     try:
-        started = rollout.start(_fleet(config, mqtt_url), model, version, target, allow_downgrade)
+        started = rollout.start(_fleet(config, mqtt_url), model, version, target, allow_downgrade, rollout_id)
     except ConnectionError as exc:
         typer.echo(f"edgefleet rollout start: {exc}", err=True)
         raise typer.Exit(1) from None

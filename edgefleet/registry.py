@@ -9,6 +9,7 @@ from pathlib import Path
 from botocore.exceptions import ClientError
 
 from shared import VERSION, registry
+from shared.s3 import ensure_bucket
 from shared.manifest import ModelManifest, load_verified
 
 
@@ -23,15 +24,6 @@ class Published:
     sha256: str
     key_id: str
     prefix: str
-
-
-def ensure_bucket(s3, bucket: str) -> None:
-    try:
-        s3.head_bucket(Bucket=bucket)
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
-            raise
-        s3.create_bucket(Bucket=bucket)
 
 
 def versions(s3, bucket: str, name: str) -> list[int]:

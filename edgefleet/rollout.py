@@ -36,9 +36,10 @@ def publish(settings: CommonSettings, rollout: Rollout) -> None:
         link.stop()
 
 
-def start(settings: CommonSettings, model: str, version: int, target: RolloutTarget, allow_downgrade: bool = False) -> Rollout:
+def start(settings: CommonSettings, model: str, version: int, target: RolloutTarget, allow_downgrade: bool = False,
+          rollout_id: str | None = None) -> Rollout:
     rollout = Rollout(
-        rollout_id=f"{model}-v{version}-{uuid.uuid4().hex[:6]}", model=model, version=version,
+        rollout_id=rollout_id or f"{model}-v{version}-{uuid.uuid4().hex[:6]}", model=model, version=version,
         phase=RolloutPhase.CANARY if target.share < 1 else RolloutPhase.PROMOTED, target=target,
         allow_downgrade=allow_downgrade, issued_at=time.time(),
     )

@@ -233,6 +233,58 @@ class SyncSettings(StoreSettings):
         return [topics.check_id("group", g) for g in value]
 
 
+class TelemetrySettings(CommonSettings):
+    cloud_mqtt_url: str = Field("mqtt://127.0.0.1:1884", description="The cloud broker the outbox forwards to.")
+    cloud_mqtt_username: str | None = Field(None, description="User name on the cloud broker.")
+    cloud_mqtt_password: SecretStr | None = Field(None, description="Password on the cloud broker.")
+    outbox_path: Path = Field(Path("var/telemetry/outbox.db"), description="The durable outbox (SQLite).")
+    outbox_max_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024, description="The outbox's byte cap.")
+    outbox_full_policy: Literal["oldest", "newest"] = Field(
+        "oldest", description="When the outbox is full: drop the oldest records, or refuse the newest. Both are counted and sent as gaps."
+    )
+    ttl_metric_s: float = Field(7 * 86400, gt=0, description="How long a resource sample may wait for the link.")
+    ttl_hard_example_s: float = Field(3 * 86400, gt=0, description="How long a hard example may wait for the link.")
+    ttl_alert_s: float = Field(30 * 86400, gt=0, description="How long an alert may wait for the link.")
+    flush_interval_s: float = Field(0.2, gt=0, le=10, description="Records are committed to disk together at this interval.")
+    batch_max_records: int = Field(500, ge=1, description="Most records per batch to the cloud.")
+    batch_max_bytes: int = Field(256 * 1024, ge=1024, description="Most bytes per batch to the cloud (before compression).")
+    ack_timeout_s: float = Field(10.0, gt=0, description="A batch the cloud has not acknowledged by then is sent again.")
+    forward_retry_max_s: float = Field(30.0, gt=0, description="Longest wait between attempts while the link is down.")
+    resource_interval_s: float = Field(10.0, gt=0, description="How often host and container resources are sampled.")
+    drift_baseline: int = Field(200, ge=10, description="Predictions after a model starts serving that form its baseline.")
+    drift_window: int = Field(100, ge=10, description="Recent predictions compared with the baseline.")
+    drift_min_samples: int = Field(50, ge=5, description="No drift verdict on fewer predictions than this.")
+    drift_psi_raise: float = Field(0.25, gt=0, description="Predicted-class PSI that raises an alert.")
+    drift_psi_clear: float = Field(0.1, gt=0, description="PSI under which the alert is resolved (hysteresis).")
+    drift_confidence_raise: float = Field(0.15, gt=0, le=1, description="Drop of mean top-1 confidence that raises an alert.")
+    drift_confidence_clear: float = Field(0.05, ge=0, le=1, description="Drop under which it is resolved.")
+    drift_feature_z_raise: float = Field(1.5, gt=0, description="Shift of an input statistic, in baseline standard deviations, that raises an alert.")
+    drift_feature_z_clear: float = Field(0.75, gt=0, description="Shift under which it is resolved.")
+    drift_latency_raise: float = Field(2.0, gt=1, description="p95 inference latency, as a multiple of the baseline's, that raises an alert.")
+    drift_latency_clear: float = Field(1.5, gt=1, description="Multiple under which it is resolved.")
+    hard_example_confidence: float = Field(0.3, gt=0, le=1, description="Frames whose top-1 confidence is below this are hard examples.")
+    hard_examples_per_minute: float = Field(6.0, ge=0, description="Most hard examples forwarded per minute (0: none).")
+
+    @field_validator("cloud_mqtt_url")
+    @classmethod
+    def _cloud_url(cls, value: str) -> str:
+        return CommonSettings._broker_url(value)
+
+    def cloud(self) -> CommonSettings:
+        """The settings of the link to the cloud broker."""
+        return CommonSettings(
+            mqtt_url=self.cloud_mqtt_url, device_id=self.device_id, mqtt_username=self.cloud_mqtt_username,
+            mqtt_password=self.cloud_mqtt_password, mqtt_reconnect_min_s=self.mqtt_reconnect_min_s,
+            mqtt_reconnect_max_s=self.mqtt_reconnect_max_s,
+        )
+
+
+class IngestSettings(StoreSettings):
+    telemetry_bucket: str = Field("edgefleet-telemetry", min_length=3, max_length=63, description="Where telemetry is written.")
+    share_group: str = Field("ingest", description="The MQTT v5 shared-subscription group replicas split the load in.")
+    ingest_workers: int = Field(4, ge=1, le=64, description="Batches written to S3 at once.")
+
+
 def load(cls: type[S], config_file: Path | str | None = None, **overrides: Any) -> S:
     """Builds the settings, raising ConfigError with the offending key named."""
     path = config_file or os.environ.get(CONFIG_FILE_ENV) or None

@@ -104,9 +104,17 @@ class MqttLink:
         return done.wait(timeout)
 
     def publish(
-        self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, content_type: str | None = None
+        self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, content_type: str | None = None,
+        correlation: bytes | None = None,
     ) -> paho.MQTTMessageInfo:
-        return self._client.publish(topic, payload, qos=qos, retain=retain, properties=self._props(content_type))
+        """`correlation`: MQTT v5 correlation data, readable even when the payload is not (see correlation_of)."""
+        properties = self._props(content_type)
+        if correlation is not None:
+            properties = Properties(PacketTypes.PUBLISH)
+            if content_type is not None:
+                properties.ContentType = content_type
+            properties.CorrelationData = correlation
+        return self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
 
     def start(self) -> None:
         """Connects in the background; a broker that is not up yet is retried with backoff."""
@@ -170,11 +178,18 @@ class MqttLink:
         with self._lock:
             subscriptions = list(self._subscriptions)
         for topic_filter, _, handler in subscriptions:
-            if paho.topic_matches_sub(topic_filter, message.topic):
+            if paho.topic_matches_sub(_unshared(topic_filter), message.topic):
                 try:
                     handler(message)
                 except Exception:  # a handler's bug must not stop the network loop
                     log.exception("message handler failed", extra=fields(topic=message.topic))
+
+
+def _unshared(topic_filter: str) -> str:
+    """The filter a message's topic is matched against: `$share/<group>/<filter>` delivers <filter>'s topics."""
+    if topic_filter.startswith("$share/"):
+        return topic_filter.split("/", 2)[2]
+    return topic_filter
 
 
 def _disable_nagle(client: paho.Client) -> None:
@@ -191,3 +206,8 @@ def _disable_nagle(client: paho.Client) -> None:
 def content_type_of(message: paho.MQTTMessage) -> str | None:
     props = message.properties
     return getattr(props, "ContentType", None) if props is not None else None
+
+
+def correlation_of(message: paho.MQTTMessage) -> bytes | None:
+    props = getattr(message, "properties", None)
+    return getattr(props, "CorrelationData", None) if props is not None else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
 from shared.config import StoreSettings
 
@@ -22,3 +23,12 @@ def client(settings: StoreSettings, attempts: int = 3, timeout_s: float = 10.0):
             s3={"addressing_style": "path"},  # MinIO and other self-hosted stores have no per-bucket DNS names
         ),
     )
+
+
+def ensure_bucket(s3, bucket: str) -> None:
+    try:
+        s3.head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
+            raise
+        s3.create_bucket(Bucket=bucket)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,6 +54,11 @@ class ModelRef(_Message):
     sha256: str
 
 
+# What Prediction.features holds: per-channel mean and standard deviation of the model's input
+# tensor, and its sharpness (mean absolute difference of horizontally adjacent values).
+INPUT_FEATURES = ("mean_c0", "mean_c1", "mean_c2", "std_c0", "std_c1", "std_c2", "sharpness")
+
+
 class Prediction(_Message):
     v: int = WIRE_VERSION
     device: str
@@ -65,6 +70,8 @@ class Prediction(_Message):
     provider: str
     timings: Timings
     published_at: float
+    # Statistics of the model's input for this frame, for drift detection (see INPUT_FEATURES).
+    features: list[float] | None = None
 
 
 class ErrorReason(StrEnum):
@@ -109,6 +116,18 @@ class InferenceStats(_Message):
     queue_depth: int = 0
 
 
+class TelemetryStats(_Message):
+    queue_records: int
+    queue_bytes: int
+    next_seq: int
+    dropped: dict[str, int]  # by gap reason: queue_full, expired, damaged
+    batches_sent: int
+    batches_resent: int
+    records_acknowledged: int
+    open_alerts: list[str]
+    outbox_repaired: str | None = None
+
+
 class ServiceStatus(_Message):
     v: int = WIRE_VERSION
     device: str
@@ -121,6 +140,7 @@ class ServiceStatus(_Message):
     model: ModelRef | None = None
     provider: ProviderReport | None = None
     inference: InferenceStats | None = None
+    telemetry: TelemetryStats | None = None
 
 
 # -- model delivery ------------------------------------------------------------------------------------
@@ -214,4 +234,119 @@ class SyncReport(_Message):
     reason: str | None = None
     progress_bytes: int | None = None
     canary: CanaryVerdict | None = None
+    at: float
+
+
+# -- telemetry -----------------------------------------------------------------------------------------
+
+
+class AlertType(StrEnum):
+    CONFIDENCE_DRIFT = "confidence_drift"
+    PREDICTION_DRIFT = "prediction_drift"  # PSI of the predicted-class distribution
+    FEATURE_DRIFT = "feature_drift"  # z-score of the input statistics
+    LATENCY = "latency"
+    PROVIDER_FALLBACK = "provider_fallback"
+
+
+class AlertState(StrEnum):
+    RAISED = "raised"
+    RESOLVED = "resolved"
+
+
+class Severity(StrEnum):
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class Alert(_Message):
+    kind: Literal["alert"] = "alert"
+    device: str
+    alert_id: str  # one incident: the same id when it is raised and when it is resolved
+    type: AlertType
+    state: AlertState
+    severity: Severity
+    value: float
+    threshold: float
+    window: int  # samples the value was measured over
+    model: ModelRef | None = None
+    detail: str
+    at: float
+
+
+class ContainerSample(_Message):
+    name: str
+    cpu_percent: float
+    memory_bytes: int
+
+
+class ResourceSample(_Message):
+    kind: Literal["metric"] = "metric"
+    device: str
+    cpu_percent: float
+    memory_percent: float
+    memory_used_bytes: int
+    disk_percent: float
+    temperatures_c: dict[str, float] = Field(default_factory=dict)
+    containers: list[ContainerSample] = Field(default_factory=list)
+    queue_bytes: int = 0
+    queue_records: int = 0
+    at: float
+
+
+class HardExample(_Message):
+    # JSON (the lake's line format) carries the image as base64; msgpack carries raw bytes.
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+
+    kind: Literal["hard_example"] = "hard_example"
+    device: str
+    encoding: Encoding
+    data: bytes
+    prediction: Prediction
+    at: float
+
+
+class GapReason(StrEnum):
+    QUEUE_FULL = "queue_full"
+    EXPIRED = "expired"
+    DAMAGED = "damaged"
+
+
+class Gap(_Message):
+    """Records the outbox lost on purpose or by damage: which sequence numbers, how many, why."""
+
+    kind: Literal["gap"] = "gap"
+    device: str
+    first_seq: int
+    last_seq: int
+    count: int
+    reason: GapReason
+    at: float
+
+
+RecordBody = Annotated[Alert | ResourceSample | HardExample | Gap, Field(discriminator="kind")]
+
+
+class TelemetryRecord(_Message):
+    seq: int = Field(ge=1)  # per device, gapless at the source: the cloud proves completeness with it
+    body: RecordBody
+
+
+class TelemetryBatch(_Message):
+    v: int = WIRE_VERSION
+    device: str
+    records: list[TelemetryRecord] = Field(min_length=1)
+    sent_at: float
+
+    @property
+    def batch_id(self) -> str:
+        """First and last sequence number: the same batch resent has the same id (and S3 keys)."""
+        return f"{self.records[0].seq:012d}-{self.records[-1].seq:012d}"
+
+
+class TelemetryAck(_Message):
+    v: int = WIRE_VERSION
+    device: str
+    batch_id: str
+    stored: int
+    dead_lettered: bool = False
     at: float

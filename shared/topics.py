@@ -8,6 +8,9 @@
     edgefleet/<device>/inference/switched     inference -> sync: the outcome of a switch
     edgefleet/<device>/sync/state             retained: where this device is in the current rollout
     edgefleet/_fleet/rollout                  retained: the fleet's current rollout, from the operators
+    edgefleet/<device>/alerts                 telemetry: drift and health alerts, raised and resolved
+    edgefleet/<device>/telemetry              on the cloud broker: batches from the device's outbox
+    edgefleet/<device>/telemetry/ack          on the cloud broker: cloud_ingest stored a batch
 
 `_fleet` can never be a device id (ids start with a letter or digit).
 """
@@ -77,6 +80,24 @@ def all_sync_states() -> str:
 
 def rollout() -> str:
     return f"{ROOT}/_fleet/rollout"
+
+
+def alerts(device: str) -> str:
+    return f"{ROOT}/{device}/alerts"
+
+
+def telemetry(device: str) -> str:
+    return f"{ROOT}/{device}/telemetry"
+
+
+def telemetry_ack(device: str) -> str:
+    return f"{ROOT}/{device}/telemetry/ack"
+
+
+def all_telemetry(share_group: str | None = None) -> str:
+    """Every device's batches; with a share group, split among the group's subscribers (MQTT v5)."""
+    topic = f"{ROOT}/+/telemetry"
+    return f"$share/{share_group}/{topic}" if share_group else topic
 
 
 def device_of(topic: str) -> str:

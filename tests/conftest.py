@@ -48,6 +48,16 @@ def fleet(tmp_path, request):
 
 
 @pytest.fixture
+def uplink(tmp_path, request):
+    """A device broker, a cloud broker and an S3 store; telemetry and cloud_ingest started on demand."""
+    from tests.uplink import Uplink
+
+    u = Uplink(tmp_path, request)
+    yield u
+    u.close()
+
+
+@pytest.fixture
 def start_inference(model_dir, tmp_path, request):
     """Starts `edgefleet inference` against a broker and waits for its retained online status."""
     started: list[ServiceProcess] = []

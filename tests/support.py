@@ -123,6 +123,7 @@ class ServiceProcess:
 
     def __init__(self, env: dict[str, str], log_path: Path, service: str = "inference") -> None:
         self.log_path = log_path
+        self.started = time.time()
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgefleet", service],

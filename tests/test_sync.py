@@ -162,20 +162,42 @@ def test_a_device_offline_during_the_rollout_and_a_broker_restart_still_end_on_t
     rig.device.sync_report(lambda r: _active(r, "r-late", 2), "the model to become active after the restart", 120)
 
 
-def test_canary_share_abort_and_group_targets(fleet, model_dir, rebuilt):
+def _operator(fleet, *args):
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "edgefleet", "rollout", *args, "--mqtt-url", fleet.broker.url],
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_operators_canary_promote_status_and_abort(fleet, model_dir, rebuilt):
+    """Through the operator's commands: a 50 % canary of a group reaches the devices the hash picks,
+    promote brings in the rest, status shows every device, abort sends them all back."""
+    import json
+
     from services.sync.membership import position
 
     fleet.publish(model_dir)
     fleet.publish(rebuilt)
     ids = [f"cam-node-{i}" for i in range(40)]
-    chosen = [d for d in ids if position("r-canary", d) < 0.5]
-    inside = next(d for d in ids if d in chosen)
-    outside = next(d for d in ids if d not in chosen)
+    inside = next(d for d in ids if position("lobby-v2", d) < 0.5)
+    outside = next(d for d in ids if position("lobby-v2", d) >= 0.5)
     rigs = {d: fleet.start_device(d, model_dir, camera_rate=4, groups="lobby") for d in (inside, outside)}
-    fleet.rollout(NAME, 2, "r-canary", phase=RolloutPhase.CANARY, share=0.5, groups=["lobby"])
-    rigs[inside].device.sync_report(lambda r: _active(r, "r-canary", 2), "the canary device to switch", 120)
-    rigs[outside].device.sync_report(lambda r: r.rollout_id == "r-canary" and r.state == "not_targeted", "the other to stay out")
-    fleet.rollout(NAME, 2, "r-canary", phase=RolloutPhase.ABORTED, share=0.5, groups=["lobby"])
-    report = rigs[inside].device.sync_report(lambda r: r.state == "rolled_back", "the abort to send it back")
-    assert "aborted" in report.reason and report.serving.version == 1
-    assert current_target(rigs[inside].store) == "fallback"
+    stranger = fleet.start_device("cam-elsewhere", model_dir, camera_rate=0, groups="yard")
+    _operator(fleet, "start", NAME, "2", "--group", "lobby", "--canary", "50", "--rollout-id", "lobby-v2")
+    rigs[inside].device.sync_report(lambda r: _active(r, "lobby-v2", 2), "the canary device to switch", 120)
+    rigs[outside].device.sync_report(lambda r: r.rollout_id == "lobby-v2" and r.state == "not_targeted", "the other to wait")
+    stranger.device.sync_report(lambda r: r.rollout_id == "lobby-v2" and r.state == "not_targeted", "the yard to stay out")
+    _operator(fleet, "promote")
+    rigs[outside].device.sync_report(lambda r: _active(r, "lobby-v2", 2), "the promoted device to switch", 120)
+    states = {json.loads(line)["device"]: json.loads(line) for line in _operator(fleet, "status", "--json").stdout.splitlines()}
+    assert {states[d]["serving"]["version"] for d in rigs} == {2} and states["cam-elsewhere"]["serving"]["version"] == 1
+    assert "cam-elsewhere" in _operator(fleet, "status").stdout
+    _operator(fleet, "abort")
+    for rig in rigs.values():
+        report = rig.device.sync_report(lambda r: r.state == "rolled_back", "the abort to send it back")
+        assert "aborted" in report.reason and report.serving.version == 1
+        assert current_target(rig.store) == "fallback"

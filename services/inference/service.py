@@ -26,6 +26,7 @@ import paho.mqtt.client as paho
 
 from services.inference.batcher import Closed, FrameBacklog
 from services.inference.decode import UndecodableFrame, decode_bgr
+from services.inference.features import summarise
 from services.inference.intake import Frame, FrameRejected, Intake
 from services.inference.postprocess import top_k
 from services.inference import swap
@@ -203,8 +204,9 @@ class InferenceService:
         inference_s = time.monotonic() - started
         self.batches.add()
         indices, scores = top_k(logits, self.settings.top_k)
+        summaries = summarise(batch[: len(ready)])
         for i, item in enumerate(ready):
-            self._publish_prediction(model, item, indices[i], scores[i], started, inference_s, len(ready))
+            self._publish_prediction(model, item, indices[i], scores[i], summaries[i], started, inference_s, len(ready))
 
     def _prepare(self, model: ServedModel, frame: Frame, slot: np.ndarray) -> float | None:
         """Decodes and preprocesses into the batch slot; returns the seconds it took, or None after
@@ -222,7 +224,7 @@ class InferenceService:
         return time.monotonic() - t0
 
     def _publish_prediction(
-        self, model: ServedModel, item: Prepared, indices: np.ndarray, scores: np.ndarray,
+        self, model: ServedModel, item: Prepared, indices: np.ndarray, scores: np.ndarray, features: np.ndarray,
         started: float, inference_s: float, batch_size: int,
     ) -> None:
         frame, labels = item.frame, model.manifest.labels
@@ -243,6 +245,7 @@ class InferenceService:
                 batch_size=batch_size,
             ),
             published_at=time.time(),
+            features=[round(float(f), 4) for f in features],
         )
         fmt = self.settings.prediction_format
         self.link.publish(

@@ -1,0 +1,118 @@
+"""cloud_ingest: the fleet's telemetry into S3. Replicas share one MQTT v5 shared subscription, so
+the broker splits the batches among them; each batch is validated, written (writer.py) and only then
+acknowledged to its device, which deletes it from its outbox on that acknowledgement alone. A replica
+killed mid-write acknowledges nothing; the device sends the batch again and the same keys are
+overwritten with the same content. What does not validate goes to the dead-letter prefix with the
+reason, and is acknowledged (it will never validate; it must not block the device's outbox).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import paho.mqtt.client as paho
+from botocore.exceptions import BotoCoreError, ClientError
+
+from services.cloud_ingest.writer import dead_letter, write_batch
+from shared import VERSION, logs, s3, topics
+from shared.codec import DecodeError, WireFormat, decode, encode
+from shared.config import IngestSettings
+from shared.logs import fields
+from shared.metrics import Counter
+from shared.mqtt import MqttLink, StatusPublisher, content_type_of, correlation_of
+from shared.schemas import ServiceState, ServiceStatus, TelemetryAck, TelemetryBatch
+
+SERVICE = "cloud_ingest"
+log = logging.getLogger(__name__)
+
+
+class IngestService:
+    def __init__(self, settings: IngestSettings) -> None:
+        self.settings = settings
+        self.s3 = s3.client(settings)
+        s3.ensure_bucket(self.s3, settings.telemetry_bucket)
+        self._replica = settings.device_id
+        self.pool = ThreadPoolExecutor(settings.ingest_workers, thread_name_prefix="writer")
+        # Backpressure: at most this many batches taken from the broker and not yet written.
+        self._slots = threading.BoundedSemaphore(settings.ingest_workers * 2)
+        self.stored, self.dead_lettered, self.failed = Counter(), Counter(), Counter()
+        self._stopping = threading.Event()
+        self._filter = topics.all_telemetry(settings.share_group)
+        self.link = MqttLink(
+            settings, SERVICE,
+            StatusPublisher(topics.status(self._replica, SERVICE), online=lambda: encode(self._status(ServiceState.ONLINE)),
+                            will=encode(self._status(ServiceState.OFFLINE, reason="connection lost"))),
+        )
+
+    def run(self) -> int:
+        self.link.subscribe(self._filter, self._on_batch, qos=1)
+        self.link.start()
+        log.info("ingesting", extra=fields(filter=self._filter, bucket=self.settings.telemetry_bucket))
+        while not self._stopping.wait(self.settings.status_interval_s):
+            self.link.publish(topics.status(self._replica, SERVICE), encode(self._status(ServiceState.ONLINE)),
+                              qos=1, retain=True, content_type=WireFormat.JSON.content_type)
+        self.link.unsubscribe(self._filter)
+        self.pool.shutdown(wait=True)  # every batch taken is written and acknowledged
+        self.link.stop(final_status=encode(self._status(ServiceState.OFFLINE, reason="shutdown")))
+        return 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _on_batch(self, message: paho.MQTTMessage) -> None:
+        self._slots.acquire()
+        self.pool.submit(self._store, topics.device_of(message.topic), message.payload, content_type_of(message),
+                         correlation_of(message))
+
+    def _store(self, device: str, payload: bytes, content_type: str | None, correlation: bytes | None) -> None:
+        bucket = self.settings.telemetry_bucket
+        try:
+            try:
+                batch = decode(TelemetryBatch, payload, content_type)
+                if batch.device != device:
+                    raise DecodeError(f"batch names device {batch.device!r} but came on {device!r}'s topic")
+            except DecodeError as exc:
+                key = dead_letter(self.s3, bucket, device, payload, str(exc))
+                self.dead_lettered.add()
+                log.warning("dead-lettered", extra=fields(device=device, key=key, reason=str(exc)[:300]))
+                if correlation:
+                    self._ack(device, correlation.decode(errors="replace"), 0, dead_lettered=True)
+                return
+            stored = write_batch(self.s3, bucket, batch)
+            self.stored.add(stored)
+            self._ack(device, batch.batch_id, stored)
+        except (BotoCoreError, ClientError, OSError) as exc:
+            self.failed.add()  # no acknowledgement: the device sends it again
+            log.warning("write failed", extra=fields(device=device, error=str(exc)))
+        except Exception:  # a bug here must be loud: in the pool it would otherwise vanish with the future
+            self.failed.add()
+            log.exception("batch not stored", extra=fields(device=device))
+        finally:
+            self._slots.release()
+
+    def _ack(self, device: str, batch_id: str, stored: int, dead_lettered: bool = False) -> None:
+        ack = TelemetryAck(device=device, batch_id=batch_id, stored=stored, dead_lettered=dead_lettered, at=time.time())
+        self.link.publish(topics.telemetry_ack(device), encode(ack), qos=1, content_type=WireFormat.JSON.content_type)
+
+    def _status(self, state: ServiceState, reason: str | None = None) -> ServiceStatus:
+        detail = f"stored {self.stored.value} records, dead-lettered {self.dead_lettered.value}, failed writes {self.failed.value}"
+        return ServiceStatus(device=self._replica, service=SERVICE, state=state, at=time.time(), edgefleet_version=VERSION,
+                             reason=reason or detail)
+
+
+def main(settings: IngestSettings) -> int:
+    logs.setup(SERVICE, settings.device_id, settings.log_level, settings.log_format)
+    try:
+        service = IngestService(settings)
+    except (BotoCoreError, ClientError, OSError, ValueError) as exc:
+        log.error("cannot start", extra=fields(error=str(exc)))
+        print(f"edgefleet cloud-ingest: cannot start: {exc}", file=sys.stderr)
+        return 3
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: service.stop())
+    return service.run()

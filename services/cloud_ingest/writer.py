@@ -1,0 +1,46 @@
+"""Writes one validated batch to S3 (shared.lake's layout): the records by kind as gzipped JSON lines,
+then the batch index that marks it complete. Idempotent: the keys come from the batch's sequence
+numbers, so a replay overwrites the same objects with the same content."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import time
+from collections import defaultdict
+
+from shared import lake
+from shared.schemas import Gap, TelemetryBatch
+
+
+def write_batch(s3, bucket: str, batch: TelemetryBatch) -> int:
+    by_kind: dict[str, list[str]] = defaultdict(list)
+    for record in batch.records:
+        by_kind[record.body.kind].append(record.model_dump_json())
+    first_at = batch.records[0].body.at
+    objects = []
+    for kind, lines in sorted(by_kind.items()):
+        key = lake.records_key(kind, first_at, batch.device, batch.batch_id)
+        # mtime=0: the same batch compresses to the same bytes, so a replay writes identical objects.
+        body = gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0)
+        s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/x-ndjson", ContentEncoding="gzip")
+        objects.append(key)
+    index = lake.BatchIndex(
+        device=batch.device, batch_id=batch.batch_id, seqs=[r.seq for r in batch.records],
+        kinds={k: len(v) for k, v in by_kind.items()},
+        gaps=[r.body for r in batch.records if isinstance(r.body, Gap)], objects=objects, stored_at=time.time(),
+    )
+    s3.put_object(Bucket=bucket, Key=lake.index_key(batch.device, batch.batch_id), Body=index.model_dump_json().encode(),
+                  ContentType="application/json")
+    return len(batch.records)
+
+
+def dead_letter(s3, bucket: str, device: str, payload: bytes, reason: str) -> str:
+    digest = hashlib.sha256(payload).hexdigest()
+    now = time.time()
+    s3.put_object(Bucket=bucket, Key=lake.dead_letter_key(now, device, digest, "bin"), Body=payload)
+    key = lake.dead_letter_key(now, device, digest, "json")
+    s3.put_object(Bucket=bucket, Key=key, Body=json.dumps({"device": device, "reason": reason, "at": now}).encode(),
+                  ContentType="application/json")
+    return key

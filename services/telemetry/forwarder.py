@@ -1,0 +1,89 @@
+"""The forwarder: sends the outbox to the cloud broker in batches (QoS 1, msgpack + zlib) and deletes
+records only when cloud_ingest acknowledged the batch, that is after its objects are in S3. While the
+link is down it backs off; a batch not acknowledged in time is sent again, the same batch with the same
+id, so the cloud's idempotent writes leave no duplicate."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import paho.mqtt.client as paho
+
+from services.telemetry.outbox import Outbox
+from shared import topics
+from shared.codec import DecodeError, WireFormat, decode, encode
+from shared.logs import fields
+from shared.metrics import Counter
+from shared.mqtt import MqttLink, content_type_of
+from shared.schemas import TelemetryAck, TelemetryBatch
+
+log = logging.getLogger(__name__)
+
+
+class Forwarder:
+    def __init__(self, outbox: Outbox, link: MqttLink, device: str, max_records: int, max_bytes: int,
+                 ack_timeout_s: float, retry_max_s: float) -> None:
+        self.outbox, self.link, self.device = outbox, link, device
+        self.max_records, self.max_bytes = max_records, max_bytes
+        self.ack_timeout_s, self.retry_max_s = ack_timeout_s, retry_max_s
+        self._acks: dict[str, TelemetryAck] = {}
+        self._changed = threading.Condition()
+        self._stopping = threading.Event()
+        self.sent_batches, self.resent_batches, self.acked_records = Counter(), Counter(), Counter()
+        self._thread = threading.Thread(target=self._run, name="forwarder")
+        link.subscribe(topics.telemetry_ack(device), self._on_ack, qos=1)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.wake()
+        self._thread.join()
+
+    def wake(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def _on_ack(self, message: paho.MQTTMessage) -> None:
+        try:
+            ack = decode(TelemetryAck, message.payload, content_type_of(message))
+        except DecodeError as exc:
+            log.warning("bad ack", extra=fields(error=str(exc)))
+            return
+        with self._changed:
+            self._acks[ack.batch_id] = ack
+            self._changed.notify_all()
+
+    def _run(self) -> None:
+        delay, last_id = 0.5, None
+        while not self._stopping.is_set():
+            if not self.link.connected.is_set():
+                self._wait(1.0)
+                continue
+            records = self.outbox.next_batch(self.max_records, self.max_bytes)
+            if not records:
+                self._wait(0.5)
+                continue
+            batch = TelemetryBatch(device=self.device, records=records, sent_at=time.time())
+            (self.resent_batches if batch.batch_id == last_id else self.sent_batches).add()
+            last_id = batch.batch_id
+            self.link.publish(topics.telemetry(self.device), encode(batch, WireFormat.MSGPACK_ZLIB), qos=1,
+                              content_type=WireFormat.MSGPACK_ZLIB.content_type, correlation=batch.batch_id.encode())
+            with self._changed:
+                self._changed.wait_for(lambda: batch.batch_id in self._acks or self._stopping.is_set(), self.ack_timeout_s)
+                ack = self._acks.pop(batch.batch_id, None)
+            if ack is None:
+                if not self._stopping.is_set():
+                    log.info("batch not acknowledged; sending again", extra=fields(batch=batch.batch_id, wait_s=delay))
+                    self._wait(delay)
+                    delay = min(delay * 2, self.retry_max_s)
+                continue
+            self.acked_records.add(self.outbox.ack(records[0].seq, records[-1].seq))
+            delay = 0.5
+
+    def _wait(self, seconds: float) -> None:
+        with self._changed:
+            self._changed.wait_for(self._stopping.is_set, seconds)

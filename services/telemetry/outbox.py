@@ -1,0 +1,308 @@
+"""The store-and-forward outbox: a durable queue on disk (SQLite in WAL mode, synchronous=FULL, so a
+committed record survives SIGKILL and a power cut) between what the device learns and the cloud.
+
+- Every record gets the next per-device sequence number at commit; the cloud proves completeness by
+  it. A record is only deleted once the cloud acknowledged the batch holding it (ack), or on purpose:
+  when the outbox is over its byte cap (the oldest go first, by default) or a record outlived its
+  class's TTL. Either way the loss is counted and written as a gap record, which is forwarded like
+  any other, so the cloud knows which sequence numbers will never come and why.
+- The batch in flight is remembered on disk: after a restart the same records go again as the same
+  batch, so the cloud's idempotent writes leave no duplicate; nothing in flight is ever dropped.
+- Writes are batched by the caller (append takes many records per transaction): flash is not worn by
+  one fsync per record.
+- A damaged file is never deleted: at open, a failed integrity check moves it aside, copies every row
+  that can still be read into a fresh file, and records the unreadable ones as a `damaged` gap.
+
+Why SQLite and not a queue library: persist-queue and diskcache offer no byte cap with a drop policy,
+no per-record TTL and no in-flight batch that survives a restart; SQLite gives the transactions all of
+them are built on.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.codec import WireFormat, decode, encode
+from shared.logs import fields
+from shared.schemas import Gap, GapReason, RecordBody, TelemetryRecord
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, expires REAL, size INTEGER NOT NULL, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+def _locked(method):
+    """The writer and the forwarder share one connection: one operation at a time."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+@dataclass
+class OutboxStats:
+    records: int = 0
+    bytes: int = 0
+    next_seq: int = 1
+    dropped: dict[str, int] = field(default_factory=dict)  # by reason
+    repaired: str | None = None
+
+
+class Outbox:
+    def __init__(self, path: Path, device: str, max_bytes: int, ttl_s: dict[str, float] | None = None,
+                 drop: str = "oldest") -> None:
+        if drop not in ("oldest", "newest"):
+            raise ValueError(f"drop policy must be 'oldest' or 'newest', not {drop!r}")
+        self.path, self.device, self.max_bytes, self.drop = path, device, max_bytes, drop
+        self.ttl_s = ttl_s or {}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self.stats = OutboxStats()
+        self.stats.repaired = self._open_checked()
+        self._load_counters()
+
+    # -- opening, and repair ------------------------------------------------------------------------
+
+    def _connect(self, path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(_SCHEMA)
+        return db
+
+    def _open_checked(self) -> str | None:
+        try:
+            self.db = self._connect(self.path)
+            if self.db.execute("PRAGMA quick_check").fetchone()[0] == "ok":
+                return None
+            problem = "integrity check failed"
+        except sqlite3.DatabaseError as exc:
+            problem = str(exc)
+        return self._salvage(problem)
+
+    def _salvage(self, problem: str) -> str:
+        """Moves the damaged file aside, copies what is readable into a new one, records the rest as a gap."""
+        try:
+            self.db.close()
+        except (sqlite3.Error, AttributeError):
+            pass
+        aside = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
+        for suffix in ("", "-wal", "-shm"):
+            source = Path(str(self.path) + suffix)
+            if source.exists():
+                os.replace(source, Path(str(aside) + suffix))
+        self.db = self._connect(self.path)
+        kept, lost, highest = self._copy_readable(aside)
+        self._set("next_seq", highest + 1)
+        if lost:
+            self._append_gap(lost[0], lost[-1], len(lost), GapReason.DAMAGED)
+        note = f"{problem}: kept {kept} records, lost {len(lost)}; the damaged file is kept as {aside.name}"
+        log.error("outbox repaired", extra=fields(path=str(self.path), detail=note))
+        return note
+
+    def _copy_readable(self, damaged: Path) -> tuple[int, list[int], int]:
+        kept, readable, highest = 0, set(), 0
+        try:
+            old = sqlite3.connect(f"file:{damaged}?mode=ro", uri=True)
+        except sqlite3.DatabaseError:
+            return 0, [], 0
+        try:
+            highest = int(old.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()[0]) - 1
+        except (sqlite3.DatabaseError, TypeError):
+            pass
+        # Row by row by sequence number: a bad page costs the rows on it, not the whole table.
+        try:
+            top = old.execute("SELECT max(seq) FROM records").fetchone()[0] or 0
+        except sqlite3.DatabaseError:
+            top = highest
+        highest = max(highest, top)
+        low = 1
+        try:
+            low = old.execute("SELECT min(seq) FROM records").fetchone()[0] or 1
+        except sqlite3.DatabaseError:
+            pass
+        for seq in range(low, top + 1):
+            try:
+                row = old.execute("SELECT seq, kind, expires, size, body FROM records WHERE seq=?", (seq,)).fetchone()
+                if row is None:
+                    continue
+                decode(TelemetryRecord, row[4], WireFormat.MSGPACK.content_type)
+            except (sqlite3.DatabaseError, ValueError):
+                continue
+            self.db.execute("INSERT OR IGNORE INTO records VALUES (?,?,?,?,?)", row)
+            readable.add(seq)
+            kept += 1
+        old.close()
+        acked_up_to = low - 1
+        lost = [s for s in range(acked_up_to + 1, highest + 1) if s not in readable]
+        return kept, lost, highest
+
+    def _load_counters(self) -> None:
+        row = self.db.execute("SELECT count(*), coalesce(sum(size), 0) FROM records").fetchone()
+        self.stats.records, self.stats.bytes = row
+        self.stats.next_seq = self._get("next_seq", 1)
+        for reason in GapReason:
+            self.stats.dropped[reason.value] = self._get(f"dropped_{reason.value}", 0)
+
+    def _get(self, key: str, default: int) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return int(row[0]) if row else default
+
+    def _set(self, key: str, value: int) -> None:
+        self.db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+
+    # -- writing ------------------------------------------------------------------------------------
+
+    @_locked
+    def append(self, bodies: list[RecordBody]) -> list[int]:
+        """Commits the records in one transaction; returns their sequence numbers."""
+        if not bodies:
+            return []
+        now = time.time()
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            first = self._get("next_seq", 1)
+            rows = []
+            for i, body in enumerate(bodies):
+                blob = encode(TelemetryRecord(seq=first + i, body=body), WireFormat.MSGPACK)
+                ttl = self.ttl_s.get(body.kind)
+                rows.append((first + i, body.kind, now + ttl if ttl else None, len(blob), blob))
+            if self.drop == "newest" and self.stats.bytes + sum(r[3] for r in rows) > self.max_bytes:
+                self.db.execute("ROLLBACK")
+                self._refuse(len(rows))
+                return []
+            self.db.executemany("INSERT INTO records VALUES (?,?,?,?,?)", rows)
+            self._set("next_seq", first + len(rows))
+            self.stats.bytes += sum(r[3] for r in rows)
+            self.stats.records += len(rows)
+            self._enforce_cap()
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            self._load_counters()
+            raise
+        self.stats.next_seq = first + len(rows)
+        return [r[0] for r in rows]
+
+    def _enforce_cap(self) -> None:
+        """Drops the oldest records not in flight until under the cap, then records the gap."""
+        if self.stats.bytes <= self.max_bytes:
+            return
+        inflight_last = self._get("inflight_last", 0)
+        dropped: list[tuple[int, int]] = []
+        excess = self.stats.bytes - self.max_bytes
+        for seq, size in self.db.execute(
+            "SELECT seq, size FROM records WHERE seq > ? AND kind != 'gap' ORDER BY seq", (inflight_last,)
+        ):
+            if excess <= 0:
+                break
+            dropped.append((seq, size))
+            excess -= size
+        if not dropped:
+            return
+        first, last = dropped[0][0], dropped[-1][0]
+        self.db.execute("DELETE FROM records WHERE seq BETWEEN ? AND ? AND kind != 'gap'", (first, last))
+        self.stats.bytes -= sum(size for _, size in dropped)
+        self.stats.records -= len(dropped)
+        self._count_dropped(GapReason.QUEUE_FULL, len(dropped))
+        self._append_gap(first, last, len(dropped), GapReason.QUEUE_FULL)
+
+    def _refuse(self, count: int) -> None:
+        """The drop-newest policy: the records offered now are the ones lost."""
+        self.db.execute("BEGIN IMMEDIATE")
+        first = self._get("next_seq", 1)
+        self._set("next_seq", first + count)  # their numbers are used up, so the gap is visible
+        self._count_dropped(GapReason.QUEUE_FULL, count)
+        self._append_gap(first, first + count - 1, count, GapReason.QUEUE_FULL)
+        self.db.execute("COMMIT")
+        self.stats.next_seq = self._get("next_seq", 1)
+
+    def _append_gap(self, first: int, last: int, count: int, reason: GapReason) -> None:
+        seq = self._get("next_seq", 1)
+        gap = Gap(device=self.device, first_seq=first, last_seq=last, count=count, reason=reason, at=time.time())
+        blob = encode(TelemetryRecord(seq=seq, body=gap), WireFormat.MSGPACK)
+        self.db.execute("INSERT INTO records VALUES (?,?,?,?,?)", (seq, "gap", None, len(blob), blob))
+        self._set("next_seq", seq + 1)
+        self.stats.bytes += len(blob)
+        self.stats.records += 1
+        log.warning("outbox gap", extra=fields(first=first, last=last, count=count, reason=reason.value))
+
+    def _count_dropped(self, reason: GapReason, count: int) -> None:
+        total = self._get(f"dropped_{reason.value}", 0) + count
+        self._set(f"dropped_{reason.value}", total)
+        self.stats.dropped[reason.value] = total
+
+    @_locked
+    def expire(self, now: float | None = None) -> int:
+        """Deletes records past their TTL (never the batch in flight); returns how many."""
+        now = now or time.time()
+        self.db.execute("BEGIN IMMEDIATE")
+        inflight_last = self._get("inflight_last", 0)
+        rows = self.db.execute("SELECT seq, size FROM records WHERE expires < ? AND seq > ? ORDER BY seq",
+                               (now, inflight_last)).fetchall()
+        if rows:
+            self.db.execute("DELETE FROM records WHERE expires < ? AND seq > ?", (now, inflight_last))
+            self.stats.bytes -= sum(size for _, size in rows)
+            self.stats.records -= len(rows)
+            self._count_dropped(GapReason.EXPIRED, len(rows))
+            self._append_gap(rows[0][0], rows[-1][0], len(rows), GapReason.EXPIRED)
+        self.db.execute("COMMIT")
+        self.stats.next_seq = self._get("next_seq", 1)
+        return len(rows)
+
+    # -- forwarding -----------------------------------------------------------------------------------
+
+    @_locked
+    def next_batch(self, max_records: int, max_bytes: int) -> list[TelemetryRecord]:
+        """The batch in flight if there is one (the same records again), else the oldest records."""
+        first, last = self._get("inflight_first", 0), self._get("inflight_last", 0)
+        if last:
+            rows = self.db.execute("SELECT body FROM records WHERE seq BETWEEN ? AND ? ORDER BY seq", (first, last)).fetchall()
+            if rows:
+                return [decode(TelemetryRecord, r[0], WireFormat.MSGPACK.content_type) for r in rows]
+        rows, size = [], 0
+        for (body,) in self.db.execute("SELECT body FROM records ORDER BY seq LIMIT ?", (max_records,)):
+            if rows and size + len(body) > max_bytes:
+                break
+            rows.append(body)
+            size += len(body)
+        batch = [decode(TelemetryRecord, b, WireFormat.MSGPACK.content_type) for b in rows]
+        if batch:
+            self.db.execute("BEGIN IMMEDIATE")
+            self._set("inflight_first", batch[0].seq)
+            self._set("inflight_last", batch[-1].seq)
+            self.db.execute("COMMIT")
+        return batch
+
+    @_locked
+    def ack(self, first: int, last: int) -> int:
+        """The cloud stored records first..last: delete them and clear the batch in flight."""
+        self.db.execute("BEGIN IMMEDIATE")
+        size, count = self.db.execute(
+            "SELECT coalesce(sum(size), 0), count(*) FROM records WHERE seq BETWEEN ? AND ?", (first, last)
+        ).fetchone()
+        self.db.execute("DELETE FROM records WHERE seq BETWEEN ? AND ?", (first, last))
+        if (self._get("inflight_first", 0), self._get("inflight_last", 0)) == (first, last):
+            self._set("inflight_first", 0)
+            self._set("inflight_last", 0)
+        self.db.execute("COMMIT")
+        self.stats.bytes -= size
+        self.stats.records -= count
+        return count
+
+    @_locked
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,195 @@
+"""The telemetry service: the one owner of the device's outbox, its two MQTT links (the device's
+broker in, the cloud broker out) and the forwarder thread.
+
+What it learns, from the inference records on the device's broker:
+    predictions → drift detector → alerts (raised / resolved)    ┐
+    predictions + enveloped frames → hard-example sampler        ├→ outbox (batched commits) → forwarder → cloud
+    psutil / Docker API → resource samples                       ┘
+Alerts also go out at once on the device's own alerts topic. SIGTERM commits what is pending, stops
+the forwarder between batches, and exits 0: the outbox keeps the rest for the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+
+import paho.mqtt.client as paho
+
+from services.telemetry.drift import DriftDetector, rules_from
+from services.telemetry.forwarder import Forwarder
+from services.telemetry.hard_examples import HardExampleSampler
+from services.telemetry.outbox import Outbox
+from services.telemetry.resources import ResourceMonitor
+from shared import VERSION, logs, topics
+from shared.codec import DecodeError, WireFormat, decode, encode
+from shared.config import TelemetrySettings
+from shared.logs import fields
+from shared.mqtt import MqttLink, StatusPublisher, content_type_of
+from shared.schemas import (
+    Alert,
+    AlertState,
+    AlertType,
+    ErrorReason,
+    ErrorReport,
+    FrameEnvelope,
+    Prediction,
+    RecordBody,
+    ServiceState,
+    ServiceStatus,
+    Severity,
+    TelemetryStats,
+)
+
+SERVICE = "telemetry"
+log = logging.getLogger(__name__)
+
+
+class TelemetryService:
+    def __init__(self, settings: TelemetrySettings) -> None:
+        s = self.settings = settings
+        self._device = settings.device_id
+        self.outbox = Outbox(
+            s.outbox_path, self._device, s.outbox_max_bytes, drop=s.outbox_full_policy,
+            ttl_s={"metric": s.ttl_metric_s, "hard_example": s.ttl_hard_example_s, "alert": s.ttl_alert_s},
+        )
+        self.drift = DriftDetector(self._device, rules_from(s), s.drift_baseline, s.drift_window, s.drift_min_samples)
+        self.hard_examples = HardExampleSampler(self._device, s.hard_example_confidence, s.hard_examples_per_minute)
+        self.monitor = ResourceMonitor(self._device, s.outbox_path.parent)
+        self._pending: list[RecordBody] = []
+        self._pending_lock = threading.Lock()
+        self._fallback_alert: Alert | None = None
+        self._stopping = threading.Event()
+        self.uplink = MqttLink(settings.cloud(), "telemetry-uplink")
+        self.forwarder = Forwarder(self.outbox, self.uplink, self._device, s.batch_max_records, s.batch_max_bytes,
+                                   s.ack_timeout_s, s.forward_retry_max_s)
+        self.link = MqttLink(
+            settings, SERVICE,
+            StatusPublisher(topics.status(self._device, SERVICE), online=lambda: encode(self._status(ServiceState.ONLINE)),
+                            will=encode(self._status(ServiceState.OFFLINE, reason="connection lost"))),
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        s = self.settings
+        self.link.subscribe(topics.all_predictions(self._device), self._on_prediction, qos=0)
+        self.link.subscribe(topics.all_frames(self._device), self._on_frame, qos=0)
+        self.link.subscribe(topics.status(self._device, "inference"), self._on_inference_status, qos=1)
+        self.link.start()
+        self.uplink.start()
+        self.forwarder.start()
+        if self.outbox.stats.repaired:
+            self._error(f"outbox repaired: {self.outbox.stats.repaired}")
+        log.info("watching", extra=fields(outbox=str(s.outbox_path), queued=self.outbox.stats.records,
+                                          next_seq=self.outbox.stats.next_seq))
+        due = {"resources": 0.0, "expire": time.monotonic() + 60, "status": 0.0}
+        while not self._stopping.wait(s.flush_interval_s):
+            now = time.monotonic()
+            if now >= due["resources"]:
+                due["resources"] = now + s.resource_interval_s
+                self._queue(self.monitor.sample(self.outbox.stats.bytes, self.outbox.stats.records))
+            if now >= due["expire"]:
+                due["expire"] = now + 60
+                self.outbox.expire()
+            self._flush()
+            if now >= due["status"]:
+                due["status"] = now + s.status_interval_s
+                self.link.publish(topics.status(self._device, SERVICE), encode(self._status(ServiceState.ONLINE)),
+                                  qos=1, retain=True, content_type=WireFormat.JSON.content_type)
+        self._flush()
+        self.forwarder.stop()
+        self.uplink.stop()
+        self.link.stop(final_status=encode(self._status(ServiceState.OFFLINE, reason="shutdown")))
+        self.outbox.close()
+        return 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _queue(self, body: RecordBody) -> None:
+        with self._pending_lock:
+            self._pending.append(body)
+
+    def _flush(self) -> None:
+        """One transaction for everything gathered since the last flush: flash sees one write, not hundreds."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, []
+        if pending:
+            self.outbox.append(pending)
+            self.forwarder.wake()
+
+    # -- records in (paho's network thread) ---------------------------------------------------------
+
+    def _on_prediction(self, message: paho.MQTTMessage) -> None:
+        try:
+            prediction = decode(Prediction, message.payload, content_type_of(message))
+        except DecodeError:
+            return
+        for alert in self.drift.observe(prediction):
+            self._alert(alert)
+        if (example := self.hard_examples.consider(prediction)) is not None:
+            self._queue(example)
+
+    def _on_frame(self, message: paho.MQTTMessage) -> None:
+        try:  # raw frames carry no frame id to match a prediction with: only envelopes are kept
+            self.hard_examples.remember(decode(FrameEnvelope, message.payload, content_type_of(message)))
+        except DecodeError:
+            pass
+
+    def _on_inference_status(self, message: paho.MQTTMessage) -> None:
+        try:
+            status = decode(ServiceStatus, message.payload, content_type_of(message))
+        except DecodeError:
+            return
+        fallback = status.provider is not None and status.provider.fallback
+        if fallback and self._fallback_alert is None:
+            p = status.provider
+            self._fallback_alert = Alert(
+                device=self._device, alert_id=f"provider-{int(time.time())}", type=AlertType.PROVIDER_FALLBACK,
+                state=AlertState.RAISED, severity=Severity.CRITICAL, value=1.0, threshold=0.0, window=1,
+                model=status.model, detail=f"asked for {p.requested[0]}, running on {p.active}", at=time.time(),
+            )
+            self._alert(self._fallback_alert)
+        elif not fallback and self._fallback_alert is not None and status.provider is not None:
+            ended = self._fallback_alert.model_copy(update={"state": AlertState.RESOLVED, "value": 0.0, "at": time.time(),
+                                                            "detail": f"running on {status.provider.active} again"})
+            self._fallback_alert = None
+            self._alert(ended)
+
+    def _alert(self, alert: Alert) -> None:
+        log.warning("alert", extra=fields(type=alert.type.value, state=alert.state.value, value=alert.value,
+                                          threshold=alert.threshold, id=alert.alert_id))
+        self.link.publish(topics.alerts(self._device), encode(alert), qos=1, content_type=WireFormat.JSON.content_type)
+        self._queue(alert)
+
+    def _error(self, detail: str) -> None:
+        report = ErrorReport(device=self._device, service=SERVICE, reason=ErrorReason.INTERNAL, detail=detail, at=time.time())
+        self.link.publish(topics.errors(self._device), encode(report), qos=1, content_type=WireFormat.JSON.content_type)
+
+    def _status(self, state: ServiceState, reason: str | None = None) -> ServiceStatus:
+        o, f = self.outbox.stats, self.forwarder
+        stats = TelemetryStats(
+            queue_records=o.records, queue_bytes=o.bytes, next_seq=o.next_seq, dropped=dict(o.dropped),
+            batches_sent=f.sent_batches.value, batches_resent=f.resent_batches.value,
+            records_acknowledged=f.acked_records.value, open_alerts=sorted(a.value for a in self.drift.open),
+            outbox_repaired=o.repaired,
+        )
+        return ServiceStatus(device=self._device, service=SERVICE, state=state, at=time.time(),
+                             edgefleet_version=VERSION, reason=reason, telemetry=stats)
+
+
+def main(settings: TelemetrySettings) -> int:
+    logs.setup(SERVICE, settings.device_id, settings.log_level, settings.log_format)
+    try:
+        service = TelemetryService(settings)
+    except (OSError, ValueError) as exc:
+        log.error("cannot start", extra=fields(error=str(exc)))
+        print(f"edgefleet telemetry: cannot start: {exc}", file=sys.stderr)
+        return 3
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: service.stop())
+    return service.run()

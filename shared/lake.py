@@ -1,0 +1,52 @@
+"""The telemetry layout in S3, written by cloud_ingest and read by `edgefleet telemetry audit`:
+
+    telemetry/<kind>/date=<YYYY-MM-DD>/device=<device>/<batch>.jsonl.gz   the records, one JSON per line
+    telemetry/_batches/device=<device>/<batch>.json                       the batch's index: its sequence
+                                                                          numbers and gaps (written last)
+    telemetry/_dead_letter/date=<YYYY-MM-DD>/device=<device>/<sha256>.bin  a payload that did not validate
+    telemetry/_dead_letter/date=<YYYY-MM-DD>/device=<device>/<sha256>.json   and why
+
+<batch> is the batch's first and last sequence number. A batch sent again has the same numbers, so the
+same keys: a replay overwrites, it never duplicates. The date is the first record's, so a replay
+lands in the same partition.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pydantic import BaseModel, ConfigDict
+
+from shared.schemas import Gap
+
+ROOT = "telemetry"
+BATCHES = f"{ROOT}/_batches"
+DEAD_LETTER = f"{ROOT}/_dead_letter"
+
+
+def _date(at: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(at))
+
+
+def records_key(kind: str, at: float, device: str, batch_id: str) -> str:
+    return f"{ROOT}/{kind}/date={_date(at)}/device={device}/{batch_id}.jsonl.gz"
+
+
+def index_key(device: str, batch_id: str) -> str:
+    return f"{BATCHES}/device={device}/{batch_id}.json"
+
+
+def dead_letter_key(at: float, device: str, digest: str, suffix: str) -> str:
+    return f"{DEAD_LETTER}/date={_date(at)}/device={device}/{digest}.{suffix}"
+
+
+class BatchIndex(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: str
+    batch_id: str
+    seqs: list[int]
+    kinds: dict[str, int]
+    gaps: list[Gap]
+    objects: list[str]
+    stored_at: float

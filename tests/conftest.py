@@ -23,6 +23,16 @@ def model_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> Path:
+    """A small evaluation (24) and calibration (16) set of real-photo crops, made once."""
+    from edgefleet.models import dataset
+
+    out = tmp_path_factory.mktemp("data")
+    dataset.make(out, eval_count=24, calibration_count=16)
+    return out
+
+
 @pytest.fixture
 def broker():
     """A real Mosquitto on its own port with its own config, killed at the end of the test."""

@@ -19,13 +19,6 @@ from edgefleet.models.store import install
 from shared.manifest import ModelError, ModelManifest, Preprocessing, TensorSpec, load_verified
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    dataset.make(out, eval_count=24, calibration_count=16)
-    return out
-
-
 def _hashes(folder):
     return {hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
 

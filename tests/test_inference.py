@@ -4,12 +4,10 @@ real model, real photos."""
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import time
 
-import pytest
 
 from edgefleet import photos
 from edgefleet.broker import Broker

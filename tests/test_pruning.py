@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 from edgefleet.models import dataset
 from edgefleet.models.cost import cost
@@ -21,13 +20,6 @@ from edgefleet.models.quantize import Mode, quantize
 from shared.manifest import ModelError, load_verified
 
 BRIEF = Training(epochs=1, batch=8)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    dataset.make(out, eval_count=24, calibration_count=16)
-    return out
 
 
 def _conv_shapes(path):

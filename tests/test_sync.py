@@ -7,7 +7,6 @@ import random
 import pytest
 
 from shared.manifest import load_verified
-from shared.schemas import RolloutPhase
 from tests.fleet import current_target, model_variant, store_state
 from tests.support import wait_until
 

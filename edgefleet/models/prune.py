@@ -18,8 +18,8 @@ with the float model straight after pruning, before any fine-tune):
   every block of a stage through the additions; cutting it breaks the network.
 - only the expanded channels inside each block (where 6x more channels carry most of the
   multiply-accumulates), 20 %: 0 % by weight magnitude (this network's small weights sit before large
-  BatchNorm scales, so magnitude picks channels that matter), 36-49 % by Taylor importance, 73 % after
-  five epochs of fine-tuning on 128 frames. More epochs on so few scenes overfit rather than recover.
+  BatchNorm scales, so magnitude picks channels that matter), 36-49 % by Taylor importance, 71-73 % after
+  three to five epochs of fine-tuning on 128 frames. More epochs on so few scenes overfit rather than recover.
 """
 
 from __future__ import annotations

@@ -9,8 +9,6 @@ reason, and is acknowledged (it will never validate; it must not block the devic
 from __future__ import annotations
 
 import logging
-import signal
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,9 +17,10 @@ import paho.mqtt.client as paho
 from botocore.exceptions import BotoCoreError, ClientError
 
 from services.cloud_ingest.writer import dead_letter, write_batch
-from shared import VERSION, logs, s3, topics
+from shared import VERSION, s3, topics
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import IngestSettings
+from shared.lifecycle import serve
 from shared.logs import fields
 from shared.metrics import Counter
 from shared.mqtt import MqttLink, StatusPublisher, content_type_of, correlation_of
@@ -106,13 +105,4 @@ class IngestService:
 
 
 def main(settings: IngestSettings) -> int:
-    logs.setup(SERVICE, settings.device_id, settings.log_level, settings.log_format)
-    try:
-        service = IngestService(settings)
-    except (BotoCoreError, ClientError, OSError, ValueError) as exc:
-        log.error("cannot start", extra=fields(error=str(exc)))
-        print(f"edgefleet cloud-ingest: cannot start: {exc}", file=sys.stderr)
-        return 3
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: service.stop())
-    return service.run()
+    return serve(SERVICE, settings, lambda: IngestService(settings), (BotoCoreError, ClientError, OSError, ValueError))

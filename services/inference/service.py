@@ -14,8 +14,6 @@ between batches (swap.py): no frame is dropped or answered twice.
 from __future__ import annotations
 
 import logging
-import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -32,9 +30,10 @@ from services.inference.postprocess import top_k
 from services.inference import swap
 from services.inference.session import ProviderRefused, plan_workers
 from services.inference.swap import ServedModel, Swapper
-from shared import VERSION, logs, topics
+from shared import VERSION, topics
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import InferenceSettings
+from shared.lifecycle import serve
 from shared.logs import fields
 from shared.manifest import ModelError
 from shared.metrics import Counter
@@ -311,13 +310,4 @@ def _ms(seconds: float) -> float:
 
 
 def main(settings: InferenceSettings) -> int:
-    logs.setup(SERVICE, settings.device_id, settings.log_level, settings.log_format)
-    try:
-        service = InferenceService(settings)
-    except (ModelError, ProviderRefused, ValueError) as exc:
-        log.error("cannot start", extra=fields(error=str(exc)))
-        print(f"edgefleet inference: cannot start: {exc}", file=sys.stderr)
-        return 3
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: service.stop())
-    return service.run()
+    return serve(SERVICE, settings, lambda: InferenceService(settings), (ModelError, ProviderRefused, ValueError))

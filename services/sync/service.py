@@ -12,8 +12,6 @@ promote, another model) supersedes the one in progress at its next step.
 from __future__ import annotations
 
 import logging
-import signal
-import sys
 import threading
 import time
 import uuid
@@ -27,9 +25,10 @@ from services.sync.download import Cancelled, DownloadFailed, DownloadInterrupte
 from services.sync.membership import is_member
 from services.sync.smoke import SmokeFailed, smoke_test
 from services.sync.store import ModelStore
-from shared import VERSION, logs, registry, s3, topics
+from shared import VERSION, registry, s3, topics
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import SyncSettings
+from shared.lifecycle import serve
 from shared.logs import fields
 from shared.manifest import ModelError, ModelManifest
 from shared.mqtt import MqttLink, StatusPublisher, content_type_of
@@ -389,13 +388,4 @@ def _release(version: str) -> tuple[int, ...]:
 
 
 def main(settings: SyncSettings) -> int:
-    logs.setup(SERVICE, settings.device_id, settings.log_level, settings.log_format)
-    try:
-        service = SyncService(settings)
-    except (ModelError, OSError, registry.SignatureError, ValueError) as exc:
-        log.error("cannot start", extra=fields(error=str(exc)))
-        print(f"edgefleet sync: cannot start: {exc}", file=sys.stderr)
-        return 3
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: service.stop())
-    return service.run()
+    return serve(SERVICE, settings, lambda: SyncService(settings), (ModelError, OSError, registry.SignatureError, ValueError))

@@ -12,8 +12,6 @@ the forwarder between batches, and exits 0: the outbox keeps the rest for the ne
 from __future__ import annotations
 
 import logging
-import signal
-import sys
 import threading
 import time
 
@@ -24,9 +22,10 @@ from services.telemetry.forwarder import Forwarder
 from services.telemetry.hard_examples import HardExampleSampler
 from services.telemetry.outbox import Outbox
 from services.telemetry.resources import ResourceMonitor
-from shared import VERSION, logs, topics
+from shared import VERSION, topics
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import TelemetrySettings
+from shared.lifecycle import serve
 from shared.logs import fields
 from shared.mqtt import MqttLink, StatusPublisher, content_type_of
 from shared.schemas import (
@@ -183,13 +182,4 @@ class TelemetryService:
 
 
 def main(settings: TelemetrySettings) -> int:
-    logs.setup(SERVICE, settings.device_id, settings.log_level, settings.log_format)
-    try:
-        service = TelemetryService(settings)
-    except (OSError, ValueError) as exc:
-        log.error("cannot start", extra=fields(error=str(exc)))
-        print(f"edgefleet telemetry: cannot start: {exc}", file=sys.stderr)
-        return 3
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: service.stop())
-    return service.run()
+    return serve(SERVICE, settings, lambda: TelemetryService(settings), (OSError, ValueError))

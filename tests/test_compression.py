@@ -190,19 +190,26 @@ def test_pareto_front_keeps_only_undominated_models():
     assert [m.model for m in pareto_front([fp32, int8, mixed, dynamic, slow_and_worse])] == ["int8", "mixed", "fp32"]
 
 
-def test_evaluate_writes_table_json_markdown_and_plot(data, model_dir, tmp_path):
+def test_evaluate_writes_table_json_markdown_and_plot_with_accuracy_where_labels_exist(data, model_dir, tmp_path):
     import os
+    import shutil
     import subprocess
     import sys
 
+    held_out = tmp_path / "eval"
+    shutil.copytree(data / "eval", held_out)
+    (held_out / "tabby").mkdir()  # four frames with a true label: a sub-folder named after the class
+    for i, crop in enumerate(dataset.crops_of("chelsea", 4, seed=11)):
+        (held_out / "tabby" / f"chelsea-{i}.jpg").write_bytes(crop)
     out = {k: tmp_path / f"eval.{k}" for k in ("json", "md", "png")}
     result = subprocess.run(
-        [sys.executable, "-m", "edgefleet", "model", "evaluate", str(model_dir), "--eval", str(data / "eval"),
+        [sys.executable, "-m", "edgefleet", "model", "evaluate", str(model_dir), "--eval", str(held_out),
          "--json", str(out["json"]), "--markdown", str(out["md"]), "--plot", str(out["png"])],
         capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
     )
     assert result.returncode == 0, result.stderr
     (row,) = json.loads(out["json"].read_text())
-    assert row["top1_agreement"] == 1.0 and row["samples"] == 24 and row["p99_ms"] >= row["p50_ms"]
+    assert row["top1_agreement"] == 1.0 and row["samples"] == 28 and row["p99_ms"] >= row["p50_ms"]
+    assert row["labelled_samples"] == 4 and 0.0 <= row["accuracy"] <= 1.0
     assert out["md"].read_text().startswith("| model |")
     assert out["png"].read_bytes().startswith(b"\x89PNG")

@@ -97,19 +97,12 @@ def test_drift_is_raised_after_the_minimum_samples_and_resolved_when_it_ends(bro
     from shared.codec import decode
     from shared.mqtt import content_type_of
     from shared.schemas import Alert
-    from tests.support import ServiceProcess
 
     _, device = start_inference(broker, device_id="edge-drift")
     alerts = []
     device.link.subscribe(topics.alerts("edge-drift"), lambda m: alerts.append(decode(Alert, m.payload, content_type_of(m))))
-    env = {
-        "EDGEFLEET_MQTT_URL": broker.url, "EDGEFLEET_CLOUD_MQTT_URL": broker.url, "EDGEFLEET_DEVICE_ID": "edge-drift",
-        "EDGEFLEET_OUTBOX_PATH": str(tmp_path / "outbox.db"), "EDGEFLEET_DRIFT_BASELINE": "96",
-        "EDGEFLEET_DRIFT_WINDOW": "48", "EDGEFLEET_DRIFT_MIN_SAMPLES": "40", "EDGEFLEET_STATUS_INTERVAL_S": "0.5",
-    }
-    telemetry = ServiceProcess(env, tmp_path / "telemetry.log", "telemetry")
+    telemetry = _beside(broker, device, tmp_path, drift_baseline=96, drift_window=48, drift_min_samples=40)
     try:
-        wait_until(lambda: (s := device.latest_status("telemetry")) is not None and s.state == "online", 60, "telemetry")
         normal = [photos.jpeg(name) for name in photos.BUNDLED]
         dark = [cv2.imencode(".jpg", (cv2.imdecode(__import__("numpy").frombuffer(j, "uint8"), cv2.IMREAD_COLOR) * 0.25).astype("uint8"))[1].tobytes()
                 for j in normal]
@@ -201,3 +194,38 @@ def test_records_past_their_ttl_expire_into_a_counted_gap(tmp_path):
     gap = outbox.next_batch(100, 1 << 20)[0].body
     assert (gap.kind, gap.reason, gap.first_seq, gap.last_seq, gap.count) == ("gap", "expired", 4, 10, 7)
     outbox.close()
+
+
+
+def _beside(broker, device, tmp_path, **settings):
+    """`edgefleet telemetry` on the device's broker (which also plays the cloud broker here)."""
+    from tests.support import ServiceProcess
+
+    env = {
+        "EDGEFLEET_MQTT_URL": broker.url, "EDGEFLEET_CLOUD_MQTT_URL": broker.url, "EDGEFLEET_DEVICE_ID": device.device_id,
+        "EDGEFLEET_OUTBOX_PATH": str(tmp_path / "outbox.db"), "EDGEFLEET_STATUS_INTERVAL_S": "0.5",
+        **{f"EDGEFLEET_{k.upper()}": str(v) for k, v in settings.items()},
+    }
+    telemetry = ServiceProcess(env, tmp_path / "telemetry.log", "telemetry")
+    wait_until(lambda: (s := device.latest_status("telemetry")) is not None and s.state == "online", 60, "telemetry")
+    return telemetry
+
+
+def test_an_execution_provider_fallback_is_an_alert(broker, start_inference, tmp_path):
+    from shared import topics
+    from shared.codec import decode
+    from shared.mqtt import content_type_of
+    from shared.schemas import Alert
+
+    _, device = start_inference(broker, device_id="edge-gpu", providers="cuda,cpu")  # no CUDA here: CPU serves
+    alerts = []
+    device.link.subscribe(topics.alerts("edge-gpu"), lambda m: alerts.append(decode(Alert, m.payload, content_type_of(m))))
+    time.sleep(0.3)
+    telemetry = _beside(broker, device, tmp_path)
+    try:
+        alert = wait_until(lambda: next((a for a in alerts if a.type == "provider_fallback"), None), 30, "the alert")
+        assert alert.state == "raised" and alert.severity == "critical" and "CUDAExecutionProvider" in alert.detail
+        time.sleep(1.5)  # statuses keep coming; the incident is raised once
+        assert len([a for a in alerts if a.type == "provider_fallback"]) == 1
+    finally:
+        telemetry.kill()

@@ -14,7 +14,7 @@ import onnxruntime as ort
 from rich.console import Console
 from rich.table import Table
 
-from edgefleet.models.frames import load_inputs
+from edgefleet.models.frames import UNLABELLED, load_labelled
 from edgefleet.models.outputs import logits, session, softmax
 from shared.manifest import load_verified
 
@@ -36,11 +36,15 @@ class Evaluation:
     best_images_per_s: float
     best_batch: int
     gate: str
+    # Top-1 accuracy on the held-out images that have a true label (a sub-folder named after a class).
+    accuracy: float | None = None
+    labelled_samples: int = 0
 
 
 def evaluate(model_dirs: list[Path], teacher_dir: Path, eval_dir: Path, threads: int = 0, runs: int = 100) -> list[Evaluation]:
     teacher, teacher_path = load_verified(teacher_dir)
-    inputs = load_inputs(eval_dir, teacher)
+    inputs, labels = load_labelled(eval_dir, teacher)
+    labelled = labels != UNLABELLED
     reference = logits(session(teacher_path, threads), teacher.input.name, inputs)
     probs = softmax(reference)
     confident = probs.max(1) >= CONFIDENT
@@ -69,6 +73,8 @@ def evaluate(model_dirs: list[Path], teacher_dir: Path, eval_dir: Path, threads:
                 best_images_per_s=round(best_rate, 1),
                 best_batch=best_batch,
                 gate=gate,
+                accuracy=round(float((outputs.argmax(1) == labels)[labelled].mean()), 4) if labelled.any() else None,
+                labelled_samples=int(labelled.sum()),
             )
         )
     return results
@@ -106,13 +112,17 @@ def _best_throughput(runner: ort.InferenceSession, name: str, inputs: np.ndarray
 
 def write(results: list[Evaluation], json_out: Path | None, markdown_out: Path | None) -> None:
     table = Table(title="edgefleet model evaluate")
-    for column in ("model", "MB", "top-1 agree", "top-1 (sure)", "top-5 agree", "p50/p95/p99 ms", "img/s (batch)", "gate"):
+    with_labels = any(r.accuracy is not None for r in results)
+    for column in ("model", "MB", "top-1 agree", "top-1 (sure)", "top-5 agree", "p50/p95/p99 ms", "img/s (batch)", "gate") + (
+        ("accuracy",) if with_labels else ()
+    ):
         table.add_column(column)
     for r in results:
         table.add_row(
             r.model, f"{r.size_mb:.1f}", f"{r.top1_agreement:.1%}",
             f"{r.top1_agreement_confident:.1%} of {r.confident_samples}", f"{r.top5_agreement:.1%}",
             f"{r.p50_ms:.2f}/{r.p95_ms:.2f}/{r.p99_ms:.2f}", f"{r.best_images_per_s:.0f} ({r.best_batch})", r.gate,
+            *((f"{r.accuracy:.1%} of {r.labelled_samples}",) if with_labels else ()),
         )
     Console().print(table)
     columns = list(asdict(results[0]))

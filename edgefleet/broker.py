@@ -27,8 +27,10 @@ def find_mosquitto() -> str:
 
 class Broker:
     def __init__(self, port: int | None = None, workdir: Path | None = None, extra_config: str = "",
-                 persistent: bool = False) -> None:
+                 persistent: bool = False, security: str = "") -> None:
+        """security: listener settings from edgefleet.brokerconf (passwords, ACL, TLS); empty: anonymous."""
         self.port = port or free_port()
+        self.security = security
         # Persistent: retained messages and sessions survive a restart (saved on a clean stop).
         self.persistent = persistent
         self._own_dir = workdir is None
@@ -44,7 +46,7 @@ class Broker:
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            + (self.security or "allow_anonymous true\n")
             + (f"persistence true\npersistence_location {self.workdir}/\n" if self.persistent else "persistence false\n")
             + f"log_dest file {self.workdir / 'mosquitto.log'}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"

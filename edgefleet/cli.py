@@ -27,6 +27,8 @@ model_app = typer.Typer(no_args_is_help=True, help="Build and manage models.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: each prints a table and writes JSON with its goals.")
 app.add_typer(model_app, name="model")
 keys_app = typer.Typer(no_args_is_help=True, help="Operator signing keys.")
+certs_app = typer.Typer(no_args_is_help=True, help="A development CA and certificates for the fleet broker and its bridges.")
+app.add_typer(certs_app, name="certs")
 rollout_app = typer.Typer(no_args_is_help=True, help="Roll models out to the fleet: canary, promote, abort, status.")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(bench_app, name="bench")
@@ -334,6 +336,35 @@ def keys_new(
         typer.echo(f"edgefleet keys new: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"key {pair.key_id}: private {pair.private}, public {pair.public}", err=True)
+
+
+CertDir = Annotated[Path, typer.Option("--out", help="The folder of ca.crt/ca.key and the certificates.")]
+
+
+@certs_app.command("ca")
+def certs_ca(out: CertDir = Path("var/certs")) -> None:
+    """A new certificate authority for development fleets (ca.crt, ca.key)."""
+    from edgefleet.certs import new_ca
+
+    if (out / "ca.key").exists():
+        typer.echo(f"edgefleet certs ca: {out / 'ca.key'} exists; a CA is never overwritten", err=True)
+        raise typer.Exit(1)
+    new_ca(out)
+    typer.echo(f"CA written to {out}", err=True)
+
+
+@certs_app.command("issue")
+def certs_issue(
+    names: Annotated[list[str], typer.Argument(help="Common names: device ids, cloud-ingest, operator, or the broker's name.")],
+    server: Annotated[bool, typer.Option(help="A server certificate (the cloud broker's) instead of a client one.")] = False,
+    hosts: Annotated[str, typer.Option(help="With --server: host names and addresses, comma-separated.")] = "localhost,127.0.0.1",
+    out: CertDir = Path("var/certs"),
+) -> None:
+    """Certificates signed by the CA: a device's common name is its id, which the cloud broker's ACL confines."""
+    from edgefleet.certs import issue
+
+    for name in names:
+        typer.echo(f"issued {issue(out, name, server, tuple(h.strip() for h in hosts.split(',') if h.strip()))}", err=True)
 
 
 @model_app.command("publish", epilog=describe_keys(StoreSettings))

@@ -48,6 +48,9 @@ class CommonSettings(BaseSettings):
     device_id: str = Field("device-1", description="This device's id: the <device> level of every topic.")
     mqtt_username: str | None = Field(None, description="Broker user name, where the broker asks for one.")
     mqtt_password: SecretStr | None = Field(None, description="Broker password (prefer a mounted secret file over the environment).")
+    mqtt_ca_file: Path | None = Field(None, description="With mqtts://: the CA that signed the broker's certificate (default: the system's).")
+    mqtt_cert_file: Path | None = Field(None, description="With mqtts://: this client's certificate, where the broker asks for one.")
+    mqtt_key_file: Path | None = Field(None, description="With mqtts://: this client's private key.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log threshold.")
     log_format: Literal["json", "text"] = Field("json", description="json: one object per line; text: for people.")
     mqtt_reconnect_min_s: float = Field(0.5, gt=0, description="First delay before reconnecting to a lost broker.")
@@ -274,6 +277,7 @@ class TelemetrySettings(CommonSettings):
         """The settings of the link to the cloud broker."""
         return CommonSettings(
             mqtt_url=self.cloud_mqtt_url, device_id=self.device_id, mqtt_username=self.cloud_mqtt_username,
+            mqtt_ca_file=self.mqtt_ca_file, mqtt_cert_file=self.mqtt_cert_file, mqtt_key_file=self.mqtt_key_file,
             mqtt_password=self.cloud_mqtt_password, mqtt_reconnect_min_s=self.mqtt_reconnect_min_s,
             mqtt_reconnect_max_s=self.mqtt_reconnect_max_s,
         )

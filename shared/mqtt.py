@@ -73,7 +73,12 @@ class MqttLink:
             password = settings.mqtt_password.get_secret_value() if settings.mqtt_password else None
             c.username_pw_set(settings.mqtt_username, password)
         if settings.mqtt_tls:
-            c.tls_set(tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            c.tls_set(
+                ca_certs=str(settings.mqtt_ca_file) if settings.mqtt_ca_file else None,
+                certfile=str(settings.mqtt_cert_file) if settings.mqtt_cert_file else None,
+                keyfile=str(settings.mqtt_key_file) if settings.mqtt_key_file else None,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
         if status is not None:
             c.will_set(status.topic, status.will, qos=1, retain=True, properties=self._props("application/json"))
         c.on_connect = self._on_connect

@@ -27,6 +27,8 @@ model_app = typer.Typer(no_args_is_help=True, help="Build and manage models.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: each prints a table and writes JSON with its goals.")
 app.add_typer(model_app, name="model")
 keys_app = typer.Typer(no_args_is_help=True, help="Operator signing keys.")
+broker_app = typer.Typer(no_args_is_help=True, help="Files for the Mosquitto brokers: passwords, the bridge to the fleet.")
+app.add_typer(broker_app, name="broker")
 certs_app = typer.Typer(no_args_is_help=True, help="A development CA and certificates for the fleet broker and its bridges.")
 app.add_typer(certs_app, name="certs")
 rollout_app = typer.Typer(no_args_is_help=True, help="Roll models out to the fleet: canary, promote, abort, status.")
@@ -115,6 +117,17 @@ def cloud_ingest(config: ConfigFile = None) -> None:
     from services.cloud_ingest.service import main
 
     raise typer.Exit(main(_settings(IngestSettings, config)))
+
+
+@app.command()
+def health(
+    file: Annotated[Path, typer.Argument(help="The service's EDGEFLEET_HEALTH_FILE.")],
+    max_age: Annotated[float, typer.Option(min=1, help="Seconds since the last heartbeat before it counts as unhealthy.")] = 15.0,
+) -> None:
+    """Exit 0 when the service's heartbeat is fresh (its broker link is up): the containers' health check."""
+    from shared.lifecycle import healthy
+
+    raise typer.Exit(0 if healthy(file, max_age) else 1)
 
 
 @app.command(epilog=describe_keys(CameraSettings))
@@ -339,6 +352,45 @@ def keys_new(
 
 
 CertDir = Annotated[Path, typer.Option("--out", help="The folder of ca.crt/ca.key and the certificates.")]
+SERVICE_USERS = ("inference", "sync", "telemetry", "console")
+
+
+@broker_app.command("passwords")
+def broker_passwords(
+    out: Annotated[Path, typer.Option(help="The Mosquitto password file; <user>.password files go beside it.")] = Path("var/broker/passwords"),
+    cameras: Annotated[str, typer.Option(help="Camera ids, comma-separated: each gets its own user.")] = "cam-1",
+) -> None:
+    """A user and a random password per service and per camera, hashed by mosquitto_passwd (deploy/mosquitto/edge.acl names them)."""
+    import secrets
+
+    from edgefleet.brokerconf import password_file
+
+    users = {u: secrets.token_urlsafe(18) for u in (*SERVICE_USERS, *(c.strip() for c in cameras.split(",") if c.strip()))}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    password_file(out, users)
+    for user, password in users.items():
+        (out.parent / f"{user}.password").touch(mode=0o600)
+        (out.parent / f"{user}.password").write_text(password)
+    typer.echo(f"{len(users)} users in {out}; their passwords in {out.parent}/<user>.password", err=True)
+
+
+@broker_app.command("bridge")
+def broker_bridge(
+    device: Annotated[str, typer.Argument(help="The device id (its certificate's common name).")],
+    host: Annotated[str, typer.Option(help="The fleet broker's host.")] = "cloud-broker",
+    port: Annotated[int, typer.Option(help="The fleet broker's TLS port.")] = 8883,
+    certs: Annotated[Path, typer.Option(help="Where the broker finds ca.crt, <device>.crt and <device>.key.")] = Path("/mosquitto/certs"),
+    out: Annotated[Optional[Path], typer.Option(help="Write here instead of standard output.")] = None,
+) -> None:
+    """The device broker's bridge to the fleet broker: TLS with the device's certificate, a persistent session."""
+    from edgefleet.brokerconf import bridge
+
+    text = bridge(device, host, port, certs)
+    if out is None:
+        typer.echo(text)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
 
 
 @certs_app.command("ca")

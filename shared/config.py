@@ -23,6 +23,7 @@ from shared.codec import WireFormat
 
 ENV_PREFIX = "EDGEFLEET_"
 CONFIG_FILE_ENV = f"{ENV_PREFIX}CONFIG_FILE"
+SECRETS_DIR_ENV = f"{ENV_PREFIX}SECRETS_DIR"
 DEFAULT_MODEL_DIR = Path("var/models/efficientnet-lite0")
 
 S = TypeVar("S", bound="CommonSettings")
@@ -93,7 +94,9 @@ class CommonSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+        # Secrets (passwords, S3 keys) may come as files, one per key, from EDGEFLEET_SECRETS_DIR
+        # (docker compose and Kubernetes mount them under /run/secrets): the environment wins over them.
+        return (init_settings, env_settings, file_secret_settings, TomlConfigSettingsSource(settings_cls))
 
 
 ProviderList = Annotated[list[str], NoDecode]
@@ -300,7 +303,10 @@ def load(cls: type[S], config_file: Path | str | None = None, **overrides: Any) 
             tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
-    bound = type(cls.__name__, (cls,), {"model_config": {**cls.model_config, "toml_file": path}})
+    secrets = os.environ.get(SECRETS_DIR_ENV) or None
+    if secrets is not None and not Path(secrets).is_dir():
+        raise ConfigError(f"{SECRETS_DIR_ENV}={secrets!r} is not a folder")
+    bound = type(cls.__name__, (cls,), {"model_config": {**cls.model_config, "toml_file": path, "secrets_dir": secrets}})
     try:
         return bound(**overrides)
     except ValidationError as exc:

@@ -87,3 +87,20 @@ def test_help_documents_every_key():
     assert result.returncode == 0
     for name in InferenceSettings.model_fields:
         assert f"EDGEFLEET_{name.upper()}" in result.stdout, name
+
+
+def test_secrets_come_from_files_in_the_secrets_folder_and_the_environment_wins(tmp_path, monkeypatch):
+    from shared.config import CommonSettings, ConfigError, load
+
+    (tmp_path / "edgefleet_mqtt_password").write_text("from-a-file")
+    monkeypatch.setenv("EDGEFLEET_SECRETS_DIR", str(tmp_path))
+    assert load(CommonSettings).mqtt_password.get_secret_value() == "from-a-file"
+    monkeypatch.setenv("EDGEFLEET_MQTT_PASSWORD", "from-the-environment")
+    assert load(CommonSettings).mqtt_password.get_secret_value() == "from-the-environment"
+    monkeypatch.setenv("EDGEFLEET_SECRETS_DIR", str(tmp_path / "nowhere"))
+    try:
+        load(CommonSettings)
+    except ConfigError as exc:
+        assert "EDGEFLEET_SECRETS_DIR" in str(exc)
+    else:
+        raise AssertionError("a missing secrets folder must stop the service")

@@ -9,6 +9,7 @@ reason, and is acknowledged (it will never validate; it must not block the devic
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +36,9 @@ class IngestService:
         self.settings = settings
         self.s3 = s3.client(settings)
         s3.ensure_bucket(self.s3, settings.telemetry_bucket)
-        self._replica = settings.device_id
+        # Replicas may share one configured id (docker compose `replicas: 2`); the host name tells them apart,
+        # as the broker needs distinct client ids.
+        self._replica = f"{settings.device_id}-{socket.gethostname()}"[:64]
         self.pool = ThreadPoolExecutor(settings.ingest_workers, thread_name_prefix="writer")
         # Backpressure: at most this many batches taken from the broker and not yet written.
         self._slots = threading.BoundedSemaphore(settings.ingest_workers * 2)
@@ -43,7 +46,7 @@ class IngestService:
         self._stopping = threading.Event()
         self._filter = topics.all_telemetry(settings.share_group)
         self.link = MqttLink(
-            settings, SERVICE,
+            settings.model_copy(update={"device_id": self._replica}), SERVICE,
             StatusPublisher(topics.status(self._replica, SERVICE), online=lambda: encode(self._status(ServiceState.ONLINE)),
                             will=encode(self._status(ServiceState.OFFLINE, reason="connection lost"))),
         )

@@ -1,0 +1,111 @@
+"""Deployment files, checked offline: docker-compose.yml against the Compose Specification's schema
+(vendored in check-jsonschema), every k3s manifest against the Kubernetes OpenAPI schemas (bundled in
+kubernetes-validate), and every container running the command the tests run. No Docker engine or
+cluster exists here; these checks are what can be proven without one, and each is shown to fail on a
+broken file."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.support import ServiceProcess, wait_until
+
+REPO = Path(__file__).resolve().parent.parent
+K8S_VERSION = "1.33.0"
+# The services as the tests start them: `python -m edgefleet <service>` (tests/support.py ServiceProcess).
+SERVICES = {"inference", "sync", "telemetry", "cloud-ingest", "camera"}
+MANIFESTS = sorted(p for p in (REPO / "k3s" / "base").rglob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def _compose_check(path: Path) -> subprocess.CompletedProcess:
+    tool = Path(sys.executable).with_name("check-jsonschema")
+    return subprocess.run([str(tool), "--builtin-schema", "vendor.compose-spec", str(path)], capture_output=True, text=True)
+
+
+def test_the_compose_file_validates_and_a_broken_one_does_not(tmp_path):
+    ok = _compose_check(REPO / "docker-compose.yml")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text((REPO / "docker-compose.yml").read_text().replace("restart: unless-stopped", "restart: [sometimes]", 1))
+    result = _compose_check(broken)
+    assert result.returncode != 0 and "restart" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_k3s_manifest_validates(path):
+    for document in yaml.safe_load_all(path.read_text()):
+        kubernetes_validate.validate(document, K8S_VERSION, strict=True)
+
+
+def test_a_broken_manifest_is_caught():
+    document = next(yaml.safe_load_all((REPO / "k3s/base/cloud/cloud-ingest.yaml").read_text()))
+    document["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(document, K8S_VERSION, strict=True)
+    document["spec"]["replicas"] = 2
+    document["spec"]["template"]["spec"]["containers"][0]["imagePullPolice"] = "Always"  # a typo'd field
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(document, K8S_VERSION, strict=True)
+
+
+def test_kustomizations_name_only_files_that_exist():
+    for kustomization in (REPO / "k3s").rglob("kustomization.yaml"):
+        spec = yaml.safe_load(kustomization.read_text())
+        for resource in spec.get("resources", []):
+            assert (kustomization.parent / resource).exists(), f"{kustomization}: {resource}"
+
+
+def test_broker_configmaps_carry_the_tested_mosquitto_files_verbatim():
+    for side, acl in (("edge", "edge.acl"), ("cloud", "cloud.acl")):
+        data = yaml.safe_load((REPO / f"k3s/base/{side}/broker-config.yaml").read_text())["data"]
+        assert data["mosquitto.conf"] == (REPO / f"deploy/mosquitto/{side}.conf").read_text()
+        assert data[acl] == (REPO / f"deploy/mosquitto/{acl}").read_text()
+
+
+def _commands() -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {"compose": set(), "k3s": set(), "dockerfile": set()}
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    for service in compose["services"].values():
+        if str(service.get("image", "")).startswith("edgefleet/"):
+            found["compose"].add(service["command"][0])
+    for path in MANIFESTS:
+        for document in yaml.safe_load_all(path.read_text()):
+            template = document.get("spec", {}).get("template", {}).get("spec", {})
+            for container in template.get("containers", []):
+                if container["image"].startswith("edgefleet/"):
+                    found["k3s"].add(container["args"][0])
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["edgefleet"]' in dockerfile
+    for target, command in re.findall(r"FROM runtime AS ([\w-]+)\n(?:.*\n)*?CMD \[\"([\w-]+)\"\]", dockerfile):
+        assert target == command, f"the {target} image runs {command}"
+        found["dockerfile"].add(command)
+    return found
+
+
+def test_every_container_runs_the_command_the_tests_run():
+    found = _commands()
+    assert found["dockerfile"] == SERVICES
+    assert found["compose"] == SERVICES
+    assert found["k3s"] == {"inference", "sync", "telemetry", "cloud-ingest"}  # cameras are real ones on k3s
+
+
+def test_the_health_check_follows_the_broker_link(broker, model_dir, tmp_path):
+    health = tmp_path / "alive"
+    env = {"EDGEFLEET_MQTT_URL": broker.url, "EDGEFLEET_DEVICE_ID": "edge-h", "EDGEFLEET_MODEL_DIR": str(model_dir),
+           "EDGEFLEET_HEALTH_FILE": str(health), "EDGEFLEET_MQTT_RECONNECT_MAX_S": "1"}
+    service = ServiceProcess(env, tmp_path / "inference.log")
+    check = [sys.executable, "-m", "edgefleet", "health", str(health), "--max-age", "7"]
+    try:
+        wait_until(lambda: subprocess.run(check).returncode == 0, 60, "a healthy heartbeat", interval=1)
+        broker.kill()
+        wait_until(lambda: subprocess.run(check).returncode == 1, 30, "unhealthy without a broker", interval=1)
+        assert service.alive()
+    finally:
+        service.kill()

@@ -49,6 +49,8 @@ def bridge(device: str, host: str, port: int, certs: Path) -> str:
         f"\nconnection fleet-{device}\naddress {host}:{port}\n"
         f"bridge_cafile {certs / 'ca.crt'}\nbridge_certfile {certs / f'{device}.crt'}\nbridge_keyfile {certs / f'{device}.key'}\n"
         "bridge_tls_version tlsv1.2\nbridge_insecure false\n"
+        # MQTT v5 end to end: content types and correlation data (a telemetry batch's id) must survive the hop.
+        "bridge_protocol_version mqttv50\n"
         f"remote_clientid bridge-{device}\ncleansession false\nrestart_timeout 1 10\n"
         f"topic {own}/telemetry out 1\ntopic {own}/telemetry/ack in 1\ntopic {own}/sync/state out 1\n"
         f"topic {own}/status/+ out 1\ntopic edgefleet/_fleet/rollout in 1\n"

@@ -38,11 +38,14 @@ def encode(message: BaseModel, fmt: WireFormat = WireFormat.JSON) -> bytes:
 
 def decode(cls: type[M], payload: bytes, content_type: str | None = None) -> M:
     """Decodes JSON or msgpack (by content type, else by sniffing: JSON objects start with '{')."""
-    if content_type == WireFormat.MSGPACK_ZLIB.content_type:
+    # A zlib stream starts with 0x78, which no JSON or msgpack message (a map) does: recognise it even
+    # where a hop lost the content type (an MQTT 3.1.1 client or bridge carries no properties).
+    if content_type == WireFormat.MSGPACK_ZLIB.content_type or (content_type is None and payload[:1] == b"\x78"):
         try:
             payload = zlib.decompress(payload)
         except zlib.error as exc:
             raise DecodeError(f"not valid compressed {cls.__name__} data: {exc}") from exc
+        content_type = WireFormat.MSGPACK.content_type
     try:
         if content_type == WireFormat.JSON.content_type or (
             content_type is None and payload[:1] == b"{"

@@ -69,3 +69,13 @@ def test_the_main_job_shows_real_labels(tmp_path):
     shown = int(result.stdout.split("stopped;")[1].split()[0])
     assert shown > 5
     assert any(label in result.stdout for label in ("tabby", "tiger cat", "Egyptian cat", "espresso"))
+
+
+def test_the_whole_fleet_runs_locally_and_its_telemetry_reaches_the_cloud(tmp_path):
+    result = _edgefleet("fleet", "--duration", "25", "--devices", "2", timeout=240, env={"COLUMNS": "160"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    shown = int(result.stdout.split("stopped;")[1].split()[0])
+    assert shown > 20
+    assert "device-1" in result.stdout and "device-2" in result.stdout
+    ingest_log = open("var/fleet/log/cloud-ingest.log").read()
+    assert "dead-lettered" not in ingest_log and "ingesting" in ingest_log

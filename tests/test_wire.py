@@ -64,3 +64,14 @@ def test_jpeg_size_reads_the_header():
     assert jpeg_size(photos.jpeg("hubble_deep_field")) == (872, 1000)
     assert jpeg_size(photos.png("coins")) is None
     assert jpeg_size(b"\xff\xd8\xff\xe0\x00") is None
+
+
+def test_a_compressed_batch_is_recognised_without_its_content_type():
+    import time
+
+    from shared.codec import WireFormat, decode, encode
+    from shared.schemas import Gap, TelemetryBatch, TelemetryRecord
+
+    gap = Gap(device="d", first_seq=1, last_seq=1, count=1, reason="expired", at=time.time())
+    batch = TelemetryBatch(device="d", records=[TelemetryRecord(seq=2, body=gap)], sent_at=time.time())
+    assert decode(TelemetryBatch, encode(batch, WireFormat.MSGPACK_ZLIB)) == batch

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console, Group
-from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
@@ -31,6 +30,7 @@ from edgefleet.broker import Broker
 from edgefleet.brokerconf import bridge, cloud_listener
 from edgefleet.certs import issue, new_ca
 from edgefleet.s3server import S3Server
+from edgefleet.supervise import show_live, stop_children, wait_for
 from shared import topics
 from shared.codec import DecodeError, decode
 from shared.config import DEFAULT_KEY_DIR, DEFAULT_MODEL_DIR, CommonSettings
@@ -167,9 +167,7 @@ def run(devices: int = 2, rate_hz: float = 2.0, duration_s: float | None = None,
             spawn(f"{device}-sync", ["sync"], {**env, "EDGEFLEET_MODEL_STORE": str(store_dir),
                                                "EDGEFLEET_SEED_MODEL_DIR": str(DEFAULT_MODEL_DIR),
                                                "EDGEFLEET_TRUSTED_KEYS_DIR": str(DEFAULT_KEY_DIR)})
-            deadline = time.monotonic() + 60
-            while not (store_dir / "current").exists() and time.monotonic() < deadline:
-                time.sleep(0.1)
+            wait_for(lambda: (store_dir / "current").exists() or children[-1].poll() is not None, 60)
             spawn(f"{device}-inference", ["inference"], {**env, "EDGEFLEET_MODEL_DIR": str(store_dir / "current")})
             spawn(f"{device}-telemetry", ["telemetry"], {**env, "EDGEFLEET_CLOUD_MQTT_URL": broker.url,
                                                          "EDGEFLEET_OUTBOX_PATH": str(folder / device / "outbox.db"),
@@ -188,27 +186,12 @@ def run(devices: int = 2, rate_hz: float = 2.0, duration_s: float | None = None,
         title = (f"edgefleet fleet · {devices} devices · fleet broker {cloud_url} · S3 {store.url} · logs in {logs}/ · Ctrl-C stops\n"
                  f"roll out from another terminal: {operator} edgefleet model publish DIR && "
                  f"{operator} edgefleet rollout start NAME VERSION")
-        started = time.monotonic()
-        with Live(view.render(title), console=console, refresh_per_second=2) as live:
-            while not stop.wait(0.5):
-                live.update(view.render(title))
-                if any(c.poll() is not None for c in children):
-                    console.print(f"[red]a service exited; see {logs}/[/red]")
-                    break
-                if duration_s is not None and time.monotonic() - started > duration_s:
-                    break
+        show_live(console, lambda: view.render(title), children, logs, stop, duration_s)
         console.print(f"\nstopped; {view.total()} predictions shown")
         return 0 if view.total() else 1
     finally:
         for link in links:
             link.stop()
-        for child in reversed(children):
-            if child.poll() is None:
-                child.terminate()
-        for child in children:
-            try:
-                child.wait(15)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        stop_children(children)
         for server in reversed(servers):
             server.close()

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console, Group
-from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
 from edgefleet.broker import Broker
 from edgefleet.s3server import S3Server
+from edgefleet.supervise import show_live, stop_children, wait_for
 from shared import topics
 from shared.codec import DecodeError, decode
 from shared.config import DEFAULT_KEY_DIR, DEFAULT_MODEL_DIR, DEFAULT_STORE_DIR, CommonSettings
@@ -171,7 +171,7 @@ def run(
                 subprocess.Popen(command + args, env=env, stdout=log_file, stderr=log_file, start_new_session=True)
             )
             if name == "sync":  # inference serves from the store that sync prepares
-                _wait_for(lambda: (store / "current").exists() or children[-1].poll() is not None, 60)
+                wait_for(lambda: (store / "current").exists() or children[-1].poll() is not None, 60)
         view = LiveView(console)
         settings = CommonSettings(mqtt_url=url, device_id=device_id)
         link = MqttLink(settings, "console", unique=True)
@@ -185,33 +185,13 @@ def run(
                  f"EDGEFLEET_S3_ACCESS_KEY_ID={s3_server.env()['EDGEFLEET_S3_ACCESS_KEY_ID']} "
                  f"EDGEFLEET_S3_SECRET_ACCESS_KEY={s3_server.env()['EDGEFLEET_S3_SECRET_ACCESS_KEY']} "
                  "edgefleet model publish DIR && edgefleet rollout start NAME VERSION")
-        started = time.monotonic()
-        with Live(view.render(title), console=console, refresh_per_second=4) as live:
-            while not stop.wait(0.25):
-                live.update(view.render(title))
-                if any(c.poll() is not None for c in children):
-                    console.print(f"[red]a service exited; see {log_dir}/[/red]")
-                    break
-                if duration_s is not None and time.monotonic() - started > duration_s:
-                    break
+        show_live(console, lambda: view.render(title), children, log_dir, stop, duration_s, period_s=0.25)
         link.stop()
         console.print(f"\nstopped; {view.predictions} predictions shown")
         return 0 if view.predictions else 1
     finally:
-        for child in reversed(children):
-            if child.poll() is None:
-                child.terminate()
-        for child in children:
-            try:
-                child.wait(15)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        stop_children(children)
         if broker:
             broker.close()
         s3_server.close()
 
-
-def _wait_for(check, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check() and time.monotonic() < deadline:
-        time.sleep(0.1)

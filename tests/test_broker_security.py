@@ -95,6 +95,8 @@ def pki(tmp_path):
         issue(certs, name)
     new_ca(rogue, "someone else's CA")
     issue(rogue, "dev-1")
+    issue(rogue, "operator")
+    issue(rogue, "cloud-broker", server=True)
     return certs, rogue
 
 
@@ -153,3 +155,27 @@ def test_a_bridge_keeps_what_it_queued_across_a_cut_link_and_delivers_it(pki, tm
     finally:
         edge.close()
         cloud.close()
+
+
+def test_a_bridge_refuses_a_fleet_broker_whose_certificate_another_ca_signed(pki, tmp_path):
+    """An impostor fleet broker: the device's bridge must not hand it a single message."""
+    certs, rogue = pki
+    impostor = Broker(security=cloud_listener(rogue)).start()
+    passwords = password_file(tmp_path / "passwords", USERS)
+    edge = Broker(security=edge_listener(passwords), extra_config=bridge("dev-1", "127.0.0.1", impostor.port, certs)).start()
+    try:
+        listener = _device(impostor, rogue, "operator")
+        listener.listen("edgefleet/#")
+        assert listener.connect()
+        sync = _user(edge, "sync")
+        assert sync.connect()
+        for i in range(5):
+            sync.link.publish("edgefleet/dev-1/sync/state", f"secret {i}".encode(), qos=1).wait_for_publish(5)
+            time.sleep(1)
+        assert listener.received == []
+        assert "certificate verify failed" in (edge.workdir / "mosquitto.log").read_text()
+        listener.close()
+        sync.close()
+    finally:
+        edge.close()
+        impostor.close()

@@ -172,11 +172,12 @@ def fleet(
     devices: Annotated[int, typer.Option(min=1, max=8, help="Simulated devices.")] = 2,
     rate: Annotated[float, typer.Option(min=0.1, help="Frames per second per camera (two cameras a device).")] = 2.0,
     duration: Annotated[Optional[float], typer.Option(help="Stop after this many seconds.")] = None,
+    folder: Annotated[Path, typer.Option(help="The fleet's certificates, model stores, outboxes and logs.")] = Path("var/fleet"),
 ) -> None:
     """The whole fleet locally: fleet broker (TLS), S3 store, cloud_ingest, and devices each with broker, sync, inference, telemetry and cameras."""
     from edgefleet import fleet as local_fleet
 
-    raise typer.Exit(local_fleet.run(devices, rate, duration))
+    raise typer.Exit(local_fleet.run(devices, rate, duration, folder))
 
 
 @model_app.command("build")

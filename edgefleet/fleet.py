@@ -186,6 +186,7 @@ def run(devices: int = 2, rate_hz: float = 2.0, duration_s: float | None = None,
         title = (f"edgefleet fleet · {devices} devices · fleet broker {cloud_url} · S3 {store.url} · logs in {logs}/ · Ctrl-C stops\n"
                  f"roll out from another terminal: {operator} edgefleet model publish DIR && "
                  f"{operator} edgefleet rollout start NAME VERSION")
+        console.print(title, highlight=False, soft_wrap=True)  # also where no live table shows: pipes, logs
         show_live(console, lambda: view.render(title), children, logs, stop, duration_s)
         console.print(f"\nstopped; {view.total()} predictions shown")
         return 0 if view.total() else 1

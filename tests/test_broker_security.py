@@ -118,6 +118,18 @@ def test_on_the_cloud_broker_a_device_is_confined_to_its_topics_and_other_cas_ar
         wait_until(lambda: ingest.received, 10, "the device's own batch")
         time.sleep(0.5)
         assert ingest.received == [("edgefleet/dev-1/telemetry", b"mine")]
+        # Operators publish the fleet's rollout; every device reads it, and only operators write it.
+        operator, reader = _device(cloud, certs, "operator"), _device(cloud, certs, "dev-2")
+        reader.listen("edgefleet/_fleet/rollout")
+        assert operator.connect() and reader.connect()
+        time.sleep(0.3)
+        device.link.publish("edgefleet/_fleet/rollout", b"forged by a device", qos=1, retain=True).wait_for_publish(5)
+        operator.link.publish("edgefleet/_fleet/rollout", b"the rollout", qos=1, retain=True).wait_for_publish(5)
+        wait_until(lambda: reader.received, 10, "the rollout at a device")
+        time.sleep(0.5)
+        assert [p for _, p in reader.received] == [b"the rollout"]
+        operator.close()
+        reader.close()
         assert not _device(cloud, rogue, "dev-1", ca_folder=certs).connect(), "a certificate from another CA got in"
         assert not Client(f"mqtts://127.0.0.1:{cloud.port}", "nocert", mqtt_ca_file=certs / "ca.crt").connect()
         for client in (ingest, device):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -71,11 +72,50 @@ def test_the_main_job_shows_real_labels(tmp_path):
     assert any(label in result.stdout for label in ("tabby", "tiger cat", "Egyptian cat", "espresso"))
 
 
-def test_the_whole_fleet_runs_locally_and_its_telemetry_reaches_the_cloud(tmp_path):
-    result = _edgefleet("fleet", "--duration", "25", "--devices", "2", timeout=240, env={"COLUMNS": "160"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    shown = int(result.stdout.split("stopped;")[1].split()[0])
-    assert shown > 20
-    assert "device-1" in result.stdout and "device-2" in result.stdout
-    ingest_log = open("var/fleet/log/cloud-ingest.log").read()
+def test_the_whole_fleet_runs_locally_takes_a_rollout_and_its_telemetry_reaches_the_cloud(model_dir, tmp_path):
+    """The main job as a user runs it: the fleet live, then a model published and rolled out from
+    another terminal with the settings the fleet prints, until every device serves it."""
+    import re
+    import time
+
+    from edgefleet.models.store import resave
+
+    resave(model_dir, tmp_path / "v2", "rebuilt", version=2)
+    log = (tmp_path / "fleet.out").open("w+")
+    fleet = subprocess.Popen([sys.executable, "-m", "edgefleet", "fleet", "--duration", "150", "--devices", "2",
+                              "--folder", str(tmp_path / "fleet")],
+                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "160"})
+    try:
+        def output() -> str:
+            return (tmp_path / "fleet.out").read_text()
+
+        deadline = time.monotonic() + 120
+        while "roll out from another terminal" not in output() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        settings = re.search(r"roll out from another terminal: (.*?) edgefleet model publish", output()).group(1)
+        operator = dict(pair.split("=", 1) for pair in settings.split())
+        deadline = time.monotonic() + 60
+        while not all(f"{d} " in output() for d in ("device-1", "device-2")):
+            assert time.monotonic() < deadline, output()[-3000:]
+            time.sleep(0.5)
+        assert "(model v2)" not in output(), "the devices must start on v1"
+        for model in (model_dir, tmp_path / "v2"):
+            assert _edgefleet("model", "publish", str(model), env=operator).returncode == 0
+        assert _edgefleet("rollout", "start", "efficientnet-lite0", "2", "--rollout-id", "main-job", env=operator).returncode == 0
+        def serving_v2(device: str) -> bool:
+            last = next((line for line in reversed(output().splitlines()) if line.startswith(f"{device} ")), "")
+            return last.endswith("(model v2)")
+
+        deadline = time.monotonic() + 120
+        while not (serving_v2("device-1") and serving_v2("device-2")):
+            assert time.monotonic() < deadline, output()[-3000:]
+            assert fleet.poll() is None, output()[-3000:]
+            time.sleep(1)
+        status = _edgefleet("rollout", "status", "--json", env=operator)
+        states = [json.loads(line) for line in status.stdout.splitlines()]
+        assert {(s["device"], s["state"], s["serving"]["version"]) for s in states} >= {("device-1", "active", 2), ("device-2", "active", 2)}
+    finally:
+        fleet.terminate()
+        assert fleet.wait(60) == 0
+    ingest_log = (tmp_path / "fleet" / "log" / "cloud-ingest.log").read_text()
     assert "dead-lettered" not in ingest_log and "ingesting" in ingest_log

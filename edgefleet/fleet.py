@@ -30,11 +30,10 @@ from edgefleet.broker import Broker
 from edgefleet.brokerconf import bridge, cloud_listener
 from edgefleet.certs import issue, new_ca
 from edgefleet.s3server import S3Server
-from edgefleet.supervise import show_live, stop_children, wait_for
+from edgefleet.supervise import decoded, show_live, stop_children, wait_for
 from shared import topics
-from shared.codec import DecodeError, decode
 from shared.config import DEFAULT_KEY_DIR, DEFAULT_MODEL_DIR, CommonSettings
-from shared.mqtt import MqttLink, content_type_of
+from shared.mqtt import MqttLink
 from shared.registry import new_key_pair
 from shared.schemas import Alert, AlertState, Prediction, ServiceStatus, SyncReport
 
@@ -58,7 +57,7 @@ class FleetView:
         self.devices: dict[str, DeviceRow] = collections.defaultdict(DeviceRow)
 
     def on_prediction(self, message) -> None:
-        if (p := _decoded(Prediction, message)) is None:
+        if (p := decoded(Prediction, message)) is None:
             return
         with self._lock:
             row = self.devices[p.device]
@@ -69,17 +68,17 @@ class FleetView:
                               highlight=False)
 
     def on_status(self, message) -> None:
-        if (s := _decoded(ServiceStatus, message)) is not None and s.telemetry is not None:
+        if (s := decoded(ServiceStatus, message)) is not None and s.telemetry is not None:
             with self._lock:
                 self.devices[s.device].queue = s.telemetry.queue_records
 
     def on_sync(self, message) -> None:
-        if (r := _decoded(SyncReport, message)) is not None:
+        if (r := decoded(SyncReport, message)) is not None:
             with self._lock:
                 self.devices[r.device].sync = r
 
     def on_alert(self, message) -> None:
-        if (a := _decoded(Alert, message)) is not None:
+        if (a := decoded(Alert, message)) is not None:
             with self._lock:
                 open_alerts = self.devices[a.device].alerts
                 if a.state is AlertState.RAISED:
@@ -107,12 +106,6 @@ class FleetView:
                 table.add_row(device, model, f"{rate:.1f}", label, sync, "" if r.queue is None else str(r.queue), alerts)
         return Group(table, Text("predictions seen here " + str(self.total())))
 
-
-def _decoded(cls, message):
-    try:
-        return decode(cls, message.payload, content_type_of(message))
-    except DecodeError:
-        return None
 
 
 def _pki(folder: Path, devices: list[str]) -> Path:

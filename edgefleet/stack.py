@@ -25,12 +25,11 @@ from rich.text import Text
 
 from edgefleet.broker import Broker
 from edgefleet.s3server import S3Server
-from edgefleet.supervise import show_live, stop_children, wait_for
+from edgefleet.supervise import decoded, show_live, stop_children, wait_for
 from shared import topics
-from shared.codec import DecodeError, decode
 from shared.config import DEFAULT_KEY_DIR, DEFAULT_MODEL_DIR, DEFAULT_STORE_DIR, CommonSettings
 from shared.registry import new_key_pair
-from shared.mqtt import MqttLink, content_type_of
+from shared.mqtt import MqttLink
 from shared.schemas import ErrorReport, Prediction, ServiceStatus, SyncReport
 
 
@@ -55,7 +54,7 @@ class LiveView:
         self.predictions = 0
 
     def on_prediction(self, message) -> None:
-        if (prediction := _decoded(Prediction, message)) is None:
+        if (prediction := decoded(Prediction, message)) is None:
             return
         with self._lock:
             row = self.cameras[prediction.camera]
@@ -70,17 +69,17 @@ class LiveView:
             )
 
     def on_status(self, message) -> None:
-        if (status := _decoded(ServiceStatus, message)) is not None:
+        if (status := decoded(ServiceStatus, message)) is not None:
             with self._lock:
                 self.statuses[status.service] = status
 
     def on_sync(self, message) -> None:
-        if (report := _decoded(SyncReport, message)) is not None:
+        if (report := decoded(SyncReport, message)) is not None:
             with self._lock:
                 self.sync = report
 
     def on_error(self, message) -> None:
-        if (report := _decoded(ErrorReport, message)) is not None:
+        if (report := decoded(ErrorReport, message)) is not None:
             with self._lock:
                 self.errors.append(report)
 
@@ -124,13 +123,6 @@ class LiveView:
                 footer.append(f"\nerror {report.reason.value}: {report.detail[:100]}", style="yellow")
         return Group(table, footer)
 
-
-def _decoded(cls, message):
-    """The message as `cls`, or None: a console shows what it can read and skips the rest."""
-    try:
-        return decode(cls, message.payload, content_type_of(message))
-    except DecodeError:
-        return None
 
 
 def run(

@@ -1,5 +1,6 @@
-"""What the local stacks (`edgefleet up`, `edgefleet fleet`) share: showing a live view until Ctrl-C,
-a time limit or a dead child, and stopping the children they started (SIGTERM, then SIGKILL)."""
+"""What the local stacks (`edgefleet up`, `edgefleet fleet`) share: reading what their consoles can,
+showing a live view until Ctrl-C, a time limit or a dead child, and stopping the children they
+started (SIGTERM, then SIGKILL)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,17 @@ from pathlib import Path
 
 from rich.console import Console, RenderableType
 from rich.live import Live
+
+from shared.codec import DecodeError, decode
+from shared.mqtt import content_type_of
+
+
+def decoded(cls, message):
+    """The message as `cls`, or None: a console shows what it can read and skips the rest."""
+    try:
+        return decode(cls, message.payload, content_type_of(message))
+    except DecodeError:
+        return None
 
 
 def show_live(console: Console, render: Callable[[], RenderableType], children: list[subprocess.Popen],

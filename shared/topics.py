@@ -100,6 +100,10 @@ def all_telemetry(share_group: str | None = None) -> str:
     return f"$share/{share_group}/{topic}" if share_group else topic
 
 
+def all_telemetry_acks() -> str:
+    return f"{ROOT}/+/telemetry/ack"
+
+
 def device_of(topic: str) -> str:
     """The <device> level of any per-device topic."""
     return topic.split("/")[1]

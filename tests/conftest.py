@@ -9,7 +9,7 @@ from edgefleet.broker import Broker
 from edgefleet.s3server import S3Server
 from edgefleet.models.build import build
 from shared.config import DEFAULT_MODEL_DIR
-from tests.support import Device, ServiceProcess, wait_until
+from tests.support import Device, ServiceProcess, stop_and_report, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 _device_ids = itertools.count(1)
@@ -95,12 +95,7 @@ def start_inference(model_dir, tmp_path, request):
         return service, device
 
     yield start
-    for service in started:
-        service.kill()
-    call = getattr(request.node, "rep_call", None)
-    if call is not None and call.failed:  # the services' logs, for whoever reads the failure
-        for service in started:
-            print(f"--- {service.log_path}\n{service.log()[-5000:]}")
+    stop_and_report(started, request)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -15,7 +15,7 @@ from edgefleet.s3server import S3Server
 from shared import registry, s3
 from shared.manifest import ModelManifest
 from shared.schemas import Rollout, RolloutPhase, RolloutTarget
-from tests.support import Device, ServiceProcess, wait_until
+from tests.support import Device, ServiceProcess, stop_and_report, wait_until
 
 BUCKET = "edgefleet-models"
 
@@ -109,11 +109,7 @@ class Fleet:
         return process
 
     def close(self) -> None:
-        failed = getattr(getattr(self._request.node, "rep_call", None), "failed", False)
-        for process in self._processes:
-            process.kill()
-            if failed:
-                print(f"--- {process.log_path}\n{process.log()[-4000:]}")
+        stop_and_report(self._processes, self._request)
         for device in self._devices:
             device.close()
         self.broker.close()

@@ -118,6 +118,15 @@ class Device:
         self.link.stop()
 
 
+def stop_and_report(processes: list["ServiceProcess"], request, tail: int = 5000) -> None:
+    """Kills the processes; when the test failed, prints the end of each one's log for whoever reads it."""
+    call = getattr(request.node, "rep_call", None)
+    for process in processes:
+        process.kill()
+        if call is not None and call.failed:
+            print(f"--- {process.log_path}\n{process.log()[-tail:]}")
+
+
 class ServiceProcess:
     """`edgefleet <service>` as a child process: the command the containers run."""
 

@@ -136,11 +136,17 @@ def test_on_the_cloud_broker_a_device_is_confined_to_its_topics_and_other_cas_ar
             client.close()
 
 
+def _brokers(fleet_certs, device_certs, tmp_path) -> tuple[Broker, Broker]:
+    """A fleet broker on `fleet_certs` and dev-1's broker bridged to it with a certificate from `device_certs`."""
+    cloud = Broker(security=cloud_listener(fleet_certs)).start()
+    edge = Broker(security=edge_listener(password_file(tmp_path / "passwords", USERS)),
+                  extra_config=bridge("dev-1", "127.0.0.1", cloud.port, device_certs)).start()
+    return cloud, edge
+
+
 def test_a_bridge_keeps_what_it_queued_across_a_cut_link_and_delivers_it(pki, tmp_path):
     certs, _ = pki
-    cloud = Broker(security=cloud_listener(certs)).start()
-    passwords = password_file(tmp_path / "passwords", USERS)
-    edge = Broker(security=edge_listener(passwords), extra_config=bridge("dev-1", "127.0.0.1", cloud.port, certs)).start()
+    cloud, edge = _brokers(certs, certs, tmp_path)
     try:
         operator = _device(cloud, certs, "operator")
         operator.listen("edgefleet/+/sync/state")
@@ -172,9 +178,7 @@ def test_a_bridge_keeps_what_it_queued_across_a_cut_link_and_delivers_it(pki, tm
 def test_a_bridge_refuses_a_fleet_broker_whose_certificate_another_ca_signed(pki, tmp_path):
     """An impostor fleet broker: the device's bridge must not hand it a single message."""
     certs, rogue = pki
-    impostor = Broker(security=cloud_listener(rogue)).start()
-    passwords = password_file(tmp_path / "passwords", USERS)
-    edge = Broker(security=edge_listener(passwords), extra_config=bridge("dev-1", "127.0.0.1", impostor.port, certs)).start()
+    impostor, edge = _brokers(rogue, certs, tmp_path)
     try:
         listener = _device(impostor, rogue, "operator")
         listener.listen("edgefleet/#")

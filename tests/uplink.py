@@ -11,7 +11,7 @@ from edgefleet.broker import Broker
 from edgefleet.s3server import S3Server
 from services.telemetry.outbox import Outbox
 from shared import s3
-from tests.support import Device, ServiceProcess, wait_until
+from tests.support import Device, ServiceProcess, stop_and_report, wait_until
 
 BUCKET = "edgefleet-telemetry"
 
@@ -78,11 +78,7 @@ class Uplink:
         return result
 
     def close(self) -> None:
-        failed = getattr(getattr(self.request.node, "rep_call", None), "failed", False)
-        for process in self.processes:
-            process.kill()
-            if failed:
-                print(f"--- {process.log_path}\n{process.log()[-4000:]}")
+        stop_and_report(self.processes, self.request)
         self.device.close()
         for server in (self.device_broker, self.cloud_broker, self.s3_server):
             server.close()

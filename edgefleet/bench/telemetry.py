@@ -138,28 +138,23 @@ def _ingest_rate(replicas: int, devices: int, batches: int, per_batch: int, tmp:
                                       sent_at=time.time()), WireFormat.MSGPACK_ZLIB) for b in range(batches)]
             for d in range(devices)
         }
-        acked = threading.Semaphore(0)
-        link = MqttLink(CommonSettings(mqtt_url=cloud.url, device_id="bench"), "bench", unique=True)
-        link.subscribe(f"{topics.ROOT}/+/telemetry/ack", lambda m: acked.release())
-        link.start()
-        link.wait_connected(10)
-        stack.callback(link.stop)
-        gates = {d: threading.Semaphore(1) for d in range(devices)}
-        acks_by_device: dict[str, threading.Semaphore] = {f"dev-{d}": threading.Semaphore(0) for d in range(devices)}
+        acks_by_device = {f"dev-{d}": threading.Semaphore(0) for d in range(devices)}
 
         def on_ack(message) -> None:
             acks_by_device[decode(TelemetryAck, message.payload, content_type_of(message)).device].release()
 
-        link.subscribe(f"{topics.ROOT}/+/telemetry/ack", on_ack)
+        link = MqttLink(CommonSettings(mqtt_url=cloud.url, device_id="bench"), "bench", unique=True)
+        link.subscribe(topics.all_telemetry_acks(), on_ack)
+        link.start()
+        link.wait_connected(10)
+        stack.callback(link.stop)
         time.sleep(0.5)
 
         def device(d: int) -> None:
             for payload in payloads[d]:
-                gates[d].acquire()
                 link.publish(topics.telemetry(f"dev-{d}"), payload, qos=1, content_type=WireFormat.MSGPACK_ZLIB.content_type)
                 if not acks_by_device[f"dev-{d}"].acquire(timeout=60):
                     raise RuntimeError("a batch was not acknowledged")
-                gates[d].release()
 
         threads = [threading.Thread(target=device, args=(d,)) for d in range(devices)]
         t0 = time.perf_counter()

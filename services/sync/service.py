@@ -79,7 +79,6 @@ class SyncService:
         self._handled: Rollout | None = None
         self._switch_results: dict[str, ModelSwitched] = {}
         self._stopping = threading.Event()
-        self._last_report: SyncReport | None = None
         self.link = MqttLink(
             settings, SERVICE,
             StatusPublisher(
@@ -349,16 +348,12 @@ class SyncService:
 
     def _report(self, state: SyncState, rollout: Rollout | None, target: ModelRef | None = None,
                 reason: str | None = None, canary: CanaryVerdict | None = None, progress: int | None = None) -> None:
-        try:
-            serving = self.store.current()[1].ref()
-        except (OSError, ModelError):
-            serving = None
+        serving = self._serving()
         report = SyncReport(
             device=self._device, rollout_id=rollout.rollout_id if rollout else None, state=state,
             target=target or (_ref(rollout) if rollout else None), serving=serving, reason=reason,
             progress_bytes=progress, canary=canary, at=time.time(),
         )
-        self._last_report = report
         if state is not SyncState.DOWNLOADING:
             log.info("sync state", extra=fields(state=state.value, rollout=report.rollout_id, reason=reason))
         self.link.publish(topics.sync_state(self._device), encode(report), qos=1, retain=True,
@@ -370,12 +365,14 @@ class SyncService:
         self.link.publish(topics.errors(self._device), encode(report), qos=1, content_type=WireFormat.JSON.content_type)
 
     def _status(self, state: ServiceState, reason: str | None = None) -> ServiceStatus:
-        try:
-            serving = self.store.current()[1].ref()
-        except (OSError, ModelError):
-            serving = None
         return ServiceStatus(device=self._device, service=SERVICE, state=state, at=time.time(),
-                             edgefleet_version=VERSION, reason=reason, model=serving)
+                             edgefleet_version=VERSION, reason=reason, model=self._serving())
+
+    def _serving(self) -> ModelRef | None:
+        try:
+            return self.store.current()[1].ref()
+        except (OSError, ModelError):
+            return None
 
 
 def _ref(rollout: Rollout) -> ModelRef:

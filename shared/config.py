@@ -223,6 +223,7 @@ class SyncSettings(StoreSettings):
     download_retry_max_s: float = Field(30.0, gt=0, description="Longest wait between download retries (backoff).")
     switch_timeout_s: float = Field(120.0, gt=0, description="How long inference may take to load and warm a model.")
     canary_window: int = Field(50, ge=5, description="Predictions compared on each side of a switch.")
+    canary_warmup: int = Field(10, ge=0, description="A model's first predictions, left out of its canary window while it warms up.")
     canary_timeout_s: float = Field(
         600.0, gt=0, description="A canary whose window does not fill in this time is judged on what it has."
     )

@@ -69,7 +69,7 @@ class SyncService:
         self.repairs = self.store.repair()
         self.trusted = registry.load_public_keys(settings.trusted_keys_dir)
         self.s3 = s3.client(settings, attempts=1, timeout_s=settings.download_timeout_s)
-        self.watch = canary.Watch(settings.canary_window)
+        self.watch = canary.Watch(settings.canary_window, settings.canary_warmup)
         self.limits = canary.Thresholds(
             settings.canary_max_psi, settings.canary_max_error_rate, settings.canary_max_latency_ratio,
             settings.canary_max_confidence_drop,

@@ -1,0 +1,37 @@
+"""The canary's judgement: pure logic, so tested as such (the processes are tested in test_sync)."""
+
+from __future__ import annotations
+
+from services.sync.canary import Thresholds, Watch, judge
+from shared.schemas import ClassScore, ModelRef, Prediction, Timings
+
+LIMITS = Thresholds(max_psi=0.5, max_error_rate_increase=0.05, max_latency_ratio=1.5, max_confidence_drop=0.2)
+
+
+def _prediction(sha: str, label: str, inference_ms: float) -> Prediction:
+    return Prediction(
+        device="d", camera="c", frame_id="f", captured_at=None, top=[ClassScore(index=0, label=label, score=0.8)],
+        model=ModelRef(name="m", version=1, sha256=sha), provider="CPUExecutionProvider",
+        timings=Timings(queued_ms=0, preprocess_ms=1, inference_ms=inference_ms, total_ms=inference_ms + 1, batch_size=1),
+        published_at=0.0,
+    )
+
+
+def test_a_models_warm_up_predictions_stay_out_of_its_window():
+    watch = Watch(size=20, warmup=5)
+    for _ in range(20):
+        watch.on_prediction(_prediction("old", "cat", 10.0))
+    for latency in [40.0] * 5 + [10.0] * 20:  # slow first runs after the switch, then steady
+        watch.on_prediction(_prediction("new", "cat", latency))
+    assert len(watch.snapshot("new")) == 20
+    assert judge(watch.snapshot("old"), watch.snapshot("new"), LIMITS).passed
+
+
+def test_a_slower_or_shifted_model_fails_with_its_reasons():
+    watch = Watch(size=20)
+    for i in range(20):
+        watch.on_prediction(_prediction("old", ["cat", "dog"][i % 2], 10.0))
+        watch.on_prediction(_prediction("new", ["car", "boat"][i % 2], 20.0))
+    verdict = judge(watch.snapshot("old"), watch.snapshot("new"), LIMITS)
+    assert not verdict.passed and len(verdict.reasons) == 2
+    assert "PSI" in verdict.reasons[0] and "latency" in verdict.reasons[1]

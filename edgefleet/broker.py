@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from edgefleet.ports import free_port, wait_listening
@@ -31,7 +32,9 @@ class Broker:
         """security: listener settings from edgefleet.brokerconf (passwords, ACL, TLS); empty: anonymous."""
         self.port = port or free_port()
         self.security = security
-        # Persistent: retained messages and sessions survive a restart (saved on a clean stop).
+        # Persistent: retained messages and sessions survive a restart (saved on a clean stop, and every
+        # autosave_interval the security settings give: deploy/mosquitto/cloud.conf's is a second).
+        # This flag wins over the settings' own `persistence` (it is written after them).
         self.persistent = persistent
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="edgefleet-broker-"))
@@ -49,7 +52,7 @@ class Broker:
             + (self.security or "allow_anonymous true\n")
             + (f"persistence true\npersistence_location {self.workdir}/\n" if self.persistent else "persistence false\n")
             + f"log_dest file {self.workdir / 'mosquitto.log'}\n"
-            "log_type error\nlog_type warning\nlog_type notice\n"
+            "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
             # Frames are large and arrive in bursts: let the broker hold a backlog for slow clients.
             "max_queued_messages 10000\n"
             # Nagle's algorithm delays the tail of every frame bigger than one segment.
@@ -68,6 +71,23 @@ class Broker:
             self.stop()
             raise
         return self
+
+    def reload(self, timeout: float = 10.0) -> None:
+        """SIGHUP: Mosquitto re-reads its config (ACL, passwords, certificates and, on 2.0, the CRL), as
+        `kill -HUP` or a container's reload does; returns once the broker has logged the reload.
+
+        Raises:
+            TimeoutError: the broker did not log it in time.
+        """
+        log = self.workdir / "mosquitto.log"
+        count = lambda: log.read_text().count("Reloading config.") if log.exists() else 0
+        before = count()
+        self.process.send_signal(signal.SIGHUP)
+        wait_for_log = time.monotonic() + timeout
+        while count() <= before:
+            if time.monotonic() > wait_for_log:
+                raise TimeoutError(f"mosquitto did not reload (log: {log})")
+            time.sleep(0.05)
 
     def kill(self) -> None:
         """SIGKILL: the broker dies as in a crash or power cut."""

@@ -1,12 +1,14 @@
 """The Mosquitto settings that keep everyone where they belong, rendered for a broker and its files.
-The ACLs themselves are committed in deploy/mosquitto/ and used verbatim by docker-compose, k3s and
-the tests; this module only fills in paths, ports and the device id.
+The configs and ACLs are committed in deploy/mosquitto/ and used verbatim by docker-compose, k3s and
+the tests (a spawned broker takes every directive of edge.conf/cloud.conf but its listener,
+persistence location and include_dir); this module only fills in paths, ports and the device id.
 
 - The device's broker: no anonymous clients; a user per service and per camera (password file), the
-  ACL in deploy/mosquitto/edge.acl.
-- The fleet's broker: TLS only, a client certificate from the fleet's CA required, its common name
-  taken as the user name, the ACL in deploy/mosquitto/cloud.acl (each device confined to its own
-  topics).
+  ACL in deploy/mosquitto/edge.acl, payload and packet size caps above a frame's.
+- The fleet's broker: TLS only, a client certificate from the fleet's CA required and checked against
+  the CA's revocation list, its common name taken as the user name and as the client id, the ACL in
+  deploy/mosquitto/cloud.acl (each device confined to its own topics), payload and packet size caps,
+  a snapshot to disk every second.
 - The bridge from a device's broker to the fleet's: TLS with the device's certificate, a persistent
   session (cleansession false) so nothing queued is lost across a cut link, the fleet topics only.
 """
@@ -19,6 +21,12 @@ from pathlib import Path
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto"
 EDGE_ACL, CLOUD_ACL = DEPLOY / "edge.acl", DEPLOY / "cloud.acl"
+EDGE_CONF, CLOUD_CONF = DEPLOY / "edge.conf", DEPLOY / "cloud.conf"
+# What the deployment decides and a spawned Broker (edgefleet/broker.py) decides for itself: where it
+# listens, whether and where it persists, where bridge files live.
+_LOCAL = ("listener", "persistence_location", "include_dir")
+
+
 def password_file(path: Path, users: dict[str, str]) -> Path:
     """A Mosquitto password file (hashed by mosquitto_passwd, as in production)."""
     tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
@@ -29,17 +37,39 @@ def password_file(path: Path, users: dict[str, str]) -> Path:
     return path
 
 
+def directives(conf: Path, paths: dict[str, Path]) -> str:
+    """The settings of a committed broker config, for a broker spawned here: the same directives,
+    production paths (longest first) replaced by local ones, minus what the spawner decides.
+
+    Raises:
+        ValueError: a directive still names a production path (/mosquitto/...) no entry replaces.
+    """
+    lines = []
+    for raw in conf.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or line.split()[0] in _LOCAL:
+            continue
+        for production in sorted(paths, key=len, reverse=True):
+            line = line.replace(production, str(paths[production]))
+        if " /mosquitto/" in line:
+            raise ValueError(f"{conf.name}: no local path for {line!r}")
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def edge_listener(passwords: Path, acl: Path = EDGE_ACL) -> str:
-    return f"allow_anonymous false\npassword_file {passwords}\nacl_file {acl}\n"
+    """deploy/mosquitto/edge.conf's settings with this password file and ACL."""
+    return directives(EDGE_CONF, {"/mosquitto/config/passwords": passwords, "/mosquitto/config/edge.acl": acl})
 
 
 def cloud_listener(certs: Path, server: str = "cloud-broker", acl: Path = CLOUD_ACL) -> str:
-    return (
-        "allow_anonymous false\n"
-        f"cafile {certs / 'ca.crt'}\ncertfile {certs / f'{server}.crt'}\nkeyfile {certs / f'{server}.key'}\n"
-        "require_certificate true\nuse_identity_as_username true\ntls_version tlsv1.2\n"
-        f"acl_file {acl}\n"
-    )
+    """deploy/mosquitto/cloud.conf's settings with the CA, CRL and server certificate in `certs`."""
+    return directives(CLOUD_CONF, {
+        "/mosquitto/certs/cloud-broker.crt": certs / f"{server}.crt",
+        "/mosquitto/certs/cloud-broker.key": certs / f"{server}.key",
+        "/mosquitto/certs/": f"{certs}/",
+        "/mosquitto/config/cloud.acl": acl,
+    })
 
 
 def bridge(device: str, host: str, port: int, certs: Path) -> str:
@@ -51,7 +81,8 @@ def bridge(device: str, host: str, port: int, certs: Path) -> str:
         "bridge_tls_version tlsv1.2\nbridge_insecure false\n"
         # MQTT v5 end to end: content types and correlation data (a telemetry batch's id) must survive the hop.
         "bridge_protocol_version mqttv50\n"
-        f"remote_clientid bridge-{device}\ncleansession false\nrestart_timeout 1 10\n"
+        # The fleet broker takes the certificate's common name as the client id (cloud.conf), whatever is asked.
+        f"remote_clientid {device}\ncleansession false\nrestart_timeout 1 10\n"
         f"topic {own}/telemetry out 1\ntopic {own}/telemetry/ack in 1\ntopic {own}/sync/state out 1\n"
         f"topic {own}/status/+ out 1\ntopic edgefleet/_fleet/rollout in 1\n"
     )

@@ -1,6 +1,8 @@
 """`edgefleet certs`: a development certificate authority, the cloud broker's server certificate and
 one client certificate per device (its common name is the device id, which the cloud broker takes as
-the user name its ACL confines). Production fleets bring their own PKI; the files are the same shape."""
+the user name its ACL confines and as the client id), the fleet's own identities (operator, one per
+cloud_ingest replica), and the CA's revocation list (ca.crl, read by the fleet broker's `crlfile`).
+Production fleets bring their own PKI; the files are the same shape."""
 
 from __future__ import annotations
 
@@ -13,7 +15,25 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared.topics import check_id
+
 VALID_DAYS = 825
+CRL = "ca.crl"
+# The fleet's own identities on its broker (deploy/mosquitto/cloud.acl grants them what no device
+# may have). A device certificate with one of these common names would be an operator or an ingest
+# replica, so `issue_device` refuses them; `_fleet` is the rollout's topic level.
+OPERATOR, INGEST, BROKER, FLEET = "operator", "cloud-ingest", "cloud-broker", "_fleet"
+RESERVED = (OPERATOR, INGEST, BROKER, FLEET)
+
+
+def reserved(name: str) -> bool:
+    """A name kept for the fleet's services: operator, cloud-broker, _fleet, cloud-ingest and cloud-ingest-<n>."""
+    return name in RESERVED or name.startswith(f"{INGEST}-")
+
+
+def service_name(name: str) -> bool:
+    """A client identity the fleet's services use: operator or cloud-ingest-<n> (one per replica)."""
+    return name == OPERATOR or (name.startswith(f"{INGEST}-") and name[len(INGEST) + 1:].isdigit())
 
 
 def _name(common_name: str) -> x509.Name:
@@ -40,12 +60,56 @@ def new_ca(folder: Path, name: str = "edgefleet dev CA") -> None:
         .sign(key, hashes.SHA256())
     )
     _write(folder, "ca", key, cert)
+    write_crl(folder, {})
+
+
+def _ca(folder: Path):
+    key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), password=None)
+    return key, x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes())
+
+
+def revoked(folder: Path) -> dict[int, datetime.datetime]:
+    """The serial numbers in folder/ca.crl and when each was revoked (none if there is no CRL yet)."""
+    path = folder / CRL
+    if not path.exists():
+        return {}
+    return {e.serial_number: e.revocation_date_utc for e in x509.load_pem_x509_crl(path.read_bytes())}
+
+
+def write_crl(folder: Path, entries: dict[int, datetime.datetime]) -> Path:
+    """folder/ca.crl, signed by the CA, listing `entries` (serial -> revocation time), rewritten whole.
+    Its next update is as far off as a certificate's expiry: OpenSSL refuses every client once it passes.
+    """
+    ca_key, ca_cert = _ca(folder)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+               .last_update(now - datetime.timedelta(minutes=5)).next_update(now + datetime.timedelta(days=VALID_DAYS)))
+    for serial, when in entries.items():
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build())
+    path = folder / CRL
+    path.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def revoke(folder: Path, common_name: str) -> int:
+    """Adds folder/<common_name>.crt's serial to folder/ca.crl (earlier entries kept); returns the serial.
+
+    The fleet broker reads the CRL when it starts and on SIGHUP: reload or restart it to refuse the certificate.
+
+    Raises:
+        FileNotFoundError: no such certificate in folder.
+    """
+    cert = x509.load_pem_x509_certificate((folder / f"{common_name}.crt").read_bytes())
+    entries = revoked(folder)
+    entries.setdefault(cert.serial_number, datetime.datetime.now(datetime.timezone.utc))
+    write_crl(folder, entries)
+    return cert.serial_number
 
 
 def issue(folder: Path, common_name: str, server: bool = False, hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> Path:
     """A certificate for `common_name` signed by the CA in folder: <common_name>.crt and .key."""
-    ca_key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), password=None)
-    ca_cert = x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes())
+    ca_key, ca_cert = _ca(folder)
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
     builder = (
@@ -61,3 +125,26 @@ def issue(folder: Path, common_name: str, server: bool = False, hosts: tuple[str
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     _write(folder, common_name, key, builder.sign(ca_key, hashes.SHA256()))
     return folder / f"{common_name}.crt"
+
+
+def issue_device(folder: Path, device: str) -> Path:
+    """A device's client certificate: its common name is the device id.
+
+    Raises:
+        ValueError: not a valid device id, or a name reserved for the fleet's services.
+    """
+    if reserved(device):
+        raise ValueError(f"{device!r} is reserved for the fleet's own services ({', '.join(RESERVED)}, "
+                         f"{INGEST}-<n>) and cannot be a device; issue it with --service")
+    return issue(folder, check_id("device", device))
+
+
+def issue_service(folder: Path, name: str) -> Path:
+    """A fleet service's client certificate: `operator`, or `cloud-ingest-<n>` for replica n.
+
+    Raises:
+        ValueError: any other name.
+    """
+    if not service_name(name):
+        raise ValueError(f"{name!r} is not a fleet service identity: {OPERATOR} or {INGEST}-<n> (one per replica)")
+    return issue(folder, name)

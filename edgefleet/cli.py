@@ -408,10 +408,14 @@ def broker_bridge(
 
 @certs_app.command("ca")
 def certs_ca(out: CertDir = Path("var/certs")) -> None:
-    """A new certificate authority for development fleets (ca.crt, ca.key)."""
-    from edgefleet.certs import new_ca
+    """A new certificate authority for development fleets (ca.crt, ca.key, and its empty revocation list
+    ca.crl, which the fleet broker requires). On an existing CA without ca.crl, writes only that."""
+    from edgefleet.certs import CRL, new_ca, write_crl
 
     if (out / "ca.key").exists():
+        if not (out / CRL).exists():  # a CA made before the fleet broker checked revocations (crlfile)
+            typer.echo(f"revocation list written to {write_crl(out, {})}", err=True)
+            return
         typer.echo(f"edgefleet certs ca: {out / 'ca.key'} exists; a CA is never overwritten", err=True)
         raise typer.Exit(1)
     new_ca(out)
@@ -420,16 +424,44 @@ def certs_ca(out: CertDir = Path("var/certs")) -> None:
 
 @certs_app.command("issue")
 def certs_issue(
-    names: Annotated[list[str], typer.Argument(help="Common names: device ids, cloud-ingest, operator, or the broker's name.")],
+    names: Annotated[list[str], typer.Argument(help="Common names: device ids; with --service operator or cloud-ingest-<n>; with --server the broker's name.")],
     server: Annotated[bool, typer.Option(help="A server certificate (the cloud broker's) instead of a client one.")] = False,
+    service: Annotated[bool, typer.Option(help="A fleet service's client certificate: operator, or cloud-ingest-<n> per replica.")] = False,
     hosts: Annotated[str, typer.Option(help="With --server: host names and addresses, comma-separated.")] = "localhost,127.0.0.1",
     out: CertDir = Path("var/certs"),
 ) -> None:
-    """Certificates signed by the CA: a device's common name is its id, which the cloud broker's ACL confines."""
-    from edgefleet.certs import issue
+    """Certificates signed by the CA: a device's common name is its id, which the cloud broker's ACL confines.
+    The fleet's own names (operator, cloud-ingest*, cloud-broker, _fleet) are never issued to a device."""
+    from edgefleet.certs import issue, issue_device, issue_service
 
     for name in names:
-        typer.echo(f"issued {issue(out, name, server, tuple(h.strip() for h in hosts.split(',') if h.strip()))}", err=True)
+        try:
+            if server:
+                path = issue(out, name, True, tuple(h.strip() for h in hosts.split(",") if h.strip()))
+            else:
+                path = (issue_service if service else issue_device)(out, name)
+        except (ValueError, FileNotFoundError) as exc:
+            typer.echo(f"edgefleet certs issue: {exc}", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(f"issued {path}", err=True)
+
+
+@certs_app.command("revoke")
+def certs_revoke(
+    names: Annotated[list[str], typer.Argument(help="Common names whose certificate (<name>.crt in --out) is revoked.")],
+    out: CertDir = Path("var/certs"),
+) -> None:
+    """Adds the certificates to the CA's revocation list (ca.crl beside ca.crt). The fleet broker reads it
+    at start and on SIGHUP: reload or restart it to refuse them."""
+    from edgefleet.certs import revoke
+
+    for name in names:
+        try:
+            serial = revoke(out, name)
+        except FileNotFoundError as exc:
+            typer.echo(f"edgefleet certs revoke: {exc}", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(f"revoked {name} (serial {serial:x}) in {out / 'ca.crl'}; reload (SIGHUP) or restart the fleet broker to apply", err=True)
 
 
 @model_app.command("publish", epilog=describe_keys(StoreSettings))
@@ -437,19 +469,18 @@ def model_publish(
     model: Annotated[Path, typer.Argument(help="The model's folder (model.onnx and manifest.json).")],
     key: Annotated[Path, typer.Option(help="The operator's Ed25519 private key.")] = DEFAULT_KEY_DIR / "operator.key",
     name: Annotated[Optional[str], typer.Option(help="Publish under this name (default: the manifest's).")] = None,
-    version: Annotated[Optional[int], typer.Option(min=1, help="Version number (default: the latest + 1).")] = None,
+    version: Annotated[Optional[int], typer.Option(min=1, max=10**9, help="Version number (default: one past every version in the registry).")] = None,
     config: ConfigFile = None,
 ) -> None:
     """Sign and upload a model to the S3 registry. Refuses gate-failed models and stale versions. Keys:"""
     from edgefleet.registry import PublishRefused, publish
     from shared import s3
     from shared.manifest import ModelError
-    from shared.registry import SignatureError
 
     settings = _settings(StoreSettings, config)
     try:
         done = publish(s3.client(settings), settings.registry_bucket, model, key, name, version)
-    except (PublishRefused, ModelError, SignatureError, FileNotFoundError) as exc:
+    except (PublishRefused, ModelError, ValueError, FileNotFoundError) as exc:  # ValueError: bad name, key
         typer.echo(f"edgefleet model publish: refused: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"published {done.name} v{done.version} (sha256 {done.sha256[:16]}…, signed by key {done.key_id}) "
@@ -521,6 +552,19 @@ def bench_swap(
     raise typer.Exit(swap.run(quick, json_out, model_dir, rate))
 
 
+@bench_app.command("overload")
+def bench_overload(
+    quick: Annotated[bool, typer.Option(help="A shorter overload; about half a minute.")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here.")] = None,
+    model_dir: Annotated[Path, typer.Option(help="The model to serve.")] = DEFAULT_MODEL_DIR,
+    factor: Annotated[float, typer.Option(min=2, help="Offered rate, as a multiple of the sustainable rate measured first.")] = 10.0,
+) -> None:
+    """Ten times the sustainable rate against the sustainable rate itself, in one run: latency growth, memory growth, counters."""
+    from edgefleet.bench import overload
+
+    raise typer.Exit(overload.run(quick, json_out, model_dir, factor))
+
+
 @bench_app.command("telemetry")
 def bench_telemetry(
     quick: Annotated[bool, typer.Option(help="Smaller volumes; about a minute.")] = False,
@@ -573,7 +617,7 @@ def rollout_start(
     target = RolloutTarget(devices=split(devices), groups=split(group), share=canary / 100)
     try:
         started = rollout.start(_fleet(config, mqtt_url), model, version, target, allow_downgrade, rollout_id)
-    except ConnectionError as exc:
+    except (ConnectionError, ValueError) as exc:
         typer.echo(f"edgefleet rollout start: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"rollout {started.rollout_id}: {model} v{version}, {started.phase.value}, "
@@ -612,22 +656,44 @@ def rollout_status(
     mqtt_url: FleetUrl = None,
     config: ConfigFile = None,
 ) -> None:
-    """Per device: state, model served, the rollout's model, and the last reason."""
+    """Per device (named by its topic): state, model served, the rollout's model, the last reason, the
+    report's age, and whether the device is stale (nothing heard for 3 status intervals)."""
+    import json
+
     from rich.console import Console
     from rich.table import Table
 
     from edgefleet import rollout
 
-    reports = rollout.states(_fleet(config, mqtt_url), wait)
+    rows = rollout.rows(_fleet(config, mqtt_url), wait)
     if json_out:
-        for report in reports.values():
-            typer.echo(report.model_dump_json())
+        for row in rows:
+            typer.echo(json.dumps(row.as_json()))
         return
     table = Table(title="edgefleet rollout status")
-    for column in ("device", "rollout", "state", "serving", "target", "reason"):
-        table.add_column(column)
-    for device, r in sorted(reports.items()):
-        table.add_row(device, r.rollout_id or "", r.state.value,
-                      f"{r.serving.name} v{r.serving.version}" if r.serving else "",
-                      f"{r.target.name} v{r.target.version}" if r.target else "", r.reason or "")
-    Console().print(table)
+    # A device id is never cut or wrapped (operators grep for it); other cells wrap rather than elide.
+    table.add_column("device", no_wrap=True, min_width=max((len(row.device) for row in rows), default=6))
+    for column in ("rollout", "state", "serving", "target", "reason", "age", "health"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        r = row.report
+        table.add_row(row.device, (r.rollout_id or "") if r else "", r.state.value if r else "(no report)",
+                      f"{r.serving.name} v{r.serving.version}" if r and r.serving else "",
+                      f"{r.target.name} v{r.target.version}" if r and r.target else "", (r.reason or "") if r else "",
+                      f"{row.age_s:.0f} s" if row.age_s is not None else "", _health(row))
+    console = Console()
+    # Piped into grep or a file there is no terminal width to respect: one row per line.
+    (console if console.is_terminal else Console(width=max(console.width, 200))).print(table)
+
+
+def _health(row) -> str:
+    notes = ["STALE" if row.stale else "ok"]
+    if row.last_heard_s is not None and row.age_s is not None and abs(row.last_heard_s - max(row.age_s, 0)) > 1:
+        notes.append(f"heard {row.last_heard_s:.0f} s ago")
+    if row.clock_ahead:
+        notes.append("clock ahead")
+    if row.status is not None and row.status.state.value != "online":
+        notes.append(f"sync {row.status.state.value}")
+    if row.claimed_device:
+        notes.append(f"payload claims {row.claimed_device}")
+    return ", ".join(notes)

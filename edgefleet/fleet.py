@@ -28,7 +28,7 @@ from rich.text import Text
 
 from edgefleet.broker import Broker
 from edgefleet.brokerconf import bridge, cloud_listener
-from edgefleet.certs import issue, new_ca
+from edgefleet.certs import CRL, issue, new_ca, write_crl
 from edgefleet.s3server import S3Server
 from edgefleet.supervise import decoded, show_live, stop_children, wait_for
 from shared import topics
@@ -38,6 +38,7 @@ from shared.registry import new_key_pair
 from shared.schemas import Alert, AlertState, Prediction, ServiceStatus, SyncReport
 
 FLEET_DIR = Path("var/fleet")
+INGEST_REPLICA = "cloud-ingest-0"
 
 
 @dataclass
@@ -112,7 +113,10 @@ def _pki(folder: Path, devices: list[str]) -> Path:
     certs = folder / "certs"
     if not (certs / "ca.key").exists():
         new_ca(certs, "edgefleet local fleet CA")
-    for name, server in (("cloud-broker", True), ("cloud-ingest", False), ("operator", False), *((d, False) for d in devices)):
+    if not (certs / CRL).exists():  # a CA made before the fleet broker checked revocations
+        write_crl(certs, {})
+    # One certificate per cloud_ingest replica: the fleet broker takes its common name as the client id.
+    for name, server in (("cloud-broker", True), (INGEST_REPLICA, False), ("operator", False), *((d, False) for d in devices)):
         if not (certs / f"{name}.crt").exists():
             issue(certs, name, server=server)
     return certs
@@ -147,8 +151,8 @@ def run(devices: int = 2, rate_hz: float = 2.0, duration_s: float | None = None,
                                              stdout=log, stderr=log, start_new_session=True))
 
         spawn("cloud-ingest", ["cloud-ingest"], {**tls, "EDGEFLEET_MQTT_URL": cloud_url, "EDGEFLEET_DEVICE_ID": "cloud-ingest",
-                                                 "EDGEFLEET_MQTT_CERT_FILE": str(certs / "cloud-ingest.crt"),
-                                                 "EDGEFLEET_MQTT_KEY_FILE": str(certs / "cloud-ingest.key")})
+                                                 "EDGEFLEET_MQTT_CERT_FILE": str(certs / f"{INGEST_REPLICA}.crt"),
+                                                 "EDGEFLEET_MQTT_KEY_FILE": str(certs / f"{INGEST_REPLICA}.key")})
         view = FleetView(console)
         for device in ids:
             (folder / device / "broker").mkdir(parents=True, exist_ok=True)

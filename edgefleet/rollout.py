@@ -6,12 +6,13 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 
-from shared import topics
+from shared import registry, topics
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import CommonSettings
 from shared.mqtt import MqttLink, content_type_of
-from shared.schemas import Rollout, RolloutPhase, RolloutTarget, SyncReport
+from shared.schemas import Rollout, RolloutPhase, RolloutTarget, ServiceStatus, SyncReport
 
 
 class NoRollout(RuntimeError):
@@ -38,6 +39,13 @@ def publish(settings: CommonSettings, rollout: Rollout) -> None:
 
 def start(settings: CommonSettings, model: str, version: int, target: RolloutTarget, allow_downgrade: bool = False,
           rollout_id: str | None = None) -> Rollout:
+    """Publishes a new rollout, retained.
+
+    :raises ValueError: a model name or version that could never be a registry key.
+    :raises ConnectionError: the fleet broker is unreachable.
+    """
+    registry.check_name(model)
+    registry.check_version(version)
     rollout = Rollout(
         rollout_id=rollout_id or f"{model}-v{version}-{uuid.uuid4().hex[:6]}", model=model, version=version,
         phase=RolloutPhase.CANARY if target.share < 1 else RolloutPhase.PROMOTED, target=target,
@@ -78,20 +86,102 @@ def change_phase(settings: CommonSettings, phase: RolloutPhase) -> Rollout:
     return changed
 
 
-def states(settings: CommonSettings, wait_s: float = 2.0) -> dict[str, SyncReport]:
-    """Every device's latest retained sync report, by device id."""
-    reports: dict[str, SyncReport] = {}
+# A timestamp this far ahead of the operator's clock is a skewed device clock, not NTP jitter.
+CLOCK_AHEAD_TOLERANCE_S = 2.0
+# A device silent for this many status intervals is stale. Like Mosquitto, which gives a client 1.5
+# keep-alives before calling it gone, the margin tolerates a late refresh; three intervals also
+# tolerate two lost ones before an operator is told to distrust the row.
+STALE_AFTER_INTERVALS = 3
 
-    def on_state(message) -> None:
-        try:
-            report = decode(SyncReport, message.payload, content_type_of(message))
-        except DecodeError:
-            return
-        reports[report.device] = report
+
+@dataclass(frozen=True)
+class DeviceRow:
+    """One device as the operators see it. `device` is the <device> level of the topic, which the fleet
+    broker's ACL ties to the device's certificate; the payload's own `device` field is only a claim.
+
+    age_s: now - report.at (negative when the device's clock is ahead). last_heard_s: now - the newest
+    trustworthy timestamp of its sync report and sync status. stale: nothing heard for more than
+    STALE_AFTER_INTERVALS status intervals (or only timestamps from the future, which prove nothing).
+    """
+
+    device: str
+    report: SyncReport | None
+    status: ServiceStatus | None
+    age_s: float | None
+    last_heard_s: float | None
+    stale: bool
+    clock_ahead: bool
+
+    @property
+    def claimed_device(self) -> str | None:
+        """The payload's device field, when it names another device than its topic."""
+        for claim in (self.report and self.report.device, self.status and self.status.device):
+            if claim and claim != self.device:
+                return claim
+        return None
+
+    def as_json(self) -> dict:
+        """The report's fields, with `device` from the topic and the freshness added."""
+        body = self.report.model_dump(mode="json") if self.report else {f: None for f in SyncReport.model_fields}
+        return {
+            **body, "device": self.device, "claimed_device": self.claimed_device,
+            "sync": self.status.state.value if self.status else None,
+            "age_s": _rounded(self.age_s), "last_heard_s": _rounded(self.last_heard_s),
+            "stale": self.stale, "clock_ahead": self.clock_ahead,
+        }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def row(device: str, report: SyncReport | None, status: ServiceStatus | None, now: float,
+        status_interval_s: float) -> DeviceRow:
+    """Judges one device's freshness from its retained sync report and sync status (pure: no I/O).
+
+    :param now: the operator's clock (time.time()).
+    :param status_interval_s: how often devices refresh their status; stale after 3 of them.
+    """
+    ages = [now - m.at for m in (report, status) if m is not None]
+    clock_ahead = any(age < -CLOCK_AHEAD_TOLERANCE_S for age in ages)
+    trusted = [max(age, 0.0) for age in ages if age >= -CLOCK_AHEAD_TOLERANCE_S]
+    last_heard = min(trusted) if trusted else None
+    stale = last_heard is None or last_heard > STALE_AFTER_INTERVALS * status_interval_s
+    return DeviceRow(device, report, status, now - report.at if report else None, last_heard, stale, clock_ahead)
+
+
+def rows(settings: CommonSettings, wait_s: float = 2.0, now: float | None = None) -> list[DeviceRow]:
+    """Every device that has a retained sync report or sync status on the fleet broker, by topic, sorted."""
+    reports, statuses = _collect(settings, wait_s)
+    now = time.time() if now is None else now
+    return [row(d, reports.get(d), statuses.get(d), now, settings.status_interval_s)
+            for d in sorted(reports.keys() | statuses.keys())]
+
+
+def states(settings: CommonSettings, wait_s: float = 2.0) -> dict[str, SyncReport]:
+    """Every device's latest retained sync report, by the device its topic names."""
+    return _collect(settings, wait_s)[0]
+
+
+def _collect(settings: CommonSettings, wait_s: float) -> tuple[dict[str, SyncReport], dict[str, ServiceStatus]]:
+    reports: dict[str, SyncReport] = {}
+    statuses: dict[str, ServiceStatus] = {}
+
+    def keep(kind: type, into: dict):
+        def on_message(message) -> None:
+            try:
+                # Keyed by the topic: a device may publish only under its own id (fleet ACL), but it can
+                # write anything in a payload.
+                into[topics.check_id("device", topics.device_of(message.topic))] = decode(
+                    kind, message.payload, content_type_of(message))
+            except (DecodeError, ValueError, IndexError):
+                return
+        return on_message
 
     link = MqttLink(settings, "operator", unique=True)
-    link.subscribe(topics.all_sync_states(), on_state)
+    link.subscribe(topics.all_sync_states(), keep(SyncReport, reports))
+    link.subscribe(topics.every_device_status(topics.SYNC_SERVICE), keep(ServiceStatus, statuses))
     link.start()
     time.sleep(wait_s)
     link.stop()
-    return reports
+    return dict(reports), dict(statuses)

@@ -36,15 +36,39 @@ def encode(message: BaseModel, fmt: WireFormat = WireFormat.JSON) -> bytes:
     return zlib.compress(packed, 6) if fmt is WireFormat.MSGPACK_ZLIB else packed
 
 
-def decode(cls: type[M], payload: bytes, content_type: str | None = None) -> M:
-    """Decodes JSON or msgpack (by content type, else by sniffing: JSON objects start with '{')."""
-    # A zlib stream starts with 0x78, which no JSON or msgpack message (a map) does: recognise it even
-    # where a hop lost the content type (an MQTT 3.1.1 client or bridge carries no properties).
-    if content_type == WireFormat.MSGPACK_ZLIB.content_type or (content_type is None and payload[:1] == b"\x78"):
-        try:
-            payload = zlib.decompress(payload)
-        except zlib.error as exc:
-            raise DecodeError(f"not valid compressed {cls.__name__} data: {exc}") from exc
+# What a compressed payload may inflate to when the caller names no cap. A telemetry batch is at most
+# batch_max_bytes (256 KiB by default) before compression; 16 MiB leaves room for any configured batch
+# and still keeps a zlib bomb (1000:1 is easy) from costing a process more than that.
+DEFAULT_MAX_INFLATED_BYTES = 16 * 1024 * 1024
+
+
+def decode(cls: type[M], payload: bytes, content_type: str | None = None, *,
+           max_inflated_bytes: int | None = None, sniff_compressed: bool = False) -> M:
+    """Decodes one message of type `cls` from JSON, msgpack or zlib-compressed msgpack.
+
+    Args:
+        cls: the schema the payload must validate against.
+        payload: the bytes as they came off the wire; their length is the caller's to bound (the
+            brokers' message_size_limit bounds it for everything that crossed one).
+        content_type: the MQTT v5 content type, if the sender set one. Without it JSON is recognised by
+            its leading '{', anything else is read as msgpack.
+        max_inflated_bytes: a compressed payload is inflated at most to this many bytes, and refused
+            past it before the rest is inflated (default DEFAULT_MAX_INFLATED_BYTES).
+        sniff_compressed: also treat a payload with no content type whose first byte is 0x78 as
+            compressed. Only for channels that carry compressed messages (telemetry batches, which an
+            MQTT 3.1.1 hop may strip of their content type); never for frames.
+
+    Returns:
+        The validated message.
+
+    Raises:
+        DecodeError: the payload is not a valid `cls`, inflates past the cap, or nests too deep.
+    """
+    compressed = content_type == WireFormat.MSGPACK_ZLIB.content_type or (
+        sniff_compressed and content_type is None and payload[:1] == b"\x78"
+    )
+    if compressed:
+        payload = inflate(payload, max_inflated_bytes or DEFAULT_MAX_INFLATED_BYTES, cls.__name__)
         content_type = WireFormat.MSGPACK.content_type
     try:
         if content_type == WireFormat.JSON.content_type or (
@@ -53,14 +77,36 @@ def decode(cls: type[M], payload: bytes, content_type: str | None = None) -> M:
             obj = json.loads(payload)
         else:
             obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise DecodeError(f"not valid {cls.__name__} data: {exc}") from exc
+    # RecursionError: JSON nested thousands deep; msgpack's own limit raises StackError.
+    except (ValueError, RecursionError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise DecodeError(f"not valid {cls.__name__} data: {str(exc)[:200]}") from exc
     if not isinstance(obj, dict):
         raise DecodeError(f"{cls.__name__} must be a map, got {type(obj).__name__}")
     try:
         return cls.model_validate(obj)
+    except RecursionError as exc:
+        raise DecodeError(f"{cls.__name__} nests too deep") from exc
     except ValueError as exc:  # pydantic.ValidationError is a ValueError
         raise DecodeError(_summarise(cls, exc)) from exc
+
+
+def inflate(payload: bytes, limit: int, what: str = "payload") -> bytes:
+    """Inflates a zlib stream, refusing it as soon as the output passes `limit` bytes: the cap is
+    applied while inflating (zlib's max_length), so a bomb costs at most `limit` bytes of memory.
+
+    Raises:
+        DecodeError: not zlib data, truncated, or larger than `limit` once inflated.
+    """
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(payload, limit + 1)
+    except zlib.error as exc:
+        raise DecodeError(f"not valid compressed {what} data: {exc}") from exc
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise DecodeError(f"compressed {what} inflates past the cap of {limit} bytes")
+    if not inflater.eof:
+        raise DecodeError(f"compressed {what} data is truncated")
+    return out
 
 
 def _summarise(cls: type[BaseModel], exc: ValueError) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -20,6 +20,7 @@ from pydantic_settings import (
 
 from shared import topics
 from shared.codec import WireFormat
+from shared.schemas import MAX_LIST
 
 ENV_PREFIX = "EDGEFLEET_"
 CONFIG_FILE_ENV = f"{ENV_PREFIX}CONFIG_FILE"
@@ -135,7 +136,13 @@ class InferenceSettings(CommonSettings):
     )
     queue_size: int = Field(64, ge=1, le=100_000, description="Frames held before the oldest are dropped.")
     max_frame_bytes: int = Field(
-        4 * 1024 * 1024, ge=1024, description="Larger frames are rejected with an 'oversized' error."
+        4 * 1024 * 1024, ge=1024, description="Larger frames are rejected with an 'oversized' error; an envelope "
+        "declared msgpack+zlib is also refused if it inflates past this."
+    )
+    max_frame_pixels: int = Field(
+        25_000_000, ge=1024, le=1_000_000_000,
+        description="Largest width x height a frame may declare in its JPEG/PNG header; larger ones are rejected "
+        "with an 'oversized' error before any decoding (a 200 KB PNG can declare 8000x8000).",
     )
     scaled_decode: bool = Field(
         True,
@@ -221,11 +228,22 @@ class SyncSettings(StoreSettings):
     )
     download_timeout_s: float = Field(10.0, gt=0, description="A stalled read or connection gives up after this.")
     download_retry_max_s: float = Field(30.0, gt=0, description="Longest wait between download retries (backoff).")
-    switch_timeout_s: float = Field(120.0, gt=0, description="How long inference may take to load and warm a model.")
+    switch_timeout_s: float = Field(
+        120.0, gt=0, le=86400, description="How long inference may take to load and warm a model: the switch's deadline, which "
+        "inference honours (a load finishing later is discarded and the switch fails)."
+    )
     canary_window: int = Field(50, ge=5, description="Predictions compared on each side of a switch.")
     canary_warmup: int = Field(10, ge=0, description="A model's first predictions, left out of its canary window while it warms up.")
     canary_timeout_s: float = Field(
         600.0, gt=0, description="A canary whose window does not fill in this time is judged on what it has."
+    )
+    canary_min_samples: int = Field(
+        20, ge=1, description="Fewer predictions than this on either side of a switch make the canary inconclusive "
+        "(it never keeps a model); at most canary_window."
+    )
+    canary_inconclusive: Literal["rollback", "hold"] = Field(
+        "rollback", description="An inconclusive canary (no traffic before its timeout): roll back, or hold the new "
+        "model and report it as not passed."
     )
     canary_max_psi: float = Field(0.5, gt=0, description="Roll back when the predicted-class PSI (new vs old) exceeds this.")
     canary_max_error_rate: float = Field(0.05, ge=0, le=1, description="Roll back when the new model's error rate exceeds the old one's by more than this.")
@@ -238,6 +256,12 @@ class SyncSettings(StoreSettings):
         if isinstance(value, str):
             value = [g.strip() for g in value.split(",") if g.strip()]
         return [topics.check_id("group", g) for g in value]
+
+    @model_validator(mode="after")
+    def _canary_min_fits_window(self) -> SyncSettings:
+        if self.canary_min_samples > self.canary_window:
+            raise ValueError(f"canary_min_samples ({self.canary_min_samples}) exceeds canary_window ({self.canary_window})")
+        return self
 
 
 class TelemetrySettings(CommonSettings):
@@ -253,10 +277,13 @@ class TelemetrySettings(CommonSettings):
     ttl_hard_example_s: float = Field(3 * 86400, gt=0, description="How long a hard example may wait for the link.")
     ttl_alert_s: float = Field(30 * 86400, gt=0, description="How long an alert may wait for the link.")
     flush_interval_s: float = Field(0.2, gt=0, le=10, description="Records are committed to disk together at this interval.")
-    batch_max_records: int = Field(500, ge=1, description="Most records per batch to the cloud.")
+    batch_max_records: int = Field(500, ge=1, le=MAX_LIST, description="Most records per batch to the cloud.")
     batch_max_bytes: int = Field(256 * 1024, ge=1024, description="Most bytes per batch to the cloud (before compression).")
     ack_timeout_s: float = Field(10.0, gt=0, description="A batch the cloud has not acknowledged by then is sent again.")
     forward_retry_max_s: float = Field(30.0, gt=0, description="Longest wait between attempts while the link is down.")
+    forward_max_attempts: int = Field(
+        10, ge=1, description="A batch sent this many times without an acknowledgement is given up: moved to the outbox's "
+        "dead-letter table and reported to the cloud as a `dead_lettered` gap, so one poison batch cannot stall the outbox.")
     resource_interval_s: float = Field(10.0, gt=0, description="How often host and container resources are sampled.")
     drift_baseline: int = Field(200, ge=10, description="Predictions after a model starts serving that form its baseline.")
     drift_window: int = Field(100, ge=10, description="Recent predictions compared with the baseline.")
@@ -291,6 +318,10 @@ class IngestSettings(StoreSettings):
     telemetry_bucket: str = Field("edgefleet-telemetry", min_length=3, max_length=63, description="Where telemetry is written.")
     share_group: str = Field("ingest", description="The MQTT v5 shared-subscription group replicas split the load in.")
     ingest_workers: int = Field(4, ge=1, le=64, description="Batches written to S3 at once.")
+    max_batch_bytes: int = Field(16 * 1024 * 1024, ge=64 * 1024, description="A batch inflates to at most this many bytes; a larger one is dead-lettered unread.")
+    ingest_session_expiry_s: int = Field(
+        3600, ge=0, description="How long the broker keeps a replica's session (and the batches it took but did not "
+        "acknowledge) after the replica is gone; a replica restarted with the same id gets them again.")
 
 
 def load(cls: type[S], config_file: Path | str | None = None, **overrides: Any) -> S:

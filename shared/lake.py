@@ -6,8 +6,10 @@
     telemetry/_dead_letter/date=<YYYY-MM-DD>/device=<device>/<sha256>.bin  a payload that did not validate
     telemetry/_dead_letter/date=<YYYY-MM-DD>/device=<device>/<sha256>.json   and why
 
-<batch> is the batch's first and last sequence number. A batch sent again has the same numbers, so the
-same keys: a replay overwrites, it never duplicates. The date is the first record's, so a replay
+<batch> is the outbox's epoch and the batch's first and last sequence number (`<epoch>-<first>-<last>`).
+A batch sent again has the same epoch and numbers, so the same keys: a replay overwrites, it never
+duplicates. A lost, recreated or repaired outbox has a new epoch and its numbers start again, so it
+can never overwrite an object an earlier epoch wrote. The date is the first record's, so a replay
 lands in the same partition.
 """
 
@@ -45,6 +47,7 @@ class BatchIndex(BaseModel):
 
     device: str
     batch_id: str
+    epoch: str
     seqs: list[int]
     kinds: dict[str, int]
     gaps: list[Gap]

@@ -4,15 +4,45 @@ manifest.json by the model build, read by inference (and later by sync and the o
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.schemas import ModelRef
 
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
+MAX_VERSION = 10**9
+
+# The same rule as shared.topics.check_id: a name becomes an S3 key level and a folder on the device,
+# so it must be path-safe before anything is built from it.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_model_name(name: str) -> str:
+    """A model name: 1-64 letters, digits, '_', '.', '-', starting with a letter or digit, no '..'.
+
+    :raises ValueError: otherwise.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"model name {name!r} must be 1-64 characters of letters, digits, '_', '.', '-', "
+            "start with a letter or digit and not contain '..'"
+        )
+    return name
+
+
+def check_model_version(version: int) -> int:
+    """A model version: an int in 1..10**9.
+
+    :raises ValueError: otherwise.
+    """
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+        raise ValueError(f"model version {version!r} must be an integer from 1 to {MAX_VERSION}")
+    return version
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -73,6 +103,16 @@ class ModelManifest(_Strict):
     # The oldest edgefleet release that can serve this model; set when it is published.
     min_edgefleet: str | None = None
     created_at: float
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        return check_model_name(name)
+
+    @field_validator("version")
+    @classmethod
+    def _bounded_version(cls, version: int) -> int:
+        return check_model_version(version)
 
     @model_validator(mode="after")
     def _labels_match_output(self) -> ModelManifest:

@@ -3,6 +3,14 @@
 It reconnects by itself with exponential backoff (a dead broker is waited for, never a reason to exit),
 subscribes again after every reconnect, leaves a retained "offline" status as its last will, and
 publishes a retained "online" status on every connect.
+
+Options for a consumer that must not lose what it took (cloud_ingest):
+- `manual_ack`: a QoS 1 message is acknowledged to the broker only when the application calls ack(),
+  after it has done its work; until then the broker owns it and delivers it again on a new session.
+- `receive_maximum`: MQTT v5 Receive Maximum, the most unacknowledged QoS 1 messages the broker sends
+  this client: the flow control that bounds work taken, so no callback ever has to block.
+- `session_expiry_s`: a persistent session (clean start off): after a crash the broker keeps what the
+  client took and did not acknowledge, and sends it again when the same client id comes back.
 """
 
 from __future__ import annotations
@@ -48,6 +56,9 @@ class MqttLink:
         client_name: str,
         status: StatusPublisher | None = None,
         unique: bool = False,
+        manual_ack: bool = False,
+        receive_maximum: int | None = None,
+        session_expiry_s: int | None = None,
     ) -> None:
         # Services keep a stable id per device; tools (cameras, benches) add a suffix so many can run.
         client_id = f"{client_name}-{settings.device_id}" + (f"-{uuid.uuid4().hex[:8]}" if unique else "")
@@ -55,7 +66,16 @@ class MqttLink:
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=MQTTProtocolVersion.MQTTv5,
+            manual_ack=manual_ack,
         )
+        self._connect_props: Properties | None = None
+        if receive_maximum is not None or session_expiry_s is not None:
+            self._connect_props = Properties(PacketTypes.CONNECT)
+            if receive_maximum is not None:
+                self._connect_props.ReceiveMaximum = receive_maximum
+            if session_expiry_s is not None:
+                self._connect_props.SessionExpiryInterval = session_expiry_s
+        self._clean_start = paho.MQTT_CLEAN_START_FIRST_ONLY if session_expiry_s is None else False
         self._settings = settings
         self._status = status
         self._subscriptions: list[tuple[str, int, Handler]] = []
@@ -98,15 +118,22 @@ class MqttLink:
             self._client.subscribe(topic_filter, qos)
 
     def unsubscribe(self, topic_filter: str, timeout: float = 5.0) -> bool:
-        """Stops a subscription and waits for the broker's UNSUBACK: after it no message of that
-        filter arrives, so a service that stops intake here has every message it acknowledged."""
+        """Stops a subscription and waits for the broker's UNSUBACK; the handler is removed only then.
+        Messages the broker sent before it saw the UNSUBSCRIBE still arrive in between, and were (or will
+        be) acknowledged: they reach the handler, so a service that stops intake here loses none.
+        Returns False if the broker did not answer in time (the handler is removed anyway)."""
         with self._lock:
-            self._subscriptions = [s for s in self._subscriptions if s[0] != topic_filter]
             rc, mid = self._client.unsubscribe(topic_filter)
-            if rc != paho.MQTT_ERR_SUCCESS:
-                return False
             done = self._unsubscribed[mid] = threading.Event()
-        return done.wait(timeout)
+        answered = rc == paho.MQTT_ERR_SUCCESS and done.wait(timeout)
+        with self._lock:
+            self._unsubscribed.pop(mid, None)
+            self._subscriptions = [s for s in self._subscriptions if s[0] != topic_filter]
+        return answered
+
+    def ack(self, message: paho.MQTTMessage) -> None:
+        """With manual_ack: tells the broker `message` is done with (PUBACK). Safe from any thread."""
+        self._client.ack(message.mid, message.qos)
 
     def publish(
         self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, content_type: str | None = None,
@@ -125,7 +152,8 @@ class MqttLink:
         """Connects in the background; a broker that is not up yet is retried with backoff."""
         s = self._settings
         log.info("connecting to broker", extra=fields(url=s.mqtt_url))
-        self._client.connect_async(s.mqtt_host, s.mqtt_port, keepalive=30)
+        self._client.connect_async(s.mqtt_host, s.mqtt_port, keepalive=30, clean_start=self._clean_start,
+                                   properties=self._connect_props)
         self._client.loop_start()
 
     def wait_connected(self, timeout: float) -> bool:

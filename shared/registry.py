@@ -8,7 +8,9 @@
                                             over the exact bytes of manifest.json
 
 The signature is written last: a version without one is incomplete and is neither listed nor
-installed. A published version is never overwritten.
+installed. Every object is created with a conditional PUT (If-None-Match: *): nothing is ever
+overwritten. Everything read back is untrusted until verified: names and versions are checked before
+they become keys or paths, and manifest and signature are read only up to their caps (read_bounded).
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from botocore.exceptions import ClientError, IncompleteReadError
+
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from shared.manifest import ModelManifest
+from shared.manifest import ModelManifest, check_model_name, check_model_version
 
 ROOT = "models"
 MODEL_OBJECT, MANIFEST_OBJECT, SIGNATURE_OBJECT = "model.onnx", "manifest.json", "manifest.sig"
@@ -33,8 +37,93 @@ PUBLIC_KEY_SUFFIX = ".pub"
 _VERSION_KEY = re.compile(rf"^{ROOT}/(?P<name>[^/]+)/(?P<version>\d+)/{re.escape(SIGNATURE_OBJECT)}$")
 
 
+# Caps on what is read whole before it is verified. A real manifest is ~16-40 KB (the labels list
+# dominates), a signature ~150 bytes: the caps leave a wide margin and still bound the memory a hostile
+# or corrupted registry can make a device spend.
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_SIGNATURE_BYTES = 16 << 10
+_OBJECTS = (MODEL_OBJECT, MANIFEST_OBJECT, SIGNATURE_OBJECT)
+
+
+class ObjectTooLarge(ValueError):
+    """A registry object larger than the cap for its kind; it was not read."""
+
+
+def check_name(name: str) -> str:
+    """A model name safe to become an S3 key level and a folder name.
+
+    :param name: the name, from a rollout, a manifest or an operator.
+    :returns: the name unchanged.
+    :raises ValueError: if it is not 1-64 letters, digits, '_', '.', '-' starting with a letter or digit,
+        or contains '..'.
+    """
+    return check_model_name(name)
+
+
+def check_version(version: int) -> int:
+    """A model version: an int 1..10**9 (bool refused).
+
+    :returns: the version unchanged.
+    :raises ValueError: otherwise.
+    """
+    return check_model_version(version)
+
+
 def key(name: str, version: int, obj: str) -> str:
-    return f"{ROOT}/{name}/{version}/{obj}"
+    """The S3 key of one object of a version; name and version are validated first.
+
+    :raises ValueError: for an invalid name, version or object.
+    """
+    if obj not in _OBJECTS:
+        raise ValueError(f"unknown registry object {obj!r}; expected one of {_OBJECTS}")
+    return f"{ROOT}/{check_name(name)}/{check_version(version)}/{obj}"
+
+
+def read_bounded(s3, bucket: str, key: str, max_bytes: int) -> bytes:
+    """An object's whole body, if it is at most `max_bytes`; never reads more than max_bytes + 1 bytes.
+
+    Asks for `Range: bytes=0-max_bytes` and refuses when the object's total size (Content-Range, or
+    Content-Length if the server ignored the range) is over the cap, or when the stream carries more
+    than the cap whatever the headers said.
+
+    :param s3: a boto3 S3 client.
+    :param max_bytes: the largest size accepted.
+    :returns: the body.
+    :raises ObjectTooLarge: if the object is larger than `max_bytes`.
+    :raises ClientError, BotoCoreError: unchanged (missing object, network), for the caller's retries;
+        a body shorter than its announced size raises botocore's IncompleteReadError (a BotoCoreError).
+    """
+    try:
+        response = s3.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{max_bytes}")
+    except ClientError as exc:
+        # Only an empty object cannot satisfy bytes=0-N (416).
+        if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+            return b""
+        raise
+    body = response["Body"]
+    try:
+        total = _total_size(response)
+        if total is not None and total > max_bytes:
+            raise ObjectTooLarge(f"{key} is {total} bytes, over the cap of {max_bytes}")
+        data = body.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ObjectTooLarge(f"{key} is more than {max_bytes} bytes (the cap), whatever its headers say")
+        if total is not None and len(data) != total:
+            # A cut connection: a transient error the caller retries, not a verdict on the object.
+            raise IncompleteReadError(actual_bytes=len(data), expected_bytes=total)
+        return data
+    finally:
+        body.close()
+
+
+def _total_size(response: dict) -> int | None:
+    content_range = response.get("ContentRange")  # "bytes 0-1023/4096"
+    if content_range and "/" in content_range:
+        total = content_range.rsplit("/", 1)[1]
+        if total.isascii() and total.isdigit():
+            return int(total)
+    length = response.get("ContentLength")
+    return int(length) if length is not None and not content_range else None
 
 
 def version_of(object_key: str, name: str) -> int | None:

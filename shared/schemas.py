@@ -8,11 +8,22 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 WIRE_VERSION = 1
+# The longest text any field may carry (reasons, details, labels); producers truncate to it.
+MAX_STR = 4096
+# The longest list any message may carry (rollout targets, telemetry records); producers stay under it.
+MAX_LIST = 10_000
+# Prediction.top: InferenceSettings.top_k is at most this.
+MAX_TOP = 1000
+# Cameras named in InferenceStats.dropped_by_camera; further cameras are summed under "_other".
+MAX_CAMERA_KEYS = 256
 
 
 class _Message(BaseModel):
     # Unknown fields are an error, not silently dropped: a typo in a client shows up at once.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinity are refused in every float: one `at=inf` would poison S3 partitions, sorting and
+    # every statistic computed over it. Strings are bounded so a hostile client's megabyte "label"
+    # costs a validation error, not memory in every consumer.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, str_max_length=MAX_STR)
 
 
 class Encoding(StrEnum):
@@ -65,13 +76,15 @@ class Prediction(_Message):
     camera: str
     frame_id: str
     captured_at: float | None
-    top: list[ClassScore]
+    # Bounded like every list that crosses a broker (a hostile list costs a validation error, not
+    # memory): top_k is at most 1000, INPUT_FEATURES has 7 entries.
+    top: Annotated[list[ClassScore], Field(max_length=MAX_TOP)]
     model: ModelRef
     provider: str
     timings: Timings
     published_at: float
     # Statistics of the model's input for this frame, for drift detection (see INPUT_FEATURES).
-    features: list[float] | None = None
+    features: Annotated[list[float], Field(max_length=64)] | None = None
 
 
 class ErrorReason(StrEnum):
@@ -101,8 +114,9 @@ class ServiceState(StrEnum):
 
 
 class ProviderReport(_Message):
-    requested: list[str]
-    available: list[str]
+    # ONNX Runtime knows about twenty execution providers.
+    requested: Annotated[list[str], Field(max_length=64)]
+    available: Annotated[list[str], Field(max_length=64)]
     active: str
     fallback: bool
 
@@ -112,20 +126,27 @@ class InferenceStats(_Message):
     frames_rejected: int = 0
     frames_dropped: int = 0
     predictions_published: int = 0
+    # Predictions the MQTT client refused (its queue full, or QoS 0 while disconnected): never sent.
+    predictions_lost: int = 0
     batches: int = 0
     queue_depth: int = 0
+    # Drops by camera, at most MAX_CAMERA_KEYS cameras named; the rest are summed under "_other".
+    dropped_by_camera: Annotated[dict[str, int], Field(max_length=MAX_CAMERA_KEYS + 1)] = Field(default_factory=dict)
 
 
 class TelemetryStats(_Message):
     queue_records: int
     queue_bytes: int
     next_seq: int
-    dropped: dict[str, int]  # by gap reason: queue_full, expired, damaged
+    dropped: dict[str, int]  # by gap reason: queue_full, expired, damaged, dead_lettered, write_failed
     batches_sent: int
     batches_resent: int
     records_acknowledged: int
     open_alerts: list[str]
     outbox_repaired: str | None = None
+    epoch: str | None = None  # the outbox's epoch (see TelemetryBatch.epoch)
+    records_refused: int = 0  # records that failed validation before the outbox: never stored, never sent
+    batches_dead_lettered: int = 0  # batches given up (by the cloud or after too many attempts)
 
 
 class ServiceStatus(_Message):
@@ -153,7 +174,11 @@ class ModelSwitch(_Message):
     request_id: str
     model_dir: str
     sha256: str
-    at: float
+    at: float  # wall clock at sending; sync and inference share the device's clock
+    # The switch's deadline, seconds from `at` (and, against clock steps, from receipt too): inference
+    # discards a load that finishes later and answers ok=False "late", so a switch sync gave up on can
+    # never land afterwards. None: no deadline (older senders).
+    timeout_s: float | None = Field(None, gt=0, le=86400)
 
 
 class ModelSwitched(_Message):
@@ -178,8 +203,8 @@ class RolloutTarget(_Message):
     """Which devices: all (no devices, no groups), listed devices, or members of groups; then `share`
     of those, chosen by a hash of device id and rollout id (stable: the same devices every time)."""
 
-    devices: list[str] = Field(default_factory=list)
-    groups: list[str] = Field(default_factory=list)
+    devices: Annotated[list[str], Field(max_length=MAX_LIST)] = Field(default_factory=list)
+    groups: Annotated[list[str], Field(max_length=MAX_LIST)] = Field(default_factory=list)
     share: float = Field(1.0, gt=0, le=1)
 
 
@@ -222,6 +247,9 @@ class CanaryVerdict(_Message):
     prediction_psi: float | None
     passed: bool
     reasons: list[str]
+    # False when either window had fewer than the minimum samples: no verdict, and no verdict never
+    # keeps a model (it is rolled back, or held but reported as not passed).
+    conclusive: bool = True
 
 
 class SyncReport(_Message):
@@ -295,7 +323,8 @@ class ResourceSample(_Message):
 
 class HardExample(_Message):
     # JSON (the lake's line format) carries the image as base64; msgpack carries raw bytes.
-    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, str_max_length=MAX_STR,
+                              ser_json_bytes="base64", val_json_bytes="base64")
 
     kind: Literal["hard_example"] = "hard_example"
     device: str
@@ -309,6 +338,11 @@ class GapReason(StrEnum):
     QUEUE_FULL = "queue_full"
     EXPIRED = "expired"
     DAMAGED = "damaged"
+    # Given up: the cloud could not store the batch (it is in its dead letters) or it went unacknowledged
+    # `forward_max_attempts` times; the records are kept in the outbox's local dead-letter table.
+    DEAD_LETTERED = "dead_lettered"
+    # Taken from memory but never committed: the outbox's write failed (disk full) and the process exited.
+    WRITE_FAILED = "write_failed"
 
 
 class Gap(_Message):
@@ -321,6 +355,7 @@ class Gap(_Message):
     count: int
     reason: GapReason
     at: float
+    detail: str | None = None  # why, in words (a dead letter's validation error)
 
 
 RecordBody = Annotated[Alert | ResourceSample | HardExample | Gap, Field(discriminator="kind")]
@@ -334,13 +369,17 @@ class TelemetryRecord(_Message):
 class TelemetryBatch(_Message):
     v: int = WIRE_VERSION
     device: str
-    records: list[TelemetryRecord] = Field(min_length=1)
+    # The outbox's epoch: a random id made with the outbox file. A lost or repaired outbox starts a new
+    # epoch, so its sequence numbers (which start again) never name an object an older epoch wrote.
+    epoch: str = Field(pattern=r"^[0-9a-f]{8}$")
+    # TelemetrySettings.batch_max_records is bounded by the same MAX_LIST.
+    records: list[TelemetryRecord] = Field(min_length=1, max_length=MAX_LIST)
     sent_at: float
 
     @property
     def batch_id(self) -> str:
-        """First and last sequence number: the same batch resent has the same id (and S3 keys)."""
-        return f"{self.records[0].seq:012d}-{self.records[-1].seq:012d}"
+        """Epoch, first and last sequence number: the same batch resent has the same id (and S3 keys)."""
+        return f"{self.epoch}-{self.records[0].seq:012d}-{self.records[-1].seq:012d}"
 
 
 class TelemetryAck(_Message):

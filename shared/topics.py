@@ -62,6 +62,15 @@ def all_status(device: str) -> str:
     return f"{ROOT}/{device}/status/+"
 
 
+# The sync service's name in its status topic; the operators' rollout status reads it for liveness.
+SYNC_SERVICE = "sync"
+
+
+def every_device_status(service: str) -> str:
+    """One service's retained status on every device (the operators' view of the fleet)."""
+    return f"{ROOT}/+/status/{service}"
+
+
 def model_switch(device: str) -> str:
     return f"{ROOT}/{device}/inference/switch"
 

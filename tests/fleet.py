@@ -78,6 +78,10 @@ class Fleet:
             "EDGEFLEET_SEED_MODEL_DIR": str(seed),
             "EDGEFLEET_TRUSTED_KEYS_DIR": str(self.keys.public.parent),
             "EDGEFLEET_CANARY_WINDOW": "20",
+            # p95 of 20 runs is nearly their maximum, and these tests share 2 cores with brokers, S3 and
+            # other services: a sound model was rolled back for 40 ms against 23 ms. The rollbacks under
+            # test are caught by PSI and errors; the latency rule itself is tested in test_canary.py.
+            "EDGEFLEET_CANARY_MAX_LATENCY_RATIO": "4",
             "EDGEFLEET_DOWNLOAD_RETRY_MAX_S": "2",
             "EDGEFLEET_DOWNLOAD_TIMEOUT_S": "2",
             "EDGEFLEET_SWITCH_TIMEOUT_S": "60",

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -159,3 +160,13 @@ class ServiceProcess:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
+
+
+def zlib_bomb(inflated_mib: int) -> bytes:
+    """A zlib stream (first byte 0x78) that inflates to `inflated_mib` MiB of zeros, without compressing
+    them all: a full flush makes each 1 MiB block stand alone, so one block repeated is a valid stream
+    (its end and checksum left out: an inflater refusing it at a cap never gets there)."""
+    packer = zlib.compressobj(9)
+    first = packer.compress(bytes(1 << 20)) + packer.flush(zlib.Z_FULL_FLUSH)
+    block = packer.compress(bytes(1 << 20)) + packer.flush(zlib.Z_FULL_FLUSH)
+    return first + block * (inflated_mib - 1)

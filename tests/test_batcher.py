@@ -6,12 +6,12 @@ import threading
 
 import pytest
 
-from services.inference.batcher import Closed, FrameBacklog
+from services.inference.batcher import CameraCounts, Closed, FrameBacklog
 from services.inference.intake import Frame
 
 
-def frame(n: int) -> Frame:
-    return Frame(camera="cam", frame_id=str(n), data=b"", captured_at=None)
+def frame(n: int, camera: str = "cam") -> Frame:
+    return Frame(camera=camera, frame_id=str(n), data=b"", captured_at=None)
 
 
 def ids(frames) -> list[str]:
@@ -74,3 +74,32 @@ def test_close_wakes_a_waiting_worker():
     backlog.close()
     worker.join(5)
     assert result == [None]
+
+
+def test_a_flooding_camera_evicts_only_its_own_frames():
+    backlog = FrameBacklog(6)
+    backlog.put(frame("b0", "B"))
+    backlog.put(frame("c0", "C"))
+    dropped = [backlog.put(frame(f"a{n}", "A")) for n in range(20)]
+    backlog.put(frame("b1", "B"))  # B is under its share (6 / 3 cameras): A pays again
+    assert {d.camera for d in dropped if d} == {"A"}
+    # Arrival order across cameras is kept; A's newest frames survive.
+    assert ids(backlog.take(10)) == ["b0", "c0", "a17", "a18", "a19", "b1"]
+
+
+def test_when_full_the_camera_holding_the_most_frames_pays():
+    backlog = FrameBacklog(4)
+    for f in (frame("a0", "A"), frame("a1", "A"), frame("b0", "B"), frame("b1", "B")):
+        assert backlog.put(f) is None
+    # B, at its share, sends one more: its own oldest goes, not A's.
+    assert backlog.put(frame("b2", "B")).frame_id == "b0"
+    # A single camera's backlog drops its oldest, as before.
+    assert backlog.put(frame("a2", "A")).frame_id == "a0"
+    assert ids(backlog.take(10)) == ["a1", "b1", "b2", "a2"]
+
+
+def test_drops_by_camera_name_a_bounded_number_of_cameras():
+    counts = CameraCounts(max_keys=2)
+    for camera in ("A", "B", "C", "D", "A"):
+        counts.add(camera)
+    assert counts.snapshot() == {"A": 2, "B": 1, "_other": 2}

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("name", ["pipeline", "compression", "ep", "swap", "telemetry"])
+@pytest.mark.parametrize("name", ["pipeline", "compression", "ep", "swap", "telemetry", "overload"])
 def test_bench_quick_writes_its_goals(name, model_dir, tmp_path):
     out = tmp_path / f"{name}.json"
     result = subprocess.run(

@@ -35,3 +35,38 @@ def test_a_slower_or_shifted_model_fails_with_its_reasons():
     verdict = judge(watch.snapshot("old"), watch.snapshot("new"), LIMITS)
     assert not verdict.passed and len(verdict.reasons) == 2
     assert "PSI" in verdict.reasons[0] and "latency" in verdict.reasons[1]
+
+
+def test_empty_windows_are_inconclusive_never_passed():
+    limits = Thresholds(max_psi=0.5, max_error_rate_increase=0.05, max_latency_ratio=1.5, max_confidence_drop=0.2,
+                        min_samples=5)
+    watch = Watch(size=20)
+    verdict = judge(watch.snapshot("old"), watch.snapshot("new"), limits)
+    assert not verdict.passed and not verdict.conclusive
+    assert verdict.reasons == ["inconclusive: 0 samples before, 0 after, minimum 5"]
+
+
+def test_too_few_samples_after_the_switch_is_inconclusive_even_when_they_look_good():
+    limits = Thresholds(max_psi=0.5, max_error_rate_increase=0.05, max_latency_ratio=1.5, max_confidence_drop=0.2,
+                        min_samples=10)
+    watch = Watch(size=20)
+    for _ in range(20):
+        watch.on_prediction(_prediction("old", "cat", 10.0))
+    for _ in range(9):
+        watch.on_prediction(_prediction("new", "cat", 10.0))
+    verdict = judge(watch.snapshot("old"), watch.snapshot("new"), limits)
+    assert not verdict.passed and not verdict.conclusive
+    assert "inconclusive: 20 samples before, 9 after, minimum 10" in verdict.reasons
+    for _ in range(1):
+        watch.on_prediction(_prediction("new", "cat", 10.0))
+    assert judge(watch.snapshot("old"), watch.snapshot("new"), limits).passed
+
+
+def test_the_minimum_may_not_exceed_the_window():
+    import pytest
+    from pydantic import ValidationError
+
+    from shared.config import SyncSettings
+
+    with pytest.raises(ValidationError, match="exceeds canary_window"):
+        SyncSettings(canary_window=10, canary_min_samples=11)

@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 
+import cv2
+import numpy as np
 
 from edgefleet import photos
 from edgefleet.broker import Broker
 from shared import topics
+from shared.codec import WireFormat
 from shared.manifest import load_verified
-from tests.support import Device, ServiceProcess, wait_until
+from tests.support import Device, ServiceProcess, wait_until, zlib_bomb
 
 CATS = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
 COFFEE = {"espresso", "cup", "coffee mug"}
@@ -106,7 +108,7 @@ def test_broker_killed_midstream_then_restarted(broker, start_inference):
     onlines_before = sum(s.state == "online" for s in device.statuses)
 
     broker.kill()  # SIGKILL: no goodbye to anyone
-    time.sleep(2)
+    wait_until(lambda: "lost broker" in service.log(), 30, "the service to notice the broker is gone")
     broker.start()  # same port, a fresh broker with no sessions or retained messages
 
     # The service reconnects and resubscribes by itself and announces itself online again.
@@ -152,7 +154,8 @@ def test_a_service_started_before_its_broker_waits_for_it(model_dir, tmp_path):
         tmp_path / "inference.log",
     )
     try:
-        time.sleep(3)  # connection attempts fail meanwhile
+        # It gets as far as serving (its workers up, connecting with backoff) with no broker there.
+        wait_until(lambda: '"serving"' in service.log() or not service.alive(), 60, "the service to start serving")
         assert service.alive(), service.log()
         broker.start()
         device = Device(broker.url, "early")
@@ -165,3 +168,63 @@ def test_a_service_started_before_its_broker_waits_for_it(model_dir, tmp_path):
     finally:
         service.kill()
         broker.close()
+
+
+def _peak_rss(service: ServiceProcess) -> int:
+    """The process's high-water mark of resident memory (VmHWM): what a bomb cost, even if freed since."""
+    status = open(f"/proc/{service.proc.pid}/status").read()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
+
+
+def test_zlib_bombs_are_refused_and_the_next_frame_is_answered(broker, start_inference):
+    """The issue's 3 MB bomb (inflating to ~3 GB): without a content type it is never inflated;
+    declared msgpack+zlib it inflates at most to max_frame_bytes. Neither stalls the service."""
+    service, device = start_inference(broker)
+    bomb = zlib_bomb(3000)
+    assert bomb[:1] == b"\x78" and len(bomb) < 4 * 1024 * 1024
+    device.publish_frame("bomb-raw", bomb)
+    device.link.publish(
+        topics.frames(device.device_id, "bomb-zlib"), bomb, qos=1, content_type=WireFormat.MSGPACK_ZLIB.content_type,
+    ).wait_for_publish(10)
+    for camera in ("bomb-raw", "bomb-zlib"):
+        assert device.error_for(camera).reason in {"malformed_envelope", "oversized"}
+    assert "cap of" in device.error_for("bomb-zlib").detail
+    device.publish_envelope("cam", "after-bombs", photos.jpeg("coffee"))
+    assert device.prediction_for("after-bombs").top[0].label in COFFEE
+    assert service.alive()
+    assert _peak_rss(service) < 1024**3, "a bomb was inflated past its cap"
+
+
+def test_a_png_declaring_8000x8000_is_refused_as_oversized_before_decoding(broker, start_inference):
+    _, device = start_inference(broker)
+    huge = cv2.imencode(".png", np.zeros((8000, 8000), np.uint8), [cv2.IMWRITE_PNG_COMPRESSION, 9])[1].tobytes()
+    assert len(huge) < 300_000
+    device.publish_envelope("huge", "huge-1", huge)
+    report = device.error_for("huge")
+    assert (report.reason, report.frame_id) == ("oversized", "huge-1") and "8000x8000" in report.detail
+    device.publish_envelope("cam", "normal", photos.jpeg("chelsea"))
+    assert device.prediction_for("normal").top[0].label in CATS
+    assert not [p for p in device.predictions if p.frame_id == "huge-1"]
+
+
+def test_predictions_the_mqtt_client_refuses_are_counted_lost_not_published(broker, start_inference):
+    """QoS 0 predictions while the broker is down never leave paho: counted as lost, and the counter
+    identity of docs/protocol.md holds once the backlog is answered."""
+    service, device = start_inference(broker, prediction_qos=0, queue_size=500, max_batch=1, inference_workers=1)
+    for i in range(150):
+        device.publish_envelope("cam", f"q-{i}", photos.jpeg("astronaut"))
+    device.prediction_for("q-0")
+    broker.kill()  # the service still has most of its backlog to answer
+    wait_until(lambda: '"prediction lost"' in service.log(), 60, "a prediction refused by the MQTT client")
+    seen_before_restart = len(device.statuses)
+    broker.start()
+
+    def settled():  # nothing queued, nothing in the worker: every frame received is accounted for
+        s = device.latest_status() if len(device.statuses) > seen_before_restart else None
+        i = s.inference if s and s.state == "online" else None
+        return i and i.queue_depth == 0 and i.frames_received == (
+            i.predictions_published + i.predictions_lost + i.frames_dropped + i.frames_rejected
+        ) and i
+    stats = wait_until(settled, 90, f"the counter identity in a status after the restart ({device.latest_status()})")
+    assert stats.predictions_lost > 0, stats
+    assert not [e for e in device.errors if e.reason != "provider_fallback"]

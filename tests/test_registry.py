@@ -11,7 +11,7 @@ import pytest
 
 from edgefleet.registry import PublishRefused, publish, versions
 from shared import VERSION, registry, s3
-from shared.manifest import load_verified, sha256_of
+from shared.manifest import ModelManifest, load_verified, sha256_of
 
 BUCKET = "edgefleet-models"
 
@@ -84,3 +84,134 @@ def test_publish_command_signs_and_uploads(s3_server, keys, model_dir):
     )
     assert result.returncode == 0, result.stderr
     assert f"signed by key {keys.key_id}" in result.stderr and "v1" in result.stderr
+
+
+def _state(store, name, version):
+    """Every object of a version: key -> (ETag, bytes)."""
+    objects = {}
+    for obj in (registry.MODEL_OBJECT, registry.MANIFEST_OBJECT, registry.SIGNATURE_OBJECT):
+        response = store.get_object(Bucket=BUCKET, Key=registry.key(name, version, obj))
+        objects[obj] = (response["ETag"], response["Body"].read())
+    return objects
+
+
+def test_publishing_a_version_twice_leaves_the_first_untouched(store, keys, model_dir, tmp_path):
+    from edgefleet.models.store import resave
+
+    publish(store, BUCKET, model_dir, keys.private, name="twice", version=1)
+    before = _state(store, "twice", 1)
+    other = resave(model_dir, tmp_path / "other", "rebuilt", version=2)
+    assert other.sha256 != load_verified(model_dir)[0].sha256
+    with pytest.raises(PublishRefused, match="already published"):
+        publish(store, BUCKET, tmp_path / "other", keys.private, name="twice", version=1)
+    assert _state(store, "twice", 1) == before
+
+
+def test_a_racing_publishers_artifact_is_never_overwritten(store, keys, model_dir):
+    # Another publisher got as far as the artifact of v1 (no signature yet, so no listing sees v1).
+    s3.ensure_bucket(store, BUCKET)
+    racer = registry.key("raced", 1, registry.MODEL_OBJECT)
+    store.put_object(Bucket=BUCKET, Key=racer, Body=b"the other publisher's bytes")
+    etag = store.head_object(Bucket=BUCKET, Key=racer)["ETag"]
+    assert versions(store, BUCKET, "raced") == []
+    with pytest.raises(PublishRefused, match=f"{racer} already exists"):
+        publish(store, BUCKET, model_dir, keys.private, name="raced", version=1)
+    response = store.get_object(Bucket=BUCKET, Key=racer)
+    assert (response["ETag"], response["Body"].read()) == (etag, b"the other publisher's bytes")
+    listed = store.list_objects_v2(Bucket=BUCKET, Prefix="models/raced/")["Contents"]
+    assert [o["Key"] for o in listed] == [racer], "publish stopped at the first object that existed"
+    # Unnumbered, the next publish goes past the spent version.
+    assert publish(store, BUCKET, model_dir, keys.private, name="raced").version == 2
+
+
+def test_a_racing_publishers_manifest_is_never_overwritten(store, keys, model_dir):
+    s3.ensure_bucket(store, BUCKET)
+    racer = registry.key("raced", 1, registry.MANIFEST_OBJECT)
+    store.put_object(Bucket=BUCKET, Key=racer, Body=b'{"theirs": true}')
+    with pytest.raises(PublishRefused, match=f"{racer} already exists"):
+        publish(store, BUCKET, model_dir, keys.private, name="raced", version=1)
+    assert store.get_object(Bucket=BUCKET, Key=racer)["Body"].read() == b'{"theirs": true}'
+    with pytest.raises(store.exceptions.ClientError):
+        store.head_object(Bucket=BUCKET, Key=registry.key("raced", 1, registry.SIGNATURE_OBJECT))
+
+
+def test_read_bounded_reads_what_fits_and_refuses_what_does_not(store):
+    s3.ensure_bucket(store, BUCKET)
+    store.put_object(Bucket=BUCKET, Key="fits", Body=b"x" * 1000)
+    store.put_object(Bucket=BUCKET, Key="empty", Body=b"")
+    assert registry.read_bounded(store, BUCKET, "fits", 1000) == b"x" * 1000
+    assert registry.read_bounded(store, BUCKET, "empty", 10) == b""
+    with pytest.raises(registry.ObjectTooLarge, match=r"fits is 1000 bytes, over the cap of 999"):
+        registry.read_bounded(store, BUCKET, "fits", 999)
+    huge = registry.MAX_MANIFEST_BYTES * 4
+    store.put_object(Bucket=BUCKET, Key="huge", Body=b"{" * huge)
+    with pytest.raises(registry.ObjectTooLarge, match=f"huge is {huge} bytes"):
+        registry.read_bounded(store, BUCKET, "huge", registry.MAX_MANIFEST_BYTES)
+    with pytest.raises(store.exceptions.NoSuchKey):
+        registry.read_bounded(store, BUCKET, "missing", 10)
+
+
+def test_read_bounded_never_reads_past_the_cap_whatever_the_headers_say(store):
+    """A server that ignores the Range and sends no Content-Length: the stream itself is cut at cap + 1."""
+    s3.ensure_bucket(store, BUCKET)
+    store.put_object(Bucket=BUCKET, Key="liar", Body=b"y" * 5000)
+    real_get = store.get_object
+
+    class Stream:
+        def __init__(self, body):
+            self.body, self.asked = body, []
+
+        def read(self, amount=None):
+            self.asked.append(amount)
+            return self.body.read(amount)
+
+        def close(self):
+            self.body.close()
+
+    streams = []
+
+    def ignoring_range(**kwargs):
+        kwargs.pop("Range")
+        response = real_get(**kwargs)
+        streams.append(Stream(response["Body"]))
+        return {"Body": streams[-1]}
+
+    store.get_object = ignoring_range
+    with pytest.raises(registry.ObjectTooLarge, match="more than 100 bytes"):
+        registry.read_bounded(store, BUCKET, "liar", 100)
+    assert streams[0].asked == [101]
+
+
+def test_a_manifest_or_key_with_a_path_traversal_name_is_refused(model_dir):
+    manifest, _ = load_verified(model_dir)
+    document = json.loads(registry.manifest_bytes(manifest))
+    for name in ("../../etc", "a/b", "..", "x..y", ".hidden", "", "a" * 65, "new\nline"):
+        with pytest.raises(ValueError, match="model name"):
+            registry.check_name(name)
+        with pytest.raises(ValueError, match="model name"):
+            ModelManifest.model_validate_json(json.dumps({**document, "name": name}))
+        with pytest.raises(ValueError, match="model name"):
+            registry.key(name, 1, registry.MODEL_OBJECT)
+    for version in (0, -1, 10**9 + 1, True):
+        with pytest.raises(ValueError, match="model version"):
+            registry.check_version(version)
+        with pytest.raises(ValueError):
+            registry.key("ok", version, registry.MODEL_OBJECT)
+    with pytest.raises(ValueError):
+        ModelManifest.model_validate_json(json.dumps({**document, "version": 10**9 + 1}))
+    assert registry.check_name("efficientnet-lite0.int8_v2") == "efficientnet-lite0.int8_v2"
+    assert len(registry.manifest_bytes(manifest)) * 10 < registry.MAX_MANIFEST_BYTES
+
+
+def test_a_signed_manifest_naming_a_path_is_refused_at_verification(keys, model_dir):
+    manifest, _ = load_verified(model_dir)
+    document = json.loads(registry.manifest_bytes(manifest))
+    evil = json.dumps({**document, "name": "../../etc"}, sort_keys=True).encode()
+    signature = registry.sign(evil, registry.load_private_key(keys.private))
+    with pytest.raises(ValueError, match="model name"):
+        registry.verify(evil, signature, registry.load_public_keys(keys.public.parent))
+
+
+def test_publish_refuses_an_unsafe_name_before_writing(store, keys, model_dir):
+    with pytest.raises(ValueError, match="model name"):
+        publish(store, BUCKET, model_dir, keys.private, name="../escape")

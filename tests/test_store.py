@@ -65,3 +65,45 @@ def test_the_fallback_is_the_last_resort_and_is_never_pruned(store, model_dir, t
         (folder / MODEL_FILE).write_bytes(b"x")
     store.repair()
     assert store.current()[0].name == "fallback"
+
+
+def _sha(folder):
+    return load_verified(folder)[0].sha256
+
+
+def test_a_rejected_model_is_never_previous_last_good_or_repaired_to(store, model_dir, tmp_path):
+    v2 = _install(store, model_dir, tmp_path, 2)
+    v3 = _install(store, model_dir, tmp_path, 3)
+    os.utime(v2, (1, 1))  # v3 is the newest installed version
+    store.activate(v3)
+    store.activate(v2)  # previous: v3
+    store.reject(_sha(v3))
+    assert store.previous() == v2  # the last good one, not the recorded (rejected) v3
+    assert store.last_good() == v2
+    store.reject(_sha(v2))
+    assert store.last_good().name == "fallback" and store.previous().name == "fallback"
+    notes = store.repair()  # the active v2 is rejected: repair moves off it, and not to v3
+    assert store.current()[0].name == "fallback" and any("rejected" in n for n in notes)
+
+
+def test_names_and_versions_are_checked_before_they_become_paths(store):
+    for name, version in (("../../etc", 1), ("a/b", 1), ("", 1), ("m", 0), ("m", -1)):
+        with pytest.raises(ValueError):
+            store.version_dir(name, version)
+        with pytest.raises(ValueError):
+            store.part_file(name, version, "ab" * 32)
+    with pytest.raises(ValueError):
+        store.part_file("m", 1, "../x")
+    assert store.version_dir("efficientnet-lite0", 2) == store.root / "versions" / "efficientnet-lite0" / "2"
+
+
+def test_a_pending_canary_is_persisted_and_cleared(store):
+    from services.sync.store import PendingCanary
+
+    pending = PendingCanary(rollout_id="r", model="m", version=2, sha256="ab" * 32, folder="versions/m/2",
+                            previous="fallback")
+    store.begin_canary(pending)
+    reopened = ModelStore(store.root, keep_versions=2)  # what a restarted sync reads
+    assert reopened.pending_canary() == pending
+    reopened.end_canary()
+    assert store.pending_canary() is None and not list(store.root.glob("*.tmp"))

@@ -200,3 +200,128 @@ def test_operators_canary_promote_status_and_abort(fleet, model_dir, rebuilt):
         report = rig.device.sync_report(lambda r: r.state == "rolled_back", "the abort to send it back")
         assert "aborted" in report.reason and report.serving.version == 1
         assert current_target(rig.store) == "fallback"
+
+
+def _shuffled(model_dir, tmp_path):
+    manifest, _ = load_verified(model_dir)
+    labels = list(manifest.labels)
+    random.Random(0).shuffle(labels)
+    return model_variant(model_dir, tmp_path / "shuffled", "shuffled labels", version=2, labels=labels)
+
+
+def _in_canary(report, rollout_id):
+    return report.rollout_id == rollout_id and report.state == "active" and (report.reason or "").startswith("canary: comparing")
+
+
+def test_a_canary_without_traffic_is_inconclusive_and_never_keeps_the_model(fleet, model_dir, rebuilt):
+    from edgefleet import photos
+
+    fleet.publish(model_dir)
+    good = fleet.publish(rebuilt)
+    rig = fleet.start_device("edge-quiet", model_dir, camera_rate=0, canary_timeout_s=1)
+    fleet.rollout(NAME, 2, "r-quiet")
+    report = rig.device.sync_report(lambda r: r.rollout_id == "r-quiet" and r.state == "rolled_back", "the rollback", 120)
+    assert "inconclusive: 0 samples before, 0 after, minimum 20" in report.reason, report.reason
+    assert not report.canary.passed and not report.canary.conclusive and report.serving.version == 1
+    assert current_target(rig.store) == "fallback"
+    assert good.sha256 not in store_state(rig.store)["rejected"]  # no evidence against it either
+    rig.device.publish_envelope("door", "after-quiet", photos.jpeg("chelsea"))
+    assert rig.device.prediction_for("after-quiet").model.version == 1
+
+
+def test_a_promote_during_a_canary_does_not_pass_it(fleet, model_dir, tmp_path):
+    from shared.schemas import RolloutPhase
+
+    fleet.publish(model_dir)
+    bad = fleet.publish(_shuffled(model_dir, tmp_path))
+    rig = fleet.start_device("edge-promote", model_dir, camera_rate=2)
+    fleet.rollout(NAME, 2, "r-promote", phase=RolloutPhase.CANARY)
+    rig.device.sync_report(lambda r: _in_canary(r, "r-promote"), "the canary to start", 120)
+    fleet.rollout(NAME, 2, "r-promote", phase=RolloutPhase.PROMOTED)
+    report = rig.device.sync_report(lambda r: r.rollout_id == "r-promote" and r.state == "rolled_back", "the rollback", 120)
+    assert "predicted classes shifted" in report.reason and report.canary.conclusive and not report.canary.passed
+    # The promote is handled after the verdict, and a rejected model stays rolled back.
+    again = rig.device.sync_report(lambda r: r.rollout_id == "r-promote" and "already rolled" in (r.reason or ""),
+                                   "the promote to be answered", 60)
+    assert again.state == "rolled_back" and rig.device.sync_states("r-promote")[-1] == "rolled_back"
+    assert current_target(rig.store) == "fallback" and bad.sha256 in store_state(rig.store)["rejected"]
+
+
+def test_sync_killed_inside_the_canary_rolls_back_at_restart(fleet, model_dir, tmp_path):
+    fleet.publish(model_dir)
+    bad = fleet.publish(_shuffled(model_dir, tmp_path))
+    rig = fleet.start_device("edge-crash", model_dir, camera_rate=2)
+    fleet.rollout(NAME, 2, "r-crash")
+    rig.device.sync_report(lambda r: _in_canary(r, "r-crash"), "the canary to start", 120)
+    rig.sync.kill()  # SIGKILL, inside the canary: the switch is done and no verdict was given
+    assert store_state(rig.store)["pending"]["sha256"] == bad.sha256
+    assert current_target(rig.store) == f"versions/{NAME}/2"
+    rig.sync = fleet.start_sync("edge-crash", model_dir)
+    report = rig.device.sync_report(lambda r: r.rollout_id == "r-crash" and r.state == "rolled_back", "the rollback", 60)
+    assert "sync restarted during the canary" in report.reason and report.serving.version == 1
+    assert current_target(rig.store) == "fallback" and store_state(rig.store)["pending"] is None
+    served = len(rig.device.predictions)
+    wait_until(lambda: len(rig.device.predictions) > served + 5, 30, "predictions after the restart")
+    assert rig.device.predictions[-1].model.version == 1
+    # The retained rollout, delivered again to the restarted sync, does not bring the model back.
+    rig.device.sync_report(lambda r: r.rollout_id == "r-crash" and "already rolled" in (r.reason or ""), "the retained rollout")
+    assert rig.device.sync_states("r-crash")[-1] == "rolled_back" and current_target(rig.store) == "fallback"
+
+
+def test_a_switch_that_misses_its_deadline_fails_and_is_discarded_by_inference(fleet, model_dir, rebuilt):
+    from shared import topics
+    from shared.codec import decode
+    from shared.config import CommonSettings
+    from shared.mqtt import MqttLink, content_type_of
+    from shared.schemas import ModelSwitched
+
+    fleet.publish(model_dir)
+    fleet.publish(rebuilt)
+    answers: list[ModelSwitched] = []
+    link = MqttLink(CommonSettings(mqtt_url=fleet.broker.url, device_id="edge-late"), "test-switched", unique=True)
+    link.subscribe(topics.model_switched("edge-late"),
+                   lambda m: answers.append(decode(ModelSwitched, m.payload, content_type_of(m))), qos=1)
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        rig = fleet.start_device("edge-late", model_dir, camera_rate=4, switch_timeout_s=0.01)
+        fleet.rollout(NAME, 2, "r-late-switch")
+        report = _failed(rig, "r-late-switch", 120)
+        assert "late" in report.reason and report.serving.version == 1, report.reason
+        # The sentinel: inference's own answer, sent after it discarded the load. Nothing can land after it.
+        late = wait_until(lambda: next((a for a in answers if not a.ok), None), 30, "inference's late answer")
+        assert "late" in late.error and late.serving.version == 1
+        served = len(rig.device.predictions)
+        wait_until(lambda: len(rig.device.predictions) > served + 10, 30, "predictions after the late answer")
+        assert {p.model.version for p in rig.device.predictions[served:]} == {1}
+        assert current_target(rig.store) == "fallback"
+    finally:
+        link.stop()
+
+
+def test_a_ranged_answer_that_is_not_exactly_the_range_asked_is_refused():
+    """Pure logic on crafted get_object answers: what reaches the .part is exactly the range asked for."""
+    import io
+
+    from botocore.response import StreamingBody
+
+    from services.sync.download import DownloadFailed, read_range
+
+    def answer(data: bytes, content_range: str | None) -> dict:
+        response = {"Body": StreamingBody(io.BytesIO(data), len(data))}
+        if content_range is not None:
+            response["ContentRange"] = content_range
+        return response
+
+    assert read_range(answer(b"abcd", "bytes 4-7/10"), 4, 7, 10) == b"abcd"
+    assert read_range(answer(b"ab", "bytes 4-7/10"), 4, 7, 10) == b"ab"  # broke off: the caller resumes
+    refused = {
+        "more bytes than asked": answer(b"abcdef", "bytes 4-7/10"),
+        "the range ignored (200, whole object)": answer(b"0123456789", None),
+        "another range": answer(b"abcd", "bytes 0-3/10"),
+        "another object size": answer(b"abcd", "bytes 4-7/12"),
+    }
+    for what, response in refused.items():
+        with pytest.raises(DownloadFailed):
+            read_range(response, 4, 7, 10)
+            pytest.fail(what)

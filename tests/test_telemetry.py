@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
+
+import pytest
 
 from tests.support import wait_until
 
@@ -10,13 +15,26 @@ LOAD = {"resource_interval_s": "0.01", "flush_interval_s": "0.01"}  # ~100 real 
 
 
 def _drained(uplink, timeout=90):
-    wait_until(lambda: (s := uplink.telemetry_stats()) is not None and s.queue_records <= 3, timeout, "the outbox to drain")
+    """Caught up: under LOAD (~100 records/s) a few dozen records are always on their way."""
+    wait_until(lambda: (s := uplink.telemetry_stats()) is not None and s.queue_records <= 30, timeout, "the outbox to drain")
+
+
+def _flowing(uplink, more_than=0, timeout=60):
+    """Waits until the cloud acknowledged records (the whole path works), returns the stats."""
+    return wait_until(lambda: (s := uplink.telemetry_stats()) is not None and s.records_acknowledged > more_than and s,
+                      timeout, "records acknowledged by the cloud")
+
+
+def _in_flight(uplink, timeout=30):
+    """Waits until the outbox holds a batch sent and not acknowledged; returns its (first, last)."""
+    return wait_until(lambda: (b := (uplink.outbox_meta("inflight_first"), uplink.outbox_meta("inflight_last")))[1] and b,
+                      timeout, "a batch in flight")
 
 
 def test_a_cut_link_loses_nothing_and_duplicates_nothing(uplink):
     uplink.start_ingest()
     telemetry = uplink.start_telemetry(**LOAD)
-    time.sleep(2)
+    _flowing(uplink)
     uplink.cloud_broker.kill()  # the link is cut under load
     wait_until(lambda: uplink.telemetry_stats().queue_records > 300, 30, "a backlog while the cloud is away")
     uplink.cloud_broker.start()
@@ -26,22 +44,25 @@ def test_a_cut_link_loses_nothing_and_duplicates_nothing(uplink):
     assert result.received > 400 and not result.declared_lost
 
 
-def test_telemetry_and_ingest_killed_under_load_lose_and_duplicate_nothing(uplink):
+def test_telemetry_and_ingest_killed_with_a_batch_in_flight_lose_and_duplicate_nothing(uplink):
+    """SIGKILLs placed where a batch is known to be in flight: the store is paused, so a batch is sent
+    and cannot be acknowledged; the device is killed holding it, then the replica holding it."""
     ingest = uplink.start_ingest()
     telemetry = uplink.start_telemetry(**LOAD)
-    time.sleep(2)
-    telemetry.kill()  # SIGKILL, mid-batch or mid-commit
+    _flowing(uplink)
+    uplink.s3_server.pause()
+    first, last = _in_flight(uplink)
+    telemetry.kill()  # SIGKILL with the batch sent and not acknowledged
     telemetry = uplink.start_telemetry(**LOAD)
-    time.sleep(2)
-    ingest.kill()
-    time.sleep(1)
-    uplink.start_ingest("ingest-2")
-    time.sleep(2)
+    wait_until(lambda: uplink.telemetry_stats().batches_resent > 0, 30, "the batch in flight sent again after the restart")
+    ingest.kill()  # SIGKILL with batches taken and their S3 writes hanging
+    uplink.s3_server.resume()
+    uplink.start_ingest()  # the same replica (its certificate, so its session) comes back
+    wait_until(lambda: uplink.audit().highest_seq > last, 60, "records after the batch that was in flight, in S3")
     _drained(uplink)
     assert telemetry.terminate() == 0
-    result = uplink.assert_complete()
-    assert result.received > 300
-    assert uplink.telemetry_stats().batches_resent >= 0
+    result = uplink.assert_complete()  # the batch in flight among them: nothing missing, nothing twice
+    assert result.received > last and len(result.epochs) == 1
 
 
 def test_a_full_outbox_drops_the_oldest_counts_them_and_the_audit_shows_the_gap(uplink):
@@ -229,3 +250,287 @@ def test_an_execution_provider_fallback_is_an_alert(broker, start_inference, tmp
         assert len([a for a in alerts if a.type == "provider_fallback"]) == 1
     finally:
         telemetry.kill()
+
+
+# -- issue 10: epochs, dead letters, full disks, acknowledgements ------------------------------------
+
+SLOW = {"resource_interval_s": "0.05", "flush_interval_s": "0.05"}  # ~20 records a second
+
+
+def _poisoned_record(seq: int, device: str) -> bytes:
+    """A stored record as the outbox writes it (msgpack), but with at=inf: the schema refuses to build
+    one, so it is packed by hand, as a buggy or hostile writer would."""
+    import msgpack
+
+    from shared.schemas import ResourceSample, TelemetryRecord
+
+    sample = ResourceSample(device=device, cpu_percent=1, memory_percent=2, memory_used_bytes=3, disk_percent=4, at=time.time())
+    record = TelemetryRecord(seq=seq, body=sample).model_dump(mode="python")
+    record["body"]["at"] = float("inf")
+    return msgpack.packb(record, use_bin_type=True)
+
+
+def _gaps_in_s3(uplink, reason: str) -> list[dict]:
+    import gzip
+    import json
+
+    lines = []
+    for key in uplink.objects("telemetry/gap/"):
+        body = gzip.decompress(uplink.store.get_object(Bucket="edgefleet-telemetry", Key=key)["Body"].read())
+        lines += [json.loads(line) for line in body.splitlines()]
+    return [line["body"] for line in lines if line["body"]["reason"] == reason]
+
+
+def test_a_lost_outbox_starts_a_new_epoch_and_never_overwrites_what_s3_holds(uplink):
+    uplink.start_ingest()
+    telemetry = uplink.start_telemetry(**SLOW)
+    _flowing(uplink, more_than=20)
+    assert telemetry.terminate() == 0
+    first_epoch, before = uplink.outbox_epoch(), uplink.objects()
+    for suffix in ("", "-wal", "-shm", ".lost"):  # the outbox is lost while the service is stopped
+        Path(f"{uplink.outbox_path}{suffix}").unlink(missing_ok=True)
+    telemetry = uplink.start_telemetry(**SLOW)
+    second_epoch = uplink.telemetry_stats().epoch
+    assert second_epoch and second_epoch != first_epoch
+    _flowing(uplink, more_than=20)
+    assert telemetry.terminate() == 0
+    after = uplink.objects()
+    assert {k: after.get(k) for k in before} == before, "an object of the first epoch was overwritten or removed"
+    assert len(after) > len(before)
+    assert all(second_epoch in k for k in set(after) - set(before) if "/_batches/" in k)
+    result = uplink.assert_complete()
+    assert list(result.epochs) == [first_epoch, second_epoch]
+    assert all(e.received > 20 and not e.missing for e in result.epochs.values())
+    assert uplink.telemetry_stats().next_seq < result.epochs[first_epoch].highest_seq * 3  # numbering began again
+
+
+def test_a_repaired_outbox_gets_a_new_epoch_numbered_from_one(tmp_path):
+    from services.telemetry.outbox import Outbox
+    from shared.schemas import ResourceSample
+
+    path = tmp_path / "outbox.db"
+    outbox = Outbox(path, "edge-r", 1 << 30)
+    sample = ResourceSample(device="edge-r", cpu_percent=1, memory_percent=2, memory_used_bytes=3, disk_percent=4, at=time.time())
+    for _ in range(20):
+        outbox.append([sample] * 100)
+    sent = outbox.next_batch(500, 1 << 30)
+    outbox.ack(sent[0].seq, sent[-1].seq)  # 1..500 are in the cloud, in the first epoch
+    first_epoch = outbox.epoch
+    outbox.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    outbox.close()
+    data = bytearray(path.read_bytes())
+    for p in range(60, 63):  # past the pages the acknowledged records freed
+        data[p * 4096 : (p + 1) * 4096] = b"\xde\xad\xbe\xef" * 1024
+    path.write_bytes(bytes(data))
+    repaired = Outbox(path, "edge-r", 1 << 30)
+    assert repaired.stats.repaired and repaired.epoch != first_epoch
+    records = repaired.next_batch(5000, 1 << 30)
+    assert records[0].seq == 1, "a new epoch numbers from 1"
+    gap = records[-1].body
+    assert gap.reason == "damaged" and 1 <= gap.first_seq <= gap.last_seq <= 1500
+    assert len(records) - 1 + gap.count == 1500 and repaired.stats.next_seq == 1502
+    repaired.close()
+
+
+def test_invalid_records_never_enter_the_outbox(tmp_path):
+    from services.telemetry.outbox import Outbox
+    from shared.schemas import ResourceSample
+
+    outbox = Outbox(tmp_path / "outbox.db", "edge-v", 1 << 30)
+    good = ResourceSample(device="edge-v", cpu_percent=1, memory_percent=2, memory_used_bytes=3, disk_percent=4, at=time.time())
+    bad = good.model_copy(update={"at": float("inf")})  # model_copy does not validate: this one exists
+    assert outbox.append([bad, good]) == [1]
+    assert outbox.stats.refused == 1 and outbox.stats.records == 1
+    assert [r.body.at for r in outbox.next_batch(10, 1 << 20)] == [good.at]
+    outbox.close()
+
+
+def test_a_record_with_an_infinite_time_is_dead_lettered_and_newer_records_still_arrive(uplink):
+    """Both sides: a poisoned row in the device's outbox, and a poisoned batch straight at the fleet broker."""
+    import json
+    import sqlite3
+    import zlib
+
+    import msgpack
+
+    from shared import lake, topics
+    from shared.codec import WireFormat, decode
+    from shared.mqtt import content_type_of
+    from shared.schemas import TelemetryAck
+
+    uplink.start_ingest()
+    telemetry = uplink.start_telemetry(**SLOW)
+    _flowing(uplink)
+    assert telemetry.terminate() == 0
+    db = sqlite3.connect(uplink.outbox_path)  # the service is stopped: put the poison in its file
+    poison = db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()[0]
+    blob = _poisoned_record(poison, uplink.device_id)
+    db.execute("INSERT INTO records VALUES (?,?,?,?,?)", (poison, "metric", None, len(blob), blob))
+    db.execute("UPDATE meta SET value=? WHERE key='next_seq'", (poison + 1,))
+    db.commit()
+    db.close()
+    telemetry = uplink.start_telemetry(**SLOW)
+    gap = wait_until(lambda: _gaps_in_s3(uplink, "dead_lettered"), 60, "the dead letter's gap in S3")[0]
+    assert (gap["first_seq"], gap["last_seq"], gap["count"]) == (poison, poison, 1) and "finite" in gap["detail"]
+    wait_until(lambda: uplink.audit().highest_seq > poison + 20, 60, "newer records in S3")
+    assert uplink.telemetry_stats().batches_dead_lettered == 0  # not a batch: the one row, before sending
+
+    # The cloud side: a batch with at=inf on the fleet broker, from a device's own certificate.
+    acks: list[TelemetryAck] = []
+    rogue = uplink.cloud_client("edge-p")
+    rogue.subscribe(topics.telemetry_ack("edge-p"), lambda m: acks.append(decode(TelemetryAck, m.payload, content_type_of(m))))
+    rogue.start()
+    assert rogue.wait_connected(10)
+    wait_until(lambda: rogue.client.is_connected(), 5, "the subscription")
+    batch = {"v": 1, "device": "edge-p", "epoch": "0badf00d", "sent_at": time.time(),
+             "records": [msgpack.unpackb(_poisoned_record(1, "edge-p"))]}
+    rogue.publish(topics.telemetry("edge-p"), zlib.compress(msgpack.packb(batch, use_bin_type=True)), qos=1,
+                  content_type=WireFormat.MSGPACK_ZLIB.content_type,
+                  correlation=b"0badf00d-000000000001-000000000001").wait_for_publish(5)
+    ack = wait_until(lambda: acks[:1], 30, "the dead letter acknowledged")[0]
+    assert ack.dead_lettered and ack.batch_id == "0badf00d-000000000001-000000000001"
+    reasons = [json.loads(uplink.store.get_object(Bucket="edgefleet-telemetry", Key=k)["Body"].read())
+               for k in uplink.objects(lake.DEAD_LETTER) if k.endswith(".json")]
+    assert [r["device"] for r in reasons] == ["edge-p"] and "finite" in reasons[0]["reason"]
+    highest = uplink.audit().highest_seq
+    wait_until(lambda: uplink.audit().highest_seq > highest, 60, "the device's records still arriving")
+    assert telemetry.terminate() == 0
+    db = sqlite3.connect(uplink.outbox_path)
+    assert [(seq, "finite" in reason) for seq, reason in db.execute("SELECT seq, reason FROM dead_letters")] == [(poison, True)]
+    db.close()
+    result = uplink.assert_complete()
+    assert result.declared_lost == {"dead_lettered": 1}
+
+
+def test_a_batch_never_acknowledged_is_given_up_after_n_attempts_and_the_cloud_is_told(uplink):
+    telemetry = uplink.start_telemetry(forward_max_attempts="2", ack_timeout_s="0.5", resource_interval_s="0.5")
+    stats = wait_until(lambda: (s := uplink.telemetry_stats()) and s.batches_dead_lettered > 0 and s, 60, "a batch given up")
+    assert stats.dropped["dead_lettered"] > 0 and stats.batches_resent > 0
+    uplink.start_ingest()
+    wait_until(lambda: _gaps_in_s3(uplink, "dead_lettered"), 60, "the given-up batch reported to the cloud")
+    gap = _gaps_in_s3(uplink, "dead_lettered")[0]
+    assert "not acknowledged after 2 attempts" in gap["detail"] and gap["first_seq"] == 1
+    assert telemetry.terminate() == 0
+    uplink.assert_complete()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB filesystem (tmpfs), unmounted afterwards."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def _fill(folder: Path) -> None:
+    """Takes every free block (the outbox, writing 4 KiB WAL frames, may get there first)."""
+    try:
+        with (folder / "filler").open("wb") as f:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+    except OSError:
+        pass
+
+
+def test_a_full_disk_ends_telemetry_non_zero_and_what_it_could_not_write_is_a_gap(uplink, small_disk):
+    uplink.outbox_path = small_disk / "outbox.db"
+    telemetry = uplink.start_telemetry(**LOAD)
+    _fill(small_disk)
+    wait_until(lambda: not telemetry.alive(), 60, "telemetry to exit on the full disk")
+    assert telemetry.proc.returncode == 70, telemetry.log()[-3000:]
+    assert "fatal" in telemetry.log()
+    (small_disk / "filler").unlink(missing_ok=True)
+    uplink.start_ingest()
+    telemetry = uplink.start_telemetry(**SLOW)
+    lost = wait_until(lambda: uplink.telemetry_stats().dropped.get("write_failed", 0), 30, "the lost records counted")
+    wait_until(lambda: uplink.audit().declared_lost.get("write_failed") == lost, 60, "the write_failed gap in S3")
+    assert telemetry.terminate() == 0
+    uplink.assert_complete()
+
+
+def test_a_dead_worker_thread_or_main_loop_ends_the_process_non_zero_even_if_a_thread_hangs(tmp_path):
+    script = """
+import sys, threading, time
+from shared.config import CommonSettings
+from shared.lifecycle import serve
+
+class Service:
+    def __init__(self):
+        self.stopping = threading.Event()
+    def run(self):
+        threading.Thread(target=time.sleep, args=(3600,), name="stuck").start()  # never joins
+        if sys.argv[1] == "thread":
+            threading.Thread(target=lambda: 1 / 0, name="worker").start()
+            self.stopping.wait()
+            return 0
+        raise OSError(28, "No space left on device")
+    def stop(self):
+        self.stopping.set()
+
+raise SystemExit(serve("probe", CommonSettings(device_id="probe"), Service, ()))
+"""
+    for where in ("thread", "main"):
+        process = subprocess.Popen([sys.executable, "-c", script, where], cwd=Path(__file__).parent.parent,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        output, _ = process.communicate(timeout=60)
+        assert process.returncode == 70, output
+        assert "fatal" in output
+
+
+def test_a_batch_taken_by_a_killed_ingest_is_delivered_again_by_the_broker(uplink):
+    """The device does not resend here (its ack timeout is long): only the broker's redelivery of what
+    the replica took and never acknowledged can bring the batch to S3."""
+    ingest = uplink.start_ingest(log_level="DEBUG")
+    telemetry = uplink.start_telemetry(ack_timeout_s="600", **SLOW)
+    _flowing(uplink)
+    taken = ingest.log().count("batch taken")
+    uplink.s3_server.pause()
+    first, last = _in_flight(uplink)
+    wait_until(lambda: ingest.log().count("batch taken") > taken, 30, "the replica to take the batch in flight")
+    ingest.kill()  # SIGKILL while its S3 write hangs
+    uplink.s3_server.resume()
+    uplink.start_ingest()  # the same replica: its session, with the batch it never acknowledged
+    wait_until(lambda: uplink.audit().highest_seq >= last, 60, "the batch in S3")
+    assert uplink.telemetry_stats().batches_resent == 0, "the device resent it; the broker did not redeliver"
+    assert telemetry.terminate() == 0
+    uplink.assert_complete()
+
+
+def test_unsubscribe_hands_over_what_arrived_before_the_unsuback(broker):
+    import threading
+
+    from shared.config import CommonSettings
+    from shared.mqtt import MqttLink
+
+    received, first, release = [], threading.Event(), threading.Event()
+
+    def handler(message):
+        received.append(message.payload)
+        first.set()
+        release.wait(10)  # holds paho's network thread: what follows waits in the socket
+
+    settings = CommonSettings(mqtt_url=broker.url, device_id="unsub")
+    subscriber, publisher = MqttLink(settings, "sub", unique=True), MqttLink(settings, "pub", unique=True)
+    subscriber.subscribe("t/unsub", handler, qos=1)
+    for link in (subscriber, publisher):
+        link.start()
+        assert link.wait_connected(10)
+    try:
+        wait_until(lambda: publisher.publish("t/unsub", b"0", qos=1).wait_for_publish(5) or first.wait(0.2), 10, "a first message")
+        for i in range(1, 10):
+            publisher.publish("t/unsub", str(i).encode(), qos=1).wait_for_publish(5)
+        leaving = threading.Thread(target=subscriber.unsubscribe, args=("t/unsub",))
+        leaving.start()
+        wait_until(lambda: subscriber._unsubscribed or not subscriber._subscriptions, 5, "the UNSUBSCRIBE sent")
+        release.set()
+        leaving.join(10)
+        wait_until(lambda: len(set(received)) >= 10, 10, "every message the broker sent before the UNSUBACK")
+    finally:
+        release.set()
+        subscriber.stop()
+        publisher.stop()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from edgefleet import photos
+from shared import lake
 from tests.support import wait_until
 
 
@@ -76,7 +77,6 @@ def test_the_whole_fleet_runs_locally_takes_a_rollout_and_its_telemetry_reaches_
     """The main job as a user runs it: the fleet live, then a model published and rolled out from
     another terminal with the settings the fleet prints, until every device serves it."""
     import re
-    import time
 
     from edgefleet.models.store import resave
 
@@ -89,33 +89,118 @@ def test_the_whole_fleet_runs_locally_takes_a_rollout_and_its_telemetry_reaches_
         def output() -> str:
             return (tmp_path / "fleet.out").read_text()
 
-        deadline = time.monotonic() + 120
-        while "roll out from another terminal" not in output() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        settings = re.search(r"roll out from another terminal: (.*?) edgefleet model publish", output()).group(1)
+        def until(check, timeout: float, what: str):
+            def step():
+                assert fleet.poll() is None, f"the fleet exited while waiting for {what}:\n{output()[-3000:]}"
+                return check()
+
+            try:
+                return wait_until(step, timeout, what, interval=0.5)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{output()[-3000:]}") from None
+
+        def serving(device: str, version: int) -> bool:
+            last = next((line for line in reversed(output().splitlines()) if line.startswith(f"{device} ")), "")
+            return last.endswith(f"(model v{version})")
+
+        settings = until(lambda: re.search(r"roll out from another terminal: (.*?) edgefleet model publish", output()),
+                         120, "the fleet to print its operator settings").group(1)
         operator = dict(pair.split("=", 1) for pair in settings.split())
-        deadline = time.monotonic() + 60
-        while not all(f"{d} " in output() for d in ("device-1", "device-2")):
-            assert time.monotonic() < deadline, output()[-3000:]
-            time.sleep(0.5)
-        assert "(model v2)" not in output(), "the devices must start on v1"
+        # Positive evidence that the devices start on v1 (not merely the absence of v2 in the output).
+        until(lambda: serving("device-1", 1) and serving("device-2", 1), 60, "both devices serving v1")
         for model in (model_dir, tmp_path / "v2"):
             assert _edgefleet("model", "publish", str(model), env=operator).returncode == 0
         assert _edgefleet("rollout", "start", "efficientnet-lite0", "2", "--rollout-id", "main-job", env=operator).returncode == 0
-        def serving_v2(device: str) -> bool:
-            last = next((line for line in reversed(output().splitlines()) if line.startswith(f"{device} ")), "")
-            return last.endswith("(model v2)")
-
-        deadline = time.monotonic() + 120
-        while not (serving_v2("device-1") and serving_v2("device-2")):
-            assert time.monotonic() < deadline, output()[-3000:]
-            assert fleet.poll() is None, output()[-3000:]
-            time.sleep(1)
+        until(lambda: serving("device-1", 2) and serving("device-2", 2), 120, "both devices serving v2")
         status = _edgefleet("rollout", "status", "--json", env=operator)
         states = [json.loads(line) for line in status.stdout.splitlines()]
-        assert {(s["device"], s["state"], s["serving"]["version"]) for s in states} >= {("device-1", "active", 2), ("device-2", "active", 2)}
+        assert {(s["device"], s["state"], s["serving"]["version"], s["stale"]) for s in states} >= {
+            ("device-1", "active", 2, False), ("device-2", "active", 2, False)}
+        # Telemetry reached the cloud: read back from S3 itself, through the operators' audit.
+        audit = until(lambda: _audited(operator, ("device-1", "device-2")), 90, "both devices' telemetry in S3")
+        assert all(row["duplicates"] == 0 and row["missing_count"] == 0 for row in audit.values()), audit
+        assert _s3_keys(operator, lake.DEAD_LETTER) == [], "telemetry was dead-lettered"
     finally:
         fleet.terminate()
         assert fleet.wait(60) == 0
-    ingest_log = (tmp_path / "fleet" / "log" / "cloud-ingest.log").read_text()
-    assert "dead-lettered" not in ingest_log and "ingesting" in ingest_log
+
+
+def _audited(operator: dict[str, str], devices: tuple[str, ...]) -> dict[str, dict] | None:
+    """The audit's rows once every device has records in S3."""
+    result = _edgefleet("telemetry", "audit", "--json", env=operator)
+    rows = {row["device"]: row for row in map(json.loads, result.stdout.splitlines())}
+    return rows if all(rows.get(d, {}).get("received", 0) > 0 for d in devices) else None
+
+
+def _s3_keys(operator: dict[str, str], prefix: str) -> list[str]:
+    from shared import s3
+    from shared.config import IngestSettings
+
+    settings = IngestSettings(**{k.removeprefix("EDGEFLEET_").lower(): v for k, v in operator.items() if k.startswith("EDGEFLEET_S3")})
+    listing = s3.client(settings).list_objects_v2(Bucket=settings.telemetry_bucket, Prefix=prefix)
+    return [obj["Key"] for obj in listing.get("Contents", [])]
+
+
+def test_rollout_status_keys_rows_by_topic_and_shows_age_and_staleness(broker):
+    """Retained states on a real broker: one device lies about who it is and reports from long ago,
+    one has a clock an hour ahead, one has an old sync report but a fresh sync heartbeat."""
+    import time
+
+    from shared import topics
+    from shared.codec import WireFormat, encode
+    from shared.config import CommonSettings
+    from shared.mqtt import MqttLink
+    from shared.schemas import ServiceState, ServiceStatus, SyncReport, SyncState
+
+    now = time.time()
+    link = MqttLink(CommonSettings(mqtt_url=broker.url, device_id="test"), "test", unique=True)
+    link.start()
+    assert link.wait_connected(10)
+
+    def retain(topic, message):
+        link.publish(topic, encode(message), qos=1, retain=True, content_type=WireFormat.JSON.content_type).wait_for_publish(10)
+
+    def report(device, at):
+        return SyncReport(device=device, rollout_id="r1", state=SyncState.ACTIVE, at=at)
+
+    def heartbeat(device, at):
+        return ServiceStatus(device=device, service=topics.SYNC_SERVICE, state=ServiceState.ONLINE, at=at, edgefleet_version="t")
+
+    retain(topics.sync_state("device-a"), report("device-a", now))
+    retain(topics.status("device-a", topics.SYNC_SERVICE), heartbeat("device-a", now))
+    retain(topics.sync_state("device-b"), report("device-a", now - 600))  # claims to be device-a
+    retain(topics.sync_state("device-c"), report("device-c", now + 3600))  # its clock is an hour ahead
+    retain(topics.sync_state("device-d"), report("device-d", now - 600))
+    retain(topics.status("device-d", topics.SYNC_SERVICE), heartbeat("device-d", now))
+    link.stop()
+    env = {"EDGEFLEET_MQTT_URL": broker.url, "EDGEFLEET_STATUS_INTERVAL_S": "5", "COLUMNS": "200"}
+
+    status = _edgefleet("rollout", "status", "--json", "--wait", "1", env=env)
+    assert status.returncode == 0, status.stderr
+    rows = {row["device"]: row for row in map(json.loads, status.stdout.splitlines())}
+    assert sorted(rows) == ["device-a", "device-b", "device-c", "device-d"]
+    a, b, c, d = (rows[k] for k in sorted(rows))
+    assert (a["stale"], a["claimed_device"], a["clock_ahead"], a["sync"]) == (False, None, False, "online")
+    assert 0 <= a["age_s"] < 15
+    assert (b["stale"], b["claimed_device"], b["clock_ahead"]) == (True, "device-a", False)
+    assert 600 <= b["age_s"] < 615 and b["last_heard_s"] == b["age_s"]
+    assert (c["stale"], c["clock_ahead"], c["last_heard_s"]) == (True, True, None)
+    assert -3600 <= c["age_s"] < -3585
+    assert (d["stale"], d["sync"]) == (False, "online") and 600 <= d["age_s"] < 615 and d["last_heard_s"] < 15
+
+    table = _edgefleet("rollout", "status", "--wait", "1", env=env)
+    assert table.returncode == 0, table.stderr
+    line = {device: next(l for l in table.stdout.splitlines() if f" {device} " in l) for device in rows}
+    assert "ok" in line["device-a"] and "STALE" not in line["device-a"]
+    assert "STALE" in line["device-b"] and "payload claims device-a" in line["device-b"]
+    assert "STALE" in line["device-c"] and "clock ahead" in line["device-c"]
+    assert "STALE" not in line["device-d"]
+
+
+def test_rollout_start_refuses_a_model_name_that_is_not_a_registry_key(broker):
+    env = {"EDGEFLEET_MQTT_URL": broker.url}
+    for model in ("../../etc", "a/b"):
+        result = _edgefleet("rollout", "start", model, "1", env=env)
+        assert result.returncode == 1 and "model name" in result.stderr, result.stderr
+    result = _edgefleet("rollout", "start", "ok-model", "1000000001", env=env)
+    assert result.returncode == 1 and "model version" in result.stderr, result.stderr

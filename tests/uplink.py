@@ -1,35 +1,52 @@
-"""Device-to-cloud telemetry for the tests, all real: the device's Mosquitto, a separate cloud
-Mosquitto, an S3-compatible server, and the real `edgefleet telemetry` and `edgefleet cloud-ingest`
-processes."""
+"""Device-to-cloud telemetry for the tests, all real and on the production path: the device's
+Mosquitto, bridged over TLS with the device's certificate (a persistent session: cleansession false)
+to a separate fleet Mosquitto with the committed cloud config and ACL, an S3-compatible server, and the
+real `edgefleet telemetry` and `edgefleet cloud-ingest` processes (one certificate per replica)."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from edgefleet.audit import DeviceAudit, audit
 from edgefleet.broker import Broker
+from edgefleet.brokerconf import bridge, cloud_listener
+from edgefleet.certs import issue, new_ca
 from edgefleet.s3server import S3Server
-from services.telemetry.outbox import Outbox
 from shared import s3
+from shared.config import CommonSettings
+from shared.mqtt import MqttLink
 from tests.support import Device, ServiceProcess, stop_and_report, wait_until
 
 BUCKET = "edgefleet-telemetry"
+REPLICAS = {"ingest-1": "cloud-ingest-0", "ingest-2": "cloud-ingest-1"}  # replica -> its certificate
 
 
 class Uplink:
     def __init__(self, tmp: Path, request, device_id: str = "edge-t") -> None:
         self.tmp, self.request, self.device_id = tmp, request, device_id
-        self.device_broker = Broker().start()
-        self.cloud_broker = Broker().start()
+        self.certs = tmp / "certs"
+        new_ca(self.certs)
+        issue(self.certs, "cloud-broker", server=True)
+        for name in (device_id, *REPLICAS.values()):
+            issue(self.certs, name)
+        self.cloud_broker = Broker(security=cloud_listener(self.certs)).start()
+        self.device_broker = Broker(extra_config=bridge(device_id, "127.0.0.1", self.cloud_broker.port, self.certs)).start()
         self.s3_server = S3Server().start()
         self.store = s3.client(self.s3_server.settings())
         self.outbox_path = tmp / "outbox.db"
         self.processes: list[ServiceProcess] = []
+        self.links: list[MqttLink] = []
         self.device = Device(self.device_broker.url, device_id)
 
-    def start_telemetry(self, **settings) -> ServiceProcess:
+    @property
+    def cloud_url(self) -> str:
+        return f"mqtts://127.0.0.1:{self.cloud_broker.port}"
+
+    def start_telemetry(self, wait_online: bool = True, **settings) -> ServiceProcess:
+        """`edgefleet telemetry` on the device's broker: its batches reach the fleet through the bridge."""
         env = {
-            "EDGEFLEET_MQTT_URL": self.device_broker.url, "EDGEFLEET_CLOUD_MQTT_URL": self.cloud_broker.url,
+            "EDGEFLEET_MQTT_URL": self.device_broker.url, "EDGEFLEET_CLOUD_MQTT_URL": self.device_broker.url,
             "EDGEFLEET_DEVICE_ID": self.device_id, "EDGEFLEET_OUTBOX_PATH": str(self.outbox_path),
             "EDGEFLEET_STATUS_INTERVAL_S": "0.5", "EDGEFLEET_MQTT_RECONNECT_MAX_S": "1",
             "EDGEFLEET_ACK_TIMEOUT_S": "3", "EDGEFLEET_FORWARD_RETRY_MAX_S": "1",
@@ -37,48 +54,89 @@ class Uplink:
         }
         process = ServiceProcess(env, self.tmp / "telemetry.log", "telemetry")
         self.processes.append(process)
-        wait_until(lambda: (s := self.device.latest_status("telemetry")) is not None and s.state == "online"
-                   and s.at > process.started or not process.alive(), 60, "the telemetry service online")
-        assert process.alive(), process.log()
+        if wait_online:
+            wait_until(lambda: (s := self.device.latest_status("telemetry")) is not None and s.state == "online"
+                       and s.at > process.started or not process.alive(), 60, "the telemetry service online")
+            assert process.alive(), process.log()
         return process
 
     def start_ingest(self, replica: str = "ingest-1", **settings) -> ServiceProcess:
+        cert = REPLICAS[replica]
         env = {
-            "EDGEFLEET_MQTT_URL": self.cloud_broker.url, "EDGEFLEET_DEVICE_ID": replica,
+            "EDGEFLEET_MQTT_URL": self.cloud_url, "EDGEFLEET_DEVICE_ID": replica,
+            "EDGEFLEET_MQTT_CA_FILE": str(self.certs / "ca.crt"),
+            "EDGEFLEET_MQTT_CERT_FILE": str(self.certs / f"{cert}.crt"), "EDGEFLEET_MQTT_KEY_FILE": str(self.certs / f"{cert}.key"),
             "EDGEFLEET_TELEMETRY_BUCKET": BUCKET, "EDGEFLEET_MQTT_RECONNECT_MAX_S": "1", **self.s3_server.env(),
             **{f"EDGEFLEET_{k.upper()}": str(v) for k, v in settings.items()},
         }
         process = ServiceProcess(env, self.tmp / f"{replica}.log", "cloud-ingest")
         self.processes.append(process)
-        wait_until(lambda: "ingesting" in process.log() or not process.alive(), 60, "cloud_ingest to subscribe")
+        wait_until(lambda: "connected to broker" in process.log() or not process.alive(), 60, "cloud_ingest to subscribe")
         assert process.alive(), process.log()
         return process
+
+    def cloud_client(self, name: str) -> MqttLink:
+        """A client of the fleet broker with its own certificate (common name `name`), not yet started."""
+        if not (self.certs / f"{name}.crt").exists():
+            issue(self.certs, name)
+        settings = CommonSettings(mqtt_url=self.cloud_url, device_id=name, mqtt_reconnect_max_s=1,
+                                  mqtt_ca_file=self.certs / "ca.crt", mqtt_cert_file=self.certs / f"{name}.crt",
+                                  mqtt_key_file=self.certs / f"{name}.key")
+        link = MqttLink(settings, "test", unique=True)
+        self.links.append(link)
+        return link
 
     def telemetry_stats(self):
         status = self.device.latest_status("telemetry")
         return status.telemetry if status else None
 
+    def objects(self, prefix: str = "telemetry/") -> dict[str, str]:
+        """Every object under `prefix` in the telemetry bucket, with its ETag."""
+        found = {}
+        for page in self.store.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+            found.update({o["Key"]: o["ETag"] for o in page.get("Contents", [])})
+        return found
+
     def audit(self) -> DeviceAudit:
-        return audit(self.store, BUCKET)[self.device_id]
+        """The device's audit (empty while S3 holds nothing of it yet)."""
+        return audit(self.store, BUCKET).get(self.device_id) or DeviceAudit(self.device_id)
+
+    def outbox_meta(self, key: str) -> int:
+        """One counter from the outbox file (read-only: a running service keeps writing it)."""
+        db = sqlite3.connect(f"file:{self.outbox_path}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+            return int(row[0]) if row else 0
+        finally:
+            db.close()
+
+    def outbox_epoch(self) -> str:
+        return f"{self.outbox_meta('epoch'):08x}"
 
     def outbox_seqs(self) -> set[int]:
         """What the (stopped) telemetry service still holds, read from its file."""
-        outbox = Outbox(self.outbox_path, self.device_id, 1 << 30)
-        seqs = {row[0] for row in outbox.db.execute("SELECT seq FROM records")}
-        outbox.close()
-        return seqs
+        db = sqlite3.connect(f"file:{self.outbox_path}?mode=ro", uri=True)
+        try:
+            return {row[0] for row in db.execute("SELECT seq FROM records")}
+        finally:
+            db.close()
 
     def assert_complete(self) -> DeviceAudit:
-        """Every sequence number is in S3 exactly once, declared lost by the device, or still in its outbox."""
+        """In every epoch, every sequence number is in S3 exactly once or declared lost by the device; in
+        the outbox's current epoch, what is neither may still be in the outbox."""
         result = self.audit()
-        remaining = self.outbox_seqs()
-        unexplained = [s for a, b in result.missing for s in range(a, b + 1) if s not in remaining]
-        assert not unexplained, f"lost records: {unexplained[:20]}"
-        assert result.duplicates == 0
+        current, remaining = self.outbox_epoch(), self.outbox_seqs()
+        for epoch, numbers in result.epochs.items():
+            held = remaining if epoch == current else set()
+            unexplained = [s for a, b in numbers.missing for s in range(a, b + 1) if s not in held]
+            assert not unexplained, f"epoch {epoch}: lost records: {unexplained[:20]}"
+            assert numbers.duplicates == 0, f"epoch {epoch}: {numbers.duplicates} duplicates"
         return result
 
     def close(self) -> None:
         stop_and_report(self.processes, self.request)
+        for link in self.links:
+            link.stop()
         self.device.close()
         for server in (self.device_broker, self.cloud_broker, self.s3_server):
             server.close()

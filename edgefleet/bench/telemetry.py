@@ -133,7 +133,7 @@ def _ingest_rate(replicas: int, devices: int, batches: int, per_batch: int, tmp:
             _spawn(stack, tmp, f"ingest-{replicas}-{r}", "cloud-ingest", _ingest_env(cloud, store, f"ingest-{r}"))
         time.sleep(3)
         payloads = {
-            d: [encode(TelemetryBatch(device=f"dev-{d}", records=[TelemetryRecord(seq=b * per_batch + i + 1, body=body)
+            d: [encode(TelemetryBatch(device=f"dev-{d}", epoch="0000bec4", records=[TelemetryRecord(seq=b * per_batch + i + 1, body=body)
                                                                   for i, body in enumerate(_records(f"dev-{d}", per_batch))],
                                       sent_at=time.time()), WireFormat.MSGPACK_ZLIB) for b in range(batches)]
             for d in range(devices)

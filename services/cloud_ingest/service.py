@@ -1,9 +1,18 @@
 """cloud_ingest: the fleet's telemetry into S3. Replicas share one MQTT v5 shared subscription, so
 the broker splits the batches among them; each batch is validated, written (writer.py) and only then
-acknowledged to its device, which deletes it from its outbox on that acknowledgement alone. A replica
-killed mid-write acknowledges nothing; the device sends the batch again and the same keys are
-overwritten with the same content. What does not validate goes to the dead-letter prefix with the
-reason, and is acknowledged (it will never validate; it must not block the device's outbox).
+acknowledged: first to its device (which deletes it from its outbox on that acknowledgement alone),
+then to the broker (MQTT PUBACK, paho's manual_ack). A replica killed mid-write acknowledges nothing:
+its persistent session keeps the batch at the broker, which delivers it again when the replica comes
+back (and the device sends it again after its ack timeout); the same keys are overwritten with the
+same content. What does not validate goes to the dead-letter prefix with the reason, and is
+acknowledged (it will never validate; it must not block the device's outbox).
+
+paho's network thread never waits here: the broker sends at most Receive Maximum (ingest_workers x 2)
+unacknowledged batches, so the pool's backlog is bounded by the protocol's flow control, not by a
+callback that blocks (which would stall keepalives and acknowledgements too). A failed S3 write is
+retried with backoff by its worker until it succeeds or the replica stops: giving up would leave the
+message unacknowledged and its slot of the receive window taken until the next session. (Vector's S3
+sink retries the same way; Kafka consumers commit an offset only after the sink's write, as here.)
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import paho.mqtt.client as paho
 from botocore.exceptions import BotoCoreError, ClientError
 
 from services.cloud_ingest.writer import dead_letter, write_batch
-from shared import VERSION, s3, topics
+from shared import VERSION, lifecycle, s3, topics
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import IngestSettings
 from shared.lifecycle import serve
@@ -40,8 +49,6 @@ class IngestService:
         # as the broker needs distinct client ids.
         self._replica = f"{settings.device_id}-{socket.gethostname()}"[:64]
         self.pool = ThreadPoolExecutor(settings.ingest_workers, thread_name_prefix="writer")
-        # Backpressure: at most this many batches taken from the broker and not yet written.
-        self._slots = threading.BoundedSemaphore(settings.ingest_workers * 2)
         self.stored, self.dead_lettered, self.failed = Counter(), Counter(), Counter()
         self._stopping = threading.Event()
         self._filter = topics.all_telemetry(settings.share_group)
@@ -49,6 +56,7 @@ class IngestService:
             settings.model_copy(update={"device_id": self._replica}), SERVICE,
             StatusPublisher(topics.status(self._replica, SERVICE), online=lambda: encode(self._status(ServiceState.ONLINE)),
                             will=encode(self._status(ServiceState.OFFLINE, reason="connection lost"))),
+            manual_ack=True, receive_maximum=settings.ingest_workers * 2, session_expiry_s=settings.ingest_session_expiry_s,
         )
 
     def run(self) -> int:
@@ -67,35 +75,45 @@ class IngestService:
         self._stopping.set()
 
     def _on_batch(self, message: paho.MQTTMessage) -> None:
-        self._slots.acquire()
-        self.pool.submit(self._store, topics.device_of(message.topic), message.payload, content_type_of(message),
-                         correlation_of(message))
+        """paho's network thread: hand over and return at once (the receive window bounds the backlog)."""
+        log.debug("batch taken", extra=fields(topic=message.topic, mid=message.mid, redelivered=bool(message.dup)))
+        self.pool.submit(self._store, message)
 
-    def _store(self, device: str, payload: bytes, content_type: str | None, correlation: bytes | None) -> None:
-        bucket = self.settings.telemetry_bucket
+    def _store(self, message: paho.MQTTMessage) -> None:
+        device = topics.device_of(message.topic)
         try:
-            try:
-                batch = decode(TelemetryBatch, payload, content_type)
-                if batch.device != device:
-                    raise DecodeError(f"batch names device {batch.device!r} but came on {device!r}'s topic")
-            except DecodeError as exc:
-                key = dead_letter(self.s3, bucket, device, payload, str(exc))
-                self.dead_lettered.add()
-                log.warning("dead-lettered", extra=fields(device=device, key=key, reason=str(exc)[:300]))
-                if correlation:
-                    self._ack(device, correlation.decode(errors="replace"), 0, dead_lettered=True)
-                return
-            stored = write_batch(self.s3, bucket, batch)
-            self.stored.add(stored)
-            self._ack(device, batch.batch_id, stored)
-        except (BotoCoreError, ClientError, OSError) as exc:
-            self.failed.add()  # no acknowledgement: the device sends it again
-            log.warning("write failed", extra=fields(device=device, error=str(exc)))
-        except Exception:  # a bug here must be loud: in the pool it would otherwise vanish with the future
+            while not self._stopping.is_set():
+                try:
+                    self._store_once(device, message)
+                    self.link.ack(message)  # the broker forgets it only now, after S3 has it
+                    return
+                except (BotoCoreError, ClientError, OSError) as exc:
+                    self.failed.add()
+                    log.warning("write failed; retrying", extra=fields(device=device, error=str(exc)[:300]))
+                    self._stopping.wait(1.0)
+            log.info("stopping with a batch unwritten; the broker keeps it for the next session", extra=fields(device=device))
+        except Exception as exc:  # a bug here must be loud: in the pool it would otherwise vanish with the future
             self.failed.add()
             log.exception("batch not stored", extra=fields(device=device))
-        finally:
-            self._slots.release()
+            lifecycle.fail(f"writer: {type(exc).__name__}: {exc}", exc)
+
+    def _store_once(self, device: str, message: paho.MQTTMessage) -> None:
+        bucket, payload = self.settings.telemetry_bucket, message.payload
+        try:
+            batch = decode(TelemetryBatch, payload, content_type_of(message), sniff_compressed=True,
+                           max_inflated_bytes=self.settings.max_batch_bytes)
+            if batch.device != device:
+                raise DecodeError(f"batch names device {batch.device!r} but came on {device!r}'s topic")
+        except DecodeError as exc:
+            key = dead_letter(self.s3, bucket, device, payload, str(exc))
+            self.dead_lettered.add()
+            log.warning("dead-lettered", extra=fields(device=device, key=key, reason=str(exc)[:300]))
+            if (correlation := correlation_of(message)) is not None:
+                self._ack(device, correlation.decode(errors="replace")[:200], 0, dead_lettered=True)
+            return
+        stored = write_batch(self.s3, bucket, batch)
+        self.stored.add(stored)
+        self._ack(device, batch.batch_id, stored)
 
     def _ack(self, device: str, batch_id: str, stored: int, dead_lettered: bool = False) -> None:
         ack = TelemetryAck(device=device, batch_id=batch_id, stored=stored, dead_lettered=dead_lettered, at=time.time())

@@ -1,6 +1,7 @@
 """Writes one validated batch to S3 (shared.lake's layout): the records by kind as gzipped JSON lines,
 then the batch index that marks it complete. Idempotent: the keys come from the batch's sequence
-numbers, so a replay overwrites the same objects with the same content."""
+numbers and the outbox's epoch, so a replay overwrites the same objects with the same content and a new
+epoch never touches an older one's."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def write_batch(s3, bucket: str, batch: TelemetryBatch) -> int:
         s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/x-ndjson", ContentEncoding="gzip")
         objects.append(key)
     index = lake.BatchIndex(
-        device=batch.device, batch_id=batch.batch_id, seqs=[r.seq for r in batch.records],
+        device=batch.device, batch_id=batch.batch_id, epoch=batch.epoch, seqs=[r.seq for r in batch.records],
         kinds={k: len(v) for k, v in by_kind.items()},
         gaps=[r.body for r in batch.records if isinstance(r.body, Gap)], objects=objects, stored_at=time.time(),
     )

@@ -1,15 +1,19 @@
 """Batch: the bounded backlog between the network thread and the inference workers.
 
 Under overload the oldest frames go first, since a live camera's newest frame is the one worth
-answering; the caller counts every drop. A batch is whatever is queued, across cameras, up to
-max_batch, optionally waiting up to max_wait after its first frame for more.
+answering; the caller counts every drop. Drops are fair across cameras: when the backlog is full the
+frame dropped is the oldest of the camera holding the most frames (the one over its share of
+capacity / active cameras), so one flooding camera evicts its own frames, never another camera's.
+This is Mosquitto's per-client max_queued_messages and Vector's per-source buffers in one deque: a
+shared bound, but each sender pays for its own excess. A batch is whatever is queued, in arrival
+order across cameras, up to max_batch, optionally waiting up to max_wait after its first frame for more.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 
 from services.inference.intake import Frame
 
@@ -20,21 +24,42 @@ class Closed(Exception):
 
 class FrameBacklog:
     def __init__(self, capacity: int) -> None:
-        self._frames: deque[Frame] = deque()
+        self._frames: deque[Frame] = deque()  # arrival order, across cameras
+        self._per_camera: Counter[str] = Counter()
         self._capacity = capacity
         self._changed = threading.Condition()
         self._closed = False
 
     def put(self, frame: Frame) -> Frame | None:
-        """Queues a frame; returns the oldest frame, dropped to make room, if the backlog was full.
-        Raises Closed once close() was called."""
+        """Queues a frame; if the backlog was full, drops and returns the oldest frame of the camera
+        that holds the most frames, counting this one (possibly this camera's own oldest, or this
+        frame itself when the backlog holds a single frame). Raises Closed once close() was called."""
         with self._changed:
             if self._closed:
                 raise Closed()
-            dropped = self._frames.popleft() if len(self._frames) >= self._capacity else None
             self._frames.append(frame)
+            self._per_camera[frame.camera] += 1
+            dropped = self._drop_from_largest() if len(self._frames) > self._capacity else None
             self._changed.notify()
             return dropped
+
+    def _drop_from_largest(self) -> Frame:
+        # Ties go to the camera counted first (Counter keeps insertion order); the newcomer's count
+        # already includes its new frame, so a camera at its share that sends more pays for it.
+        victim = max(self._per_camera, key=self._per_camera.__getitem__)
+        # The flooding camera's oldest frame sits near the front; the scan stops there.
+        index = next(i for i, f in enumerate(self._frames) if f.camera == victim)
+        dropped = self._frames[index]
+        del self._frames[index]
+        self._forget(dropped)
+        return dropped
+
+    def _forget(self, frame: Frame) -> None:
+        left = self._per_camera[frame.camera] - 1
+        if left:
+            self._per_camera[frame.camera] = left
+        else:  # only active cameras count towards the share
+            del self._per_camera[frame.camera]
 
     def take(self, max_batch: int, max_wait_s: float = 0.0, idle_timeout_s: float = 0.5) -> list[Frame] | None:
         """Up to max_batch frames; empty if none came within idle_timeout_s; None once closed and drained."""
@@ -50,6 +75,8 @@ class FrameBacklog:
                     if remaining <= 0 or not self._changed.wait(remaining):
                         break
             batch = [self._frames.popleft() for _ in range(min(max_batch, len(self._frames)))]
+            for frame in batch:
+                self._forget(frame)
             if self._frames:  # several workers share the backlog: let the next one start
                 self._changed.notify()
             return batch
@@ -62,3 +89,25 @@ class FrameBacklog:
 
     def __len__(self) -> int:
         return len(self._frames)
+
+
+class CameraCounts:
+    """Counts per camera, naming at most `max_keys` cameras (the first seen) and summing the rest under
+    "_other": camera ids come from topics, so a client inventing ids must not grow the map (or the
+    retained status) without end."""
+
+    OTHER = "_other"
+
+    def __init__(self, max_keys: int) -> None:
+        self._counts: dict[str, int] = {}
+        self._max_keys = max_keys
+        self._lock = threading.Lock()
+
+    def add(self, camera: str, n: int = 1) -> None:
+        with self._lock:
+            key = camera if camera in self._counts or len(self._counts) < self._max_keys else self.OTHER
+            self._counts[key] = self._counts.get(key, 0) + n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)

@@ -1,7 +1,7 @@
 """The inference service: the one owner of its MQTT link and its worker threads.
 
 A frame's way:
-    receive (paho's network thread: `_on_frame`) → backlog (bounded, drops the oldest)
+    receive (paho's network thread: `_on_frame`) → backlog (bounded, drops the oldest of the fullest camera)
     → batch → decode → preprocess → infer → publish (each worker: `_work`)
 Workers share the served model's ONNX Runtime session and each run their own batch: while one decodes, another
 infers, so every core stays busy, and on small CPUs several single-threaded runs beat one run spread
@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as paho
 
-from services.inference.batcher import Closed, FrameBacklog
+from services.inference.batcher import CameraCounts, Closed, FrameBacklog
 from services.inference.decode import UndecodableFrame, decode_bgr
 from services.inference.features import summarise
-from services.inference.intake import Frame, FrameRejected, Intake
+from services.inference.intake import Frame, FrameRejected, Intake, clip
 from services.inference.postprocess import top_k
 from services.inference import swap
 from services.inference.session import ProviderRefused, plan_workers
@@ -39,6 +39,8 @@ from shared.manifest import ModelError
 from shared.metrics import Counter
 from shared.mqtt import MqttLink, StatusPublisher, content_type_of
 from shared.schemas import (
+    MAX_CAMERA_KEYS,
+    MAX_STR,
     ClassScore,
     ErrorReason,
     ErrorReport,
@@ -69,10 +71,11 @@ class InferenceService:
         self.settings = settings
         workers, self._threads_per_run = plan_workers(settings.providers, settings.inference_workers, settings.intra_op_threads)
         self.model = self._load(settings.model_dir)
-        self.intake = Intake(settings.max_frame_bytes)
+        self.intake = Intake(settings.max_frame_bytes, settings.max_frame_pixels)
         self.backlog = FrameBacklog(settings.queue_size)
         self.received, self.rejected, self.dropped = Counter(), Counter(), Counter()
-        self.published, self.batches = Counter(), Counter()
+        self.published, self.lost, self.batches = Counter(), Counter(), Counter()
+        self.dropped_by_camera = CameraCounts(MAX_CAMERA_KEYS)
         self._started_at = time.time()
         self._stopping = threading.Event()
         self._device = settings.device_id
@@ -153,10 +156,14 @@ class InferenceService:
             self._reject(camera, rejected.reason, rejected.detail, rejected.frame_id)
             return
         try:
-            if self.backlog.put(frame) is not None:
-                self.dropped.add()
+            if (dropped := self.backlog.put(frame)) is not None:
+                self._count_drop(dropped.camera)
         except Closed:  # arrived while shutting down, after intake stopped
-            self.dropped.add()
+            self._count_drop(camera)
+
+    def _count_drop(self, camera: str) -> None:
+        self.dropped.add()
+        self.dropped_by_camera.add(camera)
 
     def _on_switch(self, message: paho.MQTTMessage) -> None:
         try:
@@ -198,7 +205,7 @@ class InferenceService:
         except Exception as exc:  # e.g. an execution provider failing: every frame hears why
             log.exception("inference failed")
             for item in ready:
-                self._reject(item.frame.camera, ErrorReason.INTERNAL, f"inference failed: {exc}", item.frame.frame_id)
+                self._reject(item.frame.camera, ErrorReason.INTERNAL, f"inference failed: {clip(str(exc))}", item.frame.frame_id)
             return
         inference_s = time.monotonic() - started
         self.batches.add()
@@ -218,7 +225,7 @@ class InferenceService:
             return None
         except Exception as exc:  # an image OpenCV decoded but we cannot use: report, keep serving
             log.exception("preprocessing failed")
-            self._reject(frame.camera, ErrorReason.INTERNAL, f"preprocessing failed: {exc}", frame.frame_id)
+            self._reject(frame.camera, ErrorReason.INTERNAL, f"preprocessing failed: {clip(str(exc))}", frame.frame_id)
             return None
         return time.monotonic() - t0
 
@@ -246,14 +253,16 @@ class InferenceService:
             published_at=time.time(),
             features=[round(float(f), 4) for f in features],
         )
-        fmt = self.settings.prediction_format
-        self.link.publish(
-            topics.predictions(self._device, frame.camera),
-            encode(prediction, fmt),
-            qos=self.settings.prediction_qos,
-            content_type=fmt.content_type,
+        fmt, qos = self.settings.prediction_format, self.settings.prediction_qos
+        info = self.link.publish(
+            topics.predictions(self._device, frame.camera), encode(prediction, fmt), qos=qos, content_type=fmt.content_type,
         )
-        self.published.add()
+        if _accepted(info.rc, qos):
+            self.published.add()
+        else:
+            self.lost.add()
+            if (lost := self.lost.value) == 1 or lost % 100 == 0:  # an outage must not flood the log too
+                log.warning("prediction lost", extra=fields(frame_id=frame.frame_id, rc=paho.error_string(info.rc), lost=lost))
 
     # -- reports -----------------------------------------------------------------------------------
 
@@ -264,7 +273,7 @@ class InferenceService:
 
     def _report(self, reason: ErrorReason, detail: str, camera: str | None = None, frame_id: str | None = None) -> None:
         report = ErrorReport(
-            device=self._device, service=SERVICE, reason=reason, detail=detail,
+            device=self._device, service=SERVICE, reason=reason, detail=detail[:MAX_STR],
             camera=camera, frame_id=frame_id, at=time.time(),
         )
         fmt = self.settings.prediction_format
@@ -280,8 +289,10 @@ class InferenceService:
             frames_rejected=self.rejected.value,
             frames_dropped=self.dropped.value,
             predictions_published=self.published.value,
+            predictions_lost=self.lost.value,
             batches=self.batches.value,
             queue_depth=len(self.backlog),
+            dropped_by_camera=self.dropped_by_camera.snapshot(),
         )
 
     def status(self, state: ServiceState, reason: str | None = None, with_stats: bool = True) -> ServiceStatus:
@@ -303,6 +314,12 @@ class InferenceService:
             encode(self.status(ServiceState.ONLINE)),
             qos=1, retain=True, content_type=WireFormat.JSON.content_type,
         )
+
+
+def _accepted(rc: int, qos: int) -> bool:
+    """Whether paho took a publish: sent, or (QoS > 0 only) kept in its session queue to send after the
+    reconnect. MQTT_ERR_QUEUE_SIZE (queue full) and QoS 0 while disconnected mean it is gone."""
+    return rc == paho.MQTT_ERR_SUCCESS or (qos > 0 and rc == paho.MQTT_ERR_NO_CONN)
 
 
 def _ms(seconds: float) -> float:

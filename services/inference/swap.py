@@ -30,7 +30,7 @@ from services.inference.preprocess import Preprocessor
 from services.inference.session import ModelSession
 from shared.logs import fields
 from shared.manifest import ModelError, ModelManifest, load_verified
-from shared.schemas import ModelRef, ModelSwitch, ModelSwitched
+from shared.schemas import MAX_STR, ModelRef, ModelSwitch, ModelSwitched
 
 log = logging.getLogger(__name__)
 
@@ -88,29 +88,33 @@ class Swapper:
     def __init__(self, loader: Callable[[ModelSwitch], ServedModel], install: Callable[[ServedModel], ServedModel],
                  serving: Callable[[], ModelRef], reply: Callable[[ModelSwitched], None]) -> None:
         self._loader, self._install, self._serving, self._reply = loader, install, serving, reply
-        self._requests: queue.Queue[ModelSwitch | None] = queue.Queue()
+        self._requests: queue.Queue[tuple[ModelSwitch, float] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="swapper")
 
     def start(self) -> None:
         self._thread.start()
 
     def request(self, switch: ModelSwitch) -> None:
-        self._requests.put(switch)
+        """Queues a switch; its deadline runs from `switch.at` and from now (the receipt), whichever ends first."""
+        self._requests.put((switch, time.monotonic()))
 
     def stop(self) -> None:
         self._requests.put(None)
         self._thread.join()
 
     def _run(self) -> None:
-        while (switch := self._requests.get()) is not None:
+        while (item := self._requests.get()) is not None:
+            switch, received = item
             started = time.monotonic()
             try:
+                _in_time(switch, received)
                 model = self._loader(switch)
                 warm(model)
+                _in_time(switch, received)  # sync has given up on a late load: installing it would disagree with the store
             except Exception as exc:  # a bad model must never stop the service: the old one keeps serving
                 log.warning("model switch refused", extra=fields(request=switch.request_id, error=str(exc)))
                 self._reply(ModelSwitched(request_id=switch.request_id, ok=False, serving=self._serving(),
-                                          error=str(exc), at=time.time()))
+                                          error=str(exc)[:MAX_STR], at=time.time()))  # schemas bound every string
                 continue
             old = weakref.ref(self._install(model))
             serving = model.ref
@@ -120,3 +124,22 @@ class Swapper:
                                                     version=serving.version, load_ms=load_ms))
             self._reply(ModelSwitched(request_id=switch.request_id, ok=True, serving=serving, load_ms=load_ms, at=time.time()))
             _release_when_gone(old)
+
+
+class SwitchLate(RuntimeError):
+    """The switch's deadline passed before the new model was ready; it is discarded."""
+
+
+def _in_time(switch: ModelSwitch, received: float) -> None:
+    """Raises SwitchLate when the request's deadline has passed.
+
+    The deadline is `timeout_s` from the sender's `at` (wall clock: sync and inference share the
+    device's clock, and this catches a request delivered late from a broker queue) and from receipt
+    (monotonic, immune to clock steps), whichever ends first. Like a gRPC deadline, the one who asked
+    stops waiting at the deadline, so the one who answers must not act after it.
+    """
+    if switch.timeout_s is None:
+        return
+    late_by = max(time.time() - (switch.at + switch.timeout_s), time.monotonic() - (received + switch.timeout_s))
+    if late_by > 0:
+        raise SwitchLate(f"late: the switch's deadline ({switch.timeout_s:g} s) passed {late_by:.3f} s ago; the load is discarded")

@@ -19,6 +19,7 @@ class Thresholds:
     max_error_rate_increase: float
     max_latency_ratio: float
     max_confidence_drop: float
+    min_samples: int = 1  # fewer on either side: inconclusive
 
 
 class Window:
@@ -86,7 +87,12 @@ class Watch:
 
 
 def judge(before: Window, after: Window, limits: Thresholds) -> CanaryVerdict:
+    """The new model (after) against the old (before). Too few samples on either side is no verdict:
+    inconclusive, never passed (an empty window has no errors and no drift, which is not evidence)."""
     reasons = []
+    conclusive = len(before) >= limits.min_samples and len(after) >= limits.min_samples
+    if not conclusive:
+        reasons.append(f"inconclusive: {len(before)} samples before, {len(after)} after, minimum {limits.min_samples}")
     drift = psi(before.labels, after.labels) if before.labels and after.labels else None
     if drift is not None and drift > limits.max_psi:
         reasons.append(f"predicted classes shifted: PSI {drift:.2f} > {limits.max_psi}")
@@ -103,7 +109,7 @@ def judge(before: Window, after: Window, limits: Thresholds) -> CanaryVerdict:
         error_rate_before=round(before.error_rate, 4), error_rate_after=round(after.error_rate, 4),
         latency_p95_before_ms=_round(p95_before), latency_p95_after_ms=_round(p95_after),
         mean_confidence_before=_round(conf_before), mean_confidence_after=_round(conf_after),
-        prediction_psi=_round(drift), passed=not reasons, reasons=reasons,
+        prediction_psi=_round(drift), passed=not reasons, reasons=reasons, conclusive=conclusive,
     )
 
 

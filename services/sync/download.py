@@ -58,8 +58,7 @@ def download(
                 raise Cancelled(f"stopped at {offset} of {size} bytes")
             end = min(offset + chunk_bytes, size) - 1
             try:
-                body = s3.get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-{end}")["Body"]
-                data = body.read()
+                data = read_range(s3.get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-{end}"), offset, end, size)
             except ClientError as exc:
                 _raise_for(exc, key)
             except (BotoCoreError, OSError) as exc:
@@ -81,6 +80,32 @@ def download(
         part.unlink()
         raise DownloadFailed(f"{key} has SHA-256 {actual[:16]}…, the signed manifest says {sha256[:16]}…: tampered or corrupt")
     return part
+
+
+def read_range(response: dict, first: int, last: int, size: int) -> bytes:
+    """The body of a ranged GET for bytes first..last of a `size`-byte object, read only after its
+    Content-Range says it is exactly that range, and never more than the range's length.
+
+    A server that ignores the range (200 with the whole object), answers another range, or streams more
+    than it declared is refused before a byte reaches the staging file: appended, it would be taken for
+    good bytes at the wrong offset (curl and the AWS SDKs check Content-Range the same way).
+
+    :param response: boto3's get_object answer (ContentRange, Body).
+    :returns: at most last - first + 1 bytes (fewer if the stream broke off; the caller resumes).
+    :raises DownloadFailed: for a missing or different Content-Range, or a longer body.
+    """
+    body = response["Body"]
+    try:
+        declared = response.get("ContentRange")
+        if declared != f"bytes {first}-{last}/{size}":
+            raise DownloadFailed(f"asked for bytes {first}-{last}/{size}, the store answered Content-Range {declared!r}")
+        want = last - first + 1
+        data = body.read(want + 1)
+        if len(data) > want:
+            raise DownloadFailed(f"asked for {want} bytes at {first}, the store sent more")
+        return data
+    finally:
+        body.close()
 
 
 def _raise_for(exc: ClientError, key: str):

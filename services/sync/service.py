@@ -1,12 +1,9 @@
 """The sync service: the one owner of the device's model store, its MQTT link and its rollout worker.
 
-A rollout's way on the device, each step reported (retained, on edgefleet/<device>/sync/state):
-    received → (membership: hash of device and rollout) → manifest fetched, signature verified
-    → downloading (ranged GETs, resumable) → verified (size, SHA-256) → installed (atomic) and
-    smoke-tested → inference told to switch → active → canary: new model against the one before
-    → kept, or rolled back by itself with the reasons.
-Any failure leaves the device serving the model it had, and says why. A newer rollout message (abort,
-promote, another model) supersedes the one in progress at its next step.
+This file is the wiring and the I/O: MQTT callbacks, registry reads (size-capped), resumable downloads,
+switch requests to inference, the prediction watch and the retained reports. The rollout state machine
+itself (its states, the pending canary persisted before a switch, what a restart resumes) is
+rollout.py, which reads top to bottom; this service is its `Io`.
 """
 
 from __future__ import annotations
@@ -22,8 +19,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from services.sync import canary
 from services.sync.download import Cancelled, DownloadFailed, DownloadInterrupted, download
-from services.sync.membership import is_member
-from services.sync.smoke import SmokeFailed, smoke_test
+from services.sync.rollout import Machine, StepFailed, Superseded, requested, supersedes
 from services.sync.store import ModelStore
 from shared import VERSION, registry, s3, topics
 from shared.codec import DecodeError, WireFormat, decode, encode
@@ -33,6 +29,7 @@ from shared.logs import fields
 from shared.manifest import ModelError, ModelManifest
 from shared.mqtt import MqttLink, StatusPublisher, content_type_of
 from shared.schemas import (
+    MAX_STR,
     CanaryVerdict,
     ErrorReason,
     ErrorReport,
@@ -41,7 +38,6 @@ from shared.schemas import (
     ModelSwitched,
     Prediction,
     Rollout,
-    RolloutPhase,
     ServiceState,
     ServiceStatus,
     SyncReport,
@@ -49,15 +45,15 @@ from shared.schemas import (
 )
 
 SERVICE = "sync"
+INFERENCE = "inference"
 log = logging.getLogger(__name__)
 
-
-class Superseded(Exception):
-    """A newer rollout message (or shutdown) replaces the one being handled."""
-
-
-class StepFailed(Exception):
-    """This rollout cannot proceed on this device; the message says why."""
+# Inference answers a switch by its deadline either way (ok, refused, or "late"); this covers the
+# answer's trip over the local broker, not more loading time.
+SWITCH_ANSWER_GRACE_S = 5.0
+# At start, how long to wait for inference's retained status (it arrives right after the subscription
+# if inference ever ran; none means inference will load the store's `current` when it starts).
+INFERENCE_STATUS_WAIT_S = 3.0
 
 
 class SyncService:
@@ -70,10 +66,9 @@ class SyncService:
         self.trusted = registry.load_public_keys(settings.trusted_keys_dir)
         self.s3 = s3.client(settings, attempts=1, timeout_s=settings.download_timeout_s)
         self.watch = canary.Watch(settings.canary_window, settings.canary_warmup)
-        self.limits = canary.Thresholds(
-            settings.canary_max_psi, settings.canary_max_error_rate, settings.canary_max_latency_ratio,
-            settings.canary_max_confidence_drop,
-        )
+        self.machine = Machine(self.store, settings, self, self._device)
+        self._inference_status: ServiceStatus | None = None
+        self._inference_seen = threading.Event()
         self._changed = threading.Condition()
         self._latest: Rollout | None = None
         self._handled: Rollout | None = None
@@ -96,6 +91,7 @@ class SyncService:
         self.link.subscribe(topics.all_predictions(self._device), self._on_prediction, qos=0)
         self.link.subscribe(topics.errors(self._device), self._on_error, qos=0)
         self.link.subscribe(topics.model_switched(self._device), self._on_switched, qos=1)
+        self.link.subscribe(topics.status(self._device, INFERENCE), self._on_inference_status, qos=1)
         self.link.start()
         _, serving = self.store.current()
         self.watch.serving = serving.sha256
@@ -144,6 +140,16 @@ class SyncService:
         if report.service == "inference" and report.reason is ErrorReason.INTERNAL:
             self.watch.on_failure()
 
+    def _on_inference_status(self, message: paho.MQTTMessage) -> None:
+        if not message.payload:
+            return
+        try:
+            self._inference_status = decode(ServiceStatus, message.payload, content_type_of(message))
+        except DecodeError as exc:
+            self._error(ErrorReason.MALFORMED_COMMAND, f"inference status: {exc}")
+            return
+        self._inference_seen.set()
+
     def _on_switched(self, message: paho.MQTTMessage) -> None:
         try:
             result = decode(ModelSwitched, message.payload, content_type_of(message))
@@ -157,14 +163,19 @@ class SyncService:
     # -- the rollout worker ------------------------------------------------------------------------
 
     def _work(self) -> None:
+        try:
+            self.machine.recover()
+        except Exception as exc:  # the store and inference stay as they were; rollouts still get handled
+            log.exception("recovery at start failed")
+            self._report(SyncState.FAILED, None, reason=f"internal error while recovering at start: {exc}")
         while (rollout := self._next()) is not None:
             try:
-                self._handle(rollout)
+                self.machine.handle(rollout)
             except Superseded:
                 log.info("rollout superseded", extra=fields(rollout=rollout.rollout_id))
             except Exception as exc:  # a bug must not stop the worker; the device keeps its model
                 log.exception("rollout failed unexpectedly")
-                self._report(SyncState.FAILED, rollout, reason=f"internal error: {exc}")
+                self._report(SyncState.FAILED, rollout.rollout_id, reason=f"internal error: {exc}")
 
     def _next(self) -> Rollout | None:
         with self._changed:
@@ -175,62 +186,24 @@ class SyncService:
             self._handled = self._latest
             return self._handled
 
+    # -- Io: what the state machine (rollout.py) asks of the world ---------------------------------
+
+    def superseded(self, rollout: Rollout) -> bool:
+        return self._stopping.is_set() or supersedes(self._latest, rollout)
+
     def _check(self, rollout: Rollout) -> None:
-        if self._stopping.is_set() or self._latest != rollout:
+        if self.superseded(rollout):
             raise Superseded()
 
-    def _handle(self, rollout: Rollout) -> None:
-        serving_dir, serving = self.store.current()
-        wanted = (rollout.model, rollout.version)
-        if rollout.phase is RolloutPhase.ABORTED:
-            if (serving.name, serving.version) == wanted:
-                self._go_back(rollout, serving, "the operator aborted the rollout", None)
-            else:
-                self._report(SyncState.IDLE, rollout, reason="rollout aborted; this device did not serve it")
-            return
-        if not is_member(rollout, self._device, self.settings.groups):
-            self._report(SyncState.NOT_TARGETED, rollout)
-            return
-        if (serving.name, serving.version) == wanted:
-            self._report(SyncState.ACTIVE, rollout, target=serving.ref(), reason="already serving it")
-            return
-        self._report(SyncState.RECEIVED, rollout)
-        try:
-            manifest, document, signature = self._fetch_manifest(rollout)
-            self._admit(rollout, manifest, serving)
-            part = self._download(rollout, manifest)
-            self._report(SyncState.VERIFIED, rollout, target=manifest.ref())
-            self._check(rollout)
-            folder = self.store.install(part, document, signature, manifest)
-            try:
-                smoke_test(folder)
-            except SmokeFailed as exc:
-                self.store.quarantine(folder)
-                raise StepFailed(f"smoke test failed: {exc}") from None
-            self._report(SyncState.INSTALLED, rollout, target=manifest.ref())
-            self._check(rollout)
-            before = self.watch.snapshot(serving.sha256)
-            self._switch(folder, manifest.sha256)
-        except StepFailed as exc:
-            log.warning("rollout step failed", extra=fields(rollout=rollout.rollout_id, reason=str(exc)))
-            self._report(SyncState.FAILED, rollout, target=_ref(rollout), reason=str(exc))
-            return
-        self.store.activate(folder)
-        self.watch.serving = manifest.sha256
-        self._report(SyncState.ACTIVE, rollout, target=manifest.ref(),
-                     reason=f"canary: comparing {self.settings.canary_window} predictions with the model before")
-        verdict = self._canary(rollout, manifest, before)
-        if verdict.passed:
-            self.store.prune()
-            self._report(SyncState.ACTIVE, rollout, target=manifest.ref(), canary=verdict,
-                         reason=f"canary passed on {verdict.samples_after} predictions")
-        else:
-            self._go_back(rollout, manifest, "canary failed: " + "; ".join(verdict.reasons), verdict)
-
-    def _fetch_manifest(self, rollout: Rollout) -> tuple[ModelManifest, bytes, bytes]:
+    def fetch_manifest(self, rollout: Rollout) -> tuple[ModelManifest, bytes, bytes]:
         bucket = self.settings.registry_bucket
-        document = self._get(rollout, registry.key(rollout.model, rollout.version, registry.MANIFEST_OBJECT))
-        signature = self._get(rollout, registry.key(rollout.model, rollout.version, registry.SIGNATURE_OBJECT))
+        try:
+            document_key = registry.key(rollout.model, rollout.version, registry.MANIFEST_OBJECT)
+            signature_key = registry.key(rollout.model, rollout.version, registry.SIGNATURE_OBJECT)
+        except ValueError as exc:
+            raise StepFailed(f"refused the rollout's model name or version: {exc}") from None
+        document = self._get(rollout, document_key, registry.MAX_MANIFEST_BYTES)
+        signature = self._get(rollout, signature_key, registry.MAX_SIGNATURE_BYTES)
         try:
             manifest = registry.verify(document, signature, self.trusted)
         except (registry.SignatureError, ValueError) as exc:
@@ -239,21 +212,15 @@ class SyncService:
             raise StepFailed(f"the signed manifest is for {manifest.name} v{manifest.version}, not the rollout's")
         return manifest, document, signature
 
-    def _admit(self, rollout: Rollout, manifest: ModelManifest, serving: ModelManifest) -> None:
-        if manifest.sha256 in self.store.state().rejected:
-            raise StepFailed("a canary on this device already rolled this model back")
-        if manifest.name == serving.name and manifest.version < serving.version and not rollout.allow_downgrade:
-            raise StepFailed(f"v{manifest.version} is older than the v{serving.version} being served "
-                             "(an explicit rollback must allow the downgrade)")
-        if manifest.min_edgefleet and _release(manifest.min_edgefleet) > _release(VERSION):
-            raise StepFailed(f"the model needs edgefleet {manifest.min_edgefleet}; this device runs {VERSION}")
-
-    def _get(self, rollout: Rollout, key: str) -> bytes:
+    def _get(self, rollout: Rollout, key: str, max_bytes: int) -> bytes:
+        """A registry object read whole, but only if it is at most max_bytes; retried while the store is away."""
         delay = 1.0
         while True:
             self._check(rollout)
             try:
-                return self.s3.get_object(Bucket=self.settings.registry_bucket, Key=key)["Body"].read()
+                return registry.read_bounded(self.s3, self.settings.registry_bucket, key, max_bytes)
+            except registry.ObjectTooLarge as exc:
+                raise StepFailed(f"refused s3://{self.settings.registry_bucket}/{key}: {exc}") from None
             except ClientError as exc:
                 code = exc.response.get("Error", {}).get("Code")
                 if code in ("NoSuchKey", "404", "NoSuchBucket", "AccessDenied", "403"):
@@ -261,30 +228,31 @@ class SyncService:
                 reason = str(exc)
             except (BotoCoreError, OSError) as exc:
                 reason = str(exc)
-            self._report(SyncState.RECEIVED, rollout, reason=f"registry unreachable, retrying in {delay:.0f} s: {reason}")
+            self._report(SyncState.RECEIVED, rollout.rollout_id, target=requested(rollout),
+                         reason=f"registry unreachable, retrying in {delay:.0f} s: {reason}")
             delay = self._backoff(rollout, delay)
 
-    def _download(self, rollout: Rollout, manifest: ModelManifest) -> Path:
+    def download(self, rollout: Rollout, manifest: ModelManifest) -> Path:
         s = self.settings
         part = self.store.part_file(manifest.name, manifest.version, manifest.sha256)
         self.store.discard_parts(keep=part)
         key = registry.key(manifest.name, manifest.version, registry.MODEL_OBJECT)
         resumed = part.stat().st_size if part.exists() else 0
-        self._report(SyncState.DOWNLOADING, rollout, target=manifest.ref(), progress=resumed,
+        self._report(SyncState.DOWNLOADING, rollout.rollout_id, target=manifest.ref(), progress=resumed,
                      reason=f"resuming at byte {resumed}" if resumed else None)
         last = [time.monotonic()]
 
         def progress(done: int) -> None:
             if time.monotonic() - last[0] >= 1.0:
                 last[0] = time.monotonic()
-                self._report(SyncState.DOWNLOADING, rollout, target=manifest.ref(), progress=done)
+                self._report(SyncState.DOWNLOADING, rollout.rollout_id, target=manifest.ref(), progress=done)
 
         delay = 1.0
         while True:
             try:
                 return download(self.s3, s.registry_bucket, key, part, manifest.size_bytes, manifest.sha256,
                                 s.download_chunk_bytes, s.download_limit_bytes_s, progress,
-                                lambda: self._stopping.is_set() or self._latest != rollout)
+                                lambda: self.superseded(rollout))
             except Cancelled:
                 raise Superseded() from None
             except DownloadFailed as exc:
@@ -292,67 +260,73 @@ class SyncService:
                 raise StepFailed(str(exc)) from None
             except DownloadInterrupted as exc:
                 have = part.stat().st_size if part.exists() else 0
-                self._report(SyncState.DOWNLOADING, rollout, target=manifest.ref(), progress=have,
+                self._report(SyncState.DOWNLOADING, rollout.rollout_id, target=manifest.ref(), progress=have,
                              reason=f"interrupted, retrying in {delay:.0f} s from byte {have}: {exc}")
                 delay = self._backoff(rollout, delay)
 
     def _backoff(self, rollout: Rollout, delay: float) -> float:
         with self._changed:
-            self._changed.wait_for(lambda: self._stopping.is_set() or self._latest != rollout, timeout=delay)
+            self._changed.wait_for(lambda: self.superseded(rollout), timeout=delay)
         self._check(rollout)
         return min(delay * 2, self.settings.download_retry_max_s)
 
-    def _switch(self, folder: Path, sha256: str) -> ModelSwitched:
-        """Asks inference to serve the model in folder and waits for its answer."""
-        request = ModelSwitch(request_id=uuid.uuid4().hex, model_dir=str(folder.resolve()), sha256=sha256, at=time.time())
+    def switch(self, folder: Path, sha256: str) -> None:
+        """Asks inference to serve the model in folder and waits for its answer.
+
+        The request carries the deadline (switch_timeout_s) and inference discards a load that misses
+        it, answering ok=False; so waiting a little longer than the deadline for that answer can never
+        leave inference serving a model sync reported as failed.
+
+        :raises StepFailed: refused, late, or no answer at all.
+        """
+        timeout_s = self.settings.switch_timeout_s
+        request = ModelSwitch(request_id=uuid.uuid4().hex, model_dir=str(folder.resolve()), sha256=sha256,
+                              at=time.time(), timeout_s=timeout_s)
         self.link.publish(topics.model_switch(self._device), encode(request), qos=1,
                           content_type=WireFormat.JSON.content_type)
         with self._changed:
             answered = self._changed.wait_for(
                 lambda: request.request_id in self._switch_results or self._stopping.is_set(),
-                timeout=self.settings.switch_timeout_s,
+                timeout=timeout_s + SWITCH_ANSWER_GRACE_S,
             )
             result = self._switch_results.pop(request.request_id, None)
         if not answered or result is None:
-            raise StepFailed(f"inference did not confirm the switch within {self.settings.switch_timeout_s:.0f} s")
+            raise StepFailed(f"inference did not answer the switch within its {timeout_s:g} s deadline")
         if not result.ok:
             raise StepFailed(f"inference refused the model: {result.error}")
-        return result
 
-    def _canary(self, rollout: Rollout, manifest: ModelManifest, before: canary.Window) -> CanaryVerdict:
-        deadline = time.monotonic() + self.settings.canary_timeout_s
+    def wait_for_samples(self, rollout: Rollout, sha256: str, count: int, timeout_s: float) -> canary.Window:
+        deadline = time.monotonic() + timeout_s
         with self._changed:
-            while len(self.watch.snapshot(manifest.sha256)) < self.settings.canary_window and time.monotonic() < deadline:
-                self._changed.wait(timeout=0.5)
-                if self._stopping.is_set() or self._latest != rollout:
-                    break
-        return canary.judge(before, self.watch.snapshot(manifest.sha256), self.limits)
+            while (len(self.watch.snapshot(sha256)) < count and (left := deadline - time.monotonic()) > 0
+                   and not self.superseded(rollout)):
+                self._changed.wait(timeout=min(0.5, left))
+        if self._stopping.is_set():
+            raise Superseded()  # shutdown: the pending canary record makes the restart roll back
+        return self.watch.snapshot(sha256)
 
-    def _go_back(self, rollout: Rollout, leaving: ModelManifest, why: str, verdict: CanaryVerdict | None) -> None:
-        folder = self.store.previous()
-        try:
-            back = ModelManifest.model_validate_json((folder / "manifest.json").read_bytes())
-            self._switch(folder, back.sha256)
-        except (StepFailed, ModelError, OSError, ValueError) as exc:
-            self._report(SyncState.FAILED, rollout, target=leaving.ref(), canary=verdict,
-                         reason=f"{why}; going back to {folder.name} failed too: {exc}")
-            return
-        self.store.activate(folder)
-        self.watch.serving = back.sha256
-        if verdict is not None:
-            self.store.reject(leaving.sha256)
-        log.warning("rolled back", extra=fields(rollout=rollout.rollout_id, reason=why, to=back.name, version=back.version))
-        self._report(SyncState.ROLLED_BACK, rollout, target=leaving.ref(), canary=verdict, reason=why)
+    def serving_changed(self, sha256: str) -> None:
+        self.watch.serving = sha256
+
+    def inference_serving(self) -> ModelRef | None:
+        """The model in inference's retained status, if it is online; waits briefly for that status."""
+        self.link.wait_connected(INFERENCE_STATUS_WAIT_S)
+        self._inference_seen.wait(INFERENCE_STATUS_WAIT_S)
+        status = self._inference_status
+        return status.model if status is not None and status.state is ServiceState.ONLINE else None
+
+    def report(self, state: SyncState, rollout_id: str | None, target: ModelRef | None = None,
+               reason: str | None = None, canary: CanaryVerdict | None = None, progress: int | None = None) -> None:
+        self._report(state, rollout_id, target, reason, canary, progress)
 
     # -- reports -----------------------------------------------------------------------------------
 
-    def _report(self, state: SyncState, rollout: Rollout | None, target: ModelRef | None = None,
+    def _report(self, state: SyncState, rollout_id: str | None, target: ModelRef | None = None,
                 reason: str | None = None, canary: CanaryVerdict | None = None, progress: int | None = None) -> None:
         serving = self._serving()
         report = SyncReport(
-            device=self._device, rollout_id=rollout.rollout_id if rollout else None, state=state,
-            target=target or (_ref(rollout) if rollout else None), serving=serving, reason=reason,
-            progress_bytes=progress, canary=canary, at=time.time(),
+            device=self._device, rollout_id=rollout_id, state=state, target=target, serving=serving,
+            reason=reason[:MAX_STR] if reason else reason, progress_bytes=progress, canary=canary, at=time.time(),
         )
         if state is not SyncState.DOWNLOADING:
             log.info("sync state", extra=fields(state=state.value, rollout=report.rollout_id, reason=reason))
@@ -373,15 +347,6 @@ class SyncService:
             return self.store.current()[1].ref()
         except (OSError, ModelError):
             return None
-
-
-def _ref(rollout: Rollout) -> ModelRef:
-    """What a rollout asks for, before its manifest is known (SHA-256 not yet known)."""
-    return ModelRef(name=rollout.model, version=rollout.version, sha256="")
-
-
-def _release(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split("+")[0].split(".") if part.isdigit())
 
 
 def main(settings: SyncSettings) -> int:

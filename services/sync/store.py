@@ -4,11 +4,12 @@
     <store>/fallback/                    the seed model: never removed, the last resort
     <store>/staging/                     downloads in progress (<name>-<version>-<sha>.part), resumable
     <store>/current -> versions/...      the model inference serves (a symlink, swapped atomically)
-    <store>/state.json                   the previous model, and models a canary rejected
+    <store>/state.json                   the previous model, models a canary rejected, a canary pending
 
 Every change is write-to-temporary, fsync, rename, fsync the folder: a power cut leaves either the old
 state or the new one, never a half-written model where inference could load it. repair() runs at
-start and mends what a crash left.
+start and mends what a crash left. A rejected model (by SHA-256) is never chosen again: not as the
+previous model, not as the last good one, not by repair.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from shared.logs import fields
 from shared.manifest import MANIFEST_FILE, MODEL_FILE, ModelError, ModelManifest, load_verified
-from shared.registry import SIGNATURE_OBJECT
+from shared.registry import SIGNATURE_OBJECT, check_name, check_version
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,21 @@ _TMP = ".tmp"
 class StoreState:
     previous: str | None = None  # relative path of the model served before the current one
     rejected: list[str] = field(default_factory=list)  # SHA-256 of models a canary rolled back
+    # A canary under way (PendingCanary's fields), written before the switch and cleared by its verdict:
+    # found at start, it means sync died inside the canary (rollout.py decides what that means).
+    pending: dict | None = None
+
+
+@dataclass(frozen=True)
+class PendingCanary:
+    """What a restart needs to undo a canary it did not see end."""
+
+    rollout_id: str
+    model: str
+    version: int
+    sha256: str  # the model on trial
+    folder: str  # its folder, relative to the store
+    previous: str  # the folder to go back to, relative to the store
 
 
 class ModelStore:
@@ -56,10 +72,14 @@ class ModelStore:
         return target, load_verified(target)[0]
 
     def version_dir(self, name: str, version: int) -> Path:
-        return self.root / VERSIONS / name / str(version)
+        """versions/<name>/<version>; raises ValueError for a name or version that could escape the store."""
+        return self.root / VERSIONS / check_name(name) / str(check_version(version))
 
     def part_file(self, name: str, version: int, sha256: str) -> Path:
-        return self.root / STAGING / f"{name}-{version}-{sha256[:16]}.part"
+        """The staging file of a download; raises ValueError for an unsafe name, version or digest."""
+        if not sha256.isalnum():
+            raise ValueError(f"not a SHA-256 hex digest: {sha256[:80]!r}")
+        return self.root / STAGING / f"{check_name(name)}-{check_version(version)}-{sha256[:16]}.part"
 
     def state(self) -> StoreState:
         try:
@@ -69,6 +89,31 @@ class ModelStore:
 
     def save_state(self, state: StoreState) -> None:
         self._write_atomic(self.root / STATE, json.dumps(state.__dict__).encode())
+
+    def pending_canary(self) -> PendingCanary | None:
+        """The canary recorded as under way, if any (a damaged record reads as none found)."""
+        recorded = self.state().pending
+        try:
+            return PendingCanary(**recorded) if recorded else None
+        except TypeError:
+            log.warning("unreadable pending canary record ignored", extra=fields(record=str(recorded)[:200]))
+            return None
+
+    def begin_canary(self, pending: PendingCanary) -> None:
+        """Persists the pending canary (atomically, fsynced): called BEFORE inference is told to switch."""
+        state = self.state()
+        state.pending = dict(pending.__dict__)
+        self.save_state(state)
+
+    def end_canary(self) -> None:
+        state = self.state()
+        if state.pending is not None:
+            state.pending = None
+            self.save_state(state)
+
+    def is_rejected(self, folder: Path) -> bool:
+        """Whether the model in folder was rejected by a canary (raises ModelError if it does not verify)."""
+        return load_verified(folder)[0].sha256 in self.state().rejected
 
     # -- start-up ----------------------------------------------------------------------------------
 
@@ -107,7 +152,9 @@ class ModelStore:
         if not self.current_link.is_symlink():  # a new store, not a damaged one
             self.activate(self.last_good(), remember_previous=False)
         try:
-            self.current()
+            folder, manifest = self.current()
+            if manifest.sha256 in self.state().rejected and folder != self.root / FALLBACK:
+                raise ModelError("a canary rejected it")
         except (OSError, ModelError) as exc:
             good = self.last_good()
             self.activate(good, remember_previous=False)
@@ -117,11 +164,12 @@ class ModelStore:
         return notes
 
     def last_good(self) -> Path:
-        """The newest installed version that verifies, else the fallback."""
+        """The newest installed version that verifies and was not rejected, else the fallback (the last
+        resort, served even if rejected: a device serving nothing helps nobody)."""
         for folder in sorted(self._installed(), key=lambda p: p.stat().st_mtime, reverse=True):
             try:
-                load_verified(folder)
-                return folder
+                if not self.is_rejected(folder):
+                    return folder
             except ModelError:
                 continue
         load_verified(self.root / FALLBACK)
@@ -162,12 +210,13 @@ class ModelStore:
         self.save_state(state)
 
     def previous(self) -> Path:
-        """The model to go back to: the one served before, if it still verifies, else the last good one."""
+        """The model to go back to: the one served before, if it still verifies and was not rejected,
+        else the last good one."""
         recorded = self.state().previous
         if recorded:
             try:
-                load_verified(self.root / recorded)
-                return self.root / recorded
+                if not self.is_rejected(self.root / recorded):
+                    return self.root / recorded
             except ModelError:
                 pass
         return self.last_good()

@@ -1,7 +1,12 @@
 """The forwarder: sends the outbox to the cloud broker in batches (QoS 1, msgpack + zlib) and deletes
 records only when cloud_ingest acknowledged the batch, that is after its objects are in S3. While the
 link is down it backs off; a batch not acknowledged in time is sent again, the same batch with the same
-id, so the cloud's idempotent writes leave no duplicate."""
+id, so the cloud's idempotent writes leave no duplicate.
+
+A batch is never retried forever (one poison batch would stall every record behind it): after
+`max_attempts` sendings without an acknowledgement, or at once when the cloud acknowledges it as
+dead-lettered, its records move to the outbox's dead-letter table and a `dead_lettered` gap goes to
+the cloud in their place. The attempt count is kept on disk, so a restart resends and counts on."""
 
 from __future__ import annotations
 
@@ -24,14 +29,15 @@ log = logging.getLogger(__name__)
 
 class Forwarder:
     def __init__(self, outbox: Outbox, link: MqttLink, device: str, max_records: int, max_bytes: int,
-                 ack_timeout_s: float, retry_max_s: float) -> None:
+                 ack_timeout_s: float, retry_max_s: float, max_attempts: int = 10) -> None:
         self.outbox, self.link, self.device = outbox, link, device
         self.max_records, self.max_bytes = max_records, max_bytes
-        self.ack_timeout_s, self.retry_max_s = ack_timeout_s, retry_max_s
+        self.ack_timeout_s, self.retry_max_s, self.max_attempts = ack_timeout_s, retry_max_s, max_attempts
         self._acks: dict[str, TelemetryAck] = {}
         self._changed = threading.Condition()
         self._stopping = threading.Event()
         self.sent_batches, self.resent_batches, self.acked_records = Counter(), Counter(), Counter()
+        self.dead_lettered_batches = Counter()
         self._thread = threading.Thread(target=self._run, name="forwarder")
         link.subscribe(topics.telemetry_ack(device), self._on_ack, qos=1)
 
@@ -58,7 +64,7 @@ class Forwarder:
             self._changed.notify_all()
 
     def _run(self) -> None:
-        delay, last_id = 0.5, None
+        delay = 0.5
         while not self._stopping.is_set():
             if not self.link.connected.is_set():
                 self._wait(1.0)
@@ -67,9 +73,14 @@ class Forwarder:
             if not records:
                 self._wait(0.5)
                 continue
-            batch = TelemetryBatch(device=self.device, records=records, sent_at=time.time())
-            (self.resent_batches if batch.batch_id == last_id else self.sent_batches).add()
-            last_id = batch.batch_id
+            batch = TelemetryBatch(device=self.device, epoch=self.outbox.epoch, records=records, sent_at=time.time())
+            attempts = self.outbox.attempt()
+            if attempts > self.max_attempts:
+                self.dead_lettered_batches.add()
+                self.outbox.dead_letter(records[0].seq, records[-1].seq,
+                                        f"batch {batch.batch_id} not acknowledged after {self.max_attempts} attempts")
+                continue
+            (self.resent_batches if attempts > 1 else self.sent_batches).add()
             self.link.publish(topics.telemetry(self.device), encode(batch, WireFormat.MSGPACK_ZLIB), qos=1,
                               content_type=WireFormat.MSGPACK_ZLIB.content_type, correlation=batch.batch_id.encode())
             with self._changed:
@@ -81,7 +92,12 @@ class Forwarder:
                     self._wait(delay)
                     delay = min(delay * 2, self.retry_max_s)
                 continue
-            self.acked_records.add(self.outbox.ack(records[0].seq, records[-1].seq))
+            if ack.dead_lettered:  # the cloud kept it aside with its reason: it would never be stored
+                self.dead_lettered_batches.add()
+                self.outbox.dead_letter(records[0].seq, records[-1].seq,
+                                        f"batch {batch.batch_id} dead-lettered by cloud_ingest (its reason is in the cloud's dead letters)")
+            else:
+                self.acked_records.add(self.outbox.ack(records[0].seq, records[-1].seq))
             delay = 0.5
 
     def _wait(self, seconds: float) -> None:

@@ -12,6 +12,18 @@ committed record survives SIGKILL and a power cut) between what the device learn
   one fsync per record.
 - A damaged file is never deleted: at open, a failed integrity check moves it aside, copies every row
   that can still be read into a fresh file, and records the unreadable ones as a `damaged` gap.
+- Every outbox file has an epoch, a random id made with it and kept in it. Sequence numbers count
+  within an epoch; batch ids and S3 keys carry it. A deleted or lost file is created again with a new
+  epoch, and a repaired one gets a new epoch with its kept records renumbered from 1, so numbers that
+  start again can never overwrite what an earlier epoch stored.
+- Nothing invalid gets in (append validates every record as the cloud will) and nothing stalls the
+  queue: a stored row that no longer decodes, a batch the cloud dead-lettered, or one unacknowledged
+  after N attempts moves to the `dead_letters` table with its reason and leaves a `dead_lettered` gap,
+  which is forwarded. (Greengrass stream manager and Azure edgeHub likewise give a message up after a
+  bounded number of tries rather than block the queue behind it.)
+- Records taken into memory but not committed because a write failed (disk full) are counted in a
+  side file whose bytes were allocated when it was made, so the count can be written when nothing
+  else can; the next start turns it into a `write_failed` gap.
 
 Why SQLite and not a queue library: persist-queue and diskcache offer no byte cap with a drop policy,
 no per-record TTL and no in-flight batch that survives a restart; SQLite gives the transactions all of
@@ -23,6 +35,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import secrets
+import struct
 import sqlite3
 import threading
 import time
@@ -38,7 +52,9 @@ log = logging.getLogger(__name__)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, expires REAL, size INTEGER NOT NULL, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS dead_letters (seq INTEGER NOT NULL, epoch TEXT NOT NULL, body BLOB NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL);
 """
+_LOST = struct.Struct("<q")  # the side file: records lost to a failed write, not yet recorded as a gap
 
 
 def _locked(method):
@@ -59,6 +75,7 @@ class OutboxStats:
     next_seq: int = 1
     dropped: dict[str, int] = field(default_factory=dict)  # by reason
     repaired: str | None = None
+    refused: int = 0  # invalid records refused at append
 
 
 class Outbox:
@@ -72,7 +89,12 @@ class Outbox:
         self._lock = threading.RLock()
         self.stats = OutboxStats()
         self.stats.repaired = self._open_checked()
+        if self._get("epoch", -1) < 0:
+            self._set("epoch", secrets.randbits(32))
+        self.epoch = f"{self._get('epoch', 0):08x}"
         self._load_counters()
+        self._lost_path = Path(f"{path}.lost")
+        self._record_lost_writes()
 
     # -- opening, and repair ------------------------------------------------------------------------
 
@@ -104,7 +126,7 @@ class Outbox:
             source = Path(str(self.path) + suffix)
             if source.exists():
                 os.replace(source, Path(str(aside) + suffix))
-        self.db = self._connect(self.path)
+        self.db = self._connect(self.path)  # a fresh file: it gets a new epoch
         kept, lost, highest = self._copy_readable(aside)
         self._set("next_seq", highest + 1)
         if lost:
@@ -134,21 +156,23 @@ class Outbox:
             low = old.execute("SELECT min(seq) FROM records").fetchone()[0] or 1
         except sqlite3.DatabaseError:
             pass
+        # The new epoch numbers from 1: what the cloud acknowledged (below `low`) belongs to the old one.
+        offset = low - 1
         for seq in range(low, top + 1):
             try:
                 row = old.execute("SELECT seq, kind, expires, size, body FROM records WHERE seq=?", (seq,)).fetchone()
                 if row is None:
                     continue
-                decode(TelemetryRecord, row[4], WireFormat.MSGPACK.content_type)
+                record = decode(TelemetryRecord, row[4], WireFormat.MSGPACK.content_type)
             except (sqlite3.DatabaseError, ValueError):
                 continue
-            self.db.execute("INSERT OR IGNORE INTO records VALUES (?,?,?,?,?)", row)
+            blob = encode(record.model_copy(update={"seq": seq - offset}), WireFormat.MSGPACK) if offset else row[4]
+            self.db.execute("INSERT OR IGNORE INTO records VALUES (?,?,?,?,?)", (seq - offset, row[1], row[2], len(blob), blob))
             readable.add(seq)
             kept += 1
         old.close()
-        acked_up_to = low - 1
-        lost = [s for s in range(acked_up_to + 1, highest + 1) if s not in readable]
-        return kept, lost, highest
+        lost = [s - offset for s in range(low, highest + 1) if s not in readable]
+        return kept, lost, highest - offset
 
     def _load_counters(self) -> None:
         row = self.db.execute("SELECT count(*), coalesce(sum(size), 0) FROM records").fetchone()
@@ -166,9 +190,31 @@ class Outbox:
 
     # -- writing ------------------------------------------------------------------------------------
 
+    def _valid(self, bodies: list[RecordBody]) -> list[tuple[RecordBody, bytes]]:
+        """The records that decode as the cloud will decode them, each with its encoding (seq 1: a
+        placeholder). A model built in code is not validated again (model_copy skips validation), so an
+        `at=inf` could otherwise get in and poison every batch it rides in."""
+        valid = []
+        for body in bodies:
+            try:
+                blob = encode(TelemetryRecord(seq=1, body=body), WireFormat.MSGPACK)
+                decode(TelemetryRecord, blob, WireFormat.MSGPACK.content_type)
+            except ValueError as exc:  # DecodeError and pydantic's errors are ValueErrors
+                self.stats.refused += 1
+                log.error("invalid record refused", extra=fields(kind=getattr(body, "kind", "?"), error=str(exc)[:300]))
+                continue
+            valid.append(body)
+        return valid
+
     @_locked
     def append(self, bodies: list[RecordBody]) -> list[int]:
-        """Commits the records in one transaction; returns their sequence numbers."""
+        """Commits the valid records in one transaction; returns their sequence numbers.
+
+        Raises:
+            sqlite3.Error: the write failed (disk full, I/O error); nothing of this call is stored, and
+                the caller should count the records with `lost_in_write` and stop.
+        """
+        bodies = self._valid(bodies)
         if not bodies:
             return []
         now = time.time()
@@ -191,8 +237,11 @@ class Outbox:
             self._enforce_cap()
             self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
-            self._load_counters()
+            try:  # SQLite may already have rolled back (SQLITE_FULL does): the original error is what counts
+                self.db.execute("ROLLBACK")
+                self._load_counters()
+            except sqlite3.Error:
+                pass
             raise
         self.stats.next_seq = first + len(rows)
         return [r[0] for r in rows]
@@ -230,15 +279,16 @@ class Outbox:
         self.db.execute("COMMIT")
         self.stats.next_seq = self._get("next_seq", 1)
 
-    def _append_gap(self, first: int, last: int, count: int, reason: GapReason) -> None:
+    def _append_gap(self, first: int, last: int, count: int, reason: GapReason, detail: str | None = None) -> None:
         seq = self._get("next_seq", 1)
-        gap = Gap(device=self.device, first_seq=first, last_seq=last, count=count, reason=reason, at=time.time())
+        gap = Gap(device=self.device, first_seq=first, last_seq=last, count=count, reason=reason, at=time.time(),
+                  detail=detail[:1000] if detail else None)
         blob = encode(TelemetryRecord(seq=seq, body=gap), WireFormat.MSGPACK)
         self.db.execute("INSERT INTO records VALUES (?,?,?,?,?)", (seq, "gap", None, len(blob), blob))
         self._set("next_seq", seq + 1)
         self.stats.bytes += len(blob)
         self.stats.records += 1
-        log.warning("outbox gap", extra=fields(first=first, last=last, count=count, reason=reason.value))
+        log.warning("outbox gap", extra=fields(first=first, last=last, count=count, reason=reason.value, detail=detail))
 
     def _count_dropped(self, reason: GapReason, count: int) -> None:
         total = self._get(f"dropped_{reason.value}", 0) + count
@@ -267,25 +317,111 @@ class Outbox:
 
     @_locked
     def next_batch(self, max_records: int, max_bytes: int) -> list[TelemetryRecord]:
-        """The batch in flight if there is one (the same records again), else the oldest records."""
+        """The batch in flight if there is one (the same records again), else the oldest records.
+        A stored row that no longer decodes is dead-lettered here, never sent and never retried."""
         first, last = self._get("inflight_first", 0), self._get("inflight_last", 0)
         if last:
-            rows = self.db.execute("SELECT body FROM records WHERE seq BETWEEN ? AND ? ORDER BY seq", (first, last)).fetchall()
+            rows = self.db.execute("SELECT seq, body FROM records WHERE seq BETWEEN ? AND ? ORDER BY seq", (first, last)).fetchall()
             if rows:
-                return [decode(TelemetryRecord, r[0], WireFormat.MSGPACK.content_type) for r in rows]
+                return self._decoded(rows)
         rows, size = [], 0
-        for (body,) in self.db.execute("SELECT body FROM records ORDER BY seq LIMIT ?", (max_records,)):
+        for seq, body in self.db.execute("SELECT seq, body FROM records ORDER BY seq LIMIT ?", (max_records,)):
             if rows and size + len(body) > max_bytes:
                 break
-            rows.append(body)
+            rows.append((seq, body))
             size += len(body)
-        batch = [decode(TelemetryRecord, b, WireFormat.MSGPACK.content_type) for b in rows]
+        batch = self._decoded(rows)
         if batch:
             self.db.execute("BEGIN IMMEDIATE")
             self._set("inflight_first", batch[0].seq)
             self._set("inflight_last", batch[-1].seq)
+            self._set("inflight_attempts", 0)
             self.db.execute("COMMIT")
         return batch
+
+    def _decoded(self, rows: list[tuple[int, bytes]]) -> list[TelemetryRecord]:
+        batch = []
+        for seq, body in rows:
+            try:
+                batch.append(decode(TelemetryRecord, body, WireFormat.MSGPACK.content_type))
+            except ValueError as exc:
+                self.dead_letter(seq, seq, f"record {seq} does not validate: {exc}")
+        return batch
+
+    @_locked
+    def attempt(self) -> int:
+        """Counts one more sending of the batch in flight (kept on disk: a restart does not reset it)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        attempts = self._get("inflight_attempts", 0) + 1
+        self._set("inflight_attempts", attempts)
+        self.db.execute("COMMIT")
+        return attempts
+
+    @_locked
+    def dead_letter(self, first: int, last: int, reason: str) -> int:
+        """Gives records first..last up: moves them to the dead-letter table with the reason, clears the
+        batch in flight, and appends a `dead_lettered` gap (forwarded like any record). Returns how many."""
+        self.db.execute("BEGIN IMMEDIATE")
+        rows = self.db.execute("SELECT seq, body, size FROM records WHERE seq BETWEEN ? AND ?", (first, last)).fetchall()
+        now = time.time()
+        self.db.executemany("INSERT INTO dead_letters VALUES (?,?,?,?,?)", [(q, self.epoch, b, reason, now) for q, b, _ in rows])
+        self.db.execute("DELETE FROM records WHERE seq BETWEEN ? AND ?", (first, last))
+        self._set("inflight_first", 0)
+        self._set("inflight_last", 0)
+        self._set("inflight_attempts", 0)
+        self.stats.bytes -= sum(size for _, _, size in rows)
+        self.stats.records -= len(rows)
+        if rows:
+            self._count_dropped(GapReason.DEAD_LETTERED, len(rows))
+            self._append_gap(rows[0][0], rows[-1][0], len(rows), GapReason.DEAD_LETTERED, reason)
+        self.db.execute("COMMIT")
+        self.stats.next_seq = self._get("next_seq", 1)
+        log.error("dead-lettered", extra=fields(first=first, last=last, count=len(rows), reason=reason[:300]))
+        return len(rows)
+
+    def dead_letters(self) -> list[tuple[int, str, str]]:
+        """(seq, epoch, reason) of every record given up, oldest first."""
+        with self._lock:
+            return self.db.execute("SELECT seq, epoch, reason FROM dead_letters ORDER BY rowid").fetchall()
+
+    # -- records lost to a failed write ---------------------------------------------------------------
+
+    def lost_in_write(self, count: int) -> None:
+        """Counts records taken into memory whose commit failed. Writes in place into bytes allocated
+        when the side file was made, so it works on a full disk; the next start records the gap."""
+        try:
+            fd = os.open(self._lost_path, os.O_RDWR)
+        except OSError as exc:
+            log.error("cannot count lost records", extra=fields(count=count, error=str(exc)))
+            return
+        try:
+            total = _LOST.unpack(os.pread(fd, _LOST.size, 0))[0] + count
+            os.pwrite(fd, _LOST.pack(total), 0)
+            os.fsync(fd)
+            log.error("records lost in a failed write", extra=fields(count=count, total=total))
+        except (OSError, struct.error) as exc:
+            log.error("cannot count lost records", extra=fields(count=count, error=str(exc)))
+        finally:
+            os.close(fd)
+
+    def _record_lost_writes(self) -> None:
+        lost = 0
+        try:
+            lost = _LOST.unpack(self._lost_path.read_bytes()[: _LOST.size])[0]
+        except (OSError, struct.error):
+            pass
+        if lost > 0:  # their numbers were never given: give them now, to the gap that says they are gone
+            self.db.execute("BEGIN IMMEDIATE")
+            first = self._get("next_seq", 1)
+            self._set("next_seq", first + lost)
+            self._count_dropped(GapReason.WRITE_FAILED, lost)
+            self._append_gap(first, first + lost - 1, lost, GapReason.WRITE_FAILED, "the outbox's write failed (disk full?)")
+            self.db.execute("COMMIT")
+            self._load_counters()
+        with open(self._lost_path, "wb") as f:  # allocated now, while there is room
+            f.write(_LOST.pack(0))
+            f.flush()
+            os.fsync(f.fileno())
 
     @_locked
     def ack(self, first: int, last: int) -> int:
@@ -298,6 +434,7 @@ class Outbox:
         if (self._get("inflight_first", 0), self._get("inflight_last", 0)) == (first, last):
             self._set("inflight_first", 0)
             self._set("inflight_last", 0)
+            self._set("inflight_attempts", 0)
         self.db.execute("COMMIT")
         self.stats.bytes -= size
         self.stats.records -= count

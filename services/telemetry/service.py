@@ -6,7 +6,9 @@ What it learns, from the inference records on the device's broker:
     predictions + enveloped frames → hard-example sampler        ├→ outbox (batched commits) → forwarder → cloud
     psutil / Docker API → resource samples                       ┘
 Alerts also go out at once on the device's own alerts topic. SIGTERM commits what is pending, stops
-the forwarder between batches, and exits 0: the outbox keeps the rest for the next start.
+the forwarder between batches, and exits 0: the outbox keeps the rest for the next start. A failed
+commit (disk full) or a dead forwarder thread ends the process non-zero within seconds
+(shared.lifecycle), after counting the records it could not write.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class TelemetryService:
         self._stopping = threading.Event()
         self.uplink = MqttLink(settings.cloud(), "telemetry-uplink")
         self.forwarder = Forwarder(self.outbox, self.uplink, self._device, s.batch_max_records, s.batch_max_bytes,
-                                   s.ack_timeout_s, s.forward_retry_max_s)
+                                   s.ack_timeout_s, s.forward_retry_max_s, s.forward_max_attempts)
         self.link = MqttLink(
             settings, SERVICE,
             StatusPublisher(topics.status(self._device, SERVICE), online=lambda: encode(self._status(ServiceState.ONLINE)),
@@ -118,7 +120,11 @@ class TelemetryService:
         with self._pending_lock:
             pending, self._pending = self._pending, []
         if pending:
-            self.outbox.append(pending)
+            try:
+                self.outbox.append(pending)
+            except BaseException:  # disk full or I/O error: count what is lost, then let the process end loudly
+                self.outbox.lost_in_write(len(pending))
+                raise
             self.forwarder.wake()
 
     # -- records in (paho's network thread) ---------------------------------------------------------
@@ -175,7 +181,8 @@ class TelemetryService:
             queue_records=o.records, queue_bytes=o.bytes, next_seq=o.next_seq, dropped=dict(o.dropped),
             batches_sent=f.sent_batches.value, batches_resent=f.resent_batches.value,
             records_acknowledged=f.acked_records.value, open_alerts=sorted(a.value for a in self.drift.open),
-            outbox_repaired=o.repaired,
+            outbox_repaired=o.repaired, epoch=self.outbox.epoch, records_refused=o.refused,
+            batches_dead_lettered=f.dead_lettered_batches.value,
         )
         return ServiceStatus(device=self._device, service=SERVICE, state=state, at=time.time(),
                              edgefleet_version=VERSION, reason=reason, telemetry=stats)

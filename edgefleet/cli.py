@@ -102,12 +102,13 @@ def telemetry_audit(
             typer.echo(json.dumps({**asdict(report[device]), "missing_count": report[device].missing_count}))
         return
     table = Table(title=f"edgefleet telemetry audit · s3://{settings.telemetry_bucket}")
-    for column in ("device", "received", "highest seq", "declared lost", "missing (unexplained)", "duplicates"):
+    for column in ("device", "epochs", "received", "highest seq", "declared lost", "missing (unexplained)", "duplicates"):
         table.add_column(column)
     for device, r in sorted(report.items()):
         lost = ", ".join(f"{reason} {n}" for reason, n in r.declared_lost.items()) or "none"
         missing = ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in r.missing[:5]) or "none"
-        table.add_row(device, str(r.received), str(r.highest_seq), lost, missing, str(r.duplicates))
+        epochs = ", ".join(f"{e.epoch} ({e.received})" for e in r.epochs.values())
+        table.add_row(device, epochs, str(r.received), str(r.highest_seq), lost, missing, str(r.duplicates))
     Console().print(table)
 
 

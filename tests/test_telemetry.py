@@ -182,21 +182,19 @@ def test_hard_examples_and_alerts_reach_s3_and_bad_batches_are_dead_lettered(upl
 
     # A payload that is not a batch, and a batch sent on another device's topic: dead-lettered, acknowledged.
     acks = []
-    probe = uplink.device
-    from tests.support import Device
-
-    cloud = Device(uplink.cloud_broker.url, "intruder")
-    cloud.link.subscribe(topics.telemetry_ack("intruder"), lambda m: acks.append(decode(TelemetryAck, m.payload, content_type_of(m))))
-    time.sleep(0.3)
-    cloud.link.publish(topics.telemetry("intruder"), b"\x00garbage", qos=1, content_type=WireFormat.MSGPACK_ZLIB.content_type,
-                       correlation=b"000000000001-000000000001").wait_for_publish(5)
+    cloud = uplink.cloud_client("intruder")  # a device of the fleet, with its own certificate
+    cloud.subscribe(topics.telemetry_ack("intruder"), lambda m: acks.append(decode(TelemetryAck, m.payload, content_type_of(m))))
+    cloud.start()
+    # The SUBSCRIBE went out on connect, before this PUBLISH on the same connection: the broker keeps the order.
+    assert cloud.wait_connected(10)
+    cloud.publish(topics.telemetry("intruder"), b"\x00garbage", qos=1, content_type=WireFormat.MSGPACK_ZLIB.content_type,
+                  correlation=b"000000000001-000000000001").wait_for_publish(5)
     ack = wait_until(lambda: acks[:1], 30, "an acknowledgement of the dead letter")[0]
     assert ack.dead_lettered and ack.batch_id == "000000000001-000000000001"
     dead = [o["Key"] for o in uplink.store.list_objects_v2(Bucket="edgefleet-telemetry", Prefix=lake.DEAD_LETTER)["Contents"]]
     reasons = [json.loads(uplink.store.get_object(Bucket="edgefleet-telemetry", Key=k)["Body"].read()) for k in dead if k.endswith(".json")]
     assert reasons and reasons[0]["device"] == "intruder" and "not valid" in reasons[0]["reason"]
-    cloud.close()
-    assert probe is uplink.device and telemetry.terminate() == 0
+    assert telemetry.terminate() == 0
 
 
 def test_records_past_their_ttl_expire_into_a_counted_gap(tmp_path):
@@ -408,8 +406,10 @@ def test_a_batch_never_acknowledged_is_given_up_after_n_attempts_and_the_cloud_i
     assert stats.dropped["dead_lettered"] > 0 and stats.batches_resent > 0
     uplink.start_ingest()
     wait_until(lambda: _gaps_in_s3(uplink, "dead_lettered"), 60, "the given-up batch reported to the cloud")
-    gap = _gaps_in_s3(uplink, "dead_lettered")[0]
-    assert "not acknowledged after 2 attempts" in gap["detail"] and gap["first_seq"] == 1
+    # Which batches were given up depends on timing (a gap record sent before ingest started can be given
+    # up in turn); what must hold is that each says why, and that the audit below accounts for every record.
+    gaps = _gaps_in_s3(uplink, "dead_lettered")
+    assert gaps and all("not acknowledged after 2 attempts" in gap["detail"] for gap in gaps)
     assert telemetry.terminate() == 0
     uplink.assert_complete()
 

@@ -166,17 +166,23 @@ def _brokers(fleet_certs, device_certs, tmp_path) -> tuple[Broker, Broker]:
     return cloud, edge
 
 
+def _bridge_carrying(cloud: Broker, edge: Broker, certs, first: bytes):
+    """An operator on the fleet broker and sync on the device broker, once `first` crossed the bridge."""
+    operator = _device(cloud, certs, "operator")
+    operator.listen("edgefleet/+/sync/state")
+    assert operator.connect()
+    sync = _user(edge, "sync")
+    assert sync.connect()
+    sync.link.publish("edgefleet/dev-1/sync/state", first, qos=1).wait_for_publish(5)
+    wait_until(lambda: operator.received, 20, "the bridge to carry a first message")
+    return operator, sync
+
+
 def test_a_bridge_keeps_what_it_queued_across_a_cut_link_and_delivers_it(pki, tmp_path):
     certs, _ = pki
     cloud, edge = _brokers(certs, certs, tmp_path)
     try:
-        operator = _device(cloud, certs, "operator")
-        operator.listen("edgefleet/+/sync/state")
-        assert operator.connect()
-        sync = _user(edge, "sync")
-        assert sync.connect()
-        sync.link.publish("edgefleet/dev-1/sync/state", b"before", qos=1).wait_for_publish(5)
-        wait_until(lambda: operator.received, 20, "the bridge to carry a first message")
+        operator, sync = _bridge_carrying(cloud, edge, certs, b"before")
         operator.close()
         attempts = lambda: (edge.workdir / "mosquitto.log").read_text().count("Connecting bridge (step 1)")
         before = attempts()
@@ -309,13 +315,7 @@ def test_a_bridge_drops_a_message_over_the_fleet_cap_and_the_next_one_crosses(pk
     certs, _ = pki
     cloud, edge = _brokers(certs, certs, tmp_path)
     try:
-        operator = _device(cloud, certs, "operator")
-        operator.listen("edgefleet/+/sync/state")
-        assert operator.connect()
-        sync = _user(edge, "sync")
-        assert sync.connect()
-        sync.link.publish("edgefleet/dev-1/sync/state", b"first", qos=1).wait_for_publish(5)
-        wait_until(lambda: operator.received, 20, "the bridge to carry a first message")
+        operator, sync = _bridge_carrying(cloud, edge, certs, b"first")
         for payload in (b"o" * _setting("cloud.conf", "max_packet_size"), b"sentinel"):
             sync.link.publish("edgefleet/dev-1/sync/state", payload, qos=1).wait_for_publish(5)
         wait_until(lambda: b"sentinel" in operator.payloads(), 20, "the message after the oversized one")

@@ -81,13 +81,9 @@ def test_a_full_outbox_drops_the_oldest_counts_them_and_the_audit_shows_the_gap(
 def test_a_damaged_outbox_is_repaired_keeping_what_is_readable(tmp_path):
     """Real file damage: pages in the middle of the database overwritten with garbage."""
     from services.telemetry.outbox import Outbox
-    from shared.schemas import ResourceSample
 
     path = tmp_path / "outbox.db"
-    outbox = Outbox(path, "edge-d", 1 << 30)
-    sample = ResourceSample(device="edge-d", cpu_percent=1, memory_percent=2, memory_used_bytes=3, disk_percent=4, at=time.time())
-    for _ in range(20):
-        outbox.append([sample] * 100)
+    outbox = _outbox_of_2000_samples(path, "edge-d")
     outbox.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     outbox.close()
     data = bytearray(path.read_bytes())
@@ -304,13 +300,9 @@ def test_a_lost_outbox_starts_a_new_epoch_and_never_overwrites_what_s3_holds(upl
 
 def test_a_repaired_outbox_gets_a_new_epoch_numbered_from_one(tmp_path):
     from services.telemetry.outbox import Outbox
-    from shared.schemas import ResourceSample
 
     path = tmp_path / "outbox.db"
-    outbox = Outbox(path, "edge-r", 1 << 30)
-    sample = ResourceSample(device="edge-r", cpu_percent=1, memory_percent=2, memory_used_bytes=3, disk_percent=4, at=time.time())
-    for _ in range(20):
-        outbox.append([sample] * 100)
+    outbox = _outbox_of_2000_samples(path, "edge-r")
     sent = outbox.next_batch(500, 1 << 30)
     outbox.ack(sent[0].seq, sent[-1].seq)  # 1..500 are in the cloud, in the first epoch
     first_epoch = outbox.epoch
@@ -534,3 +526,15 @@ def test_unsubscribe_hands_over_what_arrived_before_the_unsuback(broker):
         release.set()
         subscriber.stop()
         publisher.stop()
+
+
+def _outbox_of_2000_samples(path: Path, device: str):
+    """A real outbox on disk holding 2000 resource samples, committed 100 at a time."""
+    from services.telemetry.outbox import Outbox
+    from shared.schemas import ResourceSample
+
+    outbox = Outbox(path, device, 1 << 30)
+    sample = ResourceSample(device=device, cpu_percent=1, memory_percent=2, memory_used_bytes=3, disk_percent=4, at=time.time())
+    for _ in range(20):
+        outbox.append([sample] * 100)
+    return outbox

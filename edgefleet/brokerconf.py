@@ -1,10 +1,11 @@
 """The Mosquitto settings that keep everyone where they belong, rendered for a broker and its files.
 The configs and ACLs are committed in deploy/mosquitto/ and used verbatim by docker-compose, k3s and
-the tests (a spawned broker takes every directive of edge.conf/cloud.conf but its listener,
+the tests (a spawned broker takes every directive of edge.conf/cloud.conf but its listener ports,
 persistence location and include_dir); this module only fills in paths, ports and the device id.
 
 - The device's broker: no anonymous clients; a user per service and per camera (password file), the
-  ACL in deploy/mosquitto/edge.acl, payload and packet size caps above a frame's.
+  ACL in deploy/mosquitto/edge.acl, payload and packet size caps above a frame's; a second, TLS
+  listener for cameras on the device's network, under the same users and ACL.
 - The fleet's broker: TLS only, a client certificate from the fleet's CA required and checked against
   the CA's revocation list, its common name taken as the user name and as the client id, the ACL in
   deploy/mosquitto/cloud.acl (each device confined to its own topics), payload and packet size caps,
@@ -24,7 +25,17 @@ EDGE_ACL, CLOUD_ACL = DEPLOY / "edge.acl", DEPLOY / "cloud.acl"
 EDGE_CONF, CLOUD_CONF = DEPLOY / "edge.conf", DEPLOY / "cloud.conf"
 # What the deployment decides and a spawned Broker (edgefleet/broker.py) decides for itself: where it
 # listens, whether and where it persists, where bridge files live.
-_LOCAL = ("listener", "persistence_location", "include_dir")
+_LOCAL = ("persistence_location", "include_dir")
+# Mosquitto's per-listener directives (mosquitto.conf(5), "Listeners" and "Certificate based SSL/TLS
+# support"): they belong to the `listener` line above them, and leave with it when a spawned broker
+# does not open that listener.
+_LISTENER_SCOPED = frozenset({
+    "bind_interface", "http_dir", "max_connections", "max_qos", "max_topic_alias", "mount_point", "protocol",
+    "socket_domain", "use_username_as_clientid", "websockets_headers_size", "cafile", "capath", "certfile",
+    "keyfile", "ciphers", "ciphers_tls1.3", "crlfile", "dhparamfile", "require_certificate", "tls_engine",
+    "tls_engine_kpass_sha1", "tls_keyform", "tls_version", "use_identity_as_username", "use_subject_as_username",
+    "psk_hint",
+})
 
 
 def password_file(path: Path, users: dict[str, str]) -> Path:
@@ -37,17 +48,38 @@ def password_file(path: Path, users: dict[str, str]) -> Path:
     return path
 
 
-def directives(conf: Path, paths: dict[str, Path]) -> str:
+def directives(conf: Path, paths: dict[str, Path], listeners: dict[int, int] | None = None) -> str:
     """The settings of a committed broker config, for a broker spawned here: the same directives,
     production paths (longest first) replaced by local ones, minus what the spawner decides.
 
+    The config's first listener is the spawner's own (edgefleet/broker.py writes its `listener` line
+    first, so that listener's directives attach to it). Each later listener opens on 127.0.0.1 at the
+    port `listeners` maps its production port to, or is left out with its own directives.
+
+    Params:
+        conf: a file of deploy/mosquitto/.
+        paths: production path -> local path.
+        listeners: production port of a later listener -> loopback port to open it on.
+    Returns:
+        The directives, one a line.
     Raises:
         ValueError: a directive still names a production path (/mosquitto/...) no entry replaces.
     """
-    lines = []
+    listeners = listeners or {}
+    lines, seen_listener, dropping = [], False, False
     for raw in conf.read_text().splitlines():
         line = raw.strip()
         if not line or line.startswith("#") or line.split()[0] in _LOCAL:
+            continue
+        keyword = line.split()[0]
+        if keyword == "listener":
+            port = int(line.split()[1])
+            first, seen_listener = not seen_listener, True
+            dropping = not first and port not in listeners
+            if first or dropping:
+                continue
+            line = f"listener {listeners[port]} 127.0.0.1"
+        elif dropping and keyword in _LISTENER_SCOPED:
             continue
         for production in sorted(paths, key=len, reverse=True):
             line = line.replace(production, str(paths[production]))
@@ -57,9 +89,28 @@ def directives(conf: Path, paths: dict[str, Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def edge_listener(passwords: Path, acl: Path = EDGE_ACL) -> str:
-    """deploy/mosquitto/edge.conf's settings with this password file and ACL."""
-    return directives(EDGE_CONF, {"/mosquitto/config/passwords": passwords, "/mosquitto/config/edge.acl": acl})
+LAN_PORT, LAN_SERVER = 8884, "edge-server"
+
+
+def edge_listener(passwords: Path, acl: Path = EDGE_ACL, lan_port: int | None = None, lan_certs: Path | None = None,
+                  lan_server: str = LAN_SERVER) -> str:
+    """deploy/mosquitto/edge.conf's settings with this password file and ACL.
+
+    Params:
+        lan_port: also open edge.conf's listener for cameras on the LAN (TLS, port 8884 in
+            production) on this loopback port; None leaves it out.
+        lan_certs: with lan_port, the folder of its server certificate and key.
+        lan_server: their stem there (<lan_server>.crt and .key), as `edgefleet certs issue` names them.
+    Returns:
+        The directives, for Broker(security=...).
+    """
+    paths: dict[str, Path | str] = {"/mosquitto/config/passwords": passwords, "/mosquitto/config/edge.acl": acl}
+    if lan_port is not None:
+        if lan_certs is None:
+            raise ValueError("the LAN listener needs lan_certs, the folder of its server certificate")
+        paths |= {f"/mosquitto/certs/{LAN_SERVER}.crt": lan_certs / f"{lan_server}.crt",
+                  f"/mosquitto/certs/{LAN_SERVER}.key": lan_certs / f"{lan_server}.key"}
+    return directives(EDGE_CONF, paths, {LAN_PORT: lan_port} if lan_port is not None else None)
 
 
 def cloud_listener(certs: Path, server: str = "cloud-broker", acl: Path = CLOUD_ACL) -> str:

@@ -123,12 +123,19 @@ def cloud_ingest(config: ConfigFile = None) -> None:
 @app.command()
 def health(
     file: Annotated[Path, typer.Argument(help="The service's EDGEFLEET_HEALTH_FILE.")],
-    max_age: Annotated[float, typer.Option(min=1, help="Seconds since the last heartbeat before it counts as unhealthy.")] = 15.0,
+    max_age: Annotated[float, typer.Option(min=1, help="Seconds since the last healthy check before it counts as unhealthy.")] = 15.0,
+    kill_after: Annotated[Optional[float], typer.Option(
+        min=0, help="Also SIGKILL the service when its heartbeat has been silent for max-age + this many seconds "
+        "(a frozen process), so its container exits and its restart policy brings it back. For containers run "
+        "with an init (compose `init: true`): the service must not be PID 1.")] = None,
 ) -> None:
-    """Exit 0 when the service's heartbeat is fresh (its broker link is up): the containers' health check."""
-    from shared.lifecycle import healthy
+    """Exit 0 when the service was healthy within max-age (broker link up, every worker loop coming round):
+    the containers' health check. Prints why not."""
+    from shared.lifecycle import check_health
 
-    raise typer.Exit(0 if healthy(file, max_age) else 1)
+    ok, why = check_health(file, max_age, kill_after)
+    typer.echo(why, err=not ok)
+    raise typer.Exit(0 if ok else 1)
 
 
 @app.command(epilog=describe_keys(CameraSettings))
@@ -365,6 +372,47 @@ def keys_new(
     typer.echo(f"key {pair.key_id}: private {pair.private}, public {pair.public}", err=True)
 
 
+s3_app = typer.Typer(no_args_is_help=True, help="Least privilege in the S3 store: a read-only models/* key per device.")
+app.add_typer(s3_app, name="s3")
+
+
+@s3_app.command("device-key", epilog=describe_keys(StoreSettings))
+def s3_device_key(
+    device: Annotated[str, typer.Argument(help="The device id: its IAM user is edgefleet-device-<DEVICE>.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for access-key and secret-key (default: var/s3/<DEVICE>).")] = None,
+    config: ConfigFile = None,
+) -> None:
+    """With the store's admin keys (these EDGEFLEET_S3_* keys), through its IAM API (AWS, moto): a user and a key
+    that can only read models/* of the registry. Keeps a key already in --out that still works; a new key
+    replaces the user's others. MinIO has no IAM API: see README for its `mc admin` commands. Keys:"""
+    from edgefleet.s3access import DEFAULT_KEYS_DIR, DeviceKeyError, issue
+
+    settings = _settings(StoreSettings, config)
+    try:
+        done = issue(settings, device, out or DEFAULT_KEYS_DIR / device)
+    except DeviceKeyError as exc:
+        typer.echo(f"edgefleet s3 device-key: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if not done.created:
+        typer.echo(f"kept: the key {done.access_key_id} of {done.user} in {done.folder} still works", err=True)
+        return
+    revoked = f"; revoked its older keys {', '.join(done.revoked)}" if done.revoked else ""
+    typer.echo(f"created key {done.access_key_id} for {done.user} (read models/* only) in {done.folder}{revoked}", err=True)
+
+
+@s3_app.command("policy")
+def s3_policy(
+    bucket: Annotated[Optional[str], typer.Option(help="The registry bucket (default: EDGEFLEET_REGISTRY_BUCKET).")] = None,
+    config: ConfigFile = None,
+) -> None:
+    """Print the device policy for a registry bucket (deploy/s3/device-policy.json is the default's), for `mc admin policy create`."""
+    import json
+
+    from edgefleet.s3access import device_policy
+
+    typer.echo(json.dumps(device_policy(bucket or _settings(StoreSettings, config).registry_bucket), indent=2))
+
+
 CertDir = Annotated[Path, typer.Option("--out", help="The folder of ca.crt/ca.key and the certificates.")]
 SERVICE_USERS = ("inference", "sync", "telemetry", "console")
 
@@ -570,11 +618,34 @@ def bench_overload(
 def bench_telemetry(
     quick: Annotated[bool, typer.Option(help="Smaller volumes; about a minute.")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here.")] = None,
+    contained: Annotated[bool, typer.Option("--containers/--no-containers", help="Also measure 1, 2 and 4 cloud_ingest "
+        "containers at --cpus 0.25 each (needs a Docker engine; without one the rows say so).")] = True,
+    build: Annotated[bool, typer.Option(help="Run scripts/images.sh cloud-ingest first (cached).")] = True,
 ) -> None:
-    """Outbox writes against raw SQLite, backlog drain to S3, cloud_ingest with two replicas against one."""
+    """Outbox writes against raw SQLite, backlog drain to S3, cloud_ingest two replicas against one, and 1/2/4 containers."""
     from edgefleet.bench import telemetry
 
-    raise typer.Exit(telemetry.run(quick, json_out))
+    raise typer.Exit(telemetry.run(quick, json_out, contained, build))
+
+
+@bench_app.command("images")
+def bench_images(
+    quick: Annotated[bool, typer.Option(help="A shorter idle before memory is read; about a minute once built.")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here.")] = None,
+    model_dir: Annotated[Path, typer.Option(help="The model the inference container serves (mounted read-only).")] = DEFAULT_MODEL_DIR,
+    build: Annotated[bool, typer.Option(help="Run scripts/images.sh first (cached builds; stand-ins made where missing).")] = True,
+    real_base_mb: Annotated[float, typer.Option(min=1, help="Size of the real python:3.11-slim, uncompressed, in MB.")] = 130.0,
+    services: Annotated[Optional[str], typer.Option(help="Only these services' start-up, comma-separated (default: all).")] = None,
+) -> None:
+    """Every image's size (and on the real slim base), each service container's cold start to healthy, its idle memory."""
+    from edgefleet.bench import images
+
+    only = [s.strip() for s in services.split(",") if s.strip()] if services else None
+    try:
+        code = images.run(quick, json_out, model_dir, build, real_base_mb, only)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--services") from None
+    raise typer.Exit(code)
 
 
 @bench_app.command("ep")

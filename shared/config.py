@@ -58,6 +58,22 @@ class CommonSettings(BaseSettings):
     mqtt_reconnect_min_s: float = Field(0.5, gt=0, description="First delay before reconnecting to a lost broker.")
     mqtt_reconnect_max_s: float = Field(10.0, gt=0, description="Longest delay between reconnect attempts (backoff doubles up to it).")
     status_interval_s: float = Field(5.0, gt=0, description="How often the retained status (with counters) is refreshed.")
+    health_file: Path | None = Field(
+        None, description="A file the service rewrites while it is healthy (broker link up, every worker loop coming "
+        "round), with its pid: what `edgefleet health FILE` (the images' HEALTHCHECK, the k3s probes) reads. Unset: none.")
+    health_interval_s: float = Field(5.0, gt=0, le=60, description="How often the service checks itself and rewrites the health file.")
+    liveness_s: float = Field(
+        30.0, gt=0, description="A worker loop that has not come round for this long (beyond a wait it announced, e.g. "
+        "an S3 timeout) makes the service unhealthy, like a missed systemd watchdog ping.")
+    hang_exit_s: float = Field(
+        120.0, ge=0, description="A worker loop stuck for this long ends the process (exit 70), so the container's restart "
+        "policy brings it back: Docker does not restart a container for being unhealthy. 0: never; else at least liveness_s.")
+
+    @model_validator(mode="after")
+    def _hang_after_liveness(self) -> CommonSettings:
+        if self.hang_exit_s and self.hang_exit_s < self.liveness_s:
+            raise ValueError(f"hang_exit_s ({self.hang_exit_s:g}) must be 0 or at least liveness_s ({self.liveness_s:g})")
+        return self
 
     @field_validator("mqtt_url")
     @classmethod
@@ -285,6 +301,13 @@ class TelemetrySettings(CommonSettings):
         10, ge=1, description="A batch sent this many times without an acknowledgement is given up: moved to the outbox's "
         "dead-letter table and reported to the cloud as a `dead_lettered` gap, so one poison batch cannot stall the outbox.")
     resource_interval_s: float = Field(10.0, gt=0, description="How often host and container resources are sampled.")
+    docker_url: str = Field(
+        "", description="The Docker Engine API for per-container CPU and memory, e.g. unix:///var/run/docker.sock "
+        "(empty: off). Opt-in: whoever reaches the socket controls the host, read-only mount or not.")
+    docker_project: str = Field(
+        "", pattern=r"^(\*|[a-z0-9][a-z0-9_-]*)?$",
+        description="Report only containers labelled com.docker.compose.project=<this> (empty: the project of the "
+        "container telemetry runs in, or every container where it runs in none; *: every container).")
     drift_baseline: int = Field(200, ge=10, description="Predictions after a model starts serving that form its baseline.")
     drift_window: int = Field(100, ge=10, description="Recent predictions compared with the baseline.")
     drift_min_samples: int = Field(50, ge=5, description="No drift verdict on fewer predictions than this.")
@@ -303,6 +326,14 @@ class TelemetrySettings(CommonSettings):
     @classmethod
     def _cloud_url(cls, value: str) -> str:
         return CommonSettings._broker_url(value)
+
+    @field_validator("docker_url")
+    @classmethod
+    def _docker_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if value and (parts.scheme not in ("unix", "tcp", "http", "https", "ssh") or not (parts.path or parts.netloc)):
+            raise ValueError("must be empty (off) or look like unix:///var/run/docker.sock or tcp://host:2375")
+        return value
 
     def cloud(self) -> CommonSettings:
         """The settings of the link to the cloud broker."""

@@ -9,10 +9,24 @@ drain that does not finish within FATAL_DRAIN_S after that ends the process with
 thread must not turn a crash into a hang. (Erlang's "let it crash" under a supervisor; Vector and
 Greengrass components exit non-zero on an unrecoverable sink or disk error for the same reason.)
 
-Health for containers: where EDGEFLEET_HEALTH_FILE is set, a heartbeat thread touches that file every
-few seconds while the service's broker link is up; `edgefleet health FILE` (the images' HEALTHCHECK
-and the k3s probes) fails when the file is older than it should be. A service that runs but has lost
-its broker is unhealthy, which is what an orchestrator should act on."""
+Health sees work, not only the link: each service exposes a `liveness` (Liveness), whose worker loops
+tick a Progress every time round, idle rounds of a loop that waits with a timeout included, so an
+idle service is alive and a stuck one is not (systemd's WatchdogSec, each loop pinging WATCHDOG=1;
+Kubernetes' liveness probe reads the result). A heartbeat thread checks every health_interval_s:
+
+- healthy: the broker link is up and no loop is more than liveness_s late; where health_file is set
+  it is rewritten with the pid, the time of the last healthy check and what is wrong, if anything;
+- a loop more than hang_exit_s late ends the process through the fatal path (exit FATAL_EXIT), as
+  systemd kills a unit that misses its watchdog: Docker restarts a container that exits, never one
+  that is merely unhealthy (`restart: unless-stopped` and the HEALTHCHECK do not meet).
+
+`edgefleet health FILE` (the images' HEALTHCHECK, the k3s probes) fails when the last healthy check
+is older than --max-age; with --kill-after S it also SIGKILLs a process whose heartbeat thread itself
+has been silent for max-age + S seconds (frozen: SIGSTOPped, deadlocked, stuck holding the GIL), which
+nothing inside it can notice. That is for containers run with an init (compose `init: true`): the
+service is then not PID 1, which a signal from inside its own namespace cannot kill. Times in the file
+are CLOCK_MONOTONIC, shared by every process on the host and deaf to the wall clock jumping when a
+device without a real-time clock gets NTP time."""
 
 from __future__ import annotations
 
@@ -22,9 +36,13 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
+
+import psutil
+from pydantic import BaseModel, ValidationError
 
 from shared import logs
 from shared.config import CommonSettings
@@ -51,6 +69,8 @@ def serve(name: str, settings: CommonSettings, build: Callable[[], Service],
     Never returns after a fatal error if the drain hangs: the process is ended with os._exit.
     """
     logs.setup(name, settings.device_id, settings.log_level, settings.log_format)
+    if settings.health_file is not None:  # a previous run's (same container): not this process's health
+        settings.health_file.unlink(missing_ok=True)
     try:
         service = build()
     except start_errors as exc:
@@ -62,15 +82,14 @@ def serve(name: str, settings: CommonSettings, build: Callable[[], Service],
     global _current
     fatal = _current = _Fatal(name, service)
     threading.excepthook = fatal.thread_died
-    beat = _Heartbeat(Path(os.environ[HEALTH_FILE_ENV]), service) if os.environ.get(HEALTH_FILE_ENV) else None
+    beat = Heartbeat(settings, service, fatal.fail, name)
     try:
         status = service.run()
     except BaseException as exc:  # noqa: BLE001 - whatever ended the main loop ends the process, loudly
         fatal.fail(f"main loop: {type(exc).__name__}: {exc}", exc)
         return FATAL_EXIT
     finally:
-        if beat is not None:
-            beat.stop()
+        beat.stop()
     return FATAL_EXIT if fatal.reason else status
 
 
@@ -117,30 +136,166 @@ class _Fatal:
         os._exit(FATAL_EXIT)
 
 
-HEALTH_FILE_ENV = "EDGEFLEET_HEALTH_FILE"
-HEARTBEAT_S = 5.0
+class Progress:
+    """One worker loop's proof of life. tick() each time round; tick(allow_s) before a wait that is
+    bounded but long (an S3 call within its timeouts, an ack timeout): the loop may then be that much
+    later without counting as stuck (systemd's WATCHDOG_USEC= for one wait). One store of a monotonic
+    time: cheap enough for a hot loop."""
+
+    __slots__ = ("name", "due")
+
+    def __init__(self, name: str, allow_s: float = 0.0) -> None:
+        self.name = name
+        self.due = time.monotonic() + allow_s
+
+    def tick(self, allow_s: float = 0.0) -> None:
+        self.due = time.monotonic() + allow_s
 
 
-class _Heartbeat:
-    def __init__(self, path: Path, service: Service) -> None:
-        self.path, self.service = path, service
+class Liveness:
+    """The worker loops of one service, for its heartbeat to check; a service exposes it as `liveness`."""
+
+    def __init__(self) -> None:
+        self._loops: dict[int, Progress] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def watch(self, loop: str | Progress, allow_s: float = 0.0) -> Iterator[Progress]:
+        """Watches a loop while the block runs (a worker thread's whole life, or one task of a pool).
+
+        :param loop: its name, or a Progress made beforehand (for callers that tick it from helpers).
+        :param allow_s: how late its first tick may be.
+        :returns: the Progress to tick.
+        """
+        progress = Progress(loop, allow_s) if isinstance(loop, str) else loop
+        progress.tick(allow_s)
+        with self._lock:
+            self._loops[id(progress)] = progress
+        try:
+            yield progress
+        finally:
+            with self._lock:
+                self._loops.pop(id(progress), None)
+
+    def late(self, now: float | None = None) -> list[tuple[str, float]]:
+        """Each watched loop's name and how many seconds it is past due (negative: not yet due), latest first."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            loops = list(self._loops.values())
+        return sorted(((p.name, now - p.due) for p in loops), key=lambda item: -item[1])
+
+
+class Beat(BaseModel):
+    """The health file: the service's pid and process start time (so a reused pid is never killed),
+    and CLOCK_MONOTONIC times of its last check and last healthy check."""
+
+    service: str
+    pid: int
+    started: float
+    beat: float
+    healthy: float | None
+    problems: list[str]
+
+
+MAX_HEALTH_FILE_BYTES = 64 * 1024
+
+
+class Heartbeat:
+    """Checks the service every health_interval_s (see the module's doc): writes the health file,
+    and ends the process through `fail` when a loop is more than hang_exit_s late."""
+
+    def __init__(self, settings: CommonSettings, service: Service, fail: Callable[[str, BaseException | None], None],
+                 name: str = "", start: bool = True) -> None:
+        self.path, self.service, self.fail = settings.health_file, service, fail
+        self.interval_s, self.liveness_s, self.hang_exit_s = settings.health_interval_s, settings.liveness_s, settings.hang_exit_s
+        me = psutil.Process()
+        self._identity = {"service": name or type(service).__name__, "pid": me.pid, "started": me.create_time()}
+        self.healthy_at: float | None = None
+        self.problems: list[str] = ["starting"]
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
-        self._thread.start()
+        if start:
+            self._thread.start()
 
     def _run(self) -> None:
-        while not self._stopping.wait(HEARTBEAT_S):
-            link = getattr(self.service, "link", None)
-            if link is None or link.connected.is_set():
-                self.path.touch()
+        self.beat()  # at once: the file says who to kill (the pid) as soon as there is someone
+        while not self._stopping.wait(self.interval_s):
+            self.beat()
+
+    def beat(self, now: float | None = None) -> None:
+        """One check; `now` is CLOCK_MONOTONIC (given by tests)."""
+        now = time.monotonic() if now is None else now
+        liveness: Liveness | None = getattr(self.service, "liveness", None)
+        late = liveness.late(now) if liveness is not None else []
+        if self.hang_exit_s and late and late[0][1] > self.hang_exit_s:
+            self.fail(f"the {late[0][0]} loop has not come round for {late[0][1]:.0f} s (hang_exit_s {self.hang_exit_s:g})", None)
+        stuck = [f"the {name} loop has not come round for {seconds:.0f} s" for name, seconds in late if seconds > self.liveness_s]
+        link = getattr(self.service, "link", None)
+        problems = ["broker link down", *stuck] if link is not None and not link.connected.is_set() else stuck
+        # Not yet connected at start is not news; losing health once had, or a stuck loop, is.
+        if problems and problems != self.problems and (stuck or self.healthy_at is not None):
+            log.warning("unhealthy", extra=fields(problems=problems))
+        elif not problems and self.problems:
+            log.info("healthy")
+        self.problems = problems
+        if not problems:
+            self.healthy_at = now
+        if self.path is not None:
+            self._write(Beat(**self._identity, beat=now, healthy=self.healthy_at, problems=problems))
+
+    def _write(self, beat: Beat) -> None:
+        staging = self.path.with_name(self.path.name + ".tmp")
+        try:  # a reader sees the old file or the new one, never half of one
+            staging.write_text(beat.model_dump_json())
+            os.replace(staging, self.path)
+        except OSError as exc:  # the check then fails on a stale file, which is the truth
+            log.warning("cannot write the health file", extra=fields(path=str(self.path), error=str(exc)))
 
     def stop(self) -> None:
         self._stopping.set()
-        self.path.unlink(missing_ok=True)
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
-def healthy(path: Path, max_age_s: float = 3 * HEARTBEAT_S) -> bool:
+def check_health(path: Path, max_age_s: float, kill_after_s: float | None = None,
+                 now: float | None = None) -> tuple[bool, str]:
+    """What `edgefleet health` answers: whether the service was healthy within max_age_s, and why not.
+
+    :param kill_after_s: where given, a process whose heartbeat has been silent for max_age_s +
+        kill_after_s is sent SIGKILL (its pid as the file names it, if that process still has the start
+        time the file records).
+    :param now: CLOCK_MONOTONIC (given by tests).
+    :returns: (healthy, a line saying why).
+    """
     try:
-        return time.time() - path.stat().st_mtime <= max_age_s
+        with path.open("rb") as f:
+            beat = Beat.model_validate_json(f.read(MAX_HEALTH_FILE_BYTES + 1)[:MAX_HEALTH_FILE_BYTES])
     except FileNotFoundError:
-        return False
+        return False, f"no heartbeat in {path} (not started, or stopped)"
+    except (OSError, ValidationError) as exc:
+        return False, f"unreadable heartbeat in {path}: {str(exc)[:300]}"
+    now = time.monotonic() if now is None else now
+    silent = now - beat.beat
+    if kill_after_s is not None and silent > max_age_s + kill_after_s:
+        return False, f"no heartbeat for {silent:.0f} s: {_kill(beat)}"
+    if silent > max_age_s:
+        return False, f"no heartbeat for {silent:.0f} s: the process is frozen or its heartbeat thread died"
+    if beat.healthy is None or now - beat.healthy > max_age_s:
+        return False, "unhealthy: " + ("; ".join(beat.problems) or "not yet checked")
+    return True, f"healthy (pid {beat.pid})"
+
+
+def _kill(beat: Beat) -> str:
+    if beat.pid == 1:
+        return "it is PID 1, which a signal from inside its container cannot kill: run the container with an init " \
+               "(compose `init: true`, `docker run --init`)"
+    try:
+        process = psutil.Process(beat.pid)
+        if abs(process.create_time() - beat.started) > 0.5:
+            return f"pid {beat.pid} is another process now; not killed"
+        process.send_signal(signal.SIGKILL)
+    except psutil.NoSuchProcess:
+        return f"pid {beat.pid} is gone"
+    except psutil.AccessDenied as exc:
+        return f"cannot kill pid {beat.pid}: {exc}"
+    return f"killed the frozen {beat.service} (pid {beat.pid}, SIGKILL) so that its container restarts"

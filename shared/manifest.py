@@ -4,6 +4,7 @@ manifest.json by the model build, read by inference (and later by sync and the o
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -15,6 +16,12 @@ from shared.schemas import ModelRef
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 MAX_VERSION = 10**9
+# A model folder is read by another user than the one who wrote it: the non-root inference container
+# (uid 10001) reads what the operator's `edgefleet model build` wrote and mounted. So its files are
+# 0644 and its folders 0755 whatever the writer's umask (or mkstemp's 0600) would give: the modes a
+# package manager (dpkg, rpm) installs shared read-only data with.
+ARTIFACT_FILE_MODE = 0o644
+ARTIFACT_DIR_MODE = 0o755
 
 # The same rule as shared.topics.check_id: a name becomes an S3 key level and a folder on the device,
 # so it must be path-safe before anything is built from it.
@@ -133,6 +140,15 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+def make_dirs(path: Path) -> None:
+    """`mkdir -p` giving every folder it creates ARTIFACT_DIR_MODE; folders that exist keep theirs (an
+    operator's own folder is not ours to open up)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)
+        os.chmod(folder, ARTIFACT_DIR_MODE)
+
 
 def load_verified(model_dir: Path) -> tuple[ModelManifest, Path]:
     """Reads manifest.json and checks the model file's size and SHA-256 against it."""

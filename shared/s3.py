@@ -9,7 +9,11 @@ from botocore.exceptions import ClientError
 from shared.config import StoreSettings
 
 
-def client(settings: StoreSettings, attempts: int = 3, timeout_s: float = 10.0):
+ATTEMPTS, TIMEOUT_S = 3, 10.0
+MAX_BACKOFF_S = 20.0  # botocore's standard retry mode never waits longer than this between attempts
+
+
+def client(settings: StoreSettings, attempts: int = ATTEMPTS, timeout_s: float = TIMEOUT_S):
     secret = settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
     return boto3.client(
         "s3",
@@ -32,3 +36,10 @@ def ensure_bucket(s3, bucket: str) -> None:
         if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
             raise
         s3.create_bucket(Bucket=bucket)
+
+
+def call_bound_s(attempts: int = ATTEMPTS, timeout_s: float = TIMEOUT_S) -> float:
+    """The longest one call of a client() built with these may take while the store answers nothing:
+    each attempt's connect and read timeouts, and the backoff between attempts. What a caller announces
+    to its liveness watch (shared.lifecycle.Progress.tick) before the call."""
+    return attempts * 2 * timeout_s + (attempts - 1) * MAX_BACKOFF_S

@@ -147,6 +147,7 @@ class TelemetryStats(_Message):
     epoch: str | None = None  # the outbox's epoch (see TelemetryBatch.epoch)
     records_refused: int = 0  # records that failed validation before the outbox: never stored, never sent
     batches_dead_lettered: int = 0  # batches given up (by the cloud or after too many attempts)
+    docker_errors: int = 0  # failed Docker API calls (EDGEFLEET_DOCKER_URL set, the engine unreachable or refusing)
 
 
 class ServiceStatus(_Message):
@@ -303,8 +304,11 @@ class Alert(_Message):
 
 class ContainerSample(_Message):
     name: str
-    cpu_percent: float
-    memory_bytes: int
+    cpu_percent: float  # of one core, as `docker stats` shows it: 200.0 is two cores busy
+    memory_bytes: int  # usage less the inactive page cache, as `docker stats` shows it
+    # Added with the Docker sampler thread; absent in samples from older devices.
+    memory_limit_bytes: int | None = None  # the container's limit (the host's memory where it has none)
+    at: float | None = None  # when Docker read these figures: a sample's `at` minus this is their age
 
 
 class ResourceSample(_Message):

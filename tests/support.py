@@ -170,3 +170,18 @@ def zlib_bomb(inflated_mib: int) -> bytes:
     first = packer.compress(bytes(1 << 20)) + packer.flush(zlib.Z_FULL_FLUSH)
     block = packer.compress(bytes(1 << 20)) + packer.flush(zlib.Z_FULL_FLUSH)
     return first + block * (inflated_mib - 1)
+
+
+CONTAINER_UID = 10001  # the user the images run the services as (Dockerfile)
+
+
+def unreadable_by(uid: int, *paths: Path) -> list[str]:
+    """The paths another user cannot read (empty: all readable). Checked by really reading them as that
+    user (`cat` run with its uid and gid; needs root), so folder modes on the way count too."""
+    blocked = []
+    for path in paths:
+        result = subprocess.run(["cat", str(path)], user=uid, group=uid, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            blocked.append(f"{path}: {result.stderr.strip()}")
+    return blocked

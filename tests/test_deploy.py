@@ -2,11 +2,13 @@
 (vendored in check-jsonschema), every k3s manifest against the Kubernetes OpenAPI schemas (bundled in
 kubernetes-validate), and every container running the command the tests run. No Docker engine or
 cluster exists here; these checks are what can be proven without one, and each is shown to fail on a
-broken file."""
+broken file. The overlays, rendered by kubectl and read container by container, are tests/test_k3s.py's."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +38,29 @@ def test_the_compose_file_validates_and_a_broken_one_does_not(tmp_path):
     broken.write_text((REPO / "docker-compose.yml").read_text().replace("restart: unless-stopped", "restart: [sometimes]", 1))
     result = _compose_check(broken)
     assert result.returncode != 0 and "restart" in result.stdout + result.stderr
+
+
+def _compose_v1_check(compose: Path, *overrides: Path) -> subprocess.CompletedProcess:
+    """docker-compose 1.29 (what runs here) validates against its own schema; it refused the top-level
+    `name:` that Compose v2 takes, so both must accept the file. Secrets' files need not exist for this."""
+    files = [arg for path in (compose, *overrides) for arg in ("-f", str(path))]
+    return subprocess.run(["docker-compose", *files, "--project-directory", str(REPO), "config", "-q"],
+                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "COMPOSE_PROJECT_NAME": "check", "DOCKER_GID": "999"})
+
+
+def test_docker_compose_1_29_accepts_the_file_and_the_test_override_and_refuses_a_broken_one(tmp_path):
+    if shutil.which("docker-compose") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("docker-compose is missing: scripts/engine.sh installs it", pytrace=False)
+        pytest.skip("docker-compose is not installed (scripts/engine.sh installs it)")
+    for files in ((REPO / "docker-compose.yml",), (REPO / "docker-compose.yml", REPO / "tests" / "compose.host.yml"),
+                  (REPO / "docker-compose.yml", REPO / "docker-compose.docker-stats.yml")):
+        ok = _compose_v1_check(*files)
+        assert ok.returncode == 0, (files, ok.stderr)
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text("name: edgefleet\n" + (REPO / "docker-compose.yml").read_text())
+    refused = _compose_v1_check(broken)
+    assert refused.returncode != 0 and "name" in refused.stderr, refused.stderr
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(REPO)))

@@ -3,7 +3,11 @@ a manifest that says exactly how to feed it."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,10 +16,12 @@ import pytest
 
 from edgefleet import photos
 from edgefleet.models.build import build
+from edgefleet.models.store import resave
 from services.inference.decode import decode_bgr
 from services.inference.postprocess import top_k
 from services.inference.preprocess import Preprocessor
 from shared.manifest import MANIFEST_FILE, MODEL_FILE, ModelError, load_verified
+from tests.support import CONTAINER_UID, unreadable_by
 
 CATS = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
 COFFEE = {"espresso", "cup", "coffee mug"}
@@ -67,3 +73,44 @@ def test_a_tampered_model_is_refused(model_dir, tmp_path):
     (copy / MANIFEST_FILE).write_text("{not json")
     with pytest.raises(ModelError, match="not a valid manifest"):
         load_verified(copy)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def strict_umask():
+    """umask 077, as a hardened operator shell has: what the tools write must not depend on 022."""
+    old = os.umask(0o077)
+    yield
+    os.umask(old)
+
+
+@pytest.fixture
+def host_dir():
+    """A folder a host would mount into a container (its parent is /tmp, open to all, unlike tmp_path's)."""
+    folder = Path(tempfile.mkdtemp(prefix="efh-model-", dir="/tmp"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder)
+
+
+def test_a_written_model_folder_is_readable_by_the_containers_user(model_dir, host_dir, strict_umask):
+    """The install every tool shares (build, quantize, prune, distill, resave): files 0644, new folders
+    0755, whatever the umask; readable by uid 10001, the images' user, which mounts it read-only."""
+    out = host_dir / "models" / "m"
+    resave(model_dir, out, "copy for the mode test")
+    assert {p.name: oct(_mode(p)) for p in out.iterdir()} == {MANIFEST_FILE: "0o644", MODEL_FILE: "0o644"}
+    assert oct(_mode(out)) == oct(_mode(out.parent)) == "0o755"
+    if os.geteuid() == 0:
+        assert unreadable_by(CONTAINER_UID, out / MANIFEST_FILE, out / MODEL_FILE) == []
+
+
+def test_a_cached_build_left_unreadable_by_an_older_build_is_made_readable(model_dir):
+    (model_dir / MANIFEST_FILE).chmod(0o600)  # what `edgefleet model build` wrote before (mkstemp's mode)
+    _, built = build(model_dir)
+    assert built is False
+    assert oct(_mode(model_dir / MANIFEST_FILE)) == oct(_mode(model_dir / MODEL_FILE)) == "0o644"
+    if os.geteuid() == 0:
+        assert unreadable_by(CONTAINER_UID, model_dir / MANIFEST_FILE, model_dir / MODEL_FILE) == []

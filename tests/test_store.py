@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import stat
 
 import pytest
 
 from edgefleet.models.store import resave
 from services.sync.store import ModelStore
 from shared.manifest import MANIFEST_FILE, MODEL_FILE, load_verified
+from shared.registry import SIGNATURE_OBJECT
 
 
 @pytest.fixture
@@ -107,3 +109,24 @@ def test_a_pending_canary_is_persisted_and_cleared(store):
     assert reopened.pending_canary() == pending
     reopened.end_canary()
     assert store.pending_canary() is None and not list(store.root.glob("*.tmp"))
+
+
+def test_the_store_writes_models_every_user_can_read_whatever_the_umask(tmp_path, model_dir):
+    """Inference may run as another user than sync: each file the store installs is 0644 and each folder
+    0755 before it is renamed into place, even under umask 077 (and a download's .part written 0600)."""
+    old = os.umask(0o077)
+    try:
+        store = ModelStore(tmp_path / "store", keep_versions=2)
+        store.seed(model_dir)
+        store.repair()
+        installed = _install(store, model_dir, tmp_path, 2)
+        store.activate(installed)
+    finally:
+        os.umask(old)
+    root = tmp_path / "store"
+    folders = [root, root / "fallback", root / "versions", root / "staging", installed.parent, installed]
+    files = [*(installed / n for n in (MODEL_FILE, MANIFEST_FILE, SIGNATURE_OBJECT)),
+             root / "fallback" / MODEL_FILE, root / "fallback" / MANIFEST_FILE, root / "state.json"]
+    assert {str(p.relative_to(root)): oct(stat.S_IMODE(p.stat().st_mode)) for p in folders + files} == {
+        **{str(p.relative_to(root)): "0o755" for p in folders}, **{str(p.relative_to(root)): "0o644" for p in files}}
+    assert load_verified(store.current()[0])[0].version == 2

@@ -1,13 +1,27 @@
 """`edgefleet bench telemetry`: the outbox's write rate against raw SQLite inserts of the same rows in
 the same run; how fast a ten-minute backlog drains to S3 through the real telemetry and cloud_ingest
-processes; and cloud_ingest's throughput with two replicas against one.
+processes; cloud_ingest's throughput with two replicas against one (processes); and cloud_ingest's
+scale-out as it is deployed: 1, 2 and 4 replicas as containers with a CPU quota each.
+
+The process measure shares this machine's cores with its own load generator and S3 server, so on a
+small machine it measures the machine. The containerised one gives each replica `--cpus 0.25` (a
+k3s CPU limit of 250m; compose's `deploy.resources.limits.cpus`), and keeps the load generator, the
+broker and the S3 server outside the quota, so as long as the machine has spare cores the replicas'
+quota is the limit. The load is the same for every replica count: closed-loop devices (each waits for
+the acknowledgement of a batch, i.e. its write to S3, before sending the next, as the forwarder does)
+sending batches of 500 records (the forwarder's batch_max_records), encoded before the clock starts;
+the rate is the records acknowledged in a window after a warm-up. Beside each rate the table gives
+where the CPU went in that window (each replica's cgroup, the S3 server, the broker, the bench
+itself, and the machine's idle share), so a missed goal says whether the replicas were the limit.
 
 Goals (issue 5): >= 20,000 records/s into the outbox; a backlog drains at >= 10 x its arrival rate;
-two ingest replicas >= 1.7 x one.
+two ingest replicas >= 1.7 x one. Issue 11: containerised at 0.25 CPU each, 2 replicas >= 1.8 x one,
+4 >= 3.4 x one.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sqlite3
 import subprocess
@@ -18,6 +32,9 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import psutil
+
+from edgefleet.bench import containers
 from edgefleet.bench.report import Goal, emit
 from edgefleet.broker import Broker
 from edgefleet.s3server import S3Server
@@ -39,6 +56,10 @@ from shared.schemas import (
 )
 
 ARRIVAL_PER_S = 20.0  # a busy device: resource samples, alerts, hard-example metadata
+INGEST_IMAGE = "edgefleet/cloud-ingest:latest"
+REPLICA_CPUS = 0.25
+SCALE_OUT = (1, 2, 4)
+PER_BATCH = 500  # TelemetrySettings.batch_max_records' default
 
 
 def _records(device: str, n: int) -> list:
@@ -165,7 +186,130 @@ def _ingest_rate(replicas: int, devices: int, batches: int, per_batch: int, tmp:
         return devices * batches * per_batch / (time.perf_counter() - t0)
 
 
-def run(quick: bool, json_out: Path | None) -> int:
+class _Pool:
+    """Each device's batches, encoded before any clock starts (the encoding is the devices' work, not
+    the replicas'), grown between runs so that no device runs out inside a window."""
+
+    def __init__(self, devices: int) -> None:
+        self.batches: dict[int, list[bytes]] = {d: [] for d in range(devices)}
+
+    def grow(self, per_device: int) -> None:
+        for d, batches in self.batches.items():
+            for b in range(len(batches), per_device):
+                records = [TelemetryRecord(seq=b * PER_BATCH + i + 1, body=body) for i, body in enumerate(_records(f"dev-{d}", PER_BATCH))]
+                batches.append(encode(TelemetryBatch(device=f"dev-{d}", epoch="0000bec4", records=records, sent_at=time.time()),
+                                      WireFormat.MSGPACK_ZLIB))
+
+
+def _cpu_s(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def _contained_rate(replicas: int, pool: _Pool, warmup_s: float, window_s: float) -> dict:
+    """Records/s acknowledged (stored in S3) by `replicas` cloud_ingest containers at REPLICA_CPUS each,
+    in a window of window_s after warmup_s, and where the CPU went in that window."""
+    devices = len(pool.batches)
+    with ExitStack() as stack:
+        cloud, store = stack.enter_context(Broker()), stack.enter_context(S3Server())
+        env = {"EDGEFLEET_MQTT_URL": cloud.url, "EDGEFLEET_LOG_LEVEL": "WARNING", **store.env()}
+        replicas_run = [
+            containers.run(stack, INGEST_IMAGE, f"ingest-{replicas}x-{r}", {**env, "EDGEFLEET_DEVICE_ID": f"ingest-{r}"},
+                           docker_args=["--cpus", str(REPLICA_CPUS), "--health-interval", "1s"])
+            for r in range(replicas)
+        ]
+        for replica in replicas_run:
+            containers.wait_healthy(replica, 90)
+        acks = {f"dev-{d}": threading.Semaphore(0) for d in range(devices)}
+        stored: list[tuple[float, int]] = []
+
+        def on_ack(message) -> None:
+            ack = decode(TelemetryAck, message.payload, content_type_of(message))
+            stored.append((time.perf_counter(), ack.stored))
+            acks[ack.device].release()
+
+        link = MqttLink(CommonSettings(mqtt_url=cloud.url, device_id="bench"), "bench", unique=True)
+        link.subscribe(topics.all_telemetry_acks(), on_ack)
+        link.start()
+        link.wait_connected(10)
+        stack.callback(link.stop)
+        time.sleep(1.0)  # healthy means connected; the shared subscription follows its CONNACK
+        stop, ran_out, failed = threading.Event(), [], []
+
+        def device(d: int) -> None:
+            for payload in pool.batches[d]:
+                if stop.is_set():
+                    return
+                link.publish(topics.telemetry(f"dev-{d}"), payload, qos=1, content_type=WireFormat.MSGPACK_ZLIB.content_type)
+                if not acks[f"dev-{d}"].acquire(timeout=60):
+                    failed.append(d)
+                    return
+            ran_out.append(d)
+
+        threads = [threading.Thread(target=device, args=(d,), daemon=True) for d in range(devices)]
+        for t in threads:
+            t.start()
+        time.sleep(warmup_s)
+        others = {"S3 server": psutil.Process(store.process.pid), "broker": psutil.Process(cloud.process.pid),
+                  "bench": psutil.Process()}
+        before = ({n: _cpu_s(p) for n, p in others.items()}, [r.cpu_seconds() for r in replicas_run],
+                  [r.throttled() for r in replicas_run], psutil.cpu_times())
+        w0 = time.perf_counter()
+        time.sleep(window_s)
+        w1 = time.perf_counter()
+        after = ({n: _cpu_s(p) for n, p in others.items()}, [r.cpu_seconds() for r in replicas_run],
+                 [r.throttled() for r in replicas_run], psutil.cpu_times())
+        stop.set()
+        for t in threads:
+            t.join(65)
+        if failed:
+            raise RuntimeError(f"{len(failed)} devices' batches were not acknowledged within 60 s")
+    records = sum(n for at, n in stored if w0 <= at < w1)
+    window = w1 - w0
+    cores = [(b2 - b1) / window if b1 is not None and b2 is not None else math.nan for b1, b2 in zip(before[1], after[1])]
+    throttled = [t2 - t1 for t1, t2 in zip(before[2], after[2]) if t1 is not None and t2 is not None]
+    total = lambda t: sum(t) - t.idle - getattr(t, "iowait", 0.0)
+    idle = 1 - (total(after[3]) - total(before[3])) / (window * psutil.cpu_count())
+    return {
+        "records/s": records / window,
+        "replica cores": " ".join(f"{c:.2f}" for c in cores),
+        "throttled periods": sum(throttled) if throttled else "?",
+        **{f"{n} cores": round((after[0][n] - before[0][n]) / window, 2) for n in others},
+        "machine idle": f"{idle:.0%}",
+        "ran out": len(ran_out),
+    }
+
+
+def _scale_out(quick: bool, build: bool) -> tuple[list[dict], dict[int, float]]:
+    """Rows and records/s per replica count of the containerised measure; rows say why where it cannot run."""
+    missing = containers.engine_missing()
+    if missing is None and build:
+        print(f"scripts/images.sh cloud-ingest: {containers.build_images('cloud-ingest'):.0f} s")
+    if missing is None and containers.inspect_image(INGEST_IMAGE) is None:
+        missing = f"{INGEST_IMAGE} is not built (scripts/images.sh)"
+    label = lambda n: f"cloud_ingest containers, {n} replica{'s' if n > 1 else ''} at --cpus {REPLICA_CPUS:g}"
+    if missing is not None:
+        print(f"containerised scale-out NOT MEASURED: {missing}")
+        return [{"measure": label(n), "records/s": f"not measured: {missing}"} for n in SCALE_OUT], {}
+    devices, warmup_s, window_s = (8, 2.0, 6.0) if quick else (16, 3.0, 15.0)
+    pool = _Pool(devices)
+    # Enough for one replica at 6,000 records/s (twice what one at 0.25 CPU was measured to store), then
+    # grown for each replica count from the rate of one.
+    span = warmup_s + window_s + 2
+    pool.grow(math.ceil(6000 * span / PER_BATCH / devices))
+    rows, rates = [], {}
+    for n in SCALE_OUT:
+        if rates:
+            pool.grow(math.ceil(1.5 * n * rates[1] * span / PER_BATCH / devices))
+        measured = _contained_rate(n, pool, warmup_s, window_s)
+        rates[n] = measured["records/s"]
+        rows.append({"measure": label(n) + f" ({devices} devices)", "records/s": round(rates[n]),
+                     "x one": round(rates[n] / rates[1], 2), **{k: v for k, v in measured.items() if k != "records/s"}})
+        print(rows[-1])
+    return rows, rates
+
+
+def run(quick: bool, json_out: Path | None, contained: bool = True, build: bool = True) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ours, raw = _outbox_rate(tmp, 20_000 if quick else 100_000)
@@ -174,6 +318,10 @@ def run(quick: bool, json_out: Path | None) -> int:
         devices, batches = (4, 5) if quick else (8, 15)
         one = _ingest_rate(1, devices, batches, 200, tmp)
         two = _ingest_rate(2, devices, batches, 200, tmp)
+    if contained:
+        scale_rows, rates = _scale_out(quick, build)
+    else:
+        scale_rows, rates = [{"measure": "cloud_ingest containers, 1/2/4 replicas", "records/s": "not measured: --no-containers"}], {}
     rows = [
         {"measure": "outbox appends (500 per commit, synchronous=FULL)", "records/s": round(ours)},
         {"measure": "raw SQLite inserts, same rows and settings", "records/s": round(raw)},
@@ -181,11 +329,15 @@ def run(quick: bool, json_out: Path | None) -> int:
          "records/s": round(drain)},
         {"measure": f"cloud_ingest, 1 replica ({devices} devices)", "records/s": round(one)},
         {"measure": f"cloud_ingest, 2 replicas ({devices} devices)", "records/s": round(two)},
+        *scale_rows,
     ]
     print(f"outbox / raw SQLite: {ours / raw:.2f}")
     goals = [
         Goal("records/s into the outbox", round(ours), 20_000, "records/s"),
         Goal("backlog drain rate / arrival rate", round(drain / ARRIVAL_PER_S, 1), 10, "ratio"),
         Goal("two ingest replicas / one", round(two / one, 3), 1.7, "ratio"),
+        # nan (never met) where the containers could not run: a goal not measured is not a goal met.
+        Goal(f"2 ingest containers / one (--cpus {REPLICA_CPUS:g} each)", round(rates[2] / rates[1], 3) if rates else math.nan, 1.8, "ratio"),
+        Goal(f"4 ingest containers / one (--cpus {REPLICA_CPUS:g} each)", round(rates[4] / rates[1], 3) if rates else math.nan, 3.4, "ratio"),
     ]
     return emit("telemetry", quick, rows, goals, json_out)

@@ -12,7 +12,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from edgefleet.models.network import INPUT, NAME, OPSET, OUTPUT, export, teacher
-from edgefleet.models.store import install
+from edgefleet.models.store import install, make_readable
 from shared.manifest import (
     MODEL_FILE,
     ModelError,
@@ -20,6 +20,7 @@ from shared.manifest import (
     Preprocessing,
     TensorSpec,
     load_verified,
+    make_dirs,
     sha256_of,
 )
 
@@ -36,13 +37,16 @@ def build(out_dir: Path, force: bool = False) -> tuple[ModelManifest, bool]:
     """Returns the manifest and whether it was built now (False: a verified cached model was kept)."""
     if not force:
         try:
-            return load_verified(out_dir)[0], False
+            cached = load_verified(out_dir)[0]
         except ModelError:
             pass
+        else:
+            make_readable(out_dir, cached)
+            return cached, False
     network = teacher()
     import torch
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     with tempfile.TemporaryDirectory(dir=out_dir) as staging:
         staged = Path(staging) / MODEL_FILE
         export(network, staged, PREPROCESSING.crop)

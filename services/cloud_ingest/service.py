@@ -21,6 +21,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import paho.mqtt.client as paho
@@ -30,7 +31,7 @@ from services.cloud_ingest.writer import dead_letter, write_batch
 from shared import VERSION, lifecycle, s3, topics
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import IngestSettings
-from shared.lifecycle import serve
+from shared.lifecycle import Liveness, Progress, serve
 from shared.logs import fields
 from shared.metrics import Counter
 from shared.mqtt import MqttLink, StatusPublisher, content_type_of, correlation_of
@@ -49,6 +50,10 @@ class IngestService:
         # as the broker needs distinct client ids.
         self._replica = f"{settings.device_id}-{socket.gethostname()}"[:64]
         self.pool = ThreadPoolExecutor(settings.ingest_workers, thread_name_prefix="writer")
+        # Each batch a writer takes is watched while it is written (shared.lifecycle): an idle pool is alive,
+        # a write stuck past its S3 timeouts is not.
+        self.liveness = Liveness()
+        self._put_s = s3.call_bound_s()
         self.stored, self.dead_lettered, self.failed = Counter(), Counter(), Counter()
         self._stopping = threading.Event()
         self._filter = topics.all_telemetry(settings.share_group)
@@ -80,16 +85,22 @@ class IngestService:
         self.pool.submit(self._store, message)
 
     def _store(self, message: paho.MQTTMessage) -> None:
+        with self.liveness.watch(threading.current_thread().name) as progress:
+            self._store_watched(message, progress)
+
+    def _store_watched(self, message: paho.MQTTMessage, progress: Progress) -> None:
         device = topics.device_of(message.topic)
         try:
             while not self._stopping.is_set():
+                progress.tick(2 * self._put_s)  # a dead letter is two writes
                 try:
-                    self._store_once(device, message)
+                    self._store_once(device, message, lambda: progress.tick(self._put_s))
                     self.link.ack(message)  # the broker forgets it only now, after S3 has it
                     return
                 except (BotoCoreError, ClientError, OSError) as exc:
                     self.failed.add()
                     log.warning("write failed; retrying", extra=fields(device=device, error=str(exc)[:300]))
+                    progress.tick(1.0)
                     self._stopping.wait(1.0)
             log.info("stopping with a batch unwritten; the broker keeps it for the next session", extra=fields(device=device))
         except Exception as exc:  # a bug here must be loud: in the pool it would otherwise vanish with the future
@@ -97,7 +108,7 @@ class IngestService:
             log.exception("batch not stored", extra=fields(device=device))
             lifecycle.fail(f"writer: {type(exc).__name__}: {exc}", exc)
 
-    def _store_once(self, device: str, message: paho.MQTTMessage) -> None:
+    def _store_once(self, device: str, message: paho.MQTTMessage, before_put: Callable[[], None]) -> None:
         bucket, payload = self.settings.telemetry_bucket, message.payload
         try:
             batch = decode(TelemetryBatch, payload, content_type_of(message), sniff_compressed=True,
@@ -111,7 +122,7 @@ class IngestService:
             if (correlation := correlation_of(message)) is not None:
                 self._ack(device, correlation.decode(errors="replace")[:200], 0, dead_lettered=True)
             return
-        stored = write_batch(self.s3, bucket, batch)
+        stored = write_batch(self.s3, bucket, batch, before_put)
         self.stored.add(stored)
         self._ack(device, batch.batch_id, stored)
 

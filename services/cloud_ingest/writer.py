@@ -10,12 +10,17 @@ import hashlib
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 from shared import lake
 from shared.schemas import Gap, TelemetryBatch
 
 
-def write_batch(s3, bucket: str, batch: TelemetryBatch) -> int:
+def write_batch(s3, bucket: str, batch: TelemetryBatch, before_put: Callable[[], None] = lambda: None) -> int:
+    """Writes the batch's objects, then its index; returns how many records it stored.
+
+    :param before_put: called before each S3 write (the caller's liveness tick: each write is bounded).
+    """
     by_kind: dict[str, list[str]] = defaultdict(list)
     for record in batch.records:
         by_kind[record.body.kind].append(record.model_dump_json())
@@ -25,6 +30,7 @@ def write_batch(s3, bucket: str, batch: TelemetryBatch) -> int:
         key = lake.records_key(kind, first_at, batch.device, batch.batch_id)
         # mtime=0: the same batch compresses to the same bytes, so a replay writes identical objects.
         body = gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0)
+        before_put()
         s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/x-ndjson", ContentEncoding="gzip")
         objects.append(key)
     index = lake.BatchIndex(
@@ -32,6 +38,7 @@ def write_batch(s3, bucket: str, batch: TelemetryBatch) -> int:
         kinds={k: len(v) for k, v in by_kind.items()},
         gaps=[r.body for r in batch.records if isinstance(r.body, Gap)], objects=objects, stored_at=time.time(),
     )
+    before_put()
     s3.put_object(Bucket=bucket, Key=lake.index_key(batch.device, batch.batch_id), Body=index.model_dump_json().encode(),
                   ContentType="application/json")
     return len(batch.records)

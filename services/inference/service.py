@@ -33,7 +33,7 @@ from services.inference.swap import ServedModel, Swapper
 from shared import VERSION, topics
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import InferenceSettings
-from shared.lifecycle import serve
+from shared.lifecycle import Liveness, serve
 from shared.logs import fields
 from shared.manifest import ModelError
 from shared.metrics import Counter
@@ -88,6 +88,7 @@ class InferenceService:
                 will=encode(self.status(ServiceState.OFFLINE, reason="connection lost", with_stats=False)),
             ),
         )
+        self.liveness = Liveness()  # the workers' proof of life, for the health check (shared.lifecycle)
         self._threads = [threading.Thread(target=self._work, name=f"worker-{i}") for i in range(workers)]
         self.swapper = Swapper(
             lambda switch: self._load(Path(switch.model_dir), switch.sha256), self._install,
@@ -181,13 +182,16 @@ class InferenceService:
 
     def _work(self) -> None:
         s = self.settings
-        while (frames := self.backlog.take(s.max_batch, s.max_wait_ms / 1000)) is not None:
-            if not frames:
-                continue
-            try:
-                self._answer(frames)
-            except Exception:  # a bug must not stop the worker; model failures are reported in _answer
-                log.exception("batch abandoned", extra=fields(frames=[f.frame_id for f in frames]))
+        with self.liveness.watch(threading.current_thread().name) as progress:
+            # take() returns at least every half second when idle: an idle worker ticks, a stuck one does not.
+            while (frames := self.backlog.take(s.max_batch, s.max_wait_ms / 1000)) is not None:
+                progress.tick()
+                if not frames:
+                    continue
+                try:
+                    self._answer(frames)
+                except Exception:  # a bug must not stop the worker; model failures are reported in _answer
+                    log.exception("batch abandoned", extra=fields(frames=[f.frame_id for f in frames]))
 
     def _answer(self, frames: list[Frame]) -> None:
         model = self.model  # this batch's model from start to end, whatever a swap does meanwhile

@@ -24,7 +24,7 @@ from services.sync.store import ModelStore
 from shared import VERSION, registry, s3, topics
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import SyncSettings
-from shared.lifecycle import serve
+from shared.lifecycle import Liveness, Progress, serve
 from shared.logs import fields
 from shared.manifest import ModelError, ModelManifest
 from shared.mqtt import MqttLink, StatusPublisher, content_type_of
@@ -54,6 +54,8 @@ SWITCH_ANSWER_GRACE_S = 5.0
 # At start, how long to wait for inference's retained status (it arrives right after the subscription
 # if inference ever ran; none means inference will load the store's `current` when it starts).
 INFERENCE_STATUS_WAIT_S = 3.0
+# How often an idle rollout worker wakes to tick its Progress (shared.lifecycle): idle is alive, stuck is not.
+IDLE_TICK_S = 1.0
 
 
 class SyncService:
@@ -83,6 +85,10 @@ class SyncService:
             ),
         )
         self._worker = threading.Thread(target=self._work, name="rollouts")
+        # The worker ticks its Progress from the Io methods below, announcing each bounded wait (an S3 request
+        # within its connect and read timeouts, a backoff, a switch deadline) so that only a real hang counts.
+        self.liveness, self._progress = Liveness(), Progress("rollouts")
+        self._s3_call_s = 2 * settings.download_timeout_s  # one attempt: connect, then read, each within the timeout
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -163,6 +169,10 @@ class SyncService:
     # -- the rollout worker ------------------------------------------------------------------------
 
     def _work(self) -> None:
+        with self.liveness.watch(self._progress):
+            self._recover_and_handle()
+
+    def _recover_and_handle(self) -> None:
         try:
             self.machine.recover()
         except Exception as exc:  # the store and inference stay as they were; rollouts still get handled
@@ -180,7 +190,8 @@ class SyncService:
     def _next(self) -> Rollout | None:
         with self._changed:
             while not self._stopping.is_set() and (self._latest is None or self._latest == self._handled):
-                self._changed.wait()
+                self._progress.tick()
+                self._changed.wait(IDLE_TICK_S)
             if self._stopping.is_set():
                 return None
             self._handled = self._latest
@@ -217,6 +228,7 @@ class SyncService:
         delay = 1.0
         while True:
             self._check(rollout)
+            self._progress.tick(self._s3_call_s)
             try:
                 return registry.read_bounded(self.s3, self.settings.registry_bucket, key, max_bytes)
             except registry.ObjectTooLarge as exc:
@@ -241,14 +253,17 @@ class SyncService:
         self._report(SyncState.DOWNLOADING, rollout.rollout_id, target=manifest.ref(), progress=resumed,
                      reason=f"resuming at byte {resumed}" if resumed else None)
         last = [time.monotonic()]
+        chunk_s = self._s3_call_s + (s.download_chunk_bytes / s.download_limit_bytes_s if s.download_limit_bytes_s else 0)
 
         def progress(done: int) -> None:
+            self._progress.tick(chunk_s)
             if time.monotonic() - last[0] >= 1.0:
                 last[0] = time.monotonic()
                 self._report(SyncState.DOWNLOADING, rollout.rollout_id, target=manifest.ref(), progress=done)
 
         delay = 1.0
         while True:
+            self._progress.tick(chunk_s)
             try:
                 return download(self.s3, s.registry_bucket, key, part, manifest.size_bytes, manifest.sha256,
                                 s.download_chunk_bytes, s.download_limit_bytes_s, progress,
@@ -265,6 +280,7 @@ class SyncService:
                 delay = self._backoff(rollout, delay)
 
     def _backoff(self, rollout: Rollout, delay: float) -> float:
+        self._progress.tick(delay)
         with self._changed:
             self._changed.wait_for(lambda: self.superseded(rollout), timeout=delay)
         self._check(rollout)
@@ -284,6 +300,7 @@ class SyncService:
                               at=time.time(), timeout_s=timeout_s)
         self.link.publish(topics.model_switch(self._device), encode(request), qos=1,
                           content_type=WireFormat.JSON.content_type)
+        self._progress.tick(timeout_s + SWITCH_ANSWER_GRACE_S)
         with self._changed:
             answered = self._changed.wait_for(
                 lambda: request.request_id in self._switch_results or self._stopping.is_set(),
@@ -300,6 +317,7 @@ class SyncService:
         with self._changed:
             while (len(self.watch.snapshot(sha256)) < count and (left := deadline - time.monotonic()) > 0
                    and not self.superseded(rollout)):
+                self._progress.tick()
                 self._changed.wait(timeout=min(0.5, left))
         if self._stopping.is_set():
             raise Superseded()  # shutdown: the pending canary record makes the restart roll back
@@ -310,6 +328,7 @@ class SyncService:
 
     def inference_serving(self) -> ModelRef | None:
         """The model in inference's retained status, if it is online; waits briefly for that status."""
+        self._progress.tick(2 * INFERENCE_STATUS_WAIT_S)
         self.link.wait_connected(INFERENCE_STATUS_WAIT_S)
         self._inference_seen.wait(INFERENCE_STATUS_WAIT_S)
         status = self._inference_status

@@ -7,7 +7,9 @@
     <store>/state.json                   the previous model, models a canary rejected, a canary pending
 
 Every change is write-to-temporary, fsync, rename, fsync the folder: a power cut leaves either the old
-state or the new one, never a half-written model where inference could load it. repair() runs at
+state or the new one, never a half-written model where inference could load it. Files are 0644 and
+folders 0755 before they are renamed into place (shared.manifest.ARTIFACT_FILE_MODE), whatever the
+umask: inference may run as another user than sync. repair() runs at
 start and mends what a crash left. A rejected model (by SHA-256) is never chosen again: not as the
 previous model, not as the last good one, not by repair.
 """
@@ -23,7 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.logs import fields
-from shared.manifest import MANIFEST_FILE, MODEL_FILE, ModelError, ModelManifest, load_verified
+from shared.manifest import (
+    ARTIFACT_DIR_MODE,
+    ARTIFACT_FILE_MODE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    ModelError,
+    ModelManifest,
+    load_verified,
+    make_dirs,
+)
 from shared.registry import SIGNATURE_OBJECT, check_name, check_version
 
 log = logging.getLogger(__name__)
@@ -58,7 +69,7 @@ class ModelStore:
         self.root = root
         self.keep_versions = keep_versions
         for folder in (VERSIONS, STAGING):
-            (root / folder).mkdir(parents=True, exist_ok=True)
+            make_dirs(root / folder)
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -128,7 +139,7 @@ class ModelStore:
         load_verified(seed_dir)  # refuse to seed from a broken model
         staging = self.root / (FALLBACK + _TMP)
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+        _mkdir(staging)
         for name in (MODEL_FILE, MANIFEST_FILE):
             shutil.copyfile(seed_dir / name, staging / name)
             _fsync(staging / name)
@@ -182,7 +193,8 @@ class ModelStore:
         final = self.version_dir(manifest.name, manifest.version)
         staging = final.with_name(final.name + _TMP)
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        make_dirs(staging.parent)
+        _mkdir(staging)
         _fsync(part)
         os.replace(part, staging / MODEL_FILE)
         self._write_atomic(staging / MANIFEST_FILE, manifest_bytes)
@@ -254,12 +266,13 @@ class ModelStore:
 
     def quarantine(self, folder: Path) -> None:
         target = self.root / QUARANTINE / f"{folder.parent.name}-{folder.name}-{int(time.time())}"
-        target.parent.mkdir(exist_ok=True)
+        make_dirs(target.parent)
         os.replace(folder, target)
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
         staging = path.with_name(path.name + _TMP)
         with staging.open("wb") as f:
+            os.fchmod(f.fileno(), ARTIFACT_FILE_MODE)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -268,8 +281,15 @@ class ModelStore:
 
 
 def _fsync(path: Path) -> None:
+    """Flushes a file to disk, readable by all first (a download's .part, a copied seed: umask modes)."""
     with path.open("rb") as f:
+        os.fchmod(f.fileno(), ARTIFACT_FILE_MODE)
         os.fsync(f.fileno())
+
+
+def _mkdir(path: Path) -> None:
+    path.mkdir()
+    os.chmod(path, ARTIFACT_DIR_MODE)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -19,6 +19,7 @@ import paho.mqtt.client as paho
 from services.telemetry.outbox import Outbox
 from shared import topics
 from shared.codec import DecodeError, WireFormat, decode, encode
+from shared.lifecycle import Liveness, Progress
 from shared.logs import fields
 from shared.metrics import Counter
 from shared.mqtt import MqttLink, content_type_of
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 class Forwarder:
     def __init__(self, outbox: Outbox, link: MqttLink, device: str, max_records: int, max_bytes: int,
-                 ack_timeout_s: float, retry_max_s: float, max_attempts: int = 10) -> None:
+                 ack_timeout_s: float, retry_max_s: float, max_attempts: int = 10, liveness: Liveness | None = None) -> None:
         self.outbox, self.link, self.device = outbox, link, device
         self.max_records, self.max_bytes = max_records, max_bytes
         self.ack_timeout_s, self.retry_max_s, self.max_attempts = ack_timeout_s, retry_max_s, max_attempts
@@ -39,6 +40,9 @@ class Forwarder:
         self.sent_batches, self.resent_batches, self.acked_records = Counter(), Counter(), Counter()
         self.dead_lettered_batches = Counter()
         self._thread = threading.Thread(target=self._run, name="forwarder")
+        # Ticked every time round and before each bounded wait (shared.lifecycle): idle or backing off is
+        # alive, stuck (a wedged SQLite read, a publish that never returns) is not.
+        self._liveness, self._progress = liveness or Liveness(), Progress("forwarder")
         link.subscribe(topics.telemetry_ack(device), self._on_ack, qos=1)
 
     def start(self) -> None:
@@ -64,8 +68,13 @@ class Forwarder:
             self._changed.notify_all()
 
     def _run(self) -> None:
+        with self._liveness.watch(self._progress):
+            self._forward()
+
+    def _forward(self) -> None:
         delay = 0.5
         while not self._stopping.is_set():
+            self._progress.tick()
             if not self.link.connected.is_set():
                 self._wait(1.0)
                 continue
@@ -83,6 +92,7 @@ class Forwarder:
             (self.resent_batches if attempts > 1 else self.sent_batches).add()
             self.link.publish(topics.telemetry(self.device), encode(batch, WireFormat.MSGPACK_ZLIB), qos=1,
                               content_type=WireFormat.MSGPACK_ZLIB.content_type, correlation=batch.batch_id.encode())
+            self._progress.tick(self.ack_timeout_s)
             with self._changed:
                 self._changed.wait_for(lambda: batch.batch_id in self._acks or self._stopping.is_set(), self.ack_timeout_s)
                 ack = self._acks.pop(batch.batch_id, None)
@@ -101,5 +111,6 @@ class Forwarder:
             delay = 0.5
 
     def _wait(self, seconds: float) -> None:
+        self._progress.tick(seconds)
         with self._changed:
             self._changed.wait_for(self._stopping.is_set, seconds)

@@ -4,7 +4,7 @@ broker in, the cloud broker out) and the forwarder thread.
 What it learns, from the inference records on the device's broker:
     predictions → drift detector → alerts (raised / resolved)    ┐
     predictions + enveloped frames → hard-example sampler        ├→ outbox (batched commits) → forwarder → cloud
-    psutil / Docker API → resource samples                       ┘
+    psutil / Docker API (own thread) → resource samples          ┘
 Alerts also go out at once on the device's own alerts topic. SIGTERM commits what is pending, stops
 the forwarder between batches, and exits 0: the outbox keeps the rest for the next start. A failed
 commit (disk full) or a dead forwarder thread ends the process non-zero within seconds
@@ -27,7 +27,7 @@ from services.telemetry.resources import ResourceMonitor
 from shared import VERSION, topics
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import TelemetrySettings
-from shared.lifecycle import serve
+from shared.lifecycle import Liveness, serve
 from shared.logs import fields
 from shared.mqtt import MqttLink, StatusPublisher, content_type_of
 from shared.schemas import (
@@ -59,14 +59,16 @@ class TelemetryService:
         )
         self.drift = DriftDetector(self._device, rules_from(s), s.drift_baseline, s.drift_window, s.drift_min_samples)
         self.hard_examples = HardExampleSampler(self._device, s.hard_example_confidence, s.hard_examples_per_minute)
-        self.monitor = ResourceMonitor(self._device, s.outbox_path.parent)
+        self.monitor = ResourceMonitor(self._device, s.outbox_path.parent, s.docker_url, s.docker_project,
+                                       s.resource_interval_s)
         self._pending: list[RecordBody] = []
         self._pending_lock = threading.Lock()
         self._fallback_alert: Alert | None = None
         self._stopping = threading.Event()
         self.uplink = MqttLink(settings.cloud(), "telemetry-uplink")
+        self.liveness = Liveness()  # the commit loop's and the forwarder's proof of life (shared.lifecycle)
         self.forwarder = Forwarder(self.outbox, self.uplink, self._device, s.batch_max_records, s.batch_max_bytes,
-                                   s.ack_timeout_s, s.forward_retry_max_s, s.forward_max_attempts)
+                                   s.ack_timeout_s, s.forward_retry_max_s, s.forward_max_attempts, self.liveness)
         self.link = MqttLink(
             settings, SERVICE,
             StatusPublisher(topics.status(self._device, SERVICE), online=lambda: encode(self._status(ServiceState.ONLINE)),
@@ -83,25 +85,29 @@ class TelemetryService:
         self.link.start()
         self.uplink.start()
         self.forwarder.start()
+        self.monitor.start()  # Docker stats on their own thread: sample() below never waits for the engine
         if self.outbox.stats.repaired:
             self._error(f"outbox repaired: {self.outbox.stats.repaired}")
         log.info("watching", extra=fields(outbox=str(s.outbox_path), queued=self.outbox.stats.records,
                                           next_seq=self.outbox.stats.next_seq))
         due = {"resources": 0.0, "expire": time.monotonic() + 60, "status": 0.0}
-        while not self._stopping.wait(s.flush_interval_s):
-            now = time.monotonic()
-            if now >= due["resources"]:
-                due["resources"] = now + s.resource_interval_s
-                self._queue(self.monitor.sample(self.outbox.stats.bytes, self.outbox.stats.records))
-            if now >= due["expire"]:
-                due["expire"] = now + 60
-                self.outbox.expire()
-            self._flush()
-            if now >= due["status"]:
-                due["status"] = now + s.status_interval_s
-                self.link.publish(topics.status(self._device, SERVICE), encode(self._status(ServiceState.ONLINE)),
-                                  qos=1, retain=True, content_type=WireFormat.JSON.content_type)
+        with self.liveness.watch("commits", s.flush_interval_s) as commits:
+            while not self._stopping.wait(s.flush_interval_s):
+                now = time.monotonic()
+                if now >= due["resources"]:
+                    due["resources"] = now + s.resource_interval_s
+                    self._queue(self.monitor.sample(self.outbox.stats.bytes, self.outbox.stats.records))
+                if now >= due["expire"]:
+                    due["expire"] = now + 60
+                    self.outbox.expire()
+                self._flush()
+                if now >= due["status"]:
+                    due["status"] = now + s.status_interval_s
+                    self.link.publish(topics.status(self._device, SERVICE), encode(self._status(ServiceState.ONLINE)),
+                                      qos=1, retain=True, content_type=WireFormat.JSON.content_type)
+                commits.tick(s.flush_interval_s)  # the wait above is announced: idle is alive
         self._flush()
+        self.monitor.stop()
         self.forwarder.stop()
         self.uplink.stop()
         self.link.stop(final_status=encode(self._status(ServiceState.OFFLINE, reason="shutdown")))
@@ -182,7 +188,7 @@ class TelemetryService:
             batches_sent=f.sent_batches.value, batches_resent=f.resent_batches.value,
             records_acknowledged=f.acked_records.value, open_alerts=sorted(a.value for a in self.drift.open),
             outbox_repaired=o.repaired, epoch=self.outbox.epoch, records_refused=o.refused,
-            batches_dead_lettered=f.dead_lettered_batches.value,
+            batches_dead_lettered=f.dead_lettered_batches.value, docker_errors=self.monitor.docker_errors,
         )
         return ServiceStatus(device=self._device, service=SERVICE, state=state, at=time.time(),
                              edgefleet_version=VERSION, reason=reason, telemetry=stats)

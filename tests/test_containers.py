@@ -1,0 +1,311 @@
+"""The shipped deployment, run for real: the images built from the Dockerfile (on local stand-ins for
+the public base images, scripts/images.sh), docker-compose.yml's edge and cloud profiles brought up by
+docker-compose with tests/compose.host.yml (host networking, the S3 stand-in; nothing else swapped),
+and faults injected into the containers. One module, one built set of images, one stack.
+
+A Docker engine is needed (scripts/engine.sh starts one); with CI=true its absence fails the module."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from shared import topics
+from shared.schemas import Prediction
+from tests.support import wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+EDGEFLEET = REPO / ".venv" / "bin" / "edgefleet"
+PROJECT = "efh"
+DEVICE, CAMERA = "device-1", "cam-1"
+EDGE = ("broker", "sync", "inference", "telemetry", "camera")
+CLOUD = ("cloud-broker", "minio", "cloud-ingest-0", "cloud-ingest-1")
+HEALTHCHECKED = ("broker", "sync", "inference", "telemetry", "cloud-broker", "cloud-ingest-0", "cloud-ingest-1")
+SERVICE_UID = 10001
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def _engine() -> None:
+    if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail("no Docker engine: scripts/engine.sh should have started one", pytrace=False)
+    pytest.skip("no Docker engine here (scripts/engine.sh starts one)")
+
+
+def _run(*args: str, check: bool = True, env: dict | None = None, cwd: Path | None = None, timeout: float = 600) -> str:
+    done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+class Stack:
+    """The compose project in a folder of its own: var/ made by scripts/compose-init.sh, deploy/ linked."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.var = folder / "var"
+        self.published = False
+
+    def compose(self, *args: str, check: bool = True) -> str:
+        return _run("docker-compose", "-p", PROJECT, "--project-directory", str(self.folder),
+                    "-f", str(REPO / "docker-compose.yml"), "-f", str(REPO / "tests" / "compose.host.yml"),
+                    "--profile", "edge", "--profile", "cloud", *args, check=check, cwd=self.folder)
+
+    def container(self, service: str) -> str:
+        ids = self.compose("ps", "-q", service).split()
+        assert ids, f"no container for {service}"
+        return ids[0]
+
+    def inspect(self, service: str) -> dict:
+        return json.loads(_run("docker", "inspect", self.container(service)))[0]
+
+    def health(self, service: str) -> str | None:
+        state = self.inspect(service)["State"]
+        return state.get("Health", {}).get("Status") if state["Running"] else None
+
+    def wait_healthy(self, *services: str, timeout: float = 180) -> None:
+        for service in services:
+            wait_until(lambda: self.health(service) == "healthy", timeout, f"{service} healthy", interval=1)
+
+    def logs(self, service: str, tail: int = 60) -> str:
+        return self.compose("logs", "--no-color", "--tail", str(tail), service, check=False)
+
+    def password(self, user: str) -> str:
+        return (self.var / "broker" / f"{user}.password").read_text().strip()
+
+    def s3_env(self) -> dict[str, str]:
+        return {"EDGEFLEET_S3_ENDPOINT_URL": "http://127.0.0.1:9000",
+                "EDGEFLEET_S3_ACCESS_KEY_ID": (self.var / "s3" / "access-key").read_text(),
+                "EDGEFLEET_S3_SECRET_ACCESS_KEY": (self.var / "s3" / "secret-key").read_text()}
+
+    def operator_env(self) -> dict[str, str]:
+        certs = self.var / "certs"
+        return {"EDGEFLEET_MQTT_URL": "mqtts://localhost:8883", "EDGEFLEET_DEVICE_ID": "operator",
+                "EDGEFLEET_MQTT_CA_FILE": str(certs / "ca.crt"), "EDGEFLEET_MQTT_CERT_FILE": str(certs / "operator.crt"),
+                "EDGEFLEET_MQTT_KEY_FILE": str(certs / "operator.key")}
+
+    def publish_v2(self) -> None:
+        """The seed model, signed and published as version 2 with the operator's CLI (once)."""
+        if not self.published:
+            self.edgefleet("model", "publish", str(self.var / "models" / "efficientnet-lite0"), "--version", "2",
+                           "--key", str(self.var / "keys" / "operator.key"), env=self.s3_env())
+            self.published = True
+
+    def edgefleet(self, *args: str, env: dict[str, str]) -> str:
+        return _run(str(EDGEFLEET), *args, env=env, cwd=self.folder)
+
+
+class Watch:
+    """A console-user subscriber on the device broker (loopback)."""
+
+    def __init__(self, stack: Stack, topic: str) -> None:
+        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex[:8]}")
+        self.client.username_pw_set("console", stack.password("console"))
+        self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+        self.client.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload))
+        self.client.connect("127.0.0.1", 1883)
+        self.client.loop_start()
+
+    def prediction(self, timeout: float = 60, where=lambda p: True) -> Prediction:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                _, payload = self.messages.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            prediction = Prediction.model_validate_json(payload) if payload[:1] == b"{" else Prediction.from_wire(payload)
+            if where(prediction):
+                return prediction
+        raise AssertionError("no matching prediction in time")
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    _engine()
+    _run(str(REPO / "scripts" / "images.sh"), timeout=1800)
+    folder = tmp_path_factory.mktemp("compose")
+    (folder / "deploy").symlink_to(REPO / "deploy")
+    (folder / "var" / "models").mkdir(parents=True)
+    shutil.copytree(REPO / "var" / "models" / "efficientnet-lite0", folder / "var" / "models" / "efficientnet-lite0")
+    _run(str(REPO / "scripts" / "compose-init.sh"), env={"EDGEFLEET": str(EDGEFLEET)}, cwd=folder)
+    s = Stack(folder)
+    s.compose("down", "-v", "--remove-orphans", check=False)
+    try:
+        s.compose("up", "-d", "--no-build", *CLOUD)
+        s.wait_healthy("cloud-broker", "minio")
+        _run(str(REPO / "scripts" / "compose-init.sh"), "--device-key", env={"EDGEFLEET": str(EDGEFLEET)}, cwd=folder)
+        s.compose("up", "-d", "--no-build", *EDGE)
+        s.wait_healthy(*HEALTHCHECKED)
+        yield s
+    finally:
+        for service in (*EDGE, *CLOUD):
+            print(f"--- {service}\n{s.logs(service, 40)}")
+        s.compose("down", "-v", "--remove-orphans", check=False)
+
+
+def test_every_service_turns_healthy_and_the_camera_container_is_answered(stack):
+    for service in HEALTHCHECKED:
+        assert stack.health(service) == "healthy", stack.logs(service)
+    watch = Watch(stack, topics.predictions(DEVICE, CAMERA))
+    try:
+        prediction = watch.prediction()
+    finally:
+        watch.close()
+    assert prediction.camera == CAMERA and prediction.top and prediction.model.name == "efficientnet-lite0"
+
+
+def test_no_container_has_an_address_of_its_own_and_root_filesystems_are_read_only(stack):
+    for service in (*EDGE, *CLOUD):
+        info = stack.inspect(service)
+        assert info["HostConfig"]["NetworkMode"] == "host", service
+        assert not any(net.get("IPAddress") for net in info["NetworkSettings"]["Networks"].values()), service
+    for service in ("sync", "inference", "telemetry", "camera", "cloud-ingest-0"):
+        denied = subprocess.run(["docker", "exec", stack.container(service), "touch", "/opt/edgefleet/written"],
+                                capture_output=True, text=True)
+        assert denied.returncode != 0 and "Read-only file system" in denied.stderr, (service, denied.stderr)
+
+
+def test_every_service_writes_its_empty_volume_as_uid_10001(stack):
+    for volume, service in (("model-store", "sync"), ("telemetry-queue", "telemetry")):
+        wait_until(lambda: _volume_files(volume), 60, f"{service} wrote to {volume}", interval=1)
+        owners = {line.split(" ", 1)[0] for line in _volume_files(volume)}
+        assert owners == {str(SERVICE_UID)}, (volume, _volume_files(volume))
+
+
+def _volume_files(volume: str) -> list[str]:
+    """`uid path` of everything in a named volume, read by a throwaway container."""
+    out = _run("docker", "run", "--rm", "--network", "host", "-v", f"{PROJECT}_{volume}:/v:ro", "--entrypoint", "find",
+               "python:3.11-slim", "/v", "-mindepth", "1", "-printf", "%U %p\\n")
+    return out.splitlines()
+
+
+def test_the_device_key_reads_the_registry_and_cannot_write_or_delete(stack):
+    import boto3
+    from botocore.exceptions import ClientError
+
+    keys = stack.var / "s3" / DEVICE
+    device = boto3.client("s3", endpoint_url="http://127.0.0.1:9000", region_name="us-east-1",
+                          aws_access_key_id=(keys / "access-key").read_text().strip(),
+                          aws_secret_access_key=(keys / "secret-key").read_text().strip())
+    stack.publish_v2()
+    manifest = device.get_object(Bucket="edgefleet-models", Key="models/efficientnet-lite0/2/manifest.json")["Body"].read()
+    assert json.loads(manifest)["name"] == "efficientnet-lite0"
+    for attempt in (lambda: device.put_object(Bucket="edgefleet-models", Key="models/efficientnet-lite0/2/model.onnx", Body=b"x"),
+                    lambda: device.delete_object(Bucket="edgefleet-models", Key="models/efficientnet-lite0/2/manifest.json"),
+                    lambda: device.list_objects_v2(Bucket="edgefleet-telemetry")):
+        with pytest.raises(ClientError) as refused:
+            attempt()
+        assert refused.value.response["Error"]["Code"] in ("AccessDenied", "403"), refused.value.response
+
+
+def test_a_rollout_through_the_containerised_fleet_broker_reaches_the_device(stack):
+    stack.publish_v2()
+    watch = Watch(stack, topics.predictions(DEVICE, CAMERA))
+    try:
+        stack.edgefleet("rollout", "start", "efficientnet-lite0", "2", env=stack.operator_env())
+        prediction = watch.prediction(timeout=240, where=lambda p: p.model.version == 2)
+    finally:
+        watch.close()
+    assert prediction.model.name == "efficientnet-lite0" and prediction.top
+
+
+def test_telemetry_reaches_the_s3_store_through_the_bridge(stack):
+    rows = wait_until(lambda: _audit(stack).get(DEVICE, {}).get("received"), 180, "device-1's telemetry in S3", interval=2)
+    assert rows > 0
+
+
+def _audit(stack: Stack) -> dict[str, dict]:
+    out = _run(str(EDGEFLEET), "telemetry", "audit", "--json", env=stack.s3_env(), check=False)
+    return {row["device"]: row for row in map(json.loads, out.splitlines())}
+
+
+def _service_pid(stack: Stack, service: str) -> int:
+    """The host pid of the container's service process: under `init: true` the child of docker-init,
+    else the container's first process (the brokers)."""
+    pid = stack.inspect(service)["State"]["Pid"]
+    children = _run("pgrep", "-P", str(pid), check=False).split()
+    return int(children[0]) if stack.inspect(service)["HostConfig"].get("Init") and children else pid
+
+
+def _restarts(stack: Stack, service: str) -> int:
+    return stack.inspect(service)["RestartCount"]
+
+
+def _predictions_flow(stack: Stack, timeout: float = 120) -> Prediction:
+    watch = Watch(stack, topics.predictions(DEVICE, CAMERA))
+    try:
+        return watch.prediction(timeout=timeout)
+    finally:
+        watch.close()
+
+
+def _audit_clean(stack: Stack, timeout: float = 240) -> dict:
+    """The device's audit once every record it numbered is in S3: nothing acknowledged lost (no
+    unexplained gap, nothing declared lost), nothing stored twice."""
+    def settled():
+        row = _audit(stack).get(DEVICE)
+        return row if row and row["missing_count"] == 0 and row["received"] > 0 else None
+
+    row = wait_until(settled, timeout, "device-1's audit without unexplained gaps", interval=3)
+    assert row["duplicates"] == 0 and not row["declared_lost"], row
+    return row
+
+
+@pytest.mark.parametrize("service", ["inference", "sync", "telemetry", "cloud-ingest-0", "broker", "cloud-broker"])
+def test_a_container_killed_under_load_is_restarted_and_loses_nothing(stack, service):
+    """SIGKILL of the service's process from the host, as a crash or the OOM killer would end it. Not
+    `docker kill -s KILL`: Docker counts that as a manual stop and its restart policy then leaves the
+    container down (measured on this engine: RestartCount stays 0), which is no test of recovery."""
+    _predictions_flow(stack)  # under load: the camera's frames are being answered
+    before_row = _audit(stack).get(DEVICE, {}).get("received", 0)
+    before = _restarts(stack, service)
+    os.kill(_service_pid(stack, service), signal.SIGKILL)
+    wait_until(lambda: _restarts(stack, service) > before and stack.inspect(service)["State"]["Running"], 60,
+               f"{service} restarted by its policy", interval=1)
+    if service in HEALTHCHECKED:
+        stack.wait_healthy(service)
+    stack.wait_healthy(*HEALTHCHECKED)
+    assert _predictions_flow(stack).top, f"predictions flow again after {service} was killed"
+    row = _audit_clean(stack)
+    assert row["received"] >= before_row
+
+
+def test_restarting_the_whole_edge_profile_loses_nothing(stack):
+    received = _audit_clean(stack)["received"]
+    stack.compose("restart", *EDGE)
+    stack.wait_healthy(*HEALTHCHECKED)
+    _predictions_flow(stack)
+    wait_until(lambda: _audit(stack)[DEVICE]["received"] > received, 180, "new telemetry after the restart", interval=3)
+    _audit_clean(stack)
+
+
+def test_a_frozen_service_turns_unhealthy_and_is_restarted(stack):
+    """SIGSTOP freezes the inference process whole (its broker link, its heartbeat, its worker): the
+    health check sees the stale heartbeat, reports unhealthy, and past --kill-after ends the process so
+    the restart policy brings the container back."""
+    info = stack.inspect("inference")
+    before = info["RestartCount"]
+    os.kill(_service_pid(stack, "inference"), signal.SIGSTOP)
+    wait_until(lambda: stack.health("inference") == "unhealthy" or _restarts(stack, "inference") > before, 120,
+               "inference unhealthy", interval=1)
+    wait_until(lambda: _restarts(stack, "inference") > before, 240, "inference restarted", interval=2)
+    stack.wait_healthy("inference")
+    assert _predictions_flow(stack).top

@@ -79,7 +79,9 @@ def audit(s3, bucket: str) -> dict[str, DeviceAudit]:
 def _epoch(epoch: str, counts: Counter, gaps: list) -> EpochAudit:
     result = EpochAudit(epoch, received=len(counts), highest_seq=max(counts), duplicates=sum(n - 1 for n in counts.values()))
     explained = set()
-    for gap in gaps:
+    # A device declares a gap again when the batch carrying it was given up (it may have been stored
+    # all the same, its ack lost): one loss, declared twice, counts once.
+    for gap in {(g.first_seq, g.last_seq, g.reason): g for g in gaps}.values():
         explained.update(range(gap.first_seq, gap.last_seq + 1))
         result.declared_lost[gap.reason.value] = result.declared_lost.get(gap.reason.value, 0) + gap.count
     absent = [s for s in range(1, result.highest_seq + 1) if s not in counts and s not in explained]

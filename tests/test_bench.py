@@ -16,7 +16,8 @@ def test_bench_quick_writes_its_goals(name, model_dir, tmp_path):
     out = tmp_path / f"{name}.json"
     result = subprocess.run(
         [sys.executable, "-m", "edgefleet", "bench", name, "--quick", "--json", str(out),
-         *(["--model-dir", str(model_dir)] if name != "telemetry" else [])],
+         # The containerised scale-out needs the built images: tests/test_bench.py's last test runs it.
+         *(["--model-dir", str(model_dir)] if name != "telemetry" else ["--no-containers"])],
         capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -31,3 +32,46 @@ def test_bench_quick_writes_its_goals(name, model_dir, tmp_path):
         rows = {r["requested"]: r for r in document["rows"]}
         assert rows["CUDAExecutionProvider"]["fell back"] and rows["CPUExecutionProvider"]["fell back"] is False
         assert "FALLBACK: CUDAExecutionProvider" in result.stdout and document["goals"][0]["met"]
+    if name == "telemetry":  # what was not measured says so, in the table and in the goals
+        assert any("not measured: --no-containers" in str(r["records/s"]) for r in document["rows"])
+        assert [g["met"] for g in document["goals"] if "containers" in g["name"]] == [False, False]
+
+
+
+@pytest.mark.timeout(1800)  # the first run on a machine builds the images (scripts/images.sh; cached after)
+def test_bench_images_measures_every_image(model_dir, tmp_path):
+    """`edgefleet bench images` on the built images (tests/test_containers.py builds the same set): a size
+    for every image, the one on the real slim base beside the stand-in's, and the inference container's
+    start-up to healthy and its idle memory (the other services' start-ups are left to the full bench)."""
+    import shutil
+
+    if not shutil.which("docker") or subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("no Docker engine: scripts/engine.sh should have started one", pytrace=False)
+        pytest.skip("no Docker engine here (scripts/engine.sh starts one)")
+    out = tmp_path / "images.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "edgefleet", "bench", "images", "--quick", "--services", "inference", "--json", str(out),
+         "--model-dir", str(model_dir)],
+        capture_output=True, text=True, timeout=1700, env={**os.environ, "COLUMNS": "200"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    document = json.loads(out.read_text())
+    rows = {r["image"]: r for r in document["rows"]}
+    images = {f"edgefleet/{t}:latest" for t in ("inference", "sync", "telemetry", "cloud-ingest", "camera", "s3-standin")} | {
+        "python:3.11-slim", "eclipse-mosquitto:2.0"}
+    variant = "edgefleet/inference:latest, EDGEFLEET_HEALTH_INTERVAL_S=1"  # the heartbeat's share of "healthy"
+    assert set(rows) == images | {variant}
+    assert all(isinstance(rows[i]["MB"], float) and rows[i]["MB"] > 1 for i in images)
+    assert rows[variant]["healthy s"] > 0
+    inference = rows["edgefleet/inference:latest"]
+    # On a stand-in base the real-base figure replaces the stand-in's base (130 MB) with its own layers kept.
+    base = rows["python:3.11-slim"]["MB"]
+    if "stand-in" in inference["base"]:
+        assert inference["MB on real base"] == pytest.approx(inference["MB"] - base + 130, abs=0.2)
+    assert inference["online s"] > 0 and inference["healthy s"] > 0
+    assert inference["resident MiB after 3 s idle"] > 10
+    assert "healthy s" not in rows["edgefleet/sync:latest"]
+    assert {g["name"] for g in document["goals"]} == {"inference image on the real slim base", "inference healthy after docker run"}
+    leftover = subprocess.run(["docker", "ps", "-aq", "--filter", "name=efh-bench-inference-"], capture_output=True, text=True).stdout
+    assert leftover.strip() == "", "the bench left containers behind"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+import yaml
 
 from shared import topics
 from shared.schemas import Prediction
@@ -52,17 +53,33 @@ def _run(*args: str, check: bool = True, env: dict | None = None, cwd: Path | No
 
 
 class Stack:
-    """The compose project in a folder of its own: var/ made by scripts/compose-init.sh, deploy/ linked."""
+    """The compose project in a folder of its own: var/ made by scripts/compose-init.sh, deploy/ linked.
+
+    The files are merged by docker-compose itself (`config`): docker-compose.yml, the opt-in
+    docker-compose.docker-stats.yml (telemetry's per-container figures) and tests/compose.host.yml.
+    From the merged file only the published ports are dropped: they mean nothing under host networking,
+    and docker-compose 1.29 refuses them there ("host" network_mode is incompatible with port_bindings),
+    while its merge of an override can add ports but never remove them."""
+
+    FILES = (REPO / "docker-compose.yml", REPO / "docker-compose.docker-stats.yml", REPO / "tests" / "compose.host.yml")
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.var = folder / "var"
         self.published = False
+        self.env = {"DOCKER_GID": str(Path("/var/run/docker.sock").stat().st_gid), "COMPOSE_PROJECT_NAME": PROJECT}
+        files = [arg for path in self.FILES for arg in ("-f", str(path))]
+        merged = yaml.safe_load(_run("docker-compose", "--project-directory", str(folder), *files,
+                                     "--profile", "edge", "--profile", "cloud", "config", env=self.env, cwd=folder))
+        for service in merged["services"].values():
+            assert service["network_mode"] == "host"
+            service.pop("ports", None)
+        self.file = folder / "compose.merged.yml"
+        self.file.write_text(yaml.safe_dump(merged, sort_keys=False))
 
     def compose(self, *args: str, check: bool = True) -> str:
-        return _run("docker-compose", "-p", PROJECT, "--project-directory", str(self.folder),
-                    "-f", str(REPO / "docker-compose.yml"), "-f", str(REPO / "tests" / "compose.host.yml"),
-                    "--profile", "edge", "--profile", "cloud", *args, check=check, cwd=self.folder)
+        return _run("docker-compose", "-p", PROJECT, "--project-directory", str(self.folder), "-f", str(self.file),
+                    "--profile", "edge", "--profile", "cloud", *args, check=check, env=self.env, cwd=self.folder)
 
     def container(self, service: str) -> str:
         ids = self.compose("ps", "-q", service).split()

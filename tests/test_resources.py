@@ -201,11 +201,12 @@ class HeldSocket:
         except OSError:
             pass
         finally:
-            for s in (source, sink):
+            for end in (source, sink):  # the other pump sees the end and closes in turn
                 try:
-                    s.shutdown(socket.SHUT_RDWR)
+                    end.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+            source.close()
 
 
 def test_sample_returns_the_last_figures_while_a_stats_call_hangs(containers, monitors, tmp_path):

@@ -394,16 +394,49 @@ def test_a_record_with_an_infinite_time_is_dead_lettered_and_newer_records_still
 
 def test_a_batch_never_acknowledged_is_given_up_after_n_attempts_and_the_cloud_is_told(uplink):
     telemetry = uplink.start_telemetry(forward_max_attempts="2", ack_timeout_s="0.5", resource_interval_s="0.5")
-    stats = wait_until(lambda: (s := uplink.telemetry_stats()) and s.batches_dead_lettered > 0 and s, 60, "a batch given up")
+    # Two batches given up before the cloud answers: the second carried the first one's gap record (the
+    # oldest records go first), so the cloud can only learn of the first loss if that gap is declared again.
+    stats = wait_until(lambda: (s := uplink.telemetry_stats()) and s.batches_dead_lettered >= 2 and s, 60, "two batches given up")
     assert stats.dropped["dead_lettered"] > 0 and stats.batches_resent > 0
     uplink.start_ingest()
     wait_until(lambda: _gaps_in_s3(uplink, "dead_lettered"), 60, "the given-up batch reported to the cloud")
-    # Which batches were given up depends on timing (a gap record sent before ingest started can be given
-    # up in turn); what must hold is that each says why, and that the audit below accounts for every record.
+    # Which batches were given up depends on timing (more may go before ingest is subscribed); what must
+    # hold is that each says why, and that the audit below accounts for every record.
     gaps = _gaps_in_s3(uplink, "dead_lettered")
     assert gaps and all("not acknowledged after 2 attempts" in gap["detail"] for gap in gaps)
     assert telemetry.terminate() == 0
     uplink.assert_complete()
+
+
+def test_a_gap_record_in_a_batch_given_up_is_declared_again_and_the_audit_explains_every_number(tmp_path):
+    """Pure logic on a real outbox file: the second batch given up carries the first one's gap record;
+    the declaration of the first loss must still reach the cloud, and counts once if it arrives twice."""
+    from collections import Counter
+
+    from edgefleet.audit import _epoch
+    from services.telemetry.outbox import Outbox
+    from shared.schemas import ResourceSample
+
+    outbox = Outbox(tmp_path / "outbox.db", "edge-g", 1 << 30)
+    sample = ResourceSample(device="edge-g", cpu_percent=1, memory_percent=2, memory_used_bytes=3, disk_percent=4, at=time.time())
+    outbox.append([sample] * 2)
+    first = outbox.next_batch(100, 1 << 20)
+    assert outbox.dead_letter(first[0].seq, first[-1].seq, "not acknowledged") == 2
+    outbox.append([sample])
+    second = outbox.next_batch(100, 1 << 20)
+    assert [(r.seq, r.body.kind) for r in second] == [(3, "gap"), (4, "metric")]
+    assert outbox.dead_letter(3, 4, "not acknowledged") == 2
+    third = outbox.next_batch(100, 1 << 20)  # what reaches the cloud
+    declared = sorted((r.body.first_seq, r.body.last_seq, r.body.reason) for r in third if r.body.kind == "gap")
+    assert declared == [(1, 2, "dead_lettered"), (3, 4, "dead_lettered")]
+    result = _epoch(outbox.epoch, Counter(r.seq for r in third), [r.body for r in third if r.body.kind == "gap"])
+    assert result.missing == [] and result.declared_lost == {"dead_lettered": 4}
+    # The second batch stored after all, its ack lost: the first loss is declared twice and counts once.
+    both = second + third
+    result = _epoch(outbox.epoch, Counter(r.seq for r in both), [r.body for r in both if r.body.kind == "gap"])
+    assert result.missing == [] and result.duplicates == 0 and result.declared_lost == {"dead_lettered": 4}
+    assert [seq for seq, _, _ in outbox.dead_letters()] == [1, 2, 3, 4]
+    outbox.close()
 
 
 @pytest.fixture

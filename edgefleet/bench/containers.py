@@ -29,7 +29,8 @@ def engine_missing() -> str | None:
         return "no Docker engine: the docker command is not installed"
     result = subprocess.run(["docker", "version", "--format", "{{.Server.Version}}"], capture_output=True, text=True)
     if result.returncode != 0:
-        return f"no Docker engine: {(result.stderr or result.stdout).strip().splitlines()[-1:] or ['docker version failed']}"
+        said = (result.stderr or result.stdout).strip().splitlines()
+        return f"no Docker engine: {said[-1] if said else 'docker version failed'}"
     return None
 
 

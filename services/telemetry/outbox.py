@@ -20,7 +20,9 @@ committed record survives SIGKILL and a power cut) between what the device learn
   queue: a stored row that no longer decodes, a batch the cloud dead-lettered, or one unacknowledged
   after N attempts moves to the `dead_letters` table with its reason and leaves a `dead_lettered` gap,
   which is forwarded. (Greengrass stream manager and Azure edgeHub likewise give a message up after a
-  bounded number of tries rather than block the queue behind it.)
+  bounded number of tries rather than block the queue behind it.) A gap record among what is given up
+  is appended again under a new number: the loss it declares must still reach the cloud, or the audit
+  would show those numbers missing with no reason.
 - Records taken into memory but not committed because a write failed (disk full) are counted in a
   side file whose bytes were allocated when it was made, so the count can be written when nothing
   else can; the next start turns it into a `write_failed` gap.
@@ -280,15 +282,36 @@ class Outbox:
         self.stats.next_seq = self._get("next_seq", 1)
 
     def _append_gap(self, first: int, last: int, count: int, reason: GapReason, detail: str | None = None) -> None:
-        seq = self._get("next_seq", 1)
         gap = Gap(device=self.device, first_seq=first, last_seq=last, count=count, reason=reason, at=time.time(),
                   detail=detail[:1000] if detail else None)
+        self._insert_gap(gap)
+        log.warning("outbox gap", extra=fields(first=first, last=last, count=count, reason=reason.value, detail=detail))
+
+    def _insert_gap(self, gap: Gap) -> int:
+        """Appends a gap record under the next sequence number (inside the caller's transaction); returns it."""
+        seq = self._get("next_seq", 1)
         blob = encode(TelemetryRecord(seq=seq, body=gap), WireFormat.MSGPACK)
         self.db.execute("INSERT INTO records VALUES (?,?,?,?,?)", (seq, "gap", None, len(blob), blob))
         self._set("next_seq", seq + 1)
         self.stats.bytes += len(blob)
         self.stats.records += 1
-        log.warning("outbox gap", extra=fields(first=first, last=last, count=count, reason=reason.value, detail=detail))
+        return seq
+
+    def _declare_again(self, rows: list[tuple[int, str, bytes, int]]) -> None:
+        """The gap records among rows being given up: each declared a loss the cloud may never have heard
+        of, and giving the record up would lose that declaration with it (the audit would then show its
+        numbers as missing with no reason). So each one's gap is appended again under a new number and
+        forwarded like any record; the cloud's audit counts a declaration it gets twice once."""
+        for seq, kind, body, _ in rows:
+            if kind != "gap":
+                continue
+            try:
+                gap = decode(TelemetryRecord, body, WireFormat.MSGPACK.content_type).body
+            except ValueError:  # a row that no longer decodes cannot be declared again: it is in dead_letters
+                continue
+            again = self._insert_gap(gap)
+            log.warning("outbox gap declared again", extra=fields(first=gap.first_seq, last=gap.last_seq, count=gap.count,
+                                                                   reason=gap.reason.value, was_seq=seq, seq=again))
 
     def _count_dropped(self, reason: GapReason, count: int) -> None:
         total = self._get(f"dropped_{reason.value}", 0) + count
@@ -360,20 +383,23 @@ class Outbox:
     @_locked
     def dead_letter(self, first: int, last: int, reason: str) -> int:
         """Gives records first..last up: moves them to the dead-letter table with the reason, clears the
-        batch in flight, and appends a `dead_lettered` gap (forwarded like any record). Returns how many."""
+        batch in flight, and appends a `dead_lettered` gap (forwarded like any record). A gap record among
+        them is appended again (see _declare_again): a declaration of loss is never given up. Returns how many."""
         self.db.execute("BEGIN IMMEDIATE")
-        rows = self.db.execute("SELECT seq, body, size FROM records WHERE seq BETWEEN ? AND ?", (first, last)).fetchall()
+        rows = self.db.execute("SELECT seq, kind, body, size FROM records WHERE seq BETWEEN ? AND ? ORDER BY seq",
+                               (first, last)).fetchall()
         now = time.time()
-        self.db.executemany("INSERT INTO dead_letters VALUES (?,?,?,?,?)", [(q, self.epoch, b, reason, now) for q, b, _ in rows])
+        self.db.executemany("INSERT INTO dead_letters VALUES (?,?,?,?,?)", [(q, self.epoch, b, reason, now) for q, _, b, _ in rows])
         self.db.execute("DELETE FROM records WHERE seq BETWEEN ? AND ?", (first, last))
         self._set("inflight_first", 0)
         self._set("inflight_last", 0)
         self._set("inflight_attempts", 0)
-        self.stats.bytes -= sum(size for _, _, size in rows)
+        self.stats.bytes -= sum(size for *_, size in rows)
         self.stats.records -= len(rows)
         if rows:
             self._count_dropped(GapReason.DEAD_LETTERED, len(rows))
             self._append_gap(rows[0][0], rows[-1][0], len(rows), GapReason.DEAD_LETTERED, reason)
+            self._declare_again(rows)
         self.db.execute("COMMIT")
         self.stats.next_seq = self._get("next_seq", 1)
         log.error("dead-lettered", extra=fields(first=first, last=last, count=len(rows), reason=reason[:300]))

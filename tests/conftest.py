@@ -103,3 +103,18 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     setattr(item, f"rep_{report.when}", report)
+
+
+CONTAINER_TESTS = "test_containers.py"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The container tests last, so the image build they wait for overlaps everything before them."""
+    items.sort(key=lambda item: item.path.name == CONTAINER_TESTS)
+
+
+def pytest_collection_finish(session):
+    from tests.images import engine_available, start_build
+
+    if any(item.path.name == CONTAINER_TESTS for item in session.items) and engine_available():
+        start_build()

@@ -23,12 +23,14 @@ import yaml
 
 from shared import topics
 from shared.schemas import Prediction
+from tests.images import engine_available, wait_built
 from tests.support import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 EDGEFLEET = REPO / ".venv" / "bin" / "edgefleet"
 PROJECT = "efh"
 DEVICE, CAMERA = "device-1", "cam-1"
+LAN_CAMERA = "cam-lan"  # a camera of the test's, on the broker's TLS listener for the device's network
 EDGE = ("broker", "sync", "inference", "telemetry", "camera")
 CLOUD = ("cloud-broker", "minio", "cloud-ingest-0", "cloud-ingest-1")
 HEALTHCHECKED = ("broker", "sync", "inference", "telemetry", "cloud-broker", "cloud-ingest-0", "cloud-ingest-1")
@@ -38,7 +40,7 @@ pytestmark = pytest.mark.timeout(900)
 
 
 def _engine() -> None:
-    if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
+    if engine_available():
         return
     if os.environ.get("CI") == "true":
         pytest.fail("no Docker engine: scripts/engine.sh should have started one", pytrace=False)
@@ -157,12 +159,13 @@ class Watch:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     _engine()
-    _run(str(REPO / "scripts" / "images.sh"), timeout=1800)
+    wait_built()
     folder = tmp_path_factory.mktemp("compose")
     (folder / "deploy").symlink_to(REPO / "deploy")
     (folder / "var" / "models").mkdir(parents=True)
     shutil.copytree(REPO / "var" / "models" / "efficientnet-lite0", folder / "var" / "models" / "efficientnet-lite0")
-    _run(str(REPO / "scripts" / "compose-init.sh"), env={"EDGEFLEET": str(EDGEFLEET)}, cwd=folder)
+    _run(str(REPO / "scripts" / "compose-init.sh"), env={"EDGEFLEET": str(EDGEFLEET), "CAMERAS": f"{CAMERA},{LAN_CAMERA}"},
+         cwd=folder)
     s = Stack(folder)
     s.compose("down", "-v", "--remove-orphans", check=False)
     try:
@@ -198,6 +201,71 @@ def test_no_container_has_an_address_of_its_own_and_root_filesystems_are_read_on
         denied = subprocess.run(["docker", "exec", stack.container(service), "touch", "/opt/edgefleet/written"],
                                 capture_output=True, text=True)
         assert denied.returncode != 0 and "Read-only file system" in denied.stderr, (service, denied.stderr)
+
+
+def test_a_camera_on_the_lan_listener_is_answered_over_tls_with_its_password(stack):
+    """The containerised broker's 8884 (TLS, a password per camera): a frame from a camera that checks
+    the broker against the fleet CA is answered; the same camera without TLS is refused there."""
+    from edgefleet import photos
+
+    watch = Watch(stack, topics.predictions(DEVICE, LAN_CAMERA))
+    camera = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=LAN_CAMERA)
+    camera.username_pw_set(LAN_CAMERA, stack.password(LAN_CAMERA))
+    camera.tls_set(ca_certs=str(stack.var / "certs" / "ca.crt"))
+    try:
+        camera.connect("localhost", 8884)
+        camera.loop_start()
+        camera.publish(topics.frames(DEVICE, LAN_CAMERA), photos.jpeg("chelsea"), qos=1).wait_for_publish(30)
+        prediction = watch.prediction(timeout=60)
+    finally:
+        camera.loop_stop()
+        camera.disconnect()
+        watch.close()
+    assert prediction.camera == LAN_CAMERA and prediction.top
+    assert _plain_mqtt_refused(stack, 8884), "the LAN listener took MQTT without TLS"
+
+
+def _plain_mqtt_refused(stack: Stack, port: int) -> bool:
+    """A camera's right password over plain TCP: True when the listener ends it without a CONNACK success."""
+    outcome: queue.Queue = queue.Queue()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{LAN_CAMERA}-plain")
+    client.username_pw_set(LAN_CAMERA, stack.password(LAN_CAMERA))
+    client.on_connect = lambda c, u, flags, rc, props: outcome.put(rc.is_failure)
+    client.on_disconnect = lambda c, u, flags, rc, props: outcome.put(True)
+    try:
+        client.connect("localhost", port)
+    except OSError:
+        return True
+    client.loop_start()
+    try:
+        return outcome.get(timeout=15)
+    finally:
+        client.loop_stop()
+
+
+def test_telemetry_reports_its_projects_containers_through_the_docker_api(stack):
+    """docker-compose.docker-stats.yml (opt-in) gives telemetry the Docker API: its resource samples in
+    S3 name this project's containers with their memory."""
+    import gzip
+
+    import boto3
+
+    env = stack.s3_env()
+    store = boto3.client("s3", endpoint_url=env["EDGEFLEET_S3_ENDPOINT_URL"], region_name="us-east-1",
+                         aws_access_key_id=env["EDGEFLEET_S3_ACCESS_KEY_ID"],
+                         aws_secret_access_key=env["EDGEFLEET_S3_SECRET_ACCESS_KEY"])
+
+    def reported() -> dict[str, int]:
+        memory = {}
+        for obj in store.list_objects_v2(Bucket="edgefleet-telemetry", Prefix="telemetry/metric/").get("Contents", []):
+            body = gzip.decompress(store.get_object(Bucket="edgefleet-telemetry", Key=obj["Key"])["Body"].read())
+            for line in body.splitlines():
+                memory |= {c["name"]: c["memory_bytes"] for c in json.loads(line)["body"]["containers"]}
+        return memory if {f"{PROJECT}_{s}_1" for s in ("inference", "sync", "broker")} <= memory.keys() else {}
+
+    memory = wait_until(reported, 120, "the stack's containers in telemetry's resource samples", interval=3)
+    assert all(name.startswith(f"{PROJECT}_") for name in memory), memory
+    assert memory[f"{PROJECT}_inference_1"] > 0
 
 
 def test_every_service_writes_its_empty_volume_as_uid_10001(stack):
@@ -286,23 +354,24 @@ def _audit_clean(stack: Stack, timeout: float = 240) -> dict:
     return row
 
 
-@pytest.mark.parametrize("service", ["inference", "sync", "telemetry", "cloud-ingest-0", "broker", "cloud-broker"])
-def test_a_container_killed_under_load_is_restarted_and_loses_nothing(stack, service):
-    """SIGKILL of the service's process from the host, as a crash or the OOM killer would end it. Not
-    `docker kill -s KILL`: Docker counts that as a manual stop and its restart policy then leaves the
-    container down (measured on this engine: RestartCount stays 0), which is no test of recovery."""
+@pytest.mark.parametrize("services", [("inference", "sync", "telemetry", "cloud-ingest-0"), ("broker", "cloud-broker")],
+                         ids=["services", "brokers"])
+def test_containers_killed_under_load_are_restarted_and_lose_nothing(stack, services):
+    """SIGKILL of each service's process from the host, at once, as a crash or the OOM killer would end
+    them. Not `docker kill -s KILL`: Docker counts that as a manual stop and its restart policy then
+    leaves the container down (measured on this engine: RestartCount stays 0), no test of recovery."""
     _predictions_flow(stack)  # under load: the camera's frames are being answered
-    before_row = _audit(stack).get(DEVICE, {}).get("received", 0)
-    before = _restarts(stack, service)
-    os.kill(_service_pid(stack, service), signal.SIGKILL)
-    wait_until(lambda: _restarts(stack, service) > before and stack.inspect(service)["State"]["Running"], 60,
-               f"{service} restarted by its policy", interval=1)
-    if service in HEALTHCHECKED:
-        stack.wait_healthy(service)
+    received = _audit(stack).get(DEVICE, {}).get("received", 0)
+    before = {service: _restarts(stack, service) for service in services}
+    for service in services:
+        os.kill(_service_pid(stack, service), signal.SIGKILL)
+    for service in services:
+        wait_until(lambda: _restarts(stack, service) > before[service] and stack.inspect(service)["State"]["Running"], 60,
+                   f"{service} restarted by its policy", interval=1)
     stack.wait_healthy(*HEALTHCHECKED)
-    assert _predictions_flow(stack).top, f"predictions flow again after {service} was killed"
-    row = _audit_clean(stack)
-    assert row["received"] >= before_row
+    assert _predictions_flow(stack).top, f"predictions flow again after {services} were killed"
+    wait_until(lambda: _audit(stack)[DEVICE]["received"] > received, 180, "new telemetry after the kills", interval=3)
+    _audit_clean(stack)
 
 
 def test_restarting_the_whole_edge_profile_loses_nothing(stack):

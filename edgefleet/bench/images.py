@@ -6,8 +6,9 @@ memory once idle.
 Sizes. A project image is the base's layers plus its own; its own layers are the same on either base
 (the same venv copied in), so on the real base it is `own layers + real base`. The real
 python:3.11-slim (linux/amd64, bookworm) is taken as 130 MB uncompressed, as `docker images` lists it
-(published listings of the tag range 124-131 MB; Docker Hub shows the ~45 MB compressed download
-instead); --real-base-mb changes the figure. The stand-in (Debian's python3 with pip and venv) is
+in most published listings (120-131 MB across patch releases, one 154 MB; Docker Hub shows the ~45 MB
+compressed download instead): Docker Hub is not reachable here to measure it. --real-base-mb changes
+the figure. The stand-in (Debian's python3 with pip and venv) is
 larger, so the stand-in figure is an upper bound.
 
 Start-up. Each service runs alone with the settings compose gives it (--init, read-only root, /tmp
@@ -16,8 +17,9 @@ against a Mosquitto and a moto S3 server the bench starts on loopback. The image
 every 10 s, which would measure the check's period, not the service; so the bench runs it every
 second (--health-interval 1s), keeping the image's 60 s start period (a failure then does not count,
 and the first success turns the container healthy at once). The service's own heartbeat
-(EDGEFLEET_HEALTH_INTERVAL_S, 5 s by default, first written one interval after start) is left as
-shipped: it is part of what a user waits for. "online" is when the service's retained ONLINE status
+(EDGEFLEET_HEALTH_INTERVAL_S, 5 s by default; its first healthy write comes one interval after start)
+is left as shipped: it is part of what a user waits for. A second inference row runs it every second,
+to show how much of "healthy" is that interval. "online" is when the service's retained ONLINE status
 reached the broker (for the camera, its first frame). The page cache is warm (the image was just
 built or run): a first pull onto a device adds its download.
 

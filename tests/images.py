@@ -1,0 +1,35 @@
+"""The shipped images, built once per test session by scripts/images.sh, in the background from the
+moment the container tests are collected: the build is mostly downloads and layer writes, so it
+overlaps the suite's other tests instead of adding its minutes to the end (those tests run last)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LOG = REPO / "var" / "log" / "images.log"
+_build: subprocess.Popen | None = None
+
+
+def engine_available() -> bool:
+    """A Docker engine answers (scripts/engine.sh starts one where the tests run)."""
+    return bool(shutil.which("docker")) and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+
+
+def start_build() -> None:
+    """Starts scripts/images.sh unless it runs already; its output goes to var/log/images.log."""
+    global _build
+    if _build is None:
+        LOG.parent.mkdir(parents=True, exist_ok=True)
+        _build = subprocess.Popen([str(REPO / "scripts" / "images.sh")], stdout=LOG.open("wb"), stderr=subprocess.STDOUT,
+                                  cwd=REPO, start_new_session=True)
+
+
+def wait_built(timeout: float = 1800) -> None:
+    """Raises AssertionError with the build's log when scripts/images.sh failed."""
+    start_build()
+    assert _build is not None
+    if _build.wait(timeout) != 0:
+        raise AssertionError(f"scripts/images.sh exited {_build.returncode}:\n{LOG.read_text()[-4000:]}")

@@ -118,7 +118,10 @@ def test_drift_is_raised_after_the_minimum_samples_and_resolved_when_it_ends(bro
     _, device = start_inference(broker, device_id="edge-drift")
     alerts = []
     device.link.subscribe(topics.alerts("edge-drift"), lambda m: alerts.append(decode(Alert, m.payload, content_type_of(m))))
-    telemetry = _beside(broker, device, tmp_path, drift_baseline=96, drift_window=48, drift_min_samples=40)
+    # The latency rule is left out (raise at 1000 x): on shared cores p95 latency follows the machine's
+    # load, not the frames, and "nothing on an unshifted stream" below is about the frames.
+    telemetry = _beside(broker, device, tmp_path, drift_baseline=96, drift_window=48, drift_min_samples=40,
+                        drift_latency_raise=1000, drift_latency_clear=999)
     try:
         normal = [photos.jpeg(name) for name in photos.BUNDLED]
         dark = [cv2.imencode(".jpg", (cv2.imdecode(__import__("numpy").frombuffer(j, "uint8"), cv2.IMREAD_COLOR) * 0.25).astype("uint8"))[1].tobytes()
@@ -128,6 +131,9 @@ def test_drift_is_raised_after_the_minimum_samples_and_resolved_when_it_ends(bro
         def stream(frames, count):
             nonlocal sent
             for i in range(count):
+                # Paced by the answers as well as the clock: on a busy machine 100 frames/s can outrun the
+                # model, and the backlog (64) then drops frames whose predictions this test waits for.
+                wait_until(lambda: sent - len(device.predictions) < 16, 60, "the model to keep up")
                 device.publish_envelope("cam", f"f{sent}", frames[i % len(frames)])
                 sent += 1
                 time.sleep(0.01)

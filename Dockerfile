@@ -55,8 +55,10 @@ ENV PATH=/opt/edgefleet/bin:$PATH \
 # Unhealthy once the heartbeat is 15 s old (a dead broker link or a stuck worker loop); a process frozen
 # whole for 45 s more is SIGKILLed by the check itself, and the restart policy brings the container
 # back (Docker restarts on exit, never on `unhealthy`). Needs `init: true`: the service is not PID 1.
-HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["edgefleet", "health", "/tmp/edgefleet.alive", "--max-age", "15", "--kill-after", "45"]
+# `python -m shared.health` is `edgefleet health` without the CLI's imports (0.13 CPU-s a probe, not 0.6:
+# shared/health.py), so a 5 s interval costs 2.6 % of a core and a started container is healthy ~5 s in.
+HEALTHCHECK --interval=5s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-m", "shared.health", "/tmp/edgefleet.alive", "--max-age", "15", "--kill-after", "45"]
 ENTRYPOINT ["edgefleet"]
 
 FROM runtime AS inference

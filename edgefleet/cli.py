@@ -131,7 +131,7 @@ def health(
 ) -> None:
     """Exit 0 when the service was healthy within max-age (broker link up, every worker loop coming round):
     the containers' health check. Prints why not."""
-    from shared.lifecycle import check_health
+    from shared.health import check_health
 
     ok, why = check_health(file, max_age, kill_after)
     typer.echo(why, err=not ok)

@@ -9,7 +9,7 @@
 # File modes: compose mounts each file into its container as is (a bind mount, outside a swarm), and the
 # services run as uid 10001, Mosquitto as 1883, so the mounted files are world-readable; var/ itself is
 # 0700, so on this machine only its owner reaches them. The CA's private key (var/certs/ca.key) and the
-# operator's signing key (var/keys/operator.key) are never mounted and stay 0600.
+# operator's keys (var/keys/operator.key, var/certs/operator.key) are never mounted and stay 0600.
 set -euo pipefail
 EDGEFLEET=${EDGEFLEET:-edgefleet}
 DEVICE=${DEVICE:-device-1}
@@ -46,5 +46,6 @@ fi
 # What containers mount: readable by their users (see above); the signing keys stay private.
 readable var/certs var/broker var/s3 var/models
 chmod 644 var/keys/operator.pub
-chmod 600 var/certs/ca.key var/keys/operator.key
+# Never mounted: the CA's and the operator's private keys (signing, and publishing rollouts) stay 0600.
+chmod 600 var/certs/ca.key var/certs/operator.key var/keys/operator.key
 say "var/ is ready for docker compose (device $DEVICE, cameras $CAMERAS)"

@@ -38,14 +38,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Protocol
 
 import psutil
-from pydantic import BaseModel, ValidationError
 
 from shared import logs
 from shared.config import CommonSettings
+from shared.health import Beat
 from shared.logs import fields
 
 log = logging.getLogger(__name__)
@@ -185,19 +184,11 @@ class Liveness:
         return sorted(((p.name, now - p.due) for p in loops), key=lambda item: -item[1])
 
 
-class Beat(BaseModel):
-    """The health file: the service's pid and process start time (so a reused pid is never killed),
-    and CLOCK_MONOTONIC times of its last check and last healthy check."""
-
-    service: str
-    pid: int
-    started: float
-    beat: float
-    healthy: float | None
-    problems: list[str]
 
 
-MAX_HEALTH_FILE_BYTES = 64 * 1024
+# Until the first healthy check, checks come this often: a container turns healthy at the first probe
+# after its broker link is up, not up to health_interval_s later (`edgefleet bench images`, "healthy s").
+STARTING_CHECK_S = 0.25
 
 
 class Heartbeat:
@@ -219,7 +210,7 @@ class Heartbeat:
 
     def _run(self) -> None:
         self.beat()  # at once: the file says who to kill (the pid) as soon as there is someone
-        while not self._stopping.wait(self.interval_s):
+        while not self._stopping.wait(self.interval_s if self.healthy_at is not None else STARTING_CHECK_S):
             self.beat()
 
     def beat(self, now: float | None = None) -> None:
@@ -255,47 +246,3 @@ class Heartbeat:
         self._stopping.set()
         if self.path is not None:
             self.path.unlink(missing_ok=True)
-
-
-def check_health(path: Path, max_age_s: float, kill_after_s: float | None = None,
-                 now: float | None = None) -> tuple[bool, str]:
-    """What `edgefleet health` answers: whether the service was healthy within max_age_s, and why not.
-
-    :param kill_after_s: where given, a process whose heartbeat has been silent for max_age_s +
-        kill_after_s is sent SIGKILL (its pid as the file names it, if that process still has the start
-        time the file records).
-    :param now: CLOCK_MONOTONIC (given by tests).
-    :returns: (healthy, a line saying why).
-    """
-    try:
-        with path.open("rb") as f:
-            beat = Beat.model_validate_json(f.read(MAX_HEALTH_FILE_BYTES + 1)[:MAX_HEALTH_FILE_BYTES])
-    except FileNotFoundError:
-        return False, f"no heartbeat in {path} (not started, or stopped)"
-    except (OSError, ValidationError) as exc:
-        return False, f"unreadable heartbeat in {path}: {str(exc)[:300]}"
-    now = time.monotonic() if now is None else now
-    silent = now - beat.beat
-    if kill_after_s is not None and silent > max_age_s + kill_after_s:
-        return False, f"no heartbeat for {silent:.0f} s: {_kill(beat)}"
-    if silent > max_age_s:
-        return False, f"no heartbeat for {silent:.0f} s: the process is frozen or its heartbeat thread died"
-    if beat.healthy is None or now - beat.healthy > max_age_s:
-        return False, "unhealthy: " + ("; ".join(beat.problems) or "not yet checked")
-    return True, f"healthy (pid {beat.pid})"
-
-
-def _kill(beat: Beat) -> str:
-    if beat.pid == 1:
-        return "it is PID 1, which a signal from inside its container cannot kill: run the container with an init " \
-               "(compose `init: true`, `docker run --init`)"
-    try:
-        process = psutil.Process(beat.pid)
-        if abs(process.create_time() - beat.started) > 0.5:
-            return f"pid {beat.pid} is another process now; not killed"
-        process.send_signal(signal.SIGKILL)
-    except psutil.NoSuchProcess:
-        return f"pid {beat.pid} is gone"
-    except psutil.AccessDenied as exc:
-        return f"cannot kill pid {beat.pid}: {exc}"
-    return f"killed the frozen {beat.service} (pid {beat.pid}, SIGKILL) so that its container restarts"

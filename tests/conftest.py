@@ -105,16 +105,21 @@ def pytest_runtest_makereport(item, call):
     setattr(item, f"rep_{report.when}", report)
 
 
-CONTAINER_TESTS = "test_containers.py"
+def pytest_configure(config):
+    config.addinivalue_line("markers", "images: needs the shipped images (tests/images.py builds them once)")
+
+
+def _needs_images(item) -> bool:
+    return item.get_closest_marker("images") is not None
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """The container tests last, so the image build they wait for overlaps everything before them."""
-    items.sort(key=lambda item: item.path.name == CONTAINER_TESTS)
+    """The tests that need the images last, so the build they wait for overlaps everything before them."""
+    items.sort(key=_needs_images)
 
 
 def pytest_collection_finish(session):
     from tests.images import engine_available, start_build
 
-    if any(item.path.name == CONTAINER_TESTS for item in session.items) and engine_available():
+    if any(_needs_images(item) for item in session.items) and engine_available():
         start_build()

@@ -1,8 +1,8 @@
 """Deployment files, checked offline: docker-compose.yml against the Compose Specification's schema
 (vendored in check-jsonschema), every k3s manifest against the Kubernetes OpenAPI schemas (bundled in
-kubernetes-validate), and every container running the command the tests run. No Docker engine or
-cluster exists here; these checks are what can be proven without one, and each is shown to fail on a
-broken file. The overlays, rendered by kubectl and read container by container, are tests/test_k3s.py's."""
+kubernetes-validate), the file as docker-compose 1.29 reads it, and every container running the
+command the tests run; each check is shown to fail on a broken file. The images and the compose stack
+run for real in tests/test_containers.py (no cluster exists here). The overlays, rendered by kubectl and read container by container, are tests/test_k3s.py's."""
 
 from __future__ import annotations
 
@@ -46,6 +46,21 @@ def _compose_v1_check(compose: Path, *overrides: Path) -> subprocess.CompletedPr
     files = [arg for path in (compose, *overrides) for arg in ("-f", str(path))]
     return subprocess.run(["docker-compose", *files, "--project-directory", str(REPO), "config", "-q"],
                           capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "COMPOSE_PROJECT_NAME": "check", "DOCKER_GID": "999"})
+
+
+def test_compose_gives_each_service_only_its_own_secrets():
+    """Least privilege in docker-compose.yml: sync reads the registry with the device's key pair, never the
+    S3 store's root keys; no service mounts var/certs whole (it holds the CA's private key)."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services, secrets = compose["services"], compose["secrets"]
+    sources = {name: {s["source"] if isinstance(s, dict) else s for s in svc.get("secrets", [])} for name, svc in services.items()}
+    assert {"device-s3-access-key", "device-s3-secret-key"} <= sources["sync"]
+    root_files = {secrets["s3-access-key"]["file"], secrets["s3-secret-key"]["file"]}
+    for name in ("sync", "inference", "telemetry", "camera", "broker"):
+        assert not {secrets[s]["file"] for s in sources[name]} & root_files, f"{name} gets the S3 root keys"
+    for name, svc in services.items():
+        assert not [v for v in svc.get("volumes", []) if str(v).startswith("./var/certs")], f"{name} mounts var/certs whole"
+    assert not any("ca.key" in spec["file"] or "operator.key" in spec["file"] for spec in secrets.values())
 
 
 def test_docker_compose_1_29_accepts_the_file_and_the_test_override_and_refuses_a_broken_one(tmp_path):

@@ -14,7 +14,8 @@ import threading
 from pathlib import Path
 
 from shared.config import CommonSettings
-from shared.lifecycle import FATAL_EXIT, Heartbeat, Liveness, check_health
+from shared.health import check_health
+from shared.lifecycle import FATAL_EXIT, Heartbeat, Liveness
 from tests.support import ServiceProcess, wait_until
 
 REPO = Path(__file__).resolve().parent.parent

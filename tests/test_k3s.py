@@ -391,6 +391,9 @@ def check_lockdown(docs: list[dict]) -> list[str]:
     return problems
 
 
+HEALTH_COMMANDS = (["edgefleet", "health"], ["python", "-m", "shared.health"])
+
+
 def check_health_files(docs: list[dict]) -> list[str]:
     """Each service's heartbeat: on its own writable /tmp (no other container's), and what its probes read."""
     problems = []
@@ -414,8 +417,9 @@ def check_health_files(docs: list[dict]) -> list[str]:
                     problems.append(f"{who}: {folder} is shared with {sharing}, whose heartbeat would count as its own")
             for probe in ("livenessProbe", "startupProbe", "readinessProbe"):
                 command = c.get(probe, {}).get("exec", {}).get("command", [])
-                if command and command[:2] == ["edgefleet", "health"] and health not in command:
-                    problems.append(f"{who}: its {probe} reads {command[2:]}, not {health}")
+                prefix = next((p for p in HEALTH_COMMANDS if command[:len(p)] == p), None)
+                if prefix and health not in command[len(prefix):]:
+                    problems.append(f"{who}: its {probe} reads {command[len(prefix):]}, not {health}")
             if not c.get("livenessProbe"):
                 problems.append(f"{who}: no livenessProbe")
     return problems
@@ -730,7 +734,7 @@ REGRESSIONS = {
         "EDGEFLEET_MODEL_STOR is no setting of SyncSettings"),
     "a probe reading another file": (
         "edge", "DaemonSet", "edgefleet-edge",
-        lambda d: _container(d, "telemetry").update(livenessProbe={"exec": {"command": ["edgefleet", "health", "/tmp/x"]}}),
+        lambda d: _container(d, "telemetry").update(livenessProbe={"exec": {"command": ["python", "-m", "shared.health", "/tmp/x"]}}),
         "its livenessProbe reads ['/tmp/x']"),
 }
 

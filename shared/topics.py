@@ -64,6 +64,7 @@ def all_status(device: str) -> str:
 
 # The sync service's name in its status topic; the operators' rollout status reads it for liveness.
 SYNC_SERVICE = "sync"
+INGEST_SERVICE = "cloud_ingest"  # a replica's status: edgefleet/<replica>/status/cloud_ingest
 
 
 def every_device_status(service: str) -> str:

@@ -123,3 +123,9 @@ def pytest_collection_finish(session):
 
     if any(_needs_images(item) for item in session.items) and engine_available():
         start_build()
+
+
+def pytest_sessionfinish(session):
+    from tests.images import stop_build
+
+    stop_build()

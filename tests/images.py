@@ -4,7 +4,9 @@ overlaps the suite's other tests instead of adding its minutes to the end (those
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -31,5 +33,16 @@ def wait_built(timeout: float = 1800) -> None:
     """Raises AssertionError with the build's log when scripts/images.sh failed."""
     start_build()
     assert _build is not None
-    if _build.wait(timeout) != 0:
+    try:
+        _build.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"scripts/images.sh still running after {timeout:g} s:\n{LOG.read_text()[-4000:]}") from None
+    if _build.returncode != 0:
         raise AssertionError(f"scripts/images.sh exited {_build.returncode}:\n{LOG.read_text()[-4000:]}")
+
+
+def stop_build() -> None:
+    """Ends a build still running when the session ends (its docker builds are left to finish alone)."""
+    if _build is not None and _build.poll() is None:
+        os.killpg(_build.pid, signal.SIGTERM)
+        _build.wait(10)

@@ -47,7 +47,7 @@ DEVICE = "efh-bench"
 STANDIN_LABEL = containers.STANDIN_LABEL
 MB, MIB = 10**6, 2**20
 # (image target, the service's status name; None: no health check, readiness is its first frame)
-SERVICES = [("inference", "inference"), ("sync", "sync"), ("telemetry", "telemetry"), ("cloud-ingest", "cloud_ingest"),
+SERVICES = [("inference", "inference"), ("sync", "sync"), ("telemetry", "telemetry"), ("cloud-ingest", topics.INGEST_SERVICE),
             ("camera", None)]
 STANDINS = [BASE, "eclipse-mosquitto:2.0", f"edgefleet/s3-standin:{TAG}"]
 MODEL_MOUNT = "/models/efficientnet-lite0"
@@ -147,7 +147,7 @@ class _Seen:
         self.link = MqttLink(CommonSettings(mqtt_url=url, device_id=DEVICE), "bench", unique=True)
         self.link.subscribe(topics.all_status(DEVICE), self._on_status)
         # cloud_ingest's status names its replica (<device id>-<host name>), not the device id
-        self.link.subscribe(topics.every_device_status("cloud_ingest"), self._on_status)
+        self.link.subscribe(topics.every_device_status(topics.INGEST_SERVICE), self._on_status)
         self.link.subscribe(topics.all_frames(DEVICE), lambda m: self._mark("camera"))
         self.link.start()
         if not self.link.wait_connected(10):

@@ -65,7 +65,6 @@ from shared.schemas import (
 
 ARRIVAL_PER_S = 20.0  # a busy device: resource samples, alerts, hard-example metadata
 INGEST_IMAGE = "edgefleet/cloud-ingest:latest"
-INGEST_SERVICE = "cloud_ingest"  # its status topic's last level (services/cloud_ingest/service.py)
 REPLICA_CPUS = 0.25
 SCALE_OUT = (1, 2, 4)
 PER_BATCH = 500  # TelemetrySettings.batch_max_records' default
@@ -267,7 +266,7 @@ def _contained_rate(replicas: int, pool: _Pool, warmup_s: float, window_s: float
 
         link = MqttLink(CommonSettings(mqtt_url=cloud.url, device_id="bench"), "bench", unique=True)
         link.subscribe(topics.all_telemetry_acks(), on_ack)
-        link.subscribe(topics.every_device_status(INGEST_SERVICE), on_status)
+        link.subscribe(topics.every_device_status(topics.INGEST_SERVICE), on_status)
         link.start()
         link.wait_connected(10)
         stack.callback(link.stop)

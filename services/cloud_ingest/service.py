@@ -37,7 +37,7 @@ from shared.metrics import Counter
 from shared.mqtt import MqttLink, StatusPublisher, content_type_of, correlation_of
 from shared.schemas import ServiceState, ServiceStatus, TelemetryAck, TelemetryBatch
 
-SERVICE = "cloud_ingest"
+SERVICE = topics.INGEST_SERVICE
 log = logging.getLogger(__name__)
 
 

@@ -36,6 +36,8 @@ app.add_typer(rollout_app, name="rollout")
 app.add_typer(bench_app, name="bench")
 app.add_typer(keys_app, name="keys")
 
+# Every bench writes its table and goals as JSON here (edgefleet/bench/report.py).
+BenchJson = Annotated[Optional[Path], typer.Option("--json", help="Write the results here.")]
 ConfigFile = Annotated[
     Optional[Path], typer.Option("--config", help="A TOML file of config keys; the environment wins over it.")
 ]
@@ -542,7 +544,7 @@ def model_evaluate(
     teacher: Annotated[Path, typer.Option(help="The float model agreement is measured against.")] = DEFAULT_MODEL_DIR,
     eval_dir: Annotated[Path, typer.Option("--eval", help="Held-out images.")] = DATA_DIR / "eval",
     threads: Annotated[int, typer.Option(min=0, help="ONNX Runtime threads (0: all cores).")] = 0,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here.")] = None,
+    json_out: BenchJson = None,
     markdown: Annotated[Optional[Path], typer.Option(help="Write a Markdown table here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of agreement against latency, Pareto front marked.")] = None,
 ) -> None:
@@ -566,7 +568,7 @@ def model_evaluate(
 @bench_app.command("pipeline")
 def bench_pipeline(
     quick: Annotated[bool, typer.Option(help="Less data; finishes within a minute.")] = False,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here.")] = None,
+    json_out: BenchJson = None,
     model_dir: Annotated[Path, typer.Option(help="The model to measure.")] = DEFAULT_MODEL_DIR,
 ) -> None:
     """Raw ONNX Runtime against the whole MQTT path, in one run on the same model and cores."""
@@ -578,7 +580,7 @@ def bench_pipeline(
 @bench_app.command("compression")
 def bench_compression(
     quick: Annotated[bool, typer.Option(help="Less data; finishes within a minute.")] = False,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here.")] = None,
+    json_out: BenchJson = None,
     model_dir: Annotated[Path, typer.Option(help="The float model.")] = DEFAULT_MODEL_DIR,
     threads: Annotated[int, typer.Option(min=0, help="ONNX Runtime threads for every model (0: all cores).")] = 1,
 ) -> None:
@@ -591,7 +593,7 @@ def bench_compression(
 @bench_app.command("swap")
 def bench_swap(
     quick: Annotated[bool, typer.Option(help="A shorter stream; about half a minute.")] = False,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here.")] = None,
+    json_out: BenchJson = None,
     model_dir: Annotated[Path, typer.Option(help="The model swapped in and out (with a rebuilt copy of itself).")] = DEFAULT_MODEL_DIR,
     rate: Annotated[float, typer.Option(min=1, help="Frames per second offered throughout.")] = 100.0,
 ) -> None:
@@ -604,7 +606,7 @@ def bench_swap(
 @bench_app.command("overload")
 def bench_overload(
     quick: Annotated[bool, typer.Option(help="A shorter overload; about half a minute.")] = False,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here.")] = None,
+    json_out: BenchJson = None,
     model_dir: Annotated[Path, typer.Option(help="The model to serve.")] = DEFAULT_MODEL_DIR,
     factor: Annotated[float, typer.Option(min=2, help="Offered rate, as a multiple of the sustainable rate measured first.")] = 10.0,
 ) -> None:
@@ -617,7 +619,7 @@ def bench_overload(
 @bench_app.command("telemetry")
 def bench_telemetry(
     quick: Annotated[bool, typer.Option(help="Smaller volumes; about a minute.")] = False,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here.")] = None,
+    json_out: BenchJson = None,
     contained: Annotated[bool, typer.Option("--containers/--no-containers", help="Also measure 1, 2 and 4 cloud_ingest "
         "containers at --cpus 0.25 each (needs a Docker engine; without one the rows say so).")] = True,
     build: Annotated[bool, typer.Option(help="Run scripts/images.sh cloud-ingest first (cached).")] = True,
@@ -631,7 +633,7 @@ def bench_telemetry(
 @bench_app.command("images")
 def bench_images(
     quick: Annotated[bool, typer.Option(help="A shorter idle before memory is read; about a minute once built.")] = False,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here.")] = None,
+    json_out: BenchJson = None,
     model_dir: Annotated[Path, typer.Option(help="The model the inference container serves (mounted read-only).")] = DEFAULT_MODEL_DIR,
     build: Annotated[bool, typer.Option(help="Run scripts/images.sh first (cached builds; stand-ins made where missing).")] = True,
     real_base_mb: Annotated[float, typer.Option(min=1, help="Size of the real python:3.11-slim, uncompressed, in MB.")] = 130.0,
@@ -651,7 +653,7 @@ def bench_images(
 @bench_app.command("ep")
 def bench_ep(
     quick: Annotated[bool, typer.Option(help="Fewer runs per provider.")] = False,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here.")] = None,
+    json_out: BenchJson = None,
     model_dir: Annotated[Path, typer.Option(help="The model to run.")] = DEFAULT_MODEL_DIR,
     providers: Annotated[str, typer.Option(help="Providers to try, comma-separated.")] = "tensorrt,cuda,openvino,cpu",
 ) -> None:

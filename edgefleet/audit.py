@@ -77,7 +77,8 @@ def audit(s3, bucket: str) -> dict[str, DeviceAudit]:
 
 
 def _epoch(epoch: str, counts: Counter, gaps: list) -> EpochAudit:
-    result = EpochAudit(epoch, received=len(counts), highest_seq=max(counts), duplicates=sum(n - 1 for n in counts.values()))
+    result = EpochAudit(epoch, received=len(counts), highest_seq=max(counts),
+                        duplicates=sum(n - 1 for n in counts.values()))
     explained = set()
     # A device declares a gap again when the batch carrying it was given up (it may have been stored
     # all the same, its ack lost): one loss, declared twice, counts once.

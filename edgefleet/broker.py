@@ -50,7 +50,8 @@ class Broker:
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
             + (self.security or "allow_anonymous true\n")
-            + (f"persistence true\npersistence_location {self.workdir}/\n" if self.persistent else "persistence false\n")
+            + (f"persistence true\npersistence_location {self.workdir}/\n" if self.persistent
+               else "persistence false\n")
             + f"log_dest file {self.workdir / 'mosquitto.log'}\n"
             "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
             # Frames are large and arrive in bursts: let the broker hold a backlog for slow clients.
@@ -80,7 +81,10 @@ class Broker:
             TimeoutError: the broker did not log it in time.
         """
         log = self.workdir / "mosquitto.log"
-        count = lambda: log.read_text().count("Reloading config.") if log.exists() else 0
+
+        def count() -> int:
+            return log.read_text().count("Reloading config.") if log.exists() else 0
+
         before = count()
         self.process.send_signal(signal.SIGHUP)
         wait_for_log = time.monotonic() + timeout

@@ -128,7 +128,8 @@ def bridge(device: str, host: str, port: int, certs: Path) -> str:
     own = f"edgefleet/{device}"
     return (
         f"\nconnection fleet-{device}\naddress {host}:{port}\n"
-        f"bridge_cafile {certs / 'ca.crt'}\nbridge_certfile {certs / f'{device}.crt'}\nbridge_keyfile {certs / f'{device}.key'}\n"
+        f"bridge_cafile {certs / 'ca.crt'}\nbridge_certfile {certs / f'{device}.crt'}\n"
+        f"bridge_keyfile {certs / f'{device}.key'}\n"
         "bridge_tls_version tlsv1.2\nbridge_insecure false\n"
         # MQTT v5 end to end: content types and correlation data (a telemetry batch's id) must survive the hop.
         "bridge_protocol_version mqttv50\n"

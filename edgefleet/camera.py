@@ -63,7 +63,7 @@ def run(settings: CameraSettings, stop: threading.Event | None = None) -> int:
     link = MqttLink(settings, "camera", unique=True)
     link.start()
     if not link.wait_connected(30):
-        log.error("no broker at %s", settings.mqtt_url)
+        log.error("no broker at %s", settings.mqtt.url)
         return 1
     period = 1.0 / settings.rate_hz
     next_tick = time.monotonic()

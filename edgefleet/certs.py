@@ -37,20 +37,22 @@ def service_name(name: str) -> bool:
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edgefleet"), x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edgefleet"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
 def _write(folder: Path, stem: str, key, cert: x509.Certificate) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     key_path = folder / f"{stem}.key"
     key_path.touch(mode=0o600)
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
     (folder / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
 def new_ca(folder: Path, name: str = "edgefleet dev CA") -> None:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name)).public_key(key.public_key())
         .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
@@ -81,7 +83,7 @@ def write_crl(folder: Path, entries: dict[int, datetime.datetime]) -> Path:
     Its next update is as far off as a certificate's expiry: OpenSSL refuses every client once it passes.
     """
     ca_key, ca_cert = _ca(folder)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
                .last_update(now - datetime.timedelta(minutes=5)).next_update(now + datetime.timedelta(days=VALID_DAYS)))
     for serial, when in entries.items():
@@ -102,26 +104,29 @@ def revoke(folder: Path, common_name: str) -> int:
     """
     cert = x509.load_pem_x509_certificate((folder / f"{common_name}.crt").read_bytes())
     entries = revoked(folder)
-    entries.setdefault(cert.serial_number, datetime.datetime.now(datetime.timezone.utc))
+    entries.setdefault(cert.serial_number, datetime.datetime.now(datetime.UTC))
     write_crl(folder, entries)
     return cert.serial_number
 
 
-def issue(folder: Path, common_name: str, server: bool = False, hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> Path:
+def issue(folder: Path, common_name: str, server: bool = False,
+          hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> Path:
     """A certificate for `common_name` signed by the CA in folder: <common_name>.crt and .key."""
     ca_key, ca_cert = _ca(folder)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(ca_cert.subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
+                                              else ExtendedKeyUsageOID.CLIENT_AUTH]),
                        critical=False)
     )
     if server:
-        names = [x509.IPAddress(ipaddress.ip_address(h)) if h.replace(".", "").isdigit() else x509.DNSName(h) for h in hosts]
+        names = [x509.IPAddress(ipaddress.ip_address(h)) if h.replace(".", "").isdigit() else x509.DNSName(h)
+                 for h in hosts]
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     _write(folder, common_name, key, builder.sign(ca_key, hashes.SHA256()))
     return folder / f"{common_name}.crt"

@@ -3,7 +3,7 @@ scikit-image, scikit-learn and matplotlib ship inside their wheels. Nothing is d
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import cv2
 import numpy as np
@@ -35,17 +35,20 @@ def photo_rgb(name: str) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, :3])
 
 
-@lru_cache(maxsize=None)
+@cache
 def jpeg(name: str, quality: int = 90) -> bytes:
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(photo_rgb(name), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    assert ok
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(photo_rgb(name), cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode the photo {name!r} as JPEG")
     return buf.tobytes()
 
 
-@lru_cache(maxsize=None)
+@cache
 def png(name: str) -> bytes:
     ok, buf = cv2.imencode(".png", cv2.cvtColor(photo_rgb(name), cv2.COLOR_RGB2BGR))
-    assert ok
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode the photo {name!r} as PNG")
     return buf.tobytes()
 
 

@@ -1,5 +1,6 @@
-"""The operators' rollout commands: they publish the fleet's rollout, retained, on the fleet broker (a
-device that is offline gets it when it returns), and read every device's retained sync state back."""
+"""What the operators' rollout commands (edgefleet/cli/rollout.py) do: publish the fleet's rollout,
+retained, on the fleet broker (a device that is offline gets it when it returns), and read every
+device's retained sync state back."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from edgefleet.errors import ToolError
 from shared import registry, topics
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import CommonSettings
@@ -15,8 +17,12 @@ from shared.mqtt import MqttLink, content_type_of
 from shared.schemas import Rollout, RolloutPhase, RolloutTarget, ServiceStatus, SyncReport
 
 
-class NoRollout(RuntimeError):
-    pass
+class NoRollout(ToolError, RuntimeError):
+    """The fleet broker holds no rollout to promote or abort."""
+
+
+class BrokerUnreachable(ToolError, ConnectionError):
+    """The fleet broker did not accept the operator's connection in time."""
 
 
 def _link(settings: CommonSettings) -> MqttLink:
@@ -24,7 +30,7 @@ def _link(settings: CommonSettings) -> MqttLink:
     link.start()
     if not link.wait_connected(10):
         link.stop()
-        raise ConnectionError(f"cannot reach the fleet broker at {settings.mqtt_url}")
+        raise BrokerUnreachable(f"cannot reach the fleet broker at {settings.mqtt.url}")
     return link
 
 
@@ -42,7 +48,7 @@ def start(settings: CommonSettings, model: str, version: int, target: RolloutTar
     """Publishes a new rollout, retained.
 
     :raises ValueError: a model name or version that could never be a registry key.
-    :raises ConnectionError: the fleet broker is unreachable.
+    :raises BrokerUnreachable: the fleet broker is unreachable (a ConnectionError).
     """
     registry.check_name(model)
     registry.check_version(version)

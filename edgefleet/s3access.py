@@ -4,7 +4,7 @@ A device's sync service makes exactly two kinds of S3 request (services/sync/dow
 shared.registry.read_bounded): HeadObject and ranged GetObject of `models/<name>/<version>/*` in the
 registry bucket. IAM authorises both as s3:GetObject. The policy also allows s3:ListBucket, but only
 for prefixes under `models/`: with it, a HeadObject of a missing key answers 404 rather than 403 (AWS
-and MinIO hide absence from whoever may not list), and the registry's listing (edgefleet.registry.versions)
+and MinIO hide absence from whoever may not list), and the registry's listing (edgefleet.publish.versions)
 works with a device's key. Nothing else: no write, no delete, no other prefix, no telemetry bucket, no IAM.
 That is the AWS S3 user-policy design ("grant least privilege", per-user keys) that MinIO implements
 with the same policy documents.
@@ -25,6 +25,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import SecretStr
 
+from edgefleet.errors import ToolError
 from shared import registry, s3
 from shared.config import StoreSettings
 from shared.topics import check_id
@@ -38,7 +39,7 @@ DEFAULT_KEYS_DIR = Path("var/s3")
 _DEAD_KEY = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidClientTokenId", "AccessDenied", "403"}
 
 
-class DeviceKeyError(RuntimeError):
+class DeviceKeyError(ToolError, RuntimeError):
     """The key could not be made: no IAM API at the endpoint, admin credentials refused, a bad device id."""
 
 
@@ -88,14 +89,15 @@ def user_name(device: str) -> str:
         raise DeviceKeyError(str(exc)) from None
     name = USER_PREFIX + device
     if len(name) > IAM_USER_NAME_MAX:
-        raise DeviceKeyError(f"device id {device!r} is too long: IAM user names ({name}) are at most {IAM_USER_NAME_MAX} characters")
+        raise DeviceKeyError(f"device id {device!r} is too long: IAM user names ({name}) are at most "
+                             f"{IAM_USER_NAME_MAX} characters")
     return name
 
 
 def issue(settings: StoreSettings, device: str, folder: Path) -> DeviceKey:
     """Makes (or keeps) the device's read-only key and writes it to folder/access-key and folder/secret-key.
 
-    With the store's admin credentials (settings), through the IAM API at settings.s3_endpoint_url
+    With the store's admin credentials (settings), through the IAM API at settings.s3.endpoint_url
     (AWS IAM; moto): creates the user edgefleet-device-<device> if missing and (re)puts its inline
     policy, so a rerun also brings an old user's policy up to date. If the folder already holds a key
     of this user that the store accepts, it is kept. Otherwise a new key is made, written (files 0600,
@@ -132,9 +134,11 @@ def issue(settings: StoreSettings, device: str, folder: Path) -> DeviceKey:
 
 def key_works(settings: StoreSettings, access_key_id: str, secret: str) -> bool:
     """Whether the store accepts the pair for what a device does: listing `models/` of the registry."""
-    device = settings.model_copy(update={"s3_access_key_id": access_key_id, "s3_secret_access_key": SecretStr(secret)})
+    device = settings.model_copy(update={"s3": settings.s3.model_copy(
+        update={"access_key_id": access_key_id, "secret_access_key": SecretStr(secret)})})
     try:
-        s3.client(device, attempts=1).list_objects_v2(Bucket=settings.registry_bucket, Prefix=f"{registry.ROOT}/", MaxKeys=1)
+        s3.client(device, attempts=1).list_objects_v2(Bucket=settings.registry_bucket, Prefix=f"{registry.ROOT}/",
+                                                      MaxKeys=1)
     except ClientError as exc:
         if _code(exc) in _DEAD_KEY:
             return False
@@ -168,10 +172,10 @@ def _stored(folder: Path) -> tuple[str, str] | None:
 
 
 def _iam(settings: StoreSettings):
-    secret = settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
+    secret = settings.s3.secret_access_key.get_secret_value() if settings.s3.secret_access_key else None
     return boto3.client(
-        "iam", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region,
-        aws_access_key_id=settings.s3_access_key_id, aws_secret_access_key=secret,
+        "iam", endpoint_url=settings.s3.endpoint_url, region_name=settings.s3.region,
+        aws_access_key_id=settings.s3.access_key_id, aws_secret_access_key=secret,
         config=Config(connect_timeout=10, read_timeout=10, retries={"max_attempts": 3, "mode": "standard"}),
     )
 

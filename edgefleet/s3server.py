@@ -71,6 +71,8 @@ ALLOW_ALL = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action"
 # MinIO refuses shorter root credentials at start; so does the stand-in, so a deployment that works here works there.
 MIN_ROOT_USER, MIN_ROOT_PASSWORD = 3, 8
 MINIO_PORT = 9000
+# `serve` is the container's server: like MinIO it listens on every interface unless told a host.
+ALL_INTERFACES = "0.0.0.0"  # noqa: S104 binding all interfaces is the point of a server in a container
 
 
 class S3Server:
@@ -104,14 +106,15 @@ class S3Server:
         from shared.config import StoreSettings, load
 
         # An override wins over this store's own keys (e.g. a device's key pair instead of the root's).
-        return load(StoreSettings, None, **{**{k.removeprefix("EDGEFLEET_").lower(): v for k, v in self.env().items()}, **overrides})
+        own = {k.removeprefix("EDGEFLEET_").lower(): v for k, v in self.env().items()}
+        return load(StoreSettings, None, **{**own, **overrides})
 
     def _command(self) -> list[str]:
         if self.root_credentials is None:
             server = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
             return [server, "-H", "127.0.0.1", "-p", str(self.port)]
         files = []
-        for name, value in zip(("root-user", "root-password"), self.root_credentials):
+        for name, value in zip(("root-user", "root-password"), self.root_credentials, strict=True):
             path = self.workdir / name
             path.touch(mode=0o600)
             path.write_text(value)
@@ -299,16 +302,15 @@ def serve(host: str, port: int, root: tuple[str, str]) -> None:
         raise SystemExit(f"the root user must be at least {MIN_ROOT_USER} characters and the password at least "
                          f"{MIN_ROOT_PASSWORD} (as MinIO requires)")
     os.environ.setdefault("MOTO_ALLOW_NONEXISTENT_REGION", "true")
-    from werkzeug.serving import run_simple
-
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import run_simple
 
     _bootstrap(root)
     # As PID 1 in a container, SIGTERM (docker stop) is ignored unless handled.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
-    print(f"edgefleet S3 stand-in (moto, keys enforced, data in memory) on {host or '0.0.0.0'}:{port}", flush=True)
-    run_simple(host or "0.0.0.0", port, _guarded(DomainDispatcherApplication(create_backend_app)), threaded=True,
+    print(f"edgefleet S3 stand-in (moto, keys enforced, data in memory) on {host or ALL_INTERFACES}:{port}", flush=True)
+    run_simple(host or ALL_INTERFACES, port, _guarded(DomainDispatcherApplication(create_backend_app)), threaded=True,
                request_handler=MotoRequestHandler)
 
 
@@ -332,7 +334,8 @@ def _ready(alias: str) -> int:
     url = urllib.parse.urlsplit(os.environ.get(f"MC_HOST_{alias}", f"http://127.0.0.1:{MINIO_PORT}"))
     base = f"{url.scheme}://{url.hostname}:{url.port or MINIO_PORT}"
     try:
-        with urllib.request.urlopen(f"{base}/minio/health/ready", timeout=3) as response:
+        # The URL is mc's own MC_HOST_<alias> (an http(s) endpoint the operator sets) or our default above.
+        with urllib.request.urlopen(f"{base}/minio/health/ready", timeout=3) as response:  # noqa: S310 the operator's mc URL
             ok = response.status == 200
     except (urllib.error.URLError, OSError):
         ok = False
@@ -349,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     ours.add_argument("--root-user-file", required=True)
     ours.add_argument("--root-password-file", required=True)
     ours.add_argument("--data", help="Accepted for symmetry with MinIO and unused: the data lives in memory.")
-    minio = commands.add_parser("server", help="MinIO's command line: server DIR [--address :9000] [--console-address :9001].")
+    minio = commands.add_parser("server",
+                                help="MinIO's command line: server DIR [--address :9000] [--console-address :9001].")
     minio.add_argument("data", nargs="+", help="Accepted and unused: the data lives in memory.")
     minio.add_argument("--address", default=os.environ.get("MINIO_ADDRESS", f":{MINIO_PORT}"))
     minio.add_argument("--console-address", help="Accepted and unused: there is no console.")

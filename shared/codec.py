@@ -10,6 +10,8 @@ from typing import TypeVar
 import msgpack
 from pydantic import BaseModel
 
+from shared.errors import EdgefleetError
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -25,11 +27,24 @@ class WireFormat(StrEnum):
                 "msgpack+zlib": "application/msgpack+zlib"}[self.value]
 
 
-class DecodeError(ValueError):
-    """A payload that is not a valid message of the expected type; the text says why."""
+class DecodeError(EdgefleetError, ValueError):
+    """A payload that is not a valid message of the expected type; the text says why. A ValueError too,
+    for callers that catch pydantic's validation errors and this alike."""
 
 
 def encode(message: BaseModel, fmt: WireFormat = WireFormat.JSON) -> bytes:
+    """Encode a message for the wire.
+
+    :param BaseModel message: any schema of shared.schemas (or another pydantic model).
+    :param WireFormat fmt: JSON (what third-party clients read), msgpack, or zlib-compressed msgpack;
+        publish it with `fmt.content_type` so decode() needs no guess.
+
+    Returns the payload bytes. It does not validate again: a model built in code with model_copy() is
+    encoded as it is (decode() is where a payload is checked).
+
+    :raises pydantic_core.PydanticSerializationError: for a value the format cannot carry (JSON).
+    :raises TypeError: for a value msgpack cannot carry.
+    """
     if fmt is WireFormat.JSON:
         return message.model_dump_json().encode()
     packed = msgpack.packb(message.model_dump(mode="python"), use_bin_type=True)
@@ -42,27 +57,25 @@ def encode(message: BaseModel, fmt: WireFormat = WireFormat.JSON) -> bytes:
 DEFAULT_MAX_INFLATED_BYTES = 16 * 1024 * 1024
 
 
-def decode(cls: type[M], payload: bytes, content_type: str | None = None, *,
+def decode(cls: type[M], payload: bytes | bytearray, content_type: str | None = None, *,
            max_inflated_bytes: int | None = None, sniff_compressed: bool = False) -> M:
-    """Decodes one message of type `cls` from JSON, msgpack or zlib-compressed msgpack.
+    """Decode one message of type `cls` from JSON, msgpack or zlib-compressed msgpack.
 
-    Args:
-        cls: the schema the payload must validate against.
-        payload: the bytes as they came off the wire; their length is the caller's to bound (the
-            brokers' message_size_limit bounds it for everything that crossed one).
-        content_type: the MQTT v5 content type, if the sender set one. Without it JSON is recognised by
-            its leading '{', anything else is read as msgpack.
-        max_inflated_bytes: a compressed payload is inflated at most to this many bytes, and refused
-            past it before the rest is inflated (default DEFAULT_MAX_INFLATED_BYTES).
-        sniff_compressed: also treat a payload with no content type whose first byte is 0x78 as
-            compressed. Only for channels that carry compressed messages (telemetry batches, which an
-            MQTT 3.1.1 hop may strip of their content type); never for frames.
+    :param cls: the schema the payload must validate against.
+    :param payload: the bytes as they came off the wire (paho's MQTTMessage.payload); their length is
+        the caller's to bound (the brokers' message_size_limit bounds it for everything that crossed one).
+    :param str content_type: the MQTT v5 content type, if the sender set one (mqtt.content_type_of).
+        Without it JSON is recognised by its leading '{', anything else is read as msgpack.
+    :param int max_inflated_bytes: a compressed payload is inflated at most to this many bytes, and
+        refused past it before the rest is inflated (default DEFAULT_MAX_INFLATED_BYTES).
+    :param bool sniff_compressed: also treat a payload with no content type whose first byte is 0x78
+        as compressed. Only for channels that carry compressed messages (telemetry batches, which an
+        MQTT 3.1.1 hop may strip of their content type); never for frames.
 
-    Returns:
-        The validated message.
+    Returns the validated message, an instance of `cls`.
 
-    Raises:
-        DecodeError: the payload is not a valid `cls`, inflates past the cap, or nests too deep.
+    :raises DecodeError: (a ValueError) if the payload is not a valid `cls`, inflates past the cap, or
+        nests too deep; its text says why, fit for an error report.
     """
     compressed = content_type == WireFormat.MSGPACK_ZLIB.content_type or (
         sniff_compressed and content_type is None and payload[:1] == b"\x78"
@@ -90,12 +103,17 @@ def decode(cls: type[M], payload: bytes, content_type: str | None = None, *,
         raise DecodeError(_summarise(cls, exc)) from exc
 
 
-def inflate(payload: bytes, limit: int, what: str = "payload") -> bytes:
-    """Inflates a zlib stream, refusing it as soon as the output passes `limit` bytes: the cap is
+def inflate(payload: bytes | bytearray, limit: int, what: str = "payload") -> bytes:
+    """Inflate a zlib stream, refusing it as soon as the output passes `limit` bytes: the cap is
     applied while inflating (zlib's max_length), so a bomb costs at most `limit` bytes of memory.
 
-    Raises:
-        DecodeError: not zlib data, truncated, or larger than `limit` once inflated.
+    :param payload: the compressed bytes.
+    :param int limit: the most bytes the output may have.
+    :param str what: what the payload is, for the error's text.
+
+    Returns the inflated bytes.
+
+    :raises DecodeError: if it is not zlib data, is truncated, or is larger than `limit` once inflated.
     """
     inflater = zlib.decompressobj()
     try:

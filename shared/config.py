@@ -5,21 +5,25 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Iterator
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 from shared import topics
 from shared.codec import WireFormat
+from shared.errors import EdgefleetError
 from shared.schemas import MAX_LIST
 
 ENV_PREFIX = "EDGEFLEET_"
@@ -30,77 +34,118 @@ DEFAULT_MODEL_DIR = Path("var/models/efficientnet-lite0")
 S = TypeVar("S", bound="CommonSettings")
 
 
-class ConfigError(SystemExit):
-    """Raised at start for a bad config; exits the process with status 2 and a message naming the key."""
+class ConfigError(EdgefleetError):
+    """A bad config, found at start: the message names the key (its EDGEFLEET_* variable and, where one
+    was given, the TOML file). The CLI prints it and exits 2; a library caller decides for itself."""
 
-    def __init__(self, message: str):
-        super().__init__(2)
-        self.message = message
 
-    def __str__(self) -> str:
-        return self.message
+class Group(BaseModel):
+    """A group of keys that belong together (the broker link, the canary, drift): its consumer takes it
+    whole. Its keys keep their flat names everywhere outside Python: EDGEFLEET_CANARY_WINDOW in the
+    environment, canary_window (or window under [canary]) in the TOML file, edgefleet_canary_window as
+    a secret file."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class MqttSettings(Group):
+    url: str = Field("mqtt://127.0.0.1:1883", description="The device's broker, mqtt://host:port (mqtts:// for TLS).")
+    username: str | None = Field(None, description="Broker user name, where the broker asks for one.")
+    password: SecretStr | None = Field(
+        None, description="Broker password (prefer a mounted secret file over the environment).")
+    ca_file: Path | None = Field(
+        None, description="With mqtts://: the CA that signed the broker's certificate (default: the system's).")
+    cert_file: Path | None = Field(
+        None, description="With mqtts://: this client's certificate, where the broker asks for one.")
+    key_file: Path | None = Field(None, description="With mqtts://: this client's private key.")
+    reconnect_min_s: float = Field(0.5, gt=0, description="First delay before reconnecting to a lost broker.")
+    reconnect_max_s: float = Field(
+        10.0, gt=0, description="Longest delay between reconnect attempts (backoff doubles up to it).")
+
+    @field_validator("url")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        return broker_url(value)
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts"
+
+
+def broker_url(value: str) -> str:
+    """Checks an mqtt:// or mqtts:// URL, raising ValueError (which pydantic names with its key) if not."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ValueError("must look like mqtt://host:port or mqtts://host:port")
+    _ = parts.port  # raises ValueError for a port out of range or not a number
+    return value
+
+
+class LogSettings(Group):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log threshold.")
+    format: Literal["json", "text"] = Field("json", description="json: one object per line; text: for people.")
+
+
+class HealthSettings(Group):
+    file: Path | None = Field(
+        None, description="A file the service rewrites while it is healthy (broker link up, every worker loop coming "
+        "round), with its pid: what `edgefleet health FILE` (the images' HEALTHCHECK, the k3s probes) reads. "
+        "Unset: none.")
+    interval_s: float = Field(
+        5.0, gt=0, le=60, description="How often the service checks itself and rewrites the health file.")
 
 
 class CommonSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+    """What every service and tool reads: its broker, its device, its logs and its health. Read by
+    `load()`, which layers defaults < TOML file < secret files < environment < explicit overrides."""
 
-    mqtt_url: str = Field(
-        "mqtt://127.0.0.1:1883", description="The device's broker, mqtt://host:port (mqtts:// for TLS)."
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", validate_default=True,
+        # EDGEFLEET_CANARY_WINDOW fills canary.window: the first "_" after a group's name opens the group,
+        # and no further one does (window_s stays one key), so every flat name keeps working.
+        env_nested_delimiter="_", env_nested_max_split=1,
     )
+
+    mqtt: MqttSettings = Field(default_factory=MqttSettings, description="The link to the device's broker.")
     device_id: str = Field("device-1", description="This device's id: the <device> level of every topic.")
-    mqtt_username: str | None = Field(None, description="Broker user name, where the broker asks for one.")
-    mqtt_password: SecretStr | None = Field(None, description="Broker password (prefer a mounted secret file over the environment).")
-    mqtt_ca_file: Path | None = Field(None, description="With mqtts://: the CA that signed the broker's certificate (default: the system's).")
-    mqtt_cert_file: Path | None = Field(None, description="With mqtts://: this client's certificate, where the broker asks for one.")
-    mqtt_key_file: Path | None = Field(None, description="With mqtts://: this client's private key.")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log threshold.")
-    log_format: Literal["json", "text"] = Field("json", description="json: one object per line; text: for people.")
-    mqtt_reconnect_min_s: float = Field(0.5, gt=0, description="First delay before reconnecting to a lost broker.")
-    mqtt_reconnect_max_s: float = Field(10.0, gt=0, description="Longest delay between reconnect attempts (backoff doubles up to it).")
-    status_interval_s: float = Field(5.0, gt=0, description="How often the retained status (with counters) is refreshed.")
-    health_file: Path | None = Field(
-        None, description="A file the service rewrites while it is healthy (broker link up, every worker loop coming "
-        "round), with its pid: what `edgefleet health FILE` (the images' HEALTHCHECK, the k3s probes) reads. Unset: none.")
-    health_interval_s: float = Field(5.0, gt=0, le=60, description="How often the service checks itself and rewrites the health file.")
+    log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
+    status_interval_s: float = Field(
+        5.0, gt=0, description="How often the retained status (with counters) is refreshed.")
+    health: HealthSettings = Field(default_factory=HealthSettings, description="The health file.")
     liveness_s: float = Field(
         30.0, gt=0, description="A worker loop that has not come round for this long (beyond a wait it announced, e.g. "
         "an S3 timeout) makes the service unhealthy, like a missed systemd watchdog ping.")
     hang_exit_s: float = Field(
-        120.0, ge=0, description="A worker loop stuck for this long ends the process (exit 70), so the container's restart "
-        "policy brings it back: Docker does not restart a container for being unhealthy. 0: never; else at least liveness_s.")
+        120.0, ge=0, description="A worker loop stuck for this long ends the process (exit 70), so the container's "
+        "restart policy brings it back: Docker does not restart a container for being unhealthy. 0: never; else at "
+        "least liveness_s.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_keys_into_groups(cls, values: Any) -> Any:
+        # SyncSettings(canary_window=20) works as load() does: a flat keyword beats its group from the environment.
+        return regroup(cls, values) if isinstance(values, dict) else values
 
     @model_validator(mode="after")
-    def _hang_after_liveness(self) -> CommonSettings:
+    def _hang_after_liveness(self) -> Self:
         if self.hang_exit_s and self.hang_exit_s < self.liveness_s:
-            raise ValueError(f"hang_exit_s ({self.hang_exit_s:g}) must be 0 or at least liveness_s ({self.liveness_s:g})")
+            raise ValueError(
+                f"hang_exit_s ({self.hang_exit_s:g}) must be 0 or at least liveness_s ({self.liveness_s:g})")
         return self
-
-    @field_validator("mqtt_url")
-    @classmethod
-    def _broker_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ValueError("must look like mqtt://host:port or mqtts://host:port")
-        parts.port  # raises ValueError for a port out of range or not a number
-        return value
 
     @field_validator("device_id")
     @classmethod
     def _device(cls, value: str) -> str:
         return topics.check_id("device", value)
-
-    @property
-    def mqtt_host(self) -> str:
-        return urlsplit(self.mqtt_url).hostname or "127.0.0.1"
-
-    @property
-    def mqtt_port(self) -> int:
-        parts = urlsplit(self.mqtt_url)
-        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
-
-    @property
-    def mqtt_tls(self) -> bool:
-        return urlsplit(self.mqtt_url).scheme == "mqtts"
 
     @classmethod
     def settings_customise_sources(
@@ -111,9 +156,9 @@ class CommonSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Secrets (passwords, S3 keys) may come as files, one per key, from EDGEFLEET_SECRETS_DIR
-        # (docker compose and Kubernetes mount them under /run/secrets): the environment wins over them.
-        return (init_settings, env_settings, file_secret_settings, TomlConfigSettingsSource(settings_cls))
+        # The TOML file and the secret files are layered by load(), which knows where they are; built
+        # directly, settings read the keyword arguments over the environment.
+        return (init_settings, env_settings)
 
 
 ProviderList = Annotated[list[str], NoDecode]
@@ -167,7 +212,8 @@ class InferenceSettings(CommonSettings):
     )
     top_k: int = Field(5, ge=1, le=1000, description="Classes per prediction.")
     prediction_qos: int = Field(
-        1, ge=0, le=1, description="MQTT QoS of predictions and error reports: 1 survives a broker hiccup, 0 is cheaper."
+        1, ge=0, le=1,
+        description="MQTT QoS of predictions and error reports: 1 survives a broker hiccup, 0 is cheaper."
     )
     prediction_format: WireFormat = Field(
         WireFormat.JSON, description="json (readable by any client) or msgpack; the MQTT v5 content type says which."
@@ -204,17 +250,16 @@ class CameraSettings(CommonSettings):
         return [topics.check_id("camera", c) for c in value]
 
 
-class StoreSettings(CommonSettings):
-    """Where the model registry lives: any S3-compatible store, reached through boto3. Credentials come
-    from these keys or, when unset, from boto3's own chain (AWS_* variables, profiles, instance roles)."""
+class S3Settings(Group):
+    """Any S3-compatible store, reached through boto3. Credentials come from these keys or, when unset,
+    from boto3's own chain (AWS_* variables, profiles, instance roles)."""
 
-    s3_endpoint_url: str | None = Field(None, description="S3 endpoint, e.g. http://minio:9000; unset: AWS S3.")
-    s3_region: str = Field("us-east-1", description="S3 region.")
-    s3_access_key_id: str | None = Field(None, description="S3 access key id (unset: boto3's credential chain).")
-    s3_secret_access_key: SecretStr | None = Field(None, description="S3 secret key (prefer a mounted secret).")
-    registry_bucket: str = Field("edgefleet-models", min_length=3, max_length=63, description="The registry's bucket.")
+    endpoint_url: str | None = Field(None, description="S3 endpoint, e.g. http://minio:9000; unset: AWS S3.")
+    region: str = Field("us-east-1", description="S3 region.")
+    access_key_id: str | None = Field(None, description="S3 access key id (unset: boto3's credential chain).")
+    secret_access_key: SecretStr | None = Field(None, description="S3 secret key (prefer a mounted secret).")
 
-    @field_validator("s3_endpoint_url")
+    @field_validator("endpoint_url")
     @classmethod
     def _endpoint(cls, value: str | None) -> str | None:
         if value is not None and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname):
@@ -222,8 +267,53 @@ class StoreSettings(CommonSettings):
         return value
 
 
+class StoreSettings(CommonSettings):
+    """Where the model registry lives."""
+
+    s3: S3Settings = Field(default_factory=S3Settings, description="The S3 store.")
+    registry_bucket: str = Field("edgefleet-models", min_length=3, max_length=63, description="The registry's bucket.")
+
+
 DEFAULT_STORE_DIR = Path("var/store")
 DEFAULT_KEY_DIR = Path("var/keys")
+
+
+class DownloadSettings(Group):
+    chunk_bytes: int = Field(1 << 20, ge=4096, description="Bytes per ranged GET while downloading.")
+    limit_bytes_s: int = Field(
+        0, ge=0, description="Bandwidth cap for model downloads on metered links, bytes/s; 0: none.")
+    timeout_s: float = Field(10.0, gt=0, description="A stalled read or connection gives up after this.")
+    retry_max_s: float = Field(30.0, gt=0, description="Longest wait between download retries (backoff).")
+
+
+class CanarySettings(Group):
+    """How a new model is judged against the one it replaces, on live traffic."""
+
+    window: int = Field(50, ge=5, description="Predictions compared on each side of a switch.")
+    warmup: int = Field(
+        10, ge=0, description="A model's first predictions, left out of its canary window while it warms up.")
+    timeout_s: float = Field(
+        600.0, gt=0, description="A canary whose window does not fill in this time is judged on what it has.")
+    min_samples: int = Field(
+        20, ge=1, description="Fewer predictions than this on either side of a switch make the canary inconclusive "
+        "(it never keeps a model); at most canary_window.")
+    inconclusive: Literal["rollback", "hold"] = Field(
+        "rollback", description="An inconclusive canary (no traffic before its timeout): roll back, or hold the new "
+        "model and report it as not passed.")
+    max_psi: float = Field(0.5, gt=0, description="Roll back when the predicted-class PSI (new vs old) exceeds this.")
+    max_error_rate: float = Field(
+        0.05, ge=0, le=1, description=
+        "Roll back when the new model's error rate exceeds the old one's by more than this.")
+    max_latency_ratio: float = Field(
+        1.5, gt=0, description="Roll back when p95 latency grows by more than this factor.")
+    max_confidence_drop: float = Field(
+        0.2, ge=0, le=1, description="Roll back when mean top-1 confidence falls by more than this.")
+
+    @model_validator(mode="after")
+    def _min_fits_window(self) -> Self:
+        if self.min_samples > self.window:
+            raise ValueError(f"canary_min_samples ({self.min_samples}) exceeds canary_window ({self.window})")
+        return self
 
 
 class SyncSettings(StoreSettings):
@@ -238,33 +328,13 @@ class SyncSettings(StoreSettings):
     trusted_keys_dir: Path = Field(DEFAULT_KEY_DIR, description="Operator public keys (*.pub, PEM) this device trusts.")
     groups: Annotated[list[str], NoDecode] = Field([], description="Groups this device belongs to, comma-separated.")
     keep_versions: int = Field(3, ge=1, le=100, description="Installed versions kept (the fallback comes on top).")
-    download_chunk_bytes: int = Field(1 << 20, ge=4096, description="Bytes per ranged GET while downloading.")
-    download_limit_bytes_s: int = Field(
-        0, ge=0, description="Bandwidth cap for model downloads on metered links, bytes/s; 0: none."
-    )
-    download_timeout_s: float = Field(10.0, gt=0, description="A stalled read or connection gives up after this.")
-    download_retry_max_s: float = Field(30.0, gt=0, description="Longest wait between download retries (backoff).")
+    download: DownloadSettings = Field(default_factory=DownloadSettings, description="Model downloads.")
     switch_timeout_s: float = Field(
-        120.0, gt=0, le=86400, description="How long inference may take to load and warm a model: the switch's deadline, which "
+        120.0, gt=0, le=86400,
+        description="How long inference may take to load and warm a model: the switch's deadline, which "
         "inference honours (a load finishing later is discarded and the switch fails)."
     )
-    canary_window: int = Field(50, ge=5, description="Predictions compared on each side of a switch.")
-    canary_warmup: int = Field(10, ge=0, description="A model's first predictions, left out of its canary window while it warms up.")
-    canary_timeout_s: float = Field(
-        600.0, gt=0, description="A canary whose window does not fill in this time is judged on what it has."
-    )
-    canary_min_samples: int = Field(
-        20, ge=1, description="Fewer predictions than this on either side of a switch make the canary inconclusive "
-        "(it never keeps a model); at most canary_window."
-    )
-    canary_inconclusive: Literal["rollback", "hold"] = Field(
-        "rollback", description="An inconclusive canary (no traffic before its timeout): roll back, or hold the new "
-        "model and report it as not passed."
-    )
-    canary_max_psi: float = Field(0.5, gt=0, description="Roll back when the predicted-class PSI (new vs old) exceeds this.")
-    canary_max_error_rate: float = Field(0.05, ge=0, le=1, description="Roll back when the new model's error rate exceeds the old one's by more than this.")
-    canary_max_latency_ratio: float = Field(1.5, gt=0, description="Roll back when p95 latency grows by more than this factor.")
-    canary_max_confidence_drop: float = Field(0.2, ge=0, le=1, description="Roll back when mean top-1 confidence falls by more than this.")
+    canary: CanarySettings = Field(default_factory=CanarySettings, description="The canary.")
 
     @field_validator("groups", mode="before")
     @classmethod
@@ -273,61 +343,64 @@ class SyncSettings(StoreSettings):
             value = [g.strip() for g in value.split(",") if g.strip()]
         return [topics.check_id("group", g) for g in value]
 
-    @model_validator(mode="after")
-    def _canary_min_fits_window(self) -> SyncSettings:
-        if self.canary_min_samples > self.canary_window:
-            raise ValueError(f"canary_min_samples ({self.canary_min_samples}) exceeds canary_window ({self.canary_window})")
-        return self
+
+class CloudLinkSettings(Group):
+    """The cloud broker the outbox forwards to; TLS files are the device link's (mqtt_ca_file ...)."""
+
+    url: str = Field("mqtt://127.0.0.1:1884", description="The cloud broker the outbox forwards to.")
+    username: str | None = Field(None, description="User name on the cloud broker.")
+    password: SecretStr | None = Field(None, description="Password on the cloud broker.")
+
+    @field_validator("url")
+    @classmethod
+    def _cloud_url(cls, value: str) -> str:
+        return broker_url(value)
 
 
-class TelemetrySettings(CommonSettings):
-    cloud_mqtt_url: str = Field("mqtt://127.0.0.1:1884", description="The cloud broker the outbox forwards to.")
-    cloud_mqtt_username: str | None = Field(None, description="User name on the cloud broker.")
-    cloud_mqtt_password: SecretStr | None = Field(None, description="Password on the cloud broker.")
-    outbox_path: Path = Field(Path("var/telemetry/outbox.db"), description="The durable outbox (SQLite).")
-    outbox_max_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024, description="The outbox's byte cap.")
-    outbox_full_policy: Literal["oldest", "newest"] = Field(
-        "oldest", description="When the outbox is full: drop the oldest records, or refuse the newest. Both are counted and sent as gaps."
+class OutboxSettings(Group):
+    path: Path = Field(Path("var/telemetry/outbox.db"), description="The durable outbox (SQLite).")
+    max_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024, description="The outbox's byte cap.")
+    full_policy: Literal["oldest", "newest"] = Field(
+        "oldest", description="When the outbox is full: drop the oldest records, or refuse the newest. Both are "
+        "counted and sent as gaps."
     )
-    ttl_metric_s: float = Field(7 * 86400, gt=0, description="How long a resource sample may wait for the link.")
-    ttl_hard_example_s: float = Field(3 * 86400, gt=0, description="How long a hard example may wait for the link.")
-    ttl_alert_s: float = Field(30 * 86400, gt=0, description="How long an alert may wait for the link.")
-    flush_interval_s: float = Field(0.2, gt=0, le=10, description="Records are committed to disk together at this interval.")
-    batch_max_records: int = Field(500, ge=1, le=MAX_LIST, description="Most records per batch to the cloud.")
-    batch_max_bytes: int = Field(256 * 1024, ge=1024, description="Most bytes per batch to the cloud (before compression).")
-    ack_timeout_s: float = Field(10.0, gt=0, description="A batch the cloud has not acknowledged by then is sent again.")
-    forward_retry_max_s: float = Field(30.0, gt=0, description="Longest wait between attempts while the link is down.")
-    forward_max_attempts: int = Field(
-        10, ge=1, description="A batch sent this many times without an acknowledgement is given up: moved to the outbox's "
-        "dead-letter table and reported to the cloud as a `dead_lettered` gap, so one poison batch cannot stall the outbox.")
-    resource_interval_s: float = Field(10.0, gt=0, description="How often host and container resources are sampled.")
-    docker_url: str = Field(
+
+
+class TtlSettings(Group):
+    """How long each kind of record may wait for the link before it is dropped (and counted as a gap)."""
+
+    metric_s: float = Field(7 * 86400, gt=0, description="How long a resource sample may wait for the link.")
+    hard_example_s: float = Field(3 * 86400, gt=0, description="How long a hard example may wait for the link.")
+    alert_s: float = Field(30 * 86400, gt=0, description="How long an alert may wait for the link.")
+
+    def by_kind(self) -> dict[str, float]:
+        """Seconds by record kind (the `kind` of a telemetry record)."""
+        return {"metric": self.metric_s, "hard_example": self.hard_example_s, "alert": self.alert_s}
+
+
+class BatchSettings(Group):
+    max_records: int = Field(500, ge=1, le=MAX_LIST, description="Most records per batch to the cloud.")
+    max_bytes: int = Field(256 * 1024, ge=1024, description="Most bytes per batch to the cloud (before compression).")
+
+
+class ForwardSettings(Group):
+    retry_max_s: float = Field(30.0, gt=0, description="Longest wait between attempts while the link is down.")
+    max_attempts: int = Field(
+        10, ge=1, description="A batch sent this many times without an acknowledgement is given up: moved to the "
+        "outbox's dead-letter table and reported to the cloud as a `dead_lettered` gap, so one poison batch cannot "
+        "stall the outbox.")
+
+
+class DockerSettings(Group):
+    url: str = Field(
         "", description="The Docker Engine API for per-container CPU and memory, e.g. unix:///var/run/docker.sock "
         "(empty: off). Opt-in: whoever reaches the socket controls the host, read-only mount or not.")
-    docker_project: str = Field(
+    project: str = Field(
         "", pattern=r"^(\*|[a-z0-9][a-z0-9_-]*)?$",
         description="Report only containers labelled com.docker.compose.project=<this> (empty: the project of the "
         "container telemetry runs in, or every container where it runs in none; *: every container).")
-    drift_baseline: int = Field(200, ge=10, description="Predictions after a model starts serving that form its baseline.")
-    drift_window: int = Field(100, ge=10, description="Recent predictions compared with the baseline.")
-    drift_min_samples: int = Field(50, ge=5, description="No drift verdict on fewer predictions than this.")
-    drift_psi_raise: float = Field(0.25, gt=0, description="Predicted-class PSI that raises an alert.")
-    drift_psi_clear: float = Field(0.1, gt=0, description="PSI under which the alert is resolved (hysteresis).")
-    drift_confidence_raise: float = Field(0.15, gt=0, le=1, description="Drop of mean top-1 confidence that raises an alert.")
-    drift_confidence_clear: float = Field(0.05, ge=0, le=1, description="Drop under which it is resolved.")
-    drift_feature_z_raise: float = Field(1.5, gt=0, description="Shift of an input statistic, in baseline standard deviations, that raises an alert.")
-    drift_feature_z_clear: float = Field(0.75, gt=0, description="Shift under which it is resolved.")
-    drift_latency_raise: float = Field(2.0, gt=1, description="p95 inference latency, as a multiple of the baseline's, that raises an alert.")
-    drift_latency_clear: float = Field(1.5, gt=1, description="Multiple under which it is resolved.")
-    hard_example_confidence: float = Field(0.3, gt=0, le=1, description="Frames whose top-1 confidence is below this are hard examples.")
-    hard_examples_per_minute: float = Field(6.0, ge=0, description="Most hard examples forwarded per minute (0: none).")
 
-    @field_validator("cloud_mqtt_url")
-    @classmethod
-    def _cloud_url(cls, value: str) -> str:
-        return CommonSettings._broker_url(value)
-
-    @field_validator("docker_url")
+    @field_validator("url")
     @classmethod
     def _docker_url(cls, value: str) -> str:
         parts = urlsplit(value)
@@ -335,51 +408,181 @@ class TelemetrySettings(CommonSettings):
             raise ValueError("must be empty (off) or look like unix:///var/run/docker.sock or tcp://host:2375")
         return value
 
-    def cloud(self) -> CommonSettings:
-        """The settings of the link to the cloud broker."""
-        return CommonSettings(
-            mqtt_url=self.cloud_mqtt_url, device_id=self.device_id, mqtt_username=self.cloud_mqtt_username,
-            mqtt_ca_file=self.mqtt_ca_file, mqtt_cert_file=self.mqtt_cert_file, mqtt_key_file=self.mqtt_key_file,
-            mqtt_password=self.cloud_mqtt_password, mqtt_reconnect_min_s=self.mqtt_reconnect_min_s,
-            mqtt_reconnect_max_s=self.mqtt_reconnect_max_s,
-        )
+
+class DriftSettings(Group):
+    """When the served model's predictions, confidence, inputs or latency move away from its baseline.
+    Each signal raises an alert past its *_raise and resolves it under its *_clear (hysteresis)."""
+
+    baseline: int = Field(200, ge=10, description="Predictions after a model starts serving that form its baseline.")
+    window: int = Field(100, ge=10, description="Recent predictions compared with the baseline.")
+    min_samples: int = Field(50, ge=5, description="No drift verdict on fewer predictions than this.")
+    psi_raise: float = Field(0.25, gt=0, description="Predicted-class PSI that raises an alert.")
+    psi_clear: float = Field(0.1, gt=0, description="PSI under which the alert is resolved (hysteresis).")
+    confidence_raise: float = Field(0.15, gt=0, le=1, description="Drop of mean top-1 confidence that raises an alert.")
+    confidence_clear: float = Field(0.05, ge=0, le=1, description="Drop under which it is resolved.")
+    feature_z_raise: float = Field(
+        1.5, gt=0, description="Shift of an input statistic, in baseline standard deviations, that raises an alert.")
+    feature_z_clear: float = Field(0.75, gt=0, description="Shift under which it is resolved.")
+    latency_raise: float = Field(
+        2.0, gt=1, description="p95 inference latency, as a multiple of the baseline's, that raises an alert.")
+    latency_clear: float = Field(1.5, gt=1, description="Multiple under which it is resolved.")
 
 
-class IngestSettings(StoreSettings):
-    telemetry_bucket: str = Field("edgefleet-telemetry", min_length=3, max_length=63, description="Where telemetry is written.")
-    share_group: str = Field("ingest", description="The MQTT v5 shared-subscription group replicas split the load in.")
-    ingest_workers: int = Field(4, ge=1, le=64, description="Batches written to S3 at once.")
-    max_batch_bytes: int = Field(16 * 1024 * 1024, ge=64 * 1024, description="A batch inflates to at most this many bytes; a larger one is dead-lettered unread.")
-    ingest_session_expiry_s: int = Field(
+class TelemetrySettings(CommonSettings):
+    cloud_mqtt: CloudLinkSettings = Field(default_factory=CloudLinkSettings, description="The cloud broker.")
+    outbox: OutboxSettings = Field(default_factory=OutboxSettings, description="The outbox.")
+    ttl: TtlSettings = Field(default_factory=TtlSettings, description="Record lifetimes.")
+    flush_interval_s: float = Field(
+        0.2, gt=0, le=10, description="Records are committed to disk together at this interval.")
+    batch: BatchSettings = Field(default_factory=BatchSettings, description="Batches to the cloud.")
+    ack_timeout_s: float = Field(
+        10.0, gt=0, description="A batch the cloud has not acknowledged by then is sent again.")
+    forward: ForwardSettings = Field(default_factory=ForwardSettings, description="Forwarding.")
+    resource_interval_s: float = Field(10.0, gt=0, description="How often host and container resources are sampled.")
+    docker: DockerSettings = Field(default_factory=DockerSettings, description="The Docker API.")
+    drift: DriftSettings = Field(default_factory=DriftSettings, description="Drift detection.")
+    hard_example_confidence: float = Field(
+        0.3, gt=0, le=1, description="Frames whose top-1 confidence is below this are hard examples.")
+    hard_examples_per_minute: float = Field(6.0, ge=0, description="Most hard examples forwarded per minute (0: none).")
+
+    def cloud(self) -> TelemetrySettings:
+        """These settings with the cloud broker as their broker link (same device id and TLS files)."""
+        link = self.mqtt.model_copy(update={
+            "url": self.cloud_mqtt.url, "username": self.cloud_mqtt.username, "password": self.cloud_mqtt.password})
+        return self.model_copy(update={"mqtt": link})
+
+
+class IngestGroupSettings(Group):
+    workers: int = Field(4, ge=1, le=64, description="Batches written to S3 at once.")
+    session_expiry_s: int = Field(
         3600, ge=0, description="How long the broker keeps a replica's session (and the batches it took but did not "
         "acknowledge) after the replica is gone; a replica restarted with the same id gets them again.")
 
 
+class IngestSettings(StoreSettings):
+    telemetry_bucket: str = Field(
+        "edgefleet-telemetry", min_length=3, max_length=63, description="Where telemetry is written.")
+    share_group: str = Field("ingest", description="The MQTT v5 shared-subscription group replicas split the load in.")
+    ingest: IngestGroupSettings = Field(default_factory=IngestGroupSettings, description="Ingest workers.")
+    max_batch_bytes: int = Field(
+        16 * 1024 * 1024, ge=64 * 1024, description=
+        "A batch inflates to at most this many bytes; a larger one is dead-lettered unread.")
+
+
 def load(cls: type[S], config_file: Path | str | None = None, **overrides: Any) -> S:
-    """Builds the settings, raising ConfigError with the offending key named."""
-    path = config_file or os.environ.get(CONFIG_FILE_ENV) or None
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} ({CONFIG_FILE_ENV}) does not exist")
-        try:
-            tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
-    secrets = os.environ.get(SECRETS_DIR_ENV) or None
-    if secrets is not None and not Path(secrets).is_dir():
-        raise ConfigError(f"{SECRETS_DIR_ENV}={secrets!r} is not a folder")
-    bound = type(cls.__name__, (cls,), {"model_config": {**cls.model_config, "toml_file": path, "secrets_dir": secrets}})
+    """Builds a service's settings from every place they may come from, the later winning:
+    defaults < the TOML file < secret files < the EDGEFLEET_* environment < `overrides`.
+
+    Args:
+        cls: the settings class (InferenceSettings, SyncSettings ...).
+        config_file: a TOML file of keys, flat (canary_window = 20) or grouped ([canary] window = 20);
+            None: the file EDGEFLEET_CONFIG_FILE names, if any.
+        overrides: keys by their flat names (canary_window=20) or by group (canary={"window": 20}).
+
+    Returns:
+        The validated settings.
+
+    Raises:
+        ConfigError: a missing or broken file, a missing secrets folder, an unknown key or a bad value,
+            with the key named as the user wrote it (EDGEFLEET_CANARY_WINDOW or 'canary_window' in FILE).
+    """
+    path = _config_file(config_file)
+    layers = [_toml_values(path), _secret_values(cls, _secrets_dir()), EnvSettingsSource(cls)(), overrides]
     try:
-        return bound(**overrides)
+        return cls(**_merged(*(regroup(cls, layer) for layer in layers)))
     except ValidationError as exc:
         raise ConfigError(describe_errors(exc, path)) from None
+
+
+def _config_file(given: Path | str | None) -> Path | None:
+    named = given or os.environ.get(CONFIG_FILE_ENV) or None
+    if named is not None and not Path(named).is_file():
+        raise ConfigError(f"config file {str(named)!r} ({CONFIG_FILE_ENV}) does not exist")
+    return None if named is None else Path(named)
+
+
+def _secrets_dir() -> Path | None:
+    # Secrets (passwords, S3 keys) may come as files, one per key, from EDGEFLEET_SECRETS_DIR (docker
+    # compose and Kubernetes mount them under /run/secrets): the environment wins over them.
+    named = os.environ.get(SECRETS_DIR_ENV) or None
+    if named is not None and not Path(named).is_dir():
+        raise ConfigError(f"{SECRETS_DIR_ENV}={named!r} is not a folder")
+    return None if named is None else Path(named)
+
+
+def _toml_values(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+
+
+def _secret_values(cls: type[CommonSettings], folder: Path | None) -> dict[str, str]:
+    """The keys given as files named like their variable (edgefleet_mqtt_password, any case).
+    pydantic-settings' own secrets source looks only for top-level names, not a group's keys."""
+    if folder is None:
+        return {}
+    files = {f.name.lower(): f for f in folder.iterdir() if f.is_file()}
+    wanted = {f"{ENV_PREFIX}{name}".lower(): name for name in keys(cls)}
+    return {wanted[name]: files[name].read_text().strip() for name in wanted.keys() & files.keys()}
+
+
+def regroup(cls: type[BaseModel], values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with every flat key of a group (canary_window) moved into its group (canary: window)."""
+    grouped: dict[str, Any] = {}
+    for key, value in values.items():
+        group, inner = _split_key(cls, key)
+        if inner is not None:
+            grouped.setdefault(group, {})[inner] = value
+        elif _group_of(cls, key) is not None and isinstance(value, dict):
+            grouped[key] = {**value, **grouped.get(key, {})}
+        else:
+            grouped[key] = value
+    return grouped
+
+
+def _split_key(cls: type[BaseModel], key: str) -> tuple[str, str | None]:
+    """('canary', 'window') for canary_window; (key, None) for a key of no group."""
+    for name in cls.model_fields:
+        group = _group_of(cls, name)
+        if group is not None and key.startswith(f"{name}_") and key[len(name) + 1:] in group.model_fields:
+            return name, key[len(name) + 1:]
+    return key, None
+
+
+def _group_of(cls: type[BaseModel], name: str) -> type[Group] | None:
+    field = cls.model_fields.get(name)
+    kind = field.annotation if field is not None else None
+    return kind if isinstance(kind, type) and issubclass(kind, Group) else None
+
+
+def _merged(*layers: dict[str, Any]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            both_groups = isinstance(value, dict) and isinstance(merged.get(key), dict)
+            merged[key] = {**merged[key], **value} if both_groups else value
+    return merged
+
+
+def keys(cls: type[BaseModel]) -> dict[str, FieldInfo]:
+    """Every key of a settings class by its flat name (canary_window), groups opened."""
+    flat: dict[str, FieldInfo] = {}
+    for name, field in cls.model_fields.items():
+        group = _group_of(cls, name)
+        if group is None:
+            flat[name] = field
+        else:
+            flat.update({f"{name}_{key}": inner for key, inner in group.model_fields.items()})
+    return flat
 
 
 def describe_errors(exc: ValidationError, path: Path | None) -> str:
     lines = []
     for err in exc.errors():
-        key = str(err["loc"][0]) if err["loc"] else "<config>"
+        key = "_".join(str(part) for part in err["loc"]) or "<config>"
         where = f"{ENV_PREFIX}{key.upper()}" + (f" or '{key}' in {path}" if path else "")
         if err["type"] == "extra_forbidden":
             lines.append(f"unknown config key {key!r} ({where})")
@@ -391,10 +594,56 @@ def describe_errors(exc: ValidationError, path: Path | None) -> str:
 def describe_keys(cls: type[CommonSettings]) -> str:
     """Every key with its environment variable, default and meaning: the text of `--help`."""
     rows = []
-    for name, field in cls.model_fields.items():
-        default = field.default.value if hasattr(field.default, "value") else field.default
+    for name, field in keys(cls).items():
+        default = field.get_default(call_default_factory=True)
+        default = default.value if isinstance(default, Enum) else default
         if isinstance(default, list):
             default = ",".join(map(str, default))
         rows.append(f"{ENV_PREFIX}{name.upper()} (default {default}): {field.description}")
     rows.append(f"{CONFIG_FILE_ENV}: a TOML file with the same keys in lower case; the environment wins.")
     return "\n\n".join(rows)
+
+
+def environment(settings: BaseModel) -> dict[str, str]:
+    """The EDGEFLEET_* variables that give a child process these settings: the one way a service is
+    started with typed settings (the launchers, the simulator and the tests spawn through it).
+
+    Args:
+        settings: any settings object of this module, validated; only the keys that were set (given,
+            read from the environment, a file or a secret) are written, so the child keeps its own
+            defaults for the rest.
+
+    Returns:
+        Variable name to value: secrets in clear (the child's environment is as private as a secret
+        file), lists comma-joined, booleans as true/false, nested groups flattened to their own names
+        (drift.psi_raise gives EDGEFLEET_DRIFT_PSI_RAISE).
+    """
+    given = flat_values(settings, only_set=True)
+    return {f"{ENV_PREFIX}{name.upper()}": _env_text(value) for name, value in given.items() if value is not None}
+
+
+def flat_values(settings: BaseModel, *, only_set: bool = False) -> dict[str, Any]:
+    """Every key's value by its flat name (canary_window), groups opened; with only_set, just the
+    keys that were given rather than defaulted."""
+    return dict(_flat_items(settings, "", only_set))
+
+
+def _flat_items(model: BaseModel, prefix: str, only_set: bool) -> Iterator[tuple[str, Any]]:
+    for name in model.model_fields_set if only_set else type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, Group):
+            yield from _flat_items(value, f"{prefix}{name}_", only_set)
+        else:
+            yield f"{prefix}{name}", value
+
+
+def _env_text(value: Any) -> str:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(_env_text, value))
+    if isinstance(value, Enum):
+        return str(value.value)
+    return str(value)

@@ -78,7 +78,8 @@ def _kill(beat: Beat) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m shared.health FILE [--max-age S] [--kill-after S]`: exit 0 when healthy, 1 (with why) when not."""
-    parser = argparse.ArgumentParser(prog="python -m shared.health", description=check_health.__doc__.splitlines()[0])
+    summary = (check_health.__doc__ or "").split("\n", 1)[0]
+    parser = argparse.ArgumentParser(prog="python -m shared.health", description=summary)
     parser.add_argument("file", type=Path)
     parser.add_argument("--max-age", type=float, default=15.0)
     parser.add_argument("--kill-after", type=float, default=None)

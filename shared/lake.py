@@ -31,14 +31,17 @@ def _date(at: float) -> str:
 
 
 def records_key(kind: str, at: float, device: str, batch_id: str) -> str:
+    """The key of one batch's records of one kind; `at` (the batch's first record's time) picks the date."""
     return f"{ROOT}/{kind}/date={_date(at)}/device={device}/{batch_id}.jsonl.gz"
 
 
 def index_key(device: str, batch_id: str) -> str:
+    """The key of a batch's index (BatchIndex), written after its records."""
     return f"{BATCHES}/device={device}/{batch_id}.json"
 
 
 def dead_letter_key(at: float, device: str, digest: str, suffix: str) -> str:
+    """The key of a refused payload ("bin") or of why it was refused ("json"), by its SHA-256 `digest`."""
     return f"{DEAD_LETTER}/date={_date(at)}/device={device}/{digest}.{suffix}"
 
 

@@ -38,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Protocol
 
 import psutil
@@ -66,10 +67,18 @@ def serve(name: str, settings: CommonSettings, build: Callable[[], Service],
     """Builds and runs a service; returns its exit status (3: cannot start; FATAL_EXIT: it failed).
 
     Never returns after a fatal error if the drain hangs: the process is ended with os._exit.
+
+    :param str name: the service's name, in its log lines and its health file.
+    :param CommonSettings settings: logging and health settings (settings.log, settings.health).
+    :param build: makes the service; what it raises of `start_errors` is a start failure (exit 3).
+    :param start_errors: the errors that mean "cannot start", already worded for a person: the
+        service's error base (shared.errors.EdgefleetError) and the library errors its set-up raises
+        (OSError, ValueError...). Anything else out of `build` is a bug and propagates as a traceback.
+    :returns: run()'s status, 3, or FATAL_EXIT.
     """
-    logs.setup(name, settings.device_id, settings.log_level, settings.log_format)
-    if settings.health_file is not None:  # a previous run's (same container): not this process's health
-        settings.health_file.unlink(missing_ok=True)
+    logs.setup(name, settings.device_id, settings.log.level, settings.log.format)
+    if settings.health.file is not None:  # a previous run's (same container): not this process's health
+        settings.health.file.unlink(missing_ok=True)
     try:
         service = build()
     except start_errors as exc:
@@ -197,8 +206,9 @@ class Heartbeat:
 
     def __init__(self, settings: CommonSettings, service: Service, fail: Callable[[str, BaseException | None], None],
                  name: str = "", start: bool = True) -> None:
-        self.path, self.service, self.fail = settings.health_file, service, fail
-        self.interval_s, self.liveness_s, self.hang_exit_s = settings.health_interval_s, settings.liveness_s, settings.hang_exit_s
+        self.path, self.service, self.fail = settings.health.file, service, fail
+        self.interval_s = settings.health.interval_s
+        self.liveness_s, self.hang_exit_s = settings.liveness_s, settings.hang_exit_s
         me = psutil.Process()
         self._identity = {"service": name or type(service).__name__, "pid": me.pid, "started": me.create_time()}
         self.healthy_at: float | None = None
@@ -219,8 +229,11 @@ class Heartbeat:
         liveness: Liveness | None = getattr(self.service, "liveness", None)
         late = liveness.late(now) if liveness is not None else []
         if self.hang_exit_s and late and late[0][1] > self.hang_exit_s:
-            self.fail(f"the {late[0][0]} loop has not come round for {late[0][1]:.0f} s (hang_exit_s {self.hang_exit_s:g})", None)
-        stuck = [f"the {name} loop has not come round for {seconds:.0f} s" for name, seconds in late if seconds > self.liveness_s]
+            loop, seconds = late[0]
+            self.fail(f"the {loop} loop has not come round for {seconds:.0f} s (hang_exit_s {self.hang_exit_s:g})",
+                      None)
+        stuck = [f"the {name} loop has not come round for {seconds:.0f} s"
+                 for name, seconds in late if seconds > self.liveness_s]
         link = getattr(self.service, "link", None)
         problems = ["broker link down", *stuck] if link is not None and not link.connected.is_set() else stuck
         # Not yet connected at start is not news; losing health once had, or a stuck loop, is.
@@ -232,15 +245,15 @@ class Heartbeat:
         if not problems:
             self.healthy_at = now
         if self.path is not None:
-            self._write(Beat(**self._identity, beat=now, healthy=self.healthy_at, problems=problems))
+            self._write(self.path, Beat(**self._identity, beat=now, healthy=self.healthy_at, problems=problems))
 
-    def _write(self, beat: Beat) -> None:
-        staging = self.path.with_name(self.path.name + ".tmp")
+    def _write(self, path: Path, beat: Beat) -> None:
+        staging = path.with_name(path.name + ".tmp")
         try:  # a reader sees the old file or the new one, never half of one
             staging.write_text(beat.model_dump_json())
-            os.replace(staging, self.path)
+            os.replace(staging, path)
         except OSError as exc:  # the check then fails on a stale file, which is the truth
-            log.warning("cannot write the health file", extra=fields(path=str(self.path), error=str(exc)))
+            log.warning("cannot write the health file", extra=fields(path=str(path), error=str(exc)))
 
     def stop(self) -> None:
         self._stopping.set()

@@ -36,6 +36,12 @@ class _TextFormatter(logging.Formatter):
 
 
 def setup(service: str, device: str, level: str = "INFO", fmt: str = "json") -> None:
+    """Sends every log record to stderr, one line each, tagged with the service and the device.
+
+    :param str level: the root logger's level name ("DEBUG", "INFO", ...).
+    :param str fmt: "json" (one object per line, for collectors) or anything else for plain text.
+    :raises ValueError: for an unknown level name.
+    """
     _context.update(service=service, device=device)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())

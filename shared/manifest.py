@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shared.errors import EdgefleetError
 from shared.schemas import ModelRef
 
 MODEL_FILE = "model.onnx"
@@ -131,10 +132,14 @@ class ModelManifest(_Strict):
     def ref(self) -> ModelRef:
         return ModelRef(name=self.name, version=self.version, sha256=self.sha256)
 
-class ModelError(RuntimeError):
+class ModelError(EdgefleetError, RuntimeError):
     """A model that must not be served: missing, unreadable, or not what its manifest says."""
 
 def sha256_of(path: Path) -> str:
+    """The SHA-256 (hex) of a file, read in 1 MiB chunks.
+
+    :raises OSError: if the file cannot be read.
+    """
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -151,7 +156,14 @@ def make_dirs(path: Path) -> None:
 
 
 def load_verified(model_dir: Path) -> tuple[ModelManifest, Path]:
-    """Reads manifest.json and checks the model file's size and SHA-256 against it."""
+    """Reads manifest.json and checks the model file's size and SHA-256 against it.
+
+    :param Path model_dir: a model folder (model.onnx and manifest.json, as `edgefleet model build` writes).
+    :returns: the manifest and the model file's path.
+    :raises ModelError: if the manifest is missing or invalid, or the model file is missing or not the
+        size and SHA-256 the manifest says.
+    :raises OSError: if a file that exists cannot be read.
+    """
     manifest_path = model_dir / MANIFEST_FILE
     try:
         manifest = ModelManifest.model_validate_json(manifest_path.read_bytes())

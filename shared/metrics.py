@@ -6,6 +6,8 @@ import threading
 
 
 class Counter:
+    """An int that only grows, safe to add to from any thread; reading it takes no lock."""
+
     def __init__(self) -> None:
         self._value = 0
         self._lock = threading.Lock()

@@ -21,14 +21,19 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from botocore.exceptions import ClientError, IncompleteReadError
-
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from shared.errors import EdgefleetError
 from shared.manifest import ModelManifest, check_model_name, check_model_version
+
+if TYPE_CHECKING:  # boto3-stubs, a dev dependency
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import GetObjectOutputTypeDef
 
 ROOT = "models"
 MODEL_OBJECT, MANIFEST_OBJECT, SIGNATURE_OBJECT = "model.onnx", "manifest.json", "manifest.sig"
@@ -45,7 +50,7 @@ MAX_SIGNATURE_BYTES = 16 << 10
 _OBJECTS = (MODEL_OBJECT, MANIFEST_OBJECT, SIGNATURE_OBJECT)
 
 
-class ObjectTooLarge(ValueError):
+class ObjectTooLarge(EdgefleetError, ValueError):
     """A registry object larger than the cap for its kind; it was not read."""
 
 
@@ -79,15 +84,17 @@ def key(name: str, version: int, obj: str) -> str:
     return f"{ROOT}/{check_name(name)}/{check_version(version)}/{obj}"
 
 
-def read_bounded(s3, bucket: str, key: str, max_bytes: int) -> bytes:
+def read_bounded(s3: S3Client, bucket: str, key: str, max_bytes: int) -> bytes:
     """An object's whole body, if it is at most `max_bytes`; never reads more than max_bytes + 1 bytes.
 
     Asks for `Range: bytes=0-max_bytes` and refuses when the object's total size (Content-Range, or
     Content-Length if the server ignored the range) is over the cap, or when the stream carries more
     than the cap whatever the headers said.
 
-    :param s3: a boto3 S3 client.
-    :param max_bytes: the largest size accepted.
+    :param s3: a boto3 S3 client (shared.s3.client).
+    :param str bucket: the registry's bucket.
+    :param str key: the object's key (key()).
+    :param int max_bytes: the largest size accepted.
     :returns: the body.
     :raises ObjectTooLarge: if the object is larger than `max_bytes`.
     :raises ClientError, BotoCoreError: unchanged (missing object, network), for the caller's retries;
@@ -116,7 +123,7 @@ def read_bounded(s3, bucket: str, key: str, max_bytes: int) -> bytes:
         body.close()
 
 
-def _total_size(response: dict) -> int | None:
+def _total_size(response: GetObjectOutputTypeDef) -> int | None:
     content_range = response.get("ContentRange")  # "bytes 0-1023/4096"
     if content_range and "/" in content_range:
         total = content_range.rsplit("/", 1)[1]
@@ -127,21 +134,33 @@ def _total_size(response: dict) -> int | None:
 
 
 def version_of(object_key: str, name: str) -> int | None:
-    """The version a signature object's key names, if it belongs to `name`."""
+    """The version a signature object's key names, if it belongs to `name`.
+
+    :param str object_key: a key from a listing of models/<name>/.
+    :param str name: the model name the caller lists.
+    :returns: the version; None for any other key (another object, another model, not a version).
+    """
     match = _VERSION_KEY.match(object_key)
     return int(match["version"]) if match and match["name"] == name else None
 
 
-class SignatureError(ValueError):
+class SignatureError(EdgefleetError, ValueError):
     """A manifest that must not be trusted: no signature, an unknown key, or a signature that does not verify."""
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
+    """A public key's id: the first 16 hex digits of the SHA-256 of its raw bytes (what a signature names)."""
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
 def sign(manifest_bytes: bytes, private_key: Ed25519PrivateKey) -> bytes:
+    """The signature object (manifest.sig) for these exact manifest bytes.
+
+    :param bytes manifest_bytes: the manifest as stored (manifest_bytes()).
+    :param private_key: the operator's signing key (load_private_key()).
+    :returns: the JSON document {"algorithm", "key_id", "signature" (base64)}, encoded.
+    """
     document = {
         "algorithm": ALGORITHM,
         "key_id": key_id(private_key.public_key()),
@@ -151,10 +170,20 @@ def sign(manifest_bytes: bytes, private_key: Ed25519PrivateKey) -> bytes:
 
 
 def verify(manifest_bytes: bytes, signature: bytes, trusted: dict[str, Ed25519PublicKey]) -> ModelManifest:
-    """The manifest, if `signature` is a valid signature over exactly these bytes by a trusted key."""
+    """The manifest, if `signature` is a valid signature over exactly these bytes by a trusted key.
+
+    :param bytes manifest_bytes: manifest.json as read from the registry (read_bounded()).
+    :param bytes signature: manifest.sig as read from the registry.
+    :param trusted: the public keys this device trusts, by key id (load_public_keys()).
+    :returns: the validated manifest.
+    :raises SignatureError: if the signature is malformed, of another algorithm, by an untrusted key,
+        or does not match the bytes.
+    :raises pydantic.ValidationError: (a ValueError) if the signed bytes are not a valid manifest.
+    """
     try:
         document = json.loads(signature)
-        algorithm, signer, raw = document["algorithm"], document["key_id"], base64.b64decode(document["signature"], validate=True)
+        algorithm, signer = document["algorithm"], document["key_id"]
+        raw = base64.b64decode(document["signature"], validate=True)
     except (ValueError, KeyError, TypeError) as exc:
         raise SignatureError(f"the signature file is malformed: {exc}") from None
     if algorithm != ALGORITHM:
@@ -169,12 +198,20 @@ def verify(manifest_bytes: bytes, signature: bytes, trusted: dict[str, Ed25519Pu
 
 
 def manifest_bytes(manifest: ModelManifest) -> bytes:
-    """The bytes that are signed and stored: one canonical rendering, so the same manifest signs the same."""
+    """The bytes that are signed and stored: one canonical rendering (sorted keys), so the same
+    manifest always signs the same."""
     return json.dumps(manifest.model_dump(mode="json"), sort_keys=True, indent=1).encode()
 
 
 def load_public_keys(folder: Path) -> dict[str, Ed25519PublicKey]:
-    """Every operator public key (PEM, *.pub) in a folder, by key id."""
+    """Every operator public key (PEM, *.pub) in a folder, by key id.
+
+    :param Path folder: the trusted keys' folder; a missing folder trusts no key.
+    :returns: the keys by key id (key_id()); empty if there are none.
+    :raises SignatureError: for a file that is a public key of another kind than Ed25519.
+    :raises ValueError: for a file that is not a PEM public key.
+    :raises OSError: for a file that cannot be read.
+    """
     keys = {}
     for path in sorted(folder.glob(f"*{PUBLIC_KEY_SUFFIX}")) if folder.is_dir() else []:
         public_key = serialization.load_pem_public_key(path.read_bytes())
@@ -192,7 +229,13 @@ class KeyPair:
 
 
 def new_key_pair(folder: Path, name: str = "operator") -> KeyPair:
-    """An operator's signing key (PEM, readable by its owner only) and the public half devices trust."""
+    """An operator's signing key (PEM, readable by its owner only) and the public half devices trust.
+
+    :param Path folder: where both are written (created if missing).
+    :param str name: the files' name: `<name>.key` and `<name>.pub`.
+    :returns: the two paths and the key id.
+    :raises FileExistsError: if `<name>.key` exists: a signing key is never overwritten.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     private_key = Ed25519PrivateKey.generate()
     private, public = folder / f"{name}.key", folder / f"{name}{PUBLIC_KEY_SUFFIX}"
@@ -207,6 +250,13 @@ def new_key_pair(folder: Path, name: str = "operator") -> KeyPair:
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
+    """An operator's signing key from its PEM file (unencrypted PKCS#8, as new_key_pair() writes it).
+
+    :raises SignatureError: if it is a private key of another kind than Ed25519.
+    :raises ValueError: if the file is not a PEM private key.
+    :raises TypeError: if the key is encrypted.
+    :raises OSError: if it cannot be read.
+    """
     private_key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(private_key, Ed25519PrivateKey):
         raise SignatureError(f"{path} is not an Ed25519 private key")

@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from shared.config import StoreSettings
 
+if TYPE_CHECKING:  # the S3 client's types come from boto3-stubs (a dev dependency); images run without them
+    from mypy_boto3_s3 import S3Client
 
 ATTEMPTS, TIMEOUT_S = 3, 10.0
 MAX_BACKOFF_S = 20.0  # botocore's standard retry mode never waits longer than this between attempts
 
 
-def client(settings: StoreSettings, attempts: int = ATTEMPTS, timeout_s: float = TIMEOUT_S):
-    secret = settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
+def client(settings: StoreSettings, attempts: int = ATTEMPTS, timeout_s: float = TIMEOUT_S) -> S3Client:
+    """A boto3 S3 client for the store the settings name (settings.s3: endpoint, region, keys).
+
+    :param StoreSettings settings: the service's settings.
+    :param int attempts: botocore's max_attempts (standard retry mode); 1 for a caller that retries by
+        itself (sync: its downloads resume).
+    :param float timeout_s: the connect and the read timeout of each attempt.
+
+    Returns the client; it makes no request yet.
+    """
+    secret = settings.s3.secret_access_key.get_secret_value() if settings.s3.secret_access_key else None
     return boto3.client(
         "s3",
-        endpoint_url=settings.s3_endpoint_url,
-        region_name=settings.s3_region,
-        aws_access_key_id=settings.s3_access_key_id,
+        endpoint_url=settings.s3.endpoint_url,
+        region_name=settings.s3.region,
+        aws_access_key_id=settings.s3.access_key_id,
         aws_secret_access_key=secret,
         config=Config(
             connect_timeout=timeout_s, read_timeout=timeout_s,
@@ -29,7 +42,12 @@ def client(settings: StoreSettings, attempts: int = ATTEMPTS, timeout_s: float =
     )
 
 
-def ensure_bucket(s3, bucket: str) -> None:
+def ensure_bucket(s3: S3Client, bucket: str) -> None:
+    """Create the bucket unless it exists.
+
+    :raises ClientError, BotoCoreError: unchanged, for any answer but "no such bucket" (access denied,
+        the store unreachable).
+    """
     try:
         s3.head_bucket(Bucket=bucket)
     except ClientError as exc:

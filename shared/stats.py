@@ -31,10 +31,12 @@ def psi(expected: Iterable[str], actual: Iterable[str], smoothing: float = 0.5) 
 
 
 def p95(values: Iterable[float]) -> float | None:
+    """The 95th percentile (numpy's linear interpolation); None for no values."""
     values = list(values)
     return float(np.percentile(values, 95)) if values else None
 
 
 def mean(values: Iterable[float]) -> float | None:
+    """The arithmetic mean; None for no values."""
     values = list(values)
     return float(np.mean(values)) if values else None

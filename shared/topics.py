@@ -26,6 +26,13 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def check_id(kind: str, value: str) -> str:
+    """A device or camera id safe to be one topic level (and a file name).
+
+    :param str kind: what the id names ("device", "camera"), for the error's text.
+    :param str value: the id.
+    :returns: the id unchanged.
+    :raises ValueError: unless it is 1-64 letters, digits, '_', '.', '-' starting with a letter or digit.
+    """
     if not _ID.match(value):
         raise ValueError(
             f"{kind} id {value!r} must be 1-64 characters of letters, digits, '_', '.', '-' "

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from edgefleet.broker import Broker
-from edgefleet.s3server import S3Server
 from edgefleet.models.build import build
-from shared.config import DEFAULT_MODEL_DIR
-from tests.support import Device, ServiceProcess, stop_and_report, wait_until
+from edgefleet.s3server import S3Server
+from shared.config import DEFAULT_MODEL_DIR, InferenceSettings, load
+from tests.support import Device, ServiceProcess, Services, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 _device_ids = itertools.count(1)
@@ -50,7 +50,7 @@ def s3_server():
 @pytest.fixture
 def fleet(tmp_path, request):
     """A broker, an S3 registry and an operator key; devices of real processes on demand."""
-    from tests.fleet import Fleet
+    from tests.delivery import Fleet
 
     f = Fleet(tmp_path, request)
     yield f
@@ -70,20 +70,15 @@ def uplink(tmp_path, request):
 @pytest.fixture
 def start_inference(model_dir, tmp_path, request):
     """Starts `edgefleet inference` against a broker and waits for its retained online status."""
-    started: list[ServiceProcess] = []
+    services = Services(tmp_path, request)
 
-    def start(broker: Broker, wait_online: bool = True, **settings: str) -> tuple[ServiceProcess, Device]:
+    def start(broker: Broker, wait_online: bool = True, **settings: object) -> tuple[ServiceProcess, Device]:
         device_id = settings.pop("device_id", f"dev-{next(_device_ids)}")
-        env = {
-            "EDGEFLEET_MQTT_URL": broker.url,
-            "EDGEFLEET_DEVICE_ID": device_id,
-            "EDGEFLEET_MODEL_DIR": str(model_dir),
-            "EDGEFLEET_STATUS_INTERVAL_S": "0.5",
-            "EDGEFLEET_MQTT_RECONNECT_MAX_S": "1",
-            **{f"EDGEFLEET_{k.upper()}": str(v) for k, v in settings.items()},
-        }
-        service = ServiceProcess(env, tmp_path / f"inference-{len(started)}.log")
-        started.append(service)
+        inference = load(InferenceSettings, None, **{
+            "mqtt_url": broker.url, "device_id": device_id, "model_dir": model_dir, "status_interval_s": 0.5,
+            "mqtt_reconnect_max_s": 1, **settings,
+        })
+        service = services.start(inference, f"inference-{len(services.started)}")
         device = Device(broker.url, device_id)
         request.addfinalizer(device.close)
         if wait_online:
@@ -95,7 +90,7 @@ def start_inference(model_dir, tmp_path, request):
         return service, device
 
     yield start
-    stop_and_report(started, request)
+    services.close()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -25,8 +25,8 @@ def start_build() -> None:
     global _build
     if _build is None:
         LOG.parent.mkdir(parents=True, exist_ok=True)
-        _build = subprocess.Popen([str(REPO / "scripts" / "images.sh")], stdout=LOG.open("wb"), stderr=subprocess.STDOUT,
-                                  cwd=REPO, start_new_session=True)
+        _build = subprocess.Popen([str(REPO / "scripts" / "images.sh")], stdout=LOG.open("wb"),
+                                  stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
 
 
 def wait_built(timeout: float = 1800) -> None:
@@ -36,7 +36,8 @@ def wait_built(timeout: float = 1800) -> None:
     try:
         _build.wait(timeout)
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"scripts/images.sh still running after {timeout:g} s:\n{LOG.read_text()[-4000:]}") from None
+        raise AssertionError(f"scripts/images.sh still running after {timeout:g} s:\n"
+                             f"{LOG.read_text()[-4000:]}") from None
     if _build.returncode != 0:
         raise AssertionError(f"scripts/images.sh exited {_build.returncode}:\n{LOG.read_text()[-4000:]}")
 

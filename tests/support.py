@@ -3,34 +3,23 @@ collects what the device publishes. Everything talks to real Mosquitto brokers."
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
 
 import psutil
+from pydantic import BaseModel
 
+from edgefleet.spawner import Child
+from edgefleet.waiting import wait_until
 from shared import topics
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import CommonSettings
 from shared.mqtt import MqttLink, content_type_of
 from shared.schemas import Encoding, ErrorReport, FrameEnvelope, Prediction, ServiceStatus, SyncReport
-
-T = TypeVar("T")
-
-
-def wait_until(check: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Device:
@@ -119,47 +108,53 @@ class Device:
         self.link.stop()
 
 
-def stop_and_report(processes: list["ServiceProcess"], request, tail: int = 5000) -> None:
-    """Kills the processes; when the test failed, prints the end of each one's log for whoever reads it."""
-    call = getattr(request.node, "rep_call", None)
-    for process in processes:
-        process.kill()
-        if call is not None and call.failed:
-            print(f"--- {process.log_path}\n{process.log()[-tail:]}")
+class Services:
+    """The services one test started, each logging to `<folder>/<name>.log`. `close` kills them all
+    (SIGKILL: a test's end need not be graceful) and, when the test failed, prints the end of each
+    log for whoever reads it."""
+
+    def __init__(self, folder: Path, request) -> None:
+        self.folder, self._request = folder, request
+        self.started: list[ServiceProcess] = []
+
+    def start(self, settings: BaseModel, name: str, service: str = "inference") -> ServiceProcess:
+        process = ServiceProcess(settings, self.folder / f"{name}.log", service)
+        self.started.append(process)
+        return process
+
+    def close(self, tail: int = 5000) -> None:
+        call = getattr(self._request.node, "rep_call", None)
+        for process in self.started:
+            process.kill()
+            if call is not None and call.failed:
+                print(f"--- {process.log_path}\n{process.log()[-tail:]}")
 
 
-class ServiceProcess:
-    """`edgefleet <service>` as a child process: the command the containers run."""
+class ServiceProcess(Child):
+    """`edgefleet <service>` as a child process, the command the containers run, started as every
+    launcher starts one (edgefleet/spawner.py), with what tests look at besides.
 
-    def __init__(self, env: dict[str, str], log_path: Path, service: str = "inference") -> None:
-        self.log_path = log_path
-        self.started = time.time()
-        self._log = log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgefleet", service],
-            env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
-        )
+    Args:
+        settings: the service's typed settings (`config.load(SyncSettings, None, device_id=...)`), or
+            the EDGEFLEET_* strings themselves where a test hands the service a raw or bad value on
+            purpose, to see it refuse it.
+        log_path: its log file.
+        service: the command.
+    """
+
+    def __init__(self, settings: BaseModel | Mapping[str, str], log_path: Path, service: str = "inference") -> None:
+        if isinstance(settings, BaseModel):
+            super().__init__(service, log_path, settings)
+        else:
+            super().__init__(service, log_path, env=settings)
 
     @property
     def rss(self) -> int:
         return psutil.Process(self.proc.pid).memory_info().rss
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
     def terminate(self, timeout: float = 60) -> int:
-        if self.alive():
-            self.proc.terminate()
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        if self.alive():
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
+        """Stops it the one way (SIGTERM, SIGKILL after `timeout`); returns its exit status."""
+        return self.stop(timeout)
 
 
 def zlib_bomb(inflated_mib: int) -> bytes:

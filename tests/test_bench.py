@@ -10,6 +10,12 @@ import sys
 
 import pytest
 
+COMPRESSED = ("FP32", "static INT8", "dynamic INT8", "pruned", "pruned + INT8", "distilled", "distilled + INT8")
+COMPRESSION_GOALS = {
+    "static INT8 latency at batch 1 / FP32", "static INT8 top-1 agreement with FP32", "static INT8 file size / FP32",
+    "pruned model on the Pareto front (alone or + INT8)", "distilled model on the Pareto front (alone or + INT8)",
+}
+
 
 @pytest.mark.parametrize("name", ["pipeline", "compression", "ep", "swap", "telemetry", "overload"])
 def test_bench_quick_writes_its_goals(name, model_dir, tmp_path):
@@ -32,6 +38,11 @@ def test_bench_quick_writes_its_goals(name, model_dir, tmp_path):
         rows = {r["requested"]: r for r in document["rows"]}
         assert rows["CUDAExecutionProvider"]["fell back"] and rows["CPUExecutionProvider"]["fell back"] is False
         assert "FALLBACK: CUDAExecutionProvider" in result.stdout and document["goals"][0]["met"]
+    if name == "compression":  # --quick builds and measures every model and writes every goal, on less
+        assert [r["model"] for r in document["rows"]] == list(COMPRESSED)
+        assert {g["name"] for g in document["goals"]} == COMPRESSION_GOALS
+        assert all(r["p50 ms"] > 0 and 0 <= r["top-1 agree"] <= 1 for r in document["rows"])
+        assert document["rows"][0]["top-1 agree"] == 1.0  # the baseline every ratio is taken against
     if name == "telemetry":  # what was not measured says so, in the table and in the goals
         assert any("not measured: --no-containers" in str(r["records/s"]) for r in document["rows"])
         assert [g["met"] for g in document["goals"] if "containers" in g["name"]] == [False, False]
@@ -60,8 +71,8 @@ def test_bench_images_measures_every_image(model_dir, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     document = json.loads(out.read_text())
     rows = {r["image"]: r for r in document["rows"]}
-    images = {f"edgefleet/{t}:latest" for t in ("inference", "sync", "telemetry", "cloud-ingest", "camera", "s3-standin")} | {
-        "python:3.11-slim", "eclipse-mosquitto:2.0"}
+    services = ("inference", "sync", "telemetry", "cloud-ingest", "camera", "s3-standin")
+    images = {f"edgefleet/{t}:latest" for t in services} | {"python:3.11-slim", "eclipse-mosquitto:2.0"}
     assert set(rows) == images
     assert all(isinstance(rows[i]["MB"], float) and rows[i]["MB"] > 1 for i in images)
     inference = rows["edgefleet/inference:latest"]
@@ -72,6 +83,8 @@ def test_bench_images_measures_every_image(model_dir, tmp_path):
     assert inference["online s"] > 0 and inference["healthy s"] > 0
     assert inference["resident MiB after 3 s idle"] > 10
     assert "healthy s" not in rows["edgefleet/sync:latest"]
-    assert {g["name"] for g in document["goals"]} == {"inference image on the real slim base", "inference healthy after docker run"}
-    leftover = subprocess.run(["docker", "ps", "-aq", "--filter", "name=efh-bench-inference-"], capture_output=True, text=True).stdout
+    goals = {g["name"] for g in document["goals"]}
+    assert goals == {"inference image on the real slim base", "inference healthy after docker run"}
+    leftover = subprocess.run(["docker", "ps", "-aq", "--filter", "name=efh-bench-inference-"],
+                              capture_output=True, text=True).stdout
     assert leftover.strip() == "", "the bench left containers behind"

@@ -27,7 +27,8 @@ class Client:
     def __init__(self, url: str, name: str, **auth) -> None:
         self.received: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
-        self.link = MqttLink(CommonSettings(mqtt_url=url, device_id=name.replace("@", "-"), mqtt_reconnect_max_s=1, **auth),
+        self.link = MqttLink(CommonSettings(mqtt_url=url, device_id=name.replace("@", "-"), mqtt_reconnect_max_s=1,
+                                            **auth),
                              "test", unique=True)
 
     def connect(self, timeout: float = 3.0) -> bool:
@@ -99,7 +100,8 @@ def test_a_camera_publishes_only_its_own_frames_and_reads_nothing(edge):
     wait_until(lambda: b"round trip" in console.payloads(), 10, "the camera's round-trip frame")
     assert [p for t, p in console.received if t.endswith("frames/cam-1")] == [b"frame", b"sentinel", b"round trip"]
     assert "edgefleet/d1/frames/cam-2" not in console.topics(), "a camera published as another camera"
-    assert [p for t, p in console.received if t.endswith("predictions/cam-1")] == [b"prediction"], "a camera forged a prediction"
+    assert [p for t, p in console.received if t.endswith("predictions/cam-1")] == [b"prediction"], \
+        "a camera forged a prediction"
     assert camera.received == [], "a camera read predictions"
     for client in (console, camera, inference):
         client.close()
@@ -184,7 +186,10 @@ def test_a_bridge_keeps_what_it_queued_across_a_cut_link_and_delivers_it(pki, tm
     try:
         operator, sync = _bridge_carrying(cloud, edge, certs, b"before")
         operator.close()
-        attempts = lambda: (edge.workdir / "mosquitto.log").read_text().count("Connecting bridge (step 1)")
+
+        def attempts() -> int:
+            return (edge.workdir / "mosquitto.log").read_text().count("Connecting bridge (step 1)")
+
         before = attempts()
         cloud.kill()  # the link is cut
         wait_until(lambda: attempts() > before, 30, "the bridge to notice the cut and retry", interval=0.1)
@@ -218,11 +223,15 @@ def test_a_bridge_refuses_a_fleet_broker_whose_certificate_another_ca_signed(pki
         for i in range(5):
             sync.link.publish("edgefleet/dev-1/sync/state", f"secret {i}".encode(), qos=1).wait_for_publish(5)
         # Instead of a sleep: two more refused attempts of the bridge, each after the secrets were queued.
-        refusals = lambda: (edge.workdir / "mosquitto.log").read_text().count("certificate verify failed")
+
+        def refusals() -> int:
+            return (edge.workdir / "mosquitto.log").read_text().count("certificate verify failed")
+
         before = refusals()
         wait_until(lambda: refusals() >= before + 2, 30, "the bridge to try the impostor twice more", interval=0.2)
         assert listener.received == []
-        assert " as dev-1 " not in (impostor.workdir / "mosquitto.log").read_text(), "the bridge logged in to the impostor"
+        assert " as dev-1 " not in (impostor.workdir / "mosquitto.log").read_text(), \
+            "the bridge logged in to the impostor"
         listener.close()
         sync.close()
     finally:
@@ -298,14 +307,15 @@ def test_the_edge_broker_refuses_a_packet_over_its_cap_and_passes_every_frame_in
 def test_the_fleet_broker_refuses_a_packet_over_its_cap_and_passes_a_full_telemetry_batch(pki):
     certs, _ = pki
     cap = _setting("cloud.conf", "max_packet_size")
-    largest = TelemetrySettings().batch_max_bytes
+    largest = TelemetrySettings().batch.max_bytes
     assert largest < cap, "a full telemetry batch must cross the fleet broker"
     with Broker(security=cloud_listener(certs)) as cloud:
         ingest = _device(cloud, certs, "cloud-ingest-0")
         ingest.listen("edgefleet/+/telemetry")
         assert ingest.connect()
         _subscribed(ingest)
-        _refuses_oversized_packets(cloud.port, cap, "edgefleet/dev-1/telemetry", largest, ingest, tls=_tls(certs, "dev-1"))
+        _refuses_oversized_packets(cloud.port, cap, "edgefleet/dev-1/telemetry", largest, ingest,
+                                   tls=_tls(certs, "dev-1"))
         ingest.close()
 
 

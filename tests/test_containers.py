@@ -22,10 +22,10 @@ import paho.mqtt.client as mqtt
 import pytest
 import yaml
 
+from edgefleet.waiting import wait_until
 from shared import topics
 from shared.schemas import Prediction
 from tests.images import engine_available, wait_built
-from tests.support import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 EDGEFLEET = REPO / ".venv" / "bin" / "edgefleet"
@@ -49,9 +49,11 @@ def _engine() -> None:
 
 
 def _run(*args: str, check: bool = True, env: dict | None = None, cwd: Path | None = None, timeout: float = 600) -> str:
-    done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout)
+    done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd,
+                          timeout=timeout)
     if check and done.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise AssertionError(f"{' '.join(args)} exited {done.returncode}:\n"
+                             f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done.stdout
 
 
@@ -98,7 +100,8 @@ class Stack:
 
     def wait_healthy(self, *services: str, timeout: float = 180) -> None:
         for service in services:
-            wait_until(lambda: self.health(service) == "healthy", timeout, f"{service} healthy", interval=1)
+            wait_until(lambda service=service: self.health(service) == "healthy", timeout, f"{service} healthy",
+                       interval=1)
 
     def logs(self, service: str, tail: int = 60) -> str:
         return self.compose("logs", "--no-color", "--tail", str(tail), service, check=False)
@@ -114,7 +117,8 @@ class Stack:
     def operator_env(self) -> dict[str, str]:
         certs = self.var / "certs"
         return {"EDGEFLEET_MQTT_URL": "mqtts://localhost:8883", "EDGEFLEET_DEVICE_ID": "operator",
-                "EDGEFLEET_MQTT_CA_FILE": str(certs / "ca.crt"), "EDGEFLEET_MQTT_CERT_FILE": str(certs / "operator.crt"),
+                "EDGEFLEET_MQTT_CA_FILE": str(certs / "ca.crt"),
+                "EDGEFLEET_MQTT_CERT_FILE": str(certs / "operator.crt"),
                 "EDGEFLEET_MQTT_KEY_FILE": str(certs / "operator.key")}
 
     def publish_v2(self) -> None:
@@ -150,7 +154,8 @@ class Watch:
                 _, payload = self.messages.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            prediction = Prediction.model_validate_json(payload) if payload[:1] == b"{" else Prediction.from_wire(payload)
+            prediction = (Prediction.model_validate_json(payload) if payload[:1] == b"{"
+                          else Prediction.from_wire(payload))
             if where(prediction):
                 return prediction
         raise AssertionError("no matching prediction in time")
@@ -168,8 +173,8 @@ def stack(tmp_path_factory):
     (folder / "deploy").symlink_to(REPO / "deploy")
     (folder / "var" / "models").mkdir(parents=True)
     shutil.copytree(REPO / "var" / "models" / "efficientnet-lite0", folder / "var" / "models" / "efficientnet-lite0")
-    _run(str(REPO / "scripts" / "compose-init.sh"), env={"EDGEFLEET": str(EDGEFLEET), "CAMERAS": f"{CAMERA},{LAN_CAMERA}"},
-         cwd=folder)
+    _run(str(REPO / "scripts" / "compose-init.sh"),
+         env={"EDGEFLEET": str(EDGEFLEET), "CAMERAS": f"{CAMERA},{LAN_CAMERA}"}, cwd=folder)
     s = Stack(folder)
     s.compose("down", "-v", "--remove-orphans", check=False)
     try:
@@ -274,7 +279,7 @@ def test_telemetry_reports_its_projects_containers_through_the_docker_api(stack)
 
 def test_every_service_writes_its_empty_volume_as_uid_10001(stack):
     for volume, service in (("model-store", "sync"), ("telemetry-queue", "telemetry")):
-        wait_until(lambda: _volume_files(volume), 60, f"{service} wrote to {volume}", interval=1)
+        wait_until(lambda volume=volume: _volume_files(volume), 60, f"{service} wrote to {volume}", interval=1)
         owners = {line.split(" ", 1)[0] for line in _volume_files(volume)}
         assert owners == {str(SERVICE_UID)}, (volume, _volume_files(volume))
 
@@ -295,10 +300,13 @@ def test_the_device_key_reads_the_registry_and_cannot_write_or_delete(stack):
                           aws_access_key_id=(keys / "access-key").read_text().strip(),
                           aws_secret_access_key=(keys / "secret-key").read_text().strip())
     stack.publish_v2()
-    manifest = device.get_object(Bucket="edgefleet-models", Key="models/efficientnet-lite0/2/manifest.json")["Body"].read()
+    manifest = device.get_object(Bucket="edgefleet-models",
+                                 Key="models/efficientnet-lite0/2/manifest.json")["Body"].read()
     assert json.loads(manifest)["name"] == "efficientnet-lite0"
-    for attempt in (lambda: device.put_object(Bucket="edgefleet-models", Key="models/efficientnet-lite0/2/model.onnx", Body=b"x"),
-                    lambda: device.delete_object(Bucket="edgefleet-models", Key="models/efficientnet-lite0/2/manifest.json"),
+    for attempt in (lambda: device.put_object(Bucket="edgefleet-models", Key="models/efficientnet-lite0/2/model.onnx",
+                                              Body=b"x"),
+                    lambda: device.delete_object(Bucket="edgefleet-models",
+                                                 Key="models/efficientnet-lite0/2/manifest.json"),
                     lambda: device.list_objects_v2(Bucket="edgefleet-telemetry")):
         with pytest.raises(ClientError) as refused:
             attempt()
@@ -317,7 +325,8 @@ def test_a_rollout_through_the_containerised_fleet_broker_reaches_the_device(sta
 
 
 def test_telemetry_reaches_the_s3_store_through_the_bridge(stack):
-    rows = wait_until(lambda: _audit(stack).get(DEVICE, {}).get("received"), 180, "device-1's telemetry in S3", interval=2)
+    rows = wait_until(lambda: _audit(stack).get(DEVICE, {}).get("received"), 180, "device-1's telemetry in S3",
+                      interval=2)
     assert rows > 0
 
 
@@ -374,8 +383,9 @@ def test_containers_killed_under_load_are_restarted_and_lose_nothing(stack, serv
     for service in services:
         os.kill(_service_pid(stack, service), signal.SIGKILL)
     for service in services:
-        wait_until(lambda: _restarts(stack, service) > before[service] and stack.inspect(service)["State"]["Running"], 60,
-                   f"{service} restarted by its policy", interval=1)
+        wait_until(lambda service=service: (_restarts(stack, service) > before[service]
+                                            and stack.inspect(service)["State"]["Running"]),
+                   60, f"{service} restarted by its policy", interval=1)
     stack.wait_healthy(*HEALTHCHECKED)
     assert _predictions_flow(stack).top, f"predictions flow again after {services} were killed"
     wait_until(lambda: _audit(stack)[DEVICE]["received"] > received, 180, "new telemetry after the kills", interval=3)

@@ -2,7 +2,8 @@
 (vendored in check-jsonschema), every k3s manifest against the Kubernetes OpenAPI schemas (bundled in
 kubernetes-validate), the file as docker-compose 1.29 reads it, and every container running the
 command the tests run; each check is shown to fail on a broken file. The images and the compose stack
-run for real in tests/test_containers.py (no cluster exists here). The overlays, rendered by kubectl and read container by container, are tests/test_k3s.py's."""
+run for real in tests/test_containers.py (no cluster exists here). The overlays, rendered by kubectl
+and read container by container, are tests/test_k3s.py's."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from shared.config import InferenceSettings, load
 from tests.support import ServiceProcess, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,14 +30,16 @@ MANIFESTS = sorted(p for p in (REPO / "k3s" / "base").rglob("*.yaml") if p.name 
 
 def _compose_check(path: Path) -> subprocess.CompletedProcess:
     tool = Path(sys.executable).with_name("check-jsonschema")
-    return subprocess.run([str(tool), "--builtin-schema", "vendor.compose-spec", str(path)], capture_output=True, text=True)
+    return subprocess.run([str(tool), "--builtin-schema", "vendor.compose-spec", str(path)],
+                          capture_output=True, text=True)
 
 
 def test_the_compose_file_validates_and_a_broken_one_does_not(tmp_path):
     ok = _compose_check(REPO / "docker-compose.yml")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     broken = tmp_path / "docker-compose.yml"
-    broken.write_text((REPO / "docker-compose.yml").read_text().replace("restart: unless-stopped", "restart: [sometimes]", 1))
+    compose = (REPO / "docker-compose.yml").read_text()
+    broken.write_text(compose.replace("restart: unless-stopped", "restart: [sometimes]", 1))
     result = _compose_check(broken)
     assert result.returncode != 0 and "restart" in result.stdout + result.stderr
 
@@ -45,7 +49,8 @@ def _compose_v1_check(compose: Path, *overrides: Path) -> subprocess.CompletedPr
     `name:` that Compose v2 takes, so both must accept the file. Secrets' files need not exist for this."""
     files = [arg for path in (compose, *overrides) for arg in ("-f", str(path))]
     return subprocess.run(["docker-compose", *files, "--project-directory", str(REPO), "config", "-q"],
-                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "COMPOSE_PROJECT_NAME": "check", "DOCKER_GID": "999"})
+                          capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "COMPOSE_PROJECT_NAME": "check", "DOCKER_GID": "999"})
 
 
 def test_compose_gives_each_service_only_its_own_secrets():
@@ -53,13 +58,15 @@ def test_compose_gives_each_service_only_its_own_secrets():
     S3 store's root keys; no service mounts var/certs whole (it holds the CA's private key)."""
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services, secrets = compose["services"], compose["secrets"]
-    sources = {name: {s["source"] if isinstance(s, dict) else s for s in svc.get("secrets", [])} for name, svc in services.items()}
+    sources = {name: {s["source"] if isinstance(s, dict) else s for s in svc.get("secrets", [])}
+               for name, svc in services.items()}
     assert {"device-s3-access-key", "device-s3-secret-key"} <= sources["sync"]
     root_files = {secrets["s3-access-key"]["file"], secrets["s3-secret-key"]["file"]}
     for name in ("sync", "inference", "telemetry", "camera", "broker"):
         assert not {secrets[s]["file"] for s in sources[name]} & root_files, f"{name} gets the S3 root keys"
     for name, svc in services.items():
-        assert not [v for v in svc.get("volumes", []) if str(v).startswith("./var/certs")], f"{name} mounts var/certs whole"
+        certs = [v for v in svc.get("volumes", []) if str(v).startswith("./var/certs")]
+        assert not certs, f"{name} mounts var/certs whole"
     assert not any("ca.key" in spec["file"] or "operator.key" in spec["file"] for spec in secrets.values())
 
 
@@ -138,9 +145,9 @@ def test_every_container_runs_the_command_the_tests_run():
 
 def test_the_health_check_follows_the_broker_link(broker, model_dir, tmp_path):
     health = tmp_path / "alive"
-    env = {"EDGEFLEET_MQTT_URL": broker.url, "EDGEFLEET_DEVICE_ID": "edge-h", "EDGEFLEET_MODEL_DIR": str(model_dir),
-           "EDGEFLEET_HEALTH_FILE": str(health), "EDGEFLEET_MQTT_RECONNECT_MAX_S": "1"}
-    service = ServiceProcess(env, tmp_path / "inference.log")
+    settings = load(InferenceSettings, None, mqtt_url=broker.url, device_id="edge-h", model_dir=model_dir,
+                    health_file=health, mqtt_reconnect_max_s=1)
+    service = ServiceProcess(settings, tmp_path / "inference.log")
     check = [sys.executable, "-m", "edgefleet", "health", str(health), "--max-age", "7"]
     try:
         wait_until(lambda: subprocess.run(check).returncode == 0, 60, "a healthy heartbeat", interval=1)

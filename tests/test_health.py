@@ -13,7 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
-from shared.config import CommonSettings
+from shared.config import CommonSettings, InferenceSettings, environment, load
 from shared.health import check_health
 from shared.lifecycle import FATAL_EXIT, Heartbeat, Liveness
 from tests.support import ServiceProcess, wait_until
@@ -28,9 +28,9 @@ def _health(file: Path, *flags: str) -> subprocess.CompletedProcess:
 
 def test_a_frozen_inference_is_reported_unhealthy_and_killed_by_the_health_check(broker, model_dir, tmp_path):
     health = tmp_path / "alive"
-    env = {"EDGEFLEET_MQTT_URL": broker.url, "EDGEFLEET_DEVICE_ID": "edge-frozen", "EDGEFLEET_MODEL_DIR": str(model_dir),
-           "EDGEFLEET_HEALTH_FILE": str(health), "EDGEFLEET_HEALTH_INTERVAL_S": "0.5"}
-    service = ServiceProcess(env, tmp_path / "inference.log")
+    settings = load(InferenceSettings, None, mqtt_url=broker.url, device_id="edge-frozen", model_dir=model_dir,
+                    health_file=health, health_interval_s=0.5)
+    service = ServiceProcess(settings, tmp_path / "inference.log")
     try:
         wait_until(lambda: _health(health, "--max-age", "2", "--kill-after", "1").returncode == 0, 60,
                    "a healthy inference", interval=0.5)
@@ -136,9 +136,11 @@ raise SystemExit(serve("probe", CommonSettings(device_id="probe"), Service, ()))
 
 def test_a_hung_worker_ends_its_process_with_the_fatal_status(tmp_path):
     health = tmp_path / "alive"
-    env = {**os.environ, "EDGEFLEET_HEALTH_FILE": str(health), "EDGEFLEET_HEALTH_INTERVAL_S": "0.2",
-           "EDGEFLEET_LIVENESS_S": "1", "EDGEFLEET_HANG_EXIT_S": "2"}
-    process = subprocess.run([sys.executable, "-c", HUNG], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    # Not a service: a script of its own, so started with the settings' environment, not the spawner.
+    settings = load(CommonSettings, None, health_file=health, health_interval_s=0.2, liveness_s=1, hang_exit_s=2)
+    env = {**os.environ, **environment(settings)}
+    process = subprocess.run([sys.executable, "-c", HUNG], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=60)
     assert process.returncode == FATAL_EXIT, process.stdout + process.stderr
     assert "worker hung" in process.stdout
     assert "fatal: the worker loop has not come round" in process.stderr

@@ -14,6 +14,7 @@ from edgefleet import photos
 from edgefleet.broker import Broker
 from shared import topics
 from shared.codec import WireFormat
+from shared.config import InferenceSettings, load
 from shared.manifest import load_verified
 from tests.support import Device, ServiceProcess, wait_until, zlib_bomb
 
@@ -80,7 +81,8 @@ def test_provider_fallback_runs_on_cpu_and_says_so(broker, start_inference):
     status = device.latest_status()
     assert status.provider.requested[0] == "CUDAExecutionProvider"
     assert status.provider.active == "CPUExecutionProvider" and status.provider.fallback
-    alert = wait_until(lambda: next((e for e in device.errors if e.reason == "provider_fallback"), None), 10, "a fallback alert")
+    alert = wait_until(lambda: next((e for e in device.errors if e.reason == "provider_fallback"), None), 10,
+                       "a fallback alert")
     assert "CUDAExecutionProvider" in alert.detail
     device.publish_envelope("cam", "after-fallback", photos.jpeg("coffee"))
     assert device.prediction_for("after-fallback").provider == "CPUExecutionProvider"
@@ -112,7 +114,8 @@ def test_broker_killed_midstream_then_restarted(broker, start_inference):
     broker.start()  # same port, a fresh broker with no sessions or retained messages
 
     # The service reconnects and resubscribes by itself and announces itself online again.
-    wait_until(lambda: sum(s.state == "online" for s in device.statuses) > onlines_before, 30, "the online status again")
+    wait_until(lambda: sum(s.state == "online" for s in device.statuses) > onlines_before, 30,
+               "the online status again")
     wait_until(device.link.connected.is_set, 30, "the test client to reconnect")
     for i in range(5):
         device.publish_envelope("cam", f"after-{i}", photos.jpeg("coffee"))
@@ -129,7 +132,8 @@ def test_sigterm_answers_every_accepted_frame_then_exits_zero(broker, start_infe
     assert service.proc.wait(60) == 0
 
     final = wait_until(
-        lambda: (s := device.latest_status()) and s.state == "offline" and s.reason == "shutdown" and s, 10, "the final status"
+        lambda: (s := device.latest_status()) and s.state == "offline" and s.reason == "shutdown" and s, 10,
+        "the final status",
     )
     stats = final.inference
     wait_until(lambda: len(device.predictions) >= stats.predictions_published, 10, "every prediction")
@@ -146,13 +150,9 @@ def test_sigterm_answers_every_accepted_frame_then_exits_zero(broker, start_infe
 
 def test_a_service_started_before_its_broker_waits_for_it(model_dir, tmp_path):
     broker = Broker()  # its port is chosen, nothing listens yet
-    service = ServiceProcess(
-        {
-            "EDGEFLEET_MQTT_URL": broker.url, "EDGEFLEET_DEVICE_ID": "early", "EDGEFLEET_MODEL_DIR": str(model_dir),
-            "EDGEFLEET_MQTT_RECONNECT_MAX_S": "1",
-        },
-        tmp_path / "inference.log",
-    )
+    settings = load(InferenceSettings, None, mqtt_url=broker.url, device_id="early", model_dir=model_dir,
+                    mqtt_reconnect_max_s=1)
+    service = ServiceProcess(settings, tmp_path / "inference.log")
     try:
         # It gets as far as serving (its workers up, connecting with backoff) with no broker there.
         wait_until(lambda: '"serving"' in service.log() or not service.alive(), 60, "the service to start serving")
@@ -177,7 +177,7 @@ def _peak_rss(service: ServiceProcess) -> int:
 
 
 def test_zlib_bombs_are_refused_and_the_next_frame_is_answered(broker, start_inference):
-    """The issue's 3 MB bomb (inflating to ~3 GB): without a content type it is never inflated;
+    """A 3 MB bomb (inflating to ~3 GB): without a content type it is never inflated;
     declared msgpack+zlib it inflates at most to max_frame_bytes. Neither stalls the service."""
     service, device = start_inference(broker)
     bomb = zlib_bomb(3000)

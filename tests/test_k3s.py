@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 K8S_VERSION = "1.33.0"
 OVERLAYS = sorted(p.parent.name for p in (REPO / "k3s" / "overlays").glob("*/kustomization.yaml"))
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-# The settings each service's container loads (edgefleet/cli.py), and what it writes.
+# The settings each service's container loads (edgefleet/cli/services.py), and what it writes.
 SETTINGS = {"inference": config.InferenceSettings, "sync": config.SyncSettings,
             "telemetry": config.TelemetrySettings, "cloud-ingest": config.IngestSettings}
 WRITES = {"model_store": "folder", "outbox_path": "parent", "health_file": "parent"}
@@ -177,9 +177,10 @@ def pods(docs: list[dict]) -> list[Pod]:
         name, spec = doc["metadata"]["name"], doc["spec"]["template"]["spec"]
         names = ([f"{name}-{i}" for i in range(doc["spec"].get("replicas", 1))] if doc["kind"] == "StatefulSet"
                  else [f"{name}-abcde"])
-        for pod_name in names:
-            found.append(Pod(f"{doc['kind']}/{name}", spec, {"metadata.name": pod_name, "spec.nodeName": "node-1",
-                                                              "metadata.namespace": doc["metadata"].get("namespace", "")}, docs))
+        found.extend(Pod(f"{doc['kind']}/{name}", spec,
+                         {"metadata.name": pod_name, "spec.nodeName": "node-1",
+                          "metadata.namespace": doc["metadata"].get("namespace", "")}, docs)
+                     for pod_name in names)
     return found
 
 
@@ -254,12 +255,14 @@ def place(pod: Pod, container: dict, path: str) -> Place | None:
     best = None
     for mount in container.get("volumeMounts", []):
         at = PurePosixPath(mount["mountPath"])
-        if (target == at or at in target.parents) and (best is None or len(at.parts) > len(PurePosixPath(best["mountPath"]).parts)):
+        if (target == at or at in target.parents) and (best is None
+                                                      or len(at.parts) > len(PurePosixPath(best["mountPath"]).parts)):
             best = mount
     if best is None:
         return None
     volume = pod.volumes.get(best["name"])
-    assert volume is not None, f"{pod.workload}/{container['name']}: mount of volume {best['name']!r}, which the pod lacks"
+    assert volume is not None, \
+        f"{pod.workload}/{container['name']}: mount of volume {best['name']!r}, which the pod lacks"
     inside = str(target.relative_to(best["mountPath"])) if target != PurePosixPath(best["mountPath"]) else ""
     if best.get("subPath"):
         inside = str(PurePosixPath(best["subPath"]) / inside) if inside else best["subPath"]
@@ -318,15 +321,16 @@ def writable(pod: Pod, container: dict, path: str) -> list[str]:
     where = place(pod, container, path)
     if where is None:
         return [f"{who} writes {path}, which is on no volume"
-                + ("" if not security(pod, container).get("readOnlyRootFilesystem") else " (the root filesystem is read-only)")]
+                + ("" if not security(pod, container).get("readOnlyRootFilesystem")
+                   else " (the root filesystem is read-only)")]
     if where.mount.get("readOnly"):
         return [f"{who} writes {path}, mounted read-only"]
     if uid == 0:
         return []
     fs_group = pod.spec.get("securityContext", {}).get("fsGroup")
     if where.kind in ("emptyDir", "persistentVolumeClaim"):
-        return [] if fs_group is not None else [f"{who} (uid {uid}) writes {where.kind} {where.volume['name']} ({path}) "
-                                                f"and the pod has no fsGroup"]
+        return [] if fs_group is not None else [f"{who} (uid {uid}) writes {where.kind} {where.volume['name']} "
+                                                f"({path}) and the pod has no fsGroup"]
     if where.kind == "hostPath":
         if uid in init_owners(pod).get(where.volume["name"], set()):
             return []
@@ -410,7 +414,8 @@ def check_health_files(docs: list[dict]) -> list[str]:
             where = place(pod, c, folder)
             if where is not None:
                 if where.kind != "emptyDir":
-                    problems.append(f"{who}: its health file's folder {folder} is on a {where.kind}, not its own emptyDir")
+                    problems.append(f"{who}: its health file's folder {folder} is on a {where.kind}, "
+                                    "not its own emptyDir")
                 sharing = [o["name"] for o in pod.containers() if o is not c
                            and any(m["name"] == where.volume["name"] for m in o.get("volumeMounts", []))]
                 if sharing:
@@ -431,7 +436,7 @@ def _settings(pod: Pod, c: dict, secrets_copy: Path) -> tuple[config.CommonSetti
     cls = SETTINGS[_service(c)]
     problems = [f"{who}: {k} is no setting of {cls.__name__}" for k in env
                 if k.startswith(config.ENV_PREFIX) and k not in NOT_SETTINGS
-                and k[len(config.ENV_PREFIX):].lower() not in cls.model_fields]
+                and k[len(config.ENV_PREFIX):].lower() not in config.keys(cls)]
     secrets = env.get(config.SECRETS_DIR_ENV)
     if secrets is not None:
         where = place(pod, c, secrets)
@@ -443,7 +448,7 @@ def _settings(pod: Pod, c: dict, secrets_copy: Path) -> tuple[config.CommonSetti
             if "/" in name:
                 continue
             key = name[len(config.ENV_PREFIX):] if name.upper().startswith(config.ENV_PREFIX) else None
-            if key is None or key.lower() not in cls.model_fields:
+            if key is None or key.lower() not in config.keys(cls):
                 problems.append(f"{who}: secret file {secrets}/{name} is no setting of {cls.__name__}")
             problems += readable(pod, c, where, f"{secrets}/{name}")
             (secrets_copy / name).write_text(content)
@@ -490,20 +495,20 @@ def check_settings(docs: list[dict], scratch: Path) -> list[str]:
             problems += found
             if settings is None:
                 continue
-            if settings.mqtt_username and settings.mqtt_password is None:
-                problems.append(f"{who}: broker user {settings.mqtt_username} and no password")
-            if getattr(settings, "cloud_mqtt_username", None) and settings.cloud_mqtt_password is None:
-                problems.append(f"{who}: cloud broker user {settings.cloud_mqtt_username} and no password")
-            if isinstance(settings, config.StoreSettings) and (settings.s3_access_key_id is None
-                                                               or settings.s3_secret_access_key is None):
+            if settings.mqtt.username and settings.mqtt.password is None:
+                problems.append(f"{who}: broker user {settings.mqtt.username} and no password")
+            if (isinstance(settings, config.TelemetrySettings) and settings.cloud_mqtt.username
+                    and settings.cloud_mqtt.password is None):
+                problems.append(f"{who}: cloud broker user {settings.cloud_mqtt.username} and no password")
+            if isinstance(settings, config.StoreSettings) and (settings.s3.access_key_id is None
+                                                               or settings.s3.secret_access_key is None):
                 problems.append(f"{who}: reads S3 and has no S3 key pair (there is no instance role on k3s)")
-            if settings.mqtt_tls and settings.mqtt_ca_file is None:
+            if settings.mqtt.tls and settings.mqtt.ca_file is None:
                 problems.append(f"{who}: mqtts and no CA file")
-            if (settings.mqtt_cert_file is None) != (settings.mqtt_key_file is None):
+            if (settings.mqtt.cert_file is None) != (settings.mqtt.key_file is None):
                 problems.append(f"{who}: a client certificate without its key, or a key without its certificate")
             workdir = image_defaults(c["image"])[1]
-            for name in type(settings).model_fields:
-                value = getattr(settings, name)
+            for name, value in config.flat_values(settings).items():
                 if not isinstance(value, Path):
                     continue
                 path = str(PurePosixPath(workdir) / value)
@@ -646,7 +651,8 @@ def test_edge_sync_reads_s3_with_the_devices_own_key_pair_not_the_stores_root_ke
     assert "edgefleet-s3" in root
     edge_kustomization = yaml.safe_load((REPO / "k3s/overlays/edge/kustomization.yaml").read_text())
     cloud_kustomization = yaml.safe_load((REPO / "k3s/overlays/cloud/kustomization.yaml").read_text())
-    device_files = set(next(g for g in edge_kustomization["secretGenerator"] if g["name"] == "edgefleet-sync-s3")["files"])
+    device_files = set(next(g for g in edge_kustomization["secretGenerator"]
+                            if g["name"] == "edgefleet-sync-s3")["files"])
     root_files = set(next(g for g in cloud_kustomization["secretGenerator"] if g["name"] == "edgefleet-s3")["files"])
     assert {f.split("=", 1)[1] for f in device_files}.isdisjoint({f.split("=", 1)[1] for f in root_files})
 
@@ -689,7 +695,8 @@ REGRESSIONS = {
         "cannot read /mosquitto/config/passwords"),
     "no init step for the model store": (
         "edge", "DaemonSet", "edgefleet-edge",
-        lambda d: _container(d, "volume-owners", init=True).update(command=["sh", "-c", "chown -R 1883:1883 /certs /bridge"]),
+        lambda d: _container(d, "volume-owners", init=True).update(
+            command=["sh", "-c", "chown -R 1883:1883 /certs /bridge"]),
         "writes hostPath /var/lib/edgefleet/store"),
     "the seed model's own folder mounted as /models (the old manifest)": (
         "edge", "DaemonSet", "edgefleet-edge",
@@ -734,7 +741,8 @@ REGRESSIONS = {
         "EDGEFLEET_MODEL_STOR is no setting of SyncSettings"),
     "a probe reading another file": (
         "edge", "DaemonSet", "edgefleet-edge",
-        lambda d: _container(d, "telemetry").update(livenessProbe={"exec": {"command": ["python", "-m", "shared.health", "/tmp/x"]}}),
+        lambda d: _container(d, "telemetry").update(
+            livenessProbe={"exec": {"command": ["python", "-m", "shared.health", "/tmp/x"]}}),
         "its livenessProbe reads ['/tmp/x']"),
 }
 

@@ -18,10 +18,11 @@ from edgefleet.broker import Broker
 from edgefleet.brokerconf import edge_listener, password_file
 from edgefleet.certs import issue, new_ca
 from edgefleet.ports import free_port, wait_listening
+from edgefleet.spawner import Child
 from shared import topics
-from shared.config import CommonSettings
+from shared.config import SECRETS_DIR_ENV, CameraSettings, CommonSettings, load
 from shared.mqtt import MqttLink
-from tests.support import ServiceProcess, wait_until
+from tests.support import wait_until
 
 DEVICE = "dev-lan"
 USERS = {"cam-1": "p-cam-1", "cam-2": "p-cam-2", "inference": "p-inf"}
@@ -56,8 +57,9 @@ class Frames:
     def __init__(self, url: str) -> None:
         self.received: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
-        self.link = MqttLink(CommonSettings(mqtt_url=url, device_id=DEVICE, mqtt_username="inference",
-                                            mqtt_password=USERS["inference"], mqtt_reconnect_max_s=1), "test", unique=True)
+        settings = CommonSettings(mqtt_url=url, device_id=DEVICE, mqtt_username="inference",
+                                  mqtt_password=USERS["inference"], mqtt_reconnect_max_s=1)
+        self.link = MqttLink(settings, "test", unique=True)
         self.link.subscribe(topics.all_frames(DEVICE), self._record, qos=1)
         self.link.start()
         assert self.link.wait_connected(10), "inference could not log in on the services' listener"
@@ -108,12 +110,11 @@ def test_a_camera_on_the_lan_sends_frames_over_tls_with_its_password_and_the_ser
     (secrets / "edgefleet_mqtt_password").write_text(USERS["cam-1"])
     # The real camera simulator, configured as a camera on the network would be: TLS to the LAN
     # listener, checking the broker's certificate (name 127.0.0.1) against the fleet CA, its password
-    # from a secrets file.
-    camera = ServiceProcess({
-        "EDGEFLEET_MQTT_URL": f"mqtts://127.0.0.1:{lan.port}", "EDGEFLEET_MQTT_CA_FILE": str(lan.ca),
-        "EDGEFLEET_MQTT_USERNAME": "cam-1", "EDGEFLEET_SECRETS_DIR": str(secrets), "EDGEFLEET_DEVICE_ID": DEVICE,
-        "EDGEFLEET_CAMERAS": "cam-1", "EDGEFLEET_RATE_HZ": "5", "EDGEFLEET_LOG_FORMAT": "text",
-    }, tmp_path / "camera.log", service="camera")
+    # from a secrets file: the folder is no setting but where the camera reads its password, so it goes
+    # beside the typed settings, and the password itself never passes through them.
+    settings = load(CameraSettings, None, mqtt_url=f"mqtts://127.0.0.1:{lan.port}", mqtt_ca_file=lan.ca,
+                    mqtt_username="cam-1", device_id=DEVICE, cameras=["cam-1"], rate_hz=5, log_format="text")
+    camera = Child("camera", tmp_path / "camera.log", settings, env={SECRETS_DIR_ENV: str(secrets)})
     try:
         got = wait_until(lambda: frames.on(topics.frames(DEVICE, "cam-1")) or not camera.alive(), 60,
                          "a frame from the camera on the LAN listener")

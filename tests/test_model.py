@@ -16,7 +16,7 @@ import pytest
 
 from edgefleet import photos
 from edgefleet.models.build import build
-from edgefleet.models.store import resave
+from edgefleet.models.install import resave
 from services.inference.decode import decode_bgr
 from services.inference.postprocess import top_k
 from services.inference.preprocess import Preprocessor

@@ -42,7 +42,8 @@ def _settled_after(device: Device, sentinel: str) -> ServiceStatus:
     wait_until(lambda: (s := latest()) and s.at > answered_at and s.inference.queue_depth == 0, 30, "a later status")
     # A worker bumps its counter just after it publishes: a status taken in between is off by one
     # for a moment. The identity must hold in the statuses that follow, or this times out and fails.
-    return wait_until(lambda: (s := latest()) and _identity_holds(s.inference) and s, 5, f"the counter identity in {latest()}")
+    return wait_until(lambda: (s := latest()) and _identity_holds(s.inference) and s, 5,
+                      f"the counter identity in {latest()}")
 
 
 def test_a_flood_is_dropped_counted_and_every_frame_accounted_for(broker, start_inference):

@@ -33,7 +33,7 @@ def test_structured_pruning_removes_channels_and_exports_a_smaller_dense_model(d
     parent, parent_path = load_verified(model_dir)
     before, after = _conv_shapes(parent_path), _conv_shapes(tmp_path / "pruned" / "model.onnx")
     assert len(before) == len(after)
-    assert sum(a[0] < b[0] for a, b in zip(after, before)) >= 16, "the blocks' expanded channels are gone"
+    assert sum(a[0] < b[0] for a, b in zip(after, before, strict=True)) >= 16, "the blocks' expanded channels are gone"
     assert report.after.cost.parameters < 0.93 * report.before.cost.parameters
     assert report.after.cost.macs < 0.9 * report.before.cost.macs
     assert report.after.size_bytes < parent.size_bytes and report.structured and not report.note

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from edgefleet.registry import PublishRefused, publish, versions
+from edgefleet.publish import PublishRefused, publish, versions
 from shared import VERSION, registry, s3
 from shared.manifest import ModelManifest, load_verified, sha256_of
 
@@ -34,7 +34,8 @@ def test_published_model_is_signed_complete_and_verifiable(store, keys, model_di
     done = publish(store, BUCKET, model_dir, keys.private)
     local, local_path = load_verified(model_dir)
     assert (done.name, done.version, done.sha256) == (local.name, 1, local.sha256)
-    document, signature = _get(store, done.name, 1, registry.MANIFEST_OBJECT), _get(store, done.name, 1, registry.SIGNATURE_OBJECT)
+    document, signature = (_get(store, done.name, 1, registry.MANIFEST_OBJECT),
+                           _get(store, done.name, 1, registry.SIGNATURE_OBJECT))
     manifest = registry.verify(document, signature, registry.load_public_keys(keys.public.parent))
     assert manifest.sha256 == sha256_of(local_path) and manifest.min_edgefleet == VERSION
     artifact = _get(store, done.name, 1, registry.MODEL_OBJECT)
@@ -61,7 +62,8 @@ def test_a_version_without_its_signature_is_not_listed(store, keys, model_dir):
 
 def test_tampering_an_unknown_key_and_a_wrong_signature_are_refused(store, keys, model_dir, tmp_path):
     done = publish(store, BUCKET, model_dir, keys.private)
-    document, signature = _get(store, done.name, 1, registry.MANIFEST_OBJECT), _get(store, done.name, 1, registry.SIGNATURE_OBJECT)
+    document, signature = (_get(store, done.name, 1, registry.MANIFEST_OBJECT),
+                           _get(store, done.name, 1, registry.SIGNATURE_OBJECT))
     trusted = registry.load_public_keys(keys.public.parent)
     tampered = document.replace(b'"version": 1', b'"version": 9')
     with pytest.raises(registry.SignatureError, match="does not match"):
@@ -70,7 +72,8 @@ def test_tampering_an_unknown_key_and_a_wrong_signature_are_refused(store, keys,
     with pytest.raises(registry.SignatureError, match="unknown key"):
         registry.verify(document, registry.sign(document, registry.load_private_key(stranger.private)), trusted)
     forged = json.loads(signature)
-    forged["signature"] = json.loads(registry.sign(b"something else", registry.load_private_key(keys.private)))["signature"]
+    forged["signature"] = json.loads(registry.sign(b"something else",
+                                                   registry.load_private_key(keys.private)))["signature"]
     with pytest.raises(registry.SignatureError, match="does not match"):
         registry.verify(document, json.dumps(forged).encode(), trusted)
     with pytest.raises(registry.SignatureError, match="malformed"):
@@ -96,7 +99,7 @@ def _state(store, name, version):
 
 
 def test_publishing_a_version_twice_leaves_the_first_untouched(store, keys, model_dir, tmp_path):
-    from edgefleet.models.store import resave
+    from edgefleet.models.install import resave
 
     publish(store, BUCKET, model_dir, keys.private, name="twice", version=1)
     before = _state(store, "twice", 1)

@@ -85,7 +85,8 @@ def containers(engine):
         # --cpus 0.5: busy enough to tell apart, without taking a core from the other tests on 2 cores.
         run(BUSY, PROJECT, "--cpus", "0.5", "--memory", str(LIMIT), IMAGE, "python3", "-c", "while True: pass")
         run(IDLE, PROJECT, IMAGE, "python3", "-c",
-            f"import time; open('/tmp/cache', 'wb').write(b'x' * {CACHE_MB << 20}); print('ready', flush=True); time.sleep(3600)")
+            f"import time; open('/tmp/cache', 'wb').write(b'x' * {CACHE_MB << 20}); "
+            "print('ready', flush=True); time.sleep(3600)")
         run(ELSEWHERE, OTHER, IMAGE, "python3", "-c", "import time; time.sleep(3600)")
         wait_until(lambda: "ready" in _docker("logs", IDLE), 60, "the idle container's page cache written")
         yield {name: engine.inspect_container(name) for name in (BUSY, IDLE, ELSEWHERE)}
@@ -146,7 +147,8 @@ def test_only_this_projects_containers_are_reported_with_the_figures_docker_stat
 def test_the_raw_usage_would_count_the_page_cache(containers, engine):
     """What the memory figure leaves out is really there: the idle container's cgroup counts its file."""
     stats = engine.stats(IDLE, stream=False)
-    cached = stats["memory_stats"]["stats"].get("total_inactive_file", stats["memory_stats"]["stats"].get("inactive_file", 0))
+    memory = stats["memory_stats"]["stats"]
+    cached = memory.get("total_inactive_file", memory.get("inactive_file", 0))
     assert cached >= (CACHE_MB << 20) // 2, stats["memory_stats"]
     assert container_sample(IDLE, stats, time.time()).memory_bytes == stats["memory_stats"]["usage"] - cached
 
@@ -219,7 +221,8 @@ def test_sample_returns_the_last_figures_while_a_stats_call_hangs(containers, mo
     relay = HeldSocket(tmp_path / "docker.sock")
     try:
         monitor = monitors(docker_url=f"unix://{relay.path}", docker_project=PROJECT)
-        before = wait_until(lambda: (f := _by_name(monitor)).keys() == {BUSY, IDLE} and f, 60, "the project's containers")
+        before = wait_until(lambda: (f := _by_name(monitor)).keys() == {BUSY, IDLE} and f, 60,
+                            "the project's containers")
         relay.hold()
         wait_until(lambda: next((r for r in relay.held if b"/stats" in r.split(b"\r\n", 1)[0]), None),
                              30, "the sampler thread inside a stats call, its request held")
@@ -234,7 +237,8 @@ def test_sample_returns_the_last_figures_while_a_stats_call_hangs(containers, mo
         assert all(c.at is not None and c.at <= held_since and c.at >= before[c.name].at for c in cached.values())
         assert result[0].at - cached[BUSY].at > 0, "each container's figures carry their age"
         relay.release()
-        wait_until(lambda: all(c.at > held_since for c in monitor.sample().containers) and len(monitor.sample().containers) == 2,
+        wait_until(lambda: (all(c.at > held_since for c in monitor.sample().containers)
+                            and len(monitor.sample().containers) == 2),
                    60, "fresh figures once the engine answers again")
     finally:
         relay.close()

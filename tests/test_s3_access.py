@@ -1,4 +1,4 @@
-"""Least privilege in the S3 store (issue 11, item 5): a device's key, made by `edgefleet s3 device-key`,
+"""Least privilege in the S3 store: a device's key, made by `edgefleet s3 device-key`,
 reads the model registry as the sync service does and can do nothing else. Against a real moto server
 process with keys enforced and a fixed root pair (the MinIO stand-in, edgefleet.s3server)."""
 
@@ -20,7 +20,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from edgefleet.ports import free_port, wait_listening
-from edgefleet.registry import publish, versions
+from edgefleet.publish import publish, versions
 from edgefleet.s3access import POLICY_NAME, device_policy, user_name
 from edgefleet.s3server import S3Server
 from services.sync.download import download
@@ -153,8 +153,10 @@ def test_device_key_command_refuses_an_unsafe_device_id_and_a_non_admin_key(stor
 def test_device_key_reads_a_published_model_as_sync_does(device, published, tmp_path):
     done, keys, _ = published
     # fetch_manifest: the manifest and its signature, each read whole but bounded (a ranged GET).
-    document = registry.read_bounded(device, BUCKET, registry.key(done.name, 1, registry.MANIFEST_OBJECT), registry.MAX_MANIFEST_BYTES)
-    signature = registry.read_bounded(device, BUCKET, registry.key(done.name, 1, registry.SIGNATURE_OBJECT), registry.MAX_SIGNATURE_BYTES)
+    document = registry.read_bounded(device, BUCKET, registry.key(done.name, 1, registry.MANIFEST_OBJECT),
+                                     registry.MAX_MANIFEST_BYTES)
+    signature = registry.read_bounded(device, BUCKET, registry.key(done.name, 1, registry.SIGNATURE_OBJECT),
+                                      registry.MAX_SIGNATURE_BYTES)
     manifest = registry.verify(document, signature, registry.load_public_keys(keys.public.parent))
     # download: HeadObject, then ranged GETs of 1 MiB, as SyncSettings.download_chunk_bytes defaults to.
     chunk, offsets = 1 << 20, []
@@ -170,7 +172,8 @@ def _forbidden(device, published):
     """What a device key must not do, by name (the names parametrize the test; nothing runs until called)."""
     model = lambda: registry.key(published[0].name, published[0].version, registry.MODEL_OBJECT)  # noqa: E731
     return {
-        "put a new model": lambda: device.put_object(Bucket=BUCKET, Key=registry.key("rogue", 1, registry.MODEL_OBJECT), Body=b"x"),
+        "put a new model": lambda: device.put_object(Bucket=BUCKET, Key=registry.key("rogue", 1, registry.MODEL_OBJECT),
+                                                     Body=b"x"),
         "overwrite a published model": lambda: device.put_object(Bucket=BUCKET, Key=model(), Body=b"x"),
         "delete a published model": lambda: device.delete_object(Bucket=BUCKET, Key=model()),
         "write telemetry": lambda: device.put_object(Bucket=TELEMETRY, Key=TELEMETRY_KEY, Body=b"forged"),
@@ -193,7 +196,8 @@ def test_device_key_is_refused(attempt, device, published, root):
     assert _code(refused) == "AccessDenied" or refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
     # What the root sees afterwards is untouched.
     done = published[0]
-    assert root.head_object(Bucket=BUCKET, Key=registry.key(done.name, done.version, registry.MODEL_OBJECT))["ContentLength"] > 1
+    model = registry.key(done.name, done.version, registry.MODEL_OBJECT)
+    assert root.head_object(Bucket=BUCKET, Key=model)["ContentLength"] > 1
     assert root.get_object(Bucket=TELEMETRY, Key=TELEMETRY_KEY)["Body"].read() == b"telemetry"
     assert versions(root, BUCKET, "rogue") == []
 
@@ -203,7 +207,8 @@ def test_device_key_cannot_delete_in_bulk(device, published, root):
     model = registry.key(published[0].name, published[0].version, registry.MODEL_OBJECT)
     answer = device.delete_objects(Bucket=BUCKET, Delete={"Objects": [{"Key": model}, {"Key": OUTSIDE_KEY}]})
     assert answer.get("Deleted", []) == []
-    assert sorted((e["Key"], e["Code"]) for e in answer["Errors"]) == sorted([(model, "AccessDenied"), (OUTSIDE_KEY, "AccessDenied")])
+    assert sorted((e["Key"], e["Code"]) for e in answer["Errors"]) == sorted([(model, "AccessDenied"),
+                                                                              (OUTSIDE_KEY, "AccessDenied")])
     assert root.head_object(Bucket=BUCKET, Key=model)["ContentLength"] > 1
     assert root.get_object(Bucket=BUCKET, Key=OUTSIDE_KEY)["Body"].read() == b"not a model"
 
@@ -240,7 +245,8 @@ def test_a_wrong_secret_is_refused(store, published, device_key):
 def test_the_control_api_cannot_switch_enforcement_off(store, device, published):
     for path, body in (("/moto-api/reset-auth", b"inf"), ("/moto-api/reset", b"")):
         with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(urllib.request.Request(store.url + path, data=body, method="POST"), timeout=10)
+            urllib.request.urlopen(urllib.request.Request(store.url + path, data=body, method="POST"),  # noqa: S310 our loopback http store
+                                   timeout=10)
         assert refused.value.code == 403
     with pytest.raises(ClientError) as still:
         device.put_object(Bucket=BUCKET, Key=registry.key("rogue", 1, registry.MODEL_OBJECT), Body=b"x")
@@ -256,7 +262,8 @@ def test_the_stand_in_takes_minios_command_line_and_health_check(tmp_path):
     (tmp_path / "user").write_text("minio-root\n")
     (tmp_path / "password").write_text("a-long-root-password\n")
     port = free_port()
-    env = {**os.environ, "MINIO_ROOT_USER_FILE": str(tmp_path / "user"), "MINIO_ROOT_PASSWORD_FILE": str(tmp_path / "password")}
+    env = {**os.environ, "MINIO_ROOT_USER_FILE": str(tmp_path / "user"),
+           "MINIO_ROOT_PASSWORD_FILE": str(tmp_path / "password")}
     env.pop("MINIO_ROOT_USER", None), env.pop("MINIO_ROOT_PASSWORD", None)
     ready = [sys.executable, "-m", "edgefleet.s3server", "mc", "ready", "local"]
     health = {**env, "MC_HOST_local": f"http://minio-root:secret@127.0.0.1:{port}"}
@@ -280,6 +287,7 @@ def test_the_stand_in_takes_minios_command_line_and_health_check(tmp_path):
 def test_the_stand_in_refuses_root_credentials_minio_would_refuse(tmp_path):
     env = {**os.environ, "MINIO_ROOT_USER": "minio-root", "MINIO_ROOT_PASSWORD": "short"}
     env.pop("MINIO_ROOT_USER_FILE", None), env.pop("MINIO_ROOT_PASSWORD_FILE", None)
-    result = subprocess.run([sys.executable, "-m", "edgefleet.s3server", "server", str(tmp_path), "--address", f"127.0.0.1:{free_port()}"],
+    result = subprocess.run([sys.executable, "-m", "edgefleet.s3server", "server", str(tmp_path),
+                             "--address", f"127.0.0.1:{free_port()}"],
                             env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "at least 8" in result.stderr

@@ -7,7 +7,7 @@ import time
 import uuid
 
 from edgefleet import photos
-from edgefleet.models.store import resave
+from edgefleet.models.install import resave
 from shared import topics
 from shared.codec import WireFormat, decode, encode
 from shared.mqtt import content_type_of
@@ -25,7 +25,8 @@ def _switch(device, model_dir, sha256):
     # section 4.6), so this SUBSCRIBE is in force before the request below can reach inference.
     device.link.subscribe(topics.model_switched(device.device_id), on_switched)
     request = ModelSwitch(request_id=uuid.uuid4().hex, model_dir=str(model_dir), sha256=sha256, at=time.time())
-    device.link.publish(topics.model_switch(device.device_id), encode(request), qos=1, content_type=WireFormat.JSON.content_type)
+    device.link.publish(topics.model_switch(device.device_id), encode(request), qos=1,
+                        content_type=WireFormat.JSON.content_type)
     return wait_until(lambda: next((a for a in answers if a.request_id == request.request_id), None), 60,
                       "the answer to the switch")
 
@@ -75,7 +76,8 @@ def test_a_bad_switch_is_refused_and_the_old_model_keeps_serving(broker, start_i
     missing = _switch(device, tmp_path / "nowhere", "0" * 64)
     assert not missing.ok and "manifest" in missing.error
     device.link.publish(topics.model_switch(device.device_id), b"{not json", qos=1)
-    report = wait_until(lambda: next((e for e in device.errors if e.reason == "malformed_command"), None), 30, "an error report")
+    report = wait_until(lambda: next((e for e in device.errors if e.reason == "malformed_command"), None), 30,
+                        "an error report")
     assert "model switch" in report.detail
     device.publish_envelope("cam", "after", photos.jpeg("coffee"))
     assert device.prediction_for("after").model.version == 1

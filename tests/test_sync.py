@@ -7,7 +7,7 @@ import random
 import pytest
 
 from shared.manifest import load_verified
-from tests.fleet import current_target, model_variant, store_state
+from tests.delivery import current_target, model_variant, store_state
 from tests.support import wait_until
 
 NAME = "efficientnet-lite0"
@@ -20,7 +20,8 @@ def rebuilt(model_dir, tmp_path):
 
 
 def _active(report, rollout_id, version):
-    return report.rollout_id == rollout_id and report.state == "active" and report.serving.version == version and report.canary is not None
+    return (report.rollout_id == rollout_id and report.state == "active" and report.serving.version == version
+            and report.canary is not None)
 
 
 def test_a_rollout_is_verified_installed_switched_and_kept_by_its_canary(fleet, model_dir, rebuilt):
@@ -59,7 +60,8 @@ def test_a_canary_that_predicts_badly_is_rolled_back_by_itself(fleet, model_dir,
 
 
 def _failed(rig, rollout_id, timeout=60):
-    return rig.device.sync_report(lambda r: r.rollout_id == rollout_id and r.state == "failed", f"{rollout_id} to fail", timeout)
+    return rig.device.sync_report(lambda r: r.rollout_id == rollout_id and r.state == "failed", f"{rollout_id} to fail",
+                                  timeout)
 
 
 def _replace_object(fleet, name, version, obj, data):
@@ -73,27 +75,31 @@ def test_bad_models_are_refused_and_the_device_keeps_serving(fleet, model_dir, t
     model that fails its smoke test: each is refused with its reason, nothing half installed is left
     where inference could load it, and predictions never stop."""
     from shared import registry
-    from tests.test_compression import _tiny_model_with
+    from tests.unit.test_quantize import _tiny_model_with
 
     seed = model_variant(model_dir, tmp_path / "v5", "seed", version=5)
     for version in range(1, 8):
         fleet.publish(model_variant(model_dir, tmp_path / f"m{version}", f"build {version}", version=version),
                       version=version)
-    _replace_object(fleet, NAME, 6, registry.MODEL_OBJECT, b"x" * load_verified(tmp_path / "m6")[0].size_bytes)  # same size
+    same_size = b"x" * load_verified(tmp_path / "m6")[0].size_bytes
+    _replace_object(fleet, NAME, 6, registry.MODEL_OBJECT, same_size)
     _replace_object(fleet, NAME, 7, registry.MODEL_OBJECT, b"truncated")
     stranger = registry.load_private_key(registry.new_key_pair(tmp_path / "stranger").private)
     wrong = registry.sign(b"another manifest", registry.load_private_key(fleet.keys.private))
-    from edgefleet.registry import publish
+    from edgefleet.publish import publish
 
     for version, signature in ((8, wrong), (9, None)):
-        publish(fleet.store, "edgefleet-models", model_variant(model_dir, tmp_path / f"m{version}", f"b{version}", version=version),
+        publish(fleet.store, "edgefleet-models",
+                model_variant(model_dir, tmp_path / f"m{version}", f"b{version}", version=version),
                 fleet.keys.private, version=version)
-        document = fleet.store.get_object(Bucket="edgefleet-models", Key=registry.key(NAME, version, registry.MANIFEST_OBJECT))["Body"].read()
+        document = fleet.store.get_object(Bucket="edgefleet-models",
+                                          Key=registry.key(NAME, version, registry.MANIFEST_OBJECT))["Body"].read()
         _replace_object(fleet, NAME, version, registry.SIGNATURE_OBJECT, signature or registry.sign(document, stranger))
     tiny = _tiny_model_with("Relu", tmp_path / "tiny")  # 10 classes...
     manifest, _ = load_verified(tmp_path / "tiny" / "model")
     liar = model_variant(tmp_path / "tiny" / "model", tmp_path / "liar", "liar", version=10, name=NAME,
-                         labels=load_verified(model_dir)[0].labels, output={**manifest.output.model_dump(), "shape": ["batch", 1000]},
+                         labels=load_verified(model_dir)[0].labels,
+                         output={**manifest.output.model_dump(), "shape": ["batch", 1000]},
                          preprocessing=manifest.preprocessing)
     assert tiny and liar
     fleet.publish(liar, version=10)
@@ -120,15 +126,18 @@ def test_sync_killed_mid_download_resumes_where_it_stopped(fleet, model_dir, reb
     fleet.publish(model_dir)
     fleet.publish(rebuilt)
     limit = {"download_limit_bytes_s": 3_000_000, "download_chunk_bytes": 262144}
-    rig = fleet.start_device("edge-4", model_dir, camera_rate=2, **limit)
+    rig = fleet.start_device("edge-4", model_dir, camera_rate=5, **limit)
     fleet.rollout(NAME, 2, "r-kill")
-    rig.device.sync_report(lambda r: r.state == "downloading" and (r.progress_bytes or 0) > 4_000_000, "download progress")
+    rig.device.sync_report(lambda r: r.state == "downloading" and (r.progress_bytes or 0) > 4_000_000,
+                           "download progress")
     rig.sync.kill()  # SIGKILL
     parts = list((rig.store / "staging").glob("*.part"))
     assert len(parts) == 1 and 4_000_000 <= parts[0].stat().st_size < load_verified(rebuilt)[0].size_bytes
     kept = parts[0].stat().st_size
-    rig.sync = fleet.start_sync("edge-4", model_dir, **limit)
-    resumed = rig.device.sync_report(lambda r: r.state == "downloading" and (r.reason or "").startswith("resuming"), "a resumed download")
+    # Resumed at full speed: the throttle only had to hold the first download until the kill.
+    rig.sync = fleet.start_sync("edge-4", model_dir, download_chunk_bytes=limit["download_chunk_bytes"])
+    resumed = rig.device.sync_report(lambda r: r.state == "downloading" and (r.reason or "").startswith("resuming"),
+                                     "a resumed download")
     assert int(resumed.reason.split()[-1]) >= kept
     rig.device.sync_report(lambda r: _active(r, "r-kill", 2), "the model to become active", 120)
     assert current_target(rig.store) == f"versions/{NAME}/2"
@@ -137,12 +146,15 @@ def test_sync_killed_mid_download_resumes_where_it_stopped(fleet, model_dir, reb
 def test_store_unreachable_mid_download_is_retried_and_resumed(fleet, model_dir, rebuilt):
     fleet.publish(model_dir)
     fleet.publish(rebuilt)
-    rig = fleet.start_device("edge-5", model_dir, camera_rate=4, download_limit_bytes_s=3_000_000, download_chunk_bytes=262144)
+    rig = fleet.start_device("edge-5", model_dir, camera_rate=8, download_limit_bytes_s=3_000_000,
+                             download_chunk_bytes=262144)
     fleet.rollout(NAME, 2, "r-pause")
-    rig.device.sync_report(lambda r: r.state == "downloading" and (r.progress_bytes or 0) > 3_000_000, "download progress")
+    rig.device.sync_report(lambda r: r.state == "downloading" and (r.progress_bytes or 0) > 3_000_000,
+                           "download progress")
     fleet.s3_server.pause()
     try:
-        rig.device.sync_report(lambda r: r.state == "downloading" and "interrupted" in (r.reason or ""), "a retry report", 60)
+        rig.device.sync_report(lambda r: r.state == "downloading" and "interrupted" in (r.reason or ""),
+                               "a retry report", 60)
         served = len(rig.device.predictions)
         wait_until(lambda: len(rig.device.predictions) > served + 5, 30, "predictions while the store is away")
     finally:
@@ -154,7 +166,8 @@ def test_a_device_offline_during_the_rollout_and_a_broker_restart_still_end_on_t
     fleet.publish(model_dir)
     fleet.publish(rebuilt)
     fleet.rollout(NAME, 2, "r-late")  # retained: nobody is listening yet
-    rig = fleet.start_device("edge-6", model_dir, camera_rate=4, download_limit_bytes_s=4_000_000, download_chunk_bytes=262144)
+    rig = fleet.start_device("edge-6", model_dir, camera_rate=8, download_limit_bytes_s=4_000_000,
+                             download_chunk_bytes=262144)
     rig.device.sync_report(lambda r: r.rollout_id == "r-late" and r.state == "downloading", "the late device to start")
     fleet.broker.stop()  # a clean restart: the retained rollout is saved and comes back
     fleet.broker.start()
@@ -184,15 +197,18 @@ def test_operators_canary_promote_status_and_abort(fleet, model_dir, rebuilt):
     ids = [f"cam-node-{i}" for i in range(40)]
     inside = next(d for d in ids if position("lobby-v2", d) < 0.5)
     outside = next(d for d in ids if position("lobby-v2", d) >= 0.5)
-    rigs = {d: fleet.start_device(d, model_dir, camera_rate=4, groups="lobby") for d in (inside, outside)}
+    rigs = {d: fleet.start_device(d, model_dir, camera_rate=8, groups="lobby") for d in (inside, outside)}
     stranger = fleet.start_device("cam-elsewhere", model_dir, camera_rate=0, groups="yard")
     _operator(fleet, "start", NAME, "2", "--group", "lobby", "--canary", "50", "--rollout-id", "lobby-v2")
     rigs[inside].device.sync_report(lambda r: _active(r, "lobby-v2", 2), "the canary device to switch", 120)
-    rigs[outside].device.sync_report(lambda r: r.rollout_id == "lobby-v2" and r.state == "not_targeted", "the other to wait")
-    stranger.device.sync_report(lambda r: r.rollout_id == "lobby-v2" and r.state == "not_targeted", "the yard to stay out")
+    rigs[outside].device.sync_report(lambda r: r.rollout_id == "lobby-v2" and r.state == "not_targeted",
+                                     "the other to wait")
+    stranger.device.sync_report(lambda r: r.rollout_id == "lobby-v2" and r.state == "not_targeted",
+                                "the yard to stay out")
     _operator(fleet, "promote")
     rigs[outside].device.sync_report(lambda r: _active(r, "lobby-v2", 2), "the promoted device to switch", 120)
-    states = {json.loads(line)["device"]: json.loads(line) for line in _operator(fleet, "status", "--json").stdout.splitlines()}
+    states = {json.loads(line)["device"]: json.loads(line)
+              for line in _operator(fleet, "status", "--json").stdout.splitlines()}
     assert {states[d]["serving"]["version"] for d in rigs} == {2} and states["cam-elsewhere"]["serving"]["version"] == 1
     assert "cam-elsewhere" in _operator(fleet, "status").stdout
     _operator(fleet, "abort")
@@ -210,7 +226,8 @@ def _shuffled(model_dir, tmp_path):
 
 
 def _in_canary(report, rollout_id):
-    return report.rollout_id == rollout_id and report.state == "active" and (report.reason or "").startswith("canary: comparing")
+    return (report.rollout_id == rollout_id and report.state == "active"
+            and (report.reason or "").startswith("canary: comparing"))
 
 
 def test_a_canary_without_traffic_is_inconclusive_and_never_keeps_the_model(fleet, model_dir, rebuilt):
@@ -220,7 +237,8 @@ def test_a_canary_without_traffic_is_inconclusive_and_never_keeps_the_model(flee
     good = fleet.publish(rebuilt)
     rig = fleet.start_device("edge-quiet", model_dir, camera_rate=0, canary_timeout_s=1)
     fleet.rollout(NAME, 2, "r-quiet")
-    report = rig.device.sync_report(lambda r: r.rollout_id == "r-quiet" and r.state == "rolled_back", "the rollback", 120)
+    report = rig.device.sync_report(lambda r: r.rollout_id == "r-quiet" and r.state == "rolled_back",
+                                    "the rollback", 120)
     assert "inconclusive: 0 samples before, 0 after, minimum 20" in report.reason, report.reason
     assert not report.canary.passed and not report.canary.conclusive and report.serving.version == 1
     assert current_target(rig.store) == "fallback"
@@ -234,11 +252,12 @@ def test_a_promote_during_a_canary_does_not_pass_it(fleet, model_dir, tmp_path):
 
     fleet.publish(model_dir)
     bad = fleet.publish(_shuffled(model_dir, tmp_path))
-    rig = fleet.start_device("edge-promote", model_dir, camera_rate=2)
+    rig = fleet.start_device("edge-promote", model_dir, camera_rate=4)
     fleet.rollout(NAME, 2, "r-promote", phase=RolloutPhase.CANARY)
     rig.device.sync_report(lambda r: _in_canary(r, "r-promote"), "the canary to start", 120)
     fleet.rollout(NAME, 2, "r-promote", phase=RolloutPhase.PROMOTED)
-    report = rig.device.sync_report(lambda r: r.rollout_id == "r-promote" and r.state == "rolled_back", "the rollback", 120)
+    report = rig.device.sync_report(lambda r: r.rollout_id == "r-promote" and r.state == "rolled_back",
+                                    "the rollback", 120)
     assert "predicted classes shifted" in report.reason and report.canary.conclusive and not report.canary.passed
     # The promote is handled after the verdict, and a rejected model stays rolled back.
     again = rig.device.sync_report(lambda r: r.rollout_id == "r-promote" and "already rolled" in (r.reason or ""),
@@ -250,21 +269,23 @@ def test_a_promote_during_a_canary_does_not_pass_it(fleet, model_dir, tmp_path):
 def test_sync_killed_inside_the_canary_rolls_back_at_restart(fleet, model_dir, tmp_path):
     fleet.publish(model_dir)
     bad = fleet.publish(_shuffled(model_dir, tmp_path))
-    rig = fleet.start_device("edge-crash", model_dir, camera_rate=2)
+    rig = fleet.start_device("edge-crash", model_dir, camera_rate=4)
     fleet.rollout(NAME, 2, "r-crash")
     rig.device.sync_report(lambda r: _in_canary(r, "r-crash"), "the canary to start", 120)
     rig.sync.kill()  # SIGKILL, inside the canary: the switch is done and no verdict was given
     assert store_state(rig.store)["pending"]["sha256"] == bad.sha256
     assert current_target(rig.store) == f"versions/{NAME}/2"
     rig.sync = fleet.start_sync("edge-crash", model_dir)
-    report = rig.device.sync_report(lambda r: r.rollout_id == "r-crash" and r.state == "rolled_back", "the rollback", 60)
+    report = rig.device.sync_report(lambda r: r.rollout_id == "r-crash" and r.state == "rolled_back",
+                                    "the rollback", 60)
     assert "sync restarted during the canary" in report.reason and report.serving.version == 1
     assert current_target(rig.store) == "fallback" and store_state(rig.store)["pending"] is None
     served = len(rig.device.predictions)
     wait_until(lambda: len(rig.device.predictions) > served + 5, 30, "predictions after the restart")
     assert rig.device.predictions[-1].model.version == 1
     # The retained rollout, delivered again to the restarted sync, does not bring the model back.
-    rig.device.sync_report(lambda r: r.rollout_id == "r-crash" and "already rolled" in (r.reason or ""), "the retained rollout")
+    rig.device.sync_report(lambda r: r.rollout_id == "r-crash" and "already rolled" in (r.reason or ""),
+                           "the retained rollout")
     assert rig.device.sync_states("r-crash")[-1] == "rolled_back" and current_target(rig.store) == "fallback"
 
 
@@ -297,31 +318,3 @@ def test_a_switch_that_misses_its_deadline_fails_and_is_discarded_by_inference(f
         assert current_target(rig.store) == "fallback"
     finally:
         link.stop()
-
-
-def test_a_ranged_answer_that_is_not_exactly_the_range_asked_is_refused():
-    """Pure logic on crafted get_object answers: what reaches the .part is exactly the range asked for."""
-    import io
-
-    from botocore.response import StreamingBody
-
-    from services.sync.download import DownloadFailed, read_range
-
-    def answer(data: bytes, content_range: str | None) -> dict:
-        response = {"Body": StreamingBody(io.BytesIO(data), len(data))}
-        if content_range is not None:
-            response["ContentRange"] = content_range
-        return response
-
-    assert read_range(answer(b"abcd", "bytes 4-7/10"), 4, 7, 10) == b"abcd"
-    assert read_range(answer(b"ab", "bytes 4-7/10"), 4, 7, 10) == b"ab"  # broke off: the caller resumes
-    refused = {
-        "more bytes than asked": answer(b"abcdef", "bytes 4-7/10"),
-        "the range ignored (200, whole object)": answer(b"0123456789", None),
-        "another range": answer(b"abcd", "bytes 0-3/10"),
-        "another object size": answer(b"abcd", "bytes 4-7/12"),
-    }
-    for what, response in refused.items():
-        with pytest.raises(DownloadFailed):
-            read_range(response, 4, 7, 10)
-            pytest.fail(what)

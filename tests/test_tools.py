@@ -78,7 +78,7 @@ def test_the_whole_fleet_runs_locally_takes_a_rollout_and_its_telemetry_reaches_
     another terminal with the settings the fleet prints, until every device serves it."""
     import re
 
-    from edgefleet.models.store import resave
+    from edgefleet.models.install import resave
 
     resave(model_dir, tmp_path / "v2", "rebuilt", version=2)
     log = (tmp_path / "fleet.out").open("w+")
@@ -110,7 +110,8 @@ def test_the_whole_fleet_runs_locally_takes_a_rollout_and_its_telemetry_reaches_
         until(lambda: serving("device-1", 1) and serving("device-2", 1), 60, "both devices serving v1")
         for model in (model_dir, tmp_path / "v2"):
             assert _edgefleet("model", "publish", str(model), env=operator).returncode == 0
-        assert _edgefleet("rollout", "start", "efficientnet-lite0", "2", "--rollout-id", "main-job", env=operator).returncode == 0
+        assert _edgefleet("rollout", "start", "efficientnet-lite0", "2", "--rollout-id", "main-job",
+                          env=operator).returncode == 0
         until(lambda: serving("device-1", 2) and serving("device-2", 2), 120, "both devices serving v2")
         status = _edgefleet("rollout", "status", "--json", env=operator)
         states = [json.loads(line) for line in status.stdout.splitlines()]
@@ -136,7 +137,8 @@ def _s3_keys(operator: dict[str, str], prefix: str) -> list[str]:
     from shared import s3
     from shared.config import IngestSettings
 
-    settings = IngestSettings(**{k.removeprefix("EDGEFLEET_").lower(): v for k, v in operator.items() if k.startswith("EDGEFLEET_S3")})
+    settings = IngestSettings(**{k.removeprefix("EDGEFLEET_").lower(): v for k, v in operator.items()
+                                 if k.startswith("EDGEFLEET_S3")})
     listing = s3.client(settings).list_objects_v2(Bucket=settings.telemetry_bucket, Prefix=prefix)
     return [obj["Key"] for obj in listing.get("Contents", [])]
 
@@ -158,13 +160,15 @@ def test_rollout_status_keys_rows_by_topic_and_shows_age_and_staleness(broker):
     assert link.wait_connected(10)
 
     def retain(topic, message):
-        link.publish(topic, encode(message), qos=1, retain=True, content_type=WireFormat.JSON.content_type).wait_for_publish(10)
+        link.publish(topic, encode(message), qos=1, retain=True,
+                     content_type=WireFormat.JSON.content_type).wait_for_publish(10)
 
     def report(device, at):
         return SyncReport(device=device, rollout_id="r1", state=SyncState.ACTIVE, at=at)
 
     def heartbeat(device, at):
-        return ServiceStatus(device=device, service=topics.SYNC_SERVICE, state=ServiceState.ONLINE, at=at, edgefleet_version="t")
+        return ServiceStatus(device=device, service=topics.SYNC_SERVICE, state=ServiceState.ONLINE, at=at,
+                             edgefleet_version="t")
 
     retain(topics.sync_state("device-a"), report("device-a", now))
     retain(topics.status("device-a", topics.SYNC_SERVICE), heartbeat("device-a", now))
@@ -190,7 +194,7 @@ def test_rollout_status_keys_rows_by_topic_and_shows_age_and_staleness(broker):
 
     table = _edgefleet("rollout", "status", "--wait", "1", env=env)
     assert table.returncode == 0, table.stderr
-    line = {device: next(l for l in table.stdout.splitlines() if f" {device} " in l) for device in rows}
+    line = {device: next(row for row in table.stdout.splitlines() if f" {device} " in row) for device in rows}
     assert "ok" in line["device-a"] and "STALE" not in line["device-a"]
     assert "STALE" in line["device-b"] and "payload claims device-a" in line["device-b"]
     assert "STALE" in line["device-c"] and "clock ahead" in line["device-c"]

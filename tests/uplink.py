@@ -5,6 +5,7 @@ real `edgefleet telemetry` and `edgefleet cloud-ingest` processes (one certifica
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from pathlib import Path
 
@@ -13,10 +14,11 @@ from edgefleet.broker import Broker
 from edgefleet.brokerconf import bridge, cloud_listener
 from edgefleet.certs import issue, new_ca
 from edgefleet.s3server import S3Server
+from edgefleet.spawner import keys_of
 from shared import s3
-from shared.config import CommonSettings
+from shared.config import CommonSettings, IngestSettings, TelemetrySettings, load
 from shared.mqtt import MqttLink
-from tests.support import Device, ServiceProcess, stop_and_report, wait_until
+from tests.support import Device, ServiceProcess, Services, wait_until
 
 BUCKET = "edgefleet-telemetry"
 REPLICAS = {"ingest-1": "cloud-ingest-0", "ingest-2": "cloud-ingest-1"}  # replica -> its certificate
@@ -30,14 +32,17 @@ class Uplink:
         issue(self.certs, "cloud-broker", server=True)
         for name in (device_id, *REPLICAS.values()):
             issue(self.certs, name)
-        self.cloud_broker = Broker(security=cloud_listener(self.certs)).start()
-        self.device_broker = Broker(extra_config=bridge(device_id, "127.0.0.1", self.cloud_broker.port, self.certs)).start()
-        self.s3_server = S3Server().start()
+        self._closing = contextlib.ExitStack()  # closed in reverse: services, clients, then servers
+        self.cloud_broker = self._closing.enter_context(Broker(security=cloud_listener(self.certs)))
+        to_cloud = bridge(device_id, "127.0.0.1", self.cloud_broker.port, self.certs)
+        self.device_broker = self._closing.enter_context(Broker(extra_config=to_cloud))
+        self.s3_server = self._closing.enter_context(S3Server())
         self.store = s3.client(self.s3_server.settings())
         self.outbox_path = tmp / "outbox.db"
-        self.processes: list[ServiceProcess] = []
-        self.links: list[MqttLink] = []
         self.device = Device(self.device_broker.url, device_id)
+        self._closing.callback(self.device.close)
+        self.services = Services(tmp, request)
+        self._closing.callback(self.services.close)
 
     @property
     def cloud_url(self) -> str:
@@ -45,15 +50,12 @@ class Uplink:
 
     def start_telemetry(self, wait_online: bool = True, **settings) -> ServiceProcess:
         """`edgefleet telemetry` on the device's broker: its batches reach the fleet through the bridge."""
-        env = {
-            "EDGEFLEET_MQTT_URL": self.device_broker.url, "EDGEFLEET_CLOUD_MQTT_URL": self.device_broker.url,
-            "EDGEFLEET_DEVICE_ID": self.device_id, "EDGEFLEET_OUTBOX_PATH": str(self.outbox_path),
-            "EDGEFLEET_STATUS_INTERVAL_S": "0.5", "EDGEFLEET_MQTT_RECONNECT_MAX_S": "1",
-            "EDGEFLEET_ACK_TIMEOUT_S": "3", "EDGEFLEET_FORWARD_RETRY_MAX_S": "1",
-            **{f"EDGEFLEET_{k.upper()}": str(v) for k, v in settings.items()},
-        }
-        process = ServiceProcess(env, self.tmp / "telemetry.log", "telemetry")
-        self.processes.append(process)
+        telemetry = load(TelemetrySettings, None, **{
+            "mqtt_url": self.device_broker.url, "cloud_mqtt_url": self.device_broker.url, "device_id": self.device_id,
+            "outbox_path": self.outbox_path, "status_interval_s": 0.5, "mqtt_reconnect_max_s": 1,
+            "ack_timeout_s": 3, "forward_retry_max_s": 1, **settings,
+        })
+        process = self.services.start(telemetry, "telemetry", "telemetry")
         if wait_online:
             wait_until(lambda: (s := self.device.latest_status("telemetry")) is not None and s.state == "online"
                        and s.at > process.started or not process.alive(), 60, "the telemetry service online")
@@ -62,16 +64,15 @@ class Uplink:
 
     def start_ingest(self, replica: str = "ingest-1", **settings) -> ServiceProcess:
         cert = REPLICAS[replica]
-        env = {
-            "EDGEFLEET_MQTT_URL": self.cloud_url, "EDGEFLEET_DEVICE_ID": replica,
-            "EDGEFLEET_MQTT_CA_FILE": str(self.certs / "ca.crt"),
-            "EDGEFLEET_MQTT_CERT_FILE": str(self.certs / f"{cert}.crt"), "EDGEFLEET_MQTT_KEY_FILE": str(self.certs / f"{cert}.key"),
-            "EDGEFLEET_TELEMETRY_BUCKET": BUCKET, "EDGEFLEET_MQTT_RECONNECT_MAX_S": "1", **self.s3_server.env(),
-            **{f"EDGEFLEET_{k.upper()}": str(v) for k, v in settings.items()},
-        }
-        process = ServiceProcess(env, self.tmp / f"{replica}.log", "cloud-ingest")
-        self.processes.append(process)
-        wait_until(lambda: "connected to broker" in process.log() or not process.alive(), 60, "cloud_ingest to subscribe")
+        ingest = load(IngestSettings, None, **{
+            **keys_of(self.s3_server.settings()), "mqtt_url": self.cloud_url, "device_id": replica,
+            "mqtt_ca_file": self.certs / "ca.crt", "mqtt_cert_file": self.certs / f"{cert}.crt",
+            "mqtt_key_file": self.certs / f"{cert}.key", "telemetry_bucket": BUCKET, "mqtt_reconnect_max_s": 1,
+            **settings,
+        })
+        process = self.services.start(ingest, replica, "cloud-ingest")
+        wait_until(lambda: "connected to broker" in process.log() or not process.alive(), 60,
+                   "cloud_ingest to subscribe")
         assert process.alive(), process.log()
         return process
 
@@ -83,7 +84,7 @@ class Uplink:
                                   mqtt_ca_file=self.certs / "ca.crt", mqtt_cert_file=self.certs / f"{name}.crt",
                                   mqtt_key_file=self.certs / f"{name}.key")
         link = MqttLink(settings, "test", unique=True)
-        self.links.append(link)
+        self._closing.callback(link.stop)
         return link
 
     def telemetry_stats(self):
@@ -134,9 +135,4 @@ class Uplink:
         return result
 
     def close(self) -> None:
-        stop_and_report(self.processes, self.request)
-        for link in self.links:
-            link.stop()
-        self.device.close()
-        for server in (self.device_broker, self.cloud_broker, self.s3_server):
-            server.close()
+        self._closing.close()

@@ -18,6 +18,10 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import BaseModel
+
+from shared.config import environment
+
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "efh-bench"
 STANDIN_LABEL = "io.edgefleet.standin"  # scripts/images.sh labels the images it makes in place of public ones
@@ -58,10 +62,9 @@ class Container:
 
     def state(self) -> tuple[str, str]:
         """(State.Status, State.Health.Status or '' where the image has no health check)."""
-        out = subprocess.run(
-            ["docker", "inspect", "-f", "{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}", self.id],
-            capture_output=True, text=True,
-        ).stdout.split()
+        template = "{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}"
+        inspected = subprocess.run(["docker", "inspect", "-f", template, self.id], capture_output=True, text=True)
+        out = inspected.stdout.split()
         return (out[0] if out else "gone"), (out[1] if len(out) > 1 else "")
 
     def logs(self, tail: int = 40) -> str:
@@ -113,17 +116,30 @@ class Container:
         return int(dict(line.split() for line in path.read_text().splitlines()).get("nr_throttled", 0))
 
 
-def run(stack: ExitStack, image: str, role: str, env: dict[str, str], *, args: list[str] = (),
+def run(stack: ExitStack, image: str, role: str, settings: BaseModel, *, args: list[str] = (),
         docker_args: list[str] = ()) -> Container:
     """`docker run -d --network host` of `image` named efh-bench-<role>-<random>, removed (with its
     anonymous volumes) when `stack` closes.
+
+    Args:
+        stack: removes the container when it closes.
+        image: the image to run.
+        role: the middle of the container's name.
+        settings: the service's typed settings, given as `-e` variables (`shared.config.environment`,
+            the processes' way too): the keys set on them, those `config.load` read from the bench's
+            own EDGEFLEET_* environment included; the image's defaults hold for the rest.
+        args: the command after the image (default: the image's).
+        docker_args: more `docker run` flags (volumes, --cpus ...).
+
+    Returns:
+        The started container.
 
     Raises:
         RuntimeError: docker run failed (with its message).
     """
     name = f"{PREFIX}-{role}-{uuid.uuid4().hex[:8]}"
     command = ["docker", "run", "-d", "--name", name, "--network", "host", *docker_args]
-    for key, value in env.items():
+    for key, value in environment(settings).items():
         command += ["-e", f"{key}={value}"]
     result = subprocess.run([*command, image, *args], capture_output=True, text=True)
     # Registered before the check: a container that was created but failed to start is removed too.

@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from edgefleet import photos
 from edgefleet.broker import Broker
+from edgefleet.spawner import Child
 from shared import topics
 from shared.codec import WireFormat, decode, encode
-from shared.config import CommonSettings
+from shared.config import CommonSettings, InferenceSettings, load
 from shared.mqtt import MqttLink, content_type_of
 from shared.schemas import Encoding, FrameEnvelope, Prediction, ServiceState, ServiceStatus
 
@@ -45,7 +44,8 @@ class Harness:
         n = next(self.ids)
         frame_id = f"f{n}"
         _, data = next(self.frames)
-        payload = encode(FrameEnvelope(frame_id=frame_id, encoding=Encoding.JPEG, data=data, captured_at=time.time()), WireFormat.MSGPACK)
+        frame = FrameEnvelope(frame_id=frame_id, encoding=Encoding.JPEG, data=data, captured_at=time.time())
+        payload = encode(frame, WireFormat.MSGPACK)
         with self.lock:
             self.sent[frame_id] = time.perf_counter()
         self.link.publish(topics.frames(DEVICE, CAMERAS[n % len(CAMERAS)]), payload, qos=0)
@@ -80,23 +80,31 @@ class Harness:
 
 
 @contextlib.contextmanager
-def serving(broker: Broker, model_dir: Path, **env: str) -> Iterator[tuple[Harness, subprocess.Popen]]:
-    """`edgefleet inference` on the broker, online, with a harness connected to it."""
+def serving(broker: Broker, model_dir: Path, **keys: Any) -> Iterator[tuple[Harness, Child]]:
+    """`edgefleet inference` on the broker, online, with a harness connected to it.
+
+    Args:
+        broker: the broker the service and the harness meet on.
+        model_dir: the model served.
+        keys: more inference settings by their flat names (max_batch=4), over the bench's defaults.
+
+    Yields:
+        The harness, and the service's process.
+
+    Raises:
+        RuntimeError: the service did not come online within 60 s (its log's tail is in the message).
+    """
+    settings = load(InferenceSettings, None, **{
+        "mqtt_url": broker.url, "device_id": DEVICE, "model_dir": model_dir, "queue_size": 256,
+        "log_level": "WARNING", **keys})
     with tempfile.TemporaryDirectory() as tmp:
-        settings = {
-            **os.environ, "EDGEFLEET_MQTT_URL": broker.url, "EDGEFLEET_DEVICE_ID": DEVICE,
-            "EDGEFLEET_MODEL_DIR": str(model_dir), "EDGEFLEET_QUEUE_SIZE": "256", "EDGEFLEET_LOG_LEVEL": "WARNING", **env,
-        }
-        log = open(Path(tmp) / "inference.log", "wb")
-        service = subprocess.Popen([sys.executable, "-m", "edgefleet", "inference"], env=settings, stdout=log, stderr=log)
+        service = Child("inference", Path(tmp) / "inference.log", settings)
         harness = Harness(broker.url)
         try:
             harness.link.start()
             if not harness.online.wait(60):
-                raise RuntimeError(f"inference did not come online: {Path(log.name).read_text()[-2000:]}")
+                raise RuntimeError(f"inference did not come online: {service.log()[-2000:]}")
             yield harness, service
         finally:
             harness.link.stop()
-            service.terminate()
-            service.wait(30)
-            log.close()
+            service.stop()

@@ -18,7 +18,7 @@ as shipped (every 5 s): "healthy" is what a user waits for. "online" is when the
 ONLINE status reached the broker (for the camera, its first frame). The page cache is warm (the image was just
 built or run): a first pull onto a device adds its download.
 
-Goals (issue 11): the inference image <= 500 MB on the real slim base; inference healthy <= 10 s
+Goals: the inference image <= 500 MB on the real slim base; inference healthy <= 10 s
 from `docker run`.
 """
 
@@ -34,9 +34,18 @@ from edgefleet.bench import containers
 from edgefleet.bench.report import Goal, emit
 from edgefleet.broker import Broker
 from edgefleet.s3server import S3Server
+from edgefleet.spawner import keys_of
 from shared import topics
 from shared.codec import decode
-from shared.config import CommonSettings
+from shared.config import (
+    CameraSettings,
+    CommonSettings,
+    InferenceSettings,
+    IngestSettings,
+    SyncSettings,
+    TelemetrySettings,
+    load,
+)
 from shared.mqtt import MqttLink, content_type_of
 from shared.schemas import ServiceState, ServiceStatus
 
@@ -47,12 +56,14 @@ DEVICE = "efh-bench"
 STANDIN_LABEL = containers.STANDIN_LABEL
 MB, MIB = 10**6, 2**20
 # (image target, the service's status name; None: no health check, readiness is its first frame)
-SERVICES = [("inference", "inference"), ("sync", "sync"), ("telemetry", "telemetry"), ("cloud-ingest", topics.INGEST_SERVICE),
-            ("camera", None)]
+SERVICES = [("inference", "inference"), ("sync", "sync"), ("telemetry", "telemetry"),
+            ("cloud-ingest", topics.INGEST_SERVICE), ("camera", None)]
 STANDINS = [BASE, "eclipse-mosquitto:2.0", f"edgefleet/s3-standin:{TAG}"]
 MODEL_MOUNT = "/models/efficientnet-lite0"
-# compose's x-service settings (docker-compose.yml), as docker run flags
-HARDENING = ["--init", "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", "--security-opt", "no-new-privileges:true"]
+# compose's x-service settings (docker-compose.yml), as docker run flags; /tmp is the container's own
+# tmpfs, no file of this machine.
+HARDENING = ["--init", "--read-only", "--tmpfs", "/tmp",  # noqa: S108
+             "--cap-drop", "ALL", "--security-opt", "no-new-privileges:true"]
 
 
 def run(quick: bool, json_out: Path | None, model_dir: Path, build: bool = True, real_base_mb: float = REAL_SLIM_MB,
@@ -169,29 +180,37 @@ class _Seen:
             self.events[name].set()
 
 
+def _settings(target: str, broker: Broker, store: S3Server) -> CommonSettings:
+    """The service's settings: the bench's broker and S3 store, the model where the volume mounts it."""
+    common = {"mqtt_url": broker.url, "device_id": DEVICE}
+    if target == "inference":
+        return load(InferenceSettings, None, **common, model_dir=MODEL_MOUNT)
+    if target == "sync":
+        return load(SyncSettings, None, **{**keys_of(store.settings()), **common}, seed_model_dir=MODEL_MOUNT)
+    if target == "telemetry":
+        return load(TelemetrySettings, None, **common, cloud_mqtt_url=broker.url)
+    if target == "cloud-ingest":
+        return load(IngestSettings, None, **{**keys_of(store.settings()), **common})
+    return load(CameraSettings, None, **common)
+
+
 def _start(target: str, service: str | None, broker: Broker, store: S3Server, model_dir: Path, seen: _Seen,
            idle_s: float) -> dict:
-    env = {"EDGEFLEET_MQTT_URL": broker.url, "EDGEFLEET_DEVICE_ID": DEVICE}
     flags = list(HARDENING)
     args: list[str] = []
     if target == "inference":
-        env["EDGEFLEET_MODEL_DIR"] = MODEL_MOUNT
         flags += ["-v", f"{model_dir}:{MODEL_MOUNT}:ro"]
     elif target == "sync":
-        env.update(store.env())
-        env["EDGEFLEET_SEED_MODEL_DIR"] = MODEL_MOUNT
         flags += ["-v", f"{model_dir}:{MODEL_MOUNT}:ro", "-v", "/var/lib/edgefleet/store"]
     elif target == "telemetry":
-        env["EDGEFLEET_CLOUD_MQTT_URL"] = broker.url
         flags += ["-v", "/var/lib/edgefleet/telemetry"]
-    elif target == "cloud-ingest":
-        env.update(store.env())
     elif target == "camera":
         args = ["camera", "--cameras", "cam-1", "--rate", "2"]  # compose's command
+    settings = _settings(target, broker, store)
     online = seen.expect(service or "camera")
     with ExitStack() as stack:
         t0 = time.perf_counter()
-        container = containers.run(stack, f"edgefleet/{target}:{TAG}", target, env, args=args, docker_args=flags)
+        container = containers.run(stack, f"edgefleet/{target}:{TAG}", target, settings, args=args, docker_args=flags)
         row: dict = {}
         if service is not None:
             row["healthy s"] = round(containers.wait_healthy(container, 90) - t0, 2)

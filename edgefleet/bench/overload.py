@@ -37,8 +37,8 @@ MIB = 2**20
 
 def run(quick: bool, json_out: Path | None, model_dir: Path, factor: float = 10.0) -> int:
     baseline_s, overload_s = (4.0, 8.0) if quick else (10.0, 30.0)
-    env = {"EDGEFLEET_QUEUE_SIZE": str(QUEUE_SIZE), "EDGEFLEET_MAX_BATCH": str(MAX_BATCH), "EDGEFLEET_STATUS_INTERVAL_S": "0.5"}
-    with Broker() as broker, serving(broker, model_dir, **env) as (harness, service):
+    keys = {"queue_size": QUEUE_SIZE, "max_batch": MAX_BATCH, "status_interval_s": 0.5}
+    with Broker() as broker, serving(broker, model_dir, **keys) as (harness, service):
         latest: list[InferenceStats] = []
         harness.link.subscribe(topics.status(DEVICE, "inference"), lambda m: _keep_stats(m, latest))
         time.sleep(0.5)
@@ -47,7 +47,7 @@ def run(quick: bool, json_out: Path | None, model_dir: Path, factor: float = 10.
         sent_before = next(harness.ids)
         rss: list[tuple[float, int]] = []
         stop = threading.Event()
-        process = psutil.Process(service.pid)
+        process = psutil.Process(service.proc.pid)
         sampler = threading.Thread(target=_sample_rss, args=(process, rss, stop))
         sampler.start()
         start = time.perf_counter()
@@ -68,7 +68,8 @@ def run(quick: bool, json_out: Path | None, model_dir: Path, factor: float = 10.
     late = max((r for t, r in rss if t >= half), default=0)
     achieved = offered / (end - start)
     unaccounted = (
-        stats.frames_received - stats.predictions_published - stats.predictions_lost - stats.frames_dropped - stats.frames_rejected
+        stats.frames_received - stats.predictions_published - stats.predictions_lost - stats.frames_dropped
+        - stats.frames_rejected
         if stats else float("nan")
     )
     rows = [

@@ -41,7 +41,8 @@ def emit(bench: str, quick: bool, rows: list[dict], goals: list[Goal], json_out:
         goal_table.add_column(column)
     for g in goals:
         sign = "≥" if g.direction == "min" else "≤"
-        goal_table.add_row(g.name, f"{g.value:.3f} {g.unit}", f"{sign} {g.target} {g.unit}", "[green]yes[/]" if g.met else "[red]no[/]")
+        goal_table.add_row(g.name, f"{g.value:.3f} {g.unit}", f"{sign} {g.target} {g.unit}",
+                           "[green]yes[/]" if g.met else "[red]no[/]")
     console.print(goal_table)
     if json_out is not None:
         document = {

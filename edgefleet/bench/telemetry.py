@@ -19,18 +19,15 @@ The replicas run the image as shipped, HEALTHCHECK included: its probe runs insi
 0.25 CPU it cost one replica 17 % of its rate here: 2,900 records/s against 3,500 with
 --no-healthcheck).
 
-Goals (issue 5): >= 20,000 records/s into the outbox; a backlog drains at >= 10 x its arrival rate;
-two ingest replicas >= 1.7 x one. Issue 11: containerised at 0.25 CPU each, 2 replicas >= 1.8 x one,
+Goals: >= 20,000 records/s into the outbox; a backlog drains at >= 10 x its arrival rate; two ingest
+replicas >= 1.7 x one; containerised at 0.25 CPU each, 2 replicas >= 1.8 x one,
 4 >= 3.4 x one.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -45,10 +42,11 @@ from edgefleet.bench import containers
 from edgefleet.bench.report import Goal, emit
 from edgefleet.broker import Broker
 from edgefleet.s3server import S3Server
+from edgefleet.spawner import Spawner, keys_of
 from services.telemetry.outbox import Outbox
 from shared import topics
 from shared.codec import WireFormat, decode, encode
-from shared.config import CommonSettings
+from shared.config import CommonSettings, IngestSettings, TelemetrySettings, load
 from shared.mqtt import MqttLink, content_type_of
 from shared.schemas import (
     Alert,
@@ -68,6 +66,7 @@ INGEST_IMAGE = "edgefleet/cloud-ingest:latest"
 REPLICA_CPUS = 0.25
 SCALE_OUT = (1, 2, 4)
 PER_BATCH = 500  # TelemetrySettings.batch_max_records' default
+ZLIB_TYPE = WireFormat.MSGPACK_ZLIB.content_type
 
 
 def _records(device: str, n: int) -> list:
@@ -78,9 +77,17 @@ def _records(device: str, n: int) -> list:
             out.append(Alert(device=device, alert_id=f"a{i}", type=AlertType.FEATURE_DRIFT, state=AlertState.RAISED,
                              severity=Severity.WARNING, value=1.7, threshold=1.5, window=100, detail="bench", at=now))
         else:
-            out.append(ResourceSample(device=device, cpu_percent=37.5, memory_percent=41.0, memory_used_bytes=2_000_000_000,
-                                      disk_percent=63.0, temperatures_c={"cpu/0": 51.0}, queue_bytes=i, queue_records=i, at=now))
+            out.append(ResourceSample(device=device, cpu_percent=37.5, memory_percent=41.0,
+                                      memory_used_bytes=2_000_000_000, disk_percent=63.0,
+                                      temperatures_c={"cpu/0": 51.0}, queue_bytes=i, queue_records=i, at=now))
     return out
+
+
+def _batch(device: str, b: int, per_batch: int) -> TelemetryBatch:
+    """The device's batch number b (counting from 0): its records numbered on from the batches before."""
+    bodies = _records(device, per_batch)
+    records = [TelemetryRecord(seq=b * per_batch + i + 1, body=body) for i, body in enumerate(bodies)]
+    return TelemetryBatch(device=device, epoch="0000bec4", records=records, sent_at=time.time())
 
 
 def _outbox_rate(tmp: Path, n: int, per_commit: int = 500) -> tuple[float, float]:
@@ -92,7 +99,8 @@ def _outbox_rate(tmp: Path, n: int, per_commit: int = 500) -> tuple[float, float
     ours = n / (time.perf_counter() - t0)
     outbox.close()
     # The baseline: the same rows, already encoded, straight into a table with the same settings.
-    blobs = [(i + 1, b.kind, None, 0, encode(TelemetryRecord(seq=i + 1, body=b), WireFormat.MSGPACK)) for i, b in enumerate(bodies)]
+    blobs = [(i + 1, b.kind, None, 0, encode(TelemetryRecord(seq=i + 1, body=b), WireFormat.MSGPACK))
+             for i, b in enumerate(bodies)]
     raw = sqlite3.connect(str(tmp / "raw.db"), isolation_level=None)
     raw.execute("PRAGMA journal_mode=WAL")
     raw.execute("PRAGMA synchronous=FULL")
@@ -107,15 +115,10 @@ def _outbox_rate(tmp: Path, n: int, per_commit: int = 500) -> tuple[float, float
     return ours, baseline
 
 
-def _spawn(stack: ExitStack, tmp: Path, name: str, command: str, env: dict[str, str]) -> subprocess.Popen:
-    log = stack.enter_context(open(tmp / f"{name}.log", "wb"))
-    process = subprocess.Popen([sys.executable, "-m", "edgefleet", command], env={**os.environ, **env}, stdout=log, stderr=log)
-    stack.callback(lambda: (process.terminate(), process.wait(30)))
-    return process
-
-
-def _ingest_env(broker: Broker, store: S3Server, replica: str) -> dict[str, str]:
-    return {"EDGEFLEET_MQTT_URL": broker.url, "EDGEFLEET_DEVICE_ID": replica, "EDGEFLEET_LOG_LEVEL": "WARNING", **store.env()}
+def _ingest(broker: Broker, store: S3Server, replica: str) -> IngestSettings:
+    """One cloud_ingest replica's settings: the bench's broker and S3 store, quiet logs."""
+    return load(IngestSettings, None, **{**keys_of(store.settings()), "mqtt_url": broker.url, "device_id": replica,
+                                         "log_level": "WARNING"})
 
 
 def _drain(tmp: Path, backlog: int) -> float:
@@ -126,7 +129,8 @@ def _drain(tmp: Path, backlog: int) -> float:
     outbox.close()
     with ExitStack() as stack:
         device, cloud, store = (stack.enter_context(x) for x in (Broker(), Broker(), S3Server()))
-        _spawn(stack, tmp, "ingest", "cloud-ingest", _ingest_env(cloud, store, "ingest-1"))
+        spawner = stack.enter_context(Spawner(tmp))
+        spawner.start("ingest", "cloud-ingest", _ingest(cloud, store, "ingest-1"))
         time.sleep(2)
         remaining = [backlog]
         done = threading.Event()
@@ -143,11 +147,9 @@ def _drain(tmp: Path, backlog: int) -> float:
         watcher.start()
         stack.callback(watcher.stop)
         t0 = time.perf_counter()
-        _spawn(stack, tmp, "telemetry", "telemetry", {
-            "EDGEFLEET_MQTT_URL": device.url, "EDGEFLEET_CLOUD_MQTT_URL": cloud.url, "EDGEFLEET_DEVICE_ID": "bench-drain",
-            "EDGEFLEET_OUTBOX_PATH": str(tmp / "backlog.db"), "EDGEFLEET_RESOURCE_INTERVAL_S": "3600",
-            "EDGEFLEET_STATUS_INTERVAL_S": "0.2", "EDGEFLEET_LOG_LEVEL": "WARNING",
-        })
+        spawner.start("telemetry", "telemetry", load(
+            TelemetrySettings, None, mqtt_url=device.url, cloud_mqtt_url=cloud.url, device_id="bench-drain",
+            outbox_path=tmp / "backlog.db", resource_interval_s=3600, status_interval_s=0.2, log_level="WARNING"))
         if not done.wait(600):
             raise RuntimeError(f"the backlog did not drain: {remaining[0]} records left")
         return backlog / (time.perf_counter() - t0)
@@ -158,19 +160,20 @@ def _ingest_rate(replicas: int, devices: int, batches: int, per_batch: int, tmp:
     for the acknowledgement of one batch before sending the next, as the forwarder does."""
     with ExitStack() as stack:
         cloud, store = stack.enter_context(Broker()), stack.enter_context(S3Server())
+        spawner = stack.enter_context(Spawner(tmp))
         for r in range(replicas):
-            _spawn(stack, tmp, f"ingest-{replicas}-{r}", "cloud-ingest", _ingest_env(cloud, store, f"ingest-{r}"))
+            spawner.start(f"ingest-{replicas}-{r}", "cloud-ingest", _ingest(cloud, store, f"ingest-{r}"))
         time.sleep(3)
-        payloads = {
-            d: [encode(TelemetryBatch(device=f"dev-{d}", epoch="0000bec4", records=[TelemetryRecord(seq=b * per_batch + i + 1, body=body)
-                                                                  for i, body in enumerate(_records(f"dev-{d}", per_batch))],
-                                      sent_at=time.time()), WireFormat.MSGPACK_ZLIB) for b in range(batches)]
-            for d in range(devices)
-        }
+        payloads = {d: [encode(_batch(f"dev-{d}", b, per_batch), WireFormat.MSGPACK_ZLIB) for b in range(batches)]
+                    for d in range(devices)}
         acks_by_device = {f"dev-{d}": threading.Semaphore(0) for d in range(devices)}
+        dead: list[str] = []
 
         def on_ack(message) -> None:
-            acks_by_device[decode(TelemetryAck, message.payload, content_type_of(message)).device].release()
+            ack = decode(TelemetryAck, message.payload, content_type_of(message))
+            if ack.dead_lettered:  # answered but not stored: no rate may count it
+                dead.append(f"{ack.device}: batch {ack.batch_id} dead-lettered")
+            acks_by_device[ack.device].release()
 
         link = MqttLink(CommonSettings(mqtt_url=cloud.url, device_id="bench"), "bench", unique=True)
         link.subscribe(topics.all_telemetry_acks(), on_ack)
@@ -181,7 +184,7 @@ def _ingest_rate(replicas: int, devices: int, batches: int, per_batch: int, tmp:
 
         def device(d: int) -> None:
             for payload in payloads[d]:
-                link.publish(topics.telemetry(f"dev-{d}"), payload, qos=1, content_type=WireFormat.MSGPACK_ZLIB.content_type)
+                link.publish(topics.telemetry(f"dev-{d}"), payload, qos=1, content_type=ZLIB_TYPE)
                 if not acks_by_device[f"dev-{d}"].acquire(timeout=60):
                     raise RuntimeError("a batch was not acknowledged")
 
@@ -191,7 +194,10 @@ def _ingest_rate(replicas: int, devices: int, batches: int, per_batch: int, tmp:
             t.start()
         for t in threads:
             t.join()
-        return devices * batches * per_batch / (time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        if dead:
+            raise RuntimeError(f"{len(dead)} batches were dead-lettered, not stored: {dead[:3]}")
+        return devices * batches * per_batch / elapsed
 
 
 class _Pool:
@@ -212,13 +218,13 @@ class _Pool:
         and packed as shared.codec.encode packs MSGPACK_ZLIB (checked against it on batch 0): a fifth
         of the cost of building and dumping 500 records each time."""
         if d not in self._templates:
-            batch = TelemetryBatch(device=f"dev-{d}", epoch="0000bec4", sent_at=time.time(),
-                                   records=[TelemetryRecord(seq=i + 1, body=body) for i, body in enumerate(_records(f"dev-{d}", PER_BATCH))])
+            batch = _batch(f"dev-{d}", 0, PER_BATCH)
             self._templates[d] = batch.model_dump(mode="python")
             if self._pack(self._templates[d]) != encode(batch, WireFormat.MSGPACK_ZLIB):
                 raise AssertionError("the bench's batches are not packed as shared.codec packs them")
         template = self._templates[d]
-        return self._pack({**template, "records": [{**r, "seq": b * PER_BATCH + i + 1} for i, r in enumerate(template["records"])]})
+        records = [{**r, "seq": b * PER_BATCH + i + 1} for i, r in enumerate(template["records"])]
+        return self._pack({**template, "records": records})
 
     @staticmethod
     def _pack(document: dict) -> bytes:
@@ -244,7 +250,6 @@ def _contained_rate(replicas: int, pool: _Pool, warmup_s: float, window_s: float
     devices = len(pool.batches)
     with ExitStack() as stack:
         cloud, store = stack.enter_context(Broker()), stack.enter_context(S3Server())
-        env = {"EDGEFLEET_MQTT_URL": cloud.url, "EDGEFLEET_LOG_LEVEL": "WARNING", **store.env()}
         acks = {f"dev-{d}": threading.Semaphore(0) for d in range(devices)}
         stored: list[tuple[float, int]] = []
         failed: list[str] = []
@@ -271,12 +276,13 @@ def _contained_rate(replicas: int, pool: _Pool, warmup_s: float, window_s: float
         link.wait_connected(10)
         stack.callback(link.stop)
         replicas_run = [
-            containers.run(stack, INGEST_IMAGE, f"ingest-{replicas}x-{r}", {**env, "EDGEFLEET_DEVICE_ID": f"ingest-{r}"},
+            containers.run(stack, INGEST_IMAGE, f"ingest-{replicas}x-{r}", _ingest(cloud, store, f"ingest-{r}"),
                            docker_args=["--cpus", str(REPLICA_CPUS)])
             for r in range(replicas)
         ]
         if not all_online.wait(90):
-            raise RuntimeError(f"only {sorted(online)} of {replicas} ingest replicas came online:\n{replicas_run[0].logs()}")
+            raise RuntimeError(f"only {sorted(online)} of {replicas} ingest replicas came online:\n"
+                               f"{replicas_run[0].logs()}")
         time.sleep(1.0)  # ONLINE is published on connect; the shared subscription is made beside it
         stop, ran_out = threading.Event(), []
 
@@ -284,7 +290,7 @@ def _contained_rate(replicas: int, pool: _Pool, warmup_s: float, window_s: float
             for payload in pool.batches[d]:
                 if stop.is_set():
                     return
-                link.publish(topics.telemetry(f"dev-{d}"), payload, qos=1, content_type=WireFormat.MSGPACK_ZLIB.content_type)
+                link.publish(topics.telemetry(f"dev-{d}"), payload, qos=1, content_type=ZLIB_TYPE)
                 if not acks[f"dev-{d}"].acquire(timeout=60):
                     failed.append(f"dev-{d}: a batch was not acknowledged within 60 s")
                     return
@@ -310,22 +316,29 @@ def _contained_rate(replicas: int, pool: _Pool, warmup_s: float, window_s: float
             raise RuntimeError(f"{len(failed)} failures, first: {failed[0]}")
     records = sum(n for at, n in stored if w0 <= at < w1)
     window = w1 - w0
-    cores = [(b2 - b1) / window if b1 is not None and b2 is not None else math.nan for b1, b2 in zip(before[1], after[1])]
-    throttled = [t2 - t1 for t1, t2 in zip(before[2], after[2]) if t1 is not None and t2 is not None]
+    cores = [(b2 - b1) / window if b1 is not None and b2 is not None else math.nan
+             for b1, b2 in zip(before[1], after[1], strict=True)]
+    throttled = [t2 - t1 for t1, t2 in zip(before[2], after[2], strict=True) if t1 is not None and t2 is not None]
     idle = _idle_share(before[3], after[3])
     # The quota was the limit only where every replica used (nearly) all of it; otherwise the machine was.
-    bound = "quota" if all(c >= 0.9 * REPLICA_CPUS for c in cores) else f"machine (replicas under 90 % of quota, idle {idle:.0%})"
+    quota_bound = all(c >= 0.9 * REPLICA_CPUS for c in cores)
+    bound = "quota" if quota_bound else f"machine (replicas under 90 % of quota, idle {idle:.0%})"
+    cores_known = records and not any(map(math.isnan, cores))
     return {
         "records/s": records / window,
         "limit": bound,
         "replica cores": " ".join(f"{c:.2f}" for c in cores),
         # CPU per record across the replicas: flat when replicas scale; rising when each CPU-second buys less
-        "replica CPU µs/record": round(sum(cores) * window / records * 1e6) if records and not any(map(math.isnan, cores)) else "?",
+        "replica CPU µs/record": round(sum(cores) * window / records * 1e6) if cores_known else "?",
         "throttled periods": sum(throttled) if throttled else "?",
         **{f"{n} cores": round((after[0][n] - before[0][n]) / window, 2) for n in others},
         "machine idle": f"{idle:.0%}",
         "ran out": len(ran_out),
     }
+
+
+def _label(replicas: int) -> str:
+    return f"cloud_ingest containers, {replicas} replica{'s' if replicas > 1 else ''} at --cpus {REPLICA_CPUS:g}"
 
 
 def _scale_out(quick: bool, build: bool) -> tuple[list[dict], dict[int, float]]:
@@ -335,10 +348,9 @@ def _scale_out(quick: bool, build: bool) -> tuple[list[dict], dict[int, float]]:
         print(f"scripts/images.sh cloud-ingest: {containers.build_images('cloud-ingest'):.0f} s")
     if missing is None and containers.inspect_image(INGEST_IMAGE) is None:
         missing = f"{INGEST_IMAGE} is not built (scripts/images.sh)"
-    label = lambda n: f"cloud_ingest containers, {n} replica{'s' if n > 1 else ''} at --cpus {REPLICA_CPUS:g}"
     if missing is not None:
         print(f"containerised scale-out NOT MEASURED: {missing}")
-        return [{"measure": label(n), "records/s": f"not measured: {missing}"} for n in SCALE_OUT], {}
+        return [{"measure": _label(n), "records/s": f"not measured: {missing}"} for n in SCALE_OUT], {}
     # 16 closed-loop devices: four batches in flight for each of 4 replicas (whose receive window is 8).
     # Windows are whole multiples of the image's HEALTHCHECK interval (10 s): each probe (`edgefleet
     # health`, ~0.5 CPU-s) runs inside the replica's quota, so a window holding one or two of them
@@ -353,14 +365,14 @@ def _scale_out(quick: bool, build: bool) -> tuple[list[dict], dict[int, float]]:
     # of a record drifts between runs minutes apart, and the baseline is the mean of both.
     order = [*SCALE_OUT, 1] if not quick else list(SCALE_OUT)
     measured: list[tuple[int, dict]] = []
-    for i, n in enumerate(order):
+    for n in order:
         if measured:
             pool.grow(math.ceil(1.3 * n * measured[0][1]["records/s"] * span / PER_BATCH / devices))
         measured.append((n, _contained_rate(n, pool, warmup_s, window_s)))
-        print(f"{label(n)}: {measured[-1][1]}")
+        print(f"{_label(n)}: {measured[-1][1]}")
     ones = [m["records/s"] for n, m in measured if n == 1]
     rates = {n: m["records/s"] for n, m in measured if n != 1} | {1: sum(ones) / len(ones)}
-    rows = [{"measure": label(n) + (" again, drift check" if i and n == 1 else "") + f" ({devices} devices)",
+    rows = [{"measure": _label(n) + (" again, drift check" if i and n == 1 else "") + f" ({devices} devices)",
              "records/s": round(m["records/s"]), "x one": round(m["records/s"] / rates[1], 2),
              **{k: v for k, v in m.items() if k != "records/s"}} for i, (n, m) in enumerate(measured)]
     return rows, rates
@@ -378,12 +390,13 @@ def run(quick: bool, json_out: Path | None, contained: bool = True, build: bool 
     if contained:
         scale_rows, rates = _scale_out(quick, build)
     else:
-        scale_rows, rates = [{"measure": "cloud_ingest containers, 1/2/4 replicas", "records/s": "not measured: --no-containers"}], {}
+        not_run = {"measure": "cloud_ingest containers, 1/2/4 replicas", "records/s": "not measured: --no-containers"}
+        scale_rows, rates = [not_run], {}
     rows = [
         {"measure": "outbox appends (500 per commit, synchronous=FULL)", "records/s": round(ours)},
         {"measure": "raw SQLite inserts, same rows and settings", "records/s": round(raw)},
-        {"measure": f"backlog of {backlog} records ({backlog / ARRIVAL_PER_S / 60:.0f} min at {ARRIVAL_PER_S:g}/s) drained to S3",
-         "records/s": round(drain)},
+        {"measure": f"backlog of {backlog} records ({backlog / ARRIVAL_PER_S / 60:.0f} min at {ARRIVAL_PER_S:g}/s) "
+                    "drained to S3", "records/s": round(drain)},
         {"measure": f"cloud_ingest, 1 replica ({devices} devices)", "records/s": round(one)},
         {"measure": f"cloud_ingest, 2 replicas ({devices} devices)", "records/s": round(two)},
         *scale_rows,
@@ -394,7 +407,12 @@ def run(quick: bool, json_out: Path | None, contained: bool = True, build: bool 
         Goal("backlog drain rate / arrival rate", round(drain / ARRIVAL_PER_S, 1), 10, "ratio"),
         Goal("two ingest replicas / one", round(two / one, 3), 1.7, "ratio"),
         # nan (never met) where the containers could not run: a goal not measured is not a goal met.
-        Goal(f"2 ingest containers / one (--cpus {REPLICA_CPUS:g} each)", round(rates[2] / rates[1], 3) if rates else math.nan, 1.8, "ratio"),
-        Goal(f"4 ingest containers / one (--cpus {REPLICA_CPUS:g} each)", round(rates[4] / rates[1], 3) if rates else math.nan, 3.4, "ratio"),
+        Goal(f"2 ingest containers / one (--cpus {REPLICA_CPUS:g} each)", _ratio(rates, 2), 1.8, "ratio"),
+        Goal(f"4 ingest containers / one (--cpus {REPLICA_CPUS:g} each)", _ratio(rates, 4), 3.4, "ratio"),
     ]
     return emit("telemetry", quick, rows, goals, json_out)
+
+
+def _ratio(rates: dict[int, float], replicas: int) -> float:
+    """Records/s of `replicas` containers over one's; nan (never met) where they were not measured."""
+    return round(rates[replicas] / rates[1], 3) if rates else math.nan

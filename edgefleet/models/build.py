@@ -11,8 +11,8 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from edgefleet.models.install import install, make_readable
 from edgefleet.models.network import INPUT, NAME, OPSET, OUTPUT, export, teacher
-from edgefleet.models.store import install, make_readable
 from shared.manifest import (
     MODEL_FILE,
     ModelError,

@@ -23,7 +23,8 @@ EVAL_SEED, CALIBRATION_SEED = 2026, 7
 INDEX_FILE = "index.json"
 
 
-def make(out: Path, eval_count: int = 300, calibration_count: int = 128, sources: tuple[str, ...] = photos.EVALUATION) -> dict:
+def make(out: Path, eval_count: int = 300, calibration_count: int = 128,
+         sources: tuple[str, ...] = photos.EVALUATION) -> dict:
     if out.exists():
         shutil.rmtree(out)
     index: dict = {"sources": list(sources), "splits": {}}

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgefleet.models.install import install
 from edgefleet.models.outputs import logits
-from edgefleet.models.store import install
 from shared.manifest import ModelManifest, Quality, sha256_of
 
 
@@ -31,7 +31,8 @@ def install_derived(parent: ModelManifest, name: str, staged: Path, recipe: dict
     """Installs the staged model under out_dir with the parent's interface (input, preprocessing, labels)."""
     manifest = ModelManifest(
         **{
-            **parent.model_dump(exclude={"sha256", "size_bytes", "recipe", "parent_sha256", "quality", "created_at", "name"}),
+            **parent.model_dump(exclude={"sha256", "size_bytes", "recipe", "parent_sha256", "quality", "created_at",
+                                         "name"}),
             "name": name,
             "sha256": sha256_of(staged),
             "size_bytes": staged.stat().st_size,

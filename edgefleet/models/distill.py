@@ -86,10 +86,12 @@ def fit(student, teacher, inputs: np.ndarray, labels: np.ndarray, training: Trai
                 flip = bool(rng.integers(2))
                 x = frames[idx].flip(3) if flip else frames[idx]
                 out = student(x)
-                loss = F.kl_div(F.log_softmax(out / t, 1), F.softmax(soft[flip][idx] / t, 1), reduction="batchmean") * t * t
+                loss = F.kl_div(F.log_softmax(out / t, 1), F.softmax(soft[flip][idx] / t, 1),
+                                reduction="batchmean") * t * t
                 known = targets[idx] != UNLABELLED
                 if known.any():
-                    loss = training.alpha * loss + (1 - training.alpha) * F.cross_entropy(out[known], targets[idx][known])
+                    loss = (training.alpha * loss
+                            + (1 - training.alpha) * F.cross_entropy(out[known], targets[idx][known]))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -152,5 +154,6 @@ def distill(parent_dir: Path, out_dir: Path, frames_dir: Path, eval_dir: Path, d
             "frames": f"{frames_dir} ({result.frames} frames, {result.labelled_frames} with true labels)",
             **training.recipe(),
         }
-        manifest = install_derived(parent, f"{parent.name}-distilled-{len(student._blocks)}blocks", staged, recipe, quality, out_dir)
+        manifest = install_derived(parent, f"{parent.name}-distilled-{len(student._blocks)}blocks", staged, recipe,
+                                   quality, out_dir)
     return manifest, report

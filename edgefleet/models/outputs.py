@@ -16,7 +16,8 @@ def session(path: Path, threads: int = 0) -> ort.InferenceSession:
 
 def logits(model: Path | ort.InferenceSession, input_name: str, inputs: np.ndarray, batch: int = 16) -> np.ndarray:
     runner = session(model) if isinstance(model, Path) else model
-    return np.concatenate([runner.run(None, {input_name: inputs[i : i + batch]})[0] for i in range(0, len(inputs), batch)])
+    return np.concatenate([runner.run(None, {input_name: inputs[i : i + batch]})[0]
+                           for i in range(0, len(inputs), batch)])
 
 
 def softmax(values: np.ndarray) -> np.ndarray:

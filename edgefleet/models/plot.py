@@ -29,7 +29,8 @@ def save(results: list[Evaluation], out: Path) -> None:
 
     front = pareto_front(results)
     figure, axes = plt.subplots(figsize=(8, 5), dpi=120)
-    axes.plot([r.p50_ms for r in front], [r.top1_agreement for r in front], "--", color="tab:green", label="Pareto front")
+    axes.plot([r.p50_ms for r in front], [r.top1_agreement for r in front], "--", color="tab:green",
+              label="Pareto front")
     for r in results:
         on_front = r in front
         axes.scatter(r.p50_ms, r.top1_agreement, s=60, color="tab:green" if on_front else "tab:gray", zorder=3)

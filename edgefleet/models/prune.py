@@ -66,8 +66,12 @@ class PruneReport:
         return "" if self.structured else UNSTRUCTURED_NOTE
 
 
+# Training is frozen, so one shared default cannot leak state between calls.
+DEFAULT_TRAINING = Training()
+
+
 def prune(parent_dir: Path, out_dir: Path, frames_dir: Path, eval_dir: Path, ratio: float = 0.2,
-          structured: bool = True, training: Training = Training(), gate: float = 0.97, threads: int = 1,
+          structured: bool = True, training: Training = DEFAULT_TRAINING, gate: float = 0.97, threads: int = 1,
           frame_limit: int | None = None, eval_limit: int | None = None) -> tuple[ModelManifest, PruneReport]:
     if not 0 < ratio < 1:
         raise ValueError(f"the pruning ratio must be between 0 and 1, not {ratio}")

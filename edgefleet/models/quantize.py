@@ -8,8 +8,9 @@ Mixed precision by measurement (static): calibrate once, quantize one layer at a
 far the output moves (KL divergence from the float model on the calibration frames), then keep the
 worst layers in float, one by one, until agreement reaches the gate or the budget of float layers is
 spent. Ranges are fitted on one half of the calibration frames and layers chosen on the other: measured
-on the frames the ranges were fitted to, agreement looks better than it is. A layer is a Conv or Gemm with the activation that follows it: leaving
-the activation quantized over the float layer's raw range would cost more than it saves.
+on the frames the ranges were fitted to, agreement looks better than it is. A layer is a Conv or Gemm
+with the activation that follows it: leaving the activation quantized over the float layer's raw range
+would cost more than it saves.
 
 A node whose op the quantizer has no rule for is excluded, stays in float and is reported, never a
 crash. The result's agreement with its parent on held-out images is written to its manifest as the
@@ -39,13 +40,14 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 
+from edgefleet.models.derive import install_derived, measure_quality, top1_agreement
 from edgefleet.models.frames import load_inputs
 from edgefleet.models.outputs import logits, softmax
-from edgefleet.models.derive import install_derived, measure_quality, top1_agreement
 from shared.manifest import ModelError, ModelManifest, load_verified
 
 # Plumbing ops move or reshape tensors without arithmetic of their own: nothing to quantize, nothing to report.
-_NO_ARITHMETIC = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Shape", "Gather", "Concat", "Slice"}
+_NO_ARITHMETIC = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Shape", "Gather", "Concat",
+                  "Slice"}
 
 
 class Mode(StrEnum):
@@ -150,7 +152,8 @@ def quantize(
             if calibration_dir is None:
                 raise ValueError("static quantization needs a calibration folder of real frames")
             calibration = load_inputs(calibration_dir, parent, calibration_limit)
-            fit, select = (calibration[0::2], calibration[1::2]) if max_float_layers and len(calibration) > 1 else (calibration, calibration)
+            fit, select = ((calibration[0::2], calibration[1::2]) if max_float_layers and len(calibration) > 1
+                           else (calibration, calibration))
             static = _StaticQuantizer(prepared, parent.input.name, fit, select, method, weight_type, Path(tmp))
             static.quantize(staged, excluded)
             report.calibration_agreement = top1_agreement(static.reference, logits(staged, parent.input.name, select))
@@ -161,7 +164,8 @@ def quantize(
             recipe = {
                 "weight_type": weight_type.value, "activation_type": "quint8", "format": "qdq", "per_channel": "true",
                 "calibration_method": method.value,
-                "calibration_set": f"{calibration_dir} ({len(fit)} images fit the ranges, {len(select)} choose float layers)",
+                "calibration_set": f"{calibration_dir} ({len(fit)} images fit the ranges, "
+                                   f"{len(select)} choose float layers)",
                 "float_layers": ",".join(name for name, _, _ in report.float_layers) or "none",
             }
         held_out = load_inputs(eval_dir, parent, eval_limit)
@@ -207,7 +211,8 @@ class _StaticQuantizer:
             if node.op_type in ("Conv", "Gemm", "MatMul")
         ]
 
-    def mixed_precision(self, out: Path, excluded: list[str], gate: float, budget: int) -> list[tuple[str, float, float]]:
+    def mixed_precision(self, out: Path, excluded: list[str], gate: float,
+                        budget: int) -> list[tuple[str, float, float]]:
         """Ranks layers by the output shift each causes alone, then keeps the worst in float until the
         calibration agreement reaches the gate; leaves the best model found at `out`."""
         layers = self.layers()

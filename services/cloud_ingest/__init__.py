@@ -1,1 +1,1 @@
-"""The cloud ingest service: validates, batches and writes telemetry to S3 (the telemetry issue)."""
+"""The cloud ingest service: validates, batches and writes telemetry to S3, acknowledging only what S3 holds."""

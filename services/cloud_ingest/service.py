@@ -49,7 +49,7 @@ class IngestService:
         # Replicas may share one configured id (docker compose `replicas: 2`); the host name tells them apart,
         # as the broker needs distinct client ids.
         self._replica = f"{settings.device_id}-{socket.gethostname()}"[:64]
-        self.pool = ThreadPoolExecutor(settings.ingest_workers, thread_name_prefix="writer")
+        self.pool = ThreadPoolExecutor(settings.ingest.workers, thread_name_prefix="writer")
         # Each batch a writer takes is watched while it is written (shared.lifecycle): an idle pool is alive,
         # a write stuck past its S3 timeouts is not.
         self.liveness = Liveness()
@@ -59,9 +59,11 @@ class IngestService:
         self._filter = topics.all_telemetry(settings.share_group)
         self.link = MqttLink(
             settings.model_copy(update={"device_id": self._replica}), SERVICE,
-            StatusPublisher(topics.status(self._replica, SERVICE), online=lambda: encode(self._status(ServiceState.ONLINE)),
+            StatusPublisher(topics.status(self._replica, SERVICE),
+                            online=lambda: encode(self._status(ServiceState.ONLINE)),
                             will=encode(self._status(ServiceState.OFFLINE, reason="connection lost"))),
-            manual_ack=True, receive_maximum=settings.ingest_workers * 2, session_expiry_s=settings.ingest_session_expiry_s,
+            manual_ack=True, receive_maximum=settings.ingest.workers * 2,
+            session_expiry_s=settings.ingest.session_expiry_s,
         )
 
     def run(self) -> int:
@@ -81,7 +83,11 @@ class IngestService:
 
     def _on_batch(self, message: paho.MQTTMessage) -> None:
         """paho's network thread: hand over and return at once (the receive window bounds the backlog)."""
-        log.debug("batch taken", extra=fields(topic=message.topic, mid=message.mid, redelivered=bool(message.dup)))
+        # The batch id (the device's correlation data, unverified: bounded) lets an operator follow one batch from
+        # the device's outbox to S3 across replicas and redeliveries.
+        batch = (correlation_of(message) or b"").decode(errors="replace")[:200]
+        log.debug("batch taken", extra=fields(topic=message.topic, mid=message.mid, batch=batch,
+                                              redelivered=bool(message.dup)))
         self.pool.submit(self._store, message)
 
     def _store(self, message: paho.MQTTMessage) -> None:
@@ -102,7 +108,8 @@ class IngestService:
                     log.warning("write failed; retrying", extra=fields(device=device, error=str(exc)[:300]))
                     progress.tick(1.0)
                     self._stopping.wait(1.0)
-            log.info("stopping with a batch unwritten; the broker keeps it for the next session", extra=fields(device=device))
+            log.info("stopping with a batch unwritten; the broker keeps it for the next session",
+                     extra=fields(device=device))
         except Exception as exc:  # a bug here must be loud: in the pool it would otherwise vanish with the future
             self.failed.add()
             log.exception("batch not stored", extra=fields(device=device))
@@ -116,13 +123,15 @@ class IngestService:
             if batch.device != device:
                 raise DecodeError(f"batch names device {batch.device!r} but came on {device!r}'s topic")
         except DecodeError as exc:
-            key = dead_letter(self.s3, bucket, device, payload, str(exc))
+            key = dead_letter(self.s3, bucket, device, bytes(payload), str(exc))
             self.dead_lettered.add()
             log.warning("dead-lettered", extra=fields(device=device, key=key, reason=str(exc)[:300]))
             if (correlation := correlation_of(message)) is not None:
                 self._ack(device, correlation.decode(errors="replace")[:200], 0, dead_lettered=True)
             return
         stored = write_batch(self.s3, bucket, batch, before_put)
+        # Logged before either acknowledgement: a replica killed without this line acknowledged nothing of it.
+        log.debug("batch stored", extra=fields(device=device, batch=batch.batch_id, records=stored))
         self.stored.add(stored)
         self._ack(device, batch.batch_id, stored)
 
@@ -131,9 +140,10 @@ class IngestService:
         self.link.publish(topics.telemetry_ack(device), encode(ack), qos=1, content_type=WireFormat.JSON.content_type)
 
     def _status(self, state: ServiceState, reason: str | None = None) -> ServiceStatus:
-        detail = f"stored {self.stored.value} records, dead-lettered {self.dead_lettered.value}, failed writes {self.failed.value}"
-        return ServiceStatus(device=self._replica, service=SERVICE, state=state, at=time.time(), edgefleet_version=VERSION,
-                             reason=reason or detail)
+        detail = (f"stored {self.stored.value} records, dead-lettered {self.dead_lettered.value}, "
+                  f"failed writes {self.failed.value}")
+        return ServiceStatus(device=self._replica, service=SERVICE, state=state, at=time.time(),
+                             edgefleet_version=VERSION, reason=reason or detail)
 
 
 def main(settings: IngestSettings) -> int:

@@ -15,14 +15,13 @@ import threading
 import time
 from collections import Counter, deque
 
+from services.inference.errors import Closed
 from services.inference.intake import Frame
 
 
-class Closed(Exception):
-    """put() on a backlog that was closed."""
-
-
 class FrameBacklog:
+    """The frames received and not yet taken by a worker, at most `capacity` of them."""
+
     def __init__(self, capacity: int) -> None:
         self._frames: deque[Frame] = deque()  # arrival order, across cameras
         self._per_camera: Counter[str] = Counter()
@@ -31,9 +30,16 @@ class FrameBacklog:
         self._closed = False
 
     def put(self, frame: Frame) -> Frame | None:
-        """Queues a frame; if the backlog was full, drops and returns the oldest frame of the camera
-        that holds the most frames, counting this one (possibly this camera's own oldest, or this
-        frame itself when the backlog holds a single frame). Raises Closed once close() was called."""
+        """Queues a frame without ever blocking.
+
+        Returns:
+            None, or the frame dropped to make room when the backlog was full: the oldest frame of
+            the camera that holds the most frames, counting this one (possibly this camera's own
+            oldest, or this frame itself when the backlog holds a single frame).
+
+        Raises:
+            Closed: close() was called; the caller counts the frame dropped.
+        """
         with self._changed:
             if self._closed:
                 raise Closed()
@@ -62,7 +68,17 @@ class FrameBacklog:
             del self._per_camera[frame.camera]
 
     def take(self, max_batch: int, max_wait_s: float = 0.0, idle_timeout_s: float = 0.5) -> list[Frame] | None:
-        """Up to max_batch frames; empty if none came within idle_timeout_s; None once closed and drained."""
+        """The next batch, oldest frames first, across cameras.
+
+        Args:
+            max_batch: most frames to take.
+            max_wait_s: how long to wait for more frames after the first queued one arrived.
+            idle_timeout_s: how long to wait for a first frame.
+
+        Returns:
+            Up to max_batch frames; an empty list if none came within idle_timeout_s; None once
+            closed and drained.
+        """
         with self._changed:
             if not self._changed.wait_for(lambda: self._frames or self._closed, idle_timeout_s):
                 return []
@@ -104,10 +120,12 @@ class CameraCounts:
         self._lock = threading.Lock()
 
     def add(self, camera: str, n: int = 1) -> None:
+        """Adds n to the camera's count (to "_other" once max_keys other cameras are named)."""
         with self._lock:
             key = camera if camera in self._counts or len(self._counts) < self._max_keys else self.OTHER
             self._counts[key] = self._counts.get(key, 0) + n
 
     def snapshot(self) -> dict[str, int]:
+        """A copy of the counts by camera."""
         with self._lock:
             return dict(self._counts)

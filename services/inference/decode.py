@@ -20,6 +20,8 @@ os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(64 * 1024 * 1024))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
+from services.inference.errors import UndecodableFrame  # noqa: E402
+
 # OpenCV's own threads would fight ONNX Runtime's for the same few cores.
 cv2.setNumThreads(1)
 
@@ -29,13 +31,20 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-class UndecodableFrame(ValueError):
-    pass
-
-
 def decode_bgr(data: bytes, min_short_side: int = 0) -> np.ndarray:
     """Decodes a JPEG or PNG into an 8-bit, 3-channel BGR image (grey and alpha are converted).
-    A JPEG is decoded at the coarsest scale that keeps its shorter side at least min_short_side."""
+
+    Args:
+        data: the image file's bytes, their size and declared dimensions already bounded (intake).
+        min_short_side: a JPEG is decoded at the coarsest scale (1/2, 1/4, 1/8) that keeps its shorter
+            side at least this long; 0 decodes every pixel.
+
+    Returns:
+        The image, height x width x 3, uint8, BGR.
+
+    Raises:
+        UndecodableFrame: truncated (no end-of-image marker or IEND chunk), corrupt, or not JPEG/PNG.
+    """
     check_complete(data)
     flag = cv2.IMREAD_COLOR
     if min_short_side and (size := jpeg_size(data)) is not None:

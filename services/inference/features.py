@@ -11,7 +11,11 @@ import numpy as np
 
 
 def summarise(batch: np.ndarray) -> np.ndarray:
-    """(frames, 7): for NCHW float input."""
+    """Per-frame input summaries of an NCHW float batch.
+
+    Returns:
+        (frames, 7): the three channel means, the three channel standard deviations, sharpness.
+    """
     rows = batch[:, :, ::4, :]
     means = rows.mean(axis=(2, 3))
     stds = rows.std(axis=(2, 3))

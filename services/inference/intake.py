@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from itertools import count
 
 from services.inference.decode import image_size
+from services.inference.errors import FrameRejected
 from shared.codec import DecodeError, decode
 from shared.config import InferenceSettings
 from shared.schemas import ErrorReason, FrameEnvelope
@@ -36,15 +37,14 @@ class Frame:
     received: float = field(default_factory=time.monotonic)
 
 
-class FrameRejected(Exception):
-    def __init__(self, reason: ErrorReason, detail: str, frame_id: str | None = None):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-        self.frame_id = frame_id
-
-
 class Intake:
+    """Turns frame messages into Frames, refusing what is over the limits before anything expands.
+
+    Args:
+        max_frame_bytes: largest payload, and largest envelope once inflated.
+        max_frame_pixels: largest width x height an image header may declare.
+    """
+
     def __init__(self, max_frame_bytes: int, max_frame_pixels: int = _DEFAULT_MAX_PIXELS) -> None:
         self._max_bytes = max_frame_bytes
         self._max_pixels = max_frame_pixels
@@ -55,6 +55,14 @@ class Intake:
     def parse(self, camera: str, payload: bytes, content_type: str | None) -> Frame:
         """A frame from a raw JPEG/PNG or an envelope (msgpack, or msgpack+zlib when the content type
         says so), its header read and its dimensions within the pixel budget.
+
+        Args:
+            camera: the camera the topic names.
+            payload: the message's bytes.
+            content_type: the MQTT v5 content type, if the sender set one.
+
+        Returns:
+            The frame, with the envelope's id and capture time, or "<camera>-<n>" for a raw image.
 
         Raises:
             FrameRejected: empty, over max_frame_bytes (also once inflated), not an envelope, no

@@ -6,7 +6,15 @@ import numpy as np
 
 
 def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row-wise softmax top-k: (indices, probabilities), each shaped (batch, k), best first."""
+    """Row-wise softmax top-k.
+
+    Args:
+        logits: (batch, classes) model output.
+        k: classes wanted per row; more than there are gives them all.
+
+    Returns:
+        (indices, probabilities), each shaped (batch, k), best first.
+    """
     shifted = logits - logits.max(axis=1, keepdims=True)
     probs = np.exp(shifted)
     probs /= probs.sum(axis=1, keepdims=True)

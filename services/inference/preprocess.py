@@ -11,6 +11,12 @@ _INTERPOLATION = {"linear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA, "cubic": c
 
 
 class Preprocessor:
+    """The manifest's preprocessing (resize shorter side, centre crop, normalise, channel order).
+
+    Args:
+        spec: the model manifest's preprocessing section.
+    """
+
     def __init__(self, spec: Preprocessing) -> None:
         self._spec = spec
         self._interpolation = _INTERPOLATION[spec.interpolation]
@@ -20,7 +26,12 @@ class Preprocessor:
         self._source_channel = (2, 1, 0) if spec.color_order == "RGB" else (0, 1, 2)
 
     def __call__(self, bgr: np.ndarray, out: np.ndarray) -> None:
-        """Writes the CHW tensor for one BGR image into `out` (a slot of the batch array)."""
+        """Writes the CHW tensor for one BGR image into `out` (a slot of the batch array).
+
+        Args:
+            bgr: a decoded image, height x width x 3, uint8, BGR.
+            out: a 3 x crop x crop float32 array, written in place.
+        """
         spec = self._spec
         height, width = bgr.shape[:2]
         # Resize-shorter-then-centre-crop, done as crop-then-resize: the same scale factor and sampling

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from services.inference.errors import ProviderRefused, UnknownProvider
 from shared.logs import fields
 from shared.manifest import ModelManifest
 from shared.schemas import ProviderReport
@@ -30,7 +31,19 @@ PROVIDER_NAMES = {
 
 
 def plan_workers(providers: list[str], workers: int, intra_op_threads: int) -> tuple[int, int]:
-    """(parallel runs, threads per run) from the config's 0-means-auto values."""
+    """How many model runs go in parallel, and with how many threads each.
+
+    Args:
+        providers: the execution providers in order of preference (short or full names).
+        workers: parallel runs; 0: one per core when the first provider is the CPU, else one.
+        intra_op_threads: ONNX Runtime threads per run; 0: 1 with several workers, else its default.
+
+    Returns:
+        (parallel runs, threads per run), 0 threads meaning ONNX Runtime's default.
+
+    Raises:
+        UnknownProvider: the first provider is not one ONNX Runtime knows.
+    """
     if workers == 0:
         on_cpu = provider_name(providers[0]) == "CPUExecutionProvider"
         workers = len(os.sched_getaffinity(0)) if on_cpu else 1
@@ -39,14 +52,15 @@ def plan_workers(providers: list[str], workers: int, intra_op_threads: int) -> t
     return workers, intra_op_threads
 
 
-class ProviderRefused(RuntimeError):
-    """The strict policy and a session that is not on the first requested provider."""
-
-
 def provider_name(short_or_full: str) -> str:
+    """ONNX Runtime's name for an execution provider given by its short name (cuda) or its full one.
+
+    Raises:
+        UnknownProvider: neither a short name of PROVIDER_NAMES nor one of its full names.
+    """
     name = PROVIDER_NAMES.get(short_or_full.lower(), short_or_full)
     if name not in PROVIDER_NAMES.values():
-        raise ValueError(f"unknown execution provider {short_or_full!r}; known: {', '.join(PROVIDER_NAMES)}")
+        raise UnknownProvider(f"unknown execution provider {short_or_full!r}; known: {', '.join(PROVIDER_NAMES)}")
     return name
 
 
@@ -66,6 +80,22 @@ class ModelSession:
         strict: bool,
         intra_op_threads: int = 0,
     ) -> ModelSession:
+        """Opens an ONNX Runtime session on the first of `providers` this machine has, CPU last.
+
+        Args:
+            manifest: the model's verified manifest.
+            model_path: its ONNX file.
+            providers: execution providers in order of preference (short or full names).
+            strict: refuse a session whose active provider is not the first requested one.
+            intra_op_threads: ONNX Runtime threads per run; 0: its default.
+
+        Returns:
+            The session, with the report of what was requested, available and active.
+
+        Raises:
+            UnknownProvider: a provider name ONNX Runtime does not know.
+            ProviderRefused: `strict` and the first requested provider is not the active one.
+        """
         requested = [provider_name(p) for p in providers]
         available = ort.get_available_providers()
         # CPU always stays last in the list: a missing accelerator degrades to a slower answer, and
@@ -95,5 +125,10 @@ class ModelSession:
         return cls(manifest, report, session, session.get_inputs()[0].name)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Safe to call from several threads at once: ONNX Runtime sessions are."""
-        return self._session.run(None, {self._input_name: batch})[0]
+        """The model's first output (logits, one row per frame) for an NCHW float32 batch.
+
+        Safe to call from several threads at once: ONNX Runtime sessions are. Raises whatever ONNX
+        Runtime raises when a run fails (an execution provider failing, a batch of the wrong shape).
+        """
+        logits: np.ndarray = self._session.run(None, {self._input_name: batch})[0]
+        return logits

@@ -23,9 +23,11 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
+from services.inference.errors import SwitchLate
 from services.inference.preprocess import Preprocessor
 from services.inference.session import ModelSession
 from shared.logs import fields
@@ -44,16 +46,52 @@ class ServedModel:
     decode_min_side: int  # 0: decode every pixel
 
 
-def load(model_dir: Path, providers: list[str], strict: bool, threads: int, scaled_decode: bool,
-         expected_sha256: str | None = None) -> ServedModel:
-    manifest, path = load_verified(model_dir)
-    if expected_sha256 is not None and manifest.sha256 != expected_sha256:
-        raise ModelError(f"{model_dir} holds {manifest.sha256[:16]}…, the switch asked for {expected_sha256[:16]}…")
-    session = ModelSession.open(manifest, path, providers, strict=strict, intra_op_threads=threads)
-    return ServedModel(
-        manifest=manifest, session=session, ref=manifest.ref(), preprocess=Preprocessor(manifest.preprocessing),
-        decode_min_side=manifest.preprocessing.resize_shorter if scaled_decode else 0,
-    )
+class LoadModel(Protocol):
+    """What the service loads models with: the first one at start and each one a switch names."""
+
+    def __call__(self, model_dir: Path, *, sha256: str | None = None) -> ServedModel: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelLoader:
+    """Loads a model folder the way this service serves it (a LoadModel).
+
+    Attributes:
+        providers: execution providers in order of preference.
+        strict: refuse a session that is not on the first of them.
+        threads_per_run: ONNX Runtime threads per run (0: its default).
+        scaled_decode: decode large JPEGs at a reduced scale, down to the model's resize_shorter.
+    """
+
+    providers: list[str]
+    strict: bool
+    threads_per_run: int
+    scaled_decode: bool
+
+    def __call__(self, model_dir: Path, *, sha256: str | None = None) -> ServedModel:
+        """The model in `model_dir`, verified against its manifest, with its session open (not warmed).
+
+        Args:
+            model_dir: a folder holding manifest.json and the model file it names.
+            sha256: the model file's digest the caller expects (a switch request's); None: any.
+
+        Returns:
+            The model ready to serve.
+
+        Raises:
+            ModelError: missing, unreadable, not what its manifest says, or not the expected digest.
+            UnknownProvider: a provider name ONNX Runtime does not know.
+            ProviderRefused: `strict` and the first provider is not the active one.
+        """
+        manifest, path = load_verified(model_dir)
+        if sha256 is not None and manifest.sha256 != sha256:
+            raise ModelError(f"{model_dir} holds {manifest.sha256[:16]}…, the switch asked for {sha256[:16]}…")
+        session = ModelSession.open(manifest, path, self.providers, strict=self.strict,
+                                    intra_op_threads=self.threads_per_run)
+        return ServedModel(
+            manifest=manifest, session=session, ref=manifest.ref(), preprocess=Preprocessor(manifest.preprocessing),
+            decode_min_side=manifest.preprocessing.resize_shorter if self.scaled_decode else 0,
+        )
 
 
 def warm(model: ServedModel) -> None:
@@ -62,7 +100,7 @@ def warm(model: ServedModel) -> None:
     model.session.run(np.zeros((1, 3, crop, crop), dtype=np.float32))
 
 
-def _release_when_gone(old: weakref.ref, timeout_s: float = 10.0) -> None:
+def _release_when_gone(old: weakref.ref[ServedModel], timeout_s: float = 10.0) -> None:
     """Waits for the last batch holding the old model to finish, then returns freed memory to the OS."""
     deadline = time.monotonic() + timeout_s
     while old() is not None and time.monotonic() < deadline:
@@ -72,22 +110,30 @@ def _release_when_gone(old: weakref.ref, timeout_s: float = 10.0) -> None:
         _malloc_trim(0)
 
 
-def _find_malloc_trim():
+def _find_malloc_trim() -> Callable[[int], int] | None:
     try:  # glibc only; musl and macOS have no malloc_trim and need none of this
-        return ctypes.CDLL(None).malloc_trim
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
+    return trim
 
 
 _malloc_trim = _find_malloc_trim()
 
 
 class Swapper:
-    """Owns the swap thread: takes switch requests, loads and warms off the frame path, installs."""
+    """Owns the swap thread: takes switch requests, loads and warms off the frame path, installs.
 
-    def __init__(self, loader: Callable[[ModelSwitch], ServedModel], install: Callable[[ServedModel], ServedModel],
+    Args:
+        load: loads the model a switch names (its folder, checked against its digest).
+        install: serves a model from the next batch on and returns the one it replaces.
+        serving: the model served now, named in a refusal.
+        reply: publishes the answer to each request, accepted or refused.
+    """
+
+    def __init__(self, *, load: LoadModel, install: Callable[[ServedModel], ServedModel],
                  serving: Callable[[], ModelRef], reply: Callable[[ModelSwitched], None]) -> None:
-        self._loader, self._install, self._serving, self._reply = loader, install, serving, reply
+        self._load, self._install, self._serving, self._reply = load, install, serving, reply
         self._requests: queue.Queue[tuple[ModelSwitch, float] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="swapper")
 
@@ -99,6 +145,7 @@ class Swapper:
         self._requests.put((switch, time.monotonic()))
 
     def stop(self) -> None:
+        """Lets a switch in progress complete, starts none after it, and joins the thread."""
         self._requests.put(None)
         self._thread.join()
 
@@ -108,9 +155,10 @@ class Swapper:
             started = time.monotonic()
             try:
                 _in_time(switch, received)
-                model = self._loader(switch)
+                model = self._load(Path(switch.model_dir), sha256=switch.sha256)
                 warm(model)
-                _in_time(switch, received)  # sync has given up on a late load: installing it would disagree with the store
+                # sync has given up on a late load: installing it would disagree with the store
+                _in_time(switch, received)
             except Exception as exc:  # a bad model must never stop the service: the old one keeps serving
                 log.warning("model switch refused", extra=fields(request=switch.request_id, error=str(exc)))
                 self._reply(ModelSwitched(request_id=switch.request_id, ok=False, serving=self._serving(),
@@ -122,12 +170,9 @@ class Swapper:
             load_ms = round((time.monotonic() - started) * 1000, 1)
             log.info("model switched", extra=fields(request=switch.request_id, model=serving.name,
                                                     version=serving.version, load_ms=load_ms))
-            self._reply(ModelSwitched(request_id=switch.request_id, ok=True, serving=serving, load_ms=load_ms, at=time.time()))
+            self._reply(ModelSwitched(request_id=switch.request_id, ok=True, serving=serving, load_ms=load_ms,
+                                      at=time.time()))
             _release_when_gone(old)
-
-
-class SwitchLate(RuntimeError):
-    """The switch's deadline passed before the new model was ready; it is discarded."""
 
 
 def _in_time(switch: ModelSwitch, received: float) -> None:
@@ -142,4 +187,5 @@ def _in_time(switch: ModelSwitch, received: float) -> None:
         return
     late_by = max(time.time() - (switch.at + switch.timeout_s), time.monotonic() - (received + switch.timeout_s))
     if late_by > 0:
-        raise SwitchLate(f"late: the switch's deadline ({switch.timeout_s:g} s) passed {late_by:.3f} s ago; the load is discarded")
+        raise SwitchLate(f"late: the switch's deadline ({switch.timeout_s:g} s) passed {late_by:.3f} s ago; "
+                         "the load is discarded")

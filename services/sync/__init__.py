@@ -1,1 +1,1 @@
-"""The sync service: applies model updates from the cloud registry (the model-delivery issue)."""
+"""The sync service: applies model updates from the cloud registry: verify, install, canary, roll back."""

@@ -7,19 +7,10 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass
 
+from shared.config import CanarySettings
 from shared.schemas import CanaryVerdict, Prediction
 from shared.stats import mean, p95, psi
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    max_psi: float
-    max_error_rate_increase: float
-    max_latency_ratio: float
-    max_confidence_drop: float
-    min_samples: int = 1  # fewer on either side: inconclusive
 
 
 class Window:
@@ -51,8 +42,8 @@ class Window:
 class Watch:
     """Windows per model SHA-256, fed from the MQTT thread and read by the sync worker."""
 
-    def __init__(self, size: int, warmup: int = 0) -> None:
-        self.size, self.warmup = size, warmup
+    def __init__(self, canary: CanarySettings) -> None:
+        self.size, self.warmup = canary.window, canary.warmup
         self._windows: dict[str, Window] = {}
         # A model's first runs after a switch are slower while ONNX Runtime sizes its buffers for real
         # batches; judged on them, a sound model was rolled back for its latency (36.9 against 21.9 ms).
@@ -86,7 +77,7 @@ class Watch:
         return self._windows[sha256]
 
 
-def judge(before: Window, after: Window, limits: Thresholds) -> CanaryVerdict:
+def judge(before: Window, after: Window, limits: CanarySettings) -> CanaryVerdict:
     """The new model (after) against the old (before). Too few samples on either side is no verdict:
     inconclusive, never passed (an empty window has no errors and no drift, which is not evidence)."""
     reasons = []
@@ -96,7 +87,7 @@ def judge(before: Window, after: Window, limits: Thresholds) -> CanaryVerdict:
     drift = psi(before.labels, after.labels) if before.labels and after.labels else None
     if drift is not None and drift > limits.max_psi:
         reasons.append(f"predicted classes shifted: PSI {drift:.2f} > {limits.max_psi}")
-    if after.error_rate - before.error_rate > limits.max_error_rate_increase:
+    if after.error_rate - before.error_rate > limits.max_error_rate:
         reasons.append(f"error rate {after.error_rate:.1%} against {before.error_rate:.1%} before")
     p95_before, p95_after = p95(before.latencies), p95(after.latencies)
     if p95_before and p95_after and p95_after > limits.max_latency_ratio * p95_before:

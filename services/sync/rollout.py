@@ -33,11 +33,13 @@ from pathlib import Path
 from typing import Protocol
 
 from services.sync import canary
+from services.sync.errors import SyncError
 from services.sync.membership import is_member
 from services.sync.smoke import SmokeFailed, smoke_test
 from services.sync.store import ModelStore, PendingCanary
 from shared import VERSION
 from shared.config import SyncSettings
+from shared.errors import EdgefleetError
 from shared.logs import fields
 from shared.manifest import ModelError, ModelManifest, load_verified
 from shared.schemas import CanaryVerdict, ModelRef, Rollout, RolloutPhase, SyncState
@@ -47,11 +49,11 @@ log = logging.getLogger(__name__)
 RESTARTED_IN_CANARY = "sync restarted during the canary"
 
 
-class Superseded(Exception):
+class Superseded(SyncError):
     """A newer rollout message (or shutdown) replaces the one being handled."""
 
 
-class StepFailed(Exception):
+class StepFailed(SyncError):
     """This rollout cannot proceed on this device; the message says why."""
 
 
@@ -101,10 +103,7 @@ def supersedes(new: Rollout | None, current: Rollout) -> bool:
 class Machine:
     def __init__(self, store: ModelStore, settings: SyncSettings, io: Io, device_id: str) -> None:
         self.store, self.settings, self.io, self.device = store, settings, io, device_id
-        self.limits = canary.Thresholds(
-            settings.canary_max_psi, settings.canary_max_error_rate, settings.canary_max_latency_ratio,
-            settings.canary_max_confidence_drop, settings.canary_min_samples,
-        )
+        self.limits = settings.canary
 
     # -- at start ----------------------------------------------------------------------------------
 
@@ -144,7 +143,8 @@ class Machine:
         if serving is None or serving.sha256 == current.sha256:
             return None
         log.warning("inference serves another model than the store's current: switching it",
-                    extra=fields(serving=f"{serving.name} v{serving.version}", current=f"{current.name} v{current.version}"))
+                    extra=fields(serving=f"{serving.name} v{serving.version}",
+                                 current=f"{current.name} v{current.version}"))
         try:
             self.io.switch(folder, current.sha256)
         except StepFailed as exc:
@@ -215,11 +215,11 @@ class Machine:
 
     def _baseline(self, rollout: Rollout, serving: ModelManifest) -> canary.Window:
         """The serving model's window, waited for (up to the canary timeout) so the canary has a 'before'."""
-        need = self.settings.canary_min_samples
+        need = self.settings.canary.min_samples
         if len(before := self.io.wait_for_samples(rollout, serving.sha256, need, 0)) < need:
             self._report(SyncState.INSTALLED, rollout, reason=f"canary: waiting for {need} predictions of the model "
-                         f"being served (has {len(before)}), up to {self.settings.canary_timeout_s:g} s")
-            before = self.io.wait_for_samples(rollout, serving.sha256, need, self.settings.canary_timeout_s)
+                         f"being served (has {len(before)}), up to {self.settings.canary.timeout_s:g} s")
+            before = self.io.wait_for_samples(rollout, serving.sha256, need, self.settings.canary.timeout_s)
         self._check(rollout)
         return before
 
@@ -237,31 +237,34 @@ class Machine:
         self.store.activate(folder)
         self.io.serving_changed(manifest.sha256)
         self._report(SyncState.ACTIVE, rollout, target=manifest.ref(),
-                     reason=f"canary: comparing {self.settings.canary_window} predictions with the model before")
+                     reason=f"canary: comparing {self.settings.canary.window} predictions with the model before")
 
     def _judge(self, rollout: Rollout, manifest: ModelManifest, before: canary.Window) -> None:
-        after = self.io.wait_for_samples(rollout, manifest.sha256, self.settings.canary_window, self.settings.canary_timeout_s)
+        canary_settings = self.settings.canary
+        after = self.io.wait_for_samples(rollout, manifest.sha256, canary_settings.window, canary_settings.timeout_s)
         verdict = canary.judge(before, after, self.limits)
         if verdict.passed:
             self.store.end_canary()
             self.store.prune()
             self._report(SyncState.ACTIVE, rollout, target=manifest.ref(), canary=verdict,
                          reason=f"canary passed on {verdict.samples_after} predictions")
-        elif not verdict.conclusive and self.settings.canary_inconclusive == "hold":
+        elif not verdict.conclusive and self.settings.canary.inconclusive == "hold":
             self.store.end_canary()
             self._report(SyncState.ACTIVE, rollout, target=manifest.ref(), canary=verdict,
-                         reason=f"canary {verdict.reasons[0]}; holding the new model (canary_inconclusive=hold), not passed")
+                         reason=f"canary {verdict.reasons[0]}; holding the new model (canary_inconclusive=hold), "
+                         "not passed")
         elif not verdict.conclusive:
             self._go_back(rollout, manifest.ref(), "canary " + "; ".join(verdict.reasons), verdict, reject=False)
         else:
             self._go_back(rollout, manifest.ref(), "canary failed: " + "; ".join(verdict.reasons), verdict, reject=True)
 
-    def _go_back(self, rollout: Rollout, leaving: ModelRef, why: str, verdict: CanaryVerdict | None, reject: bool) -> None:
+    def _go_back(self, rollout: Rollout, leaving: ModelRef, why: str, verdict: CanaryVerdict | None,
+                 reject: bool) -> None:
         folder = self.store.previous()
         try:
             back = load_verified(folder)[0]
             self.io.switch(folder, back.sha256)
-        except (StepFailed, ModelError, OSError, ValueError) as exc:
+        except (EdgefleetError, OSError, ValueError) as exc:  # ours (StepFailed, ModelError), the disk's, pydantic's
             self._report(SyncState.FAILED, rollout, target=leaving, canary=verdict,
                          reason=f"{why}; going back to {folder.name} failed too: {exc}")
             return
@@ -270,7 +273,8 @@ class Machine:
         self.store.activate(folder)
         self.store.end_canary()
         self.io.serving_changed(back.sha256)
-        log.warning("rolled back", extra=fields(rollout=rollout.rollout_id, reason=why, to=back.name, version=back.version))
+        log.warning("rolled back",
+                    extra=fields(rollout=rollout.rollout_id, reason=why, to=back.name, version=back.version))
         self._report(SyncState.ROLLED_BACK, rollout, target=leaving, canary=verdict, reason=why)
 
     # -- helpers -----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from services.sync.store import ModelStore
 from shared import VERSION, registry, s3, topics
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import SyncSettings
+from shared.errors import EdgefleetError
 from shared.lifecycle import Liveness, Progress, serve
 from shared.logs import fields
 from shared.manifest import ModelError, ModelManifest
@@ -66,8 +67,8 @@ class SyncService:
         self.store.seed(settings.seed_model_dir)
         self.repairs = self.store.repair()
         self.trusted = registry.load_public_keys(settings.trusted_keys_dir)
-        self.s3 = s3.client(settings, attempts=1, timeout_s=settings.download_timeout_s)
-        self.watch = canary.Watch(settings.canary_window, settings.canary_warmup)
+        self.s3 = s3.client(settings, attempts=1, timeout_s=settings.download.timeout_s)
+        self.watch = canary.Watch(settings.canary)
         self.machine = Machine(self.store, settings, self, self._device)
         self._inference_status: ServiceStatus | None = None
         self._inference_seen = threading.Event()
@@ -88,7 +89,7 @@ class SyncService:
         # The worker ticks its Progress from the Io methods below, announcing each bounded wait (an S3 request
         # within its connect and read timeouts, a backoff, a switch deadline) so that only a real hang counts.
         self.liveness, self._progress = Liveness(), Progress("rollouts")
-        self._s3_call_s = 2 * settings.download_timeout_s  # one attempt: connect, then read, each within the timeout
+        self._s3_call_s = 2 * settings.download.timeout_s  # one attempt: connect, then read, each within the timeout
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -101,7 +102,8 @@ class SyncService:
         self.link.start()
         _, serving = self.store.current()
         self.watch.serving = serving.sha256
-        log.info("serving from the store", extra=fields(model=serving.name, version=serving.version, repairs=self.repairs))
+        log.info("serving from the store",
+                 extra=fields(model=serving.name, version=serving.version, repairs=self.repairs))
         self._report(SyncState.IDLE, None, reason="; ".join(self.repairs) or None)
         self._worker.start()
         while not self._stopping.wait(self.settings.status_interval_s):
@@ -253,7 +255,8 @@ class SyncService:
         self._report(SyncState.DOWNLOADING, rollout.rollout_id, target=manifest.ref(), progress=resumed,
                      reason=f"resuming at byte {resumed}" if resumed else None)
         last = [time.monotonic()]
-        chunk_s = self._s3_call_s + (s.download_chunk_bytes / s.download_limit_bytes_s if s.download_limit_bytes_s else 0)
+        throttle_s = s.download.chunk_bytes / s.download.limit_bytes_s if s.download.limit_bytes_s else 0
+        chunk_s = self._s3_call_s + throttle_s
 
         def progress(done: int) -> None:
             self._progress.tick(chunk_s)
@@ -266,7 +269,7 @@ class SyncService:
             self._progress.tick(chunk_s)
             try:
                 return download(self.s3, s.registry_bucket, key, part, manifest.size_bytes, manifest.sha256,
-                                s.download_chunk_bytes, s.download_limit_bytes_s, progress,
+                                s.download.chunk_bytes, s.download.limit_bytes_s, progress,
                                 lambda: self.superseded(rollout))
             except Cancelled:
                 raise Superseded() from None
@@ -284,7 +287,7 @@ class SyncService:
         with self._changed:
             self._changed.wait_for(lambda: self.superseded(rollout), timeout=delay)
         self._check(rollout)
-        return min(delay * 2, self.settings.download_retry_max_s)
+        return min(delay * 2, self.settings.download.retry_max_s)
 
     def switch(self, folder: Path, sha256: str) -> None:
         """Asks inference to serve the model in folder and waits for its answer.
@@ -369,4 +372,5 @@ class SyncService:
 
 
 def main(settings: SyncSettings) -> int:
-    return serve(SERVICE, settings, lambda: SyncService(settings), (ModelError, OSError, registry.SignatureError, ValueError))
+    # EdgefleetError: ModelError (the seed model or the store), SignatureError (the trusted keys).
+    return serve(SERVICE, settings, lambda: SyncService(settings), (EdgefleetError, OSError, ValueError))

@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from services.sync.errors import SyncError
 from shared.manifest import load_verified
 
 
-class SmokeFailed(RuntimeError):
-    pass
+class SmokeFailed(SyncError, RuntimeError):
+    """The model does not load, does not run on the reference input, or its output is not what its
+    manifest promises: it must not be switched to."""
 
 
 def reference_input(crop: int, mean: list[float], std: list[float]) -> np.ndarray:
@@ -33,6 +35,7 @@ def smoke_test(model_dir: Path) -> None:
         raise SmokeFailed(f"the model does not load or run: {exc}") from None
     logits = outputs[0]
     if logits.shape != (1, len(manifest.labels)):
-        raise SmokeFailed(f"output shape {logits.shape}, the manifest promises (1, {len(manifest.labels)}) for its labels")
+        raise SmokeFailed(f"output shape {logits.shape}, the manifest promises (1, {len(manifest.labels)}) "
+                          "for its labels")
     if not np.isfinite(logits).all():
         raise SmokeFailed("the model's output on the reference input is not finite")

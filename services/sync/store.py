@@ -23,6 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from shared.logs import fields
 from shared.manifest import (
@@ -39,7 +40,8 @@ from shared.registry import SIGNATURE_OBJECT, check_name, check_version
 
 log = logging.getLogger(__name__)
 
-CURRENT, FALLBACK, VERSIONS, STAGING, QUARANTINE, STATE = "current", "fallback", "versions", "staging", "quarantine", "state.json"
+CURRENT, FALLBACK, VERSIONS, STAGING = "current", "fallback", "versions", "staging"
+QUARANTINE, STATE = "quarantine", "state.json"
 _TMP = ".tmp"
 
 
@@ -49,7 +51,7 @@ class StoreState:
     rejected: list[str] = field(default_factory=list)  # SHA-256 of models a canary rolled back
     # A canary under way (PendingCanary's fields), written before the switch and cleared by its verdict:
     # found at start, it means sync died inside the canary (rollout.py decides what that means).
-    pending: dict | None = None
+    pending: dict[str, Any] | None = None  # as json.loads gave it: PendingCanary(**pending) checks it
 
 
 @dataclass(frozen=True)
@@ -246,8 +248,8 @@ class ModelStore:
             keep.add(self.current()[0].resolve())
         except (OSError, ModelError):
             pass
-        if self.state().previous:
-            keep.add((self.root / self.state().previous).resolve())
+        if previous := self.state().previous:
+            keep.add((self.root / previous).resolve())
         installed = sorted(self._installed(), key=lambda p: p.stat().st_mtime, reverse=True)
         removed = [p for p in installed[self.keep_versions :] if p.resolve() not in keep]
         for folder in removed:

@@ -1,1 +1,1 @@
-"""The telemetry service: drift, resources, store-and-forward to the cloud (the telemetry issue)."""
+"""The telemetry service: drift, resources, store-and-forward to the cloud and hard examples."""

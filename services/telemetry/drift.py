@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shared.config import DriftSettings
 from shared.schemas import Alert, AlertState, AlertType, ModelRef, Prediction, Severity
 from shared.stats import mean, p95, psi
 
@@ -43,11 +44,10 @@ class Baseline:
 
 
 class DriftDetector:
-    def __init__(self, device: str, rules: list[Rule], baseline_size: int, window: int, min_samples: int,
-                 evaluate_every: int = 10) -> None:
-        self.device, self.rules = device, {r.type: r for r in rules}
-        self.baseline_size, self.min_samples, self.evaluate_every = baseline_size, min_samples, evaluate_every
-        self.window: deque[Prediction] = deque(maxlen=window)
+    def __init__(self, device: str, drift: DriftSettings, evaluate_every: int = 10) -> None:
+        self.device, self.rules = device, {r.type: r for r in rules_from(drift)}
+        self.baseline_size, self.min_samples, self.evaluate_every = drift.baseline, drift.min_samples, evaluate_every
+        self.window: deque[Prediction] = deque(maxlen=drift.window)
         self._collecting: list[Prediction] = []
         self.baseline: Baseline | None = None
         self.model: ModelRef | None = None
@@ -72,14 +72,17 @@ class DriftDetector:
         return [alert for kind, value in self.measure().items() if (alert := self._judge(kind, value))]
 
     def measure(self) -> dict[AlertType, float]:
+        """Each measure of the recent window against the baseline; none before there is a baseline."""
         base, recent = self.baseline, list(self.window)
+        if base is None:
+            return {}
         values = {
             AlertType.PREDICTION_DRIFT: psi(base.labels, [p.top[0].label for p in recent]),
             AlertType.CONFIDENCE_DRIFT: base.confidence - (mean(p.top[0].score for p in recent) or 0.0),
             AlertType.LATENCY: (p95(p.timings.inference_ms for p in recent) or 0.0) / max(base.latency_p95, 1e-6),
         }
         features = [p.features for p in recent if p.features]
-        if base.features is not None and len(features) >= self.min_samples:
+        if base.features is not None and base.feature_stds is not None and len(features) >= self.min_samples:
             shift = np.abs(np.mean(features, axis=0) - base.features) / np.maximum(base.feature_stds, 1e-6)
             values[AlertType.FEATURE_DRIFT] = float(shift.max())
         return values
@@ -98,7 +101,8 @@ class DriftDetector:
             return self._alert(kind, AlertState.RESOLVED, value, rule.clear_at, current.alert_id, rule)
         return None
 
-    def _alert(self, kind: AlertType, state: AlertState, value: float, threshold: float, alert_id: str, rule: Rule) -> Alert:
+    def _alert(self, kind: AlertType, state: AlertState, value: float, threshold: float, alert_id: str,
+               rule: Rule) -> Alert:
         severity = Severity.CRITICAL if state is AlertState.RAISED and value > 2 * threshold else Severity.WARNING
         verb = "above" if state is AlertState.RAISED else "back under"
         return Alert(
@@ -130,11 +134,11 @@ def _baseline(predictions: list[Prediction]) -> Baseline:
     )
 
 
-def rules_from(settings) -> list[Rule]:
-    s = settings
+def rules_from(drift: DriftSettings) -> list[Rule]:
     return [
-        Rule(AlertType.PREDICTION_DRIFT, s.drift_psi_raise, s.drift_psi_clear, "predicted-class PSI"),
-        Rule(AlertType.CONFIDENCE_DRIFT, s.drift_confidence_raise, s.drift_confidence_clear, "mean confidence fell by"),
-        Rule(AlertType.FEATURE_DRIFT, s.drift_feature_z_raise, s.drift_feature_z_clear, "input statistics shifted by (baseline std)"),
-        Rule(AlertType.LATENCY, s.drift_latency_raise, s.drift_latency_clear, "p95 inference latency x baseline"),
+        Rule(AlertType.PREDICTION_DRIFT, drift.psi_raise, drift.psi_clear, "predicted-class PSI"),
+        Rule(AlertType.CONFIDENCE_DRIFT, drift.confidence_raise, drift.confidence_clear, "mean confidence fell by"),
+        Rule(AlertType.FEATURE_DRIFT, drift.feature_z_raise, drift.feature_z_clear,
+             "input statistics shifted by (baseline std)"),
+        Rule(AlertType.LATENCY, drift.latency_raise, drift.latency_clear, "p95 inference latency x baseline"),
     ]

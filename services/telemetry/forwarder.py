@@ -19,6 +19,7 @@ import paho.mqtt.client as paho
 from services.telemetry.outbox import Outbox
 from shared import topics
 from shared.codec import DecodeError, WireFormat, decode, encode
+from shared.config import BatchSettings, ForwardSettings
 from shared.lifecycle import Liveness, Progress
 from shared.logs import fields
 from shared.metrics import Counter
@@ -29,11 +30,12 @@ log = logging.getLogger(__name__)
 
 
 class Forwarder:
-    def __init__(self, outbox: Outbox, link: MqttLink, device: str, max_records: int, max_bytes: int,
-                 ack_timeout_s: float, retry_max_s: float, max_attempts: int = 10, liveness: Liveness | None = None) -> None:
+    def __init__(self, outbox: Outbox, link: MqttLink, device: str, *, batch: BatchSettings, forward: ForwardSettings,
+                 ack_timeout_s: float, liveness: Liveness | None = None) -> None:
         self.outbox, self.link, self.device = outbox, link, device
-        self.max_records, self.max_bytes = max_records, max_bytes
-        self.ack_timeout_s, self.retry_max_s, self.max_attempts = ack_timeout_s, retry_max_s, max_attempts
+        self.max_records, self.max_bytes = batch.max_records, batch.max_bytes
+        self.ack_timeout_s = ack_timeout_s
+        self.retry_max_s, self.max_attempts = forward.retry_max_s, forward.max_attempts
         self._acks: dict[str, TelemetryAck] = {}
         self._changed = threading.Condition()
         self._stopping = threading.Event()
@@ -94,7 +96,9 @@ class Forwarder:
                               content_type=WireFormat.MSGPACK_ZLIB.content_type, correlation=batch.batch_id.encode())
             self._progress.tick(self.ack_timeout_s)
             with self._changed:
-                self._changed.wait_for(lambda: batch.batch_id in self._acks or self._stopping.is_set(), self.ack_timeout_s)
+                # B023: the predicate is called here, within this round, never after `batch` changes.
+                self._changed.wait_for(lambda: batch.batch_id in self._acks or self._stopping.is_set(),  # noqa: B023
+                                       self.ack_timeout_s)
                 ack = self._acks.pop(batch.batch_id, None)
             if ack is None:
                 if not self._stopping.is_set():
@@ -105,7 +109,8 @@ class Forwarder:
             if ack.dead_lettered:  # the cloud kept it aside with its reason: it would never be stored
                 self.dead_lettered_batches.add()
                 self.outbox.dead_letter(records[0].seq, records[-1].seq,
-                                        f"batch {batch.batch_id} dead-lettered by cloud_ingest (its reason is in the cloud's dead letters)")
+                                        f"batch {batch.batch_id} dead-lettered by cloud_ingest "
+                                        "(its reason is in the cloud's dead letters)")
             else:
                 self.acked_records.add(self.outbox.ack(records[0].seq, records[-1].seq))
             delay = 0.5

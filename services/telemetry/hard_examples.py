@@ -38,5 +38,5 @@ class HardExampleSampler:
             self.skipped_over_rate += 1
             return None
         self._tokens -= 1
-        return HardExample(device=self.device, encoding=Encoding(frame.encoding), data=frame.data, prediction=prediction,
-                           at=time.time())
+        return HardExample(device=self.device, encoding=Encoding(frame.encoding), data=frame.data,
+                           prediction=prediction, at=time.time())

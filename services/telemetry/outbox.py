@@ -38,13 +38,16 @@ import functools
 import logging
 import os
 import secrets
-import struct
 import sqlite3
+import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
 
+from services.telemetry.errors import TelemetryError
 from shared.codec import WireFormat, decode, encode
 from shared.logs import fields
 from shared.schemas import Gap, GapReason, RecordBody, TelemetryRecord
@@ -52,20 +55,28 @@ from shared.schemas import Gap, GapReason, RecordBody, TelemetryRecord
 log = logging.getLogger(__name__)
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, expires REAL, size INTEGER NOT NULL, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, expires REAL, size INTEGER NOT NULL, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS dead_letters (seq INTEGER NOT NULL, epoch TEXT NOT NULL, body BLOB NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq INTEGER NOT NULL, epoch TEXT NOT NULL, body BLOB NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL);
 """
+P = ParamSpec("P")
+R = TypeVar("R")
 _LOST = struct.Struct("<q")  # the side file: records lost to a failed write, not yet recorded as a gap
 
 
-def _locked(method):
+class OutboxError(TelemetryError, ValueError):
+    """The outbox cannot be opened as asked (an unknown drop policy)."""
+
+
+def _locked(method: Callable[Concatenate[Outbox, P], R]) -> Callable[Concatenate[Outbox, P], R]:
     """The writer and the forwarder share one connection: one operation at a time."""
 
     @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        with self._lock:
-            return method(self, *args, **kwargs)
+    def wrapper(outbox: Outbox, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with outbox._lock:
+            return method(outbox, *args, **kwargs)
 
     return wrapper
 
@@ -84,7 +95,7 @@ class Outbox:
     def __init__(self, path: Path, device: str, max_bytes: int, ttl_s: dict[str, float] | None = None,
                  drop: str = "oldest") -> None:
         if drop not in ("oldest", "newest"):
-            raise ValueError(f"drop policy must be 'oldest' or 'newest', not {drop!r}")
+            raise OutboxError(f"drop policy must be 'oldest' or 'newest', not {drop!r}")
         self.path, self.device, self.max_bytes, self.drop = path, device, max_bytes, drop
         self.ttl_s = ttl_s or {}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,7 +180,8 @@ class Outbox:
             except (sqlite3.DatabaseError, ValueError):
                 continue
             blob = encode(record.model_copy(update={"seq": seq - offset}), WireFormat.MSGPACK) if offset else row[4]
-            self.db.execute("INSERT OR IGNORE INTO records VALUES (?,?,?,?,?)", (seq - offset, row[1], row[2], len(blob), blob))
+            self.db.execute("INSERT OR IGNORE INTO records VALUES (?,?,?,?,?)",
+                            (seq - offset, row[1], row[2], len(blob), blob))
             readable.add(seq)
             kept += 1
         old.close()
@@ -188,14 +200,15 @@ class Outbox:
         return int(row[0]) if row else default
 
     def _set(self, key: str, value: int) -> None:
-        self.db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+        self.db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                        (key, value))
 
     # -- writing ------------------------------------------------------------------------------------
 
-    def _valid(self, bodies: list[RecordBody]) -> list[tuple[RecordBody, bytes]]:
-        """The records that decode as the cloud will decode them, each with its encoding (seq 1: a
-        placeholder). A model built in code is not validated again (model_copy skips validation), so an
-        `at=inf` could otherwise get in and poison every batch it rides in."""
+    def _valid(self, bodies: list[RecordBody]) -> list[RecordBody]:
+        """The records that decode as the cloud will decode them (encoded with seq 1, a placeholder). A
+        model built in code is not validated again (model_copy skips validation), so an `at=inf` could
+        otherwise get in and poison every batch it rides in."""
         valid = []
         for body in bodies:
             try:
@@ -309,9 +322,12 @@ class Outbox:
                 gap = decode(TelemetryRecord, body, WireFormat.MSGPACK.content_type).body
             except ValueError:  # a row that no longer decodes cannot be declared again: it is in dead_letters
                 continue
+            if not isinstance(gap, Gap):  # a row of kind "gap" holds a Gap: anything else is not a declaration
+                continue
             again = self._insert_gap(gap)
-            log.warning("outbox gap declared again", extra=fields(first=gap.first_seq, last=gap.last_seq, count=gap.count,
-                                                                   reason=gap.reason.value, was_seq=seq, seq=again))
+            log.warning("outbox gap declared again",
+                        extra=fields(first=gap.first_seq, last=gap.last_seq, count=gap.count, reason=gap.reason.value,
+                                     was_seq=seq, seq=again))
 
     def _count_dropped(self, reason: GapReason, count: int) -> None:
         total = self._get(f"dropped_{reason.value}", 0) + count
@@ -344,7 +360,8 @@ class Outbox:
         A stored row that no longer decodes is dead-lettered here, never sent and never retried."""
         first, last = self._get("inflight_first", 0), self._get("inflight_last", 0)
         if last:
-            rows = self.db.execute("SELECT seq, body FROM records WHERE seq BETWEEN ? AND ? ORDER BY seq", (first, last)).fetchall()
+            rows = self.db.execute("SELECT seq, body FROM records WHERE seq BETWEEN ? AND ? ORDER BY seq",
+                                   (first, last)).fetchall()
             if rows:
                 return self._decoded(rows)
         rows, size = [], 0
@@ -389,7 +406,8 @@ class Outbox:
         rows = self.db.execute("SELECT seq, kind, body, size FROM records WHERE seq BETWEEN ? AND ? ORDER BY seq",
                                (first, last)).fetchall()
         now = time.time()
-        self.db.executemany("INSERT INTO dead_letters VALUES (?,?,?,?,?)", [(q, self.epoch, b, reason, now) for q, _, b, _ in rows])
+        self.db.executemany("INSERT INTO dead_letters VALUES (?,?,?,?,?)",
+                            [(q, self.epoch, b, reason, now) for q, _, b, _ in rows])
         self.db.execute("DELETE FROM records WHERE seq BETWEEN ? AND ?", (first, last))
         self._set("inflight_first", 0)
         self._set("inflight_last", 0)
@@ -441,7 +459,8 @@ class Outbox:
             first = self._get("next_seq", 1)
             self._set("next_seq", first + lost)
             self._count_dropped(GapReason.WRITE_FAILED, lost)
-            self._append_gap(first, first + lost - 1, lost, GapReason.WRITE_FAILED, "the outbox's write failed (disk full?)")
+            self._append_gap(first, first + lost - 1, lost, GapReason.WRITE_FAILED,
+                             "the outbox's write failed (disk full?)")
             self.db.execute("COMMIT")
             self._load_counters()
         with open(self._lost_path, "wb") as f:  # allocated now, while there is room
@@ -464,7 +483,7 @@ class Outbox:
         self.db.execute("COMMIT")
         self.stats.bytes -= size
         self.stats.records -= count
-        return count
+        return int(count)
 
     @_locked
     def close(self) -> None:

@@ -21,13 +21,16 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from shared.logs import fields
 from shared.metrics import Counter
 from shared.schemas import ContainerSample, ResourceSample
+
+if TYPE_CHECKING:  # imported where it is used: a device without Docker stats never loads it
+    import docker
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +124,11 @@ class DockerSampler:
         """The last figures of every container seen in the last sweep, unless they are stale."""
         oldest = time.time() - max(STALE_INTERVALS * self.interval_s, self.timeout_s)
         with self._lock:
-            return sorted((s for s in self._figures.values() if s.at is not None and s.at >= oldest), key=lambda s: s.name)
+            fresh = (s for s in self._figures.values() if s.at is not None and s.at >= oldest)
+            return sorted(fresh, key=lambda s: s.name)
 
     def _run(self) -> None:
-        api = None
+        api: docker.APIClient | None = None
         while not self._stopping.is_set():
             started = time.monotonic()
             try:
@@ -137,7 +141,7 @@ class DockerSampler:
                 api = None  # connect again: the engine may have restarted with another API version
             self._stopping.wait(max(0.0, self.interval_s - (time.monotonic() - started)))
 
-    def _connect(self):
+    def _connect(self) -> docker.APIClient:
         import docker  # imported here: a device without Docker stats never loads it
 
         api = docker.APIClient(base_url=self.url, timeout=self.timeout_s)  # asks the engine its API version
@@ -150,11 +154,12 @@ class DockerSampler:
         log.info("docker stats on", extra=fields(url=self.url, project=self.project or ALL_PROJECTS))
         return api
 
-    def _sweep(self, api) -> None:
+    def _sweep(self, api: docker.APIClient) -> None:
         filters = {"label": f"{PROJECT_LABEL}={self.project}"} if self.project else None
         listed = api.containers(filters=filters)  # running ones only; the engine filters by label
         if len(listed) > MAX_CONTAINERS:
-            log.warning("too many containers: reporting the first", extra=fields(listed=len(listed), limit=MAX_CONTAINERS))
+            log.warning("too many containers: reporting the first",
+                        extra=fields(listed=len(listed), limit=MAX_CONTAINERS))
             listed = listed[:MAX_CONTAINERS]
         for entry in listed:
             if self._stopping.is_set():
@@ -183,7 +188,7 @@ class DockerSampler:
             log.info("docker stats available again", extra=fields(url=self.url))
 
 
-def own_project(api, mountinfo: str) -> str | None:
+def own_project(api: docker.APIClient, mountinfo: str) -> str | None:
     """The compose project of the container this process runs in; None outside a container or compose.
 
     :param api: a docker.APIClient.
@@ -229,7 +234,7 @@ def cpu_percent(stats: dict[str, Any]) -> float:
     cores = now.get("online_cpus") or len((now.get("cpu_usage") or {}).get("percpu_usage") or ()) or 1
     if used <= 0 or system <= 0:
         return 0.0
-    return round(100.0 * used / system * cores, 2)
+    return round(100.0 * float(used) / float(system) * int(cores), 2)
 
 
 def memory_used(memory: dict[str, Any]) -> int:
@@ -241,7 +246,7 @@ def memory_used(memory: dict[str, Any]) -> int:
     return usage - int(inactive) if 0 < inactive < usage else usage
 
 
-def _stats(api, container_id: str) -> dict[str, Any] | None:
+def _stats(api: docker.APIClient, container_id: str) -> dict[str, Any] | None:
     """The container's stats with two CPU readings; None if it is gone or no longer running (the engine
     then answers with empty figures, not an error)."""
     import docker
@@ -255,7 +260,7 @@ def _stats(api, container_id: str) -> dict[str, Any] | None:
 
 def _name(entry: dict[str, Any]) -> str:
     names = entry.get("Names") or []
-    return names[0].lstrip("/") if names else entry["Id"][:12]
+    return str(names[0]).lstrip("/") if names else str(entry["Id"])[:12]
 
 
 def _read(path: Path) -> str:

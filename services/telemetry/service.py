@@ -19,7 +19,7 @@ import time
 
 import paho.mqtt.client as paho
 
-from services.telemetry.drift import DriftDetector, rules_from
+from services.telemetry.drift import DriftDetector
 from services.telemetry.forwarder import Forwarder
 from services.telemetry.hard_examples import HardExampleSampler
 from services.telemetry.outbox import Outbox
@@ -27,6 +27,7 @@ from services.telemetry.resources import ResourceMonitor
 from shared import VERSION, topics
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import TelemetrySettings
+from shared.errors import EdgefleetError
 from shared.lifecycle import Liveness, serve
 from shared.logs import fields
 from shared.mqtt import MqttLink, StatusPublisher, content_type_of
@@ -54,12 +55,12 @@ class TelemetryService:
         s = self.settings = settings
         self._device = settings.device_id
         self.outbox = Outbox(
-            s.outbox_path, self._device, s.outbox_max_bytes, drop=s.outbox_full_policy,
-            ttl_s={"metric": s.ttl_metric_s, "hard_example": s.ttl_hard_example_s, "alert": s.ttl_alert_s},
+            s.outbox.path, self._device, s.outbox.max_bytes, drop=s.outbox.full_policy,
+            ttl_s=s.ttl.by_kind(),
         )
-        self.drift = DriftDetector(self._device, rules_from(s), s.drift_baseline, s.drift_window, s.drift_min_samples)
+        self.drift = DriftDetector(self._device, s.drift)
         self.hard_examples = HardExampleSampler(self._device, s.hard_example_confidence, s.hard_examples_per_minute)
-        self.monitor = ResourceMonitor(self._device, s.outbox_path.parent, s.docker_url, s.docker_project,
+        self.monitor = ResourceMonitor(self._device, s.outbox.path.parent, s.docker.url, s.docker.project,
                                        s.resource_interval_s)
         self._pending: list[RecordBody] = []
         self._pending_lock = threading.Lock()
@@ -67,11 +68,12 @@ class TelemetryService:
         self._stopping = threading.Event()
         self.uplink = MqttLink(settings.cloud(), "telemetry-uplink")
         self.liveness = Liveness()  # the commit loop's and the forwarder's proof of life (shared.lifecycle)
-        self.forwarder = Forwarder(self.outbox, self.uplink, self._device, s.batch_max_records, s.batch_max_bytes,
-                                   s.ack_timeout_s, s.forward_retry_max_s, s.forward_max_attempts, self.liveness)
+        self.forwarder = Forwarder(self.outbox, self.uplink, self._device, batch=s.batch, forward=s.forward,
+                                   ack_timeout_s=s.ack_timeout_s, liveness=self.liveness)
         self.link = MqttLink(
             settings, SERVICE,
-            StatusPublisher(topics.status(self._device, SERVICE), online=lambda: encode(self._status(ServiceState.ONLINE)),
+            StatusPublisher(topics.status(self._device, SERVICE),
+                            online=lambda: encode(self._status(ServiceState.ONLINE)),
                             will=encode(self._status(ServiceState.OFFLINE, reason="connection lost"))),
         )
 
@@ -88,7 +90,7 @@ class TelemetryService:
         self.monitor.start()  # Docker stats on their own thread: sample() below never waits for the engine
         if self.outbox.stats.repaired:
             self._error(f"outbox repaired: {self.outbox.stats.repaired}")
-        log.info("watching", extra=fields(outbox=str(s.outbox_path), queued=self.outbox.stats.records,
+        log.info("watching", extra=fields(outbox=str(s.outbox.path), queued=self.outbox.stats.records,
                                           next_seq=self.outbox.stats.next_seq))
         due = {"resources": 0.0, "expire": time.monotonic() + 60, "status": 0.0}
         with self.liveness.watch("commits", s.flush_interval_s) as commits:
@@ -156,18 +158,20 @@ class TelemetryService:
             status = decode(ServiceStatus, message.payload, content_type_of(message))
         except DecodeError:
             return
-        fallback = status.provider is not None and status.provider.fallback
-        if fallback and self._fallback_alert is None:
-            p = status.provider
+        p = status.provider
+        if p is None:  # not reported (inference not started yet): no news either way
+            return
+        if p.fallback and self._fallback_alert is None:
             self._fallback_alert = Alert(
                 device=self._device, alert_id=f"provider-{int(time.time())}", type=AlertType.PROVIDER_FALLBACK,
                 state=AlertState.RAISED, severity=Severity.CRITICAL, value=1.0, threshold=0.0, window=1,
                 model=status.model, detail=f"asked for {p.requested[0]}, running on {p.active}", at=time.time(),
             )
             self._alert(self._fallback_alert)
-        elif not fallback and self._fallback_alert is not None and status.provider is not None:
-            ended = self._fallback_alert.model_copy(update={"state": AlertState.RESOLVED, "value": 0.0, "at": time.time(),
-                                                            "detail": f"running on {status.provider.active} again"})
+        elif not p.fallback and self._fallback_alert is not None:
+            ended = self._fallback_alert.model_copy(update={
+                "state": AlertState.RESOLVED, "value": 0.0, "at": time.time(), "detail": f"running on {p.active} again",
+            })
             self._fallback_alert = None
             self._alert(ended)
 
@@ -178,7 +182,8 @@ class TelemetryService:
         self._queue(alert)
 
     def _error(self, detail: str) -> None:
-        report = ErrorReport(device=self._device, service=SERVICE, reason=ErrorReason.INTERNAL, detail=detail, at=time.time())
+        report = ErrorReport(device=self._device, service=SERVICE, reason=ErrorReason.INTERNAL, detail=detail,
+                             at=time.time())
         self.link.publish(topics.errors(self._device), encode(report), qos=1, content_type=WireFormat.JSON.content_type)
 
     def _status(self, state: ServiceState, reason: str | None = None) -> ServiceStatus:
@@ -195,4 +200,5 @@ class TelemetryService:
 
 
 def main(settings: TelemetrySettings) -> int:
-    return serve(SERVICE, settings, lambda: TelemetryService(settings), (OSError, ValueError))
+    # EdgefleetError: OutboxError (the outbox cannot be opened as configured).
+    return serve(SERVICE, settings, lambda: TelemetryService(settings), (EdgefleetError, OSError, ValueError))

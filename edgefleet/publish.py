@@ -9,10 +9,10 @@ from pathlib import Path
 
 from botocore.exceptions import ClientError
 
+from edgefleet.errors import ToolError
 from shared import VERSION, registry
-from shared.s3 import ensure_bucket
 from shared.manifest import ModelManifest, load_verified
-
+from shared.s3 import ensure_bucket
 
 _OBJECT_KEY = re.compile(r"(?P<version>[1-9][0-9]{0,8})/(?P<object>[^/]+)")
 # One PUT is how an object is created conditionally; S3 caps a single PUT at 5 GiB, far above an edge model.
@@ -21,7 +21,7 @@ MAX_SINGLE_PUT_BYTES = 5 * 1024**3
 _TAKEN = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
 
 
-class PublishRefused(RuntimeError):
+class PublishRefused(ToolError, RuntimeError):
     """A model that must not reach the fleet: failed gate, stale or taken version."""
 
 

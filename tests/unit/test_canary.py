@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-from services.sync.canary import Thresholds, Watch, judge
+from services.sync.canary import Watch, judge
+from shared.config import CanarySettings
 from shared.schemas import ClassScore, ModelRef, Prediction, Timings
 
-LIMITS = Thresholds(max_psi=0.5, max_error_rate_increase=0.05, max_latency_ratio=1.5, max_confidence_drop=0.2)
+LIMITS = CanarySettings(max_psi=0.5, max_error_rate=0.05, max_latency_ratio=1.5, max_confidence_drop=0.2, min_samples=1)
 
 
 def _prediction(sha: str, label: str, inference_ms: float) -> Prediction:
     return Prediction(
         device="d", camera="c", frame_id="f", captured_at=None, top=[ClassScore(index=0, label=label, score=0.8)],
         model=ModelRef(name="m", version=1, sha256=sha), provider="CPUExecutionProvider",
-        timings=Timings(queued_ms=0, preprocess_ms=1, inference_ms=inference_ms, total_ms=inference_ms + 1, batch_size=1),
+        timings=Timings(queued_ms=0, preprocess_ms=1, inference_ms=inference_ms, total_ms=inference_ms + 1,
+                        batch_size=1),
         published_at=0.0,
     )
 
 
 def test_a_models_warm_up_predictions_stay_out_of_its_window():
-    watch = Watch(size=20, warmup=5)
+    watch = Watch(CanarySettings(window=20, warmup=5, min_samples=1))
     for _ in range(20):
         watch.on_prediction(_prediction("old", "cat", 10.0))
     for latency in [40.0] * 5 + [10.0] * 20:  # slow first runs after the switch, then steady
@@ -28,7 +30,7 @@ def test_a_models_warm_up_predictions_stay_out_of_its_window():
 
 
 def test_a_slower_or_shifted_model_fails_with_its_reasons():
-    watch = Watch(size=20)
+    watch = Watch(CanarySettings(window=20, warmup=0, min_samples=1))
     for i in range(20):
         watch.on_prediction(_prediction("old", ["cat", "dog"][i % 2], 10.0))
         watch.on_prediction(_prediction("new", ["car", "boat"][i % 2], 20.0))
@@ -38,18 +40,18 @@ def test_a_slower_or_shifted_model_fails_with_its_reasons():
 
 
 def test_empty_windows_are_inconclusive_never_passed():
-    limits = Thresholds(max_psi=0.5, max_error_rate_increase=0.05, max_latency_ratio=1.5, max_confidence_drop=0.2,
-                        min_samples=5)
-    watch = Watch(size=20)
+    limits = CanarySettings(max_psi=0.5, max_error_rate=0.05, max_latency_ratio=1.5, max_confidence_drop=0.2,
+                            min_samples=5)
+    watch = Watch(CanarySettings(window=20, warmup=0, min_samples=1))
     verdict = judge(watch.snapshot("old"), watch.snapshot("new"), limits)
     assert not verdict.passed and not verdict.conclusive
     assert verdict.reasons == ["inconclusive: 0 samples before, 0 after, minimum 5"]
 
 
 def test_too_few_samples_after_the_switch_is_inconclusive_even_when_they_look_good():
-    limits = Thresholds(max_psi=0.5, max_error_rate_increase=0.05, max_latency_ratio=1.5, max_confidence_drop=0.2,
-                        min_samples=10)
-    watch = Watch(size=20)
+    limits = CanarySettings(max_psi=0.5, max_error_rate=0.05, max_latency_ratio=1.5, max_confidence_drop=0.2,
+                            min_samples=10)
+    watch = Watch(CanarySettings(window=20, warmup=0, min_samples=1))
     for _ in range(20):
         watch.on_prediction(_prediction("old", "cat", 10.0))
     for _ in range(9):

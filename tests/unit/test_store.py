@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from edgefleet.models.store import resave
+from edgefleet.models.install import resave
 from services.sync.store import ModelStore
 from shared.manifest import MANIFEST_FILE, MODEL_FILE, load_verified
 from shared.registry import SIGNATURE_OBJECT

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import msgpack
-import pytest
-
-from edgefleet import photos
 import zlib
 
 import cv2
+import msgpack
 import numpy as np
+import pytest
 
+from edgefleet import photos
 from services.inference.decode import image_size, jpeg_size, png_size
 from services.inference.intake import FrameRejected, Intake
 from shared import topics
@@ -111,7 +110,7 @@ def test_inflate_refuses_a_truncated_stream_and_takes_one_exactly_at_the_limit()
 def test_a_frame_is_never_sniffed_for_compression():
     """A zlib stream with no content type is not inflated: it is just not an envelope."""
     intake = Intake(max_frame_bytes=4 * 1024 * 1024)
-    bomb = zlib_bomb(3000)  # ~3 MB, the issue's bomb
+    bomb = zlib_bomb(3000)  # ~3 MB, inflating to ~3 GB
     assert bomb[:1] == b"\x78"
     with pytest.raises(FrameRejected) as caught:
         intake.parse("cam", bomb, None)

@@ -1,0 +1,122 @@
+"""`edgefleet bench ...`: each benchmark prints its table and writes JSON with its goals
+(edgefleet/bench/report.py); the measuring is in edgefleet/bench/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edgefleet.cli.common import BenchJson, comma_list
+from shared.config import DEFAULT_MODEL_DIR
+
+app = typer.Typer(no_args_is_help=True, help="Benchmarks: each prints a table and writes JSON with its goals.")
+
+
+@app.command("pipeline")
+def bench_pipeline(
+    quick: Annotated[bool, typer.Option(help="Less data; finishes within a minute.")] = False,
+    json_out: BenchJson = None,
+    model_dir: Annotated[Path, typer.Option(help="The model to measure.")] = DEFAULT_MODEL_DIR,
+) -> None:
+    """Raw ONNX Runtime against the whole MQTT path, in one run on the same model and cores."""
+    from edgefleet.bench import pipeline
+
+    raise typer.Exit(pipeline.run(quick=quick, json_out=json_out, model_dir=model_dir))
+
+
+@app.command("compression")
+def bench_compression(
+    quick: Annotated[bool, typer.Option(help="Less data; finishes within a minute.")] = False,
+    json_out: BenchJson = None,
+    model_dir: Annotated[Path, typer.Option(help="The float model.")] = DEFAULT_MODEL_DIR,
+    threads: Annotated[int, typer.Option(min=0, help="ONNX Runtime threads for every model (0: all cores).")] = 1,
+) -> None:
+    """FP32 against static and dynamic INT8, quantized and measured in one run on held-out real images."""
+    from edgefleet.bench import compression
+
+    raise typer.Exit(compression.run(quick=quick, json_out=json_out, model_dir=model_dir, threads=threads))
+
+
+@app.command("swap")
+def bench_swap(
+    quick: Annotated[bool, typer.Option(help="A shorter stream; about half a minute.")] = False,
+    json_out: BenchJson = None,
+    model_dir: Annotated[Path, typer.Option(
+        help="The model swapped in and out (with a rebuilt copy of itself).")] = DEFAULT_MODEL_DIR,
+    rate: Annotated[float, typer.Option(min=1, help="Frames per second offered throughout.")] = 100.0,
+) -> None:
+    """Frames through inference while 20 hot swaps happen, against the same stream without: drops, gaps, memory."""
+    from edgefleet.bench import hotswap
+
+    raise typer.Exit(hotswap.run(quick, json_out, model_dir, rate))
+
+
+@app.command("overload")
+def bench_overload(
+    quick: Annotated[bool, typer.Option(help="A shorter overload; about half a minute.")] = False,
+    json_out: BenchJson = None,
+    model_dir: Annotated[Path, typer.Option(help="The model to serve.")] = DEFAULT_MODEL_DIR,
+    factor: Annotated[float, typer.Option(
+        min=2, help="Offered rate, as a multiple of the sustainable rate measured first.")] = 10.0,
+) -> None:
+    """Ten times the sustainable rate against the sustainable rate itself, in one run: latency growth, memory
+    growth, counters."""
+    from edgefleet.bench import overload
+
+    raise typer.Exit(overload.run(quick, json_out, model_dir, factor))
+
+
+@app.command("telemetry")
+def bench_telemetry(
+    quick: Annotated[bool, typer.Option(help="Smaller volumes; about a minute.")] = False,
+    json_out: BenchJson = None,
+    contained: Annotated[bool, typer.Option("--containers/--no-containers", help="Also measure 1, 2 and 4 cloud_ingest "
+        "containers at --cpus 0.25 each (needs a Docker engine; without one the rows say so).")] = True,
+    build: Annotated[bool, typer.Option(help="Run scripts/images.sh cloud-ingest first (cached).")] = True,
+) -> None:
+    """Outbox writes against raw SQLite, backlog drain to S3, cloud_ingest two replicas against one, and 1/2/4
+    containers."""
+    from edgefleet.bench import telemetry
+
+    raise typer.Exit(telemetry.run(quick, json_out, contained, build))
+
+
+@app.command("images")
+def bench_images(
+    quick: Annotated[bool, typer.Option(
+        help="A shorter idle before memory is read; about a minute once built.")] = False,
+    json_out: BenchJson = None,
+    model_dir: Annotated[Path, typer.Option(
+        help="The model the inference container serves (mounted read-only).")] = DEFAULT_MODEL_DIR,
+    build: Annotated[bool, typer.Option(
+        help="Run scripts/images.sh first (cached builds; stand-ins made where missing).")] = True,
+    real_base_mb: Annotated[float, typer.Option(
+        min=1, help="Size of the real python:3.11-slim, uncompressed, in MB.")] = 130.0,
+    services: Annotated[str | None, typer.Option(
+        help="Only these services' start-up, comma-separated (default: all).")] = None,
+) -> None:
+    """Every image's size (and on the real slim base), each service container's cold start to healthy, its idle
+    memory."""
+    from edgefleet.bench import images
+
+    only = comma_list(services) if services else None
+    try:
+        code = images.run(quick, json_out, model_dir, build, real_base_mb, only)
+    except ValueError as exc:  # an unknown service: a usage error of --services
+        raise typer.BadParameter(str(exc), param_hint="--services") from None
+    raise typer.Exit(code)
+
+
+@app.command("ep")
+def bench_ep(
+    quick: Annotated[bool, typer.Option(help="Fewer runs per provider.")] = False,
+    json_out: BenchJson = None,
+    model_dir: Annotated[Path, typer.Option(help="The model to run.")] = DEFAULT_MODEL_DIR,
+    providers: Annotated[str, typer.Option(help="Providers to try, comma-separated.")] = "tensorrt,cuda,openvino,cpu",
+) -> None:
+    """Which execution providers this machine has, latency on each, and every fallback said out loud."""
+    from edgefleet.bench import ep
+
+    raise typer.Exit(ep.run(quick, json_out, model_dir, comma_list(providers)))

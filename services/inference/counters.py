@@ -1,0 +1,52 @@
+"""The inference service's counters, in one object: bumped by paho's network thread (received,
+rejected at receive, dropped) and the workers (rejected at decode, published, lost, batches), read
+by the status timer. Every frame received is counted once more, in exactly one of rejected, dropped,
+published or lost, or it is still queued or in a worker (docs/protocol.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from services.inference.batcher import CameraCounts
+from shared.metrics import Counter
+from shared.schemas import MAX_CAMERA_KEYS, InferenceStats
+
+
+def _camera_counts() -> CameraCounts:
+    return CameraCounts(MAX_CAMERA_KEYS)
+
+
+@dataclass(frozen=True)
+class Counters:
+    received: Counter = field(default_factory=Counter)
+    rejected: Counter = field(default_factory=Counter)
+    dropped: Counter = field(default_factory=Counter)
+    published: Counter = field(default_factory=Counter)
+    lost: Counter = field(default_factory=Counter)
+    batches: Counter = field(default_factory=Counter)
+    dropped_by_camera: CameraCounts = field(default_factory=_camera_counts)
+
+    def drop(self, camera: str) -> None:
+        """Counts one frame of `camera` dropped unanswered (overload, or arrived while draining)."""
+        self.dropped.add()
+        self.dropped_by_camera.add(camera)
+
+    def snapshot(self, queue_depth: int) -> InferenceStats:
+        """The counters as the status message carries them.
+
+        Args:
+            queue_depth: frames queued now, not yet taken by a worker.
+
+        Returns:
+            The wire form (shared.schemas.InferenceStats).
+        """
+        return InferenceStats(
+            frames_received=self.received.value,
+            frames_rejected=self.rejected.value,
+            frames_dropped=self.dropped.value,
+            predictions_published=self.published.value,
+            predictions_lost=self.lost.value,
+            batches=self.batches.value,
+            queue_depth=queue_depth,
+            dropped_by_camera=self.dropped_by_camera.snapshot(),
+        )

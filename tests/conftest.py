@@ -101,7 +101,7 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "images: needs the shipped images (tests/images.py builds them once)")
+    config.addinivalue_line("markers", "images: needs the shipped images (tests/image_build.py builds them once)")
 
 
 def _needs_images(item) -> bool:
@@ -114,13 +114,13 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_collection_finish(session):
-    from tests.images import engine_available, start_build
+    from tests.image_build import engine_available, start_build
 
     if any(_needs_images(item) for item in session.items) and engine_available():
         start_build()
 
 
 def pytest_sessionfinish(session):
-    from tests.images import stop_build
+    from tests.image_build import stop_build
 
     stop_build()

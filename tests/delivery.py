@@ -57,7 +57,7 @@ class Fleet:
         return ModelManifest.model_validate_json(self.store.get_object(Bucket=BUCKET, Key=key)["Body"].read())
 
     def rollout(self, model: str, version: int, rollout_id: str, phase=RolloutPhase.PROMOTED, **target) -> Rollout:
-        from edgefleet import rollout as operator
+        from edgefleet import fleet_rollout as operator
 
         rollout = Rollout(rollout_id=rollout_id, model=model, version=version, phase=phase,
                           target=RolloutTarget(**target), issued_at=0.0)

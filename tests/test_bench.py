@@ -50,12 +50,12 @@ def test_bench_quick_writes_its_goals(name, model_dir, tmp_path):
 
 
 @pytest.mark.images
-@pytest.mark.timeout(1800)  # the first run on a machine waits for the images' build (tests/images.py)
+@pytest.mark.timeout(1800)  # the first run on a machine waits for the images' build (tests/image_build.py)
 def test_bench_images_measures_every_image(model_dir, tmp_path):
     """`edgefleet bench images` on the built images (tests/test_containers.py builds the same set): a size
     for every image, the one on the real slim base beside the stand-in's, and the inference container's
     start-up to healthy and its idle memory (the other services' start-ups are left to the full bench)."""
-    from tests.images import engine_available, wait_built
+    from tests.image_build import engine_available, wait_built
 
     if not engine_available():
         if os.environ.get("CI") == "true":

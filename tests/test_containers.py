@@ -25,7 +25,7 @@ import yaml
 from edgefleet.waiting import wait_until
 from shared import topics
 from shared.schemas import Prediction
-from tests.images import engine_available, wait_built
+from tests.image_build import engine_available, wait_built
 
 REPO = Path(__file__).resolve().parents[1]
 EDGEFLEET = REPO / ".venv" / "bin" / "edgefleet"

@@ -17,9 +17,9 @@ import pytest
 from edgefleet import photos
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-SCRIPTS = ("camera.py", "listener.py")
+SCRIPTS = ("paho_camera.py", "paho_listener.py")
 CATS = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
-# What examples/listener.py prints for a prediction: camera, frame id, best label, its confidence.
+# What examples/paho_listener.py prints for a prediction: camera, frame id, best label, its confidence.
 PRINTED = re.compile(r"^(?P<camera>\S+) (?P<frame>\S+): (?P<label>.+) (?P<score>[01]\.\d{3})$")
 
 
@@ -43,14 +43,14 @@ def test_the_example_cameras_photo_is_printed_by_the_example_listener(broker, st
     photo = tmp_path / "chelsea.jpg"
     photo.write_bytes(photos.jpeg("chelsea"))
     where = ["--host", "127.0.0.1", "--port", str(broker.port), "--device", device.device_id]
-    listener = subprocess.Popen([sys.executable, str(EXAMPLES / "listener.py"), *where],
+    listener = subprocess.Popen([sys.executable, str(EXAMPLES / "paho_listener.py"), *where],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = _lines_of(listener)
         # The listener says nothing once it is subscribed: the camera sends until a prediction is printed.
         for _ in range(30):
             camera = subprocess.run(
-                [sys.executable, str(EXAMPLES / "camera.py"), str(photo), *where, "--camera", "porch"],
+                [sys.executable, str(EXAMPLES / "paho_camera.py"), str(photo), *where, "--camera", "porch"],
                 capture_output=True, text=True, timeout=60,
             )
             assert camera.returncode == 0, camera.stdout + camera.stderr

@@ -24,7 +24,7 @@ import yaml
 from services.telemetry.resources import PROJECT_LABEL, ResourceMonitor, container_sample, cpu_percent, own_project
 from tests.support import wait_until
 
-# After the images build (tests/images.py): the containers here run the python:3.11-slim stand-in.
+# After the images build (tests/image_build.py): the containers here run the python:3.11-slim stand-in.
 pytestmark = pytest.mark.images
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ def engine():
         api.ping()
     except Exception as exc:  # noqa: BLE001 - any reason the engine cannot be used is the reason given
         _missing(f"no Docker engine at {SOCKET} ({type(exc).__name__}: {exc})")
-    from tests.images import wait_built
+    from tests.image_build import wait_built
 
     wait_built()  # the session's build makes the python:3.11-slim stand-in where it is missing
     try:

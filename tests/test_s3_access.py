@@ -170,7 +170,10 @@ def test_device_key_reads_a_published_model_as_sync_does(device, published, tmp_
 
 def _forbidden(device, published):
     """What a device key must not do, by name (the names parametrize the test; nothing runs until called)."""
-    model = lambda: registry.key(published[0].name, published[0].version, registry.MODEL_OBJECT)  # noqa: E731
+
+    def model() -> str:
+        return registry.key(published[0].name, published[0].version, registry.MODEL_OBJECT)
+
     return {
         "put a new model": lambda: device.put_object(Bucket=BUCKET, Key=registry.key("rogue", 1, registry.MODEL_OBJECT),
                                                      Body=b"x"),

@@ -14,7 +14,7 @@ from shared.errors import EdgefleetError
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from edgefleet.rollout import DeviceRow
+    from edgefleet.fleet_rollout import DeviceRow
 
 app = typer.Typer(no_args_is_help=True, help="Roll models out to the fleet: canary, promote, abort, status.")
 
@@ -37,7 +37,7 @@ def rollout_start(
     config: ConfigFile = None,
 ) -> None:
     """Start a rollout: all devices, a group, listed devices, or a canary share of them."""
-    from edgefleet import rollout
+    from edgefleet import fleet_rollout as rollout
     from shared.schemas import RolloutTarget
 
     target = RolloutTarget(devices=comma_list(devices), groups=comma_list(group), share=canary / 100)
@@ -73,7 +73,7 @@ def rollout_status(
 
     from rich.console import Console
 
-    from edgefleet import rollout
+    from edgefleet import fleet_rollout as rollout
 
     rows = rollout.rows(_fleet(config, mqtt_url), wait)
     if json_out:
@@ -90,7 +90,7 @@ def _fleet(config: Path | None, mqtt_url: str | None) -> CommonSettings:
 
 
 def _change(phase_name: str, config: Path | None, mqtt_url: str | None) -> None:
-    from edgefleet import rollout
+    from edgefleet import fleet_rollout as rollout
     from shared.schemas import RolloutPhase
 
     with reported("rollout", EdgefleetError):  # the broker unreachable, no rollout to change

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 
 import paho.mqtt.client as paho
 
@@ -30,7 +29,7 @@ from services.inference.publisher import SERVICE, Publisher, fallback_text, stat
 from services.inference.session import plan_workers
 from services.inference.swap import LoadModel, ModelLoader, ServedModel, Swapper
 from shared import topics
-from shared.codec import DecodeError, WireFormat, decode, encode
+from shared.codec import DecodeError, decode, encode
 from shared.config import InferenceSettings
 from shared.lifecycle import Liveness, serve
 from shared.logs import fields
@@ -45,37 +44,6 @@ log = logging.getLogger(__name__)
 START_ERRORS: tuple[type[Exception], ...] = (ModelError, InferenceError)
 
 
-@dataclass(frozen=True, kw_only=True)
-class Options:
-    """How the service serves (from InferenceSettings, whose keys describe each).
-
-    Attributes:
-        device: the device id in every topic and message.
-        workers: worker threads, each running its own batches.
-        max_batch: most frames in one run.
-        max_wait_s: how long a batch may wait for more frames after its first.
-        queue_size: frames held before the oldest are dropped.
-        max_frame_bytes: largest frame (also once an envelope is inflated).
-        max_frame_pixels: largest width x height a frame's header may declare.
-        top_k: classes per prediction.
-        prediction_format: the format of predictions and error reports.
-        prediction_qos: the QoS of predictions and error reports.
-        status_interval_s: how often the retained status is refreshed.
-    """
-
-    device: str
-    workers: int
-    max_batch: int
-    max_wait_s: float
-    queue_size: int
-    max_frame_bytes: int
-    max_frame_pixels: int
-    top_k: int
-    prediction_format: WireFormat
-    prediction_qos: int
-    status_interval_s: float
-
-
 class InferenceService:
     """Frames in, predictions out, on one device.
 
@@ -83,30 +51,32 @@ class InferenceService:
         link: the broker link, not yet started (run() starts and stops it).
         model: the model to serve first, loaded by `load_model`.
         load_model: loads each model a switch request names.
-        options: how to serve.
+        settings: how to serve (device id, batching, queue, frame limits, prediction format...).
+        workers: worker threads, each running its own batches (session.plan_workers says how many).
 
     Attributes:
         link: the broker link (the health check reads link.connected).
         liveness: the workers' proof of life, for the health check (shared.lifecycle).
     """
 
-    def __init__(self, *, link: Link, model: ServedModel, load_model: LoadModel, options: Options) -> None:
+    def __init__(self, *, link: Link, model: ServedModel, load_model: LoadModel, settings: InferenceSettings,
+                 workers: int) -> None:
         self.link = link
         self.liveness = Liveness()
         self._model = model
-        self._options = options
+        self._settings = settings
         self._stopping = threading.Event()
         self._counters = Counters()
-        self._backlog = FrameBacklog(options.queue_size)
-        self._publisher = Publisher(link, device=options.device, wire=options.prediction_format,
-                                    qos=options.prediction_qos, counters=self._counters)
-        self._receive = Receiver(intake=Intake(options.max_frame_bytes, options.max_frame_pixels),
+        self._backlog = FrameBacklog(settings.queue_size)
+        self._publisher = Publisher(link, device=settings.device_id, wire=settings.prediction_format,
+                                    qos=settings.prediction_qos, counters=self._counters)
+        self._receive = Receiver(intake=Intake(settings.max_frame_bytes, settings.max_frame_pixels),
                                  backlog=self._backlog, publisher=self._publisher, counters=self._counters)
         worker = Worker(backlog=self._backlog, serving=lambda: self._model, publisher=self._publisher,
-                        counters=self._counters, device=options.device, max_batch=options.max_batch,
-                        max_wait_s=options.max_wait_s, top_k=options.top_k)
+                        counters=self._counters, device=settings.device_id, max_batch=settings.max_batch,
+                        max_wait_s=settings.max_wait_ms / 1000, top_k=settings.top_k)
         self._threads = [threading.Thread(target=self._work, args=(worker,), name=f"worker-{i}")
-                         for i in range(options.workers)]
+                         for i in range(workers)]
         self._swapper = Swapper(load=load_model, install=self._install, serving=lambda: self._model.ref,
                                 reply=self._publisher.switched)
 
@@ -117,9 +87,9 @@ class InferenceService:
 
     def run(self) -> int:
         """Serves until stop() is called, then drains; returns the exit status (0)."""
-        frames_filter = topics.all_frames(self._options.device)
+        frames_filter = topics.all_frames(self._settings.device_id)
         self._start(frames_filter)
-        while not self._stopping.wait(self._options.status_interval_s):
+        while not self._stopping.wait(self._settings.status_interval_s):
             self._publisher.status(self.status(ServiceState.ONLINE))
         self._drain(frames_filter)
         return 0
@@ -134,12 +104,12 @@ class InferenceService:
 
     def status(self, state: ServiceState, reason: str | None = None) -> ServiceStatus:
         """The service's status message now, counters included."""
-        return status_message(device=self._options.device, state=state, model=self._model, stats=self.stats(),
+        return status_message(device=self._settings.device_id, state=state, model=self._model, stats=self.stats(),
                               reason=reason)
 
     def _start(self, frames_filter: str) -> None:
         self.link.subscribe(frames_filter, self._receive, qos=1)
-        self.link.subscribe(topics.model_switch(self._options.device), self._on_switch, qos=1)
+        self.link.subscribe(topics.model_switch(self._settings.device_id), self._on_switch, qos=1)
         self.link.start()
         for thread in self._threads:
             thread.start()
@@ -195,22 +165,15 @@ def build(settings: InferenceSettings) -> InferenceService:
     load_model = ModelLoader(providers=settings.providers, strict=settings.provider_policy == "strict",
                              threads_per_run=threads_per_run, scaled_decode=settings.scaled_decode)
     model = load_model(settings.model_dir)
-    options = Options(
-        device=settings.device_id, workers=workers, max_batch=settings.max_batch,
-        max_wait_s=settings.max_wait_ms / 1000, queue_size=settings.queue_size,
-        max_frame_bytes=settings.max_frame_bytes, max_frame_pixels=settings.max_frame_pixels, top_k=settings.top_k,
-        prediction_format=settings.prediction_format, prediction_qos=settings.prediction_qos,
-        status_interval_s=settings.status_interval_s,
-    )
-    will = status_message(device=options.device, state=ServiceState.OFFLINE, model=model, stats=None,
+    will = status_message(device=settings.device_id, state=ServiceState.OFFLINE, model=model, stats=None,
                           reason="connection lost")
     service: InferenceService
     # The link announces the service's status on every connect; it connects only once run() starts it,
     # by which time `service` is bound.
-    link = MqttLink(settings, SERVICE, StatusPublisher(topics.status(options.device, SERVICE),
+    link = MqttLink(settings, SERVICE, StatusPublisher(topics.status(settings.device_id, SERVICE),
                                                        online=lambda: encode(service.status(ServiceState.ONLINE)),
                                                        will=encode(will)))
-    service = InferenceService(link=link, model=model, load_model=load_model, options=options)
+    service = InferenceService(link=link, model=model, load_model=load_model, settings=settings, workers=workers)
     return service
 
 

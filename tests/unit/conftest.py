@@ -5,10 +5,13 @@ a test here that asks for a process fixture is refused at collection, one that s
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from shared.config import ENV_PREFIX
 
 HERE = Path(__file__).resolve().parent
 # tests/conftest.py's fixtures that start real processes (Mosquitto, moto, the services).
@@ -25,6 +28,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if wanted := PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
             raise pytest.UsageError(f"{item.nodeid} uses {sorted(wanted)}: a real-process test belongs in tests/, "
                                     "not tests/unit")
+
+
+@pytest.fixture(autouse=True)
+def _no_settings_from_the_shell(monkeypatch):
+    # Settings built here read the environment: a developer's EDGEFLEET_* must not change a verdict.
+    for name in [n for n in os.environ if n.startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture(autouse=True)

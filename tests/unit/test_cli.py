@@ -12,14 +12,15 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
-from edgefleet import cli, rollout
+from edgefleet import cli
+from edgefleet import fleet_rollout as rollout
 from edgefleet.audit import DeviceAudit, EpochAudit
 from edgefleet.cli.common import comma_list, reported
 from edgefleet.cli.rollout import status_table
 from edgefleet.cli.telemetry import audit_table
 from edgefleet.errors import ToolError
+from edgefleet.fleet_rollout import BrokerUnreachable, NoRollout
 from edgefleet.publish import PublishRefused
-from edgefleet.rollout import BrokerUnreachable, NoRollout
 from edgefleet.s3access import DeviceKeyError
 from shared.errors import EdgefleetError
 from shared.schemas import ModelRef, SyncReport, SyncState

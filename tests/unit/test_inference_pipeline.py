@@ -29,10 +29,11 @@ from services.inference.errors import (
     UndecodableFrame,
     UnknownProvider,
 )
-from services.inference.service import START_ERRORS, InferenceService, Options
+from services.inference.service import START_ERRORS, InferenceService
 from services.inference.swap import ModelLoader, ServedModel, warm
 from shared import topics
 from shared.codec import WireFormat, decode, encode
+from shared.config import InferenceSettings
 from shared.errors import EdgefleetError
 from shared.schemas import Encoding, ErrorReport, FrameEnvelope, InferenceStats, Prediction, ServiceStatus
 from tests.support import wait_until
@@ -41,10 +42,6 @@ M = TypeVar("M", bound=BaseModel)
 DEVICE = "unit-1"
 CATS = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
 LOADER = ModelLoader(providers=["cpu"], strict=False, threads_per_run=1, scaled_decode=True)
-OPTIONS = Options(
-    device=DEVICE, workers=1, max_batch=8, max_wait_s=0.0, queue_size=64, max_frame_bytes=4 * 1024 * 1024,
-    max_frame_pixels=25_000_000, top_k=5, prediction_format=WireFormat.JSON, prediction_qos=1, status_interval_s=60,
-)
 
 
 @dataclass(frozen=True)
@@ -134,7 +131,8 @@ def model(model_dir: Path) -> ServedModel:
 def serving(model: ServedModel, **changes: object) -> Iterator[tuple[InferenceService, MemoryLink]]:
     """The service running on its own threads over a MemoryLink; stopped and drained at the end."""
     link = MemoryLink()
-    service = InferenceService(link=link, model=model, load_model=LOADER, options=replace(OPTIONS, **changes))
+    settings = InferenceSettings(device_id=DEVICE, status_interval_s=60, **changes)
+    service = InferenceService(link=link, model=model, load_model=LOADER, settings=settings, workers=1)
     runner = threading.Thread(target=service.run, name="service")
     runner.start()
     try:

@@ -1,7 +1,7 @@
 """A third-party camera: one photo to an edgefleet device's frame topic, in plain paho-mqtt.
 
 docs/protocol.md, "Frames in": the topic is `edgefleet/<device>/frames/<camera>` and the payload the
-JPEG (or PNG) file's bytes as they are. Usage: python examples/camera.py photo.jpg --device device-1
+JPEG (or PNG) file's bytes as they are. Usage: python examples/paho_camera.py photo.jpg --device device-1
 """
 
 import argparse

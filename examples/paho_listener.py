@@ -2,7 +2,7 @@
 confidence, in plain paho-mqtt and json.
 
 docs/protocol.md, "Predictions out": `edgefleet/<device>/predictions/+` carries every camera's
-predictions as JSON, `top` best first. Usage: python examples/listener.py --device device-1
+predictions as JSON, `top` best first. Usage: python examples/paho_listener.py --device device-1
 """
 
 import argparse

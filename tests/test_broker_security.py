@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from pathlib import Path
 
 import paho.mqtt.client as paho
+import psutil
 import pytest
 from typer.testing import CliRunner
 
@@ -196,10 +198,21 @@ def test_a_bridge_keeps_what_it_queued_across_a_cut_link_and_delivers_it(pki, tm
         queued = [f"queued {i}".encode() for i in range(100)] + [b"sentinel"]
         for payload in queued:
             sync.link.publish("edgefleet/dev-1/sync/state", payload, qos=1).wait_for_publish(5)
-        cloud.start()
-        returned = _device(cloud, certs, "operator")
-        returned.listen("edgefleet/+/sync/state")
-        assert returned.connect()
+        # The fleet broker comes back empty (not persistent here) and hands a message only to the
+        # subscriptions it has when the message arrives: had the bridge reconnected before the operator
+        # subscribed, it would have delivered its whole queue to no one. So the device's broker is frozen
+        # (SIGSTOP: it cannot reconnect, its queue stays in it) until the operator's subscription is in.
+        frozen = psutil.Process(edge.process.pid)
+        frozen.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: frozen.status() == psutil.STATUS_STOPPED, 5, "the device's broker to freeze")
+            cloud.start()
+            returned = _device(cloud, certs, "operator")
+            returned.listen("edgefleet/+/sync/state")
+            assert returned.connect()
+            _subscribed(returned)
+        finally:
+            frozen.send_signal(signal.SIGCONT)
         # The bridge delivers in order, so a duplicate or a straggler would come before the sentinel.
         wait_until(lambda: b"sentinel" in returned.payloads(), 60, "the queued messages up to the sentinel")
         assert returned.payloads() == queued, "lost, duplicated or reordered"

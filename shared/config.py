@@ -164,6 +164,25 @@ class CommonSettings(BaseSettings):
 ProviderList = Annotated[list[str], NoDecode]
 
 
+class CacheSettings(Group):
+    """The scene cache: frames of a fixed camera that show what the model last saw are answered from its
+    last answer, without a model run."""
+
+    enabled: bool = Field(False, description="Answer repeated frames and unchanged scenes from the cache.")
+    threshold: float = Field(
+        2.0, ge=0, le=255,
+        description="Largest mean absolute difference (grey levels, 0-255) between a frame's grey thumbnail "
+        "and that of the last frame the model ran on, for the scene to count as unchanged.")
+    thumbnail: int = Field(32, ge=8, le=256, description="Side of the grey thumbnail, in pixels.")
+    max_age_s: float = Field(
+        5.0, gt=0, description="A cached answer older than this is not given again: the model runs.")
+    max_consecutive: int = Field(
+        10, ge=1, description="At most this many cached answers in a row per camera, then the model runs (so a "
+        "slow drift below the threshold is always re-checked).")
+    exact_entries: int = Field(
+        256, ge=0, le=100_000, description="Answers remembered by the exact bytes of their frame (0: none).")
+
+
 class InferenceSettings(CommonSettings):
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="Folder holding model.onnx and manifest.json.")
     providers: ProviderList = Field(
@@ -218,6 +237,7 @@ class InferenceSettings(CommonSettings):
     prediction_format: WireFormat = Field(
         WireFormat.JSON, description="json (readable by any client) or msgpack; the MQTT v5 content type says which."
     )
+    cache: CacheSettings = Field(default_factory=CacheSettings, description="The scene cache.")
 
     @field_validator("providers", mode="before")
     @classmethod

@@ -15,6 +15,8 @@ from shared.errors import EdgefleetError
 from shared.schemas import ModelRef
 
 MODEL_FILE = "model.onnx"
+# What a model folder's artifact may be called: one ONNX model, or a cascade document (shared.cascade).
+ARTIFACT_FILES = (MODEL_FILE, "cascade.json")
 MANIFEST_FILE = "manifest.json"
 MAX_VERSION = 10**9
 # A model folder is read by another user than the one who wrote it: the non-root inference container
@@ -96,7 +98,8 @@ class ModelManifest(_Strict):
     version: int = Field(ge=1)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size_bytes: int = Field(gt=0)
-    file: str = MODEL_FILE
+    # A fixed set of names, never a path: a manifest's file is joined to the folder it is read from.
+    file: Literal["model.onnx", "cascade.json"] = MODEL_FILE
     opset: int
     input: TensorSpec
     output: TensorSpec

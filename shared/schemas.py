@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 WIRE_VERSION = 1
 # The longest text any field may carry (reasons, details, labels); producers truncate to it.
@@ -70,6 +70,25 @@ class ModelRef(_Message):
 INPUT_FEATURES = ("mean_c0", "mean_c1", "mean_c2", "std_c0", "std_c1", "std_c2", "sharpness")
 
 
+class CacheSource(_Message):
+    """Where a cached prediction's answer was computed: the frame the model really ran on."""
+
+    frame_id: str
+    age_ms: float = Field(ge=0)
+    # exact: the same bytes as a frame the model answered; scene: a thumbnail within the change threshold.
+    match: Literal["exact", "scene"]
+
+
+class CascadeAnswer(_Message):
+    """Which stage of a cascade answered a frame (1: the small model stood; 2: escalated)."""
+
+    stage: Literal[1, 2]
+    small: ModelRef
+    large: ModelRef
+    # Stage 1's top-1 margin or confidence (the cascade's metric) for this frame.
+    score: float
+
+
 class Prediction(_Message):
     v: int = WIRE_VERSION
     device: str
@@ -85,6 +104,18 @@ class Prediction(_Message):
     published_at: float
     # Statistics of the model's input for this frame, for drift detection (see INPUT_FEATURES).
     features: Annotated[list[float], Field(max_length=64)] | None = None
+    # True when this answer came from the scene cache, not from a model run on this frame; `cache`
+    # then says which frame the model really ran on and how old that answer is.
+    cached: bool = False
+    cache: CacheSource | None = None
+    # Set when `model` is a cascade: which stage answered, and the two members.
+    cascade: CascadeAnswer | None = None
+
+    @model_validator(mode="after")
+    def _cached_names_its_source(self) -> Prediction:
+        if self.cached != (self.cache is not None):
+            raise ValueError("a cached prediction names its source (cache), and only a cached one")
+        return self
 
 
 class ErrorReason(StrEnum):
@@ -129,6 +160,10 @@ class InferenceStats(_Message):
     # Predictions the MQTT client refused (its queue full, or QoS 0 while disconnected): never sent.
     predictions_lost: int = 0
     batches: int = 0
+    # Of the predictions above: answered from the scene cache (no model run), and answered by a
+    # cascade's stage 2 (escalated).
+    predictions_cached: int = 0
+    predictions_escalated: int = 0
     queue_depth: int = 0
     # Drops by camera, at most MAX_CAMERA_KEYS cameras named; the rest are summed under "_other".
     dropped_by_camera: Annotated[dict[str, int], Field(max_length=MAX_CAMERA_KEYS + 1)] = Field(default_factory=dict)

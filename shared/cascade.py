@@ -122,8 +122,8 @@ def load_members(folder: Path, manifest: ModelManifest) -> tuple[CascadeSpec, li
     for pin in spec.stages:
         member, path = load_verified(folder / pin.folder)
         if (member.name, member.version, member.sha256) != (pin.name, pin.version, pin.sha256):
-            raise ModelError(f"{folder / pin.folder} holds {member.name} v{member.version} "
-                             f"({member.sha256[:16]}…); the cascade pins {pin.name} v{pin.version} ({pin.sha256[:16]}…)")
+            raise ModelError(f"{folder / pin.folder} holds {member.name} v{member.version} ({member.sha256[:16]}…); "
+                             f"the cascade pins {pin.name} v{pin.version} ({pin.sha256[:16]}…)")
         if member.labels != manifest.labels or member.preprocessing != manifest.preprocessing:
             raise ModelError(f"{pin.folder} ({member.name}) has other labels or preprocessing than the cascade")
         members.append((member, path))

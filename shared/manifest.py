@@ -99,7 +99,7 @@ class ModelManifest(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size_bytes: int = Field(gt=0)
     # A fixed set of names, never a path: a manifest's file is joined to the folder it is read from.
-    file: Literal["model.onnx", "cascade.json"] = MODEL_FILE
+    file: Literal["model.onnx", "cascade.json"] = "model.onnx"
     opset: int
     input: TensorSpec
     output: TensorSpec

@@ -93,20 +93,19 @@ class S3Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def env(self) -> dict[str, str]:
-        """The settings that point a service or command at this store (with the root pair, if enforcing)."""
-        key_id, secret = self.root_credentials or (ACCESS_KEY_ID, SECRET_ACCESS_KEY)
-        return {
-            "EDGEFLEET_S3_ENDPOINT_URL": self.url,
-            "EDGEFLEET_S3_ACCESS_KEY_ID": key_id,
-            "EDGEFLEET_S3_SECRET_ACCESS_KEY": secret,
-        }
+    def env(self, **overrides) -> dict[str, str]:
+        """The environment that points a child command at this store: settings() as EDGEFLEET_* names."""
+        from shared.config import environment
+
+        return environment(self.settings(**overrides))
 
     def settings(self, **overrides) -> StoreSettings:
+        """The settings that point a service or command at this store (the root pair, if enforcing);
+        an override wins over this store's own keys (e.g. a device's key pair instead of the root's)."""
         from shared.config import StoreSettings, load
 
-        # An override wins over this store's own keys (e.g. a device's key pair instead of the root's).
-        own = {k.removeprefix("EDGEFLEET_").lower(): v for k, v in self.env().items()}
+        key_id, secret = self.root_credentials or (ACCESS_KEY_ID, SECRET_ACCESS_KEY)
+        own = {"s3_endpoint_url": self.url, "s3_access_key_id": key_id, "s3_secret_access_key": secret}
         return load(StoreSettings, None, **{**own, **overrides})
 
     def _command(self) -> list[str]:
@@ -244,6 +243,19 @@ def _s3_context(path: str) -> dict[str, str]:
     return {f"s3:{name}": query[name][0] for name in ("prefix", "delimiter", "max-keys") if name in query}
 
 
+# moto (5.2.6 on) names the S3 API operation (s3:ListObjectsV2, s3:HeadObject) where IAM policies name
+# the permission it needs (s3:ListBucket, s3:GetObject); AWS and MinIO judge by the permission, per
+# https://docs.aws.amazon.com/service-authorization/latest/reference/list_amazons3.html
+IAM_ACTION_OF_OPERATION = {
+    "s3:ListObjects": "s3:ListBucket", "s3:ListObjectsV2": "s3:ListBucket", "s3:HeadBucket": "s3:ListBucket",
+    "s3:HeadObject": "s3:GetObject", "s3:GetObjectAttributes": "s3:GetObject",
+    "s3:ListObjectVersions": "s3:ListBucketVersions", "s3:DeleteObjects": "s3:DeleteObject",
+    "s3:CreateMultipartUpload": "s3:PutObject", "s3:UploadPart": "s3:PutObject",
+    "s3:CompleteMultipartUpload": "s3:PutObject", "s3:ListMultipartUploads": "s3:ListBucketMultipartUploads",
+    "s3:ListParts": "s3:ListMultipartUploadParts", "s3:CopyObject": "s3:PutObject",
+}
+
+
 def _enforce_s3_policies() -> None:
     """Judges S3 requests by _evaluate instead of moto's evaluator (which ignores S3 conditions)."""
     from moto.iam import access_control
@@ -252,7 +264,8 @@ def _enforce_s3_policies() -> None:
     class S3Request(access_control.S3IAMRequest):
         def check_action_permitted(self, resource: str) -> None:
             documents = [IAMPolicy(policy)._policy_json for policy in self._access_key.collect_policies()]
-            if not _evaluate(documents, self._action, resource, _s3_context(self._path)):
+            action = IAM_ACTION_OF_OPERATION.get(self._action, self._action)
+            if not _evaluate(documents, action, resource, _s3_context(self._path)):
                 self._raise_access_denied()
 
     # moto.core.authorization imports S3IAMRequest from this module at every request.

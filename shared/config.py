@@ -556,8 +556,10 @@ def regroup(cls: type[BaseModel], values: dict[str, Any]) -> dict[str, Any]:
         group, inner = _split_key(cls, key)
         if inner is not None:
             grouped.setdefault(group, {})[inner] = value
-        elif _group_of(cls, key) is not None and isinstance(value, dict):
-            grouped[key] = {**value, **grouped.get(key, {})}
+        elif _group_of(cls, key) is not None and isinstance(value, dict | Group):
+            # a group given whole, merged with any of its keys given flat (those win, whatever the order)
+            whole = value.model_dump(exclude_unset=True) if isinstance(value, Group) else value
+            grouped[key] = {**whole, **grouped.get(key, {})}
         else:
             grouped[key] = value
     return grouped
@@ -602,7 +604,9 @@ def keys(cls: type[BaseModel]) -> dict[str, FieldInfo]:
 def describe_errors(exc: ValidationError, path: Path | None) -> str:
     lines = []
     for err in exc.errors():
-        key = "_".join(str(part) for part in err["loc"]) or "<config>"
+        # A location is the key, its group first, then positions inside a value (providers, 0): only
+        # the words name the key.
+        key = "_".join(part for part in err["loc"][:2] if isinstance(part, str)) or "<config>"
         where = f"{ENV_PREFIX}{key.upper()}" + (f" or '{key}' in {path}" if path else "")
         if err["type"] == "extra_forbidden":
             lines.append(f"unknown config key {key!r} ({where})")

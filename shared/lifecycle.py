@@ -93,7 +93,7 @@ def serve(name: str, settings: CommonSettings, build: Callable[[], Service],
     beat = Heartbeat(settings, service, fatal.fail, name)
     try:
         status = service.run()
-    except BaseException as exc:  # noqa: BLE001 - whatever ended the main loop ends the process, loudly
+    except BaseException as exc:  # whatever ended the main loop ends the process, loudly
         fatal.fail(f"main loop: {type(exc).__name__}: {exc}", exc)
         return FATAL_EXIT
     finally:
@@ -134,7 +134,7 @@ class _Fatal:
         threading.Thread(target=self._watchdog, name="fatal-watchdog", daemon=True).start()
         try:
             self.service.stop()
-        except Exception:  # noqa: BLE001 - the watchdog ends the process regardless
+        except Exception:  # the watchdog ends the process regardless
             log.exception("stop after a fatal error failed")
 
     def _watchdog(self) -> None:

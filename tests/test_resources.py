@@ -52,7 +52,7 @@ def engine():
     try:
         api = docker.APIClient(base_url=DOCKER_URL, timeout=30)
         api.ping()
-    except Exception as exc:  # noqa: BLE001 - any reason the engine cannot be used is the reason given
+    except Exception as exc:  # any reason the engine cannot be used is the reason given
         _missing(f"no Docker engine at {SOCKET} ({type(exc).__name__}: {exc})")
     from tests.image_build import wait_built
 

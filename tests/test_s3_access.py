@@ -145,7 +145,7 @@ def test_device_key_command_refuses_an_unsafe_device_id_and_a_non_admin_key(stor
     assert bad.returncode == 1 and "device id '../x'" in bad.stderr
     key_id, secret = device_key[2]
     weak = _cli("s3", "device-key", "dev-c", "--out", str(tmp_path / "c"),
-                env={**store.env(), "EDGEFLEET_S3_ACCESS_KEY_ID": key_id, "EDGEFLEET_S3_SECRET_ACCESS_KEY": secret})
+                env=store.env(s3_access_key_id=key_id, s3_secret_access_key=secret))
     assert weak.returncode == 1 and "AccessDenied" in weak.stderr, weak.stderr
     assert not (tmp_path / "c").exists()
 

@@ -9,6 +9,7 @@ benches need nothing it does not give.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -139,9 +140,11 @@ def run(stack: ExitStack, image: str, role: str, settings: BaseModel, *, args: l
     """
     name = f"{PREFIX}-{role}-{uuid.uuid4().hex[:8]}"
     command = ["docker", "run", "-d", "--name", name, "--network", "host", *docker_args]
-    for key, value in environment(settings).items():
-        command += ["-e", f"{key}={value}"]
-    result = subprocess.run([*command, image, *args], capture_output=True, text=True)
+    variables = environment(settings)
+    for key in variables:  # `-e NAME` takes the value from docker's own environment: no secret in `ps`
+        command += ["-e", key]
+    result = subprocess.run([*command, image, *args], capture_output=True, text=True,
+                            env={**os.environ, **variables})
     # Registered before the check: a container that was created but failed to start is removed too.
     stack.callback(subprocess.run, ["docker", "rm", "-fv", name], capture_output=True)
     if result.returncode != 0:

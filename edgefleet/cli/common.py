@@ -65,6 +65,17 @@ def load_settings(cls: type[S], config: Path | None, **overrides: object) -> S:
         raise fail("", exc, code=2) from None
 
 
+def check_environment(*classes: type[CommonSettings], **overrides: object) -> None:
+    """Loads each settings class the command's children will load, so a bad EDGEFLEET_* value fails
+    before anything starts, naming its key.
+
+    Raises:
+        typer.Exit: 2, after a message naming the bad key (ConfigError).
+    """
+    for cls in classes:
+        load_settings(cls, None, **overrides)
+
+
 def comma_list(text: str | None) -> list[str]:
     """The items of a comma-separated flag, stripped, empty ones dropped."""
     return [item.strip() for item in text.split(",") if item.strip()] if text else []

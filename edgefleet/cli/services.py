@@ -9,8 +9,17 @@ from typing import Annotated
 
 import typer
 
-from edgefleet.cli.common import ConfigFile, load_settings, reported
-from shared.config import CameraSettings, CommonSettings, InferenceSettings, IngestSettings, SyncSettings, describe_keys
+from edgefleet.cli.common import ConfigFile, check_environment, load_settings, reported
+from edgefleet.waiting import WaitTimeout
+from shared.config import (
+    CameraSettings,
+    ConfigError,
+    InferenceSettings,
+    IngestSettings,
+    SyncSettings,
+    TelemetrySettings,
+    describe_keys,
+)
 
 app = typer.Typer()
 
@@ -90,8 +99,10 @@ def up(
     """The whole edge stack locally: broker, inference, cameras, and live predictions. Ctrl-C stops."""
     from edgefleet import stack
 
-    load_settings(CommonSettings, None, device_id=device_id, mqtt_url=mqtt_url)  # fail fast on bad values
-    raise typer.Exit(stack.run(cameras, rate, device_id, mqtt_url, duration))
+    check_environment(InferenceSettings, SyncSettings, CameraSettings, device_id=device_id, mqtt_url=mqtt_url)
+    with reported("up", ConfigError, code=2), reported("up", WaitTimeout):
+        code = stack.run(cameras, rate, device_id, mqtt_url, duration)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -106,4 +117,7 @@ def fleet(
     inference, telemetry and cameras."""
     from edgefleet import fleet as local_fleet
 
-    raise typer.Exit(local_fleet.run(devices, rate, duration, folder))
+    check_environment(InferenceSettings, SyncSettings, CameraSettings, TelemetrySettings, IngestSettings)
+    with reported("fleet", ConfigError, code=2), reported("fleet", WaitTimeout):
+        code = local_fleet.run(devices, rate, duration, folder)
+    raise typer.Exit(code)

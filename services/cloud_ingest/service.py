@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import paho.mqtt.client as paho
 from botocore.exceptions import BotoCoreError, ClientError
 
+from services.cloud_ingest.errors import IngestError, StoreUnreachable
 from services.cloud_ingest.writer import dead_letter, write_batch
 from shared import VERSION, lifecycle, s3, topics
 from shared.codec import DecodeError, WireFormat, decode, encode
@@ -45,7 +46,11 @@ class IngestService:
     def __init__(self, settings: IngestSettings) -> None:
         self.settings = settings
         self.s3 = s3.client(settings)
-        s3.ensure_bucket(self.s3, settings.telemetry_bucket)
+        try:
+            s3.ensure_bucket(self.s3, settings.telemetry_bucket)
+        except (BotoCoreError, ClientError) as exc:
+            raise StoreUnreachable(f"the telemetry bucket s3://{settings.telemetry_bucket} cannot be reached or "
+                                   f"created: {exc}") from exc
         # Replicas may share one configured id (docker compose `replicas: 2`); the host name tells them apart,
         # as the broker needs distinct client ids.
         self._replica = f"{settings.device_id}-{socket.gethostname()}"[:64]
@@ -147,4 +152,5 @@ class IngestService:
 
 
 def main(settings: IngestSettings) -> int:
-    return serve(SERVICE, settings, lambda: IngestService(settings), (BotoCoreError, ClientError, OSError, ValueError))
+    # IngestError: the store unreachable at start; OSError: a certificate or key file it cannot read.
+    return serve(SERVICE, settings, lambda: IngestService(settings), (IngestError, OSError, ValueError))

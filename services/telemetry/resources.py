@@ -136,7 +136,7 @@ class DockerSampler:
                     api = self._connect()
                 self._sweep(api)
                 self._recovered()
-            except Exception as exc:  # noqa: BLE001 - any failure of the engine is counted, never fatal
+            except Exception as exc:  # any failure of the engine is counted, never fatal
                 self._failed(exc)
                 api = None  # connect again: the engine may have restarted with another API version
             self._stopping.wait(max(0.0, self.interval_s - (time.monotonic() - started)))

@@ -11,6 +11,8 @@ import pytest
 from shared.config import (
     CanarySettings,
     ConfigError,
+    InferenceSettings,
+    MqttSettings,
     SyncSettings,
     TelemetrySettings,
     environment,
@@ -88,3 +90,17 @@ def test_every_flat_key_is_listed_once_with_its_group_opened():
     names = keys(TelemetrySettings)
     assert {"mqtt_url", "cloud_mqtt_url", "drift_psi_raise", "outbox_path", "ttl_alert_s", "docker_url"} <= names.keys()
     assert "drift" not in names and "mqtt" not in names
+
+
+def test_a_key_of_another_service_is_ignored_and_a_list_item_is_named_by_its_key(monkeypatch, tmp_path):
+    monkeypatch.setenv("EDGEFLEET_CACHE_ENABLED", "true")  # inference's group: sync has none of that name
+    assert load(SyncSettings).canary.window == 50
+    bad = tmp_path / "bad.toml"
+    bad.write_text("providers = [1]\n")
+    with pytest.raises(ConfigError, match=r"bad config key 'providers' \(EDGEFLEET_PROVIDERS"):
+        load(InferenceSettings, bad)
+
+
+def test_a_group_given_whole_merges_with_its_keys_given_flat():
+    settings = load(InferenceSettings, None, mqtt=MqttSettings(url="mqtt://10.0.0.9:1884"), mqtt_username="u")
+    assert (settings.mqtt.url, settings.mqtt.username) == ("mqtt://10.0.0.9:1884", "u")

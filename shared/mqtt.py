@@ -73,6 +73,7 @@ class MqttLink:
         settings: CommonSettings,
         client_name: str,
         status: StatusPublisher | None = None,
+        *,
         unique: bool = False,
         manual_ack: bool = False,
         receive_maximum: int | None = None,

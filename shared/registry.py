@@ -1,7 +1,9 @@
 """The model registry's layout in S3 and its signatures: the one contract between the operators' tools
 (which publish) and the devices' sync service (which installs).
 
-    models/<name>/<version>/model.onnx      the artifact
+    models/<name>/<version>/model.onnx      the artifact, named by the manifest's `file`: model.onnx, or
+                                            cascade.json for a cascade (shared.cascade), whose members
+                                            are published versions of their own
     models/<name>/<version>/manifest.json   its manifest (SHA-256 and size of the artifact, parent,
                                             preprocessing, labels, least edgefleet version)
     models/<name>/<version>/manifest.sig    {"algorithm": "ed25519", "key_id": ..., "signature": ...}
@@ -29,7 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from shared.errors import EdgefleetError
-from shared.manifest import ModelManifest, check_model_name, check_model_version
+from shared.manifest import ARTIFACT_FILES, ModelManifest, check_model_name, check_model_version
 
 if TYPE_CHECKING:  # boto3-stubs, a dev dependency
     from mypy_boto3_s3 import S3Client
@@ -47,7 +49,8 @@ _VERSION_KEY = re.compile(rf"^{ROOT}/(?P<name>[^/]+)/(?P<version>\d+)/{re.escape
 # or corrupted registry can make a device spend.
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_SIGNATURE_BYTES = 16 << 10
-_OBJECTS = (MODEL_OBJECT, MANIFEST_OBJECT, SIGNATURE_OBJECT)
+# A version's artifact is the object its manifest's `file` names (ARTIFACT_FILES: model.onnx or cascade.json).
+_OBJECTS = (*ARTIFACT_FILES, MANIFEST_OBJECT, SIGNATURE_OBJECT)
 
 
 class ObjectTooLarge(EdgefleetError, ValueError):

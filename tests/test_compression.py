@@ -37,11 +37,27 @@ def test_a_model_below_the_gate_is_marked_failed_and_cannot_be_published(data, m
     import subprocess
     import sys
 
+    import cv2
+    import numpy as np
+
     from shared import s3
     from shared.registry import new_key_pair
 
-    manifest, _ = quantize(model_dir, tmp_path / "int8", Mode.STATIC, data / "eval", data / "calibration", gate=1.01)
-    assert manifest.quality.passed is False and manifest.quality.threshold == 1.01
+    # Calibration data unlike production: one flat grey frame gives ranges that crush every real image.
+    unlike = tmp_path / "grey"
+    unlike.mkdir()
+    cv2.imwrite(str(unlike / "grey.jpg"), np.full((300, 300, 3), 128, np.uint8))
+    made = subprocess.run(
+        [sys.executable, "-m", "edgefleet", "model", "quantize", "--parent", str(model_dir), "--out",
+         str(tmp_path / "int8"), "--calibration", str(unlike), "--eval", str(data / "eval"), "--max-float-layers", "0"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
+    )
+    assert made.returncode == 0, made.stderr[-3000:]
+    manifest, _ = load_verified(tmp_path / "int8")
+    assert manifest.quality.passed is False and manifest.quality.threshold == 0.97
+    # The command says so plainly, and why: not a line to miss among the figures.
+    assert "WARNING: efficientnet-lite0-int8-static-minmax is not publishable" in made.stderr
+    assert "below the gate 97%" in made.stderr and "--max-float-layers 0" in made.stderr
     keys = new_key_pair(tmp_path / "keys")
     result = subprocess.run(
         [sys.executable, "-m", "edgefleet", "model", "publish", str(tmp_path / "int8"), "--key", str(keys.private)],
@@ -50,6 +66,25 @@ def test_a_model_below_the_gate_is_marked_failed_and_cannot_be_published(data, m
     assert result.returncode == 1 and "refused" in result.stderr and "failed its quality gate" in result.stderr
     store = s3.client(s3_server.settings())
     assert store.list_buckets()["Buckets"] == [] or store.list_objects_v2(Bucket="edgefleet-models")["KeyCount"] == 0
+
+
+def test_mixed_precision_chooses_on_half_the_held_out_set_and_only_the_other_half_gates(data, model_dir, tmp_path):
+    from edgefleet.models.derive import top1_agreement
+    from edgefleet.models.frames import load_inputs
+    from edgefleet.models.outputs import logits
+
+    manifest, report = quantize(model_dir, tmp_path / "int8", Mode.STATIC, data / "eval", data / "calibration",
+                                gate=0.5, max_float_layers=2)
+    # All-INT8 already meets 0.5 on the selection half (the even images): no layer kept in float.
+    assert report.selection_samples == 12 and report.selection_agreement >= 0.5 and report.float_layers == []
+    assert "12 held-out images (every other one)" in manifest.recipe["float_layer_selection"]
+    # The gate is the odd images' agreement alone, measured again here.
+    parent, parent_path = load_verified(model_dir)
+    odd = load_inputs(data / "eval", parent)[1::2]
+    expected = top1_agreement(logits(parent_path, parent.input.name, odd),
+                              logits(tmp_path / "int8" / "model.onnx", parent.input.name, odd))
+    assert manifest.quality.samples == 12 and manifest.quality.value == round(expected, 4)
+    assert "gate half" in manifest.quality.measured_on
 
 
 def test_dynamic_int8_loads_and_agrees_above_a_floor(data, model_dir, tmp_path):

@@ -24,6 +24,8 @@ class Counters:
     published: Counter = field(default_factory=Counter)
     lost: Counter = field(default_factory=Counter)
     batches: Counter = field(default_factory=Counter)
+    escalated: Counter = field(default_factory=Counter)  # of `published`: answered by a cascade's stage 2
+    cached: Counter = field(default_factory=Counter)  # of `published`: answered by the scene cache, no model run
     dropped_by_camera: CameraCounts = field(default_factory=_camera_counts)
 
     def drop(self, camera: str) -> None:
@@ -47,6 +49,8 @@ class Counters:
             predictions_published=self.published.value,
             predictions_lost=self.lost.value,
             batches=self.batches.value,
+            predictions_escalated=self.escalated.value,
+            predictions_cached=self.cached.value,
             queue_depth=queue_depth,
             dropped_by_camera=self.dropped_by_camera.snapshot(),
         )

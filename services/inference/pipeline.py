@@ -2,9 +2,11 @@
 
     receive  (paho's network thread, Receiver)   header-only checks, then into the bounded backlog
     batch    (each worker thread, Worker)        up to max_batch frames, across cameras
+    cache    (cache.SceneCache, when enabled)    repeats and unchanged scenes answered, before any decode
     decode   (decode_batch)                      JPEG/PNG to pixels to the model's input tensor
-    infer    (BatchRun)                          one ONNX Runtime run for the batch, top-k, features
-    publish  (publish.Publisher)                 one prediction per frame, or an error report
+    infer    (BatchRun)                          one ONNX Runtime run for the batch, top-k, features;
+                                                 a cascade's unsure rows run again on stage 2
+    publish  (publisher.Publisher)               one prediction per frame, or an error report
 
 Frames are decoded only once a worker takes them, so the frames overload drops cost no decode (as
 Vector's buffers hold events undecoded). Every frame received ends in exactly one of: a prediction
@@ -17,11 +19,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import paho.mqtt.client as paho
 
 from services.inference.batcher import FrameBacklog
+from services.inference.cache import Hit, Probe, SceneCache
 from services.inference.counters import Counters
 from services.inference.decode import decode_bgr
 from services.inference.errors import Closed, FrameRejected, UndecodableFrame
@@ -29,12 +33,13 @@ from services.inference.features import summarise
 from services.inference.intake import Frame, Intake, clip
 from services.inference.postprocess import top_k
 from services.inference.publisher import Publisher
+from services.inference.session import ModelSession
 from services.inference.swap import ServedModel
 from shared import topics
 from shared.lifecycle import Progress
 from shared.logs import fields
 from shared.mqtt import content_type_of
-from shared.schemas import ClassScore, ErrorReason, Prediction, Timings
+from shared.schemas import CascadeAnswer, ClassScore, ErrorReason, Prediction, Timings
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +91,15 @@ class Worker:
         max_batch: most frames in one run.
         max_wait_s: how long a batch may wait for more frames after its first.
         top_k: classes per prediction.
+        cache: the scene cache, or None (disabled: the path never touches it).
     """
 
     def __init__(self, *, backlog: FrameBacklog, serving: Callable[[], ServedModel], publisher: Publisher,
-                 counters: Counters, device: str, max_batch: int, max_wait_s: float, top_k: int) -> None:
+                 counters: Counters, device: str, max_batch: int, max_wait_s: float, top_k: int,
+                 cache: SceneCache | None = None) -> None:
         self._backlog, self._serving, self._publisher, self._counters = backlog, serving, publisher, counters
         self._device, self._max_batch, self._max_wait_s, self._top_k = device, max_batch, max_wait_s, top_k
+        self._cache = cache
 
     def run(self, progress: Progress) -> None:
         """Answers batches until the backlog is closed and drained, ticking `progress` every time round."""
@@ -108,22 +116,48 @@ class Worker:
     def answer(self, frames: list[Frame]) -> None:
         """Publishes a prediction or an error report for each frame of the batch."""
         model = self._serving()
+        probes: dict[int, Probe] = {}  # by id() of the frames the cache did not answer
+        if self._cache is not None:
+            frames = self._answer_from_cache(self._cache, model, frames, probes)
         batch, ready = decode_batch(model, frames, self._publisher)
         if not ready:
             return
-        started = time.monotonic()
         try:
-            logits = model.session.run(batch)
+            run = BatchRun.of(model, batch, k=self._top_k)
         except Exception as exc:  # e.g. an execution provider failing: every frame hears why
             log.exception("inference failed")
             for item in ready:
                 self._publisher.reject(camera=item.frame.camera, reason=ErrorReason.INTERNAL,
                                        detail=f"inference failed: {clip(str(exc))}", frame_id=item.frame.frame_id)
             return
-        run = BatchRun.of(model, batch, logits, started=started, k=self._top_k)
         self._counters.batches.add()
         for i, item in enumerate(ready):
-            self._publisher.prediction(run.prediction(i, item, device=self._device))
+            prediction = run.prediction(i, item, device=self._device)
+            self._publisher.prediction(prediction)
+            if self._cache is not None and (probe := probes.get(id(item.frame))) is not None:
+                self._cache.remember(item.frame, probe, prediction)  # the scene's new reference
+
+    # -- scene cache: before any decode; frames it answers never reach decode_batch or the model --------
+
+    def _answer_from_cache(self, cache: SceneCache, model: ServedModel, frames: list[Frame],
+                           probes: dict[int, Probe]) -> list[Frame]:
+        """Publishes a cached prediction for each frame the cache answers; returns the others, in order,
+        each one's probe put in `probes` for remember()."""
+        left = []
+        for frame in frames:
+            taken = time.monotonic()
+            try:
+                found = cache.check(frame, model.ref)
+            except Exception:  # the cache must never cost a frame its answer: the model answers it
+                log.exception("scene cache check failed", extra=fields(frame_id=frame.frame_id))
+                found = None
+            if isinstance(found, Hit):
+                self._publisher.prediction(found.prediction(frame, taken=taken, checked_s=time.monotonic() - taken))
+                continue
+            if found is not None:
+                probes[id(frame)] = found
+            left.append(frame)
+        return left
 
 
 # -- decode --------------------------------------------------------------------------------------------
@@ -174,26 +208,59 @@ def _prepare(model: ServedModel, frame: Frame, slot: np.ndarray, publisher: Publ
 
 @dataclass(frozen=True, kw_only=True)
 class BatchRun:
-    """One model run over a batch: what each of its predictions is made from."""
+    """One model run over a batch: what each of its predictions is made from.
+
+    For a cascade, stage 1 runs on the whole batch and the rows whose metric falls below the threshold
+    run on stage 2 as one sub-batch, whose answers replace stage 1's for those rows.
+    """
 
     model: ServedModel
     started: float  # monotonic: when the run began
-    inference_s: float
+    inference_s: float  # the model's run over the batch (a cascade's stage 1)
     classes: np.ndarray  # (frames, k) class indices, best first
     scores: np.ndarray  # (frames, k) probabilities
     features: np.ndarray  # (frames, 7) input summaries for drift detection
+    escalated: np.ndarray  # (frames,) bool: answered by a cascade's stage 2
+    metric: np.ndarray | None = None  # (frames,) a cascade's stage-1 margin or confidence
+    escalation_s: float = 0.0  # stage 2's run over the escalated rows
 
     @classmethod
-    def of(cls, model: ServedModel, batch: np.ndarray, logits: np.ndarray, *, started: float, k: int) -> BatchRun:
-        """The run's top-k classes and input features; `started` is when the run began (monotonic)."""
+    def of(cls, model: ServedModel, batch: np.ndarray, *, k: int) -> BatchRun:
+        """Runs the model (a cascade: both stages, as needed) on the batch; top-k classes and features.
+
+        Raises:
+            Exception: whatever ONNX Runtime raises when a run fails (either stage's): no frame of the
+                batch gets an answer.
+        """
+        started = time.monotonic()
+        logits = model.session.run(batch)
         inference_s = time.monotonic() - started
-        classes, scores = top_k(logits, k)
+        features = summarise(batch)
+        if model.escalation is None:
+            classes, scores = top_k(logits, k)
+            return cls(model=model, started=started, inference_s=inference_s, classes=classes, scores=scores,
+                       features=features, escalated=np.zeros(len(classes), dtype=bool))
+        escalation = model.escalation
+        # top-2 at least: the margin needs the runner-up even when one class is asked for
+        classes, scores = top_k(logits, max(k, 2))
+        metric = stage1_metric(scores, escalation.spec.metric)
+        classes, scores = classes[:, :k], scores[:, :k]
+        escalated = metric < escalation.spec.threshold
+        escalation_s = 0.0
+        if (rows := np.flatnonzero(escalated)).size:
+            t0 = time.monotonic()
+            # One run over a contiguous copy of the unsure rows: ONNX Runtime's per-run cost is paid
+            # once per batch, as for stage 1, never once per frame.
+            logits = escalation.session.run(np.take(batch, rows, axis=0))
+            escalation_s = time.monotonic() - t0
+            classes[rows], scores[rows] = top_k(logits, k)
         return cls(model=model, started=started, inference_s=inference_s, classes=classes, scores=scores,
-                   features=summarise(batch))
+                   features=features, escalated=escalated, metric=metric, escalation_s=escalation_s)
 
     def prediction(self, i: int, item: Prepared, *, device: str) -> Prediction:
         """The prediction for the batch's i-th frame, timed from its arrival to now."""
         frame, labels = item.frame, self.model.manifest.labels
+        session, inference_s, cascade = self._answered_by(i)
         now = time.monotonic()
         return Prediction(
             device=device,
@@ -203,17 +270,46 @@ class BatchRun:
             top=[ClassScore(index=int(c), label=labels[c], score=round(float(p), 5))
                  for c, p in zip(self.classes[i], self.scores[i], strict=True)],
             model=self.model.ref,
-            provider=self.model.session.provider.active,
+            provider=session.provider.active,
             timings=Timings(
                 queued_ms=_ms(self.started - frame.received - item.preprocess_s),
                 preprocess_ms=_ms(item.preprocess_s),
-                inference_ms=_ms(self.inference_s),
+                inference_ms=_ms(inference_s),
                 total_ms=_ms(now - frame.received),
                 batch_size=len(self.classes),
             ),
             published_at=time.time(),
             features=[round(float(f), 4) for f in self.features[i]],
+            cascade=cascade,
         )
+
+    def _answered_by(self, i: int) -> tuple[ModelSession, float, CascadeAnswer | None]:
+        """The session that answered row i, the model time it cost, and (cascade) which stage it was.
+
+        An escalated frame cost both runs; a frame stage 1 answered, stage 1's run alone (it waits for
+        stage 2 only to be published with its batch, which total_ms shows).
+        """
+        if (escalation := self.model.escalation) is None or self.metric is None:
+            return self.model.session, self.inference_s, None
+        up = bool(self.escalated[i])
+        answer = CascadeAnswer(stage=2 if up else 1, small=escalation.small, large=escalation.large,
+                               score=round(float(self.metric[i]), 5))
+        if up:
+            return escalation.session, self.inference_s + self.escalation_s, answer
+        return self.model.session, self.inference_s, answer
+
+
+def stage1_metric(scores: np.ndarray, metric: Literal["margin", "confidence"]) -> np.ndarray:
+    """A cascade's per-row metric from stage 1's top-k probabilities, best first (k >= 2).
+
+    Returns:
+        (frames,) "margin": top-1 minus top-2 probability; "confidence": top-1 probability.
+    """
+    top1 = scores[:, 0]
+    if metric == "confidence":
+        return top1.copy()  # not a view: the escalated rows of `scores` are overwritten with stage 2's
+    runner_up = scores[:, 1] if scores.shape[1] > 1 else 0.0  # a one-class model has no runner-up
+    return top1 - runner_up
 
 
 def _ms(seconds: float) -> float:

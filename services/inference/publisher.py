@@ -53,6 +53,10 @@ class Publisher:
                                   qos=self._qos, content_type=self._wire.content_type)
         if _accepted(info.rc, self._qos):
             self._counters.published.add()
+            if prediction.cached:  # a cached answer ran no model, whichever stage answered its reference
+                self._counters.cached.add()
+            elif prediction.cascade is not None and prediction.cascade.stage == 2:
+                self._counters.escalated.add()
             return
         self._counters.lost.add()
         if (lost := self._counters.lost.value) == 1 or lost % 100 == 0:  # an outage must not flood the log too

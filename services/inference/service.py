@@ -20,6 +20,7 @@ import threading
 import paho.mqtt.client as paho
 
 from services.inference.batcher import FrameBacklog
+from services.inference.cache import SceneCache
 from services.inference.counters import Counters
 from services.inference.errors import InferenceError
 from services.inference.intake import Intake
@@ -68,13 +69,14 @@ class InferenceService:
         self._stopping = threading.Event()
         self._counters = Counters()
         self._backlog = FrameBacklog(settings.queue_size)
+        self._cache = SceneCache(settings.cache) if settings.cache.enabled else None
         self._publisher = Publisher(link, device=settings.device_id, wire=settings.prediction_format,
                                     qos=settings.prediction_qos, counters=self._counters)
         self._receive = Receiver(intake=Intake(settings.max_frame_bytes, settings.max_frame_pixels),
                                  backlog=self._backlog, publisher=self._publisher, counters=self._counters)
         worker = Worker(backlog=self._backlog, serving=lambda: self._model, publisher=self._publisher,
                         counters=self._counters, device=settings.device_id, max_batch=settings.max_batch,
-                        max_wait_s=settings.max_wait_ms / 1000, top_k=settings.top_k)
+                        max_wait_s=settings.max_wait_ms / 1000, top_k=settings.top_k, cache=self._cache)
         self._threads = [threading.Thread(target=self._work, args=(worker,), name=f"worker-{i}")
                          for i in range(workers)]
         self._swapper = Swapper(load=load_model, install=self._install, serving=lambda: self._model.ref,
@@ -146,6 +148,8 @@ class InferenceService:
     def _install(self, model: ServedModel) -> ServedModel:
         """Serves `model` from the next batch on; returns the model it replaces."""
         old, self._model = self._model, model  # one reference assignment: workers pick it up at their next batch
+        if self._cache is not None:  # no answer of the old model is given again (entries also name their model)
+            self._cache.clear()
         if model.session.provider.fallback:
             self._publisher.report(ErrorReason.PROVIDER_FALLBACK, fallback_text(model))
         self._publisher.status(self.status(ServiceState.ONLINE))

@@ -9,6 +9,9 @@ Freed is not returned: glibc keeps the heap pages an ONNX Runtime session releas
 memory grew by a third over 20 swaps (216 -> 298 MB, `edgefleet bench swap`). Once the old model is
 really gone, malloc_trim hands those pages back (measured in isolation: +79 % over 20 session
 replacements without it, +2 % with it).
+
+A cascade folder (shared.cascade) is served as one model: a session per member, both loaded, verified
+against the cascade's pins and warmed before the one swap, so a cascade swaps and rolls back as a unit.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 from services.inference.errors import SwitchLate
 from services.inference.preprocess import Preprocessor
 from services.inference.session import ModelSession
+from shared.cascade import CascadeSpec, is_cascade, load_members
 from shared.logs import fields
 from shared.manifest import ModelError, ModelManifest, load_verified
 from shared.schemas import MAX_STR, ModelRef, ModelSwitch, ModelSwitched
@@ -38,12 +42,31 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Escalation:
+    """A cascade's second stage: where the frames stage 1 is unsure of go, and when.
+
+    Attributes:
+        session: stage 2's session (the large model).
+        spec: the cascade's metric and threshold.
+        small, large: the members' refs, named in every CascadeAnswer (built once).
+    """
+
+    session: ModelSession
+    spec: CascadeSpec
+    small: ModelRef
+    large: ModelRef
+
+
+@dataclass(frozen=True)
 class ServedModel:
-    manifest: ModelManifest
+    """A model as the workers serve it; for a cascade, `session` is stage 1 and `escalation` stage 2."""
+
+    manifest: ModelManifest  # a cascade's own manifest: its ref, labels and preprocessing
     session: ModelSession
     ref: ModelRef  # named in every prediction: built once
     preprocess: Preprocessor
     decode_min_side: int  # 0: decode every pixel
+    escalation: Escalation | None = None  # None: one model, every frame answered by `session`
 
 
 class LoadModel(Protocol):
@@ -71,33 +94,55 @@ class ModelLoader:
     def __call__(self, model_dir: Path, *, sha256: str | None = None) -> ServedModel:
         """The model in `model_dir`, verified against its manifest, with its session open (not warmed).
 
+        A cascade folder gets a session per member, each member verified against its own manifest and
+        the cascade's SHA-256 pin first (shared.cascade.load_members).
+
         Args:
-            model_dir: a folder holding manifest.json and the model file it names.
-            sha256: the model file's digest the caller expects (a switch request's); None: any.
+            model_dir: a folder holding manifest.json and the model file it names (or a cascade folder).
+            sha256: the model file's digest the caller expects (a switch request's; for a cascade, its
+                cascade.json's); None: any.
 
         Returns:
             The model ready to serve.
 
         Raises:
-            ModelError: missing, unreadable, not what its manifest says, or not the expected digest.
+            ModelError: missing, unreadable, not what its manifest says, or not the expected digest; a
+                cascade member missing, tampered with, not the model its pin names, or itself a cascade.
             UnknownProvider: a provider name ONNX Runtime does not know.
             ProviderRefused: `strict` and the first provider is not the active one.
         """
         manifest, path = load_verified(model_dir)
         if sha256 is not None and manifest.sha256 != sha256:
             raise ModelError(f"{model_dir} holds {manifest.sha256[:16]}…, the switch asked for {sha256[:16]}…")
-        session = ModelSession.open(manifest, path, self.providers, strict=self.strict,
-                                    intra_op_threads=self.threads_per_run)
+        escalation = None
+        if is_cascade(manifest):
+            spec, members = load_members(model_dir, manifest)
+            (small, small_path), (large, large_path) = members
+            session = self._open(small, small_path)
+            escalation = Escalation(session=self._open(large, large_path), spec=spec, small=small.ref(),
+                                    large=large.ref())
+        else:
+            session = self._open(manifest, path)
         return ServedModel(
             manifest=manifest, session=session, ref=manifest.ref(), preprocess=Preprocessor(manifest.preprocessing),
-            decode_min_side=manifest.preprocessing.resize_shorter if self.scaled_decode else 0,
+            decode_min_side=manifest.preprocessing.resize_shorter if self.scaled_decode else 0, escalation=escalation,
         )
+
+    def _open(self, manifest: ModelManifest, path: Path) -> ModelSession:
+        if is_cascade(manifest):  # ONNX Runtime would fail on cascade.json with a parse error that says less
+            raise ModelError(f"{path.parent} is a cascade inside a cascade: a member must be one ONNX model")
+        return ModelSession.open(manifest, path, self.providers, strict=self.strict,
+                                 intra_op_threads=self.threads_per_run)
 
 
 def warm(model: ServedModel) -> None:
-    """One run at batch 1, so the first real batch does not pay for ONNX Runtime's lazy set-up."""
+    """One run at batch 1 on every session (both stages of a cascade), so the first real batch (or the
+    first escalated sub-batch) does not pay for ONNX Runtime's lazy set-up."""
     crop = model.manifest.preprocessing.crop
-    model.session.run(np.zeros((1, 3, crop, crop), dtype=np.float32))
+    zeros = np.zeros((1, 3, crop, crop), dtype=np.float32)
+    model.session.run(zeros)
+    if model.escalation is not None:
+        model.escalation.session.run(zeros)
 
 
 def _release_when_gone(old: weakref.ref[ServedModel], timeout_s: float = 10.0) -> None:

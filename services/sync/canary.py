@@ -52,6 +52,10 @@ class Watch:
         self.serving: str | None = None  # failures are charged to the model serving when they happen
 
     def on_prediction(self, prediction: Prediction) -> None:
+        if prediction.cached:
+            # Not evidence about the model on a new frame: a copy of an answer already counted, with 0 ms of
+            # model time. A static camera's canary waits for real runs (the cache's max age bounds the wait).
+            return
         sha256 = prediction.model.sha256
         with self._lock:
             self._seen[sha256] = self._seen.get(sha256, 0) + 1

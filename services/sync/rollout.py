@@ -5,7 +5,10 @@ before the step a crash could interrupt, and what a restart does with what it fi
        │ manifest (size-capped, signature verified), admitted ── refused ──────→ failed
        │                                         ── rejected here before ──────→ rolled_back
     downloading (ranged GETs into a resumable .part) → verified (size, SHA-256)
-    installed (atomic) and smoke-tested
+       │ a cascade: cascade.json (size-capped) read, each member's signed manifest verified and held
+       │ to its pin (name, version, SHA-256, size) ── otherwise ─────────────────→ failed
+       │ then each member downloaded the same way
+    installed (atomic: a cascade's whole folder in one rename) and smoke-tested
        │ baseline: up to canary_timeout_s for canary_min_samples predictions of the serving model
        │ PERSIST "canary pending: sha X (folder), previous Y"   ← from here a crash rolls back at start
        │ inference told to switch, with a deadline it honours ── refused/late ──→ failed
@@ -20,6 +23,9 @@ back to the recorded previous model, the one on trial is rejected (fail closed: 
 trial when the device fell over is the first suspect), and the rollout is reported rolled_back "sync
 restarted during the canary". Then the store's `current` is the one truth: if inference's retained
 status names another model, inference is switched to `current`.
+
+A cascade is one unit from the manifest on: its manifest's SHA-256 names it in the canary, the switch,
+the pending record, the rejected list and the rollback, exactly as a single model's does.
 
 Only a rollout for another model or version, or an abort, supersedes the one in progress; a phase
 change of the same model and version (canary → promoted) does not, so a promote never skips a canary.
@@ -36,12 +42,13 @@ from services.sync import canary
 from services.sync.errors import SyncError
 from services.sync.membership import is_member
 from services.sync.smoke import SmokeFailed, smoke_test
-from services.sync.store import ModelStore, PendingCanary
+from services.sync.store import ModelStore, PendingCanary, StagedMember
 from shared import VERSION
+from shared.cascade import MAX_CASCADE_BYTES, CascadeSpec, is_cascade, read_spec, verify_folder
 from shared.config import SyncSettings
 from shared.errors import EdgefleetError
 from shared.logs import fields
-from shared.manifest import ModelError, ModelManifest, load_verified
+from shared.manifest import ModelError, ModelManifest
 from shared.schemas import CanaryVerdict, ModelRef, Rollout, RolloutPhase, SyncState
 
 log = logging.getLogger(__name__)
@@ -72,7 +79,11 @@ class Io(Protocol):
         """The verified manifest, its bytes and its signature. Raises StepFailed, Superseded."""
 
     def download(self, rollout: Rollout, manifest: ModelManifest) -> Path:
-        """The verified artifact in a staging file. Raises StepFailed, Superseded."""
+        """The verified artifact (model.onnx or cascade.json) in a staging file. Raises StepFailed, Superseded."""
+
+    def download_members(self, rollout: Rollout, cascade: ModelManifest, spec: CascadeSpec) -> list[StagedMember]:
+        """A cascade's members, stage 1 then stage 2: each one's signed manifest verified and equal to its
+        pin, then its model downloaded and verified. Raises StepFailed (naming the member), Superseded."""
 
     def switch(self, folder: Path, sha256: str) -> None:
         """Has inference serve the model in folder, within the switch deadline. Raises StepFailed."""
@@ -191,10 +202,18 @@ class Machine:
     def _install(self, rollout: Rollout, serving: ModelManifest) -> tuple[ModelManifest, Path]:
         manifest, document, signature = self.io.fetch_manifest(rollout)
         self._admit(rollout, manifest, serving)
-        part = self.io.download(rollout, manifest)
+        try:
+            part = self.io.download(rollout, manifest)
+            members = self._members(rollout, manifest, part)
+        except StepFailed:
+            self.store.discard_parts()  # a refused cascade leaves no download behind either
+            raise
         self._report(SyncState.VERIFIED, rollout, target=manifest.ref())
         self._check(rollout)
-        folder = self.store.install(part, document, signature, manifest)
+        try:
+            folder = self.store.install(part, document, signature, manifest, members)
+        except ModelError as exc:  # e.g. a member with other labels than the cascade: nothing was installed
+            raise StepFailed(f"the downloaded model does not verify as a whole: {exc}") from None
         try:
             smoke_test(folder)
         except SmokeFailed as exc:
@@ -204,14 +223,31 @@ class Machine:
         self._check(rollout)
         return manifest, folder
 
+    def _members(self, rollout: Rollout, manifest: ModelManifest, part: Path) -> list[StagedMember]:
+        """A cascade's members, fetched and held to their pins; none for a single model."""
+        if not is_cascade(manifest):
+            return []
+        try:
+            spec = read_spec(part)
+        except ModelError as exc:
+            raise StepFailed(f"refused the cascade document: {exc}") from None
+        return self.io.download_members(rollout, manifest, spec)
+
     def _admit(self, rollout: Rollout, manifest: ModelManifest, serving: ModelManifest) -> None:
         if manifest.sha256 in self.store.state().rejected:
             raise Rejected("a canary on this device already rolled this model back", manifest.ref())
         if manifest.name == serving.name and manifest.version < serving.version and not rollout.allow_downgrade:
             raise StepFailed(f"v{manifest.version} is older than the v{serving.version} being served "
                              "(an explicit rollback must allow the downgrade)")
+        if manifest.quality is not None and not manifest.quality.passed:
+            # published only as a cascade's member (edgefleet.publish): never to be served alone
+            raise StepFailed(f"{manifest.name} v{manifest.version} failed its quality gate "
+                             f"({manifest.quality.value:.4f} < {manifest.quality.threshold}): not served alone")
         if manifest.min_edgefleet and _release(manifest.min_edgefleet) > _release(VERSION):
             raise StepFailed(f"the model needs edgefleet {manifest.min_edgefleet}; this device runs {VERSION}")
+        if is_cascade(manifest) and manifest.size_bytes > MAX_CASCADE_BYTES:
+            raise StepFailed(f"the cascade document is {manifest.size_bytes} bytes, over the cap of "
+                             f"{MAX_CASCADE_BYTES}: not downloaded")
 
     def _baseline(self, rollout: Rollout, serving: ModelManifest) -> canary.Window:
         """The serving model's window, waited for (up to the canary timeout) so the canary has a 'before'."""
@@ -262,7 +298,7 @@ class Machine:
                  reject: bool) -> None:
         folder = self.store.previous()
         try:
-            back = load_verified(folder)[0]
+            back = verify_folder(folder)
             self.io.switch(folder, back.sha256)
         except (EdgefleetError, OSError, ValueError) as exc:  # ours (StepFailed, ModelError), the disk's, pydantic's
             self._report(SyncState.FAILED, rollout, target=leaving, canary=verdict,

@@ -1,7 +1,8 @@
 """The sync service: the one owner of the device's model store, its MQTT link and its rollout worker.
 
-This file is the wiring and the I/O: MQTT callbacks, registry reads (size-capped), resumable downloads,
-switch requests to inference, the prediction watch and the retained reports. The rollout state machine
+This file is the wiring and the I/O: MQTT callbacks, registry reads (size-capped), resumable downloads
+(a cascade's document, then its members, each held to its pin), switch requests to inference, the
+prediction watch and the retained reports. The rollout state machine
 itself (its states, the pending canary persisted before a switch, what a restart resumes) is
 rollout.py, which reads top to bottom; this service is its `Io`.
 """
@@ -20,14 +21,15 @@ from botocore.exceptions import BotoCoreError, ClientError
 from services.sync import canary
 from services.sync.download import Cancelled, DownloadFailed, DownloadInterrupted, download
 from services.sync.rollout import Machine, StepFailed, Superseded, requested, supersedes
-from services.sync.store import ModelStore
+from services.sync.store import ModelStore, StagedMember
 from shared import VERSION, registry, s3, topics
+from shared.cascade import CascadeMember, CascadeSpec, is_cascade
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import SyncSettings
 from shared.errors import EdgefleetError
 from shared.lifecycle import Liveness, Progress, serve
 from shared.logs import fields
-from shared.manifest import ModelError, ModelManifest
+from shared.manifest import MODEL_FILE, ModelError, ModelManifest
 from shared.mqtt import MqttLink, StatusPublisher, content_type_of
 from shared.schemas import (
     MAX_STR,
@@ -247,13 +249,64 @@ class SyncService:
             delay = self._backoff(rollout, delay)
 
     def download(self, rollout: Rollout, manifest: ModelManifest) -> Path:
-        s = self.settings
         part = self.store.part_file(manifest.name, manifest.version, manifest.sha256)
-        self.store.discard_parts(keep=part)
-        key = registry.key(manifest.name, manifest.version, registry.MODEL_OBJECT)
+        if not is_cascade(manifest):  # a cascade's members' parts are known, and kept, once its document is read
+            self.store.discard_parts(keep={part})
+        key = registry.key(manifest.name, manifest.version, manifest.file)
+        return self._download(rollout, manifest.ref(), key, part, manifest.size_bytes, manifest.sha256)
+
+    def download_members(self, rollout: Rollout, cascade: ModelManifest, spec: CascadeSpec) -> list[StagedMember]:
+        # Every member's signature and pin first: a refused member costs two small reads, not a model download.
+        signed = [self._member_manifest(rollout, pin) for pin in spec.stages]
+        parts = [self.store.part_file(pin.name, pin.version, pin.sha256) for pin in spec.stages]
+        self.store.discard_parts(keep={self.store.part_file(cascade.name, cascade.version, cascade.sha256), *parts})
+        staged = []
+        for pin, part, (member, document, signature) in zip(spec.stages, parts, signed, strict=True):
+            key = registry.key(member.name, member.version, member.file)
+            self._download(rollout, cascade.ref(), key, part, member.size_bytes, member.sha256,
+                           note=f"{pin.folder}: {member.name} v{member.version}")
+            staged.append(StagedMember(pin.folder, part, document, signature))
+        return staged
+
+    def _member_manifest(self, rollout: Rollout, pin: CascadeMember) -> tuple[ModelManifest, bytes, bytes]:
+        """A member's signed manifest from the registry, verified and held to the cascade's pin.
+
+        :raises StepFailed: missing, not signed by a trusted key, or not the model the pin names.
+        """
+        what = f"the cascade's {pin.folder} member {pin.name} v{pin.version}"
+        try:
+            document = self._get(rollout, registry.key(pin.name, pin.version, registry.MANIFEST_OBJECT),
+                                 registry.MAX_MANIFEST_BYTES)
+            signature = self._get(rollout, registry.key(pin.name, pin.version, registry.SIGNATURE_OBJECT),
+                                  registry.MAX_SIGNATURE_BYTES)
+        except StepFailed as exc:
+            raise StepFailed(f"{what}: {exc}") from None
+        try:
+            member = registry.verify(document, signature, self.trusted)
+        except (registry.SignatureError, ValueError) as exc:
+            raise StepFailed(f"refused {what}: {exc}") from None
+        if member.file != MODEL_FILE:
+            raise StepFailed(f"refused {what}: it is {member.file}, a member is one ONNX model")
+        signed = (member.name, member.version, member.sha256, member.size_bytes)
+        if signed != (pin.name, pin.version, pin.sha256, pin.size_bytes):
+            raise StepFailed(f"refused {what}: the cascade pins SHA-256 {pin.sha256[:16]}… ({pin.size_bytes} bytes), "
+                             f"the registry's signed manifest is {member.name} v{member.version} with "
+                             f"{member.sha256[:16]}… ({member.size_bytes} bytes)")
+        return member, document, signature
+
+    def _download(self, rollout: Rollout, target: ModelRef, key: str, part: Path, size: int, sha256: str,
+                  note: str | None = None) -> Path:
+        """One registry object into its staging file, resumed and retried while the store is away.
+
+        :param target: what the reports name (the rollout's model, also while a cascade's member downloads).
+        :param note: what is downloading, when that is not `target` itself (a cascade's member).
+        :raises StepFailed: the object is missing or not what its manifest says.
+        :raises Superseded: a newer rollout or shutdown.
+        """
+        s = self.settings
         resumed = part.stat().st_size if part.exists() else 0
-        self._report(SyncState.DOWNLOADING, rollout.rollout_id, target=manifest.ref(), progress=resumed,
-                     reason=f"resuming at byte {resumed}" if resumed else None)
+        self._report(SyncState.DOWNLOADING, rollout.rollout_id, target=target, progress=resumed,
+                     reason=_joined(note, f"resuming at byte {resumed}" if resumed else None))
         last = [time.monotonic()]
         throttle_s = s.download.chunk_bytes / s.download.limit_bytes_s if s.download.limit_bytes_s else 0
         chunk_s = self._s3_call_s + throttle_s
@@ -262,13 +315,13 @@ class SyncService:
             self._progress.tick(chunk_s)
             if time.monotonic() - last[0] >= 1.0:
                 last[0] = time.monotonic()
-                self._report(SyncState.DOWNLOADING, rollout.rollout_id, target=manifest.ref(), progress=done)
+                self._report(SyncState.DOWNLOADING, rollout.rollout_id, target=target, progress=done, reason=note)
 
         delay = 1.0
         while True:
             self._progress.tick(chunk_s)
             try:
-                return download(self.s3, s.registry_bucket, key, part, manifest.size_bytes, manifest.sha256,
+                return download(self.s3, s.registry_bucket, key, part, size, sha256,
                                 s.download.chunk_bytes, s.download.limit_bytes_s, progress,
                                 lambda: self.superseded(rollout))
             except Cancelled:
@@ -278,8 +331,8 @@ class SyncService:
                 raise StepFailed(str(exc)) from None
             except DownloadInterrupted as exc:
                 have = part.stat().st_size if part.exists() else 0
-                self._report(SyncState.DOWNLOADING, rollout.rollout_id, target=manifest.ref(), progress=have,
-                             reason=f"interrupted, retrying in {delay:.0f} s from byte {have}: {exc}")
+                self._report(SyncState.DOWNLOADING, rollout.rollout_id, target=target, progress=have,
+                             reason=_joined(note, f"interrupted, retrying in {delay:.0f} s from byte {have}: {exc}"))
                 delay = self._backoff(rollout, delay)
 
     def _backoff(self, rollout: Rollout, delay: float) -> float:
@@ -369,6 +422,10 @@ class SyncService:
             return self.store.current()[1].ref()
         except (OSError, ModelError):
             return None
+
+
+def _joined(*parts: str | None) -> str | None:
+    return "; ".join(p for p in parts if p) or None
 
 
 def main(settings: SyncSettings) -> int:

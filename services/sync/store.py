@@ -1,6 +1,8 @@
 """The device's model store on disk, and the only code that changes it.
 
     <store>/versions/<name>/<version>/   model.onnx, manifest.json, manifest.sig: installed, verified
+                                         (a cascade: cascade.json, manifest.json, manifest.sig and
+                                         stage1/, stage2/ each with its own three: one version, one folder)
     <store>/fallback/                    the seed model: never removed, the last resort
     <store>/staging/                     downloads in progress (<name>-<version>-<sha>.part), resumable
     <store>/current -> versions/...      the model inference serves (a symlink, swapped atomically)
@@ -11,7 +13,8 @@ state or the new one, never a half-written model where inference could load it. 
 folders 0755 before they are renamed into place (shared.manifest.ARTIFACT_FILE_MODE), whatever the
 umask: inference may run as another user than sync. repair() runs at
 start and mends what a crash left. A rejected model (by SHA-256) is never chosen again: not as the
-previous model, not as the last good one, not by repair.
+previous model, not as the last good one, not by repair. A model folder is verified whole
+(shared.cascade.verify_folder): a cascade with one damaged member is a damaged version.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.cascade import STAGE_FOLDERS, is_cascade, verify_folder
 from shared.logs import fields
 from shared.manifest import (
     ARTIFACT_DIR_MODE,
@@ -33,7 +38,6 @@ from shared.manifest import (
     MODEL_FILE,
     ModelError,
     ModelManifest,
-    load_verified,
     make_dirs,
 )
 from shared.registry import SIGNATURE_OBJECT, check_name, check_version
@@ -66,6 +70,16 @@ class PendingCanary:
     previous: str  # the folder to go back to, relative to the store
 
 
+@dataclass(frozen=True)
+class StagedMember:
+    """A cascade's member ready to install: its verified download and its signed manifest, as fetched."""
+
+    folder: str  # the cascade's stage folder: stage1 or stage2
+    part: Path  # the model file, its size and SHA-256 already checked against manifest_bytes
+    manifest_bytes: bytes
+    signature: bytes
+
+
 class ModelStore:
     def __init__(self, root: Path, keep_versions: int) -> None:
         self.root = root
@@ -80,9 +94,9 @@ class ModelStore:
         return self.root / CURRENT
 
     def current(self) -> tuple[Path, ModelManifest]:
-        """The folder inference serves and its verified manifest."""
+        """The folder inference serves and its manifest, the folder verified whole."""
         target = self.root / os.readlink(self.current_link)
-        return target, load_verified(target)[0]
+        return target, verify_folder(target)
 
     def version_dir(self, name: str, version: int) -> Path:
         """versions/<name>/<version>; raises ValueError for a name or version that could escape the store."""
@@ -126,25 +140,27 @@ class ModelStore:
 
     def is_rejected(self, folder: Path) -> bool:
         """Whether the model in folder was rejected by a canary (raises ModelError if it does not verify)."""
-        return load_verified(folder)[0].sha256 in self.state().rejected
+        return verify_folder(folder).sha256 in self.state().rejected
 
     # -- start-up ----------------------------------------------------------------------------------
 
     def seed(self, seed_dir: Path) -> None:
-        """Copies the seed model in as the fallback, once."""
+        """Copies the seed model (or cascade) in as the fallback, once."""
         fallback = self.root / FALLBACK
         try:
-            load_verified(fallback)
+            verify_folder(fallback)
             return
         except ModelError:
             pass
-        load_verified(seed_dir)  # refuse to seed from a broken model
+        seed = verify_folder(seed_dir)  # refuse to seed from a broken model
         staging = self.root / (FALLBACK + _TMP)
         shutil.rmtree(staging, ignore_errors=True)
         _mkdir(staging)
-        for name in (MODEL_FILE, MANIFEST_FILE):
-            shutil.copyfile(seed_dir / name, staging / name)
-            _fsync(staging / name)
+        _copy_model(seed_dir, staging, seed.file)
+        for stage in STAGE_FOLDERS if is_cascade(seed) else ():
+            _mkdir(staging / stage)
+            _copy_model(seed_dir / stage, staging / stage, MODEL_FILE)
+        verify_folder(staging)
         shutil.rmtree(fallback, ignore_errors=True)
         os.replace(staging, fallback)
         _fsync_dir(self.root)
@@ -158,7 +174,7 @@ class ModelStore:
             notes.append(f"removed the half-written {leftover.relative_to(self.root)}")
         for folder in self._installed():
             try:
-                load_verified(folder)
+                verify_folder(folder)
             except ModelError as exc:
                 self.quarantine(folder)
                 notes.append(f"quarantined {folder.relative_to(self.root)}: {exc}")
@@ -185,27 +201,56 @@ class ModelStore:
                     return folder
             except ModelError:
                 continue
-        load_verified(self.root / FALLBACK)
+        verify_folder(self.root / FALLBACK)
         return self.root / FALLBACK
 
     # -- changing ----------------------------------------------------------------------------------
 
-    def install(self, part: Path, manifest_bytes: bytes, signature: bytes, manifest: ModelManifest) -> Path:
-        """Moves a verified download into versions/<name>/<version>/ in one rename."""
+    def install(self, part: Path, manifest_bytes: bytes, signature: bytes, manifest: ModelManifest,
+                members: Sequence[StagedMember] = ()) -> Path:
+        """Moves a verified download into versions/<name>/<version>/ in one rename; a cascade with its members.
+
+        The whole folder is assembled in versions/<name>/<version>.tmp, every file fsynced, verified whole
+        (shared.cascade.verify_folder), and only then renamed into place: inference never sees a cascade
+        with one member missing, and a crash leaves a .tmp that repair() removes.
+
+        Args:
+            part: the verified artifact (model.onnx, or a cascade's cascade.json), moved, not copied.
+            manifest_bytes, signature: manifest.json and manifest.sig exactly as the registry holds them.
+            manifest: the verified manifest those bytes hold.
+            members: a cascade's members (none for one model); their parts are moved too.
+
+        Returns:
+            The installed folder.
+
+        Raises:
+            ModelError: the assembled folder does not verify (it is removed; nothing is installed).
+            ValueError: a name or version that could escape the store.
+            OSError: the disk.
+        """
         final = self.version_dir(manifest.name, manifest.version)
         staging = final.with_name(final.name + _TMP)
         shutil.rmtree(staging, ignore_errors=True)
         make_dirs(staging.parent)
         _mkdir(staging)
-        _fsync(part)
-        os.replace(part, staging / MODEL_FILE)
-        self._write_atomic(staging / MANIFEST_FILE, manifest_bytes)
-        self._write_atomic(staging / SIGNATURE_OBJECT, signature)
+        self._stage(part, staging, manifest.file, manifest_bytes, signature)
+        placed: dict[Path, Path] = {}
+        for member in members:
+            _mkdir(staging / member.folder)
+            if member.part in placed:  # both stages pin the same model: one download, two copies
+                shutil.copyfile(placed[member.part], member.part)
+            placed[member.part] = staging / member.folder / MODEL_FILE
+            self._stage(member.part, staging / member.folder, MODEL_FILE, member.manifest_bytes, member.signature)
+        _fsync_dir(staging)
+        try:
+            verify_folder(staging)
+        except ModelError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
         _fsync_dir(final.parent)
-        load_verified(final)
         return final
 
     def activate(self, folder: Path, remember_previous: bool = True) -> None:
@@ -256,9 +301,10 @@ class ModelStore:
             shutil.rmtree(folder)
         return removed
 
-    def discard_parts(self, keep: Path | None = None) -> None:
+    def discard_parts(self, keep: Collection[Path] = ()) -> None:
+        """Deletes every download in staging but those in `keep` (a cascade's document and members)."""
         for part in (self.root / STAGING).glob("*.part"):
-            if part != keep:
+            if part not in keep:
                 part.unlink(missing_ok=True)
 
     # -- internals ---------------------------------------------------------------------------------
@@ -271,6 +317,13 @@ class ModelStore:
         make_dirs(target.parent)
         os.replace(folder, target)
 
+    def _stage(self, part: Path, folder: Path, file: str, manifest_bytes: bytes, signature: bytes) -> None:
+        """A verified download and its signed manifest into a staging folder, each fsynced."""
+        _fsync(part)
+        os.replace(part, folder / file)
+        self._write_atomic(folder / MANIFEST_FILE, manifest_bytes)
+        self._write_atomic(folder / SIGNATURE_OBJECT, signature)
+
     def _write_atomic(self, path: Path, data: bytes) -> None:
         staging = path.with_name(path.name + _TMP)
         with staging.open("wb") as f:
@@ -280,6 +333,14 @@ class ModelStore:
             os.fsync(f.fileno())
         os.replace(staging, path)
         _fsync_dir(path.parent)
+
+
+def _copy_model(source: Path, dest: Path, file: str) -> None:
+    """A model folder's manifest, its file and its signature (where there is one) copied and fsynced."""
+    for name in (file, MANIFEST_FILE, SIGNATURE_OBJECT):
+        if name != SIGNATURE_OBJECT or (source / name).exists():
+            shutil.copyfile(source / name, dest / name)
+            _fsync(dest / name)
 
 
 def _fsync(path: Path) -> None:

@@ -56,6 +56,10 @@ class DriftDetector:
 
     def observe(self, prediction: Prediction) -> list[Alert]:
         """Takes one record; returns the alerts raised or resolved by it."""
+        if prediction.cached:
+            # A copy of an answer already taken: counted again it would weigh a static camera's scene
+            # twice in the window and report 0 ms of model latency.
+            return []
         if self.model is None or prediction.model.sha256 != self.model.sha256:
             return self._new_model(prediction)
         if self.baseline is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.sync.canary import Watch, judge
 from shared.config import CanarySettings
-from shared.schemas import ClassScore, ModelRef, Prediction, Timings
+from shared.schemas import CacheSource, ClassScore, ModelRef, Prediction, Timings
 
 LIMITS = CanarySettings(max_psi=0.5, max_error_rate=0.05, max_latency_ratio=1.5, max_confidence_drop=0.2, min_samples=1)
 
@@ -72,3 +72,13 @@ def test_the_minimum_may_not_exceed_the_window():
 
     with pytest.raises(ValidationError, match="exceeds canary_window"):
         SyncSettings(canary_window=10, canary_min_samples=11)
+
+
+def test_cached_predictions_are_no_evidence_for_the_canary():
+    watch = Watch(CanarySettings(window=20, warmup=0, min_samples=1))
+    cached = _prediction("new", "cat", 0.0).model_copy(
+        update={"cached": True, "cache": CacheSource(frame_id="f0", age_ms=40.0, match="scene")})
+    for _ in range(30):
+        watch.on_prediction(cached)
+    watch.on_prediction(_prediction("new", "cat", 10.0))
+    assert len(watch.snapshot("new")) == 1

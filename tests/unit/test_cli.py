@@ -29,11 +29,11 @@ from shared.schemas import ModelRef, SyncReport, SyncState
 COMMANDS = {
     (): ["inference", "sync", "cloud-ingest", "health", "camera", "up", "fleet",
          "model", "broker", "certs", "rollout", "bench", "keys", "telemetry", "s3"],
-    ("model",): ["build", "dataset", "quantize", "prune", "distill", "publish", "evaluate"],
+    ("model",): ["build", "dataset", "quantize", "prune", "distill", "publish", "evaluate", "cascade"],
     ("broker",): ["passwords", "bridge"],
     ("certs",): ["ca", "issue", "revoke"],
     ("rollout",): ["start", "promote", "abort", "status"],
-    ("bench",): ["pipeline", "compression", "swap", "overload", "telemetry", "images", "ep"],
+    ("bench",): ["pipeline", "compression", "swap", "overload", "telemetry", "images", "ep", "cascade"],
     ("keys",): ["new"],
     ("telemetry",): ["audit"],
     ("s3",): ["device-key", "policy"],

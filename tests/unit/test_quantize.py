@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgefleet import photos
 from edgefleet.models import dataset
 from edgefleet.models.install import install
-from edgefleet.models.quantize import Mode, quantize
+from edgefleet.models.quantize import Mode, Report, quantize
 from shared.manifest import ModelError, ModelManifest, Preprocessing, TensorSpec
 
 
@@ -136,6 +136,29 @@ def test_the_sensitivity_pass_keeps_an_artificially_sensitive_layer_in_float(dat
     assert "convC" not in kept and "fc" not in kept
     assert mixed.quality.value > plain.quality.value
     assert mixed.recipe["float_layers"] == ",".join(kept)
+    # Every other held-out image chose the layers; the other 12 alone measured the gate (all 24 without a search).
+    assert report.selection_samples == 12 and mixed.quality.samples == 12 and plain.quality.samples == 24
+    assert report.selection_agreement >= 0.9 and "gate half" in mixed.quality.measured_on
+    # It aims above the gate by one standard error of the 12 gate images' share (0.9 ± 0.087).
+    assert report.target == pytest.approx(0.9 + (0.9 * 0.1 / 12) ** 0.5)
+
+
+@pytest.mark.parametrize(("report", "says"), [
+    (Report("static", budget=3, float_layers=[("a", 1.0, 0.8)] * 3, selection_agreement=0.8, gate=0.9,
+            target=0.9245, agreement=0.78, samples=150),
+     "the float-layer budget ran out (3 of 3 layers kept in float) with the selection half at 80.0% (aiming for "
+     "92.5%): raise --max-float-layers or lower --gate"),
+    (Report("static", budget=24, float_layers=[("a", 1.0, 0.93)], selection_agreement=0.93, gate=0.9,
+            target=0.9245, agreement=0.86, samples=150),
+     "the selection half reached 93.0% (aiming for 92.5%) with 1 layers in float, the gate half did not"),
+    (Report("static", gate=0.97, agreement=0.85, samples=300), "no layers were kept in float (--max-float-layers 0)"),
+    (Report("dynamic", gate=0.97, agreement=0.5, samples=300), "`edgefleet model publish` will refuse it."),
+])
+def test_a_failed_gate_is_explained_in_plain_words(report, says):
+    warning = report.warning()
+    assert f"{report.agreement:.1%} top-1 agreement on {report.samples} held-out images is below the gate" in warning
+    assert says in warning
+    assert Report("static", gate=0.9, agreement=0.9, samples=150).warning() is None
 
 
 def test_pareto_front_keeps_only_undominated_models():

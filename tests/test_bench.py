@@ -11,6 +11,11 @@ import sys
 import pytest
 
 COMPRESSED = ("FP32", "static INT8", "dynamic INT8", "pruned", "pruned + INT8", "distilled", "distilled + INT8")
+PIPELINE_GOALS = {
+    "path / tight loop, FP32, same core", "path / tight loop, INT8, same core",
+    "p50 latency added by the path at half load (FP32)", "scene cache: frames per model run, static cameras",
+    "scene cache: cached answers agreeing with the model, top-1", "changing frames: throughput cache on / cache off",
+}
 COMPRESSION_GOALS = {
     "static INT8 latency at batch 1 / FP32", "static INT8 top-1 agreement with FP32", "static INT8 file size / FP32",
     "pruned model on the Pareto front (alone or + INT8)", "distilled model on the Pareto front (alone or + INT8)",
@@ -43,10 +48,43 @@ def test_bench_quick_writes_its_goals(name, model_dir, tmp_path):
         assert {g["name"] for g in document["goals"]} == COMPRESSION_GOALS
         assert all(r["p50 ms"] > 0 and 0 <= r["top-1 agree"] <= 1 for r in document["rows"])
         assert document["rows"][0]["top-1 agree"] == 1.0  # the baseline every ratio is taken against
+    if name == "pipeline":  # where each part ran is said; the static-camera stream is answered in full
+        assert {g["name"] for g in document["goals"]} == PIPELINE_GOALS and "cores:" in result.stdout
+        runs = [r["run"] for r in document["rows"]]
+        assert all(any(run.startswith(f"{m} path, saturated") for run in runs) for m in ("FP32", "INT8", "cascade"))
+        static = next(r for r in document["rows"] if "static cameras" in r["run"])
+        assert static["answered"] == static["frames"] and static["model runs"] + static["cached"] == static["frames"]
     if name == "telemetry":  # what was not measured says so, in the table and in the goals
         assert any("not measured: --no-containers" in str(r["records/s"]) for r in document["rows"])
         assert [g["met"] for g in document["goals"] if "containers" in g["name"]] == [False, False]
 
+
+
+def test_bench_cascade_quick_chooses_builds_and_times_the_cascade(model_dir, tmp_path):
+    out, work = tmp_path / "cascade.json", tmp_path / "work"
+    result = subprocess.run(
+        [sys.executable, "-m", "edgefleet", "bench", "cascade", "--quick", "--json", str(out),
+         "--model-dir", str(model_dir), "--work", str(work)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    document = json.loads(out.read_text())
+    assert document["bench"] == "cascade" and document["quick"] is True
+    rows = {r["model"]: r for r in document["rows"]}
+    assert {"FP32, batch 8", "cascade, batch 8", "FP32, batch 1", "cascade, batch 1"} <= set(rows)
+    assert all(r["ms/img"] > 0 for r in rows.values())
+    assert rows["cascade, batch 8"]["x FP32"] == pytest.approx(
+        rows["cascade, batch 8"]["ms/img"] / rows["FP32, batch 8"]["ms/img"], abs=1e-3)
+    assert {g["name"] for g in document["goals"]} == {
+        "cascade top-1 agreement with FP32 on held-out (2-fold cross-checked)",
+        "cascade mean model time / FP32 (batch 8, same run)"}
+    # The cascade it timed is the folder it wrote, and its gate is the one the agreement goal reports.
+    from shared.cascade import verify_folder
+
+    manifest = verify_folder(work / "cascade")
+    assert manifest.quality.value == document["goals"][0]["value"]
+    assert rows["cascade, batch 8"]["agree % cross-checked"] == pytest.approx(manifest.quality.value * 100, abs=0.01)
+    assert "cross-check: chosen on the even half" in result.stdout
 
 
 @pytest.mark.images

@@ -1,16 +1,29 @@
 """The benchmarks' side of a device: an inference service as a child process (the command the
-containers run), and one MQTT link that plays the cameras and collects the predictions."""
+containers run), one MQTT link that plays the cameras and collects the predictions, and the CPU
+pinning that keeps the two apart.
+
+On a machine with two or more cores the benches can split it in two: the "world" (the camera
+simulator and the predictions subscriber, this process's threads) on one core, the "device" (the
+Mosquitto broker and the inference service) on another, so the load generator never competes with
+what it measures, as a real camera is another machine. Linux affinity is per thread and a new thread
+or child inherits its creator's, so a child spawned while the calling thread is pinned starts pinned,
+with every thread it later makes: the service then sizes its worker pool for the cores it really has.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+import psutil
 
 from edgefleet import photos
 from edgefleet.broker import Broker
@@ -25,15 +38,160 @@ DEVICE = "bench"
 CAMERAS = ("cam-1", "cam-2", "cam-3", "cam-4")
 
 
+# -- cores -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cores:
+    """Where a bench runs: the world's core and the device's, or None for both when it cannot pin."""
+
+    world: frozenset[int] | None
+    device: frozenset[int] | None
+    note: str
+
+    @property
+    def pinned(self) -> bool:
+        return self.device is not None
+
+    def label(self, device_only: bool = False) -> str:
+        """'device 1' / 'world 0, device 1', or 'unpinned'."""
+        if self.world is None or self.device is None:
+            return "unpinned"
+        device = f"device {_cpus(self.device)}"
+        return device if device_only else f"world {_cpus(self.world)}, {device}"
+
+
+def split_cores(pin: bool = True) -> Cores:
+    """The world's and the device's cores: the first two this process may run on.
+
+    Args:
+        pin: False runs everything unpinned (as before pinning existed), said in the note.
+
+    Returns:
+        The split; on a one-core machine (or with pin False) both are None and the note says why.
+    """
+    allowed = sorted(os.sched_getaffinity(0))
+    if not pin:
+        return Cores(None, None, f"not pinned (--no-pin): everything shares cores {_cpus(allowed)}")
+    if len(allowed) < 2:
+        return Cores(None, None, f"cannot pin: this process may use only core {_cpus(allowed)}; "
+                                 "the world and the device share it")
+    world, device = frozenset(allowed[:1]), frozenset(allowed[1:2])
+    return Cores(world, device, f"world (camera, subscriber: this process) on core {_cpus(world)}; "
+                                f"device (mosquitto, inference) on core {_cpus(device)}")
+
+
+def pin_process(pid: int, cores: Iterable[int]) -> None:
+    """Pins every thread a process has now (affinity is per thread; later threads inherit their creator's).
+
+    Raises:
+        OSError: the process is gone or may not be pinned there.
+    """
+    cores = set(cores)
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(task), cores)
+
+
+def cores_of(pid: int) -> frozenset[int]:
+    """The union of the cores every thread of a process may run on (what pinning really achieved)."""
+    seen: set[int] = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            seen |= os.sched_getaffinity(int(task))
+    return frozenset(seen)
+
+
+@contextlib.contextmanager
+def on_cores(cores: Iterable[int] | None) -> Iterator[None]:
+    """Pins the calling thread for the block (what it spawns inherits it), then restores its affinity.
+    None leaves it as it is."""
+    if cores is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, set(cores))
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def _cpus(cores: Iterable[int]) -> str:
+    return ",".join(map(str, sorted(cores)))
+
+
+# -- the cameras and the subscriber ------------------------------------------------------------------
+
+
+class Result(NamedTuple):
+    """One prediction as the harness received it."""
+
+    received_at: float  # perf_counter
+    e2e_s: float  # from the frame's publish to the prediction's arrival
+    inference_ms: float  # the model's run, as the service timed it
+    prediction: Prediction
+
+
+class Saturated(NamedTuple):
+    """A closed loop's window: answers per second, the answers, and how much each meter moved."""
+
+    per_s: float
+    done: list[Result]
+    metered: dict[str, float]
+
+
+def cpu_seconds(pid: int) -> Callable[[], float]:
+    """A meter: the CPU seconds (user and system, every thread) a process has used so far."""
+    process = psutil.Process(pid)
+
+    def read() -> float:
+        times = process.cpu_times()
+        return float(times.user + times.system)
+
+    return read
+
+
+def core_busy_seconds(cores: Iterable[int]) -> Callable[[], float]:
+    """A meter: the seconds these cores have been busy so far, whoever ran on them (/proc/stat), so a
+    bench can tell its own load from everything else's on a shared machine."""
+    names = {f"cpu{c}" for c in cores}
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def read() -> float:
+        busy = 0
+        with open("/proc/stat") as stat:
+            for line in stat:
+                name, *fields = line.split()
+                if name in names:  # user nice system idle iowait irq softirq steal ...: all but idle, iowait
+                    values = list(map(int, fields))
+                    busy += sum(values[:3]) + sum(values[5:8])
+        return busy / tick
+
+    return read
+
+
+def bundled_frames() -> Iterator[tuple[str, bytes]]:
+    """The camera simulator's stream: the bundled photos as JPEGs, round robin over CAMERAS, forever."""
+    jpegs = itertools.cycle([photos.jpeg(n) for n in photos.BUNDLED])
+    return ((CAMERAS[n % len(CAMERAS)], data) for n, data in zip(itertools.count(), jpegs))
+
+
 class Harness:
-    """The bench's camera and predictions subscriber, on one MQTT link."""
+    """The bench's cameras and predictions subscriber, on one MQTT link.
+
+    `frames` is the stream sent, (camera, JPEG bytes) at a time (default: bundled_frames()); with
+    `keep` set, every frame sent is kept by its id in `kept`, so a bench can run the model on it later.
+    """
 
     def __init__(self, url: str) -> None:
         self.link = MqttLink(CommonSettings(mqtt_url=url, device_id=DEVICE), "bench", unique=True)
-        self.frames = itertools.cycle([(n, photos.jpeg(n)) for n in photos.BUNDLED])
+        self.frames: Iterator[tuple[str, bytes]] = bundled_frames()
         self.ids = itertools.count()
         self.sent: dict[str, float] = {}
-        self.results: list[tuple[float, float, float]] = []  # (received_at, e2e_s, inference_ms)
+        self.results: list[Result] = []
+        self.kept: dict[str, bytes] = {}
+        self.keep = False
         self.online = threading.Event()
         self.refill = False
         self.lock = threading.Lock()
@@ -41,14 +199,16 @@ class Harness:
         self.link.subscribe(topics.status(DEVICE, "inference"), self._on_status)
 
     def send(self) -> None:
-        n = next(self.ids)
-        frame_id = f"f{n}"
-        _, data = next(self.frames)
+        """Publishes the stream's next frame in an envelope (QoS 0), its send time noted by its id."""
+        frame_id = f"f{next(self.ids)}"
+        camera, data = next(self.frames)
         frame = FrameEnvelope(frame_id=frame_id, encoding=Encoding.JPEG, data=data, captured_at=time.time())
         payload = encode(frame, WireFormat.MSGPACK)
         with self.lock:
             self.sent[frame_id] = time.perf_counter()
-        self.link.publish(topics.frames(DEVICE, CAMERAS[n % len(CAMERAS)]), payload, qos=0)
+            if self.keep:
+                self.kept[frame_id] = data
+        self.link.publish(topics.frames(DEVICE, camera), payload, qos=0)
 
     def paced(self, rate: float, seconds: float) -> None:
         """An open loop: frames at `rate` per second, spread evenly, for `seconds`."""
@@ -60,13 +220,48 @@ class Harness:
                 next_send += period
             time.sleep(max(0.0, min(next_send - time.perf_counter(), 0.002)))
 
+    def saturate(self, in_flight: int, seconds: float, warm_s: float = 1.0,
+                 meters: Mapping[str, Callable[[], float]] | None = None) -> Saturated:
+        """A closed loop: `in_flight` frames outstanding, each answer letting the next one in, so the
+        service never idles and never drops, measured over `seconds` after `warm_s` of warm-up; the
+        loop is drained before it returns.
+
+        Args:
+            in_flight: frames outstanding.
+            seconds: the measured window.
+            warm_s: the warm-up before it.
+            meters: cumulative readings (a process's CPU seconds) taken at the window's two ends.
+        """
+        meters = meters or {}
+        self.refill = True
+        for _ in range(in_flight):
+            self.send()
+        time.sleep(warm_s)
+        before = {name: read() for name, read in meters.items()}
+        t0 = time.perf_counter()
+        time.sleep(seconds)
+        t1 = time.perf_counter()
+        after = {name: read() for name, read in meters.items()}
+        self.refill = False
+        done = self.window(t0, t1)
+        self.drain()
+        return Saturated(len(done) / (t1 - t0), done, {name: after[name] - before[name] for name in meters})
+
+    def drain(self, timeout_s: float = 10.0) -> None:
+        """Waits until every frame sent has been answered (or `timeout_s`), so runs do not overlap."""
+        deadline = time.monotonic() + timeout_s
+        while self.sent and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with self.lock:
+            self.sent.clear()
+
     def _on_prediction(self, message) -> None:
         now = time.perf_counter()
         prediction = decode(Prediction, message.payload, content_type_of(message))
         with self.lock:
             sent = self.sent.pop(prediction.frame_id, None)
         if sent is not None:
-            self.results.append((now, now - sent, prediction.timings.inference_ms))
+            self.results.append(Result(now, now - sent, prediction.timings.inference_ms, prediction))
         if self.refill:  # closed loop: every answer lets the next frame in
             self.send()
 
@@ -74,19 +269,25 @@ class Harness:
         if decode(ServiceStatus, message.payload, content_type_of(message)).state is ServiceState.ONLINE:
             self.online.set()
 
-    def window(self, start: float, end: float) -> list[tuple[float, float, float]]:
-        return [r for r in self.results if start <= r[0] < end]
+    def window(self, start: float, end: float) -> list[Result]:
+        return [r for r in self.results if start <= r.received_at < end]
 
+
+# -- the device --------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
-def serving(broker: Broker, model_dir: Path, **keys: Any) -> Iterator[tuple[Harness, Child]]:
+def serving(broker: Broker, model_dir: Path, *, cores: Iterable[int] | None = None,
+            **keys: Any) -> Iterator[tuple[Harness, Child]]:
     """`edgefleet inference` on the broker, online, with a harness connected to it.
 
     Args:
         broker: the broker the service and the harness meet on.
         model_dir: the model served.
-        keys: more inference settings by their flat names (max_batch=4), over the bench's defaults.
+        cores: the cores the service is started on (every thread of it inherits them, and it plans its
+            workers for them); None: wherever this thread may run.
+        keys: more inference settings by their flat names (max_batch=4, cache_enabled=True), over the
+            bench's defaults.
 
     Yields:
         The harness, and the service's process.
@@ -98,7 +299,8 @@ def serving(broker: Broker, model_dir: Path, **keys: Any) -> Iterator[tuple[Harn
         "mqtt_url": broker.url, "device_id": DEVICE, "model_dir": model_dir, "queue_size": 256,
         "log_level": "WARNING", **keys})
     with tempfile.TemporaryDirectory() as tmp:
-        service = Child("inference", Path(tmp) / "inference.log", settings)
+        with on_cores(cores):
+            service = Child("inference", Path(tmp) / "inference.log", settings)
         harness = Harness(broker.url)
         try:
             harness.link.start()
@@ -108,3 +310,33 @@ def serving(broker: Broker, model_dir: Path, **keys: Any) -> Iterator[tuple[Harn
         finally:
             harness.link.stop()
             service.stop()
+
+
+@contextlib.contextmanager
+def device(model_dir: Path, cores: Cores, **keys: Any) -> Iterator[tuple[Harness, Child, Broker]]:
+    """A whole device on the device's core: a Mosquitto broker and the inference service on it, with
+    the harness (on this thread's cores) connected.
+
+    Args:
+        model_dir: the model served.
+        cores: from split_cores(); unpinned, everything runs where this process may.
+        keys: inference settings by their flat names, as for serving().
+
+    Yields:
+        The harness, the service's process and the broker.
+
+    Raises:
+        RuntimeError: the service did not come online, or pinning did not hold (a thread of the
+            broker or the service may run outside the device's core).
+    """
+    with on_cores(cores.device):
+        broker = Broker().start()
+    try:
+        with serving(broker, model_dir, cores=cores.device, **keys) as (harness, service):
+            if cores.device is not None:
+                for name, pid in (("mosquitto", broker.process.pid), ("inference", service.proc.pid)):
+                    if (seen := cores_of(pid)) != cores.device:
+                        raise RuntimeError(f"{name} runs on cores {_cpus(seen)}, not {_cpus(cores.device)}")
+            yield harness, service, broker
+    finally:
+        broker.close()

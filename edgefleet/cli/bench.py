@@ -18,12 +18,22 @@ app = typer.Typer(no_args_is_help=True, help="Benchmarks: each prints a table an
 def bench_pipeline(
     quick: Annotated[bool, typer.Option(help="Less data; finishes within a minute.")] = False,
     json_out: BenchJson = None,
-    model_dir: Annotated[Path, typer.Option(help="The model to measure.")] = DEFAULT_MODEL_DIR,
+    model_dir: Annotated[Path, typer.Option(help="The FP32 model to measure.")] = DEFAULT_MODEL_DIR,
+    int8_dir: Annotated[Path | None, typer.Option(
+        help="The static INT8 model (default: <model>-int8-static-minmax beside it, built there if missing).")] = None,
+    pin: Annotated[bool, typer.Option(
+        help="Pin the camera and subscriber to one core, the broker and the service to another.")] = True,
+    scene_change_s: Annotated[float, typer.Option(
+        min=0.1, help="The static-camera stream cuts to another photo this often, in seconds.")] = 3.0,
+    noise: Annotated[float, typer.Option(
+        min=0, max=64, help="Sensor noise of the static-camera stream: standard deviation in grey levels.")] = 2.0,
 ) -> None:
-    """Raw ONNX Runtime against the whole MQTT path, in one run on the same model and cores."""
+    """The whole MQTT path against the tightest loop doing the same work on the same core (FP32, INT8, the
+    cascade), and the scene cache on a static-camera stream and on changing frames."""
     from edgefleet.bench import pipeline
 
-    raise typer.Exit(pipeline.run(quick=quick, json_out=json_out, model_dir=model_dir))
+    raise typer.Exit(pipeline.run(quick=quick, json_out=json_out, model_dir=model_dir, pin=pin,
+                                  change_every_s=scene_change_s, noise_sigma=noise, int8_dir=int8_dir))
 
 
 @app.command("compression")
@@ -120,3 +130,19 @@ def bench_ep(
     from edgefleet.bench import ep
 
     raise typer.Exit(ep.run(quick, json_out, model_dir, comma_list(providers)))
+
+
+@app.command("cascade")
+def bench_cascade(
+    quick: Annotated[bool, typer.Option(help="48 held-out images, shorter timings; about a minute.")] = False,
+    json_out: BenchJson = None,
+    model_dir: Annotated[Path, typer.Option(help="The FP32 model (stage 2; stage 1 is its static INT8).")] = (
+        DEFAULT_MODEL_DIR),
+    work: Annotated[Path | None, typer.Option(
+        help="Where the INT8 model, the cascade and (without var/data) the data set are built and reused "
+             "(default: var/bench/cascade, or var/bench/cascade-quick).")] = None,
+) -> None:
+    """INT8 in front of FP32, threshold chosen on held-out images: agreement and mean model time against FP32."""
+    from edgefleet.bench import cascade
+
+    raise typer.Exit(cascade.run(quick, json_out, model_dir, work))

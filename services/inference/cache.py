@@ -224,6 +224,8 @@ class SceneCache:
         answer, age = camera.answer, frame.received - camera.answer.received
         if answer.model != model or age > self._settings.max_age_s or camera.streak >= self._settings.max_consecutive:
             return None
+        if margin(answer.prediction) < self._settings.min_margin:
+            return None  # an unsure answer flips with the sensor's noise: the model must see each frame
         if difference(thumbnail, camera.thumbnail) > self._settings.threshold:
             # A camera whose scene keeps changing (moving, or panning) would pay the check on every
             # frame for nothing: from the second change in a row it skips 1, 3, 7, then 15 frames.
@@ -233,6 +235,12 @@ class SceneCache:
         camera.streak, camera.changes = camera.streak + 1, 0
         return Hit(answer.prediction, CacheSource(frame_id=answer.prediction.frame_id, age_ms=_ms(max(age, 0.0)),
                                                   match="scene"))
+
+
+def margin(prediction: Prediction) -> float:
+    """The answer's top-1 probability minus its runner-up's (its top-1 alone when it names one class)."""
+    top = prediction.top
+    return top[0].score - (top[1].score if len(top) > 1 else 0.0)
 
 
 def difference(a: np.ndarray, b: np.ndarray) -> float:

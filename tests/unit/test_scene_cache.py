@@ -213,3 +213,17 @@ def test_the_reduced_decode_thumbnail_is_the_full_decode_one_within_the_default_
     png = photos.png(name)
     full_png = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
     assert np.array_equal(grey_thumbnail(png, 32), cv2.resize(full_png, (32, 32), interpolation=cv2.INTER_AREA))
+
+
+def test_an_unsure_answer_is_never_reused_for_an_unchanged_scene():
+    scene_cache = SceneCache(settings(min_margin=0.08))
+    first = frame("door-1", noisy_jpeg("chelsea", seed=1))
+    probe = scene_cache.check(first, V1)
+    assert isinstance(probe, Probe)
+    unsure = answer(first).model_copy(update={"top": [ClassScore(index=281, label="tabby", score=0.40),
+                                                      ClassScore(index=282, label="tiger cat", score=0.36)]})
+    scene_cache.remember(first, probe, unsure)
+    # Same scene, fresh noise: the margin 0.04 is under the floor, so the model sees the frame.
+    model_runs(scene_cache, frame("door-2", noisy_jpeg("chelsea", seed=2), at=0.25))
+    # Its answer is sure (0.8 alone): the next frame of the scene is answered from the cache.
+    hit(scene_cache, frame("door-3", noisy_jpeg("chelsea", seed=3), at=0.5))

@@ -22,9 +22,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.manifest import ModelError, ModelManifest, check_model_name, check_model_version, load_verified
+from shared.manifest import ModelError, ModelManifest, ModelName, ModelVersion, load_verified
 
 CASCADE_FILE = "cascade.json"
 STAGE_FOLDERS = ("stage1", "stage2")
@@ -38,20 +38,10 @@ class CascadeMember(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     folder: Literal["stage1", "stage2"]
-    name: str
-    version: int
+    name: ModelName
+    version: ModelVersion
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size_bytes: int = Field(gt=0)
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, name: str) -> str:
-        return check_model_name(name)
-
-    @field_validator("version")
-    @classmethod
-    def _bounded_version(cls, version: int) -> int:
-        return check_model_version(version)
 
 
 class CascadeSpec(BaseModel):

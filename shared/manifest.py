@@ -7,9 +7,9 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from shared.errors import EdgefleetError
 from shared.schemas import ModelRef
@@ -54,6 +54,11 @@ def check_model_version(version: int) -> int:
     return version
 
 
+# A model's name and version as every manifest, pin and rollout carries them, checked on the way in.
+ModelName = Annotated[str, AfterValidator(check_model_name)]
+ModelVersion = Annotated[int, AfterValidator(check_model_version)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -94,8 +99,8 @@ class Quality(_Strict):
 
 
 class ModelManifest(_Strict):
-    name: str
-    version: int = Field(ge=1)
+    name: ModelName
+    version: ModelVersion
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size_bytes: int = Field(gt=0)
     # A fixed set of names, never a path: a manifest's file is joined to the folder it is read from.
@@ -114,16 +119,6 @@ class ModelManifest(_Strict):
     # The oldest edgefleet release that can serve this model; set when it is published.
     min_edgefleet: str | None = None
     created_at: float
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, name: str) -> str:
-        return check_model_name(name)
-
-    @field_validator("version")
-    @classmethod
-    def _bounded_version(cls, version: int) -> int:
-        return check_model_version(version)
 
     @model_validator(mode="after")
     def _labels_match_output(self) -> ModelManifest:

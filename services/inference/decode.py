@@ -54,6 +54,11 @@ def decode_bgr(data: bytes, min_short_side: int = 0) -> np.ndarray:
     if min_short_side and (size := jpeg_size(data)) is not None:
         short = min(size)
         flag = next((f for factor, f in _REDUCED if short // factor >= min_short_side), flag)
+    return _imdecode(data, flag)
+
+
+def _imdecode(data: bytes, flag: int) -> np.ndarray:
+    """OpenCV's decode with `flag`; raises UndecodableFrame for what it cannot decode."""
     try:
         image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
     except cv2.error as exc:
@@ -91,13 +96,7 @@ def grey_thumbnail(data: bytes, side: int) -> np.ndarray:
     flag = cv2.IMREAD_GRAYSCALE
     if (size := jpeg_size(data)) is not None:
         flag = next((f for factor, f in _REDUCED_GREY if min(size) // factor >= 2 * side), flag)
-    try:
-        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
-    except cv2.error as exc:
-        raise UndecodableFrame(f"OpenCV could not decode the image: {exc.err}") from None
-    if image is None or image.size == 0:
-        raise UndecodableFrame("OpenCV could not decode the image (corrupt, truncated or not JPEG/PNG)")
-    return cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
+    return cv2.resize(_imdecode(data, flag), (side, side), interpolation=cv2.INTER_AREA)
 
 
 def check_complete(data: bytes) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from services.sync.store import ModelStore
 from shared.config import ENV_PREFIX
 
 HERE = Path(__file__).resolve().parent
@@ -43,3 +44,12 @@ def _no_child_processes(monkeypatch):
         raise AssertionError(f"a unit test starts no child process (here: {args!r}); move the test out of tests/unit")
 
     monkeypatch.setattr(subprocess, "Popen", refuse)
+
+
+@pytest.fixture
+def store(tmp_path, model_dir):
+    """A device's model store seeded with the real model, as sync prepares it at start."""
+    s = ModelStore(tmp_path / "store", keep_versions=2)
+    s.seed(model_dir)
+    s.repair()
+    return s

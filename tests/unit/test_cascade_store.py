@@ -17,13 +17,6 @@ from shared.registry import SIGNATURE_OBJECT
 CASCADE = "efficientnet-lite0-cascade"
 
 
-@pytest.fixture
-def store(tmp_path, model_dir):
-    s = ModelStore(tmp_path / "store", keep_versions=2)
-    s.seed(model_dir)
-    s.repair()
-    return s
-
 
 @pytest.fixture
 def cascade_dir(tmp_path, model_dir):

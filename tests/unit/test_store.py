@@ -13,14 +13,6 @@ from shared.manifest import MANIFEST_FILE, MODEL_FILE, load_verified
 from shared.registry import SIGNATURE_OBJECT
 
 
-@pytest.fixture
-def store(tmp_path, model_dir):
-    s = ModelStore(tmp_path / "store", keep_versions=2)
-    s.seed(model_dir)
-    s.repair()
-    return s
-
-
 def _install(store, model_dir, tmp_path, version):
     source = tmp_path / f"src-{version}"
     manifest = resave(model_dir, source, f"build {version}", version=version)

@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -245,6 +254,16 @@ class InferenceSettings(CommonSettings):
         WireFormat.JSON, description="json (readable by any client) or msgpack; the MQTT v5 content type says which."
     )
     cache: CacheSettings = Field(default_factory=CacheSettings, description="The scene cache.")
+
+    @field_validator("cache")
+    @classmethod
+    def _cache_sees_the_margin(cls, cache: CacheSettings, info: ValidationInfo) -> CacheSettings:
+        # The cache judges an answer sure by its top-1 margin over the runner-up: a prediction of one
+        # class carries no runner-up, and every answer would look sure.
+        if cache.enabled and info.data.get("top_k", 2) < 2:
+            raise ValueError("cache_enabled needs top_k of at least 2 (the cache reuses only answers whose top-1 "
+                             "beats the runner-up by cache_min_margin)")
+        return cache
 
     @field_validator("providers", mode="before")
     @classmethod

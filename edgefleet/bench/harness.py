@@ -153,8 +153,8 @@ def cpu_seconds(pid: int) -> Callable[[], float]:
 
 
 def core_busy_seconds(cores: Iterable[int]) -> Callable[[], float]:
-    """A meter: the seconds these cores have been busy so far, whoever ran on them (/proc/stat), so a
-    bench can tell its own load from everything else's on a shared machine."""
+    """A meter: the seconds these cores have been busy so far in processes or taken by the hypervisor
+    (/proc/stat), so a bench can tell its own load from everything else's on a shared machine."""
     names = {f"cpu{c}" for c in cores}
     tick = os.sysconf("SC_CLK_TCK")
 
@@ -163,9 +163,11 @@ def core_busy_seconds(cores: Iterable[int]) -> Callable[[], float]:
         with open("/proc/stat") as stat:
             for line in stat:
                 name, *fields = line.split()
-                if name in names:  # user nice system idle iowait irq softirq steal ...: all but idle, iowait
+                if name in names:  # user nice system idle iowait irq softirq steal ...
                     values = list(map(int, fields))
-                    busy += sum(values[:3]) + sum(values[5:8])
+                    # user, nice, system and steal (the hypervisor's): not irq and softirq, which on the
+                    # device's core is mostly the path's own loopback traffic, not someone else's load
+                    busy += sum(values[:3]) + values[7]
         return busy / tick
 
     return read

@@ -17,9 +17,11 @@ A frame matches in one of two ways (docs/protocol.md, "Cached predictions"):
   frames go to the model unchecked before the next check, and the first hit ends the back-off.
 
 Nothing outlives a model swap: an entry is given only to frames served by the model that made it
-(name, version and SHA-256), and the service clears the cache when it installs a model; a batch that
-began before the clear and remembers its answers after it is ignored (its probes carry the cache's
-generation).
+(name, version and SHA-256), and the service clears the cache when it installs a model. Two guards,
+for two races: answers of frames checked before the clear are not remembered after it (their probes
+carry the cache's generation); and a batch checked after the clear but run by the old model (taken
+just before the install) is remembered under the old model's name, which no frame served by the new
+model is ever given.
 
 Ages are on the service's monotonic clock, between the arrivals (Frame.received) of the frame answered
 and of the frame the model ran on: how old the observation of the scene is.

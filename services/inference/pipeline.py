@@ -135,7 +135,10 @@ class Worker:
             prediction = run.prediction(i, item, device=self._device)
             self._publisher.prediction(prediction)
             if self._cache is not None and (probe := probes.get(id(item.frame))) is not None:
-                self._cache.remember(item.frame, probe, prediction)  # the scene's new reference
+                try:
+                    self._cache.remember(item.frame, probe, prediction)  # the scene's new reference
+                except Exception:  # the cache must never cost the rest of the batch its answers
+                    log.exception("scene cache remember failed", extra=fields(frame_id=item.frame.frame_id))
 
     # -- scene cache: before any decode; frames it answers never reach decode_batch or the model --------
 
@@ -148,11 +151,13 @@ class Worker:
             taken = time.monotonic()
             try:
                 found = cache.check(frame, model.ref)
+                if isinstance(found, Hit):
+                    answer = found.prediction(frame, taken=taken, checked_s=time.monotonic() - taken)
             except Exception:  # the cache must never cost a frame its answer: the model answers it
                 log.exception("scene cache check failed", extra=fields(frame_id=frame.frame_id))
                 found = None
             if isinstance(found, Hit):
-                self._publisher.prediction(found.prediction(frame, taken=taken, checked_s=time.monotonic() - taken))
+                self._publisher.prediction(answer)
                 continue
             if found is not None:
                 probes[id(frame)] = found

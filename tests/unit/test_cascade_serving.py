@@ -26,7 +26,7 @@ from services.inference.decode import decode_bgr
 from services.inference.preprocess import Preprocessor
 from services.inference.swap import ServedModel, warm
 from shared import topics
-from shared.cascade import CASCADE_FILE, CascadeSpec
+from shared.cascade import CASCADE_FILE, MAX_CASCADE_BYTES, CascadeSpec
 from shared.manifest import MANIFEST_FILE, ModelError, ModelManifest, load_verified, sha256_of
 from shared.schemas import ModelSwitch, ModelSwitched, Prediction
 from tests.unit.test_inference_pipeline import DEVICE, LOADER, MemoryLink, _envelope, _predictions, _soon, serving
@@ -160,8 +160,14 @@ def test_escalated_frames_run_as_one_sub_batch_and_their_model_time_counts_both_
     model = LOADER(tmp_path / "cascade")
     warm(model)
 
+    stage2_batches: list[int] = []
+    run = model.escalation.session.run
+    model.escalation.session.run = lambda batch: (stage2_batches.append(len(batch)), run(batch))[1]
+
     predictions, _ = _serve_batch(model, frames)
 
+    escalated = [p for p in predictions.values() if p.cascade and p.cascade.stage == 2]
+    assert stage2_batches == [len(escalated)] and len(escalated) >= 2  # one run, all of them in it
     by_stage = {stage: {p.timings.inference_ms for p in predictions.values() if p.cascade and p.cascade.stage == stage}
                 for stage in (1, 2)}
     # One stage-2 run for all of them: every escalated frame names the same model time (frame by
@@ -252,12 +258,30 @@ def _member_missing(cascade: Path, small_dir: Path, model_dir: Path) -> None:
     (cascade / "stage1" / MANIFEST_FILE).unlink()
 
 
+def _labels_differ(cascade: Path, small_dir: Path, model_dir: Path) -> None:
+    """The cascade's manifest names other labels than its members answer with."""
+    manifest, _ = load_verified(cascade)
+    relabelled = manifest.model_copy(update={"labels": ["not a class", *manifest.labels[1:]]})
+    (cascade / MANIFEST_FILE).write_text(relabelled.model_dump_json())
+
+
+def _document_oversized(cascade: Path, small_dir: Path, model_dir: Path) -> None:
+    """cascade.json past the cap before it is parsed, its manifest remade to vouch for it."""
+    staged = cascade / "staged.json"
+    staged.write_text((cascade / CASCADE_FILE).read_text() + " " * MAX_CASCADE_BYTES)
+    manifest, _ = load_verified(cascade)
+    install(staged, manifest.model_copy(update={"sha256": sha256_of(staged), "size_bytes": staged.stat().st_size}),
+            cascade)
+
+
 @pytest.mark.parametrize("tamper, says", [
     (_member_replaced, "the cascade pins"),
     (_pin_rewritten, "the cascade pins"),
     (_document_edited, "its manifest says"),
     (_member_tampered, "its manifest says"),
     (_member_missing, "stage1"),
+    (_labels_differ, "other labels or preprocessing"),
+    (_document_oversized, "larger than"),
 ])
 def test_a_cascade_whose_members_are_not_what_it_pins_is_refused_by_the_loader(
         tamper, says, small_dir, model_dir, tmp_path):

@@ -104,3 +104,9 @@ def test_a_key_of_another_service_is_ignored_and_a_list_item_is_named_by_its_key
 def test_a_group_given_whole_merges_with_its_keys_given_flat():
     settings = load(InferenceSettings, None, mqtt=MqttSettings(url="mqtt://10.0.0.9:1884"), mqtt_username="u")
     assert (settings.mqtt.url, settings.mqtt.username) == ("mqtt://10.0.0.9:1884", "u")
+
+
+def test_the_cache_refuses_a_top_k_that_hides_the_runner_up():
+    with pytest.raises(ConfigError, match="cache_enabled needs top_k of at least 2"):
+        load(InferenceSettings, None, cache_enabled=True, top_k=1)
+    assert load(InferenceSettings, None, cache_enabled=False, top_k=1).top_k == 1

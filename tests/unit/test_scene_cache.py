@@ -227,3 +227,11 @@ def test_an_unsure_answer_is_never_reused_for_an_unchanged_scene():
     model_runs(scene_cache, frame("door-2", noisy_jpeg("chelsea", seed=2), at=0.25))
     # Its answer is sure (0.8 alone): the next frame of the scene is answered from the cache.
     hit(scene_cache, frame("door-3", noisy_jpeg("chelsea", seed=3), at=0.5))
+
+
+def test_past_its_camera_bound_the_least_recently_seen_camera_is_forgotten():
+    scene_cache = SceneCache(settings(), cameras=2)
+    for at, camera in enumerate(("door", "yard", "gate")):  # a third camera: door, the oldest, is forgotten
+        model_runs(scene_cache, frame(f"{camera}-1", noisy_jpeg("coffee", seed=at), at=at * 0.1, camera=camera))
+    model_runs(scene_cache, frame("door-2", noisy_jpeg("coffee", seed=9), at=0.4, camera="door"))
+    hit(scene_cache, frame("gate-2", noisy_jpeg("coffee", seed=10), at=0.5, camera="gate"))

@@ -23,6 +23,12 @@ mode) nothing is chosen on held-out images and the whole set measures the gate.
 A layer is a Conv or Gemm with the activation that follows it: leaving the activation quantized over
 the float layer's raw range would cost more than it saves.
 
+A float layer is not float as ONNX Runtime (1.32) serves it: its WeightBiasQuantization pass quantizes
+the float weights of any Conv or Gemm whose input comes from a DequantizeLinear, per-tensor, at session
+load. Measured on 300 held-out images (layers ranked on the calibration frames): 1-8 layers "in float"
+gave 67-75 % top-1 agreement against 85.7 % with none, 87-90 % with that pass disabled. The search
+measures the model as served, so it sees the loss and a failed gate says so.
+
 A node whose op the quantizer has no rule for is excluded, stays in float and is reported, never a
 crash. The result's agreement with its parent on held-out images is written to its manifest as the
 quality gate; a failed gate marks the model unpublishable.
@@ -52,6 +58,8 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
 
+from edgefleet.models.biascorrect import FRAMES as BIAS_FRAMES
+from edgefleet.models.biascorrect import correct_biases
 from edgefleet.models.derive import install_derived, measure_quality, top1_agreement
 from edgefleet.models.frames import load_inputs
 from edgefleet.models.outputs import logits, softmax
@@ -166,6 +174,7 @@ def quantize(
     max_float_layers: int = 0,
     calibration_limit: int | None = None,
     eval_limit: int | None = None,
+    bias_correction: bool = False,
 ) -> tuple[ModelManifest, Report]:
     started = time.monotonic()
     parent, parent_path = load_verified(parent_dir)
@@ -203,6 +212,10 @@ def quantize(
                 report.float_layers = static.mixed_precision(staged, excluded, report.target, max_float_layers)
                 if report.float_layers:
                     report.selection_agreement = report.float_layers[-1][2]
+            # After the search, on the model it chose: the probes stay cheap, and the gate below measures
+            # the corrected model. Calibration frames only: the held-out ones judge it.
+            corrected = (correct_biases(staged, prepared, parent.input.name, calibration)
+                         if bias_correction else 0)
             recipe = {
                 "weight_type": weight_type.value, "activation_type": "quint8", "format": "qdq", "per_channel": "true",
                 "calibration_method": method.value,
@@ -213,6 +226,9 @@ def quantize(
                     f"{report.target:.4f}, budget {max_float_layers}); "
                     f"the other {len(gate_set)} alone measure the quality gate") if len(select) else "none",
                 "float_layers": ",".join(name for name, _, _ in report.float_layers) or "none",
+                "bias_correction": (f"{corrected} convolutions, channel means on the first "
+                                    f"{min(BIAS_FRAMES, len(calibration))} calibration images"
+                                    if corrected else "none"),
             }
         quality = measure_quality(parent_path, staged, parent.input.name, gate_set, eval_dir, gate)
         if len(gate_set) < len(held_out):

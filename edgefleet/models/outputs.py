@@ -7,11 +7,16 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from services.inference.session import DISABLED_OPTIMIZERS
+
 
 def session(path: Path, threads: int = 0) -> ort.InferenceSession:
+    """A CPU session on `path` with the graph optimizers the service runs (so what is measured here is what
+    is served)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=DISABLED_OPTIMIZERS)
 
 
 def logits(model: Path | ort.InferenceSession, input_name: str, inputs: np.ndarray, batch: int = 16) -> np.ndarray:

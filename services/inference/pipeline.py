@@ -132,6 +132,11 @@ class Worker:
             return
         self._counters.batches.add()
         for i, item in enumerate(ready):
+            if run.stage2_failure is not None and run.escalated[i]:
+                self._publisher.reject(camera=item.frame.camera, reason=ErrorReason.INTERNAL,
+                                       detail=f"inference failed (the cascade's stage 2): {run.stage2_failure}",
+                                       frame_id=item.frame.frame_id)
+                continue
             prediction = run.prediction(i, item, device=self._device)
             self._publisher.prediction(prediction)
             if self._cache is not None and (probe := probes.get(id(item.frame))) is not None:
@@ -228,14 +233,17 @@ class BatchRun:
     escalated: np.ndarray  # (frames,) bool: answered by a cascade's stage 2
     metric: np.ndarray | None = None  # (frames,) a cascade's stage-1 margin or confidence
     escalation_s: float = 0.0  # stage 2's run over the escalated rows
+    # Why stage 2 failed, if it did: its frames are answered with an error report, the frames stage 1
+    # answered still get their predictions (stage 1's answers stand whatever stage 2 does).
+    stage2_failure: str | None = None
 
     @classmethod
     def of(cls, model: ServedModel, batch: np.ndarray, *, k: int) -> BatchRun:
         """Runs the model (a cascade: both stages, as needed) on the batch; top-k classes and features.
 
         Raises:
-            Exception: whatever ONNX Runtime raises when a run fails (either stage's): no frame of the
-                batch gets an answer.
+            Exception: whatever ONNX Runtime raises when the run (a cascade's stage 1) fails: no frame of
+                the batch gets an answer. A failure of stage 2 is kept in stage2_failure instead.
         """
         started = time.monotonic()
         logits = model.session.run(batch)
@@ -251,16 +259,21 @@ class BatchRun:
         metric = stage1_metric(scores, escalation.spec.metric)
         classes, scores = classes[:, :k], scores[:, :k]
         escalated = metric < escalation.spec.threshold
-        escalation_s = 0.0
+        escalation_s, failure = 0.0, None
         if (rows := np.flatnonzero(escalated)).size:
             t0 = time.monotonic()
-            # One run over a contiguous copy of the unsure rows: ONNX Runtime's per-run cost is paid
-            # once per batch, as for stage 1, never once per frame.
-            logits = escalation.session.run(np.take(batch, rows, axis=0))
+            try:
+                # One run over a contiguous copy of the unsure rows: ONNX Runtime's per-run cost is paid
+                # once per batch, as for stage 1, never once per frame.
+                logits = escalation.session.run(np.take(batch, rows, axis=0))
+                classes[rows], scores[rows] = top_k(logits, k)
+            except Exception as exc:  # e.g. stage 2's execution provider failing
+                log.exception("inference failed in the cascade's stage 2")
+                failure = clip(str(exc))
             escalation_s = time.monotonic() - t0
-            classes[rows], scores[rows] = top_k(logits, k)
         return cls(model=model, started=started, inference_s=inference_s, classes=classes, scores=scores,
-                   features=features, escalated=escalated, metric=metric, escalation_s=escalation_s)
+                   features=features, escalated=escalated, metric=metric, escalation_s=escalation_s,
+                   stage2_failure=failure)
 
     def prediction(self, i: int, item: Prepared, *, device: str) -> Prediction:
         """The prediction for the batch's i-th frame, timed from its arrival to now."""

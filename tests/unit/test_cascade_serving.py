@@ -29,7 +29,16 @@ from shared import topics
 from shared.cascade import CASCADE_FILE, MAX_CASCADE_BYTES, CascadeSpec
 from shared.manifest import MANIFEST_FILE, ModelError, ModelManifest, load_verified, sha256_of
 from shared.schemas import ModelSwitch, ModelSwitched, Prediction
-from tests.unit.test_inference_pipeline import DEVICE, LOADER, MemoryLink, _envelope, _predictions, _soon, serving
+from tests.unit.test_inference_pipeline import (
+    DEVICE,
+    LOADER,
+    MemoryLink,
+    _envelope,
+    _errors,
+    _predictions,
+    _soon,
+    serving,
+)
 
 BATCH = 16
 TOLERANCE = 2e-4  # scores are published to 5 decimals; a batch's kernels may differ from ours in the 7th
@@ -300,3 +309,29 @@ def test_a_cascade_whose_member_is_a_cascade_is_refused_by_the_loader(small_dir,
 
     with pytest.raises(ModelError, match="cascade inside a cascade"):
         LOADER(tmp_path / "outer")
+
+
+def test_a_failing_stage_2_costs_only_the_escalated_frames_their_answers(
+        frames, offline, small_dir, model_dir, tmp_path):
+    threshold = _threshold_between(offline.small.margin)
+    under = {int(i) for i in np.flatnonzero(offline.small.margin < threshold)}
+    _cascade(small_dir, model_dir, tmp_path / "cascade", "margin", threshold)
+    model = LOADER(tmp_path / "cascade")
+    warm(model)
+
+    def broken(batch: np.ndarray) -> np.ndarray:  # as an execution provider that stopped working
+        raise RuntimeError("stage 2's provider is gone")
+
+    model.escalation.session.run = broken
+    with serving(model, max_batch=len(frames), max_wait_ms=1000) as (service, link):
+        for i, jpeg in enumerate(frames):
+            link.deliver(topics.frames(DEVICE, "cam"), _envelope(f"f{i}", jpeg))
+        stats = _soon(lambda: (s := service.stats()).predictions_published + s.frames_rejected == len(frames) and s,
+                      "an answer for every frame")
+
+    predictions = {int(p.frame_id[1:]) for _, p in _predictions(link)}
+    refused = {int(r.frame_id[1:]) for r in _errors(link) if r.frame_id}
+    assert refused == under and predictions == set(range(len(frames))) - under
+    assert all("stage 2's provider is gone" in r.detail for r in _errors(link) if r.frame_id)
+    assert stats.frames_received == stats.predictions_published + stats.frames_rejected
+    assert stats.predictions_escalated == 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.manifest import ModelError, ModelManifest, ModelName, ModelVersion, load_verified
@@ -30,6 +31,9 @@ CASCADE_FILE = "cascade.json"
 STAGE_FOLDERS = ("stage1", "stage2")
 # A real cascade.json is ~400 bytes: read whole only up to this, before it is parsed.
 MAX_CASCADE_BYTES = 64 << 10
+
+
+Metric = Literal["margin", "confidence"]
 
 
 class CascadeMember(BaseModel):
@@ -51,7 +55,7 @@ class CascadeSpec(BaseModel):
 
     kind: Literal["cascade"] = "cascade"
     # margin: top-1 minus top-2 probability of stage 1; confidence: its top-1 probability.
-    metric: Literal["margin", "confidence"]
+    metric: Metric
     # Stage 1's answer stands when its metric is >= threshold; below, the frame goes to stage 2.
     threshold: float = Field(ge=0.0, le=1.0)
     stages: list[CascadeMember] = Field(min_length=2, max_length=2)
@@ -134,3 +138,16 @@ def verify_folder(folder: Path) -> ModelManifest:
     if is_cascade(manifest):
         load_members(folder, manifest)
     return manifest
+
+
+def stage1_metric(scores: np.ndarray, metric: Metric) -> np.ndarray:
+    """A cascade's per-row metric from stage 1's top-k probabilities, best first (k >= 2).
+
+    Returns:
+        (frames,) "margin": top-1 minus top-2 probability; "confidence": top-1 probability.
+    """
+    top1 = scores[:, 0]
+    if metric == "confidence":
+        return top1.copy()  # not a view: the escalated rows of `scores` are overwritten with stage 2's
+    runner_up = scores[:, 1] if scores.shape[1] > 1 else 0.0  # a one-class model has no runner-up
+    return top1 - runner_up

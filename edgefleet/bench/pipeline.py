@@ -81,7 +81,7 @@ from edgefleet.spawner import Child
 from services.inference.decode import decode_bgr
 from services.inference.preprocess import Preprocessor
 from services.inference.session import ModelSession, plan_workers
-from shared.cascade import is_cascade, load_members
+from shared.cascade import Metric, is_cascade, load_members
 from shared.config import CacheSettings
 from shared.manifest import ModelError, ModelManifest, load_verified
 from shared.schemas import Prediction
@@ -217,7 +217,7 @@ class _Runner:
     manifest: ModelManifest
     stage1: ModelSession
     stage2: ModelSession | None
-    metric: str
+    metric: Metric
     threshold: float
 
     @classmethod
@@ -236,7 +236,7 @@ class _Runner:
             return logits.argmax(1), 0
         from edgefleet.models.cascade import scores
 
-        unsure = scores(logits, self.metric) < self.threshold  # type: ignore[arg-type]
+        unsure = scores(logits, self.metric) < self.threshold
         top1 = logits.argmax(1)
         if unsure.any():
             top1[unsure] = self.stage2.run(np.ascontiguousarray(batch[unsure])).argmax(1)

@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -37,12 +36,10 @@ import onnxruntime as ort
 from edgefleet.models.frames import load_inputs
 from edgefleet.models.install import install
 from edgefleet.models.outputs import logits, session
-from services.inference.pipeline import stage1_metric
 from services.inference.postprocess import top_k
-from shared.cascade import CASCADE_FILE, STAGE_FOLDERS, CascadeMember, CascadeSpec, load_members
+from shared.cascade import CASCADE_FILE, STAGE_FOLDERS, CascadeMember, CascadeSpec, Metric, load_members, stage1_metric
 from shared.manifest import MANIFEST_FILE, ModelError, ModelManifest, Quality, load_verified, make_dirs, sha256_of
 
-Metric = Literal["margin", "confidence"]
 # The service's default max batch (shared.config InferenceSettings.max_batch): the batched time basis.
 SERVICE_BATCH = 8
 # One ONNX Runtime thread per run, as the service's workers run (one single-threaded run per core).
@@ -347,7 +344,7 @@ def serve(stage1: ort.InferenceSession, stage2: ort.InferenceSession, input_name
 
 
 def assemble(small_dir: Path, large_dir: Path, out_dir: Path, *, name: str, version: int,
-             metric: Literal["margin", "confidence"], threshold: float, quality: Quality | None = None,
+             metric: Metric, threshold: float, quality: Quality | None = None,
              recipe: dict[str, str] | None = None) -> ModelManifest:
     """Writes a cascade folder: both members copied whole, cascade.json pinning them, its manifest last.
 

@@ -19,7 +19,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import paho.mqtt.client as paho
@@ -36,6 +35,7 @@ from services.inference.publisher import Publisher
 from services.inference.session import ModelSession
 from services.inference.swap import ServedModel
 from shared import topics
+from shared.cascade import stage1_metric
 from shared.lifecycle import Progress
 from shared.logs import fields
 from shared.mqtt import content_type_of
@@ -315,19 +315,6 @@ class BatchRun:
         if up:
             return escalation.session, self.inference_s + self.escalation_s, answer
         return self.model.session, self.inference_s, answer
-
-
-def stage1_metric(scores: np.ndarray, metric: Literal["margin", "confidence"]) -> np.ndarray:
-    """A cascade's per-row metric from stage 1's top-k probabilities, best first (k >= 2).
-
-    Returns:
-        (frames,) "margin": top-1 minus top-2 probability; "confidence": top-1 probability.
-    """
-    top1 = scores[:, 0]
-    if metric == "confidence":
-        return top1.copy()  # not a view: the escalated rows of `scores` are overwritten with stage 2's
-    runner_up = scores[:, 1] if scores.shape[1] > 1 else 0.0  # a one-class model has no runner-up
-    return top1 - runner_up
 
 
 def _ms(seconds: float) -> float:

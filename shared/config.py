@@ -33,6 +33,7 @@ from pydantic_settings import (
 from shared import topics
 from shared.codec import WireFormat
 from shared.errors import EdgefleetError
+from shared.plugin import MAX_DEADLINE_MS, MAX_FUEL, MAX_MEMORY_PAGES
 from shared.schemas import MAX_LIST
 
 ENV_PREFIX = "EDGEFLEET_"
@@ -199,6 +200,28 @@ class CacheSettings(Group):
         "from 0.10 (bench pipeline: cached answers agreed 99.1 % at 0.08, 100 % at 0.10).")
 
 
+DEFAULT_PLUGIN_DIR = Path("var/plugins")
+
+
+class PluginSettings(Group):
+    """WebAssembly plugins (docs/plugins.md): where sync installs them and inference runs them, and the
+    ceilings this device puts on what any plugin's manifest asks for."""
+
+    dir: Path = Field(
+        DEFAULT_PLUGIN_DIR, description="The plugin store: sync installs plugins and writes the active set here; "
+        "inference runs the active set (mount it read-only into inference).")
+    cache_dir: Path = Field(
+        Path("var/plugin-cache"), description="Inference's precompiled modules, keyed by wasmtime version and "
+        "module SHA-256 (private to inference: it loads native code from here).")
+    fault_limit: int = Field(5, ge=1, le=10_000, description="Faults within fault_window_s that disable a plugin.")
+    fault_window_s: float = Field(60.0, gt=0, le=86400, description="The window plugin faults are counted over.")
+    max_memory_pages: int = Field(
+        1024, ge=1, le=MAX_MEMORY_PAGES, description="Most linear memory any plugin gets, in 64 KiB pages.")
+    max_fuel: int = Field(100_000_000, ge=1000, le=MAX_FUEL, description="Most fuel any plugin call gets.")
+    max_deadline_ms: int = Field(
+        200, ge=1, le=MAX_DEADLINE_MS, description="Longest wall time any plugin call gets, host calls included.")
+
+
 class InferenceSettings(CommonSettings):
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="Folder holding model.onnx and manifest.json.")
     providers: ProviderList = Field(
@@ -255,6 +278,7 @@ class InferenceSettings(CommonSettings):
         WireFormat.JSON, description="json (readable by any client) or msgpack; the MQTT v5 content type says which."
     )
     cache: CacheSettings = Field(default_factory=CacheSettings, description="The scene cache.")
+    plugins: PluginSettings = Field(default_factory=PluginSettings, description="WebAssembly plugins.")
 
     @field_validator("cache")
     @classmethod
@@ -382,6 +406,7 @@ class SyncSettings(StoreSettings):
         "inference honours (a load finishing later is discarded and the switch fails)."
     )
     canary: CanarySettings = Field(default_factory=CanarySettings, description="The canary.")
+    plugins: PluginSettings = Field(default_factory=PluginSettings, description="WebAssembly plugins.")
 
     @field_validator("groups", mode="before")
     @classmethod

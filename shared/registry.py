@@ -9,6 +9,10 @@
     models/<name>/<version>/manifest.sig    {"algorithm": "ed25519", "key_id": ..., "signature": ...}
                                             over the exact bytes of manifest.json
 
+    plugins/<name>/<version>/plugin.wasm    a plugin (shared.plugin, docs/plugins.md), the same way:
+    plugins/<name>/<version>/manifest.json  its PluginManifest, signed by the same operators' keys
+    plugins/<name>/<version>/manifest.sig
+
 The signature is written last: a version without one is incomplete and is neither listed nor
 installed. Every object is created with a conditional PUT (If-None-Match: *): nothing is ever
 overwritten. Everything read back is untrusted until verified: names and versions are checked before
@@ -32,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from shared.errors import EdgefleetError
 from shared.manifest import ARTIFACT_FILES, ModelManifest, check_model_name, check_model_version
+from shared.plugin import PluginManifest
 
 if TYPE_CHECKING:  # boto3-stubs, a dev dependency
     from mypy_boto3_s3 import S3Client
@@ -41,7 +46,9 @@ ROOT = "models"
 MODEL_OBJECT, MANIFEST_OBJECT, SIGNATURE_OBJECT = "model.onnx", "manifest.json", "manifest.sig"
 ALGORITHM = "ed25519"
 PUBLIC_KEY_SUFFIX = ".pub"
-_VERSION_KEY = re.compile(rf"^{ROOT}/(?P<name>[^/]+)/(?P<version>\d+)/{re.escape(SIGNATURE_OBJECT)}$")
+PLUGIN_ROOT, PLUGIN_OBJECT = "plugins", "plugin.wasm"
+_VERSION_KEY = re.compile(rf"^(?P<root>{ROOT}|{PLUGIN_ROOT})/(?P<name>[^/]+)/(?P<version>\d+)/"
+                          rf"{re.escape(SIGNATURE_OBJECT)}$")
 
 
 # Caps on what is read whole before it is verified. A real manifest is ~16-40 KB (the labels list
@@ -51,6 +58,7 @@ MAX_MANIFEST_BYTES = 1 << 20
 MAX_SIGNATURE_BYTES = 16 << 10
 # A version's artifact is the object its manifest's `file` names (ARTIFACT_FILES: model.onnx or cascade.json).
 _OBJECTS = (*ARTIFACT_FILES, MANIFEST_OBJECT, SIGNATURE_OBJECT)
+_PLUGIN_OBJECTS = (PLUGIN_OBJECT, MANIFEST_OBJECT, SIGNATURE_OBJECT)
 
 
 class ObjectTooLarge(EdgefleetError, ValueError):
@@ -85,6 +93,16 @@ def key(name: str, version: int, obj: str) -> str:
     if obj not in _OBJECTS:
         raise ValueError(f"unknown registry object {obj!r}; expected one of {_OBJECTS}")
     return f"{ROOT}/{check_name(name)}/{check_version(version)}/{obj}"
+
+
+def plugin_key(name: str, version: int, obj: str) -> str:
+    """The S3 key of one object of a plugin version; name and version are validated first.
+
+    :raises ValueError: for an invalid name, version or object.
+    """
+    if obj not in _PLUGIN_OBJECTS:
+        raise ValueError(f"unknown plugin registry object {obj!r}; expected one of {_PLUGIN_OBJECTS}")
+    return f"{PLUGIN_ROOT}/{check_name(name)}/{check_version(version)}/{obj}"
 
 
 def read_bounded(s3: S3Client, bucket: str, key: str, max_bytes: int) -> bytes:
@@ -136,15 +154,16 @@ def _total_size(response: GetObjectOutputTypeDef) -> int | None:
     return int(length) if length is not None and not content_range else None
 
 
-def version_of(object_key: str, name: str) -> int | None:
+def version_of(object_key: str, name: str, root: str = ROOT) -> int | None:
     """The version a signature object's key names, if it belongs to `name`.
 
-    :param str object_key: a key from a listing of models/<name>/.
-    :param str name: the model name the caller lists.
+    :param str object_key: a key from a listing of models/<name>/ (or plugins/<name>/).
+    :param str name: the model (or plugin) name the caller lists.
+    :param str root: ROOT for models, PLUGIN_ROOT for plugins.
     :returns: the version; None for any other key (another object, another model, not a version).
     """
     match = _VERSION_KEY.match(object_key)
-    return int(match["version"]) if match and match["name"] == name else None
+    return int(match["version"]) if match and match["name"] == name and match["root"] == root else None
 
 
 class SignatureError(EdgefleetError, ValueError):
@@ -183,6 +202,22 @@ def verify(manifest_bytes: bytes, signature: bytes, trusted: dict[str, Ed25519Pu
         or does not match the bytes.
     :raises pydantic.ValidationError: (a ValueError) if the signed bytes are not a valid manifest.
     """
+    check_signature(manifest_bytes, signature, trusted)
+    return ModelManifest.model_validate_json(manifest_bytes)
+
+
+def verify_plugin(manifest_bytes: bytes, signature: bytes, trusted: dict[str, Ed25519PublicKey]) -> PluginManifest:
+    """A plugin's manifest, if `signature` is a trusted signature over exactly these bytes (as verify()).
+
+    :raises SignatureError: as verify().
+    :raises pydantic.ValidationError: (a ValueError) if the signed bytes are not a valid plugin manifest.
+    """
+    check_signature(manifest_bytes, signature, trusted)
+    return PluginManifest.model_validate_json(manifest_bytes)
+
+
+def check_signature(manifest_bytes: bytes, signature: bytes, trusted: dict[str, Ed25519PublicKey]) -> None:
+    """Raises SignatureError unless `signature` is a valid ed25519 signature by a trusted key over the bytes."""
     try:
         document = json.loads(signature)
         algorithm, signer = document["algorithm"], document["key_id"]
@@ -197,10 +232,9 @@ def verify(manifest_bytes: bytes, signature: bytes, trusted: dict[str, Ed25519Pu
         trusted[signer].verify(raw, manifest_bytes)
     except InvalidSignature:
         raise SignatureError(f"the signature by key {signer} does not match the manifest") from None
-    return ModelManifest.model_validate_json(manifest_bytes)
 
 
-def manifest_bytes(manifest: ModelManifest) -> bytes:
+def manifest_bytes(manifest: ModelManifest | PluginManifest) -> bytes:
     """The bytes that are signed and stored: one canonical rendering (sorted keys), so the same
     manifest always signs the same."""
     return json.dumps(manifest.model_dump(mode="json"), sort_keys=True, indent=1).encode()

@@ -110,6 +110,8 @@ class Prediction(_Message):
     cache: CacheSource | None = None
     # Set when `model` is a cascade: which stage answered, and the two members.
     cascade: CascadeAnswer | None = None
+    # The plugins (docs/plugins.md) that replaced this prediction's classes, in the order they ran.
+    changed_by: Annotated[list[str], Field(max_length=64)] | None = None
 
     @model_validator(mode="after")
     def _cached_names_its_source(self) -> Prediction:
@@ -126,6 +128,10 @@ class ErrorReason(StrEnum):
     PROVIDER_FALLBACK = "provider_fallback"
     INTERNAL = "internal"
     MALFORMED_COMMAND = "malformed_command"  # a control message (e.g. a model switch) that does not parse
+    # A plugin's call failed (trap, budget or deadline exhausted, malformed result, a message outside its
+    # topic): the prediction went on as it came in. After too many in a window the plugin is disabled.
+    PLUGIN_FAULT = "plugin_fault"
+    PLUGIN_DISABLED = "plugin_disabled"
 
 
 class ErrorReport(_Message):
@@ -137,6 +143,7 @@ class ErrorReport(_Message):
     camera: str | None = None
     frame_id: str | None = None
     at: float
+    plugin: ModelRef | None = None  # the plugin a PLUGIN_FAULT or PLUGIN_DISABLED names
 
 
 class ServiceState(StrEnum):
@@ -164,6 +171,8 @@ class InferenceStats(_Message):
     # cascade's stage 2 (escalated).
     predictions_cached: int = 0
     predictions_escalated: int = 0
+    # Predictions a plugin dropped (never published: the plugin's decision, not a loss).
+    predictions_dropped_by_plugins: int = 0
     queue_depth: int = 0
     # Drops by camera, at most MAX_CAMERA_KEYS cameras named; the rest are summed under "_other".
     dropped_by_camera: Annotated[dict[str, int], Field(max_length=MAX_CAMERA_KEYS + 1)] = Field(default_factory=dict)
@@ -185,6 +194,24 @@ class TelemetryStats(_Message):
     docker_errors: int = 0  # failed Docker API calls (EDGEFLEET_DOCKER_URL set, the engine unreachable or refusing)
 
 
+class PluginState(StrEnum):
+    ACTIVE = "active"
+    DISABLED = "disabled"  # too many faults in the window: skipped until another version is switched in
+
+
+class PluginStatus(_Message):
+    """One plugin as the inference service runs it: counted since it was switched in."""
+
+    plugin: ModelRef
+    state: PluginState
+    calls: int = 0
+    faults: int = 0
+    dropped: int = 0
+    replaced: int = 0
+    emitted: int = 0
+    last_fault: str | None = None
+
+
 class ServiceStatus(_Message):
     v: int = WIRE_VERSION
     device: str
@@ -198,6 +225,7 @@ class ServiceStatus(_Message):
     provider: ProviderReport | None = None
     inference: InferenceStats | None = None
     telemetry: TelemetryStats | None = None
+    plugins: Annotated[list[PluginStatus], Field(max_length=64)] | None = None  # inference: the plugins it runs
 
 
 # -- model delivery ------------------------------------------------------------------------------------
@@ -229,6 +257,34 @@ class ModelSwitched(_Message):
     at: float
 
 
+class PluginLoad(_Message):
+    plugin: ModelRef
+    folder: str  # absolute path of the installed plugin folder
+
+
+class PluginSwitch(_Message):
+    """sync -> inference: run exactly these plugins (in order) from the next batch on. Each folder is
+    checked against its SHA-256 and compiled before anything changes; an empty list runs none."""
+
+    v: int = WIRE_VERSION
+    request_id: str
+    plugins: Annotated[list[PluginLoad], Field(max_length=64)]
+    at: float
+    timeout_s: float | None = Field(None, gt=0, le=86400)
+
+
+class PluginSwitched(_Message):
+    """inference -> sync: the plugin set now running (`ok`), or why the switch was refused."""
+
+    v: int = WIRE_VERSION
+    request_id: str
+    ok: bool
+    serving: Annotated[list[ModelRef], Field(max_length=64)]
+    load_ms: float | None = None
+    error: str | None = None
+    at: float
+
+
 class RolloutPhase(StrEnum):
     CANARY = "canary"  # the share of the target chosen by hash installs it
     PROMOTED = "promoted"  # every device of the target installs it
@@ -253,6 +309,21 @@ class Rollout(_Message):
     target: RolloutTarget
     # An explicit rollback to an older version is allowed only with this set; otherwise a device
     # refuses a version older than the one it serves.
+    allow_downgrade: bool = False
+    issued_at: float
+
+
+class PluginRollout(_Message):
+    """A plugin's rollout, retained on its own topic (topics.plugin_rollout): plugins roll out beside the
+    model, never in its place. Phases and targets mean what they mean for a model's Rollout; aborting a
+    plugin's first version removes the plugin."""
+
+    v: int = WIRE_VERSION
+    rollout_id: Annotated[str, Field(min_length=1, max_length=64)]
+    plugin: str
+    version: int = Field(ge=1)
+    phase: RolloutPhase
+    target: RolloutTarget
     allow_downgrade: bool = False
     issued_at: float
 

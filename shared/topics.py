@@ -11,6 +11,11 @@
     edgefleet/<device>/alerts                 telemetry: drift and health alerts, raised and resolved
     edgefleet/<device>/telemetry              on the cloud broker: batches from the device's outbox
     edgefleet/<device>/telemetry/ack          on the cloud broker: cloud_ingest stored a batch
+    edgefleet/<device>/plugins/<name>/...     a plugin's own messages (docs/plugins.md), nothing else's
+    edgefleet/<device>/inference/plugin-switch    sync -> inference: run this set of plugins now
+    edgefleet/<device>/inference/plugin-switched  inference -> sync: the outcome of a plugin switch
+    edgefleet/<device>/sync/plugins/<name>    retained: where this device is in a plugin's rollout
+    edgefleet/_fleet/plugins/<name>/rollout   retained: a plugin's current rollout, from the operators
 
 `_fleet` can never be a device id (ids start with a letter or digit).
 """
@@ -119,6 +124,54 @@ def all_telemetry(share_group: str | None = None) -> str:
 
 def all_telemetry_acks() -> str:
     return f"{ROOT}/+/telemetry/ack"
+
+
+# -- plugins (docs/plugins.md) ---------------------------------------------------------------------------
+
+
+def plugin_messages(device: str, plugin: str) -> str:
+    """The root of one plugin's own messages; the host publishes a plugin's message at root/<suffix>."""
+    return f"{ROOT}/{device}/plugins/{plugin}"
+
+
+def plugin_message(device: str, plugin: str, suffix: str) -> str:
+    """One message's topic; `suffix` must have passed shared.plugin.check_emit_suffix."""
+    return f"{plugin_messages(device, plugin)}/{suffix}"
+
+
+def all_plugin_messages(device: str) -> str:
+    return f"{ROOT}/{device}/plugins/+/#"
+
+
+def plugin_switch(device: str) -> str:
+    return f"{ROOT}/{device}/inference/plugin-switch"
+
+
+def plugin_switched(device: str) -> str:
+    return f"{ROOT}/{device}/inference/plugin-switched"
+
+
+def plugin_sync_state(device: str, plugin: str) -> str:
+    return f"{ROOT}/{device}/sync/plugins/{plugin}"
+
+
+def all_plugin_sync_states(plugin: str = "+") -> str:
+    """Every device's state in one plugin's rollout (or in every plugin's, by default)."""
+    return f"{ROOT}/+/sync/plugins/{plugin}"
+
+
+def plugin_rollout(plugin: str) -> str:
+    return f"{ROOT}/_fleet/plugins/{plugin}/rollout"
+
+
+def all_plugin_rollouts() -> str:
+    return f"{ROOT}/_fleet/plugins/+/rollout"
+
+
+def plugin_of(topic: str) -> str:
+    """The <name> level of a plugin rollout or plugin sync-state topic."""
+    levels = topic.split("/")
+    return levels[3] if levels[1] == "_fleet" else levels[-1]
 
 
 def device_of(topic: str) -> str:

@@ -96,7 +96,7 @@ class PluginManifest(_Strict):
     version: ModelVersion
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size_bytes: int = Field(gt=0, le=MAX_PLUGIN_BYTES)
-    file: Literal["plugin.wasm"] = PLUGIN_FILE
+    file: Literal["plugin.wasm"] = "plugin.wasm"
     abi: int = Field(ge=1)
     description: str = ""
     limits: PluginLimits = Field(default_factory=PluginLimits)

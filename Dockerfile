@@ -42,7 +42,8 @@ FROM python:3.11-slim AS runtime
 # The writable paths exist in the image, owned by the service user, so an empty named volume mounted
 # there starts owned by uid 10001 too (Docker copies a path's ownership into a new volume).
 RUN useradd --uid 10001 --create-home edgefleet \
-    && mkdir -p /var/lib/edgefleet/store /var/lib/edgefleet/telemetry \
+    && mkdir -p /var/lib/edgefleet/store /var/lib/edgefleet/telemetry /var/lib/edgefleet/plugins \
+       /var/lib/edgefleet/plugin-cache \
     && chown -R edgefleet:edgefleet /var/lib/edgefleet
 COPY --from=build /opt/edgefleet /opt/edgefleet
 USER edgefleet
@@ -62,11 +63,14 @@ HEALTHCHECK --interval=5s --timeout=5s --start-period=60s --retries=3 \
 ENTRYPOINT ["edgefleet"]
 
 FROM runtime AS inference
-ENV EDGEFLEET_MODEL_DIR=/var/lib/edgefleet/store/current
+ENV EDGEFLEET_MODEL_DIR=/var/lib/edgefleet/store/current \
+    EDGEFLEET_PLUGINS_DIR=/var/lib/edgefleet/plugins \
+    EDGEFLEET_PLUGINS_CACHE_DIR=/var/lib/edgefleet/plugin-cache
 CMD ["inference"]
 
 FROM runtime AS sync
 ENV EDGEFLEET_MODEL_STORE=/var/lib/edgefleet/store \
+    EDGEFLEET_PLUGINS_DIR=/var/lib/edgefleet/plugins \
     EDGEFLEET_SEED_MODEL_DIR=/models/efficientnet-lite0 \
     EDGEFLEET_TRUSTED_KEYS_DIR=/run/secrets/edgefleet-keys
 CMD ["sync"]

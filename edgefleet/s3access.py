@@ -53,11 +53,11 @@ class DeviceKey:
 
 
 def device_policy(bucket: str) -> dict:
-    """The IAM policy of a device key: read `models/*` of the registry bucket, nothing else.
+    """The IAM policy of a device key: read `models/*` and `plugins/*` of the registry bucket, nothing else.
 
     :param bucket: the registry bucket (StoreSettings.registry_bucket).
     """
-    root = registry.ROOT
+    roots = (registry.ROOT, registry.PLUGIN_ROOT)
     return {
         "Version": "2012-10-17",
         "Statement": [
@@ -65,14 +65,14 @@ def device_policy(bucket: str) -> dict:
                 "Sid": "ReadModels",
                 "Effect": "Allow",
                 "Action": ["s3:GetObject"],  # GetObject and HeadObject, ranged or not
-                "Resource": [f"arn:aws:s3:::{bucket}/{root}/*"],
+                "Resource": [f"arn:aws:s3:::{bucket}/{root}/*" for root in roots],
             },
             {
                 "Sid": "ListModels",
                 "Effect": "Allow",
                 "Action": ["s3:ListBucket"],
                 "Resource": [f"arn:aws:s3:::{bucket}"],
-                "Condition": {"StringLike": {"s3:prefix": [f"{root}/*"]}},
+                "Condition": {"StringLike": {"s3:prefix": [f"{root}/*" for root in roots]}},
             },
         ],
     }

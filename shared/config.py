@@ -203,13 +203,18 @@ class CacheSettings(Group):
 DEFAULT_PLUGIN_DIR = Path("var/plugins")
 
 
-class PluginSettings(Group):
-    """WebAssembly plugins (docs/plugins.md): where sync installs them and inference runs them, and the
-    ceilings this device puts on what any plugin's manifest asks for."""
+class PluginStoreSettings(Group):
+    """Where sync installs WebAssembly plugins (docs/plugins.md) and inference finds the active set."""
 
     dir: Path = Field(
         DEFAULT_PLUGIN_DIR, description="The plugin store: sync installs plugins and writes the active set here; "
         "inference runs the active set (mount it read-only into inference).")
+
+
+class PluginSettings(PluginStoreSettings):
+    """WebAssembly plugins in inference: the store, the precompiled modules, and the ceilings this device
+    puts on what any plugin's manifest asks for."""
+
     cache_dir: Path = Field(
         Path("var/plugin-cache"), description="Inference's precompiled modules, keyed by wasmtime version and "
         "module SHA-256 (private to inference: it loads native code from here).")
@@ -406,7 +411,7 @@ class SyncSettings(StoreSettings):
         "inference honours (a load finishing later is discarded and the switch fails)."
     )
     canary: CanarySettings = Field(default_factory=CanarySettings, description="The canary.")
-    plugins: PluginSettings = Field(default_factory=PluginSettings, description="WebAssembly plugins.")
+    plugins: PluginStoreSettings = Field(default_factory=PluginStoreSettings, description="WebAssembly plugins.")
 
     @field_validator("groups", mode="before")
     @classmethod

@@ -1,4 +1,5 @@
-"""`edgefleet s3 device-key|policy`: least privilege in the S3 store, a read-only models/* key per device."""
+"""`edgefleet s3 device-key|policy`: least privilege in the S3 store, a read-only key per device
+(models/* and plugins/*)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from edgefleet.cli.common import ConfigFile, load_settings, reported
 from shared.config import StoreSettings, describe_keys
 from shared.errors import EdgefleetError
 
-app = typer.Typer(no_args_is_help=True, help="Least privilege in the S3 store: a read-only models/* key per device.")
+app = typer.Typer(no_args_is_help=True, help="Least privilege in the S3 store: a key per device that reads "
+                   "models/* and plugins/* only.")
 
 
 @app.command("device-key", epilog=describe_keys(StoreSettings))
@@ -22,7 +24,7 @@ def s3_device_key(
     config: ConfigFile = None,
 ) -> None:
     """With the store's admin keys (these EDGEFLEET_S3_* keys), through its IAM API (AWS, moto): a user and a key
-    that can only read models/* of the registry. Keeps a key already in --out that still works; a new key
+    that can only read models/* and plugins/* of the registry. Keeps a key already in --out that still works; a new key
     replaces the user's others. MinIO has no IAM API: see README for its `mc admin` commands. Keys:"""
     from edgefleet.s3access import DEFAULT_KEYS_DIR, issue
 
@@ -33,7 +35,8 @@ def s3_device_key(
         typer.echo(f"kept: the key {done.access_key_id} of {done.user} in {done.folder} still works", err=True)
         return
     revoked = f"; revoked its older keys {', '.join(done.revoked)}" if done.revoked else ""
-    typer.echo(f"created key {done.access_key_id} for {done.user} (read models/* only) in {done.folder}{revoked}",
+    typer.echo(f"created key {done.access_key_id} for {done.user} (read models/* and plugins/* only) "
+               f"in {done.folder}{revoked}",
                err=True)
 
 

@@ -1,6 +1,10 @@
 """What the operators' rollout commands (edgefleet/cli/rollout.py) do: publish the fleet's rollout,
 retained, on the fleet broker (a device that is offline gets it when it returns), and read every
-device's retained sync state back."""
+device's retained sync state back.
+
+A model has one rollout (topics.rollout()); each plugin has its own beside it (a PluginRollout on
+topics.plugin_rollout(name), devices' states on topics.plugin_sync_state). Every function here serves
+both: `plugin=None` means the model's, a plugin name that plugin's."""
 
 from __future__ import annotations
 
@@ -8,13 +12,20 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from edgefleet.errors import ToolError
 from shared import registry, topics
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import CommonSettings
-from shared.mqtt import MqttLink, content_type_of
-from shared.schemas import Rollout, RolloutPhase, RolloutTarget, ServiceStatus, SyncReport
+from shared.mqtt import Handler, MqttLink, content_type_of
+from shared.schemas import PluginRollout, Rollout, RolloutPhase, RolloutTarget, ServiceStatus, SyncReport
+
+if TYPE_CHECKING:
+    from paho.mqtt.client import MQTTMessage
+
+# The model's rollout or a plugin's: the same phases, targets and downgrade rule (shared.schemas).
+AnyRollout = Rollout | PluginRollout
 
 
 class NoRollout(ToolError, RuntimeError):
@@ -34,60 +45,80 @@ def _link(settings: CommonSettings) -> MqttLink:
     return link
 
 
-def publish(settings: CommonSettings, rollout: Rollout) -> None:
+def _rollout_topic(plugin: str | None) -> str:
+    """The retained rollout's topic: the model's, or the named plugin's (the name checked: no wildcards)."""
+    return topics.rollout() if plugin is None else topics.plugin_rollout(registry.check_name(plugin))
+
+
+def publish(settings: CommonSettings, rollout: AnyRollout) -> None:
+    """Publishes a rollout, retained, on its topic (the model's, or its plugin's)."""
+    plugin = rollout.plugin if isinstance(rollout, PluginRollout) else None
     link = _link(settings)
     try:
-        link.publish(topics.rollout(), encode(rollout), qos=1, retain=True,
+        link.publish(_rollout_topic(plugin), encode(rollout), qos=1, retain=True,
                      content_type=WireFormat.JSON.content_type).wait_for_publish(10)
     finally:
         link.stop()
 
 
 def start(settings: CommonSettings, model: str, version: int, target: RolloutTarget, allow_downgrade: bool = False,
-          rollout_id: str | None = None) -> Rollout:
-    """Publishes a new rollout, retained.
+          rollout_id: str | None = None, plugin: bool = False) -> AnyRollout:
+    """Publishes a new rollout, retained: of a model, or (plugin=True) of the plugin named `model`.
 
-    :raises ValueError: a model name or version that could never be a registry key.
+    A plugin's version is not looked up here: the caller checks it is published and signed first
+    (edgefleet.publish.signed_plugin), as `edgefleet rollout start --plugin` does.
+
+    :raises ValueError: a name or version that could never be a registry key.
     :raises BrokerUnreachable: the fleet broker is unreachable (a ConnectionError).
     """
     registry.check_name(model)
     registry.check_version(version)
-    rollout = Rollout(
-        rollout_id=rollout_id or f"{model}-v{version}-{uuid.uuid4().hex[:6]}", model=model, version=version,
-        phase=RolloutPhase.CANARY if target.share < 1 else RolloutPhase.PROMOTED, target=target,
-        allow_downgrade=allow_downgrade, issued_at=time.time(),
-    )
+    fields = {
+        "rollout_id": rollout_id or f"{model}-v{version}-{uuid.uuid4().hex[:6]}", "version": version,
+        "phase": RolloutPhase.CANARY if target.share < 1 else RolloutPhase.PROMOTED, "target": target,
+        "allow_downgrade": allow_downgrade, "issued_at": time.time(),
+    }
+    rollout = PluginRollout(plugin=model, **fields) if plugin else Rollout(model=model, **fields)
     publish(settings, rollout)
     return rollout
 
 
-def current(settings: CommonSettings, wait_s: float = 2.0) -> Rollout:
-    found: list[Rollout] = []
+def current(settings: CommonSettings, wait_s: float = 2.0, plugin: str | None = None) -> AnyRollout:
+    """The retained rollout of the model, or of the named plugin.
+
+    :raises NoRollout: none is retained (or it cannot be decoded).
+    :raises ValueError: an invalid plugin name.
+    """
+    kind: type[AnyRollout] = Rollout if plugin is None else PluginRollout
+    topic = _rollout_topic(plugin)
+    found: list[AnyRollout] = []
     got = threading.Event()
 
-    def on_rollout(message) -> None:
+    def on_rollout(message: MQTTMessage) -> None:
         if message.payload:
             try:
-                found.append(decode(Rollout, message.payload, content_type_of(message)))
+                found.append(decode(kind, message.payload, content_type_of(message)))
             except DecodeError:
                 pass
         got.set()
 
     link = MqttLink(settings, "operator", unique=True)
-    link.subscribe(topics.rollout(), on_rollout)
+    link.subscribe(topic, on_rollout)
     link.start()
     try:
         got.wait(wait_s)
     finally:
         link.stop()
     if not found:
-        raise NoRollout("no rollout is retained on the fleet broker")
+        raise NoRollout("no rollout is retained on the fleet broker" if plugin is None
+                        else f"no rollout of the plugin {plugin} is retained on the fleet broker")
     return found[-1]
 
 
-def change_phase(settings: CommonSettings, phase: RolloutPhase) -> Rollout:
-    rollout = current(settings)
-    changed = Rollout(**{**rollout.model_dump(), "phase": phase, "issued_at": time.time()})
+def change_phase(settings: CommonSettings, phase: RolloutPhase, plugin: str | None = None) -> AnyRollout:
+    """Republishes the retained rollout (the model's, or the named plugin's) in another phase."""
+    rollout = current(settings, plugin=plugin)
+    changed = type(rollout)(**{**rollout.model_dump(), "phase": phase, "issued_at": time.time()})
     publish(settings, changed)
     return changed
 
@@ -126,7 +157,7 @@ class DeviceRow:
                 return claim
         return None
 
-    def as_json(self) -> dict:
+    def as_json(self) -> dict[str, Any]:
         """The report's fields, with `device` from the topic and the freshness added."""
         body = self.report.model_dump(mode="json") if self.report else {f: None for f in SyncReport.model_fields}
         return {
@@ -156,25 +187,31 @@ def row(device: str, report: SyncReport | None, status: ServiceStatus | None, no
     return DeviceRow(device, report, status, now - report.at if report else None, last_heard, stale, clock_ahead)
 
 
-def rows(settings: CommonSettings, wait_s: float = 2.0, now: float | None = None) -> list[DeviceRow]:
-    """Every device that has a retained sync report or sync status on the fleet broker, by topic, sorted."""
-    reports, statuses = _collect(settings, wait_s)
+def rows(settings: CommonSettings, wait_s: float = 2.0, now: float | None = None,
+         plugin: str | None = None) -> list[DeviceRow]:
+    """Every device that has a retained sync report (on the model's rollout, or the named plugin's) or a
+    sync status on the fleet broker, by topic, sorted."""
+    reports, statuses = _collect(settings, wait_s, plugin)
     now = time.time() if now is None else now
     return [row(d, reports.get(d), statuses.get(d), now, settings.status_interval_s)
             for d in sorted(reports.keys() | statuses.keys())]
 
 
-def states(settings: CommonSettings, wait_s: float = 2.0) -> dict[str, SyncReport]:
-    """Every device's latest retained sync report, by the device its topic names."""
-    return _collect(settings, wait_s)[0]
+def states(settings: CommonSettings, wait_s: float = 2.0, plugin: str | None = None) -> dict[str, SyncReport]:
+    """Every device's latest retained sync report (the model's, or the named plugin's), by the device its
+    topic names."""
+    return _collect(settings, wait_s, plugin)[0]
 
 
-def _collect(settings: CommonSettings, wait_s: float) -> tuple[dict[str, SyncReport], dict[str, ServiceStatus]]:
+def _collect(settings: CommonSettings, wait_s: float,
+             plugin: str | None = None) -> tuple[dict[str, SyncReport], dict[str, ServiceStatus]]:
+    states_topic = topics.all_sync_states() if plugin is None else topics.all_plugin_sync_states(
+        registry.check_name(plugin))
     reports: dict[str, SyncReport] = {}
     statuses: dict[str, ServiceStatus] = {}
 
-    def keep(kind: type, into: dict):
-        def on_message(message) -> None:
+    def keep(kind: type[SyncReport] | type[ServiceStatus], into: dict[str, Any]) -> Handler:
+        def on_message(message: MQTTMessage) -> None:
             try:
                 # Keyed by the topic: a device may publish only under its own id (fleet ACL), but it can
                 # write anything in a payload.
@@ -185,7 +222,7 @@ def _collect(settings: CommonSettings, wait_s: float) -> tuple[dict[str, SyncRep
         return on_message
 
     link = MqttLink(settings, "operator", unique=True)
-    link.subscribe(topics.all_sync_states(), keep(SyncReport, reports))
+    link.subscribe(states_topic, keep(SyncReport, reports))
     link.subscribe(topics.every_device_status(topics.SYNC_SERVICE), keep(ServiceStatus, statuses))
     link.start()
     time.sleep(wait_s)

@@ -1,20 +1,29 @@
-"""The operators' side of the model registry: publish a model or a cascade (signed, immutable, versions
-only going up) and list what is published. The layout and signature format are in shared.registry."""
+"""The operators' side of the registry: publish a model, a cascade or a plugin (signed, immutable,
+versions only going up) and list what is published. The layout and signature format are in shared.registry."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edgefleet.errors import ToolError
+from edgefleet.plugin_spec import check_module, load_spec
 from shared import VERSION, registry
 from shared.cascade import CascadeMember, is_cascade, load_members
 from shared.manifest import MODEL_FILE, ModelManifest, load_verified
+from shared.plugin import PluginManifest
 from shared.s3 import ensure_bucket
+
+if TYPE_CHECKING:  # boto3-stubs, a dev dependency
+    from mypy_boto3_s3 import S3Client
 
 _OBJECT_KEY = re.compile(r"(?P<version>[1-9][0-9]{0,8})/(?P<object>[^/]+)")
 # One PUT is how an object is created conditionally; S3 caps a single PUT at 5 GiB, far above an edge model.
@@ -38,14 +47,14 @@ class Published:
     members: tuple[Published, ...] = ()
 
 
-def versions(s3, bucket: str, name: str) -> list[int]:
-    """Every complete (signed) version of a model, oldest first."""
-    return sorted(v for v, obj in _objects(s3, bucket, name) if obj == registry.SIGNATURE_OBJECT)
+def versions(s3: S3Client, bucket: str, name: str, root: str = registry.ROOT) -> list[int]:
+    """Every complete (signed) version of a model (or, with root=registry.PLUGIN_ROOT, a plugin), oldest first."""
+    return sorted(v for v, obj in _objects(s3, bucket, name, root) if obj == registry.SIGNATURE_OBJECT)
 
 
-def _objects(s3, bucket: str, name: str) -> list[tuple[int, str]]:
-    """(version, object) for every registry object of a model, complete versions or not."""
-    prefix = f"{registry.ROOT}/{registry.check_name(name)}/"
+def _objects(s3: S3Client, bucket: str, name: str, root: str = registry.ROOT) -> list[tuple[int, str]]:
+    """(version, object) for every registry object of a model (or a plugin), complete versions or not."""
+    prefix = f"{root}/{registry.check_name(name)}/"
     found = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
@@ -55,7 +64,7 @@ def _objects(s3, bucket: str, name: str) -> list[tuple[int, str]]:
     return found
 
 
-def publish(s3, bucket: str, model_dir: Path, private_key_path: Path, name: str | None = None,
+def publish(s3: S3Client, bucket: str, model_dir: Path, private_key_path: Path, name: str | None = None,
             version: int | None = None) -> Published:
     """Signs a built model (or a cascade) and writes it as a new version: artifact, manifest, then signature.
 
@@ -98,7 +107,7 @@ def publish(s3, bucket: str, model_dir: Path, private_key_path: Path, name: str 
     return replace(published, members=published_members)
 
 
-def _publish_one(s3, bucket: str, model_dir: Path, private_key: Ed25519PrivateKey, name: str | None,
+def _publish_one(s3: S3Client, bucket: str, model_dir: Path, private_key: Ed25519PrivateKey, name: str | None,
                  version: int | None) -> Published:
     """Writes one model folder as a new version: artifact, manifest, then the signature.
 
@@ -135,12 +144,12 @@ def _check_gate(manifest: ModelManifest) -> None:
         )
 
 
-def _new_version(s3, bucket: str, name: str, version: int | None) -> int:
+def _new_version(s3: S3Client, bucket: str, name: str, version: int | None, root: str = registry.ROOT) -> int:
     """The version to publish `name` as: `version`, or one past every version that has any object.
 
     :raises PublishRefused: the version is published already, or not above the latest.
     """
-    found = _objects(s3, bucket, name)
+    found = _objects(s3, bucket, name, root)
     existing = sorted(v for v, obj in found if obj == registry.SIGNATURE_OBJECT)
     latest = existing[-1] if existing else 0
     # Past any version that has objects, signed or not: an unsigned one is a half-finished or racing
@@ -156,7 +165,7 @@ def _new_version(s3, bucket: str, name: str, version: int | None) -> int:
     return version
 
 
-def _members_to_publish(s3, bucket: str, cascade_dir: Path, cascade: ModelManifest) -> list[CascadeMember]:
+def _members_to_publish(s3: S3Client, bucket: str, cascade_dir: Path, cascade: ModelManifest) -> list[CascadeMember]:
     """A cascade's members the registry does not hold yet, each checked as it will be published.
 
     :raises PublishRefused: a member that is itself a cascade, that failed its gate, whose pinned
@@ -183,7 +192,7 @@ def _members_to_publish(s3, bucket: str, cascade_dir: Path, cascade: ModelManife
     return todo
 
 
-def _published_manifest(s3, bucket: str, name: str, version: int) -> ModelManifest | None:
+def _published_manifest(s3: S3Client, bucket: str, name: str, version: int) -> ModelManifest | None:
     """The manifest of a complete (signed) version, or None if the registry holds none.
 
     :raises PublishRefused: the stored manifest is too large or not a manifest.
@@ -197,7 +206,7 @@ def _published_manifest(s3, bucket: str, name: str, version: int) -> ModelManife
         raise PublishRefused(f"s3://{bucket}/{key} is not a readable manifest: {exc}") from None
 
 
-def _create(s3, bucket: str, key: str, body, content_type: str) -> None:
+def _create(s3: S3Client, bucket: str, key: str, body: Any, content_type: str) -> None:
     """Writes an object only if none is there (S3's conditional PUT, If-None-Match: *, as AWS S3, MinIO
     and moto implement it): of two writers of one key exactly one wins, and nothing is overwritten.
 
@@ -212,3 +221,177 @@ def _create(s3, bucket: str, key: str, body, content_type: str) -> None:
                 "untouched and this publish stopped: publish again as a new version"
             ) from None
         raise
+
+
+# -- plugins (docs/plugins.md) ---------------------------------------------------------------------------
+
+
+class NotPublished(ToolError, LookupError):
+    """A plugin version the registry does not hold, complete and signed by a trusted key."""
+
+
+@dataclass(frozen=True)
+class PluginVersion:
+    """One listed plugin version: its manifest's figures and the key its signature names (None where
+    the stored manifest or signature cannot be read; `problem` says why)."""
+
+    name: str
+    version: int
+    sha256: str | None = None
+    size_bytes: int | None = None
+    abi: int | None = None
+    key_id: str | None = None
+    created_at: float | None = None
+    problem: str | None = None
+
+    def as_json(self) -> dict[str, object]:
+        return {"name": self.name, "version": self.version, "sha256": self.sha256, "size_bytes": self.size_bytes,
+                "abi": self.abi, "key_id": self.key_id, "created_at": self.created_at, "problem": self.problem}
+
+
+def plugin_versions(s3: S3Client, bucket: str, name: str) -> list[int]:
+    """Every complete (signed) version of a plugin, oldest first."""
+    return versions(s3, bucket, name, registry.PLUGIN_ROOT)
+
+
+def publish_plugin(s3: S3Client, bucket: str, wasm: Path, spec: Path, private_key_path: Path,
+                   version: int | None = None) -> Published:
+    """Checks, signs and uploads a plugin as a new version: plugin.wasm, manifest.json, then manifest.sig.
+
+    The module is checked as a device will load it (edgefleet.plugin_spec.check_module) before anything is
+    written; every write is conditional (If-None-Match: *), as for a model, so nothing is overwritten.
+
+    Args:
+        s3: a boto3 S3 client for the registry.
+        bucket: the registry's bucket (created if missing).
+        wasm: the module (wasm32-wasi reactor).
+        spec: its plugin.json (name, description, limits, grants, config; nothing else).
+        private_key_path: the operator's Ed25519 signing key.
+        version: default one past every version of the plugin that has any object.
+
+    Returns:
+        What was published (prefix: plugins/<name>/<version>/).
+
+    Raises:
+        PluginRefused: the spec or the module is invalid, lacks an ABI export, or speaks another ABI.
+        PublishRefused: the version is taken or not above the latest, or an object is already there.
+        ValueError: an invalid version; SignatureError (a ValueError) or OSError: an unusable key.
+    """
+    plugin = load_spec(spec)
+    module = check_module(wasm, plugin.limits)
+    if version is not None:
+        registry.check_version(version)
+    private_key = registry.load_private_key(private_key_path)
+    ensure_bucket(s3, bucket)
+    version = _new_version(s3, bucket, plugin.name, version, registry.PLUGIN_ROOT)
+    manifest = PluginManifest(
+        name=plugin.name, version=version, sha256=hashlib.sha256(module.data).hexdigest(),
+        size_bytes=len(module.data), abi=module.abi, description=plugin.description, limits=plugin.limits,
+        grants=plugin.grants, config=plugin.config, recipe={"source": spec.name}, min_edgefleet=VERSION,
+        created_at=time.time(),
+    )
+    document = registry.manifest_bytes(manifest)
+    signature = registry.sign(document, private_key)
+    # Module, manifest, then the signature that makes the version visible (as for a model).
+    for obj, body, content_type in ((registry.PLUGIN_OBJECT, module.data, "application/wasm"),
+                                    (registry.MANIFEST_OBJECT, document, "application/json"),
+                                    (registry.SIGNATURE_OBJECT, signature, "application/json")):
+        _create(s3, bucket, registry.plugin_key(plugin.name, version, obj), body, content_type)
+    return Published(plugin.name, version, manifest.sha256, registry.key_id(private_key.public_key()),
+                     f"{registry.PLUGIN_ROOT}/{plugin.name}/{version}/")
+
+
+def plugin_names(s3: S3Client, bucket: str) -> list[str]:
+    """Every plugin name with any object in the registry, sorted (an empty list if the bucket is missing)."""
+    names: list[str] = []
+    try:
+        for page in s3.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=f"{registry.PLUGIN_ROOT}/", Delimiter="/"):
+            names.extend(p["Prefix"].removeprefix(f"{registry.PLUGIN_ROOT}/").rstrip("/")
+                         for p in page.get("CommonPrefixes", []))
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") == "NoSuchBucket":
+            return []
+        raise
+    return sorted(names)
+
+
+def list_plugins(s3: S3Client, bucket: str, name: str | None = None) -> list[PluginVersion]:
+    """Every complete version of one plugin, or of every plugin, with its manifest's figures and the key
+    id its signature names (read, not verified: signed_plugin() verifies).
+
+    :raises ValueError: an invalid name.
+    """
+    listed: list[PluginVersion] = []
+    for plugin in [registry.check_name(name)] if name is not None else plugin_names(s3, bucket):
+        try:
+            found = plugin_versions(s3, bucket, plugin)
+        except ValueError:  # a prefix that is no plugin name: nothing a device would install
+            continue
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "NoSuchBucket":
+                return []
+            raise
+        listed.extend(_listed(s3, bucket, plugin, version) for version in found)
+    return listed
+
+
+def _listed(s3: S3Client, bucket: str, name: str, version: int) -> PluginVersion:
+    try:
+        document = registry.read_bounded(s3, bucket, registry.plugin_key(name, version, registry.MANIFEST_OBJECT),
+                                         registry.MAX_MANIFEST_BYTES)
+        signature = registry.read_bounded(s3, bucket, registry.plugin_key(name, version, registry.SIGNATURE_OBJECT),
+                                          registry.MAX_SIGNATURE_BYTES)
+        manifest = PluginManifest.model_validate_json(document)
+        signer = json.loads(signature).get("key_id")
+    except (ValueError, AttributeError, ClientError) as exc:  # too large, not JSON, not a manifest, gone
+        return PluginVersion(name, version, problem=f"unreadable: {str(exc).splitlines()[0]}")
+    return PluginVersion(name, version, manifest.sha256, manifest.size_bytes, manifest.abi,
+                         signer if isinstance(signer, str) else None, manifest.created_at)
+
+
+def trusted_keys(folder: Path) -> dict[str, Ed25519PublicKey]:
+    """The operators' public keys (*.pub in folder, as devices trust them) a plugin's signature is checked against.
+
+    :raises NotPublished: the folder holds none, so nothing could be shown to be signed.
+    :raises SignatureError, ValueError, OSError: as registry.load_public_keys (a file that is no Ed25519 key).
+    """
+    keys = registry.load_public_keys(folder)
+    if not keys:
+        raise NotPublished(f"no operator public key (*.pub) in {folder} to check the plugin's signature against")
+    return keys
+
+
+def signed_plugin(s3: S3Client, bucket: str, name: str, version: int,
+                  trusted: dict[str, Ed25519PublicKey]) -> PluginManifest:
+    """A plugin version's manifest, if the registry holds it signed by a trusted key: what a rollout
+    may name (a device would refuse anything else, one by one).
+
+    :param trusted: the operators' public keys by key id (registry.load_public_keys()).
+    :returns: the verified manifest.
+    :raises NotPublished: no such complete version, an unreadable manifest or signature, a signature
+        by no trusted key or not over these bytes, or a manifest that names another plugin or version.
+    :raises ValueError: an invalid name or version.
+    :raises ClientError, BotoCoreError: the registry unreachable or refusing (other than a missing object).
+    """
+    registry.check_name(name)
+    registry.check_version(version)
+    keys = [registry.plugin_key(name, version, obj) for obj in (registry.MANIFEST_OBJECT, registry.SIGNATURE_OBJECT)]
+    try:
+        document = registry.read_bounded(s3, bucket, keys[0], registry.MAX_MANIFEST_BYTES)
+        signature = registry.read_bounded(s3, bucket, keys[1], registry.MAX_SIGNATURE_BYTES)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404", "NoSuchBucket"):
+            raise
+        raise NotPublished(f"the registry (s3://{bucket}) holds no signed {name} v{version}: publish it with "
+                           "`edgefleet plugin publish` first") from None
+    except registry.ObjectTooLarge as exc:
+        raise NotPublished(f"{name} v{version} in the registry is unusable: {exc}") from None
+    try:
+        manifest = registry.verify_plugin(document, signature, trusted)
+    except ValueError as exc:  # SignatureError, pydantic's ValidationError
+        raise NotPublished(f"{name} v{version} in the registry is not trusted: {str(exc).splitlines()[0]}") from None
+    if (manifest.name, manifest.version) != (name, version):
+        raise NotPublished(f"the manifest stored as {name} v{version} is signed for {manifest.name} "
+                           f"v{manifest.version}; refusing it")
+    return manifest

@@ -1,4 +1,5 @@
-"""`edgefleet rollout start|promote|abort|status`: the operators' rollouts on the fleet broker."""
+"""`edgefleet rollout start|promote|abort|status`: the operators' rollouts on the fleet broker, of the
+model or (--plugin) of a WebAssembly plugin."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from edgefleet.cli.common import ConfigFile, comma_list, load_settings, reported
-from shared.config import CommonSettings
+from shared.config import DEFAULT_KEY_DIR, CommonSettings
 from shared.errors import EdgefleetError
 
 if TYPE_CHECKING:
@@ -16,15 +17,18 @@ if TYPE_CHECKING:
 
     from edgefleet.fleet_rollout import DeviceRow
 
-app = typer.Typer(no_args_is_help=True, help="Roll models out to the fleet: canary, promote, abort, status.")
+app = typer.Typer(no_args_is_help=True,
+                  help="Roll models (or, with --plugin, plugins) out to the fleet: canary, promote, abort, status.")
 
 FleetUrl = Annotated[str | None, typer.Option(help="The fleet broker (default: EDGEFLEET_MQTT_URL).")]
+PluginName = Annotated[str | None, typer.Option(
+    "--plugin", help="This plugin's rollout instead of the model's.", metavar="NAME")]
 STATUS_COLUMNS = ("rollout", "state", "serving", "target", "reason", "age", "health")
 
 
 @app.command("start")
 def rollout_start(
-    model: Annotated[str, typer.Argument(help="The registry's model name.")],
+    model: Annotated[str, typer.Argument(help="The registry's model name (with --plugin: plugin name).")],
     version: Annotated[int, typer.Argument(min=1, help="The published version.")],
     devices: Annotated[str | None, typer.Option(help="Only these devices, comma-separated.")] = None,
     group: Annotated[str | None, typer.Option(help="Only devices in these groups, comma-separated.")] = None,
@@ -33,6 +37,13 @@ def rollout_start(
     allow_downgrade: Annotated[bool, typer.Option(help="An explicit rollback to an older version.")] = False,
     rollout_id: Annotated[str | None, typer.Option(
         help="Name the rollout (default: model, version and a random suffix).")] = None,
+    plugin: Annotated[bool, typer.Option(
+        "--plugin", help="MODEL names a plugin: roll out that plugin's version beside the model (it must be "
+        "in the registry, signed by a trusted key).")] = False,
+    trusted_keys: Annotated[Path, typer.Option(
+        envvar="EDGEFLEET_TRUSTED_KEYS_DIR",
+        help="With --plugin: the operators' public keys (*.pub) the plugin's signature must verify against.",
+    )] = DEFAULT_KEY_DIR,
     mqtt_url: FleetUrl = None,
     config: ConfigFile = None,
 ) -> None:
@@ -41,68 +52,102 @@ def rollout_start(
     from shared.schemas import RolloutTarget
 
     target = RolloutTarget(devices=comma_list(devices), groups=comma_list(group), share=canary / 100)
+    settings = _signed_plugin_settings(config, mqtt_url, model, version, trusted_keys) if plugin else _fleet(
+        config, mqtt_url)
     with reported("rollout start", EdgefleetError, ValueError):  # ValueError: a bad model name or version
-        started = rollout.start(_fleet(config, mqtt_url), model, version, target, allow_downgrade, rollout_id)
-    typer.echo(f"rollout {started.rollout_id}: {model} v{version}, {started.phase.value}, "
-               f"{canary:g} % of {', '.join(target.devices or target.groups) or 'all devices'}", err=True)
+        started = rollout.start(settings, model, version, target, allow_downgrade, rollout_id, plugin=plugin)
+    typer.echo(f"rollout {started.rollout_id}: {'the plugin ' if plugin else ''}{model} v{version}, "
+               f"{started.phase.value}, {canary:g} % of {', '.join(target.devices or target.groups) or 'all devices'}",
+               err=True)
     typer.echo(started.rollout_id)
 
 
 @app.command("promote")
-def rollout_promote(mqtt_url: FleetUrl = None, config: ConfigFile = None) -> None:
+def rollout_promote(plugin: PluginName = None, mqtt_url: FleetUrl = None, config: ConfigFile = None) -> None:
     """Every device of the rollout's target installs it (after a canary)."""
-    _change("promoted", config, mqtt_url)
+    _change("promoted", config, mqtt_url, plugin)
 
 
 @app.command("abort")
-def rollout_abort(mqtt_url: FleetUrl = None, config: ConfigFile = None) -> None:
-    """Every device that installed the rollout's model goes back to the one it had."""
-    _change("aborted", config, mqtt_url)
+def rollout_abort(plugin: PluginName = None, mqtt_url: FleetUrl = None, config: ConfigFile = None) -> None:
+    """Every device that installed the rollout's model (or plugin) goes back to the one it had; aborting a
+    plugin's first version removes the plugin."""
+    _change("aborted", config, mqtt_url, plugin)
 
 
 @app.command("status")
 def rollout_status(
     wait: Annotated[float, typer.Option(min=0.1, help="Seconds to collect the devices' retained states.")] = 2.0,
     json_out: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
+    plugin: PluginName = None,
     mqtt_url: FleetUrl = None,
     config: ConfigFile = None,
 ) -> None:
-    """Per device (named by its topic): state, model served, the rollout's model, the last reason, the
-    report's age, and whether the device is stale (nothing heard for 3 status intervals)."""
+    """Per device (named by its topic): state, model (or plugin) served, the rollout's, the last reason,
+    the report's age, and whether the device is stale (nothing heard for 3 status intervals)."""
     import json
 
     from rich.console import Console
 
     from edgefleet import fleet_rollout as rollout
 
-    rows = rollout.rows(_fleet(config, mqtt_url), wait)
+    with reported("rollout status", ValueError):  # a bad plugin name
+        rows = rollout.rows(_fleet(config, mqtt_url), wait, plugin=plugin)
     if json_out:
         for row in rows:
             typer.echo(json.dumps(row.as_json()))
         return
     console = Console()
     # Piped into grep or a file there is no terminal width to respect: one row per line.
-    (console if console.is_terminal else Console(width=max(console.width, 200))).print(status_table(rows))
+    title = "edgefleet rollout status" + (f" --plugin {plugin}" if plugin else "")
+    (console if console.is_terminal else Console(width=max(console.width, 200))).print(status_table(rows, title))
 
 
 def _fleet(config: Path | None, mqtt_url: str | None) -> CommonSettings:
     return load_settings(CommonSettings, config, mqtt_url=mqtt_url)
 
 
-def _change(phase_name: str, config: Path | None, mqtt_url: str | None) -> None:
+def _signed_plugin_settings(config: Path | None, mqtt_url: str | None, name: str, version: int,
+                            keys_dir: Path) -> CommonSettings:
+    """The fleet's and the registry's settings, once the plugin's version is known to be in the registry
+    signed by one of the keys in `keys_dir` (a device would refuse it otherwise).
+
+    Raises:
+        typer.Exit: 2 when the version is not published and signed by a trusted key (or no key can be
+            read); 1 for a bad name or version, or a registry that cannot be asked.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from edgefleet.publish import NotPublished, signed_plugin, trusted_keys
+    from shared import s3
+    from shared.config import StoreSettings
+
+    settings = load_settings(StoreSettings, config, mqtt_url=mqtt_url)
+    # None there, or a file that is no public key (SignatureError, ValueError), or unreadable.
+    with reported("rollout start: refused (--trusted-keys, EDGEFLEET_TRUSTED_KEYS_DIR)", NotPublished, ValueError,
+                  OSError, code=2):
+        trusted = trusted_keys(keys_dir)
+    with (reported("rollout start", ValueError, ClientError, BotoCoreError),
+          reported("rollout start: refused", NotPublished, code=2)):
+        signed_plugin(s3.client(settings), settings.registry_bucket, name, version, trusted)
+    return settings
+
+
+def _change(phase_name: str, config: Path | None, mqtt_url: str | None, plugin: str | None = None) -> None:
     from edgefleet import fleet_rollout as rollout
     from shared.schemas import RolloutPhase
 
-    with reported("rollout", EdgefleetError):  # the broker unreachable, no rollout to change
-        changed = rollout.change_phase(_fleet(config, mqtt_url), RolloutPhase(phase_name))
+    # The broker unreachable, no rollout to change; ValueError: a bad plugin name.
+    with reported("rollout", EdgefleetError, ValueError):
+        changed = rollout.change_phase(_fleet(config, mqtt_url), RolloutPhase(phase_name), plugin)
     typer.echo(f"rollout {changed.rollout_id}: {phase_name}", err=True)
 
 
-def status_table(rows: list[DeviceRow]) -> Table:
+def status_table(rows: list[DeviceRow], title: str = "edgefleet rollout status") -> Table:
     """One row per device: its rollout, state, the model served and the target, the last reason, age, health."""
     from rich.table import Table
 
-    table = Table(title="edgefleet rollout status")
+    table = Table(title=title)
     # A device id is never cut or wrapped (operators grep for it); other cells wrap rather than elide.
     table.add_column("device", no_wrap=True, min_width=max((len(row.device) for row in rows), default=6))
     for column in STATUS_COLUMNS:

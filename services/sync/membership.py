@@ -5,8 +5,22 @@ any device knowing the others."""
 from __future__ import annotations
 
 import hashlib
+from typing import Protocol
 
-from shared.schemas import Rollout, RolloutPhase
+from shared.schemas import RolloutPhase, RolloutTarget
+
+
+class Targeted(Protocol):
+    """What membership reads of a rollout: a model's Rollout and a plugin's PluginRollout both have it."""
+
+    @property
+    def rollout_id(self) -> str: ...
+
+    @property
+    def phase(self) -> RolloutPhase: ...
+
+    @property
+    def target(self) -> RolloutTarget: ...
 
 
 def position(rollout_id: str, device_id: str) -> float:
@@ -15,7 +29,8 @@ def position(rollout_id: str, device_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def is_member(rollout: Rollout, device_id: str, groups: list[str]) -> bool:
+def is_member(rollout: Targeted, device_id: str, groups: list[str]) -> bool:
+    """Whether this device is in the rollout's target (devices, groups) and, unless promoted, its share."""
     target = rollout.target
     if target.devices and device_id not in target.devices:
         return False

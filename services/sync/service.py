@@ -1,10 +1,13 @@
-"""The sync service: the one owner of the device's model store, its MQTT link and its rollout worker.
+"""The sync service: the one owner of the device's model store, its MQTT link and its rollout workers
+(models: "rollouts"; WebAssembly plugins: "plugin-rollouts", plugin_io.py, with the plugin store).
 
 This file is the wiring and the I/O: MQTT callbacks, registry reads (size-capped), resumable downloads
 (a cascade's document, then its members, each held to its pin), switch requests to inference, the
 prediction watch and the retained reports. The rollout state machine
 itself (its states, the pending canary persisted before a switch, what a restart resumes) is
-rollout.py, which reads top to bottom; this service is its `Io`.
+rollout.py, which reads top to bottom; this service is its `Io`. The registry reads, downloads and
+switch requests take a `Job` (job.py), so the plugin machine (plugins.py, its Io in plugin_io.py) uses
+the same ones.
 """
 
 from __future__ import annotations
@@ -14,12 +17,15 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import TypeVar
 
 import paho.mqtt.client as paho
 from botocore.exceptions import BotoCoreError, ClientError
 
 from services.sync import canary
 from services.sync.download import Cancelled, DownloadFailed, DownloadInterrupted, download
+from services.sync.job import Job
+from services.sync.plugin_io import PluginDelivery
 from services.sync.rollout import Machine, StepFailed, Superseded, requested, supersedes
 from services.sync.store import ModelStore, StagedMember
 from shared import VERSION, registry, s3, topics
@@ -39,6 +45,7 @@ from shared.schemas import (
     ModelRef,
     ModelSwitch,
     ModelSwitched,
+    PluginSwitched,
     Prediction,
     Rollout,
     ServiceState,
@@ -59,6 +66,8 @@ SWITCH_ANSWER_GRACE_S = 5.0
 INFERENCE_STATUS_WAIT_S = 3.0
 # How often an idle rollout worker wakes to tick its Progress (shared.lifecycle): idle is alive, stuck is not.
 IDLE_TICK_S = 1.0
+
+Answer = TypeVar("Answer", ModelSwitched, PluginSwitched)
 
 
 class SyncService:
@@ -88,6 +97,8 @@ class SyncService:
             ),
         )
         self._worker = threading.Thread(target=self._work, name="rollouts")
+        self.plugins = PluginDelivery(self)
+        self._plugin_worker = threading.Thread(target=self.plugins.work, name="plugin-rollouts")
         # The worker ticks its Progress from the Io methods below, announcing each bounded wait (an S3 request
         # within its connect and read timeouts, a backoff, a switch deadline) so that only a real hang counts.
         self.liveness, self._progress = Liveness(), Progress("rollouts")
@@ -101,21 +112,34 @@ class SyncService:
         self.link.subscribe(topics.errors(self._device), self._on_error, qos=0)
         self.link.subscribe(topics.model_switched(self._device), self._on_switched, qos=1)
         self.link.subscribe(topics.status(self._device, INFERENCE), self._on_inference_status, qos=1)
+        self.link.subscribe(topics.all_plugin_rollouts(), self.plugins.on_rollout, qos=1)
+        self.link.subscribe(topics.plugin_switched(self._device), self.plugins.on_switched, qos=1)
         self.link.start()
         _, serving = self.store.current()
         self.watch.serving = serving.sha256
         log.info("serving from the store",
                  extra=fields(model=serving.name, version=serving.version, repairs=self.repairs))
-        self._report(SyncState.IDLE, None, reason="; ".join(self.repairs) or None)
+        self._report(SyncState.IDLE, None, reason="; ".join(self.repairs + self.plugins.repairs) or None)
         self._worker.start()
+        self._plugin_worker.start()
         while not self._stopping.wait(self.settings.status_interval_s):
             self.link.publish(topics.status(self._device, SERVICE), encode(self._status(ServiceState.ONLINE)),
                               qos=1, retain=True, content_type=WireFormat.JSON.content_type)
         with self._changed:
             self._changed.notify_all()
         self._worker.join()
+        self._plugin_worker.join()
         self.link.stop(final_status=encode(self._status(ServiceState.OFFLINE, reason="shutdown")))
         return 0
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    @property
+    def changed(self) -> threading.Condition:
+        """Notified on every message a worker may wait for (rollouts, answers, predictions) and on stop."""
+        return self._changed
 
     def stop(self) -> None:
         self._stopping.set()
@@ -130,7 +154,7 @@ class SyncService:
         try:
             rollout = decode(Rollout, message.payload, content_type_of(message))
         except DecodeError as exc:
-            self._error(ErrorReason.MALFORMED_COMMAND, f"rollout: {exc}")
+            self.error(ErrorReason.MALFORMED_COMMAND, f"rollout: {exc}")
             return
         with self._changed:
             self._latest = rollout
@@ -138,9 +162,11 @@ class SyncService:
 
     def _on_prediction(self, message: paho.MQTTMessage) -> None:
         try:
-            self.watch.on_prediction(decode(Prediction, message.payload, content_type_of(message)))
+            prediction = decode(Prediction, message.payload, content_type_of(message))
         except DecodeError:
-            pass  # not ours to judge: inference's own errors topic reports bad output
+            return  # not ours to judge: inference's own errors topic reports bad output
+        self.watch.on_prediction(prediction)
+        self.plugins.canary.on_prediction(prediction)
 
     def _on_error(self, message: paho.MQTTMessage) -> None:
         try:
@@ -149,6 +175,10 @@ class SyncService:
             return
         if report.service == "inference" and report.reason is ErrorReason.INTERNAL:
             self.watch.on_failure()
+        elif report.reason in (ErrorReason.PLUGIN_FAULT, ErrorReason.PLUGIN_DISABLED):
+            self.plugins.canary.on_error(report)
+            with self._changed:  # a disabled plugin ends its canary at once
+                self._changed.notify_all()
 
     def _on_inference_status(self, message: paho.MQTTMessage) -> None:
         if not message.payload:
@@ -156,7 +186,7 @@ class SyncService:
         try:
             self._inference_status = decode(ServiceStatus, message.payload, content_type_of(message))
         except DecodeError as exc:
-            self._error(ErrorReason.MALFORMED_COMMAND, f"inference status: {exc}")
+            self.error(ErrorReason.MALFORMED_COMMAND, f"inference status: {exc}")
             return
         self._inference_seen.set()
 
@@ -164,7 +194,7 @@ class SyncService:
         try:
             result = decode(ModelSwitched, message.payload, content_type_of(message))
         except DecodeError as exc:
-            self._error(ErrorReason.MALFORMED_COMMAND, f"switch result: {exc}")
+            self.error(ErrorReason.MALFORMED_COMMAND, f"switch result: {exc}")
             return
         with self._changed:
             self._switch_results[result.request_id] = result
@@ -206,9 +236,11 @@ class SyncService:
     def superseded(self, rollout: Rollout) -> bool:
         return self._stopping.is_set() or supersedes(self._latest, rollout)
 
-    def _check(self, rollout: Rollout) -> None:
-        if self.superseded(rollout):
-            raise Superseded()
+    def _job(self, rollout: Rollout) -> Job:
+        def report(state: SyncState, target: ModelRef, reason: str | None, progress: int | None) -> None:
+            self._report(state, rollout.rollout_id, target=target, reason=reason, progress=progress)
+
+        return Job(rollout.rollout_id, requested(rollout), lambda: self.superseded(rollout), self._progress, report)
 
     def fetch_manifest(self, rollout: Rollout) -> tuple[ModelManifest, bytes, bytes]:
         bucket = self.settings.registry_bucket
@@ -217,8 +249,8 @@ class SyncService:
             signature_key = registry.key(rollout.model, rollout.version, registry.SIGNATURE_OBJECT)
         except ValueError as exc:
             raise StepFailed(f"refused the rollout's model name or version: {exc}") from None
-        document = self._get(rollout, document_key, registry.MAX_MANIFEST_BYTES)
-        signature = self._get(rollout, signature_key, registry.MAX_SIGNATURE_BYTES)
+        document = self.read_object(self._job(rollout), document_key, registry.MAX_MANIFEST_BYTES)
+        signature = self.read_object(self._job(rollout), signature_key, registry.MAX_SIGNATURE_BYTES)
         try:
             manifest = registry.verify(document, signature, self.trusted)
         except (registry.SignatureError, ValueError) as exc:
@@ -227,12 +259,16 @@ class SyncService:
             raise StepFailed(f"the signed manifest is for {manifest.name} v{manifest.version}, not the rollout's")
         return manifest, document, signature
 
-    def _get(self, rollout: Rollout, key: str, max_bytes: int) -> bytes:
-        """A registry object read whole, but only if it is at most max_bytes; retried while the store is away."""
+    def read_object(self, job: Job, key: str, max_bytes: int) -> bytes:
+        """A registry object read whole, but only if it is at most max_bytes; retried while the store is away.
+
+        :raises StepFailed: missing, forbidden or over the cap.
+        :raises Superseded: a newer rollout or shutdown.
+        """
         delay = 1.0
         while True:
-            self._check(rollout)
-            self._progress.tick(self._s3_call_s)
+            job.check()
+            job.progress.tick(self._s3_call_s)
             try:
                 return registry.read_bounded(self.s3, self.settings.registry_bucket, key, max_bytes)
             except registry.ObjectTooLarge as exc:
@@ -244,16 +280,17 @@ class SyncService:
                 reason = str(exc)
             except (BotoCoreError, OSError) as exc:
                 reason = str(exc)
-            self._report(SyncState.RECEIVED, rollout.rollout_id, target=requested(rollout),
-                         reason=f"registry unreachable, retrying in {delay:.0f} s: {reason}")
-            delay = self._backoff(rollout, delay)
+            job.report(SyncState.RECEIVED, job.target, f"registry unreachable, retrying in {delay:.0f} s: {reason}",
+                       None)
+            delay = self._backoff(job, delay)
 
     def download(self, rollout: Rollout, manifest: ModelManifest) -> Path:
         part = self.store.part_file(manifest.name, manifest.version, manifest.sha256)
         if not is_cascade(manifest):  # a cascade's members' parts are known, and kept, once its document is read
             self.store.discard_parts(keep={part})
         key = registry.key(manifest.name, manifest.version, manifest.file)
-        return self._download(rollout, manifest.ref(), key, part, manifest.size_bytes, manifest.sha256)
+        return self.download_object(self._job(rollout), manifest.ref(), key, part, manifest.size_bytes,
+                                    manifest.sha256)
 
     def download_members(self, rollout: Rollout, cascade: ModelManifest, spec: CascadeSpec) -> list[StagedMember]:
         # Every member's signature and pin first: a refused member costs two small reads, not a model download.
@@ -263,8 +300,8 @@ class SyncService:
         staged = []
         for pin, part, (member, document, signature) in zip(spec.stages, parts, signed, strict=True):
             key = registry.key(member.name, member.version, member.file)
-            self._download(rollout, cascade.ref(), key, part, member.size_bytes, member.sha256,
-                           note=f"{pin.folder}: {member.name} v{member.version}")
+            self.download_object(self._job(rollout), cascade.ref(), key, part, member.size_bytes, member.sha256,
+                                 note=f"{pin.folder}: {member.name} v{member.version}")
             staged.append(StagedMember(pin.folder, part, document, signature))
         return staged
 
@@ -275,10 +312,11 @@ class SyncService:
         """
         what = f"the cascade's {pin.folder} member {pin.name} v{pin.version}"
         try:
-            document = self._get(rollout, registry.key(pin.name, pin.version, registry.MANIFEST_OBJECT),
-                                 registry.MAX_MANIFEST_BYTES)
-            signature = self._get(rollout, registry.key(pin.name, pin.version, registry.SIGNATURE_OBJECT),
-                                  registry.MAX_SIGNATURE_BYTES)
+            job = self._job(rollout)
+            document = self.read_object(job, registry.key(pin.name, pin.version, registry.MANIFEST_OBJECT),
+                                        registry.MAX_MANIFEST_BYTES)
+            signature = self.read_object(job, registry.key(pin.name, pin.version, registry.SIGNATURE_OBJECT),
+                                         registry.MAX_SIGNATURE_BYTES)
         except StepFailed as exc:
             raise StepFailed(f"{what}: {exc}") from None
         try:
@@ -294,8 +332,8 @@ class SyncService:
                              f"{member.sha256[:16]}… ({member.size_bytes} bytes)")
         return member, document, signature
 
-    def _download(self, rollout: Rollout, target: ModelRef, key: str, part: Path, size: int, sha256: str,
-                  note: str | None = None) -> Path:
+    def download_object(self, job: Job, target: ModelRef, key: str, part: Path, size: int, sha256: str,
+                        note: str | None = None) -> Path:
         """One registry object into its staging file, resumed and retried while the store is away.
 
         :param target: what the reports name (the rollout's model, also while a cascade's member downloads).
@@ -305,25 +343,24 @@ class SyncService:
         """
         s = self.settings
         resumed = part.stat().st_size if part.exists() else 0
-        self._report(SyncState.DOWNLOADING, rollout.rollout_id, target=target, progress=resumed,
-                     reason=_joined(note, f"resuming at byte {resumed}" if resumed else None))
+        job.report(SyncState.DOWNLOADING, target, _joined(note, f"resuming at byte {resumed}" if resumed else None),
+                   resumed)
         last = [time.monotonic()]
         throttle_s = s.download.chunk_bytes / s.download.limit_bytes_s if s.download.limit_bytes_s else 0
         chunk_s = self._s3_call_s + throttle_s
 
         def progress(done: int) -> None:
-            self._progress.tick(chunk_s)
+            job.progress.tick(chunk_s)
             if time.monotonic() - last[0] >= 1.0:
                 last[0] = time.monotonic()
-                self._report(SyncState.DOWNLOADING, rollout.rollout_id, target=target, progress=done, reason=note)
+                job.report(SyncState.DOWNLOADING, target, note, done)
 
         delay = 1.0
         while True:
-            self._progress.tick(chunk_s)
+            job.progress.tick(chunk_s)
             try:
                 return download(self.s3, s.registry_bucket, key, part, size, sha256,
-                                s.download.chunk_bytes, s.download.limit_bytes_s, progress,
-                                lambda: self.superseded(rollout))
+                                s.download.chunk_bytes, s.download.limit_bytes_s, progress, job.superseded)
             except Cancelled:
                 raise Superseded() from None
             except DownloadFailed as exc:
@@ -331,15 +368,15 @@ class SyncService:
                 raise StepFailed(str(exc)) from None
             except DownloadInterrupted as exc:
                 have = part.stat().st_size if part.exists() else 0
-                self._report(SyncState.DOWNLOADING, rollout.rollout_id, target=target, progress=have,
-                             reason=_joined(note, f"interrupted, retrying in {delay:.0f} s from byte {have}: {exc}"))
-                delay = self._backoff(rollout, delay)
+                job.report(SyncState.DOWNLOADING, target,
+                           _joined(note, f"interrupted, retrying in {delay:.0f} s from byte {have}: {exc}"), have)
+                delay = self._backoff(job, delay)
 
-    def _backoff(self, rollout: Rollout, delay: float) -> float:
-        self._progress.tick(delay)
+    def _backoff(self, job: Job, delay: float) -> float:
+        job.progress.tick(delay)
         with self._changed:
-            self._changed.wait_for(lambda: self.superseded(rollout), timeout=delay)
-        self._check(rollout)
+            self._changed.wait_for(job.superseded, timeout=delay)
+        job.check()
         return min(delay * 2, self.settings.download.retry_max_s)
 
     def switch(self, folder: Path, sha256: str) -> None:
@@ -354,19 +391,26 @@ class SyncService:
         timeout_s = self.settings.switch_timeout_s
         request = ModelSwitch(request_id=uuid.uuid4().hex, model_dir=str(folder.resolve()), sha256=sha256,
                               at=time.time(), timeout_s=timeout_s)
-        self.link.publish(topics.model_switch(self._device), encode(request), qos=1,
-                          content_type=WireFormat.JSON.content_type)
-        self._progress.tick(timeout_s + SWITCH_ANSWER_GRACE_S)
-        with self._changed:
-            answered = self._changed.wait_for(
-                lambda: request.request_id in self._switch_results or self._stopping.is_set(),
-                timeout=timeout_s + SWITCH_ANSWER_GRACE_S,
-            )
-            result = self._switch_results.pop(request.request_id, None)
-        if not answered or result is None:
+        result = self.ask_inference(topics.model_switch(self._device), request.request_id, encode(request),
+                                    self._switch_results, self._progress)
+        if result is None:
             raise StepFailed(f"inference did not answer the switch within its {timeout_s:g} s deadline")
         if not result.ok:
             raise StepFailed(f"inference refused the model: {result.error}")
+
+    def ask_inference(self, topic: str, request_id: str, request: bytes, answers: dict[str, Answer],
+                      progress: Progress) -> Answer | None:
+        """Publishes a switch request (its deadline switch_timeout_s inside) and waits for its answer.
+
+        :param answers: where the answers' MQTT callback files them by request id (guarded by `_changed`).
+        :returns: the answer, or None if none came by the deadline and its grace (or on shutdown).
+        """
+        timeout_s = self.settings.switch_timeout_s + SWITCH_ANSWER_GRACE_S
+        self.link.publish(topic, request, qos=1, content_type=WireFormat.JSON.content_type)
+        progress.tick(timeout_s)
+        with self._changed:
+            self._changed.wait_for(lambda: request_id in answers or self._stopping.is_set(), timeout=timeout_s)
+            return answers.pop(request_id, None)
 
     def wait_for_samples(self, rollout: Rollout, sha256: str, count: int, timeout_s: float) -> canary.Window:
         deadline = time.monotonic() + timeout_s
@@ -384,11 +428,16 @@ class SyncService:
 
     def inference_serving(self) -> ModelRef | None:
         """The model in inference's retained status, if it is online; waits briefly for that status."""
-        self._progress.tick(2 * INFERENCE_STATUS_WAIT_S)
+        status = self.inference_status(self._progress)
+        return status.model if status is not None else None
+
+    def inference_status(self, progress: Progress) -> ServiceStatus | None:
+        """Inference's retained status if it is online; waits briefly for it."""
+        progress.tick(2 * INFERENCE_STATUS_WAIT_S)
         self.link.wait_connected(INFERENCE_STATUS_WAIT_S)
         self._inference_seen.wait(INFERENCE_STATUS_WAIT_S)
         status = self._inference_status
-        return status.model if status is not None and status.state is ServiceState.ONLINE else None
+        return status if status is not None and status.state is ServiceState.ONLINE else None
 
     def report(self, state: SyncState, rollout_id: str | None, target: ModelRef | None = None,
                reason: str | None = None, canary: CanaryVerdict | None = None, progress: int | None = None) -> None:
@@ -408,7 +457,7 @@ class SyncService:
         self.link.publish(topics.sync_state(self._device), encode(report), qos=1, retain=True,
                           content_type=WireFormat.JSON.content_type)
 
-    def _error(self, reason: ErrorReason, detail: str) -> None:
+    def error(self, reason: ErrorReason, detail: str) -> None:
         log.warning("bad message", extra=fields(reason=reason.value, detail=detail))
         report = ErrorReport(device=self._device, service=SERVICE, reason=reason, detail=detail, at=time.time())
         self.link.publish(topics.errors(self._device), encode(report), qos=1, content_type=WireFormat.JSON.content_type)

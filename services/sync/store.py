@@ -29,24 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.sync.atomic import TMP, fsync_dir, fsync_file, make_dir, write_atomic
 from shared.cascade import STAGE_FOLDERS, is_cascade, verify_folder
 from shared.logs import fields
-from shared.manifest import (
-    ARTIFACT_DIR_MODE,
-    ARTIFACT_FILE_MODE,
-    MANIFEST_FILE,
-    MODEL_FILE,
-    ModelError,
-    ModelManifest,
-    make_dirs,
-)
+from shared.manifest import MANIFEST_FILE, MODEL_FILE, ModelError, ModelManifest, make_dirs
 from shared.registry import SIGNATURE_OBJECT, check_name, check_version
 
 log = logging.getLogger(__name__)
 
 CURRENT, FALLBACK, VERSIONS, STAGING = "current", "fallback", "versions", "staging"
 QUARANTINE, STATE = "quarantine", "state.json"
-_TMP = ".tmp"
 
 
 @dataclass
@@ -115,7 +107,7 @@ class ModelStore:
             return StoreState()
 
     def save_state(self, state: StoreState) -> None:
-        self._write_atomic(self.root / STATE, json.dumps(state.__dict__).encode())
+        write_atomic(self.root / STATE, json.dumps(state.__dict__).encode())
 
     def pending_canary(self) -> PendingCanary | None:
         """The canary recorded as under way, if any (a damaged record reads as none found)."""
@@ -153,23 +145,23 @@ class ModelStore:
         except ModelError:
             pass
         seed = verify_folder(seed_dir)  # refuse to seed from a broken model
-        staging = self.root / (FALLBACK + _TMP)
+        staging = self.root / (FALLBACK + TMP)
         shutil.rmtree(staging, ignore_errors=True)
-        _mkdir(staging)
+        make_dir(staging)
         _copy_model(seed_dir, staging, seed.file)
         for stage in STAGE_FOLDERS if is_cascade(seed) else ():
-            _mkdir(staging / stage)
+            make_dir(staging / stage)
             _copy_model(seed_dir / stage, staging / stage, MODEL_FILE)
         verify_folder(staging)
         shutil.rmtree(fallback, ignore_errors=True)
         os.replace(staging, fallback)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         log.info("fallback model seeded", extra=fields(source=str(seed_dir)))
 
     def repair(self) -> list[str]:
         """Mends what a crash left; returns what it did, in words (empty: nothing to mend)."""
         notes = []
-        for leftover in [*self.root.glob(f"*{_TMP}"), *(self.root / VERSIONS).glob(f"*/*{_TMP}")]:
+        for leftover in [*self.root.glob(f"*{TMP}"), *(self.root / VERSIONS).glob(f"*/*{TMP}")]:
             shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
             notes.append(f"removed the half-written {leftover.relative_to(self.root)}")
         for folder in self._installed():
@@ -229,19 +221,19 @@ class ModelStore:
             OSError: the disk.
         """
         final = self.version_dir(manifest.name, manifest.version)
-        staging = final.with_name(final.name + _TMP)
+        staging = final.with_name(final.name + TMP)
         shutil.rmtree(staging, ignore_errors=True)
         make_dirs(staging.parent)
-        _mkdir(staging)
+        make_dir(staging)
         self._stage(part, staging, manifest.file, manifest_bytes, signature)
         placed: dict[Path, Path] = {}
         for member in members:
-            _mkdir(staging / member.folder)
+            make_dir(staging / member.folder)
             if member.part in placed:  # both stages pin the same model: one download, two copies
                 shutil.copyfile(placed[member.part], member.part)
             placed[member.part] = staging / member.folder / MODEL_FILE
             self._stage(member.part, staging / member.folder, MODEL_FILE, member.manifest_bytes, member.signature)
-        _fsync_dir(staging)
+        fsync_dir(staging)
         try:
             verify_folder(staging)
         except ModelError:
@@ -250,7 +242,7 @@ class ModelStore:
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return final
 
     def activate(self, folder: Path, remember_previous: bool = True) -> None:
@@ -261,11 +253,11 @@ class ModelStore:
                 state.previous = str(self.current()[0].relative_to(self.root))
             except (OSError, ModelError):
                 pass
-        link = self.root / (CURRENT + _TMP)
+        link = self.root / (CURRENT + TMP)
         link.unlink(missing_ok=True)
         link.symlink_to(folder.relative_to(self.root))
         os.replace(link, self.current_link)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self.save_state(state)
 
     def previous(self) -> Path:
@@ -310,7 +302,7 @@ class ModelStore:
     # -- internals ---------------------------------------------------------------------------------
 
     def _installed(self) -> list[Path]:
-        return [p for p in (self.root / VERSIONS).glob("*/*") if p.is_dir() and not p.name.endswith(_TMP)]
+        return [p for p in (self.root / VERSIONS).glob("*/*") if p.is_dir() and not p.name.endswith(TMP)]
 
     def quarantine(self, folder: Path) -> None:
         target = self.root / QUARANTINE / f"{folder.parent.name}-{folder.name}-{int(time.time())}"
@@ -319,45 +311,15 @@ class ModelStore:
 
     def _stage(self, part: Path, folder: Path, file: str, manifest_bytes: bytes, signature: bytes) -> None:
         """A verified download and its signed manifest into a staging folder, each fsynced."""
-        _fsync(part)
+        fsync_file(part)
         os.replace(part, folder / file)
-        self._write_atomic(folder / MANIFEST_FILE, manifest_bytes)
-        self._write_atomic(folder / SIGNATURE_OBJECT, signature)
-
-    def _write_atomic(self, path: Path, data: bytes) -> None:
-        staging = path.with_name(path.name + _TMP)
-        with staging.open("wb") as f:
-            os.fchmod(f.fileno(), ARTIFACT_FILE_MODE)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(staging, path)
-        _fsync_dir(path.parent)
-
+        write_atomic(folder / MANIFEST_FILE, manifest_bytes)
+        write_atomic(folder / SIGNATURE_OBJECT, signature)
 
 def _copy_model(source: Path, dest: Path, file: str) -> None:
     """A model folder's manifest, its file and its signature (where there is one) copied and fsynced."""
     for name in (file, MANIFEST_FILE, SIGNATURE_OBJECT):
         if name != SIGNATURE_OBJECT or (source / name).exists():
             shutil.copyfile(source / name, dest / name)
-            _fsync(dest / name)
+            fsync_file(dest / name)
 
-
-def _fsync(path: Path) -> None:
-    """Flushes a file to disk, readable by all first (a download's .part, a copied seed: umask modes)."""
-    with path.open("rb") as f:
-        os.fchmod(f.fileno(), ARTIFACT_FILE_MODE)
-        os.fsync(f.fileno())
-
-
-def _mkdir(path: Path) -> None:
-    path.mkdir()
-    os.chmod(path, ARTIFACT_DIR_MODE)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,0 +1,54 @@
+"""How sync changes files that a power cut must never leave half-written: write to a temporary, fsync
+it, rename it over the old one, fsync the folder. The model store (store.py) and the plugin store
+(plugin_store.py) both change the disk only through these.
+
+Files are ARTIFACT_FILE_MODE (0644) and folders ARTIFACT_DIR_MODE (0755) before they are renamed into
+place, whatever the umask: inference may run as another user than sync.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from shared.manifest import ARTIFACT_DIR_MODE, ARTIFACT_FILE_MODE
+
+# The suffix of everything half-written: a store's repair() removes what a crash left with it.
+TMP = ".tmp"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replaces `path` with `data`: a reader sees the old file or the new one, never a part of either.
+
+    :raises OSError: the disk (the old file is left as it was).
+    """
+    staging = path.with_name(path.name + TMP)
+    with staging.open("wb") as f:
+        os.fchmod(f.fileno(), ARTIFACT_FILE_MODE)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(staging, path)
+    fsync_dir(path.parent)
+
+
+def fsync_file(path: Path) -> None:
+    """Flushes a file to disk, readable by all first (a download's .part, a copied seed: umask modes)."""
+    with path.open("rb") as f:
+        os.fchmod(f.fileno(), ARTIFACT_FILE_MODE)
+        os.fsync(f.fileno())
+
+
+def make_dir(path: Path) -> None:
+    """A new folder (it must not exist), readable by all."""
+    path.mkdir()
+    os.chmod(path, ARTIFACT_DIR_MODE)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flushes a folder's entries (a rename into it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -30,5 +30,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" >"$stamp"
 fi
 
+scripts/plugins.sh  # the WebAssembly plugins (plugins/, tests/plugins/) from source; unchanged ones are skipped
+
 # Builds EfficientNet-Lite0 to ONNX once; a cached, verified model is kept.
 .venv/bin/edgefleet model build

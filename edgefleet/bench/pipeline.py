@@ -463,9 +463,7 @@ def _cache_rows(model_dir: Path, batch: int, cores: Cores, scale: Scale, changin
     with device(model_dir, cores, max_batch=batch) as off, \
             device(model_dir, cores, max_batch=batch, cache_enabled=True) as on:
         off[0].frames, on[0].frames = streams.cycle(changing), streams.cycle(changing)
-        off_runs: list[Saturated] = []
-        on_run = _rounds(on, cores, batch, scale, lambda: off_runs.append(
-            _saturated(off, cores, batch, scale.round_s, warm_s=1.0 if not off_runs else 0.3)))
+        off_turn, on_turn = in_turns(off, on, cores, batch, scale)
         harness = on[0]
         harness.frames = ((f.camera, f.data) for f in static)
         harness.keep = True
@@ -474,11 +472,9 @@ def _cache_rows(model_dir: Path, batch: int, cores: Cores, scale: Scale, changin
         harness.drain()
         answers = harness.window(start, time.perf_counter())
         kept = harness.kept
-    off_run = max(off_runs, key=lambda r: _whole_core(r.per_s, _others(r, cores)))
-    off_rate, on_rate = (_whole_core(r.per_s, _others(r, cores)) for r in (off_run, on_run))
-    figures.cache_on_off = on_rate / off_rate if off_rate else None
+    figures.cache_on_off = on_turn.rate / off_turn.rate if off_turn.rate else None
     rows = []
-    for name, run in (("off", off_run), ("on", on_run)):
+    for name, run in (("off", off_turn.run), ("on", on_turn.run)):
         rows.append({"run": f"FP32 path, changing frames, cache {name}", "cores": cores.label(),
                      "img/s": round(run.per_s, 1), "others on core": round(_others(run, cores), 3),
                      "cached": sum(r.prediction.cached for r in run.done),
@@ -486,6 +482,26 @@ def _cache_rows(model_dir: Path, batch: int, cores: Cores, scale: Scale, changin
                              "exactly); best of rounds in turns with the other"})
     rows[-1]["x cache off"] = round(figures.cache_on_off, 3) if figures.cache_on_off else ""
     return [*rows, _static_row(model_dir, answers, kept, static, scale, change_every_s, noise_sigma, figures)]
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One side of a comparison in turns: its best round and its rate on the whole of the device's core."""
+
+    run: Saturated
+    rate: float
+
+
+def in_turns(first: Device, second: Device, cores: Cores, batch: int, scale: Scale) -> tuple[Turn, Turn]:
+    """Two devices side by side on the device's core, saturated in turns (first, second, first, ...), so
+    load from elsewhere falls on both alike; each side's best round (the scene cache off and on, the
+    service without and with a plugin)."""
+    first_runs: list[Saturated] = []
+    second_run = _rounds(second, cores, batch, scale, lambda: first_runs.append(
+        _saturated(first, cores, batch, scale.round_s, warm_s=1.0 if not first_runs else 0.3)))
+    first_run = max(first_runs, key=lambda r: _whole_core(r.per_s, _others(r, cores)))
+    return (Turn(first_run, _whole_core(first_run.per_s, _others(first_run, cores))),
+            Turn(second_run, _whole_core(second_run.per_s, _others(second_run, cores))))
 
 
 def _static_row(model_dir: Path, answers: list[Result], kept: dict[str, bytes], sent: list[streams.StreamFrame],

@@ -146,3 +146,17 @@ def bench_cascade(
     from edgefleet.bench import cascade
 
     raise typer.Exit(cascade.run(quick, json_out, model_dir, work))
+
+
+@app.command("wasm")
+def bench_wasm(
+    quick: Annotated[bool, typer.Option(help="Fewer repeats and shorter rounds; about half a minute.")] = False,
+    json_out: BenchJson = None,
+    model_dir: Annotated[Path, typer.Option(help="The model the service serves beside the plugin.")] = (
+        DEFAULT_MODEL_DIR),
+) -> None:
+    """A WebAssembly plugin's cold start, per-prediction cost against Python, memory, and the service's
+    throughput with it against without (the plugins: scripts/plugins.sh)."""
+    from edgefleet.bench import wasm
+
+    raise typer.Exit(wasm.run(quick, json_out, model_dir))

@@ -1,7 +1,7 @@
 """The inference service's counters, in one object: bumped by paho's network thread (received,
 rejected at receive, dropped) and the workers (rejected at decode, published, lost, batches), read
 by the status timer. Every frame received is counted once more, in exactly one of rejected, dropped,
-published or lost, or it is still queued or in a worker (docs/protocol.md)."""
+published, lost or dropped by a plugin, or it is still queued or in a worker (docs/protocol.md)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ class Counters:
     batches: Counter = field(default_factory=Counter)
     escalated: Counter = field(default_factory=Counter)  # of `published`: answered by a cascade's stage 2
     cached: Counter = field(default_factory=Counter)  # of `published`: answered by the scene cache, no model run
+    dropped_by_plugins: Counter = field(default_factory=Counter)  # answered, but a plugin said not to publish
     dropped_by_camera: CameraCounts = field(default_factory=_camera_counts)
 
     def drop(self, camera: str) -> None:
@@ -51,6 +52,7 @@ class Counters:
             batches=self.batches.value,
             predictions_escalated=self.escalated.value,
             predictions_cached=self.cached.value,
+            predictions_dropped_by_plugins=self.dropped_by_plugins.value,
             queue_depth=queue_depth,
             dropped_by_camera=self.dropped_by_camera.snapshot(),
         )

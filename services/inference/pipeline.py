@@ -6,11 +6,13 @@
     decode   (decode_batch)                      JPEG/PNG to pixels to the model's input tensor
     infer    (BatchRun)                          one ONNX Runtime run for the batch, top-k, features;
                                                  a cascade's unsure rows run again on stage 2
+    plugins  (plugins.PluginRunner)              each WebAssembly plugin, in order, keeps, replaces or
+                                                 drops the prediction (the model's or the cache's)
     publish  (publisher.Publisher)               one prediction per frame, or an error report
 
 Frames are decoded only once a worker takes them, so the frames overload drops cost no decode (as
 Vector's buffers hold events undecoded). Every frame received ends in exactly one of: a prediction
-(published or lost), an error report (rejected), or a drop; the Counters say which.
+(published or lost), an error report (rejected), a drop, or a plugin's drop; the Counters say which.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ import paho.mqtt.client as paho
 from services.inference.batcher import FrameBacklog
 from services.inference.cache import Hit, Probe, SceneCache
 from services.inference.counters import Counters
-from services.inference.decode import decode_bgr
+from services.inference.decode import decode_bgr, image_size
 from services.inference.errors import Closed, FrameRejected, UndecodableFrame
 from services.inference.features import summarise
 from services.inference.intake import Frame, Intake, clip
+from services.inference.plugins import PluginRunner, PluginSet
 from services.inference.postprocess import top_k
 from services.inference.publisher import Publisher
 from services.inference.session import ModelSession
@@ -91,34 +94,48 @@ class Worker:
         max_batch: most frames in one run.
         max_wait_s: how long a batch may wait for more frames after its first.
         top_k: classes per prediction.
+        max_image_pixels: the largest image a plugin's `infer` import decodes (the frames' pixel budget).
         cache: the scene cache, or None (disabled: the path never touches it).
+        plugins: the plugin set running now, read once per batch like `serving`; None: no plugins.
     """
 
     def __init__(self, *, backlog: FrameBacklog, serving: Callable[[], ServedModel], publisher: Publisher,
                  counters: Counters, device: str, max_batch: int, max_wait_s: float, top_k: int,
-                 cache: SceneCache | None = None) -> None:
+                 max_image_pixels: int, cache: SceneCache | None = None,
+                 plugins: Callable[[], PluginSet] | None = None) -> None:
         self._backlog, self._serving, self._publisher, self._counters = backlog, serving, publisher, counters
         self._device, self._max_batch, self._max_wait_s, self._top_k = device, max_batch, max_wait_s, top_k
-        self._cache = cache
+        self._cache, self._plugins, self._max_image_pixels = cache, plugins, max_image_pixels
 
     def run(self, progress: Progress) -> None:
         """Answers batches until the backlog is closed and drained, ticking `progress` every time round."""
+        # The thread's own plugin instances: a wasm instance is not thread-safe.
+        runner = None if self._plugins is None else PluginRunner(
+            plugins=self._plugins, publisher=self._publisher,
+            context=lambda frame, model: FrameContext(frame, model, max_pixels=self._max_image_pixels))
         # take() returns at least every half second when idle: an idle worker ticks, a stuck one does not.
         while (frames := self._backlog.take(self._max_batch, self._max_wait_s)) is not None:
             progress.tick()
             if not frames:
                 continue
             try:
-                self.answer(frames)
+                self.answer(frames, runner)
             except Exception:  # a bug must not stop the worker; model failures are reported in answer()
                 log.exception("batch abandoned", extra=fields(frames=[f.frame_id for f in frames]))
 
-    def answer(self, frames: list[Frame]) -> None:
-        """Publishes a prediction or an error report for each frame of the batch."""
+    def answer(self, frames: list[Frame], plugins: PluginRunner | None = None) -> None:
+        """Publishes a prediction or an error report for each frame of the batch.
+
+        Args:
+            frames: the batch.
+            plugins: this thread's plugin runner (None: no plugins run).
+        """
         model = self._serving()
+        if plugins is not None:
+            plugins.next_batch()  # the batch meets one plugin set, as it meets one model
         probes: dict[int, Probe] = {}  # by id() of the frames the cache did not answer
         if self._cache is not None:
-            frames = self._answer_from_cache(self._cache, model, frames, probes)
+            frames = self._answer_from_cache(self._cache, model, frames, probes, plugins)
         batch, ready = decode_batch(model, frames, self._publisher)
         if not ready:
             return
@@ -138,17 +155,29 @@ class Worker:
                                        frame_id=item.frame.frame_id)
                 continue
             prediction = run.prediction(i, item, device=self._device)
-            self._publisher.prediction(prediction)
+            self._publish(prediction, item.frame, model, plugins)
             if self._cache is not None and (probe := probes.get(id(item.frame))) is not None:
                 try:
                     self._cache.remember(item.frame, probe, prediction)  # the scene's new reference
                 except Exception:  # the cache must never cost the rest of the batch its answers
                     log.exception("scene cache remember failed", extra=fields(frame_id=item.frame.frame_id))
 
+    def _publish(self, prediction: Prediction, frame: Frame, model: ServedModel, plugins: PluginRunner | None) -> None:
+        """The plugins step, then publish: what the plugins make of the prediction, unless one dropped it.
+
+        The scene cache keeps the model's own answer: a cached answer meets the plugins again."""
+        if plugins is not None:
+            changed = plugins.apply(prediction, frame, model)
+            if changed is None:
+                self._counters.dropped_by_plugins.add()
+                return
+            prediction = changed
+        self._publisher.prediction(prediction)
+
     # -- scene cache: before any decode; frames it answers never reach decode_batch or the model --------
 
     def _answer_from_cache(self, cache: SceneCache, model: ServedModel, frames: list[Frame],
-                           probes: dict[int, Probe]) -> list[Frame]:
+                           probes: dict[int, Probe], plugins: PluginRunner | None) -> list[Frame]:
         """Publishes a cached prediction for each frame the cache answers; returns the others, in order,
         each one's probe put in `probes` for remember()."""
         left = []
@@ -162,7 +191,7 @@ class Worker:
                 log.exception("scene cache check failed", extra=fields(frame_id=frame.frame_id))
                 found = None
             if isinstance(found, Hit):
-                self._publisher.prediction(answer)
+                self._publish(answer, frame, model, plugins)
                 continue
             if found is not None:
                 probes[id(frame)] = found
@@ -319,3 +348,78 @@ class BatchRun:
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
+
+
+# -- plugins -------------------------------------------------------------------------------------------
+
+
+class FrameContext:
+    """What one plugin call's host imports reach (wasm.HostContext): the prediction's frame, and the
+    model that answered it, run as the service runs it (BatchRun: a cascade answers with both stages).
+
+    Args:
+        frame: the frame the prediction answers.
+        model: the model that answered it.
+        max_pixels: the largest image `infer_image` decodes, checked in its header first.
+    """
+
+    __slots__ = ("_frame", "_max_pixels", "_model")
+
+    def __init__(self, frame: Frame, model: ServedModel, *, max_pixels: int) -> None:
+        self._frame, self._model, self._max_pixels = frame, model, max_pixels
+
+    def frame(self) -> bytes | None:
+        """The encoded frame, as the camera sent it."""
+        return self._frame.data
+
+    def infer_image(self, data: bytes, x: int, y: int, w: int, h: int) -> np.ndarray | None:
+        """The served model's probabilities for a pixel rectangle of an encoded image.
+
+        Args:
+            data: JPEG or PNG bytes (a plugin's: bounded by its memory, checked here before decoding).
+            x, y, w, h: the rectangle in the image's full-resolution pixels; w = h = 0: the whole image.
+
+        Returns:
+            float32 probabilities, one per class; None: undecodable, over the pixel budget, or the
+            rectangle is empty or not inside the image.
+
+        Raises:
+            RuntimeError: a cascade's stage 2 failed on this crop (the host reports the call's fault).
+        """
+        size = image_size(data)
+        if size is None or size[0] * size[1] > self._max_pixels:
+            return None
+        try:
+            bgr = decode_bgr(data)  # every pixel: the rectangle is in the image's own coordinates
+        except UndecodableFrame:
+            return None
+        height, width = bgr.shape[:2]
+        if w or h:
+            if not (w > 0 and h > 0 and 0 <= x <= width - w and 0 <= y <= height - h):
+                return None
+            bgr = bgr[y : y + h, x : x + w]
+        crop = self._model.manifest.preprocessing.crop
+        batch = np.empty((1, 3, crop, crop), dtype=np.float32)
+        self._model.preprocess(bgr, batch[0])
+        return self._probabilities(batch)
+
+    def infer_tensor(self, tensor: np.ndarray) -> np.ndarray:
+        """The served model's probabilities for a ready (1, 3, crop, crop) float32 input.
+
+        Raises:
+            ValueError: another shape or type (the host reports the call's fault).
+            RuntimeError: a cascade's stage 2 failed on it.
+        """
+        crop = self._model.manifest.preprocessing.crop
+        if tensor.shape != (1, 3, crop, crop) or tensor.dtype != np.float32:
+            raise ValueError(f"infer_tensor takes float32 (1, 3, {crop}, {crop}), not {tensor.dtype} {tensor.shape}")
+        return self._probabilities(tensor)
+
+    def _probabilities(self, batch: np.ndarray) -> np.ndarray:
+        classes = len(self._model.manifest.labels)
+        run = BatchRun.of(self._model, batch, k=classes)
+        if run.stage2_failure is not None and run.escalated[0]:
+            raise RuntimeError(f"the cascade's stage 2 failed: {run.stage2_failure}")
+        probabilities = np.zeros(classes, dtype=np.float32)
+        probabilities[run.classes[0]] = run.scores[0]
+        return probabilities

@@ -1,5 +1,6 @@
 """Publish: everything the inference service sends, on the topics shared.topics names and in the
-messages shared.schemas defines: predictions, error reports, its retained status, answers to switches.
+messages shared.schemas defines: predictions, error reports, its retained status, answers to switches,
+and its plugins' own messages (only ever under the plugin's topic).
 
 A publish never waits on the network: paho takes it or refuses it at once (its queue full, or QoS 0
 while the broker is away), and a refused prediction is counted lost, never retried, as Mosquitto
@@ -23,7 +24,10 @@ from shared.schemas import (
     ErrorReason,
     ErrorReport,
     InferenceStats,
+    ModelRef,
     ModelSwitched,
+    PluginStatus,
+    PluginSwitched,
     Prediction,
     ServiceState,
     ServiceStatus,
@@ -70,10 +74,17 @@ class Publisher:
         self.report(reason, detail, camera=camera, frame_id=frame_id)
 
     def report(self, reason: ErrorReason, detail: str, *, camera: str | None = None,
-               frame_id: str | None = None) -> None:
-        """Publishes an error report on the device's error topic (detail cut to MAX_STR)."""
+               frame_id: str | None = None, plugin: ModelRef | None = None) -> None:
+        """Publishes an error report on the device's error topic (detail cut to MAX_STR).
+
+        Args:
+            reason: the wire reason.
+            detail: what happened, for a person.
+            camera, frame_id: the frame it concerns, if one.
+            plugin: the plugin a PLUGIN_FAULT or PLUGIN_DISABLED report names.
+        """
         report = ErrorReport(device=self._device, service=SERVICE, reason=reason, detail=detail[:MAX_STR],
-                             camera=camera, frame_id=frame_id, at=time.time())
+                             camera=camera, frame_id=frame_id, at=time.time(), plugin=plugin)
         self._link.publish(topics.errors(self._device), encode(report, self._wire), qos=self._qos,
                            content_type=self._wire.content_type)
 
@@ -88,8 +99,24 @@ class Publisher:
                            content_type=WireFormat.JSON.content_type)
 
 
+    def plugin_switched(self, result: PluginSwitched) -> None:
+        """Answers a plugin switch request (JSON, QoS 1)."""
+        self._link.publish(topics.plugin_switched(self._device), encode(result), qos=1,
+                           content_type=WireFormat.JSON.content_type)
+
+    def plugin_message(self, plugin: str, suffix: str, payload: bytes) -> None:
+        """Publishes a plugin's message at QoS 0 on edgefleet/<device>/plugins/<plugin>/<suffix>.
+
+        Args:
+            plugin: the plugin's name (its manifest's, validated).
+            suffix: the topic below the plugin's own; must have passed shared.plugin.check_emit_suffix.
+            payload: the plugin's bytes, as it emitted them (bounded by its limits.emit_bytes).
+        """
+        self._link.publish(topics.plugin_message(self._device, plugin, suffix), payload, qos=0)
+
+
 def status_message(*, device: str, state: ServiceState, model: ServedModel, stats: InferenceStats | None,
-                   reason: str | None = None) -> ServiceStatus:
+                   reason: str | None = None, plugins: list[PluginStatus] | None = None) -> ServiceStatus:
     """The service's status as the wire carries it.
 
     Args:
@@ -98,9 +125,11 @@ def status_message(*, device: str, state: ServiceState, model: ServedModel, stat
         model: the model served now (named with its execution provider report).
         stats: the counters; None in the last will, which is written before any frame.
         reason: why offline ("shutdown", "connection lost").
+        plugins: each plugin's state and counters (None: the service runs no plugin host).
     """
     return ServiceStatus(device=device, service=SERVICE, state=state, at=time.time(), edgefleet_version=VERSION,
-                         reason=reason, model=model.ref, provider=model.session.provider, inference=stats)
+                         reason=reason, model=model.ref, provider=model.session.provider, inference=stats,
+                         plugins=plugins)
 
 
 def fallback_text(model: ServedModel) -> str:

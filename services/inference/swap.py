@@ -69,6 +69,16 @@ class ServedModel:
     escalation: Escalation | None = None  # None: one model, every frame answered by `session`
 
 
+class Deadlined(Protocol):
+    """A request with a deadline: a ModelSwitch, or a PluginSwitch (plugins.py)."""
+
+    @property
+    def at(self) -> float: ...
+
+    @property
+    def timeout_s(self) -> float | None: ...
+
+
 class LoadModel(Protocol):
     """What the service loads models with: the first one at start and each one a switch names."""
 
@@ -199,11 +209,11 @@ class Swapper:
             switch, received = item
             started = time.monotonic()
             try:
-                _in_time(switch, received)
+                in_time(switch, received)
                 model = self._load(Path(switch.model_dir), sha256=switch.sha256)
                 warm(model)
                 # sync has given up on a late load: installing it would disagree with the store
-                _in_time(switch, received)
+                in_time(switch, received)
             except Exception as exc:  # a bad model must never stop the service: the old one keeps serving
                 log.warning("model switch refused", extra=fields(request=switch.request_id, error=str(exc)))
                 self._reply(ModelSwitched(request_id=switch.request_id, ok=False, serving=self._serving(),
@@ -220,7 +230,7 @@ class Swapper:
             _release_when_gone(old)
 
 
-def _in_time(switch: ModelSwitch, received: float) -> None:
+def in_time(switch: Deadlined, received: float) -> None:
     """Raises SwitchLate when the request's deadline has passed.
 
     The deadline is `timeout_s` from the sender's `at` (wall clock: sync and inference share the

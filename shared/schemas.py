@@ -312,6 +312,11 @@ class Rollout(_Message):
     allow_downgrade: bool = False
     issued_at: float
 
+    @property
+    def artifact(self) -> tuple[str, int]:
+        """The model and version asked for (a PluginRollout's `artifact` has the same shape)."""
+        return self.model, self.version
+
 
 class PluginRollout(_Message):
     """A plugin's rollout, retained on its own topic (topics.plugin_rollout): plugins roll out beside the
@@ -326,6 +331,11 @@ class PluginRollout(_Message):
     target: RolloutTarget
     allow_downgrade: bool = False
     issued_at: float
+
+    @property
+    def artifact(self) -> tuple[str, int]:
+        """The plugin and version asked for (a model Rollout's `artifact` has the same shape)."""
+        return self.plugin, self.version
 
 
 class SyncState(StrEnum):

@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import TypeVar
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -24,10 +25,12 @@ import yaml
 
 from edgefleet.waiting import wait_until
 from shared import topics
-from shared.schemas import Prediction
+from shared.codec import decode
+from shared.schemas import PluginState, Prediction, ServiceStatus
 from tests.image_build import engine_available, wait_built
 
 REPO = Path(__file__).resolve().parents[1]
+M = TypeVar("M", Prediction, ServiceStatus)
 EDGEFLEET = REPO / ".venv" / "bin" / "edgefleet"
 PROJECT = "efh"
 DEVICE, CAMERA = "device-1", "cam-1"
@@ -148,17 +151,19 @@ class Watch:
         assert subscribed.wait(30), f"no SUBACK for {topic}"
 
     def prediction(self, timeout: float = 60, where=lambda p: True) -> Prediction:
+        return self.message(Prediction, timeout, where)
+
+    def message(self, kind: type[M], timeout: float = 60, where=lambda m: True) -> M:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
                 _, payload = self.messages.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            prediction = (Prediction.model_validate_json(payload) if payload[:1] == b"{"
-                          else Prediction.from_wire(payload))
-            if where(prediction):
-                return prediction
-        raise AssertionError("no matching prediction in time")
+            message = decode(kind, payload)  # no content type: JSON by its leading '{', else msgpack
+            if where(message):
+                return message
+        raise AssertionError(f"no matching {kind.__name__} in time")
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -322,6 +327,25 @@ def test_a_rollout_through_the_containerised_fleet_broker_reaches_the_device(sta
     finally:
         watch.close()
     assert prediction.model.name == "efficientnet-lite0" and prediction.top
+
+
+def test_a_plugin_rollout_through_the_containerised_fleet_reaches_inference_in_its_container(stack):
+    """The shipped path end to end: publish with the operator's CLI, the plugin's retained rollout over the TLS
+    fleet broker and the bridge, sync's download with the device's key (plugins/*), the plugin store volume,
+    and inference compiling and running the module in its read-only container."""
+    built = REPO / "var" / "plugin-builds"
+    stack.edgefleet("plugin", "publish", str(built / "site-labels.wasm"), "--spec", str(built / "site-labels.json"),
+                    "--key", str(stack.var / "keys" / "operator.key"), env=stack.s3_env())
+    status = Watch(stack, topics.status(DEVICE, "inference"))
+    try:
+        stack.edgefleet("rollout", "start", "site-labels", "1", "--plugin", "--trusted-keys",
+                        str(stack.var / "keys"), env={**stack.operator_env(), **stack.s3_env()})
+        running = status.message(ServiceStatus, timeout=240, where=lambda s: any(
+            p.plugin.name == "site-labels" and p.calls > 0 for p in s.plugins or []))
+    finally:
+        status.close()
+    plugin = next(p for p in running.plugins or [] if p.plugin.name == "site-labels")
+    assert plugin.state is PluginState.ACTIVE and plugin.faults == 0, plugin
 
 
 def test_telemetry_reaches_the_s3_store_through_the_bridge(stack):

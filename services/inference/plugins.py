@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -30,7 +29,7 @@ from pydantic import ValidationError
 
 from services.inference.intake import Frame, clip
 from services.inference.publisher import Publisher
-from services.inference.swap import ServedModel, in_time
+from services.inference.swap import ServedModel, SwitchThread, in_time
 from services.inference.wasm import CallOutcome, Compiled, HostContext, Instance, PluginFault
 from shared.codec import WireFormat, encode
 from shared.config import PluginSettings
@@ -359,7 +358,7 @@ def _answer(name: str, outcome: CallOutcome, prediction: Prediction) -> Predicti
 # -- the switch: off the network thread --------------------------------------------------------------------
 
 
-class PluginSwitcher:
+class PluginSwitcher(SwitchThread[PluginSwitch]):
     """Owns the plugin-switch thread: takes PluginSwitch requests, loads every listed plugin, installs
     the new set (workers take it at their next batch) and answers; any failure keeps the old set.
 
@@ -373,42 +372,26 @@ class PluginSwitcher:
 
     def __init__(self, *, host: PluginHost, settings: PluginSettings, install: Callable[[PluginSet], object],
                  serving: Callable[[], PluginSet], reply: Callable[[PluginSwitched], None]) -> None:
+        super().__init__("plugin-switcher")
         self._host, self._settings, self._install, self._serving, self._reply = host, settings, install, serving, reply
-        self._requests: queue.Queue[tuple[PluginSwitch, float] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="plugin-switcher")
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def request(self, switch: PluginSwitch) -> None:
-        """Queues a switch; its deadline runs from `switch.at` and from now, whichever ends first."""
-        self._requests.put((switch, time.monotonic()))
-
-    def stop(self) -> None:
-        """Lets a switch in progress complete, starts none after it, and joins the thread."""
-        self._requests.put(None)
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _run(self) -> None:
-        while (item := self._requests.get()) is not None:
-            switch, received = item
-            started = time.monotonic()
-            try:
-                in_time(switch, received)
-                loaded = []
-                for load in switch.plugins:
-                    loaded.append(load_plugin(self._host, Path(load.folder), load.plugin))
-                    in_time(switch, received)  # sync stops waiting at the deadline: never install after it
-                new = PluginSet.of(loaded, self._settings)
-            except Exception as exc:  # a bad plugin must never stop the service: the old set keeps running
-                log.warning("plugin switch refused", extra=fields(request=switch.request_id, error=str(exc)))
-                self._reply(PluginSwitched(request_id=switch.request_id, ok=False, serving=self._serving().refs(),
-                                           error=str(exc)[:MAX_STR], at=time.time()))
-                continue
-            self._install(new)
-            load_ms = round((time.monotonic() - started) * 1000, 1)
-            log.info("plugins switched", extra=fields(request=switch.request_id, load_ms=load_ms,
-                                                      plugins=[f"{r.name} v{r.version}" for r in new.refs()]))
-            self._reply(PluginSwitched(request_id=switch.request_id, ok=True, serving=new.refs(), load_ms=load_ms,
-                                       at=time.time()))
+    def _switch(self, switch: PluginSwitch, received: float) -> None:
+        started = time.monotonic()
+        try:
+            in_time(switch, received)
+            loaded = []
+            for load in switch.plugins:
+                loaded.append(load_plugin(self._host, Path(load.folder), load.plugin))
+                in_time(switch, received)  # sync stops waiting at the deadline: never install after it
+            new = PluginSet.of(loaded, self._settings)
+        except Exception as exc:  # a bad plugin must never stop the service: the old set keeps running
+            log.warning("plugin switch refused", extra=fields(request=switch.request_id, error=str(exc)))
+            self._reply(PluginSwitched(request_id=switch.request_id, ok=False, serving=self._serving().refs(),
+                                       error=str(exc)[:MAX_STR], at=time.time()))
+            return
+        self._install(new)
+        load_ms = round((time.monotonic() - started) * 1000, 1)
+        log.info("plugins switched", extra=fields(request=switch.request_id, load_ms=load_ms,
+                                                  plugins=[f"{r.name} v{r.version}" for r in new.refs()]))
+        self._reply(PluginSwitched(request_id=switch.request_id, ok=True, serving=new.refs(), load_ms=load_ms,
+                                   at=time.time()))

@@ -26,7 +26,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -36,7 +36,7 @@ from services.inference.session import ModelSession
 from shared.cascade import CascadeSpec, is_cascade, load_members
 from shared.logs import fields
 from shared.manifest import ModelError, ModelManifest, load_verified
-from shared.schemas import MAX_STR, ModelRef, ModelSwitch, ModelSwitched
+from shared.schemas import MAX_STR, ModelRef, ModelSwitch, ModelSwitched, PluginSwitch
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,39 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 _malloc_trim = _find_malloc_trim()
 
 
-class Swapper:
+R = TypeVar("R", ModelSwitch, PluginSwitch)
+
+
+class SwitchThread(Generic[R]):
+    """Owns one thread that handles switch requests in arrival order, each with its receipt time (its
+    deadline runs from there too); the model Swapper and the PluginSwitcher are its two kinds."""
+
+    def __init__(self, name: str) -> None:
+        self._requests: queue.Queue[tuple[R, float] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=name)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request(self, switch: R) -> None:
+        """Queues a switch; its deadline runs from `switch.at` and from now (the receipt), whichever ends first."""
+        self._requests.put((switch, time.monotonic()))
+
+    def stop(self) -> None:
+        """Lets a switch in progress complete, starts none after it, and joins the thread."""
+        self._requests.put(None)
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while (item := self._requests.get()) is not None:
+            self._switch(*item)
+
+    def _switch(self, switch: R, received: float) -> None:
+        raise NotImplementedError
+
+
+class Swapper(SwitchThread[ModelSwitch]):
     """Owns the swap thread: takes switch requests, loads and warms off the frame path, installs.
 
     Args:
@@ -188,46 +220,31 @@ class Swapper:
 
     def __init__(self, *, load: LoadModel, install: Callable[[ServedModel], ServedModel],
                  serving: Callable[[], ModelRef], reply: Callable[[ModelSwitched], None]) -> None:
+        super().__init__("swapper")
         self._load, self._install, self._serving, self._reply = load, install, serving, reply
-        self._requests: queue.Queue[tuple[ModelSwitch, float] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="swapper")
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def request(self, switch: ModelSwitch) -> None:
-        """Queues a switch; its deadline runs from `switch.at` and from now (the receipt), whichever ends first."""
-        self._requests.put((switch, time.monotonic()))
-
-    def stop(self) -> None:
-        """Lets a switch in progress complete, starts none after it, and joins the thread."""
-        self._requests.put(None)
-        self._thread.join()
-
-    def _run(self) -> None:
-        while (item := self._requests.get()) is not None:
-            switch, received = item
-            started = time.monotonic()
-            try:
-                in_time(switch, received)
-                model = self._load(Path(switch.model_dir), sha256=switch.sha256)
-                warm(model)
-                # sync has given up on a late load: installing it would disagree with the store
-                in_time(switch, received)
-            except Exception as exc:  # a bad model must never stop the service: the old one keeps serving
-                log.warning("model switch refused", extra=fields(request=switch.request_id, error=str(exc)))
-                self._reply(ModelSwitched(request_id=switch.request_id, ok=False, serving=self._serving(),
-                                          error=str(exc)[:MAX_STR], at=time.time()))  # schemas bound every string
-                continue
-            old = weakref.ref(self._install(model))
-            serving = model.ref
-            del model
-            load_ms = round((time.monotonic() - started) * 1000, 1)
-            log.info("model switched", extra=fields(request=switch.request_id, model=serving.name,
-                                                    version=serving.version, load_ms=load_ms))
-            self._reply(ModelSwitched(request_id=switch.request_id, ok=True, serving=serving, load_ms=load_ms,
-                                      at=time.time()))
-            _release_when_gone(old)
+    def _switch(self, switch: ModelSwitch, received: float) -> None:
+        started = time.monotonic()
+        try:
+            in_time(switch, received)
+            model = self._load(Path(switch.model_dir), sha256=switch.sha256)
+            warm(model)
+            # sync has given up on a late load: installing it would disagree with the store
+            in_time(switch, received)
+        except Exception as exc:  # a bad model must never stop the service: the old one keeps serving
+            log.warning("model switch refused", extra=fields(request=switch.request_id, error=str(exc)))
+            self._reply(ModelSwitched(request_id=switch.request_id, ok=False, serving=self._serving(),
+                                      error=str(exc)[:MAX_STR], at=time.time()))  # schemas bound every string
+            return
+        old = weakref.ref(self._install(model))
+        serving = model.ref
+        del model
+        load_ms = round((time.monotonic() - started) * 1000, 1)
+        log.info("model switched", extra=fields(request=switch.request_id, model=serving.name,
+                                                version=serving.version, load_ms=load_ms))
+        self._reply(ModelSwitched(request_id=switch.request_id, ok=True, serving=serving, load_ms=load_ms,
+                                  at=time.time()))
+        _release_when_gone(old)
 
 
 def in_time(switch: Deadlined, received: float) -> None:

@@ -1,13 +1,14 @@
-"""Whether a rollout is for this device. Deterministic: a hash of rollout id and device id, so the same
-canary share picks the same devices on every device, on every retry and after every restart, without
-any device knowing the others."""
+"""What a rollout message means for this device: whether it is for this device, what it asks for, and
+whether it ends the one in progress. Membership is deterministic: a hash of rollout id and device id,
+so the same canary share picks the same devices on every device, on every retry and after every
+restart, without any device knowing the others."""
 
 from __future__ import annotations
 
 import hashlib
 from typing import Protocol
 
-from shared.schemas import RolloutPhase, RolloutTarget
+from shared.schemas import ModelRef, RolloutPhase, RolloutTarget
 
 
 class Targeted(Protocol):
@@ -21,6 +22,9 @@ class Targeted(Protocol):
 
     @property
     def target(self) -> RolloutTarget: ...
+
+    @property
+    def artifact(self) -> tuple[str, int]: ...
 
 
 def position(rollout_id: str, device_id: str) -> float:
@@ -38,3 +42,19 @@ def is_member(rollout: Targeted, device_id: str, groups: list[str]) -> bool:
         return False
     share = 1.0 if rollout.phase is RolloutPhase.PROMOTED else target.share
     return position(rollout.rollout_id, device_id) < share
+
+
+def supersedes(new: Targeted | None, current: Targeted) -> bool:
+    """Whether `new` ends `current`: another name or version, or an abort (a promote does not, so a
+    promote never skips a canary)."""
+    if new is None:
+        return False
+    return new.artifact != current.artifact or (
+        (new.phase is RolloutPhase.ABORTED) != (current.phase is RolloutPhase.ABORTED)
+    )
+
+
+def requested(rollout: Targeted) -> ModelRef:
+    """What a rollout asks for, before its manifest is known (SHA-256 not yet known)."""
+    name, version = rollout.artifact
+    return ModelRef(name=name, version=version, sha256="")

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 import paho.mqtt.client as paho
 
 from services.sync.job import Job
+from services.sync.membership import requested, supersedes
 from services.sync.plugin_canary import PluginWatch, PluginWindow
 from services.sync.plugin_store import PluginStore
-from services.sync.plugins import PluginMachine, requested, supersedes
+from services.sync.plugins import PluginMachine
 from services.sync.rollout import StepFailed, Superseded
 from shared import registry, topics
 from shared.codec import DecodeError, WireFormat, decode, encode

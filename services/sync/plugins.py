@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Protocol
 
 from services.sync import plugin_canary
-from services.sync.membership import is_member
+from services.sync.membership import is_member, requested
 from services.sync.plugin_store import PendingPluginCanary, PluginStore, with_plugin
 from services.sync.rollout import RESTARTED_IN_CANARY, Rejected, StepFailed, Superseded
 from shared.config import SyncSettings
@@ -82,18 +82,8 @@ class PluginIo(Protocol):
         """Whether shutdown or a newer rollout message for this plugin ends this one."""
 
 
-def supersedes(new: PluginRollout | None, current: PluginRollout) -> bool:
-    """Whether `new` ends `current`: another version of the plugin, or an abort (a promote does not)."""
-    if new is None:
-        return False
-    return (new.plugin, new.version) != (current.plugin, current.version) or (
-        (new.phase is RolloutPhase.ABORTED) != (current.phase is RolloutPhase.ABORTED)
-    )
 
 
-def requested(rollout: PluginRollout) -> ModelRef:
-    """What a plugin rollout asks for, before its manifest is known (SHA-256 not yet known)."""
-    return ModelRef(name=rollout.plugin, version=rollout.version, sha256="")
 
 
 class PluginMachine:

@@ -40,7 +40,7 @@ from typing import Protocol
 
 from services.sync import canary
 from services.sync.errors import SyncError
-from services.sync.membership import is_member
+from services.sync.membership import is_member, requested
 from services.sync.smoke import SmokeFailed, smoke_test
 from services.sync.store import ModelStore, PendingCanary, StagedMember
 from shared import VERSION
@@ -102,13 +102,6 @@ class Io(Protocol):
         """Whether shutdown or a newer rollout message ends this one."""
 
 
-def supersedes(new: Rollout | None, current: Rollout) -> bool:
-    """Whether `new` ends `current`: another model or version, or an abort (a promote does not)."""
-    if new is None:
-        return False
-    return (new.model, new.version) != (current.model, current.version) or (
-        (new.phase is RolloutPhase.ABORTED) != (current.phase is RolloutPhase.ABORTED)
-    )
 
 
 class Machine:
@@ -324,9 +317,6 @@ class Machine:
         self.io.report(state, rollout.rollout_id, target=target or requested(rollout), reason=reason, canary=canary)
 
 
-def requested(rollout: Rollout) -> ModelRef:
-    """What a rollout asks for, before its manifest is known (SHA-256 not yet known)."""
-    return ModelRef(name=rollout.model, version=rollout.version, sha256="")
 
 
 def _release(version: str) -> tuple[int, ...]:

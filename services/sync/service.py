@@ -25,8 +25,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 from services.sync import canary
 from services.sync.download import Cancelled, DownloadFailed, DownloadInterrupted, download
 from services.sync.job import Job
+from services.sync.membership import requested, supersedes
 from services.sync.plugin_io import PluginDelivery
-from services.sync.rollout import Machine, StepFailed, Superseded, requested, supersedes
+from services.sync.rollout import Machine, StepFailed, Superseded
 from services.sync.store import ModelStore, StagedMember
 from shared import VERSION, registry, s3, topics
 from shared.cascade import CascadeMember, CascadeSpec, is_cascade

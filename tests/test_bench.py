@@ -22,7 +22,7 @@ COMPRESSION_GOALS = {
 }
 
 
-@pytest.mark.parametrize("name", ["pipeline", "compression", "ep", "swap", "telemetry", "overload"])
+@pytest.mark.parametrize("name", ["pipeline", "compression", "ep", "swap", "telemetry", "overload", "wasm"])
 def test_bench_quick_writes_its_goals(name, model_dir, tmp_path):
     out = tmp_path / f"{name}.json"
     result = subprocess.run(
@@ -54,6 +54,10 @@ def test_bench_quick_writes_its_goals(name, model_dir, tmp_path):
         assert all(any(run.startswith(f"{m} path, saturated") for run in runs) for m in ("FP32", "INT8", "cascade"))
         static = next(r for r in document["rows"] if "static cameras" in r["run"])
         assert static["answered"] == static["frames"] and static["model runs"] + static["cached"] == static["frames"]
+    if name == "wasm":  # every goal measured; the device measured with the plugin really ran it
+        assert len(document["goals"]) == 4
+        service = next(r for r in document["rows"] if r["run"].startswith("the service with"))
+        assert service["plugin calls"] > 0 and "0 faults" in service["note"]
     if name == "telemetry":  # what was not measured says so, in the table and in the goals
         assert any("not measured: --no-containers" in str(r["records/s"]) for r in document["rows"])
         assert [g["met"] for g in document["goals"] if "containers" in g["name"]] == [False, False]

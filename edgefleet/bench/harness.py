@@ -195,6 +195,7 @@ class Harness:
         self.kept: dict[str, bytes] = {}
         self.keep = False
         self.online = threading.Event()
+        self.status: ServiceStatus | None = None  # the service's latest online status
         self.refill = False
         self.lock = threading.Lock()
         self.link.subscribe(topics.all_predictions(DEVICE), self._on_prediction)
@@ -268,7 +269,9 @@ class Harness:
             self.send()
 
     def _on_status(self, message) -> None:
-        if decode(ServiceStatus, message.payload, content_type_of(message)).state is ServiceState.ONLINE:
+        status = decode(ServiceStatus, message.payload, content_type_of(message))
+        if status.state is ServiceState.ONLINE:
+            self.status = status
             self.online.set()
 
     def window(self, start: float, end: float) -> list[Result]:

@@ -259,7 +259,10 @@ class ModelSwitched(_Message):
 
 class PluginLoad(_Message):
     plugin: ModelRef
-    folder: str  # absolute path of the installed plugin folder
+    # The installed plugin's folder relative to the plugin store's root (sync and inference may mount the
+    # store at different paths); inference resolves it under its own EDGEFLEET_PLUGINS_DIR and refuses
+    # one that leaves it.
+    folder: str
 
 
 class PluginSwitch(_Message):

@@ -137,5 +137,5 @@ def bridge(device: str, host: str, port: int, certs: Path) -> str:
         f"remote_clientid {device}\ncleansession false\nrestart_timeout 1 10\n"
         f"topic {own}/telemetry out 1\ntopic {own}/telemetry/ack in 1\ntopic {own}/sync/state out 1\n"
         f"topic {own}/status/+ out 1\ntopic edgefleet/_fleet/rollout in 1\n"
-        f"topic {own}/sync/plugins/+ out 1\ntopic edgefleet/_fleet/plugins/+/rollout in 1\n"
+        f"topic {own}/sync/plugins/+ out 1\ntopic edgefleet/_fleet/plugin-rollouts/+ in 1\n"
     )

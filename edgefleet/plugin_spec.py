@@ -1,37 +1,37 @@
 """What a plugin's author hands in before it is published: the spec (plugin.json: the PluginManifest
-fields an author chooses) and the module, checked as the device will check them (docs/plugins.md):
-a valid wasm32 module with the ABI's exports, whose `edgefleet_abi_version()` is this release's.
-
-A module is run here only to ask its ABI version, in a sandbox as tight as the device's: WASI with
-nothing behind it, every other import a trap, bounded fuel and memory.
+fields an author chooses) and the module, checked by the device's own loader (services.inference.wasm,
+docs/plugins.md): valid wasm32, the ABI's exports and imports, `edgefleet_abi_version()` this release's,
+`_initialize` and `edgefleet_init` (with the spec's config) run in the device's sandbox and limits.
+One check, the device's, so a module that publishes is a module a device loads.
 """
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-import wasmtime
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgefleet.errors import ToolError
+from services.inference.wasm import WasmHost
+from shared.config import PluginSettings
 from shared.manifest import ModelName
-from shared.plugin import ABI_VERSION, MAX_CONFIG_ENTRIES, MAX_PLUGIN_BYTES, PluginGrants, PluginLimits
+from shared.plugin import (
+    ABI_VERSION,
+    MAX_CONFIG_ENTRIES,
+    MAX_PLUGIN_BYTES,
+    PluginError,
+    PluginGrants,
+    PluginLimits,
+    PluginManifest,
+)
 
 # A spec is a few hundred bytes; the cap only bounds what a wrong path (a video, /dev/zero) costs.
 MAX_SPEC_BYTES = 1 << 20
-# Enough for any `return 1`, and for a start function or `_initialize` of a real plugin; a loop runs out.
-ABI_CHECK_FUEL = 10_000_000
-
-# The ABI's exports (docs/plugins.md): name -> (params, results); None: a memory. edgefleet_init is optional.
-REQUIRED_EXPORTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]] | None] = {
-    "memory": None,
-    "edgefleet_abi_version": ((), ("i32",)),
-    "edgefleet_alloc": (("i32",), ("i32",)),
-    "edgefleet_on_prediction": (("i32", "i32"), ("i64",)),
-}
-OPTIONAL_EXPORTS = {"edgefleet_init": (("i32", "i32"), ("i32",))}
 
 
 class PluginRefused(ToolError, ValueError):
@@ -95,86 +95,35 @@ def _allowed(section: tuple[int | str, ...]) -> str:
     return f"{'.'.join(map(str, section)) or 'a spec'} has exactly {', '.join(model.model_fields)}"
 
 
-def check_module(path: Path, limits: PluginLimits) -> CheckedModule:
-    """A module the device will accept: valid WebAssembly, the ABI's exports with their types, a start
-    memory within `limits.memory_pages`, and `edgefleet_abi_version()` returning ABI_VERSION.
+def check_module(path: Path, spec: PluginSpec) -> CheckedModule:
+    """A module a device will load with this spec, checked by the device's loader (WasmHost.compile):
+    valid WebAssembly, the ABI's exports with their types and only the imports the host provides, a
+    start memory within the spec's `limits.memory_pages`, and a first instance that runs `_initialize`,
+    answers ABI_VERSION from `edgefleet_abi_version()` and accepts the spec's config in `edgefleet_init`,
+    within the spec's fuel and memory (a device with the default ceilings, PluginSettings.max_*).
 
     :param Path path: the .wasm file.
-    :param limits: the spec's limits (the memory it may declare at start).
+    :param spec: the plugin's spec (its limits, grants and config are the ones the device will use).
     :returns: its bytes and ABI version.
-    :raises PluginRefused: naming what is wrong (unreadable, over MAX_PLUGIN_BYTES, invalid, a missing or
-        mistyped export, too much memory, a trap or an exhausted budget while answering its ABI version,
-        or another ABI version).
+    :raises PluginRefused: unreadable, empty, over MAX_PLUGIN_BYTES, or refused by the device's loader
+        (its reason, e.g. a missing or mistyped export, an unknown import, too much memory, another ABI
+        version, a trap or an exhausted budget while starting, an init that refuses the config).
     """
     data = _read_bounded(path, MAX_PLUGIN_BYTES, "plugin module")
-    config = wasmtime.Config()
-    config.consume_fuel = True
-    engine = wasmtime.Engine(config)
-    try:
-        wasmtime.Module.validate(engine, data)
-        module = wasmtime.Module(engine, data)
-    except wasmtime.WasmtimeError as exc:
-        raise PluginRefused(f"{path} is not a valid WebAssembly module: {_first_line(exc)}") from None
-    _check_exports(path, module, limits)
-    abi = _abi_version(path, engine, module, limits)
-    if abi != ABI_VERSION:
-        raise PluginRefused(f"{path} speaks plugin ABI {abi}; this release speaks {ABI_VERSION} (docs/plugins.md)")
-    return CheckedModule(data, abi)
-
-
-def _check_exports(path: Path, module: wasmtime.Module, limits: PluginLimits) -> None:
-    exports = {export.name: export.type for export in module.exports}
-    for name, signature in {**REQUIRED_EXPORTS, **OPTIONAL_EXPORTS}.items():
-        found = exports.get(name)
-        if found is None:
-            if name in REQUIRED_EXPORTS:
-                raise PluginRefused(f"{path} lacks the export {name!r} that plugin ABI {ABI_VERSION} requires "
-                                    f"(docs/plugins.md: {', '.join(REQUIRED_EXPORTS)})")
-            continue
-        if signature is None:
-            if not isinstance(found, wasmtime.MemoryType):
-                raise PluginRefused(f"{path}'s export {name!r} is not a memory")
-            if found.limits.min > limits.memory_pages:
-                raise PluginRefused(f"{path}'s memory starts at {found.limits.min} pages, over its spec's "
-                                    f"limits.memory_pages ({limits.memory_pages})")
-            continue
-        actual = _signature(found)
-        if actual != signature:
-            raise PluginRefused(f"{path}'s export {name!r} is {_render(actual)}; plugin ABI {ABI_VERSION} "
-                                f"requires {_render(signature)}")
-
-
-def _signature(export_type: object) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
-    if not isinstance(export_type, wasmtime.FuncType):
-        return None
-    return tuple(str(p) for p in export_type.params), tuple(str(r) for r in export_type.results)
-
-
-def _render(signature: tuple[tuple[str, ...], tuple[str, ...]] | None) -> str:
-    if signature is None:
-        return "not a function"
-    params, results = signature
-    return f"a function ({', '.join(params)}) -> ({', '.join(results)})"
-
-
-def _abi_version(path: Path, engine: wasmtime.Engine, module: wasmtime.Module, limits: PluginLimits) -> int:
-    """Instantiates the module in a tight sandbox and calls edgefleet_abi_version()."""
-    linker = wasmtime.Linker(engine)
-    linker.define_wasi()
-    linker.define_unknown_imports_as_traps(module)
-    store = wasmtime.Store(engine)
-    store.set_wasi(wasmtime.WasiConfig())  # no arguments, environment, folders; stdio discarded
-    store.set_fuel(ABI_CHECK_FUEL)
-    store.set_limits(memory_size=limits.memory_pages * 64 * 1024)
-    try:
-        instance = linker.instantiate(store, module)
-        answer = instance.exports(store)["edgefleet_abi_version"]
-        abi = answer(store) if isinstance(answer, wasmtime.Func) else None
-    except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
-        raise PluginRefused(f"{path} failed while answering its ABI version: {_first_line(exc)}") from None
-    if not isinstance(abi, int):
-        raise PluginRefused(f"{path}'s edgefleet_abi_version returned {abi!r}, not an i32")
-    return abi
+    # The folder grants are left out of the check: they name the device's folders, which this machine
+    # (the operator's) need not have, and each device checks them against its own allowed_dirs at load.
+    manifest = PluginManifest(
+        name=spec.name, version=1, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data),
+        abi=ABI_VERSION, description=spec.description, limits=spec.limits,
+        grants=spec.grants.model_copy(update={"dirs": []}), config=spec.config, created_at=time.time())
+    with tempfile.TemporaryDirectory(prefix="edgefleet-plugin-check-") as scratch:
+        settings = PluginSettings(dir=Path(scratch) / "plugins", cache_dir=Path(scratch) / "cache")
+        try:
+            WasmHost(settings).compile(data, manifest, cached=False)
+        except PluginError as exc:
+            # One line: wasmtime's reasons span several ("Caused by: ...").
+            raise PluginRefused(f"{path} would be refused by a device: {' '.join(str(exc).split())}") from None
+    return CheckedModule(data, ABI_VERSION)
 
 
 def _read_bounded(path: Path, cap: int, what: str) -> bytes:
@@ -188,11 +137,3 @@ def _read_bounded(path: Path, cap: int, what: str) -> bytes:
     if not data:
         raise PluginRefused(f"the {what} {path} is empty")
     return data
-
-
-def _first_line(exc: Exception) -> str:
-    """wasmtime's message without its backtrace: the cause when it names one, else the first line."""
-    text = str(exc).strip()
-    _, caused, cause = text.partition("Caused by:")
-    lines = [line.strip() for line in (cause if caused else text).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__

@@ -273,12 +273,12 @@ def publish_plugin(s3: S3Client, bucket: str, wasm: Path, spec: Path, private_ke
         What was published (prefix: plugins/<name>/<version>/).
 
     Raises:
-        PluginRefused: the spec or the module is invalid, lacks an ABI export, or speaks another ABI.
+        PluginRefused: the spec is invalid, or the device's loader refuses the module with it (the reason named).
         PublishRefused: the version is taken or not above the latest, or an object is already there.
         ValueError: an invalid version; SignatureError (a ValueError) or OSError: an unusable key.
     """
     plugin = load_spec(spec)
-    module = check_module(wasm, plugin.limits)
+    module = check_module(wasm, plugin)
     if version is not None:
         registry.check_version(version)
     private_key = registry.load_private_key(private_key_path)

@@ -33,7 +33,15 @@ from pydantic_settings import (
 from shared import topics
 from shared.codec import WireFormat
 from shared.errors import EdgefleetError
-from shared.plugin import MAX_DEADLINE_MS, MAX_FUEL, MAX_MEMORY_PAGES
+from shared.plugin import (
+    MAX_DEADLINE_MS,
+    MAX_EMIT_BYTES,
+    MAX_EMITS,
+    MAX_FUEL,
+    MAX_INFER_CALLS,
+    MAX_MEMORY_PAGES,
+    MAX_RESULT_BYTES,
+)
 from shared.schemas import MAX_LIST
 
 ENV_PREFIX = "EDGEFLEET_"
@@ -225,6 +233,25 @@ class PluginSettings(PluginStoreSettings):
     max_fuel: int = Field(100_000_000, ge=1000, le=MAX_FUEL, description="Most fuel any plugin call gets.")
     max_deadline_ms: int = Field(
         200, ge=1, le=MAX_DEADLINE_MS, description="Longest wall time any plugin call gets, host calls included.")
+    max_result_bytes: int = Field(
+        256 << 10, ge=16, le=MAX_RESULT_BYTES, description="Largest result document any plugin may return.")
+    max_emits: int = Field(8, ge=0, le=MAX_EMITS, description="Most messages any plugin call may emit.")
+    max_emit_bytes: int = Field(
+        64 << 10, ge=1, le=MAX_EMIT_BYTES, description="Largest message payload any plugin may emit.")
+    max_infer_calls: int = Field(
+        2, ge=0, le=MAX_INFER_CALLS, description="Most `infer`/`infer_tensor` calls any plugin call may make.")
+    allowed_dirs: Annotated[list[Path], NoDecode] = Field(
+        [], description="Absolute host folders a plugin's manifest may grant (read-only), comma-separated; a grant "
+        "whose folder (symlinks resolved) is not inside one of them is refused. Empty: no folder can be granted.")
+
+    @field_validator("allowed_dirs", mode="before")
+    @classmethod
+    def _allowed_dirs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [d.strip() for d in value.split(",") if d.strip()]
+        if isinstance(value, list) and any(not Path(d).is_absolute() for d in value):
+            raise ValueError("every allowed plugin folder must be an absolute path")
+        return value
 
 
 class InferenceSettings(CommonSettings):

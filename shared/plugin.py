@@ -9,15 +9,15 @@ writes and inference reads, the caps, and the check that keeps a plugin's messag
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from shared.atomic import write_atomic
 from shared.errors import EdgefleetError
-from shared.manifest import MANIFEST_FILE, ModelName, ModelVersion, sha256_of
+from shared.manifest import MANIFEST_FILE, ModelName, ModelVersion, make_dirs, sha256_of
 from shared.schemas import MAX_STR, MAX_TOP, ClassScore, ModelRef
 
 # The ABI this release speaks (docs/plugins.md). A module's `edgefleet_abi_version` export must return it.
@@ -192,16 +192,10 @@ def read_active(root: Path) -> ActivePlugins:
 
 
 def write_active(root: Path, active: ActivePlugins) -> None:
-    """Replaces the active set atomically (write, fsync, rename, fsync the folder)."""
-    root.mkdir(parents=True, exist_ok=True)
-    temporary = root / f".{ACTIVE_FILE}.tmp"
-    with temporary.open("w") as f:
-        f.write(json.dumps(active.model_dump(mode="json"), indent=1))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, root / ACTIVE_FILE)
-    directory = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    """Replaces the active set atomically (shared.atomic.write_atomic), readable by all (0644): inference
+    may run as another user than the writer.
+
+    :raises OSError: the disk (the old set is left as it was).
+    """
+    make_dirs(root)
+    write_atomic(root / ACTIVE_FILE, json.dumps(active.model_dump(mode="json"), indent=1).encode())

@@ -15,9 +15,12 @@
     edgefleet/<device>/inference/plugin-switch    sync -> inference: run this set of plugins now
     edgefleet/<device>/inference/plugin-switched  inference -> sync: the outcome of a plugin switch
     edgefleet/<device>/sync/plugins/<name>    retained: where this device is in a plugin's rollout
-    edgefleet/_fleet/plugins/<name>/rollout   retained: a plugin's current rollout, from the operators
+    edgefleet/_fleet/plugin-rollouts/<name>   retained: a plugin's current rollout, from the operators
 
-`_fleet` can never be a device id (ids start with a letter or digit).
+`_fleet` can never be a device id (ids start with a letter or digit). No `_fleet` topic may match a
+per-device pattern: the brokers' ACLs grant devices' services `edgefleet/+/...` lines, and `+` matches
+`_fleet` too: a plugin rollout kept under the `plugins` level there would be writable by the inference
+user, whose ACL grants `edgefleet/+/plugins/#`.
 """
 
 from __future__ import annotations
@@ -161,17 +164,17 @@ def all_plugin_sync_states(plugin: str = "+") -> str:
 
 
 def plugin_rollout(plugin: str) -> str:
-    return f"{ROOT}/_fleet/plugins/{plugin}/rollout"
+    # Not below a `plugins` level: the inference user's ACL grants `edgefleet/+/plugins/#`.
+    return f"{ROOT}/_fleet/plugin-rollouts/{plugin}"
 
 
 def all_plugin_rollouts() -> str:
-    return f"{ROOT}/_fleet/plugins/+/rollout"
+    return f"{ROOT}/_fleet/plugin-rollouts/+"
 
 
 def plugin_of(topic: str) -> str:
-    """The <name> level of a plugin rollout or plugin sync-state topic."""
-    levels = topic.split("/")
-    return levels[3] if levels[1] == "_fleet" else levels[-1]
+    """The <name> level (the last) of a plugin rollout or plugin sync-state topic."""
+    return topic.rsplit("/", 1)[-1]
 
 
 def device_of(topic: str) -> str:

@@ -16,6 +16,7 @@ from edgefleet.broker import Broker
 from edgefleet.brokerconf import DEPLOY, bridge, cloud_listener, edge_listener, password_file
 from edgefleet.certs import issue, new_ca
 from edgefleet.cli import app
+from shared import topics
 from shared.config import CommonSettings, InferenceSettings, TelemetrySettings
 from shared.mqtt import MqttLink
 from tests.support import wait_until
@@ -109,6 +110,38 @@ def test_a_camera_publishes_only_its_own_frames_and_reads_nothing(edge):
         client.close()
 
 
+def test_inference_cannot_publish_anything_sync_obeys_under_the_fleets_topics(edge):
+    """Inference may write `edgefleet/+/plugins/#` (its plugins' messages), and `+` matches `_fleet`: no
+    fleet topic sync reads (the model's rollout, a plugin's rollout) may lie under it."""
+    console, sync, inference = _user(edge, "console"), _user(edge, "sync"), _user(edge, "inference")
+    console.listen(f"{topics.ROOT}/_fleet/#")
+    sync.listen(topics.rollout())
+    sync.listen(topics.all_plugin_rollouts())
+    for client in (console, sync, inference):
+        assert client.connect()
+    _subscribed(console, sync)
+    forged = [topics.plugin_rollout("x"), topics.plugin_rollout("night-alert"), topics.rollout()]
+    for topic in forged:
+        inference.link.publish(topic, b"forged by inference", qos=1, retain=True).wait_for_publish(5)
+    # The sentinel, on a `_fleet` topic inference's ACL does grant: it reaches the console, so the broker
+    # handled every forgery before it (and queued it to sync ahead of sync's round trip below).
+    sentinel = topics.plugin_message("_fleet", "x", "sentinel")
+    inference.link.publish(sentinel, b"sentinel", qos=1).wait_for_publish(5)
+    wait_until(lambda: b"sentinel" in console.payloads(), 10, "inference's sentinel under _fleet")
+    _subscribed(sync)
+    assert console.topics() == [sentinel], "inference wrote a fleet topic"
+    assert sync.received == [], "sync received a rollout inference published"
+    # Nor was any forgery retained for a sync that starts later.
+    late = _user(edge, "sync")
+    late.listen(topics.rollout())
+    late.listen(topics.all_plugin_rollouts())
+    assert late.connect()
+    _subscribed(late)
+    assert late.received == [], "a forged rollout was retained"
+    for client in (console, sync, inference, late):
+        client.close()
+
+
 @pytest.fixture
 def pki(tmp_path):
     certs, rogue = tmp_path / "certs", tmp_path / "rogue"
@@ -180,6 +213,29 @@ def _bridge_carrying(cloud: Broker, edge: Broker, certs, first: bytes):
     sync.link.publish("edgefleet/dev-1/sync/state", first, qos=1).wait_for_publish(5)
     wait_until(lambda: operator.received, 20, "the bridge to carry a first message")
     return operator, sync
+
+
+def test_a_plugin_rollout_crosses_the_bridge_to_sync_and_a_device_cannot_forge_one(pki, tmp_path):
+    """cloud.acl, the bridge's topic lines and edge.acl agree on the plugin rollout topic."""
+    certs, _ = pki
+    cloud, edge = _brokers(certs, certs, tmp_path)
+    try:
+        operator, sync = _bridge_carrying(cloud, edge, certs, b"first")
+        sync.listen(topics.all_plugin_rollouts())
+        _subscribed(sync)
+        device = _device(cloud, certs, "dev-2")
+        assert device.connect()
+        device.link.publish(topics.plugin_rollout("night-alert"), b"forged by a device", qos=1,
+                            retain=True).wait_for_publish(5)
+        operator.link.publish(topics.plugin_rollout("night-alert"), b"the rollout", qos=1,
+                              retain=True).wait_for_publish(5)
+        wait_until(lambda: sync.received, 20, "the plugin rollout across the bridge")
+        assert sync.received == [(topics.plugin_rollout("night-alert"), b"the rollout")]
+        for client in (operator, sync, device):
+            client.close()
+    finally:
+        edge.close()
+        cloud.close()
 
 
 def test_a_bridge_keeps_what_it_queued_across_a_cut_link_and_delivers_it(pki, tmp_path):

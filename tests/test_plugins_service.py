@@ -16,13 +16,13 @@ import paho.mqtt.client as paho
 import pytest
 
 from edgefleet import photos
-from edgefleet.plugin_builds import PluginBuildMissing, built
 from shared import topics
 from shared.config import CommonSettings
 from shared.manifest import MANIFEST_FILE
 from shared.mqtt import MqttLink
 from shared.plugin import ABI_VERSION, PLUGIN_FILE, ActivePlugin, ActivePlugins, PluginManifest, write_active
 from shared.schemas import ModelRef, PluginState
+from tests.plugin_builds import built
 from tests.support import Device, wait_until
 
 HOSTILE = ["hostile-loop", "hostile-memory", "hostile-huge-result", "hostile-topic", "hostile-trap",
@@ -35,10 +35,7 @@ def plugin_store(root: Path, plugins: dict[str, dict[str, object]]) -> list[Mode
     (e.g. {"config": {...}}), and an active set that runs them all."""
     active = []
     for name, changes in plugins.items():
-        try:
-            plugin = built(name)
-        except PluginBuildMissing as exc:
-            pytest.skip(str(exc))
+        plugin = built(name)  # skipped without the build, failed under CI=true
         wasm = plugin.wasm.read_bytes()
         spec = json.loads(plugin.spec.read_text()) | changes
         manifest = PluginManifest.model_validate({**spec, "version": 1, "abi": ABI_VERSION, "created_at": time.time(),
@@ -54,15 +51,17 @@ def plugin_store(root: Path, plugins: dict[str, dict[str, object]]) -> list[Mode
 
 @pytest.fixture
 def start(broker, start_inference, tmp_path, request):
-    """start(plugins): the service running these built plugins, a test device, and everything the broker
-    carries under edgefleet/ from then on (seen by a client of its own: Mosquitto sends a client one
-    copy per matching subscription, and the device's own would overlap)."""
+    """start(plugins, allowed_dirs): the service running these built plugins (folders may be granted only
+    inside `allowed_dirs`), a test device, and everything the broker carries under edgefleet/ from then on
+    (seen by a client of its own: Mosquitto sends a client one copy per matching subscription, and the
+    device's own would overlap)."""
 
-    def start(plugins: dict[str, dict[str, object]]) -> tuple[list[ModelRef], Device, list[tuple[str, bytes]]]:
+    def start(plugins: dict[str, dict[str, object]],
+              allowed_dirs: tuple[Path, ...] = ()) -> tuple[list[ModelRef], Device, list[tuple[str, bytes]]]:
         refs = plugin_store(tmp_path / "plugins", plugins)
         service, device = start_inference(broker, inference_workers=1, plugins={
             "dir": tmp_path / "plugins", "cache_dir": tmp_path / "plugin-cache", "fault_limit": FAULT_LIMIT,
-            "fault_window_s": 600})
+            "fault_window_s": 600, "allowed_dirs": list(allowed_dirs)})
         seen = everything(broker.url, device.device_id, request)
         wait_until(lambda: any(t == topics.status(device.device_id, "inference") for t, _ in list(seen)), 30,
                    "the retained status through the edgefleet/# subscription")
@@ -168,7 +167,7 @@ def test_a_plugin_reads_inside_its_granted_folder_and_nothing_outside_it(start, 
     secret.write_text("not for plugins\n")  # readable by the service's own user, outside the grant
     changes = {"grants": {"dirs": [{"guest": "/site", "host": str(site)}]},
                "config": {"path": str(secret), "escape": "/site/../secret.txt", "inside": "/site/hello.txt"}}
-    _, device, seen = start({"hostile-file": changes})
+    _, device, seen = start({"hostile-file": changes}, allowed_dirs=(site,))
     device.publish_envelope("cam", "f1", photos.jpeg("chelsea"))
     device.prediction_for("f1")
     reads = wait_until(lambda: len(m := plugin_messages(seen, device)) == 3 and m, 10, "three reads reported")

@@ -19,10 +19,11 @@ _IMPORTS = """
 
 def module(abi: str = "i32.const 1", *, memory: str = '(memory (export "memory") 1)',
            on_prediction: str = '(func (export "edgefleet_on_prediction") (param i32 i32) (result i64) i64.const 0)',
-           extra: str = "") -> bytes:
-    """A plugin module; each argument replaces one part (an empty string leaves it out)."""
+           extra: str = "", imports: str = "") -> bytes:
+    """A plugin module; each argument replaces one part (an empty string leaves it out); `imports` adds
+    import declarations to the ABI's."""
     abi_export = f'(func (export "edgefleet_abi_version") (result i32) {abi})' if abi else ""
-    return wasmtime.wat2wasm(f"""(module {_IMPORTS}
+    return wasmtime.wat2wasm(f"""(module {_IMPORTS} {imports}
   {memory}
   {abi_export}
   (func (export "edgefleet_alloc") (param i32) (result i32) i32.const 1024)
@@ -40,9 +41,15 @@ MISTYPED_ON_PREDICTION = module(
     on_prediction='(func (export "edgefleet_on_prediction") (param i32 i32) (result i32) i32.const 0)')
 WRONG_ABI = module("i32.const 2")
 LOOPING_ABI = module("(loop $forever (br $forever)) i32.const 1")
-# Asking for its ABI version, it calls a host import: the check's sandbox has none, only traps.
+# Asking for its ABI version, it logs: the device provides `edgefleet.log` while starting, so it loads.
 IMPORT_CALLING_ABI = module("(call $log (i32.const 20) (i32.const 0) (i32.const 0)) i32.const 1")
 HUGE_MEMORY = module(memory='(memory (export "memory") 300)')
+# An import the host does not provide (a later ABI's, or a typo): every device refuses to link it.
+UNKNOWN_IMPORT = module(imports='(import "edgefleet" "foo" (func (param i32)))')
+# Its edgefleet_init refuses any config (non-zero): the device refuses the load.
+INIT_REFUSING = module(extra='(func (export "edgefleet_init") (param i32 i32) (result i32) i32.const 7)')
+# A WASI reactor whose constructors trap: the device runs _initialize first, so it never starts.
+INITIALIZE_TRAPPING = module(extra='(func (export "_initialize") unreachable)')
 NOT_WASM = b"\x00asm\x01\x00\x00\x00 this is not a module"
 
 SPEC = {

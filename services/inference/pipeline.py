@@ -95,24 +95,27 @@ class Worker:
         max_wait_s: how long a batch may wait for more frames after its first.
         top_k: classes per prediction.
         max_image_pixels: the largest image a plugin's `infer` import decodes (the frames' pixel budget).
+        max_image_bytes: the longest encoded image a plugin's `infer` import takes (the frames' byte budget).
         cache: the scene cache, or None (disabled: the path never touches it).
         plugins: the plugin set running now, read once per batch like `serving`; None: no plugins.
     """
 
     def __init__(self, *, backlog: FrameBacklog, serving: Callable[[], ServedModel], publisher: Publisher,
                  counters: Counters, device: str, max_batch: int, max_wait_s: float, top_k: int,
-                 max_image_pixels: int, cache: SceneCache | None = None,
+                 max_image_pixels: int, max_image_bytes: int, cache: SceneCache | None = None,
                  plugins: Callable[[], PluginSet] | None = None) -> None:
         self._backlog, self._serving, self._publisher, self._counters = backlog, serving, publisher, counters
         self._device, self._max_batch, self._max_wait_s, self._top_k = device, max_batch, max_wait_s, top_k
-        self._cache, self._plugins, self._max_image_pixels = cache, plugins, max_image_pixels
+        self._cache, self._plugins = cache, plugins
+        self._max_image_pixels, self._max_image_bytes = max_image_pixels, max_image_bytes
 
     def run(self, progress: Progress) -> None:
         """Answers batches until the backlog is closed and drained, ticking `progress` every time round."""
         # The thread's own plugin instances: a wasm instance is not thread-safe.
         runner = None if self._plugins is None else PluginRunner(
             plugins=self._plugins, publisher=self._publisher,
-            context=lambda frame, model: FrameContext(frame, model, max_pixels=self._max_image_pixels))
+            context=lambda frame, model: FrameContext(frame, model, max_pixels=self._max_image_pixels,
+                                                      max_bytes=self._max_image_bytes))
         # take() returns at least every half second when idle: an idle worker ticks, a stuck one does not.
         while (frames := self._backlog.take(self._max_batch, self._max_wait_s)) is not None:
             progress.tick()
@@ -361,12 +364,20 @@ class FrameContext:
         frame: the frame the prediction answers.
         model: the model that answered it.
         max_pixels: the largest image `infer_image` decodes, checked in its header first.
+        max_bytes: the longest encoded image `infer` takes (the service's max_frame_bytes).
+
+    Attributes:
+        max_image_bytes: max_bytes, for the host to check before it copies an image out of the plugin.
+        tensor_bytes: the served model's input in bytes, for the host to check before it copies a tensor.
     """
 
-    __slots__ = ("_frame", "_max_pixels", "_model")
+    __slots__ = ("_frame", "_max_pixels", "_model", "max_image_bytes", "tensor_bytes")
 
-    def __init__(self, frame: Frame, model: ServedModel, *, max_pixels: int) -> None:
+    def __init__(self, frame: Frame, model: ServedModel, *, max_pixels: int, max_bytes: int) -> None:
         self._frame, self._model, self._max_pixels = frame, model, max_pixels
+        self.max_image_bytes = max_bytes
+        crop = model.manifest.preprocessing.crop
+        self.tensor_bytes = 4 * 3 * crop * crop
 
     def frame(self) -> bytes | None:
         """The encoded frame, as the camera sent it."""

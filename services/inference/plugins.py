@@ -10,7 +10,9 @@ A worker takes the set once per batch, as it takes the model, so every predictio
 same plugins whatever a switch does meanwhile. A plugin can keep, replace or drop a prediction; its
 fault never costs a frame its answer: the prediction goes on as it came in, the fault is reported and
 counted, the worker's instance is replaced by a fresh one, and after `fault_limit` faults within
-`fault_window_s` the plugin is disabled (reported once) and skipped until another set is switched in.
+`fault_window_s` the plugin is disabled (reported once) and skipped until another version of it is
+switched in. A switch carries over every plugin whose version it leaves unchanged: its module (not
+compiled again), its record (counters, fault window, disabled state) and the workers' instances.
 """
 
 from __future__ import annotations
@@ -143,14 +145,15 @@ _generations = itertools.count(1)
 @dataclass(frozen=True)
 class PluginSet:
     """The plugins a device runs, in order. Never changed: a switch installs another set, whose new
-    `generation` tells each worker to instantiate its plugins again."""
+    `generation` tells each worker to look again (it keeps its instances of the modules carried over)."""
 
     generation: int
     plugins: tuple[LoadedPlugin, ...]
 
     @classmethod
-    def of(cls, compiled: Sequence[Compiled], settings: PluginSettings) -> PluginSet:
-        """A new set of these modules, in order, each with fresh counters.
+    def of(cls, compiled: Sequence[Compiled], settings: PluginSettings, running: PluginSet | None = None) -> PluginSet:
+        """A new set of these modules, in order: a module of `running` keeps its record (counters, fault
+        window, disabled state), any other gets a fresh one.
 
         Raises:
             PluginError: a name twice (two plugins would share one topic and one record in the status).
@@ -158,9 +161,15 @@ class PluginSet:
         names = [c.manifest.name for c in compiled]
         if len(set(names)) != len(names):
             raise PluginError(f"a plugin set names a plugin twice: {', '.join(names)}")
+        kept = {id(p.compiled): p for p in (running or NO_PLUGINS).plugins}
         return cls(next(_generations), tuple(
-            LoadedPlugin(c, PluginRecord(c.manifest.ref(), fault_limit=settings.fault_limit,
-                                         fault_window_s=settings.fault_window_s)) for c in compiled))
+            kept.get(id(c)) or LoadedPlugin(c, PluginRecord(c.manifest.ref(), fault_limit=settings.fault_limit,
+                                                            fault_window_s=settings.fault_window_s))
+            for c in compiled))
+
+    def find(self, ref: ModelRef) -> LoadedPlugin | None:
+        """The plugin of this set that is exactly `ref` (name, version, SHA-256), if any."""
+        return next((p for p in self.plugins if p.record.ref == ref), None)
 
     def refs(self) -> list[ModelRef]:
         return [p.record.ref for p in self.plugins]
@@ -192,6 +201,29 @@ def load_plugin(host: PluginHost, folder: Path, ref: ModelRef) -> Compiled:
     return compiled
 
 
+def plugin_folder(root: Path, folder: str) -> Path:
+    """A plugin's folder as the active set or a switch names it (relative to the plugin store's root),
+    resolved under `root`.
+
+    Args:
+        root: the plugin store (PluginSettings.dir), which inference may see at another path than sync.
+        folder: the relative folder, e.g. "night-alert/3-0123456789abcdef".
+
+    Returns:
+        The folder with every symlink resolved, strictly inside the resolved root.
+
+    Raises:
+        PluginError: an absolute path, or one that leaves the store ('..', a symlink out) or is its root.
+    """
+    if Path(folder).is_absolute():
+        raise PluginError(f"plugin folder {folder!r} is absolute; it must be relative to the plugin store {root}")
+    store = root.resolve()
+    resolved = (store / folder).resolve()
+    if resolved == store or not resolved.is_relative_to(store):
+        raise PluginError(f"plugin folder {folder!r} is outside the plugin store {root} (it resolves to {resolved})")
+    return resolved
+
+
 def load_active(host: PluginHost, settings: PluginSettings, publisher: Publisher) -> PluginSet:
     """The active set in the plugin store (shared.plugin.read_active), as the service runs it at start.
 
@@ -208,9 +240,7 @@ def load_active(host: PluginHost, settings: PluginSettings, publisher: Publisher
     loaded: list[Compiled] = []
     for plugin in active:
         try:
-            folder = (root / plugin.folder).resolve()
-            if not folder.is_relative_to(root.resolve()):
-                raise PluginError(f"{plugin.folder!r} is outside the plugin store {root}")
+            folder = plugin_folder(root, plugin.folder)
             if any(c.manifest.name == plugin.name for c in loaded):
                 raise PluginError(f"{plugin.name} is named twice in the active set")
             loaded.append(load_plugin(host, folder, plugin.ref()))
@@ -244,13 +274,17 @@ class PluginRunner:
     def __init__(self, *, plugins: Callable[[], PluginSet], publisher: Publisher, context: ContextFactory) -> None:
         self._current, self._publisher, self._context = plugins, publisher, context
         self._set = NO_PLUGINS
-        self._instances: list[Instance | None] = []
+        # By module (the object, which a switch carries over while its version is unchanged), not by set
+        # or position: an unchanged plugin keeps its instance, and its globals, across switches.
+        self._instances: dict[Compiled, Instance] = {}
 
     def next_batch(self) -> None:
-        """Takes the set for the next batch; a new set's plugins are instantiated as they are first called."""
+        """Takes the set for the next batch; instances of modules it no longer runs are let go, and its
+        new plugins are instantiated as they are first called."""
         current = self._current()
         if current.generation != self._set.generation:
-            self._set, self._instances = current, [None] * len(current.plugins)
+            self._set = current
+            self._instances = {p.compiled: i for p in current.plugins if (i := self._instances.get(p.compiled))}
 
     def apply(self, prediction: Prediction, frame: Frame, model: ServedModel) -> Prediction | None:
         """Runs each active plugin, in order, on the prediction.
@@ -268,10 +302,10 @@ class PluginRunner:
             return prediction
         context = self._context(frame, model)
         wire: bytes | None = None  # the prediction's wire JSON, made again only after a replace
-        for i, plugin in enumerate(self._set.plugins):
+        for plugin in self._set.plugins:
             if plugin.record.disabled:
                 continue
-            if (instance := self._instance(i, plugin, prediction)) is None:
+            if (instance := self._instance(plugin, prediction)) is None:
                 continue
             if wire is None:
                 wire = encode(prediction, WireFormat.JSON)
@@ -279,14 +313,14 @@ class PluginRunner:
                 outcome = instance.call(wire, context)
                 answer = _answer(plugin.name, outcome, prediction)
             except PluginFault as fault:
-                self._fault(i, plugin, prediction, fault.kind, str(fault), called=True)
+                self._fault(plugin, prediction, fault.kind, str(fault), called=True)
                 continue
             except _Refused as refused:
-                self._fault(i, plugin, prediction, refused.kind, str(refused), called=True)
+                self._fault(plugin, prediction, refused.kind, str(refused), called=True)
                 continue
             except Exception as exc:  # a host bug must never cost the frame its answer: a fault like any other
                 log.exception("plugin call failed in the host", extra=fields(plugin=plugin.name))
-                self._fault(i, plugin, prediction, "host", f"{type(exc).__name__}: {exc}", called=True)
+                self._fault(plugin, prediction, "host", f"{type(exc).__name__}: {exc}", called=True)
                 continue
             for emit in outcome.emits:
                 self._publisher.plugin_message(plugin.name, emit.suffix, emit.payload)
@@ -298,23 +332,23 @@ class PluginRunner:
                 prediction, wire = answer, None
         return prediction
 
-    def _instance(self, i: int, plugin: LoadedPlugin, prediction: Prediction) -> Instance | None:
-        """This worker's instance of the i-th plugin, made when first needed (None: it cannot be made,
+    def _instance(self, plugin: LoadedPlugin, prediction: Prediction) -> Instance | None:
+        """This worker's instance of the plugin, made when first needed (None: it cannot be made,
         counted as a fault)."""
-        if (instance := self._instances[i]) is not None:
+        if (instance := self._instances.get(plugin.compiled)) is not None:
             return instance
         try:
-            instance = self._instances[i] = plugin.compiled.instantiate()
+            instance = self._instances[plugin.compiled] = plugin.compiled.instantiate()
         except Exception as exc:  # e.g. its edgefleet_init failing this time: a fault, the frame goes on
-            self._fault(i, plugin, prediction, "instantiate", f"{type(exc).__name__}: {exc}", called=False)
+            self._fault(plugin, prediction, "instantiate", f"{type(exc).__name__}: {exc}", called=False)
             return None
         return instance
 
-    def _fault(self, i: int, plugin: LoadedPlugin, prediction: Prediction, kind: str, detail: str, *,
+    def _fault(self, plugin: LoadedPlugin, prediction: Prediction, kind: str, detail: str, *,
                called: bool) -> None:
         """Reports and counts a fault, discards the instance (its memory may be broken), and disables
         the plugin when this fault fills its window."""
-        self._instances[i] = None
+        self._instances.pop(plugin.compiled, None)
         what = f"{kind}: {clip(detail)}"
         disabled = plugin.record.fault(what, called=called)
         ref = plugin.record.ref
@@ -362,9 +396,15 @@ class PluginSwitcher(SwitchThread[PluginSwitch]):
     """Owns the plugin-switch thread: takes PluginSwitch requests, loads every listed plugin, installs
     the new set (workers take it at their next batch) and answers; any failure keeps the old set.
 
+    A plugin the running set already runs at the same version (name, version and SHA-256) is carried
+    over as it runs: not loaded or compiled again, its counters, fault window and disabled state kept
+    (a disabled plugin stays disabled until another version of it is switched in), the workers'
+    instances kept. Every folder is still checked to lie in the plugin store.
+
     Args:
         host: compiles the plugins.
-        settings: the fault window each new plugin record gets.
+        settings: the plugin store (folders are relative to its dir) and the fault window each new
+            plugin record gets.
         install: runs a set from the next batch on.
         serving: the set running now, named in a refusal.
         reply: publishes the answer to each request.
@@ -379,11 +419,16 @@ class PluginSwitcher(SwitchThread[PluginSwitch]):
         started = time.monotonic()
         try:
             in_time(switch, received)
+            running = self._serving()
+            folders = [plugin_folder(self._settings.dir, load.folder) for load in switch.plugins]
             loaded = []
-            for load in switch.plugins:
-                loaded.append(load_plugin(self._host, Path(load.folder), load.plugin))
+            for load, folder in zip(switch.plugins, folders, strict=True):
+                if (kept := running.find(load.plugin)) is not None:
+                    loaded.append(kept.compiled)
+                    continue
+                loaded.append(load_plugin(self._host, folder, load.plugin))
                 in_time(switch, received)  # sync stops waiting at the deadline: never install after it
-            new = PluginSet.of(loaded, self._settings)
+            new = PluginSet.of(loaded, self._settings, running)
         except Exception as exc:  # a bad plugin must never stop the service: the old set keeps running
             log.warning("plugin switch refused", extra=fields(request=switch.request_id, error=str(exc)))
             self._reply(PluginSwitched(request_id=switch.request_id, ok=False, serving=self._serving().refs(),

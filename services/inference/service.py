@@ -86,7 +86,8 @@ class InferenceService:
         worker = Worker(backlog=self._backlog, serving=lambda: self._model, publisher=self._publisher,
                         counters=self._counters, device=settings.device_id, max_batch=settings.max_batch,
                         max_wait_s=settings.max_wait_ms / 1000, top_k=settings.top_k,
-                        max_image_pixels=settings.max_frame_pixels, cache=self._cache,
+                        max_image_pixels=settings.max_frame_pixels, max_image_bytes=settings.max_frame_bytes,
+                        cache=self._cache,
                         plugins=None if plugins is None else lambda: self._plugins)
         self._threads = [threading.Thread(target=self._work, args=(worker,), name=f"worker-{i}")
                          for i in range(workers)]
@@ -109,10 +110,16 @@ class InferenceService:
     def run(self) -> int:
         """Serves until stop() is called, then drains; returns the exit status (0)."""
         frames_filter = topics.all_frames(self._settings.device_id)
-        self._start(frames_filter)
-        while not self._stopping.wait(self._settings.status_interval_s):
-            self._publisher.status(self.status(ServiceState.ONLINE))
-        self._drain(frames_filter)
+        try:
+            self._start(frames_filter)
+            while not self._stopping.wait(self._settings.status_interval_s):
+                self._publisher.status(self.status(ServiceState.ONLINE))
+            self._drain(frames_filter)
+        finally:
+            # However run() ends (a start that raised after the ticker began included), the ticker's
+            # non-daemon thread stops, or it would keep the process alive. stop() is idempotent.
+            if self._plugin_host is not None:
+                self._plugin_host.stop()
         return 0
 
     def stop(self) -> None:

@@ -24,6 +24,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -58,6 +59,7 @@ from shared.plugin import (
     ABI_VERSION,
     WASM_PAGE,
     PluginError,
+    PluginLimits,
     PluginManifest,
     PluginResult,
     check_emit_suffix,
@@ -83,6 +85,10 @@ _TABLE_ELEMENTS = 1 << 16
 _TABLES = 4
 _LOG_LINE_BYTES = 1024
 _LOG_LINES_PER_CALL = 16
+# A plugin's lines per second into the service's log, whatever its calls and workers: the rest are
+# counted and summed up in one line when its lines are let through again.
+LOG_LINES_PER_S = 20
+_LOG_LEVELS = (logging.DEBUG, logging.ERROR)  # docs/plugins.md: level 10 debug ... 40 error
 _U32 = 0xFFFFFFFF
 
 FaultKind = Literal["trap", "fuel", "deadline", "result", "topic", "memory", "abi"]
@@ -138,7 +144,17 @@ class CallOutcome:
 
 
 class HostContext(Protocol):
-    """What one call's imports can reach (the prediction's frame, the served model)."""
+    """What one call's imports can reach (the prediction's frame, the served model).
+
+    Attributes:
+        max_image_bytes: the largest encoded image `infer` takes (the service's max_frame_bytes): a
+            longer image_len is refused before a byte of the plugin's memory is read.
+        tensor_bytes: the served model's input tensor in bytes (4 x 3 x crop x crop): `infer_tensor`
+            refuses any other length before reading.
+    """
+
+    max_image_bytes: int
+    tensor_bytes: int
 
     def frame(self) -> bytes | None:
         """The prediction's encoded frame (JPEG/PNG), or None when the service did not keep it."""
@@ -294,8 +310,9 @@ class WasmHost:
         return self.compile(wasm, manifest)
 
     def compile(self, wasm: bytes, manifest: PluginManifest, *, cached: bool = True) -> Compiled:
-        """The same as load() for a module in memory (benches, tests). Measured here, with the first
-        instance: 48-89 ms compiling the 44-123 KB examples, 1.3-1.7 ms from the cache.
+        """The same as load() for a module in memory (benches, tests). Re-measured on this 2-core box
+        (busy with other work, wasmtime-py 51), the first instance included: 75-95 ms compiling the C
+        examples (45-51 KB), 170-180 ms the Rust one (123 KB); from the cache, medians 0.8-1.2 ms.
 
         :param wasm: the module's bytes; their SHA-256 must be the manifest's.
         :param manifest: the plugin's manifest (limits, grants, config).
@@ -375,9 +392,14 @@ class Compiled:
 
     Attributes:
         manifest: the plugin's manifest.
+        limits: the manifest's limits clamped to the device's ceilings (PluginSettings.max_*): what
+            every instance runs under.
         compiled_from_cache: whether the module was deserialized from the precompiled cache.
-        memory_bytes, fuel, deadline_ticks: the limits every instance runs under (manifest clamped to
-            the device's ceilings).
+        memory_pages, memory_bytes, fuel, deadline_ticks: the clamped limits as the Store takes them.
+        log_budget: the plugin's lines per second into the service's log, shared by its instances.
+
+    Raises (at construction):
+        PluginError: a granted folder outside PluginSettings.allowed_dirs.
     """
 
     def __init__(self, host: WasmHost, module: Module, pre: InstancePre, manifest: PluginManifest,
@@ -386,13 +408,15 @@ class Compiled:
         self.compiled_from_cache = compiled_from_cache
         self._host = host
         self._pre = pre
-        settings, limits = host.settings, manifest.limits
-        self.memory_pages = min(limits.memory_pages, settings.max_memory_pages)
+        self.limits = clamp(manifest.limits, host.settings)
+        self.memory_pages = self.limits.memory_pages
         self.memory_bytes = self.memory_pages * WASM_PAGE
-        self.fuel = min(limits.fuel, settings.max_fuel)
-        self.deadline_ticks = math.ceil(min(limits.deadline_ms, settings.max_deadline_ms) / EPOCH_TICK_MS) + 1
+        self.fuel = self.limits.fuel
+        self.deadline_ticks = math.ceil(self.limits.deadline_ms / EPOCH_TICK_MS) + 1
+        self.log_budget = LogBudget(LOG_LINES_PER_S)
         self._initial_pages, self._has_init, self._has_initialize = _check_exports(manifest, module.exports)
         self._config = json.dumps(manifest.config, separators=(",", ":")).encode()
+        granted_dirs(manifest, host.settings.allowed_dirs)  # refused at load, not at the first instance
 
     def instantiate(self) -> Instance:
         """A fresh instance in its own Store with the limits; runs `_initialize`, checks the ABI version,
@@ -410,7 +434,8 @@ class Compiled:
         store.set_limits(memory_size=self.memory_bytes, table_elements=_TABLE_ELEMENTS, instances=1, tables=_TABLES,
                          memories=1)
         try:
-            store.set_wasi(_wasi(self.manifest))
+            # Resolved again: a symlink on the way may have been turned since the load.
+            store.set_wasi(_wasi(self.manifest, granted_dirs(self.manifest, self._host.settings.allowed_dirs)))
             self._arm(store)
             instance = self._pre.instantiate(store)
         except (Trap, WasmtimeError) as exc:
@@ -447,7 +472,7 @@ class Instance:
         """Made by Compiled.instantiate()."""
         self.compiled = compiled
         self.name = compiled.manifest.name
-        self.limits = compiled.manifest.limits
+        self.limits = compiled.limits
         self.grants = compiled.manifest.grants
         self.memory = memory
         self._store = store
@@ -599,15 +624,85 @@ def _check_exports(manifest: PluginManifest, exports: list[ExportType]) -> tuple
     return memory.limits.min, "edgefleet_init" in by_name, "_initialize" in by_name
 
 
-def _wasi(manifest: PluginManifest) -> WasiConfig:
+def clamp(limits: PluginLimits, settings: PluginSettings) -> PluginLimits:
+    """A manifest's limits, each lowered to the device's ceiling (PluginSettings.max_*)."""
+    return limits.model_copy(update={
+        "memory_pages": min(limits.memory_pages, settings.max_memory_pages),
+        "fuel": min(limits.fuel, settings.max_fuel),
+        "deadline_ms": min(limits.deadline_ms, settings.max_deadline_ms),
+        "result_bytes": min(limits.result_bytes, settings.max_result_bytes),
+        "emits": min(limits.emits, settings.max_emits),
+        "emit_bytes": min(limits.emit_bytes, settings.max_emit_bytes),
+        "infer_calls": min(limits.infer_calls, settings.max_infer_calls),
+    })
+
+
+def granted_dirs(manifest: PluginManifest, allowed: list[Path]) -> list[tuple[str, str]]:
+    """The manifest's granted folders as (host folder with its symlinks resolved, guest path), each
+    checked to lie inside one of the device's allowed folders (themselves resolved).
+
+    :param manifest: the plugin's manifest (grants.dirs).
+    :param allowed: PluginSettings.allowed_dirs; empty: no folder can be granted.
+    :raises PluginError: a grant outside every allowed folder, named with the setting.
+    """
+    roots = [Path(os.path.realpath(folder)) for folder in allowed]
+    resolved = []
+    for grant in manifest.grants.dirs:
+        host = Path(os.path.realpath(grant.host))
+        if not any(host.is_relative_to(root) for root in roots):
+            raise PluginError(
+                f"{manifest.name}: the grant of {grant.host} (at {grant.guest}; {host} with its links resolved) "
+                f"is not inside a folder the device allows (EDGEFLEET_PLUGINS_ALLOWED_DIRS: "
+                f"{', '.join(str(r) for r in roots) or 'none'})")
+        resolved.append((str(host), grant.guest))
+    return resolved
+
+
+def _wasi(manifest: PluginManifest, dirs: list[tuple[str, str]]) -> WasiConfig:
     """WASI with nothing behind it but the grants: no argv, the granted environment only, granted
-    folders read-only, stdin empty, stdout and stderr discarded (wasmtime's defaults)."""
+    folders (`dirs`: checked, resolved) read-only, stdin empty, stdout and stderr discarded (wasmtime's
+    defaults)."""
     wasi = WasiConfig()
     if manifest.grants.env:
         wasi.env = list(manifest.grants.env.items())
-    for grant in manifest.grants.dirs:
-        wasi.preopen_dir(grant.host, grant.guest, fs_mutable=False)
+    for host, guest in dirs:
+        wasi.preopen_dir(host, guest, fs_mutable=False)
     return wasi
+
+
+class LogBudget:
+    """At most `per_second` lines a second (fixed one-second windows), shared by a plugin's instances
+    across worker threads; the lines refused meanwhile are counted, to be summed up in the window that
+    lets lines through again.
+
+    Args:
+        per_second: lines let through per window.
+        clock: monotonic seconds (tests pass their own).
+    """
+
+    def __init__(self, per_second: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._per_second, self._clock = per_second, clock
+        self._lock = threading.Lock()
+        self._window = -math.inf
+        self._used = 0
+        self._suppressed = 0
+
+    def take(self) -> tuple[bool, int]:
+        """One line's turn.
+
+        :returns: whether the line may be logged, and (only on a line let through) how many were
+            refused since the last line let through (0 mostly).
+        """
+        now = self._clock()
+        with self._lock:
+            if now - self._window >= 1.0:
+                self._window, self._used = now, 0
+            if self._used >= self._per_second:
+                self._suppressed += 1
+                return False, 0
+            self._used += 1
+            suppressed, self._suppressed = self._suppressed, 0
+            return True, suppressed
 
 
 # The edgefleet imports. Each finds its instance and call through _RUNNING, checks every pointer against
@@ -644,9 +739,16 @@ def _host_log(caller: Caller, level: int, ptr: int, length: int) -> None:
         if state.logs > _LOG_LINES_PER_CALL:
             return
         line = _read(caller, instance, state, ptr, min(max(length, 0), _LOG_LINE_BYTES), "a log line")
-        if line is not None:
-            log.log(min(max(level, logging.DEBUG), logging.CRITICAL), "plugin %s: %s", instance.name,
-                    line.decode("utf-8", "replace"))
+        if line is None:
+            return
+        allowed, suppressed = instance.compiled.log_budget.take()
+        if not allowed:
+            return
+        if suppressed:
+            log.warning("plugin %s: %d log lines not written (over %d a second)", instance.name, suppressed,
+                        LOG_LINES_PER_S)
+        log.log(min(max(level, _LOG_LEVELS[0]), _LOG_LEVELS[1]), "plugin %s: %s", instance.name,
+                line.decode("utf-8", "replace"))
     except Exception:
         log.exception("edgefleet.log failed in the host")
 
@@ -702,10 +804,10 @@ def _host_infer(caller: Caller, image_ptr: int, image_len: int, x: int, y: int, 
         context = _infer_context(instance, state)
         if isinstance(context, int):
             return context
+        if not 0 < image_len <= context.max_image_bytes or min(x, y, w, h) < 0:
+            return -2  # before a byte is copied: image_len may be the whole memory
         image = _read(caller, instance, state, image_ptr, image_len, "infer's image")
         if image is None:
-            return -2
-        if min(x, y, w, h) < 0:
             return -2
         probabilities = context.infer_image(image, x, y, w, h)
         if probabilities is None:
@@ -721,6 +823,8 @@ def _host_infer_tensor(caller: Caller, ptr: int, length: int, out_ptr: int, out_
         context = _infer_context(instance, state)
         if isinstance(context, int):
             return context
+        if length != context.tensor_bytes:  # the served model's input, checked before a byte is copied
+            return -2
         values = length // 4
         crop = math.isqrt(values // 3) if length > 0 and length % 4 == 0 and values % 3 == 0 else 0
         if crop == 0 or 3 * crop * crop != values:

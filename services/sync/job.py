@@ -13,6 +13,15 @@ from shared.schemas import ModelRef, SyncState
 
 @dataclass(frozen=True)
 class Job:
+    """One rollout, as SyncService.read_object and download_object take it.
+
+    :param rollout_id: the rollout, for logs.
+    :param target: what a report names while the rollout's manifest is not yet known.
+    :param superseded: whether a newer rollout or shutdown ends this one (polled between steps).
+    :param progress: the worker's Progress, ticked before each bounded wait.
+    :param report: publishes (state, target, reason, progress_bytes) on the rollout's own topic.
+    """
+
     rollout_id: str
     target: ModelRef  # what a report names while the rollout's manifest is not yet known
     superseded: Callable[[], bool]

@@ -19,7 +19,7 @@ import paho.mqtt.client as paho
 from services.sync.job import Job
 from services.sync.membership import requested, supersedes
 from services.sync.plugin_canary import PluginWatch, PluginWindow
-from services.sync.plugin_store import PluginStore
+from services.sync.plugin_store import PluginStore, PluginStoreStateError
 from services.sync.plugins import PluginMachine
 from services.sync.rollout import StepFailed, Superseded
 from shared import registry, topics
@@ -50,7 +50,11 @@ IDLE_TICK_S = 1.0
 
 
 class PluginDelivery:
-    """Owns the plugin store, the plugin canary's watch and the plugin worker's state; is the PluginIo."""
+    """Owns the plugin store, the plugin canary's watch and the plugin worker's state; is the PluginIo.
+
+    :param service: the sync service whose link, registry reads, downloads, inference requests, error
+        reports, liveness and `changed` condition it uses.
+    """
 
     def __init__(self, service: SyncService) -> None:
         self.service = service
@@ -63,7 +67,10 @@ class PluginDelivery:
         self.machine = PluginMachine(self.store, self.settings, self, self.device)
         self._latest: dict[str, PluginRollout] = {}  # by plugin, the most recent message last
         self._handled: dict[str, PluginRollout] = {}
+        # The answer to the one switch request in flight (at most one entry): answers nobody waits for
+        # (late, repeated, or to another sync's request) are dropped as they come, never kept.
         self._answers: dict[str, PluginSwitched] = {}
+        self._awaited: str | None = None
 
     # -- messages in (paho's network thread) ---------------------------------------------------------
 
@@ -91,6 +98,10 @@ class PluginDelivery:
             self.service.error(ErrorReason.MALFORMED_COMMAND, f"plugin switch result: {exc}")
             return
         with self.service.changed:
+            if result.request_id != self._awaited:
+                log.info("plugin switch answer nobody waits for: dropped",
+                         extra=fields(request=result.request_id[:64], ok=result.ok))
+                return
             self._answers[result.request_id] = result
             self.service.changed.notify_all()
 
@@ -100,6 +111,9 @@ class PluginDelivery:
         with self.service.liveness.watch(self.progress):
             try:
                 self.machine.recover()
+            except PluginStoreStateError as exc:  # fail closed: nothing changed; each rollout is refused too
+                log.error("plugin recovery at start refused", extra=fields(error=str(exc)))
+                self.service.error(ErrorReason.INTERNAL, str(exc))
             except Exception as exc:  # the store and inference stay as they were; rollouts still get handled
                 log.exception("plugin recovery at start failed")
                 self.service.error(ErrorReason.INTERNAL, f"plugin recovery at start failed: {exc}")
@@ -160,20 +174,34 @@ class PluginDelivery:
                                             manifest.sha256)
 
     def switch(self, active: ActivePlugins) -> None:
-        """Asks inference to run exactly `active` and waits for its answer (as the model's switch does)."""
+        """Asks inference to run exactly `active` and waits for its answer (as the model's switch does).
+
+        Folders go relative to the plugin store's root (PluginLoad.folder): inference resolves them under
+        its own mount of the store.
+
+        :raises StepFailed: refused, late, or no answer at all.
+        """
         timeout_s = self.settings.switch_timeout_s
         request = PluginSwitch(
             request_id=uuid.uuid4().hex, at=time.time(), timeout_s=timeout_s,
-            plugins=[PluginLoad(plugin=p.ref(), folder=str(self.store.folder(p).resolve())) for p in active.plugins],
+            plugins=[PluginLoad(plugin=p.ref(), folder=p.folder) for p in active.plugins],
         )
-        result = self.service.ask_inference(topics.plugin_switch(self.device), request.request_id, encode(request),
-                                            self._answers, self.progress)
+        with self.service.changed:
+            self._awaited = request.request_id
+        try:
+            result = self.service.ask_inference(topics.plugin_switch(self.device), request.request_id,
+                                                encode(request), self._answers, self.progress)
+        finally:
+            with self.service.changed:
+                self._awaited = None
+                self._answers.clear()
         if result is None:
             raise StepFailed(f"inference did not answer the plugin switch within its {timeout_s:g} s deadline")
         if not result.ok:
             raise StepFailed(f"inference refused the plugin set: {result.error}")
 
     def watch(self, sha256: str | None) -> None:
+        """Starts counting predictions and faults for the plugin `sha256` from now (None: stops)."""
         if sha256 is None:
             self.canary.stop()
         else:
@@ -192,8 +220,10 @@ class PluginDelivery:
         return self.canary.snapshot(sha256)
 
     def inference_plugins(self) -> list[ModelRef] | None:
+        """The plugins inference's retained status names; None if it is offline or its status says nothing
+        of plugins (an inference without a plugin host): then what it runs is not known."""
         status = self.service.inference_status(self.progress)
-        return None if status is None else [p.plugin for p in status.plugins or []]
+        return None if status is None or status.plugins is None else [p.plugin for p in status.plugins]
 
     def report(self, plugin: str, state: SyncState, rollout_id: str | None, target: ModelRef | None = None,
                reason: str | None = None, canary: CanaryVerdict | None = None, progress: int | None = None) -> None:

@@ -7,11 +7,15 @@
                                        rejected (by SHA-256), a canary pending
 
 The dot-names cannot clash with a plugin's folder: a plugin name starts with a letter or a digit.
-Every change is write-to-temporary, fsync, rename, fsync the folder (services.sync.atomic): a power cut
+Every change is write-to-temporary, fsync, rename, fsync the folder (shared.atomic): a power cut
 leaves the old state or the new one, never a half-written plugin where inference could load it; an
 install is assembled in `<version>-<sha16>.tmp` and renamed whole. repair() runs at start and mends
 what a crash left. A rejected plugin is never chosen again, not even as the version to go back to:
 going back to nothing (the plugin removed) is the fail-closed answer.
+
+`.sync-state.json` is the only record of the rejected plugins and of a canary under way: one that cannot
+be read is never taken for an empty one (that would forget both) nor rewritten; every read of it raises
+PluginStoreStateError until an operator repairs or removes the file, and sync refuses plugin rollouts.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Collection
+from collections.abc import Collection, Container
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from services.sync.atomic import TMP, fsync_dir, fsync_file, make_dir, write_atomic
+from services.sync import retention
+from services.sync.errors import SyncError
+from shared.atomic import TMP, fsync_dir, fsync_file, make_dir, write_atomic
 from shared.logs import fields
 from shared.manifest import MANIFEST_FILE, make_dirs
 from shared.plugin import (
@@ -45,6 +51,12 @@ log = logging.getLogger(__name__)
 STAGING, STATE = ".staging", ".sync-state.json"
 
 
+class PluginStoreStateError(SyncError):
+    """The plugin store's `.sync-state.json` exists but cannot be read or is not valid: the rejected
+    plugins and a pending canary are unknown, so no plugin rollout may proceed until an operator repairs
+    or removes the file (removing it forgets them: the operator's decision, never sync's)."""
+
+
 class PendingPluginCanary(BaseModel):
     """What a restart needs to undo a plugin canary it did not see end."""
 
@@ -59,6 +71,9 @@ class PendingPluginCanary(BaseModel):
 
 
 class PluginStoreState(BaseModel):
+    """`.sync-state.json`: what the plugin store remembers beside the active set (read by
+    PluginStore.state(), written only by the store, atomically)."""
+
     model_config = ConfigDict(extra="forbid")
 
     # Per plugin, the folder of the version that ran before the active one; None: none ran.
@@ -82,6 +97,14 @@ def with_plugin(active: ActivePlugins, name: str, entry: ActivePlugin | None) ->
 
 
 class PluginStore:
+    """The plugin store under `root` (settings.plugins.dir); the plugin machine (plugins.py) is its one
+    writer, through these methods. Folders in entries and records are relative to `root`.
+
+    :param root: the store's folder (created, 0755, if missing).
+    :param keep_versions: installed versions of each plugin kept by prune() (besides the active and the
+        previous one).
+    """
+
     def __init__(self, root: Path, keep_versions: int) -> None:
         self.root = root
         self.keep_versions = keep_versions
@@ -102,6 +125,7 @@ class PluginStore:
         return next((p for p in self.active().plugins if p.name == name), None)
 
     def folder(self, entry: ActivePlugin) -> Path:
+        """The absolute folder of an active-set entry."""
         return self.root / entry.folder
 
     def version_dir(self, name: str, version: int, sha256: str) -> Path:
@@ -115,30 +139,34 @@ class PluginStore:
         return self.root / STAGING / f"{check_name(name)}-{check_version(version)}-{_digest(sha256)[:16]}.part"
 
     def state(self) -> PluginStoreState:
+        """The store's record; an empty one for a new store (no file).
+
+        :raises PluginStoreStateError: the file exists but cannot be read or is not valid (fail closed:
+            it is never taken for empty, and never overwritten).
+        """
+        path = self.root / STATE
         try:
-            return PluginStoreState.model_validate_json((self.root / STATE).read_bytes())
+            return PluginStoreState.model_validate_json(path.read_bytes())
         except FileNotFoundError:
             return PluginStoreState()
         except (OSError, ValidationError) as exc:
-            log.warning("unreadable plugin store state: starting from none", extra=fields(error=str(exc)[:200]))
-            return PluginStoreState()
+            raise PluginStoreStateError(
+                f"the plugin store's state {path} is unreadable or invalid ({str(exc)[:300]}): the rejected "
+                "plugins and a pending canary are unknown, so plugin rollouts are refused until an operator "
+                "repairs or removes it") from None
 
     def is_rejected(self, sha256: str) -> bool:
+        """Whether a canary on this device rejected the plugin. Raises PluginStoreStateError."""
         return sha256 in self.state().rejected
 
     def pending_canary(self) -> PendingPluginCanary | None:
+        """The canary recorded as under way, if any. Raises PluginStoreStateError."""
         return self.state().pending
 
     def verified(self, folder: str | None) -> ActivePlugin | None:
-        """The entry for an installed folder (relative), if it verifies whole and no canary rejected it."""
-        if folder is None:
-            return None
-        try:
-            manifest, _ = load_verified_plugin(self.root / folder)
-        except PluginError as exc:
-            log.warning("plugin version unusable", extra=fields(folder=folder, error=str(exc)))
-            return None
-        return None if self.is_rejected(manifest.sha256) else entry_of(manifest, folder)
+        """The entry for an installed folder (relative), if it verifies whole and no canary rejected it.
+        Raises PluginStoreStateError."""
+        return self._verified(folder, self.state().rejected)
 
     def previous(self, name: str) -> ActivePlugin | None:
         """The version of `name` to go back to: the one that ran before, if it still verifies and was not
@@ -185,7 +213,11 @@ class PluginStore:
 
     def set_active(self, active: ActivePlugins, name: str, remember_previous: bool = True) -> None:
         """Writes the active set in which plugin `name` changed (atomically), remembering the version of
-        `name` it replaces as the one to go back to (remember_previous), or forgetting it."""
+        `name` it replaces as the one to go back to (remember_previous), or forgetting it.
+
+        :raises PluginStoreStateError: the record cannot be read (nothing is written).
+        :raises OSError: the disk.
+        """
         state = self.state()
         leaving = self.running(name)
         state.previous[name] = leaving.folder if remember_previous and leaving else None
@@ -193,18 +225,28 @@ class PluginStore:
         self._save(state)
 
     def begin_canary(self, pending: PendingPluginCanary) -> None:
-        """Persists the pending canary (atomically, fsynced): called BEFORE inference is told to switch."""
+        """Persists the pending canary (atomically, fsynced): called BEFORE inference is told to switch.
+
+        :raises ValueError: another canary is pending: it must be resolved (rolled back) first, never
+            overwritten, or a restart could not undo it.
+        :raises PluginStoreStateError: the record cannot be read.
+        """
         state = self.state()
+        if state.pending is not None:
+            raise ValueError(f"the canary of {state.pending.name} v{state.pending.version} (rollout "
+                             f"{state.pending.rollout_id}) is still pending: resolve it first")
         state.pending = pending
         self._save(state)
 
     def end_canary(self) -> None:
+        """Clears the pending canary (its verdict is in the store). Raises PluginStoreStateError."""
         state = self.state()
         if state.pending is not None:
             state.pending = None
             self._save(state)
 
     def reject(self, sha256: str) -> None:
+        """Rejects a plugin on this device for good. Raises PluginStoreStateError."""
         state = self.state()
         if sha256 not in state.rejected:
             state.rejected.append(sha256)
@@ -212,21 +254,15 @@ class PluginStore:
 
     def prune(self, name: str) -> list[Path]:
         """Removes installed versions of `name` beyond the newest keep_versions, never the active or the
-        previous one."""
+        previous one. Raises PluginStoreStateError."""
         keep = {self.root / p.folder for p in self.active().plugins if p.name == name}
         if previous := self.state().previous.get(name):
             keep.add(self.root / previous)
-        installed = sorted(self._installed(name), key=lambda p: p.stat().st_mtime, reverse=True)
-        removed = [p for p in installed[self.keep_versions :] if p not in keep]
-        for folder in removed:
-            shutil.rmtree(folder)
-        return removed
+        return retention.prune(self._installed(name), self.keep_versions, keep)
 
     def discard_parts(self, keep: Collection[Path] = ()) -> None:
         """Deletes every download in staging but those in `keep`."""
-        for part in (self.root / STAGING).glob("*.part"):
-            if part not in keep:
-                part.unlink(missing_ok=True)
+        retention.discard_parts(self.root / STAGING, keep)
 
     # -- start-up ----------------------------------------------------------------------------------
 
@@ -234,9 +270,16 @@ class PluginStore:
         """Mends what a crash left; returns what it did, in words (empty: nothing to mend).
 
         Half-written installs and temporaries are removed; an active plugin whose folder is gone, does
-        not verify, or was rejected leaves the active set (fail closed: inference runs the others).
+        not verify, or was rejected leaves the active set (fail closed: inference runs the others). An
+        unreadable state file is left as it is and said so (the rejections cannot be checked; plugin
+        rollouts are refused until it is repaired): sync still starts, models still roll out.
         """
         notes = []
+        try:
+            rejected: Container[str] = self.state().rejected
+        except PluginStoreStateError as exc:
+            rejected = ()
+            notes.append(str(exc))
         for leftover in [*self.root.glob(f"*{TMP}"), *self.root.glob(f"*/*{TMP}")]:
             shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
             notes.append(f"removed the half-written {leftover.relative_to(self.root)}")
@@ -246,7 +289,7 @@ class PluginStore:
             recorded = ActivePlugins()
             notes.append(f"the active plugin set was unreadable ({exc}); running none")
             write_active(self.root, recorded)
-        usable = [p for p in recorded.plugins if self._usable(p)]
+        usable = [p for p in recorded.plugins if self._usable(p, rejected)]
         notes.extend(f"stopped {p.name} v{p.version}: its folder {p.folder} is unusable or rejected"
                      for p in recorded.plugins if p not in usable)
         if len(usable) != len(recorded.plugins):
@@ -257,9 +300,19 @@ class PluginStore:
 
     # -- internals ---------------------------------------------------------------------------------
 
-    def _usable(self, entry: ActivePlugin) -> bool:
-        found = self.verified(entry.folder)
+    def _usable(self, entry: ActivePlugin, rejected: Container[str]) -> bool:
+        found = self._verified(entry.folder, rejected)
         return found is not None and found.sha256 == entry.sha256 and found.name == entry.name
+
+    def _verified(self, folder: str | None, rejected: Container[str]) -> ActivePlugin | None:
+        if folder is None:
+            return None
+        try:
+            manifest, _ = load_verified_plugin(self.root / folder)
+        except PluginError as exc:
+            log.warning("plugin version unusable", extra=fields(folder=folder, error=str(exc)))
+            return None
+        return None if manifest.sha256 in rejected else entry_of(manifest, folder)
 
     def _installed(self, name: str) -> list[Path]:
         folder = self.root / check_name(name)

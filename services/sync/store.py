@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.sync.atomic import TMP, fsync_dir, fsync_file, make_dir, write_atomic
+from services.sync import retention
+from shared.atomic import TMP, fsync_dir, fsync_file, make_dir, write_atomic
 from shared.cascade import STAGE_FOLDERS, is_cascade, verify_folder
 from shared.logs import fields
 from shared.manifest import MANIFEST_FILE, MODEL_FILE, ModelError, ModelManifest, make_dirs
@@ -282,22 +283,16 @@ class ModelStore:
         """Removes installed versions beyond the newest keep_versions, never the current or previous one."""
         keep = set()
         try:
-            keep.add(self.current()[0].resolve())
+            keep.add(self.current()[0])
         except (OSError, ModelError):
             pass
         if previous := self.state().previous:
-            keep.add((self.root / previous).resolve())
-        installed = sorted(self._installed(), key=lambda p: p.stat().st_mtime, reverse=True)
-        removed = [p for p in installed[self.keep_versions :] if p.resolve() not in keep]
-        for folder in removed:
-            shutil.rmtree(folder)
-        return removed
+            keep.add(self.root / previous)
+        return retention.prune(self._installed(), self.keep_versions, keep)
 
     def discard_parts(self, keep: Collection[Path] = ()) -> None:
         """Deletes every download in staging but those in `keep` (a cascade's document and members)."""
-        for part in (self.root / STAGING).glob("*.part"):
-            if part not in keep:
-                part.unlink(missing_ok=True)
+        retention.discard_parts(self.root / STAGING, keep)
 
     # -- internals ---------------------------------------------------------------------------------
 

@@ -126,7 +126,8 @@ def inferring(x: int, y: int, w: int, h: int) -> bytes:
 
 
 def install(root: Path, name: str, wasm: bytes, version: int = 1, **spec: object) -> PluginLoad:
-    """A plugin folder as sync installs one: plugin.wasm and its manifest, under the plugin store."""
+    """A plugin folder as sync installs one: plugin.wasm and its manifest, under the plugin store; the
+    load names it relative to the store's root, as sync sends it."""
     folder = root / name / str(version)
     folder.mkdir(parents=True)
     (folder / PLUGIN_FILE).write_bytes(wasm)
@@ -134,7 +135,7 @@ def install(root: Path, name: str, wasm: bytes, version: int = 1, **spec: object
         "name": name, "version": version, "sha256": hashlib.sha256(wasm).hexdigest(), "size_bytes": len(wasm),
         "abi": ABI_VERSION, "created_at": time.time(), **spec})
     (folder / MANIFEST_FILE).write_text(manifest.model_dump_json())
-    return PluginLoad(plugin=manifest.ref(), folder=str(folder))
+    return PluginLoad(plugin=manifest.ref(), folder=str(folder.relative_to(root)))
 
 
 # -- the service ----------------------------------------------------------------------------------------------
@@ -142,14 +143,16 @@ def install(root: Path, name: str, wasm: bytes, version: int = 1, **spec: object
 
 @contextmanager
 def serving(model: ServedModel, store: Path, active: Sequence[PluginLoad] = (), fault_limit: int = 5,
+            plugin_settings: dict[str, object] | None = None,
             **changes: object) -> Iterator[tuple[InferenceService, MemoryLink]]:
-    """The service on its own threads over a MemoryLink, with a real WasmHost and `active` as the plugin
-    store's active set at start."""
+    """The service on its own threads over a MemoryLink, with a real WasmHost (PluginSettings changed as
+    `plugin_settings` says) and `active` as the plugin store's active set at start."""
     if active:
         write_active(store, ActivePlugins(plugins=[
-            ActivePlugin(name=p.plugin.name, version=p.plugin.version, sha256=p.plugin.sha256,
-                         folder=str(Path(p.folder).relative_to(store))) for p in active]))
-    plugins = PluginSettings(dir=store, cache_dir=store.parent / "plugin-cache", fault_limit=fault_limit)
+            ActivePlugin(name=p.plugin.name, version=p.plugin.version, sha256=p.plugin.sha256, folder=p.folder)
+            for p in active]))
+    plugins = PluginSettings.model_validate({"dir": store, "cache_dir": store.parent / "plugin-cache",
+                                             "fault_limit": fault_limit, **(plugin_settings or {})})
     settings = InferenceSettings(device_id=DEVICE, status_interval_s=60, plugins=plugins, **changes)
     link = MemoryLink()
     service = InferenceService(link=link, model=model, load_model=LOADER, settings=settings, workers=1,
@@ -230,8 +233,9 @@ def test_plugins_keep_replace_and_drop_predictions_in_order(model, tmp_path):
     # docs/protocol.md: every frame received is counted once, a plugin's drop included.
     assert stats.frames_received == (stats.predictions_published + stats.predictions_lost + stats.frames_dropped
                                      + stats.predictions_dropped_by_plugins + stats.frames_rejected + stats.queue_depth)
+    # site-labels ran through the switch unchanged: its counters go on (f1, then f2 and f3).
     assert status is not None and [(s.plugin.name, s.state, s.calls, s.replaced, s.dropped) for s in status] == [
-        ("site-labels", PluginState.ACTIVE, 2, 2, 0), ("dropper", PluginState.ACTIVE, 2, 0, 2)]
+        ("site-labels", PluginState.ACTIVE, 3, 3, 0), ("dropper", PluginState.ACTIVE, 2, 0, 2)]
     assert errors(link) == []
 
 
@@ -326,7 +330,7 @@ def test_a_switch_installs_between_batches_and_a_bad_one_leaves_the_running_set(
     store = tmp_path / "plugins"
     a, b = install(store, "labels-a", renaming("a")), install(store, "labels-b", renaming("b"))
     tampered = install(store, "labels-c", renaming("c"))
-    (Path(tampered.folder) / PLUGIN_FILE).write_bytes(renaming("d"))  # the same size, other bytes
+    (store / tampered.folder / PLUGIN_FILE).write_bytes(renaming("d"))  # the same size, other bytes
     with serving(model, store, [a], max_batch=2, max_wait_ms=500) as (service, link):
         link.hold.clear()  # the worker will wait in the middle of its batch, publishing f1
         send(link, "f1")
@@ -338,7 +342,7 @@ def test_a_switch_installs_between_batches_and_a_bad_one_leaves_the_running_set(
         send(link, "f3")
         after = prediction_for(link, "f3")
 
-        missing = switch(link, "missing", [b, PluginLoad(plugin=a.plugin, folder=str(tmp_path / "nowhere"))])
+        missing = switch(link, "missing", [b, PluginLoad(plugin=a.plugin, folder="nowhere/1")])
         bad = switch(link, "tampered", [tampered])
         send(link, "f4")
         still = prediction_for(link, "f4")
@@ -360,7 +364,7 @@ def test_a_switch_installs_between_batches_and_a_bad_one_leaves_the_running_set(
 def test_at_start_a_plugin_that_does_not_load_is_reported_and_the_rest_run(model, tmp_path):
     store = tmp_path / "plugins"
     good, broken = install(store, "site-labels", renaming("site-cat")), install(store, "broken", KEEP)
-    (Path(broken.folder) / MANIFEST_FILE).write_text("{}")
+    (store / broken.folder / MANIFEST_FILE).write_text("{}")
     with serving(model, store, [broken, good]) as (service, link):
         send(link, "f1")
         prediction = prediction_for(link, "f1")
@@ -407,3 +411,117 @@ def test_infer_on_a_crop_of_the_frame_answers_as_the_service_does_for_that_crop(
     best = int(probabilities.argmax())
     assert best == service_answer.top[0].index
     assert abs(float(probabilities[best]) - service_answer.top[0].score) < 1e-4
+
+
+def test_infer_refuses_an_image_longer_than_the_services_frame_limit(model, tmp_path):
+    # The frame (under max_frame_bytes) is asked about whole; then the same call claims one byte more than
+    # any frame may have, then 2 GiB (past the plugin's memory): both refused (-2) before the host reads
+    # a byte, so neither is a fault.
+    limit = 1 << 20
+    asking = plugin_wasm(f"""
+    (local.set $n (call $frame (i32.const 65536) (i32.const 2097152)))
+    (i32.store (i32.const 4000) (call $infer (i32.const 65536) (local.get $n) (i32.const 0) (i32.const 0)
+                                             (i32.const 0) (i32.const 0) (i32.const 3145728) (i32.const 8192)))
+    (i32.store (i32.const 4004) (call $infer (i32.const 65536) (i32.const {limit + 1}) (i32.const 0) (i32.const 0)
+                                             (i32.const 0) (i32.const 0) (i32.const 3145728) (i32.const 8192)))
+    (i32.store (i32.const 4008) (call $infer (i32.const 65536) (i32.const 0x7fffff00) (i32.const 0) (i32.const 0)
+                                             (i32.const 0) (i32.const 0) (i32.const 3145728) (i32.const 8192)))
+    (drop (call $emit (i32.const 1024) (i32.const 7) (i32.const 4000) (i32.const 12)))
+    (i64.const 0)""", [(1024, b"answers")])
+    store = tmp_path / "plugins"
+    load = install(store, "asker", asking, grants={"frame": True, "infer": True}, limits={"infer_calls": 3})
+    with serving(model, store, [load], max_frame_bytes=limit,
+                 plugin_settings={"max_infer_calls": 3}) as (_, link):
+        send(link, "f1")
+        prediction_for(link, "f1")
+        messages = _soon(lambda: plugin_topics(link) or errors(link) or None, "the plugin's answers")
+
+    assert errors(link) == []
+    assert [t for t, _ in messages] == [topics.plugin_message(DEVICE, "asker", "answers")]
+    assert np.frombuffer(messages[0][1], dtype="<i4").tolist() == [len(model.manifest.labels), -2, -2]
+
+
+# -- a switch carries over what it leaves unchanged ------------------------------------------------------------------
+
+
+# Counts its calls in its own memory (so per instance) and emits the count on "n".
+COUNTER = plugin_wasm("(i32.store (i32.const 4000) (i32.add (i32.load (i32.const 4000)) (i32.const 1)))"
+                      "(drop (call $emit (i32.const 1024) (i32.const 1) (i32.const 4000) (i32.const 4)))"
+                      "(i64.const 0)", [(1024, b"n")])
+
+
+def counts(link: MemoryLink) -> list[int]:
+    return [int(np.frombuffer(p, dtype="<i4")[0]) for t, p in plugin_topics(link)
+            if t == topics.plugin_message(DEVICE, "counter", "n")]
+
+
+def test_a_switch_keeps_unchanged_plugins_as_they_run_and_a_disabled_one_stays_disabled(model, tmp_path):
+    store = tmp_path / "plugins"
+    trap, counter = install(store, "trapper", TRAP), install(store, "counter", COUNTER)
+    trap_v2 = install(store, "trapper", plugin_wasm("nop unreachable"), version=2)
+    with serving(model, store, [trap, counter], fault_limit=2) as (service, link):
+        for frame_id in ("f0", "f1"):
+            send(link, frame_id)
+            prediction_for(link, frame_id)
+        _soon(lambda: counts(link) == [1, 2] or None, "two counts")
+        before = service.plugins.plugins
+        again = switch(link, "again", [counter, trap])  # the same versions, in another order
+        after = service.plugins.plugins
+        send(link, "f2")
+        prediction_for(link, "f2")
+        _soon(lambda: len(counts(link)) == 3 or None, "a third count")
+        kept = service.status(ServiceState.ONLINE).plugins
+        newer = switch(link, "trapper-v2", [trap_v2, counter])
+        send(link, "f3")
+        prediction_for(link, "f3")
+        _soon(lambda: len(counts(link)) == 4 or None, "a fourth count")
+        replaced = service.status(ServiceState.ONLINE).plugins
+
+    assert again.ok and newer.ok
+    # Neither loaded again: the same modules and records, in the new order.
+    assert [(p.compiled, p.record) for p in after] == [(before[1].compiled, before[1].record),
+                                                       (before[0].compiled, before[0].record)]
+    # The worker kept its instance of the counter (its memory counts on), and the disabled trapper was
+    # not called again: its counters and state came through the switch.
+    assert counts(link) == [1, 2, 3, 4]
+    assert kept is not None and [(s.plugin, s.state, s.calls, s.faults) for s in kept] == [
+        (counter.plugin, PluginState.ACTIVE, 3, 0), (trap.plugin, PluginState.DISABLED, 2, 2)]
+    # Another version of the trapper (another SHA-256) starts afresh and runs again.
+    assert replaced is not None and [(s.plugin, s.state, s.calls, s.faults) for s in replaced] == [
+        (trap_v2.plugin, PluginState.ACTIVE, 1, 1), (counter.plugin, PluginState.ACTIVE, 4, 0)]
+    assert [(e.reason, e.frame_id) for e in errors(link)] == [
+        ("plugin_fault", "f0"), ("plugin_fault", "f1"), ("plugin_disabled", None), ("plugin_fault", "f3")]
+
+
+def test_a_switch_refuses_a_folder_outside_the_plugin_store(model, tmp_path):
+    store = tmp_path / "plugins"
+    inside = install(store, "site-labels", renaming("inside"))
+    outside = install(tmp_path / "elsewhere", "site-labels", renaming("inside"))  # the same plugin, outside
+    (store / "escape").symlink_to(tmp_path / "elsewhere")
+    with serving(model, store, [inside]) as (_, link):
+        answers = {folder: switch(link, f"r{i}", [PluginLoad(plugin=outside.plugin, folder=folder)])
+                   for i, folder in enumerate([str(tmp_path / "elsewhere" / outside.folder),
+                                               f"../elsewhere/{outside.folder}", f"escape/{outside.folder}", "."])}
+
+    for folder, answer in answers.items():
+        assert not answer.ok and answer.serving == [inside.plugin], folder
+        assert "absolute" in (answer.error or "") or "outside the plugin store" in (answer.error or ""), answer.error
+
+
+def test_the_epoch_ticker_stops_when_the_start_fails_after_it_began(model, tmp_path, monkeypatch):
+    def exploding(*args: object) -> object:
+        raise RuntimeError("the active set exploded")
+
+    monkeypatch.setattr("services.inference.service.load_active", exploding)
+    settings = InferenceSettings(device_id=DEVICE, plugins=PluginSettings(dir=tmp_path / "plugins",
+                                                                          cache_dir=tmp_path / "cache"))
+    host = WasmHost(settings.plugins)
+    service = InferenceService(link=MemoryLink(), model=model, load_model=LOADER, settings=settings, workers=1,
+                               plugins=host)
+    try:
+        with pytest.raises(RuntimeError, match="exploded"):
+            service.run()
+        tickers = [t for t in threading.enumerate() if t.name == "wasm-epoch" and t.is_alive()]
+    finally:
+        host.stop()
+    assert tickers == []  # a non-daemon ticker left running would keep the process from exiting

@@ -5,19 +5,33 @@ against real processes is tests/test_plugin_delivery.py."""
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
 
+from services.sync.membership import supersedes
 from services.sync.plugin_canary import PluginWindow
-from services.sync.plugin_store import PendingPluginCanary, PluginStore, entry_of, with_plugin
+from services.sync.plugin_io import PluginDelivery
+from services.sync.plugin_store import (
+    PendingPluginCanary,
+    PluginStore,
+    PluginStoreStateError,
+    entry_of,
+    with_plugin,
+)
 from services.sync.plugins import PluginMachine
-from services.sync.rollout import StepFailed
+from services.sync.rollout import StepFailed, Superseded
 from shared import registry
+from shared.codec import decode, encode
 from shared.config import SyncSettings, load
-from shared.plugin import ABI_VERSION, ActivePlugins, PluginManifest, read_active
-from shared.schemas import ModelRef, PluginRollout, RolloutPhase, RolloutTarget, SyncState
+from shared.plugin import ABI_VERSION, ActivePlugins, PluginManifest, read_active, write_active
+from shared.schemas import ModelRef, PluginRollout, PluginSwitch, PluginSwitched, RolloutPhase, RolloutTarget, SyncState
 
 # load_verified_plugin checks size, SHA-256 and ABI; compiling is inference's job, so any bytes will do.
 MODULE = b"\0asm\x01\0\0\0"
@@ -31,7 +45,9 @@ def _manifest(name: str, version: int, abi: int = ABI_VERSION) -> tuple[PluginMa
 
 
 class FakeIo:
-    """The registry holds what `publish` put there; inference answers every switch as `switch_ok` says."""
+    """The registry holds what `publish` put there; inference answers every switch as `switch_ok` says,
+    refusing a set with a plugin it cannot load (`unloadable`: all-or-nothing, as inference's switch is).
+    `latest` is the newest rollout message of each plugin, as the service's is: a different one supersedes."""
 
     def __init__(self, store: PluginStore) -> None:
         self.store = store
@@ -43,6 +59,11 @@ class FakeIo:
         self.window = PluginWindow()
         self.watched: list[str | None] = []
         self.running: list[ModelRef] | None = None
+        self.unloadable: set[str] = set()  # SHA-256s inference cannot load (a granted folder missing, say)
+        self.refuse_after_canary = False  # inference stops answering once the canary is judged
+        self.latest: dict[str, PluginRollout] = {}
+        self.on_download: Callable[[], None] | None = None
+        self.on_canary: Callable[[], None] | None = None
 
     def publish(self, name: str, version: int, abi: int = ABI_VERSION) -> PluginManifest:
         manifest, wasm = _manifest(name, version, abi)
@@ -62,11 +83,15 @@ class FakeIo:
     def download(self, rollout, manifest):
         part = self.store.part_file(manifest.name, manifest.version, manifest.sha256)
         part.write_bytes(self.registry[(manifest.name, manifest.version)][1])
+        if self.on_download:
+            self.on_download()
         return part
 
     def switch(self, active: ActivePlugins) -> None:
         if not self.switch_ok:
             raise StepFailed("inference refused the plugin set: it does not compile")
+        if cannot := [p for p in active.plugins if p.sha256 in self.unloadable]:
+            raise StepFailed(f"inference refused the plugin set: {cannot[0].name} cannot load")
         self.switches.append([f"{p.name} v{p.version}" for p in active.plugins])
         self.running = [p.ref() for p in active.plugins]
 
@@ -74,13 +99,19 @@ class FakeIo:
         self.watched.append(sha256)
 
     def wait_for_canary(self, rollout, sha256, count, timeout_s):
+        if self.on_canary:
+            self.on_canary()
+        if self.refuse_after_canary:
+            self.switch_ok = False
+        if self.superseded(rollout):  # the service's wait ends early: the window so far
+            return PluginWindow(predictions=3)
         return self.window
 
     def inference_plugins(self):
         return self.running
 
     def superseded(self, rollout) -> bool:
-        return False
+        return supersedes(self.latest.get(rollout.plugin), rollout)
 
     def states(self, rollout_id: str) -> list[str]:
         return [r[1].value for r in self.reports if r[2] == rollout_id]
@@ -328,3 +359,235 @@ def test_the_watch_counts_predictions_after_the_switch_and_only_this_plugins_fau
     assert watch.snapshot("a" * 64) == PluginWindow(predictions=2, faults=1)
     watch.on_error(fault("a" * 64, ErrorReason.PLUGIN_DISABLED))
     assert watch.snapshot("a" * 64).disabled and watch.snapshot("b" * 64) == PluginWindow()
+
+
+# -- review fixes: a plugin inference cannot load, a failed going back, the store's state, supersedes ------
+
+
+def _installed_active(machine, io, *versions: tuple[str, int]) -> dict[str, PluginManifest]:
+    """Rolls each (name, version) out with a passing canary; returns their manifests by name."""
+    io.window = HEALTHY
+    published = {}
+    for name, version in versions:
+        published[name] = io.publish(name, version)
+        machine.handle(_rollout(name, version, f"r-{name}-{version}"))
+    return published
+
+
+def test_a_plugin_inference_could_not_load_is_left_out_of_every_other_switch_and_stays_in_the_store(
+        machine, io, store):
+    stuck = _installed_active(machine, io, ("night-alert", 1), ("site-labels", 1))["night-alert"]
+    # Inference restarted on a device where night-alert's granted folder is missing: it left it out.
+    io.unloadable = {stuck.sha256}
+    io.running = [p.ref() for p in store.active().plugins if p.name != "night-alert"]
+    switches = len(io.switches)
+    machine.recover()  # reconcile: inference runs what it can of the store's set, so no switch (no refusal)
+    assert len(io.switches) == switches
+
+    io.publish("site-labels", 2)
+    machine.handle(_rollout("site-labels", 2, "r-labels-2"))
+    _, state, _, _, reason = io.last("r-labels-2")
+    assert state is SyncState.ACTIVE and "canary passed" in reason, reason
+    assert io.switches[-1] == ["site-labels v2"]
+    assert "left out of the switch" in io.reports[-2][4] and "night-alert v1" in io.reports[-2][4]
+    assert _running(store) == {"night-alert": 1, "site-labels": 2}, "the store keeps it: inference retries at start"
+
+    machine.handle(_rollout("site-labels", 2, "r-labels-2", RolloutPhase.ABORTED))
+    _, state, _, _, reason = io.last("r-labels-2")
+    assert state is SyncState.ROLLED_BACK and "aborted" in reason and "night-alert v1" in reason, reason
+    assert io.switches[-1] == ["site-labels v1"] and _running(store) == {"night-alert": 1, "site-labels": 1}
+
+    # The plugin this rollout is about is always sent, even though inference runs no version of it.
+    io.unloadable = set()
+    io.publish("night-alert", 2)
+    machine.handle(_rollout("night-alert", 2, "r-night-2"))
+    assert io.last("r-night-2")[1] is SyncState.ACTIVE and io.switches[-1] == ["night-alert v2", "site-labels v1"]
+
+
+def test_with_inference_status_unknown_the_stores_whole_set_is_sent(machine, io, store):
+    _installed_active(machine, io, ("night-alert", 1))
+    io.running = None  # inference offline: what it runs is not known
+    io.publish("site-labels", 1)
+    machine.handle(_rollout("site-labels", 1, "r-labels"))
+    assert io.switches[-1] == ["night-alert v1", "site-labels v1"]
+    assert "left out" not in (io.reports[-2][4] or "")
+
+
+def test_a_failed_going_back_leaves_the_store_gone_back_and_reconcile_brings_inference_to_it(
+        machine, io, store):
+    v1 = _installed_active(machine, io, ("site-labels", 1))["site-labels"]
+    bad = io.publish("site-labels", 2)
+    io.window = FAULTY
+    io.refuse_after_canary = True  # the switch back fails
+    machine.handle(_rollout("site-labels", 2, "r-2"))
+    _, state, _, target, reason = io.last("r-2")
+    assert state is SyncState.FAILED and target.sha256 == bad.sha256
+    assert "canary failed" in reason and "going back to v1 failed too" in reason and "does not compile" in reason
+    # Fail closed: the store (what inference loads at its next start) has gone back, the rejection is kept.
+    assert _running(store) == {"site-labels": 1} and store.is_rejected(bad.sha256)
+    assert store.pending_canary() is None and io.running == [bad.ref()]
+
+    # Before the next rollout of any plugin, inference is brought to the store's set first.
+    io.switch_ok = True
+    io.publish("night-alert", 1)
+    io.window = HEALTHY
+    machine.handle(_rollout("night-alert", 1, "r-night"))
+    assert io.switches[-2:] == [["site-labels v1"], ["night-alert v1", "site-labels v1"]]
+    assert io.last("r-night")[1] is SyncState.ACTIVE and _running(store) == {"night-alert": 1, "site-labels": 1}
+    assert {r.sha256 for r in io.running} >= {v1.sha256}
+
+
+def test_a_failed_going_back_is_reconciled_at_the_next_start(machine, io, store):
+    _installed_active(machine, io, ("night-alert", 1))
+    io.publish("night-alert", 2)
+    io.window = HEALTHY
+    machine.handle(_rollout("night-alert", 2, "r-2"))
+    io.switch_ok = False
+    machine.handle(_rollout("night-alert", 2, "r-2", RolloutPhase.ABORTED))
+    assert io.last("r-2")[1] is SyncState.FAILED and "aborted" in io.last("r-2")[4]
+    assert _running(store) == {"night-alert": 1} and [r.version for r in io.running] == [2]
+    io.switch_ok = True
+    machine.recover()
+    assert io.switches[-1] == ["night-alert v1"] and [r.version for r in io.running] == [1]
+
+
+def test_a_canary_left_pending_is_rolled_back_before_the_next_rollout_never_overwritten(machine, io, store):
+    _installed_active(machine, io, ("site-labels", 1))
+    trial = io.publish("site-labels", 2)
+    # An earlier rollout that ended without a verdict (a bug, an interrupted worker): v2 switched in, pending.
+    entry = store.install(io.download(None, trial), registry.manifest_bytes(trial), b"{}", trial)
+    store.begin_canary(PendingPluginCanary(rollout_id="r-2", name="site-labels", version=2, sha256=trial.sha256,
+                                           folder=entry.folder, previous=store.running("site-labels").folder))
+    store.set_active(with_plugin(store.active(), "site-labels", entry), "site-labels")
+    io.running = [trial.ref()]
+    with pytest.raises(ValueError, match="still pending"):
+        store.begin_canary(PendingPluginCanary(rollout_id="r-x", name="night-alert", version=1, sha256="a" * 64,
+                                               folder="night-alert/1-x", previous=None))
+
+    io.publish("night-alert", 1)
+    machine.handle(_rollout("night-alert", 1, "r-night"))
+    _, state, _, target, reason = io.last("r-2")
+    assert state is SyncState.ROLLED_BACK and target.sha256 == trial.sha256 and "without a verdict" in reason
+    assert store.is_rejected(trial.sha256) and store.pending_canary() is None
+    assert io.last("r-night")[1] is SyncState.ACTIVE
+    assert _running(store) == {"night-alert": 1, "site-labels": 1}
+    assert io.switches[-1] == ["night-alert v1", "site-labels v1"]
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b'{"rejected": "not a list"}'])
+def test_an_unreadable_store_state_refuses_plugin_rollouts_and_is_never_reset(machine, io, store, damage, caplog):
+    rejected = io.publish("site-labels", 1)
+    io.window = FAULTY
+    machine.handle(_rollout("site-labels", 1, "r-bad"))
+    assert store.is_rejected(rejected.sha256)
+    state_file = store.root / ".sync-state.json"
+    state_file.write_bytes(damage)
+
+    notes = store.repair()  # at start: said so, the active set kept, the file left for the operator
+    assert any("unreadable or invalid" in n for n in notes)
+    with pytest.raises(PluginStoreStateError):
+        machine.recover()
+    io.window = HEALTHY
+    switches = len(io.switches)
+    for rollout in (_rollout("site-labels", 1, "r-again"), _rollout("night-alert", 1, "r-night"),
+                    _rollout("site-labels", 1, "r-bad", RolloutPhase.ABORTED)):
+        io.publish(rollout.plugin, rollout.version)
+        machine.handle(rollout)
+        _, state, _, _, reason = io.last(rollout.rollout_id)
+        assert state is SyncState.FAILED and "plugin rollouts are refused until an operator repairs" in reason
+    assert len(io.switches) == switches and _running(store) == {}
+    assert state_file.read_bytes() == damage, "never silently reset"
+    assert any(r.levelname == "ERROR" and "unreadable" in r.getMessage() for r in caplog.records)
+    # Repaired by the operator (here: the rejection written back by hand), rollouts go on.
+    state_file.write_text(f'{{"rejected": ["{rejected.sha256}"]}}')
+    machine.handle(_rollout("site-labels", 1, "r-after"))
+    assert io.last("r-after")[1] is SyncState.ROLLED_BACK and "already rolled" in io.last("r-after")[4]
+
+
+def test_a_rollout_superseded_by_a_newer_one_of_the_same_plugin_while_downloading_installs_nothing(
+        machine, io, store):
+    io.publish("site-labels", 1)
+    io.publish("site-labels", 2)
+    first, newer = _rollout("site-labels", 1, "r-1"), _rollout("site-labels", 2, "r-2")
+    io.latest["site-labels"] = first
+    io.on_download = lambda: io.latest.update({"site-labels": newer})
+    with pytest.raises(Superseded):
+        machine.handle(first)
+    assert io.states("r-1") == ["received", "verified"] and io.switches == [] and _running(store) == {}
+    assert store.pending_canary() is None and not (store.root / "site-labels").exists()
+    io.on_download = None
+    io.window = HEALTHY
+    machine.handle(newer)
+    assert io.last("r-2")[1] is SyncState.ACTIVE and _running(store) == {"site-labels": 2}
+
+
+def test_a_rollout_superseded_during_its_canary_goes_back_and_the_newer_one_runs(machine, io, store):
+    _installed_active(machine, io, ("site-labels", 1))
+    io.publish("site-labels", 2)
+    io.publish("site-labels", 3)
+    second, third = _rollout("site-labels", 2, "r-2"), _rollout("site-labels", 3, "r-3")
+    io.latest["site-labels"] = second
+    io.on_canary = lambda: io.latest.update({"site-labels": third})
+    machine.handle(second)  # the canary's wait ends with 3 predictions: no verdict, so v2 is not kept
+    _, state, _, _, reason = io.last("r-2")
+    assert state is SyncState.ROLLED_BACK and "inconclusive: 3 predictions" in reason
+    assert _running(store) == {"site-labels": 1} and store.pending_canary() is None
+    io.on_canary = None
+    machine.handle(third)
+    assert io.last("r-3")[1] is SyncState.ACTIVE and _running(store) == {"site-labels": 3}
+
+
+def test_the_active_set_is_written_readable_by_all_whatever_the_umask(tmp_path):
+    old = os.umask(0o077)
+    try:
+        write_active(tmp_path / "plugins", ActivePlugins())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "plugins" / "active.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "plugins").stat().st_mode) == 0o755
+    assert read_active(tmp_path / "plugins") == ActivePlugins()
+
+
+class _Service:
+    """What PluginDelivery uses of the sync service for a switch; inference's answers come as MQTT messages
+    through PluginDelivery.on_switched, as paho's thread delivers them."""
+
+    def __init__(self, settings: SyncSettings) -> None:
+        self.settings = settings
+        self.changed = threading.Condition()
+        self.stopping = False
+        self.requests: list[PluginSwitch] = []
+        self.delivery: PluginDelivery | None = None
+
+    def error(self, reason, detail) -> None:
+        raise AssertionError(detail)
+
+    def ask_inference(self, topic, request_id, request, answers, progress):
+        switch = decode(PluginSwitch, request)
+        self.requests.append(switch)
+        late = PluginSwitched(request_id="an-earlier-request", ok=False, serving=[], error="late", at=time.time())
+        self.delivery.on_switched(_message(late))
+        self.delivery.on_switched(_message(PluginSwitched(request_id=request_id, ok=True, at=time.time(),
+                                                          serving=[p.plugin for p in switch.plugins])))
+        with self.changed:
+            return answers.pop(request_id, None)
+
+
+def _message(answer: PluginSwitched) -> paho.MQTTMessage:
+    message = paho.MQTTMessage(topic=b"edgefleet/edge-1/plugins/_switched")
+    message.payload = encode(answer)
+    return message
+
+
+def test_switches_name_folders_relative_to_the_store_and_answers_nobody_waits_for_are_dropped(settings, io, store):
+    service = _Service(settings)
+    delivery = service.delivery = PluginDelivery(service)
+    manifest = io.publish("night-alert", 1)
+    entry = store.install(io.download(None, manifest), registry.manifest_bytes(manifest), b"{}", manifest)
+    delivery.switch(ActivePlugins(plugins=[entry]))
+    load = service.requests[-1].plugins[0]
+    assert load.folder == entry.folder and not Path(load.folder).is_absolute()
+    assert load.folder == f"night-alert/1-{manifest.sha256[:16]}" and load.plugin == manifest.ref()
+    assert delivery._answers == {}, "the late answer to an earlier request is not kept"
+    delivery.on_switched(_message(PluginSwitched(request_id="x", ok=True, serving=[], at=time.time())))
+    assert delivery._answers == {}

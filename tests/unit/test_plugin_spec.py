@@ -1,6 +1,7 @@
 """What `edgefleet plugin publish` checks before it writes anything (edgefleet.plugin_spec): the spec has
-exactly the author's keys, and the module is valid WebAssembly with the ABI's exports, answering this
-release's ABI version in a sandbox that bounds it. Real modules compiled by wasmtime from WAT."""
+exactly the author's keys, and the module is what the device's own loader (services.inference.wasm)
+accepts with that spec: the ABI's exports and imports, this release's ABI version, its constructors and
+init with the spec's config, within the spec's limits. Real modules compiled by wasmtime from WAT."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 import pytest
 
 from edgefleet.plugin_spec import MAX_SPEC_BYTES, PluginRefused, check_module, load_spec
-from shared.plugin import ABI_VERSION, PluginLimits
+from shared.plugin import ABI_VERSION
 from tests import wat_plugins as wat
 
 
@@ -49,34 +50,47 @@ def test_a_spec_out_of_range_missing_or_not_json_is_refused_saying_what(tmp_path
         load_spec(spec_path)
 
 
-def test_a_module_with_the_abis_exports_and_version_passes(tmp_path):
-    path, _ = wat.write(tmp_path)
-    checked = check_module(path, PluginLimits())
-    assert (checked.abi, checked.data) == (ABI_VERSION, wat.GOOD)
+@pytest.mark.parametrize("wasm", [wat.GOOD, wat.IMPORT_CALLING_ABI], ids=["plain", "logs-while-starting"])
+def test_a_module_with_the_abis_exports_and_version_passes(tmp_path, wasm):
+    path, spec = wat.write(tmp_path, wasm)
+    checked = check_module(path, load_spec(spec))
+    assert (checked.abi, checked.data) == (ABI_VERSION, wasm)
 
 
 @pytest.mark.parametrize(("wasm", "why"), [
-    (wat.NOT_WASM, "is not a valid WebAssembly module"),
-    (wat.WITHOUT_ON_PREDICTION, "lacks the export 'edgefleet_on_prediction'"),
-    (wat.WITHOUT_MEMORY, "lacks the export 'memory'"),
-    (wat.module(abi=""), "lacks the export 'edgefleet_abi_version'"),
-    (wat.MISTYPED_ON_PREDICTION, r"'edgefleet_on_prediction' is a function \(i32, i32\) -> \(i32\); plugin ABI 1 "
-                                 r"requires a function \(i32, i32\) -> \(i64\)"),
-    (wat.WRONG_ABI, f"speaks plugin ABI 2; this release speaks {ABI_VERSION}"),
-    (wat.LOOPING_ABI, "failed while answering its ABI version: .*fuel"),
-    (wat.IMPORT_CALLING_ABI, "failed while answering its ABI version"),
-    (wat.HUGE_MEMORY, r"memory starts at 300 pages, over its spec's limits.memory_pages \(32\)"),
-], ids=["not-wasm", "no-on-prediction", "no-memory", "no-abi-version", "mistyped", "wrong-abi", "loop", "import",
-        "memory"])
+    (wat.NOT_WASM, "not a valid WebAssembly module"),
+    (wat.WITHOUT_ON_PREDICTION, "does not export the function edgefleet_on_prediction"),
+    (wat.WITHOUT_MEMORY, "exports no memory named 'memory'"),
+    (wat.module(abi=""), "does not export the function edgefleet_abi_version"),
+    (wat.MISTYPED_ON_PREDICTION, r"edgefleet_on_prediction has type \[i32, i32\] -> \[i32\], ABI 1 wants "
+                                 r"\[i32, i32\] -> \[i64\]"),
+    (wat.WRONG_ABI, f"speaks plugin ABI 2; this host speaks ABI {ABI_VERSION}"),
+    (wat.LOOPING_ABI, r"failed while starting \(fuel\)"),
+    (wat.HUGE_MEMORY, r"memory starts at 300 pages, over its limit of 32 pages"),
+    (wat.UNKNOWN_IMPORT, "imports what this host does not provide: .*edgefleet.*foo"),
+    (wat.INIT_REFUSING, "refused its config: edgefleet_init returned 7"),
+    (wat.INITIALIZE_TRAPPING, r"failed while starting \(trap\)"),
+], ids=["not-wasm", "no-on-prediction", "no-memory", "no-abi-version", "mistyped", "wrong-abi", "loop", "memory",
+        "unknown-import", "init-refuses", "initialize-traps"])
 def test_a_module_the_device_would_refuse_is_refused_saying_why(tmp_path, wasm, why):
-    path, _ = wat.write(tmp_path, wasm)
-    with pytest.raises(PluginRefused, match=why):
-        check_module(path, PluginLimits(memory_pages=32))
+    path, spec = wat.write(tmp_path, wasm)
+    with pytest.raises(PluginRefused, match=f"would be refused by a device: .*{why}"):
+        check_module(path, load_spec(spec))
+
+
+def test_a_folder_grant_is_left_to_the_device_and_the_rest_of_the_spec_is_checked(tmp_path):
+    """This machine need not have the device's folders; the grants it can check (env), it does."""
+    path, spec = wat.write(tmp_path, grants={"dirs": [{"guest": "/site", "host": "/nowhere/on/this/machine"}],
+                                             "env": {"SITE": "dock-4"}, "frame": False, "infer": False})
+    assert check_module(path, load_spec(spec)).abi == ABI_VERSION
+    # The spec's own limits bound the check: the device's loader refuses 300 pages at 32, accepts them at 300.
+    path, spec = wat.write(tmp_path, wat.HUGE_MEMORY, limits={**wat.SPEC["limits"], "memory_pages": 300})
+    assert check_module(path, load_spec(spec)).data == wat.HUGE_MEMORY
 
 
 def test_an_empty_or_missing_module_is_refused(tmp_path):
-    path, _ = wat.write(tmp_path, b"")
+    path, spec = wat.write(tmp_path, b"")
     with pytest.raises(PluginRefused, match="is empty"):
-        check_module(path, PluginLimits())
+        check_module(path, load_spec(spec))
     with pytest.raises(PluginRefused, match="cannot read the plugin module"):
-        check_module(tmp_path / "missing.wasm", PluginLimits())
+        check_module(tmp_path / "missing.wasm", load_spec(spec))

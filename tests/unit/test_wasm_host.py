@@ -24,15 +24,18 @@ import wasmtime
 
 from services.inference.wasm import (
     EPOCH_TICK_MS,
+    LOG_LINES_PER_S,
     WASMTIME_VERSION,
     CallOutcome,
     Compiled,
+    LogBudget,
     PluginFault,
     WasmHost,
 )
 from shared.config import PluginSettings
 from shared.manifest import MANIFEST_FILE
 from shared.plugin import ABI_VERSION, PLUGIN_FILE, DirGrant, PluginError, PluginGrants, PluginLimits, PluginManifest
+from tests.plugin_builds import BUILDS, needs
 
 HOSTILE = b"!"  # a prediction that starts with '!' makes the conditional modules misbehave
 PREDICTION = b'{"frame_id":"f1","top":[{"index":1,"label":"cat","score":0.9}]}'
@@ -100,8 +103,11 @@ def ints(outcome: CallOutcome) -> list[int]:
 class FakeContext:
     """The service's side of frame/infer: a fixed frame and fixed probabilities, recording what it saw."""
 
-    def __init__(self, frame: bytes | None = b"JPEGDATA!", probabilities: tuple[float, ...] = (0.25, 0.75)) -> None:
+    def __init__(self, frame: bytes | None = b"JPEGDATA!", probabilities: tuple[float, ...] = (0.25, 0.75),
+                 max_image_bytes: int = 1 << 20, tensor_bytes: int = 4 * 3 * 2 * 2) -> None:
         self._frame = frame
+        self.max_image_bytes = max_image_bytes
+        self.tensor_bytes = tensor_bytes  # a model of crop 2
         self.probabilities = np.array(probabilities, dtype=np.float32)
         self.images: list[tuple[bytes, int, int, int, int]] = []
         self.tensors: list[np.ndarray] = []
@@ -131,6 +137,11 @@ def host(tmp_path):
 
 def compiled(host: WasmHost, wasm: bytes, **kwargs) -> Compiled:
     return host.compile(wasm, manifest(wasm, **kwargs))
+
+
+def allowing(tmp_path: Path, *allowed: Path) -> WasmHost:
+    """A host (no ticker: fuel bounds its calls) whose device allows these folders to be granted."""
+    return WasmHost(PluginSettings(cache_dir=tmp_path / "cache", allowed_dirs=list(allowed)))
 
 
 # The answers
@@ -216,10 +227,39 @@ def test_a_call_past_its_deadline_is_interrupted_even_with_fuel_to_spare(tmp_pat
 
 
 def test_the_devices_ceilings_clamp_the_manifest(tmp_path):
-    host = WasmHost(PluginSettings(cache_dir=tmp_path / "c", max_memory_pages=4, max_fuel=5000, max_deadline_ms=7))
-    plugin = compiled(host, module("(i64.const 0)"), memory_pages=64, fuel=1_000_000, deadline_ms=500)
+    host = WasmHost(PluginSettings(cache_dir=tmp_path / "c", max_memory_pages=4, max_fuel=5000, max_deadline_ms=7,
+                                   max_result_bytes=32, max_emits=1, max_emit_bytes=4, max_infer_calls=1))
+    plugin = compiled(host, module("(i64.const 0)"), memory_pages=64, fuel=1_000_000, deadline_ms=500,
+                      result_bytes=1 << 20, emits=64, emit_bytes=256 << 10, infer_calls=8)
     assert (plugin.memory_pages, plugin.fuel) == (4, 5000)
     assert plugin.deadline_ticks == -(-7 // EPOCH_TICK_MS) + 1
+    limits = plugin.limits
+    assert (limits.result_bytes, limits.emits, limits.emit_bytes, limits.infer_calls) == (32, 1, 4, 1)
+    below = compiled(host, module("(i64.const 0)"), result_bytes=16, emits=0, emit_bytes=2, infer_calls=0)
+    assert (below.limits.result_bytes, below.limits.emits, below.limits.emit_bytes, below.limits.infer_calls) == (
+        16, 0, 2, 0)  # a manifest under the ceilings keeps its own
+
+
+def test_the_ceilings_hold_for_results_emits_and_infer_calls(tmp_path):
+    host = WasmHost(PluginSettings(cache_dir=tmp_path / "c", max_result_bytes=32, max_emits=2, max_emit_bytes=4,
+                                   max_infer_calls=1))
+    generous = {"result_bytes": 1 << 20, "emits": 64, "emit_bytes": 256 << 10, "infer_calls": 8}
+    replace = compiled(host, module(f"(i64.const {(REPLACE_AT << 32) | len(REPLACE)})"), **generous)
+    with pytest.raises(PluginFault, match=f"{len(REPLACE)}-byte result; the limit is 32"):
+        replace.instantiate().call(PREDICTION, NO_CONTEXT)
+    infer = ("(call $out_i32 (call $infer (i32.const 600) (i32.const 3) (i32.const 0) (i32.const 0) (i32.const 0)"
+             " (i32.const 0) (i32.const 2048) (i32.const 64)))")
+    busy = compiled(host, module(
+        infer + infer + "(call $out_i32 (call $emit (i32.const 310) (i32.const 2) (i32.const 0) (i32.const 5)))"
+        "(i64.const 0)"), grants=PluginGrants(infer=True), **generous)
+    context = FakeContext()
+    # Two emits at most: the infer answers (2 classes, then -4 past one call); the third emit never queued.
+    assert ints(busy.instantiate().call(PREDICTION, context)) == [2, -4]
+    assert len(context.images) == 1
+    oversized = compiled(host, module(
+        "(call $out_i32 (call $emit (i32.const 310) (i32.const 2) (i32.const 0) (i32.const 5))) (i64.const 0)"),
+        **generous)
+    assert ints(oversized.instantiate().call(PREDICTION, NO_CONTEXT)) == [-2]  # 5 bytes over the 4-byte ceiling
 
 
 # Fuel and memory
@@ -293,6 +333,42 @@ def test_log_lines_reach_the_services_log(host, caplog):
     assert any(r.levelno == logging.WARNING and r.getMessage() == "plugin test-plugin: hello" for r in caplog.records)
 
 
+def test_log_levels_are_clamped_to_debug_through_error(host, caplog):
+    plugin = compiled(host, module("(call $log (i32.const 50) (i32.const 320) (i32.const 5))"
+                                   "(call $log (i32.const 1) (i32.const 320) (i32.const 5))"
+                                   "(call $log (i32.const -7) (i32.const 320) (i32.const 5)) (i64.const 0)"))
+    with caplog.at_level(logging.DEBUG, logger="services.inference.wasm"):
+        plugin.instantiate().call(PREDICTION, NO_CONTEXT)
+    assert [r.levelno for r in caplog.records if r.getMessage() == "plugin test-plugin: hello"] == [
+        logging.ERROR, logging.DEBUG, logging.DEBUG]
+
+
+SIXTEEN_LINES = ("(local $i i32) (loop $l (call $log (i32.const 20) (i32.const 320) (i32.const 5))"
+                 " (br_if $l (i32.lt_u (local.tee $i (i32.add (local.get $i) (i32.const 1))) (i32.const 16))))"
+                 " (i64.const 0)")
+
+
+def test_a_plugins_log_lines_are_rate_limited_across_calls_and_instances_and_the_rest_summed_up(host, caplog):
+    now = [100.0]
+    plugin = compiled(host, module(SIXTEEN_LINES))
+    plugin.log_budget = LogBudget(LOG_LINES_PER_S, clock=lambda: now[0])
+    lines = lambda: [r.getMessage() for r in caplog.records if r.name == "services.inference.wasm"]  # noqa: E731
+    with caplog.at_level(logging.DEBUG, logger="services.inference.wasm"):
+        # 16 lines a call (the per-call cap), three calls on two instances (two workers): 48 lines in one second.
+        first, second = plugin.instantiate(), plugin.instantiate()
+        for instance in (first, second, first):
+            instance.call(PREDICTION, NO_CONTEXT)
+        assert lines() == ["plugin test-plugin: hello"] * LOG_LINES_PER_S
+        now[0] += 0.99
+        second.call(PREDICTION, NO_CONTEXT)
+        assert len(lines()) == LOG_LINES_PER_S  # still the same second
+        caplog.clear()
+        now[0] += 0.01
+        first.call(PREDICTION, NO_CONTEXT)
+    assert lines() == [f"plugin test-plugin: {48 + 16 - LOG_LINES_PER_S} log lines not written (over "
+                       f"{LOG_LINES_PER_S} a second)"] + ["plugin test-plugin: hello"] * 16
+
+
 # frame and infer
 
 
@@ -347,6 +423,30 @@ def test_infer_tensor_refuses_a_tensor_that_is_not_three_square_planes(host):
     assert ints(plugin.instantiate().call(PREDICTION, context)) == [-2] and context.tensors == []
 
 
+def test_infer_tensor_refuses_another_models_input_before_reading_it(host):
+    # Three square planes of 4x4 (192 bytes), well inside memory: not the served model's 2x2 (48 bytes).
+    # Measured against the context's tensor_bytes, before a byte is copied; nothing reaches the model.
+    plugin = compiled(host, module(
+        "(call $out_i32 (call $infer_tensor (i32.const 512) (i32.const 192) (i32.const 2048) (i32.const 64)))"
+        "(call $out_i32 (call $infer_tensor (i32.const 0x7ffffff0) (i32.const 0x7fffff00) (i32.const 2048)"
+        " (i32.const 64)))"  # a length near 2 GiB at a pointer outside memory: refused, not a memory fault
+        "(i64.const 0)"), grants=PluginGrants(infer=True), infer_calls=2)
+    context = FakeContext(tensor_bytes=48)
+    assert ints(plugin.instantiate().call(PREDICTION, context)) == [-2, -2] and context.tensors == []
+
+
+def test_infer_refuses_an_image_over_the_services_frame_limit_before_reading_it(tmp_path):
+    host = WasmHost(PluginSettings(cache_dir=tmp_path / "cache", max_infer_calls=3))
+    infer = ("(call $out_i32 (call $infer (i32.const 600) (i32.const {length}) (i32.const 0) (i32.const 0)"
+             " (i32.const 0) (i32.const 0) (i32.const 2048) (i32.const 64)))")
+    plugin = compiled(host, module(infer.format(length=3) + infer.format(length=4) + infer.format(length=0x7fffff00)
+                                   + "(i64.const 0)"), grants=PluginGrants(infer=True), infer_calls=3)
+    context = FakeContext(max_image_bytes=3)
+    # 3 bytes pass; 4 (inside memory) and ~2 GiB (outside it: without the cap, a memory fault) are refused.
+    assert ints(plugin.instantiate().call(PREDICTION, context)) == [2, -2, -2]
+    assert context.images == [(b"IMG", 0, 0, 0, 0)]
+
+
 # WASI: nothing but the grants
 
 
@@ -363,12 +463,13 @@ REFUSED = {63, 76}
 EBADF = 8
 
 
-def test_a_granted_folder_is_readable_and_nothing_outside_it(host, tmp_path):
+def test_a_granted_folder_is_readable_and_nothing_outside_it(tmp_path):
     site = tmp_path / "site"
     site.mkdir()
     (site / "labels.txt").write_text("cat=feline")
     (tmp_path / "secret.txt").write_text("do not read")
     grants = PluginGrants(dirs=[DirGrant(guest="/site", host=str(site))])
+    host = allowing(tmp_path, site)
     reader = compiled(host, module(open_path()), grants=grants).instantiate()
     assert ints(reader.call(b"labels.txt", NO_CONTEXT)) == [0]
     assert ints(reader.call(b"../secret.txt", NO_CONTEXT))[0] in REFUSED
@@ -378,6 +479,34 @@ def test_a_granted_folder_is_readable_and_nothing_outside_it(host, tmp_path):
     creator = compiled(host, module(open_path(oflags=1, rights=64)), grants=grants).instantiate()  # O_CREAT, fd_write
     assert ints(creator.call(b"new.txt", NO_CONTEXT)) != [0]
     assert not (site / "new.txt").exists()
+
+
+def test_a_folder_is_granted_only_inside_the_devices_allowed_folders(tmp_path):
+    allowed, elsewhere = tmp_path / "allowed", tmp_path / "elsewhere"
+    (allowed / "site").mkdir(parents=True)
+    elsewhere.mkdir()
+    (allowed / "out").symlink_to(elsewhere)  # inside by its name, outside once resolved
+    wasm = module(open_path())
+
+    def grant(folder: Path) -> PluginManifest:
+        return manifest(wasm, grants=PluginGrants(dirs=[DirGrant(guest="/site", host=str(folder))]))
+
+    assert allowing(tmp_path, allowed).compile(wasm, grant(allowed / "site")).instantiate().call(
+        b".", NO_CONTEXT).emits  # inside: compiled, instantiated, the folder opens
+    for host, folder in ((allowing(tmp_path), allowed / "site"),  # no allowed folder: nothing can be granted
+                         (allowing(tmp_path, allowed), elsewhere),
+                         (allowing(tmp_path, allowed), allowed / "out"),
+                         (allowing(tmp_path, allowed), allowed / "site" / ".." / ".." / "elsewhere")):
+        with pytest.raises(PluginError, match="EDGEFLEET_PLUGINS_ALLOWED_DIRS") as refused:
+            host.compile(wasm, grant(folder))
+        assert f"the grant of {folder}" in str(refused.value)
+    # Checked again at every instance: a link turned outside after the load is refused then.
+    (allowed / "turn").symlink_to(allowed / "site")
+    plugin = allowing(tmp_path, allowed).compile(wasm, grant(allowed / "turn"))
+    (allowed / "turn").unlink()
+    (allowed / "turn").symlink_to(elsewhere)
+    with pytest.raises(PluginError, match="not inside a folder the device allows"):
+        plugin.instantiate()
 
 
 def test_without_a_grant_there_is_no_folder_and_no_environment(host, monkeypatch):
@@ -521,9 +650,7 @@ def test_the_ticker_has_one_start_and_one_stop(tmp_path):
 
 # The real hostile plugins (tests/plugins/*.c), when scripts/plugins.sh has built them
 
-BUILDS = Path(__file__).resolve().parents[2] / "var" / "plugin-builds"
-needs_builds = pytest.mark.skipif(not (BUILDS / "hostile-loop.wasm").is_file(),
-                                  reason=f"the plugins are not built in {BUILDS}: run scripts/plugins.sh")
+needs_builds = needs()  # skipped without the builds (var/plugin-builds), failed under CI=true
 
 
 def real(host: WasmHost, name: str, *, grants: PluginGrants | None = None, **config: str) -> Compiled:
@@ -586,12 +713,13 @@ def test_the_real_abi_liar_is_refused(host):
 
 
 @needs_builds
-def test_the_real_file_reader_reads_inside_its_grant_only(host, tmp_path):
+def test_the_real_file_reader_reads_inside_its_grant_only(tmp_path):
     site = tmp_path / "site"
     site.mkdir()
     (site / "hello.txt").write_text("hello")
     grants = PluginGrants(dirs=[DirGrant(guest="/site", host=str(site))])
-    outcome = real(host, "hostile-file", grants=grants).instantiate().call(wire_prediction(), NO_CONTEXT)
+    plugin = real(allowing(tmp_path, site), "hostile-file", grants=grants)
+    outcome = plugin.instantiate().call(wire_prediction(), NO_CONTEXT)
     reads = {message["path"]: message for message in (json.loads(emit.payload) for emit in outcome.emits)}
     assert not reads["/etc/passwd"]["ok"] and reads["/etc/passwd"]["bytes"] == 0
     assert not reads["/site/../../../etc/passwd"]["ok"] and reads["/site/../../../etc/passwd"]["bytes"] == 0

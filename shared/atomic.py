@@ -1,6 +1,7 @@
-"""How sync changes files that a power cut must never leave half-written: write to a temporary, fsync
-it, rename it over the old one, fsync the folder. The model store (store.py) and the plugin store
-(plugin_store.py) both change the disk only through these.
+"""How files that a power cut must never leave half-written are changed: write to a temporary, fsync
+it, rename it over the old one, fsync the folder. Sync's model store (services/sync/store.py) and plugin
+store (services/sync/plugin_store.py) change the disk only through these, and so does
+shared.plugin.write_active (the active plugin set, which tools write too): one implementation.
 
 Files are ARTIFACT_FILE_MODE (0644) and folders ARTIFACT_DIR_MODE (0755) before they are renamed into
 place, whatever the umask: inference may run as another user than sync.

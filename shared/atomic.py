@@ -10,6 +10,8 @@ place, whatever the umask: inference may run as another user than sync.
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from shared.manifest import ARTIFACT_DIR_MODE, ARTIFACT_FILE_MODE
@@ -53,3 +55,22 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def put_in_place(staging: Path, final: Path, verify: Callable[[Path], object]) -> None:
+    """Moves a fully written staging folder to `final` in one rename, once `verify` accepts it.
+
+    :param verify: reads the staged folder back and raises if it is not what was meant to be installed.
+    :raises: whatever `verify` raises; the staged folder is removed first, nothing is put in place.
+    :raises OSError: the disk.
+    """
+    fsync_dir(staging)
+    try:
+        verify(staging)
+    except Exception:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    fsync_dir(final.parent)

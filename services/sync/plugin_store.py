@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.sync import retention
 from services.sync.errors import SyncError
-from shared.atomic import TMP, fsync_dir, fsync_file, make_dir, write_atomic
+from shared.atomic import TMP, fsync_file, make_dir, put_in_place, write_atomic
 from shared.logs import fields
 from shared.manifest import MANIFEST_FILE, make_dirs
 from shared.plugin import (
@@ -199,16 +199,7 @@ class PluginStore:
         os.replace(part, staging / PLUGIN_FILE)
         write_atomic(staging / MANIFEST_FILE, manifest_bytes)
         write_atomic(staging / SIGNATURE_OBJECT, signature)
-        fsync_dir(staging)
-        try:
-            load_verified_plugin(staging)
-        except PluginError:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        fsync_dir(final.parent)
+        put_in_place(staging, final, load_verified_plugin)
         return entry_of(manifest, str(final.relative_to(self.root)))
 
     def set_active(self, active: ActivePlugins, name: str, remember_previous: bool = True) -> None:

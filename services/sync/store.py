@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from services.sync import retention
-from shared.atomic import TMP, fsync_dir, fsync_file, make_dir, write_atomic
+from shared.atomic import TMP, fsync_dir, fsync_file, make_dir, put_in_place, write_atomic
 from shared.cascade import STAGE_FOLDERS, is_cascade, verify_folder
 from shared.logs import fields
 from shared.manifest import MANIFEST_FILE, MODEL_FILE, ModelError, ModelManifest, make_dirs
@@ -234,16 +234,7 @@ class ModelStore:
                 shutil.copyfile(placed[member.part], member.part)
             placed[member.part] = staging / member.folder / MODEL_FILE
             self._stage(member.part, staging / member.folder, MODEL_FILE, member.manifest_bytes, member.signature)
-        fsync_dir(staging)
-        try:
-            verify_folder(staging)
-        except ModelError:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        fsync_dir(final.parent)
+        put_in_place(staging, final, verify_folder)
         return final
 
     def activate(self, folder: Path, remember_previous: bool = True) -> None:

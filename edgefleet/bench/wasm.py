@@ -228,7 +228,8 @@ def _service(model_dir: Path, store: Path, quick: bool) -> tuple[dict[str, Any],
     if cores.world is not None:
         pin_process(os.getpid(), cores.world)  # the harnesses' threads, made later, inherit it
     scale = pipeline.QUICK if quick else pipeline.FULL
-    with device(model_dir, cores, max_batch=SERVICE_BATCH) as without, \
+    # The same status interval on both sides: the status is how the bench proves the plugin ran.
+    with device(model_dir, cores, max_batch=SERVICE_BATCH, status_interval_s=1) as without, \
             device(model_dir, cores, max_batch=SERVICE_BATCH, plugins_dir=store, status_interval_s=1) as with_plugin:
         off, on = pipeline.in_turns(without, with_plugin, cores, SERVICE_BATCH, scale)
         ran = _plugin_status(with_plugin[0])

@@ -738,3 +738,23 @@ def test_site_labels_merges_classes_for_the_site(host):
     outcome = real(host, "site-labels").instantiate().call(wire_prediction(("tabby", "tiger cat", "dog")), NO_CONTEXT)
     assert outcome.result is not None and outcome.result.action == "replace"
     assert outcome.result.top is not None and outcome.result.top[0].label == "cat"
+
+
+def test_a_host_import_that_fails_traps_the_call_instead_of_answering_a_made_up_value():
+    """The raw import path (wasm._define_import) must never hand the plugin a value it did not compute."""
+    from services.inference import wasm as host_module
+
+    engine = wasmtime.Engine()
+    linker = wasmtime.Linker(engine)
+
+    def failing(_caller, _value):
+        raise RuntimeError("a host bug")
+
+    host_module._define_import(linker, "t", 1, host_module._I32, failing)
+    module = wasmtime.Module(engine, wasmtime.wat2wasm(
+        '(module (import "edgefleet" "t" (func $t (param i32) (result i32)))'
+        ' (func (export "f") (result i32) i32.const 5 call $t))'))
+    store = wasmtime.Store(engine)
+    call = linker.instantiate(store, module).exports(store)["f"]
+    with pytest.raises((wasmtime.Trap, wasmtime.WasmtimeError), match="failed in the host"):
+        call(store)

@@ -42,7 +42,8 @@ CAMERA_COLUMNS = ("camera", "frame", "top label", "confidence", "2nd", "model", 
 def start_device(spawner: Spawner, device_id: str, mqtt_url: str, store_dir: Path, registry: StoreSettings, *,
                  cameras: list[str], rate_hz: float, envelope: bool = False, prefix: str = "") -> None:
     """Starts one device's sync, inference and camera simulator on its broker, in that order: inference
-    serves from the model store that sync prepares (`<store_dir>/current`).
+    serves from the model store that sync prepares (`<store_dir>/current`) and runs the plugins sync
+    installs in `<store_dir>-plugins`.
 
     Args:
         spawner: starts the children (named `<prefix>sync`, `<prefix>inference`, `<prefix>camera`).
@@ -58,12 +59,16 @@ def start_device(spawner: Spawner, device_id: str, mqtt_url: str, store_dir: Pat
         ConfigError: a value the services would refuse.
     """
     common = {"mqtt_url": mqtt_url, "device_id": device_id, "log_format": "json"}
+    # Each device its own plugin store and compiled-module cache beside its model store, as on a real device.
+    plugins = {"plugins_dir": store_dir.with_name(f"{store_dir.name}-plugins")}
     sync = spawner.start(f"{prefix}sync", "sync", load(
         SyncSettings, None, **{**keys_of(registry), **common}, model_store=store_dir,
-        seed_model_dir=DEFAULT_MODEL_DIR, trusted_keys_dir=DEFAULT_KEY_DIR))
+        seed_model_dir=DEFAULT_MODEL_DIR, trusted_keys_dir=DEFAULT_KEY_DIR, **plugins))
     current = store_dir / "current"
     wait_until(lambda: current.exists() or not sync.alive(), 60, f"{device_id}'s sync to prepare its model store")
-    spawner.start(f"{prefix}inference", "inference", load(InferenceSettings, None, **common, model_dir=current))
+    spawner.start(f"{prefix}inference", "inference", load(
+        InferenceSettings, None, **common, model_dir=current, **plugins,
+        plugins_cache_dir=store_dir.with_name(f"{store_dir.name}-plugin-cache")))
     spawner.start(f"{prefix}camera", "camera", load(CameraSettings, None, **common, cameras=cameras, rate_hz=rate_hz,
                                                     envelope=envelope))
 

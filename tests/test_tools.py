@@ -6,10 +6,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from edgefleet import photos
 from shared import lake
 from tests.support import wait_until
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _edgefleet(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -82,7 +85,7 @@ def test_the_whole_fleet_runs_locally_takes_a_rollout_and_its_telemetry_reaches_
 
     resave(model_dir, tmp_path / "v2", "rebuilt", version=2)
     log = (tmp_path / "fleet.out").open("w+")
-    fleet = subprocess.Popen([sys.executable, "-m", "edgefleet", "fleet", "--duration", "150", "--devices", "2",
+    fleet = subprocess.Popen([sys.executable, "-m", "edgefleet", "fleet", "--duration", "240", "--devices", "2",
                               "--folder", str(tmp_path / "fleet")],
                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "160"})
     try:
@@ -117,6 +120,19 @@ def test_the_whole_fleet_runs_locally_takes_a_rollout_and_its_telemetry_reaches_
         states = [json.loads(line) for line in status.stdout.splitlines()]
         assert {(s["device"], s["state"], s["serving"]["version"], s["stale"]) for s in states} >= {
             ("device-1", "active", 2, False), ("device-2", "active", 2, False)}
+        # A plugin rides the same fleet: published and rolled out with the operators' commands, over the
+        # bridges, into each device's own plugin store.
+        built = REPO / "var" / "plugin-builds"
+        assert _edgefleet("plugin", "publish", str(built / "site-labels.wasm"), "--spec",
+                          str(built / "site-labels.json"), env=operator).returncode == 0
+        assert _edgefleet("rollout", "start", "site-labels", "1", "--plugin", env=operator).returncode == 0
+
+        def plugin_active() -> bool:
+            result = _edgefleet("rollout", "status", "--plugin", "site-labels", "--json", env=operator)
+            rows = [json.loads(line) for line in result.stdout.splitlines()]
+            return {r["device"] for r in rows if r["state"] == "active"} >= {"device-1", "device-2"}
+
+        until(plugin_active, 120, "site-labels active on both devices")
         # Telemetry reached the cloud: read back from S3 itself, through the operators' audit.
         audit = until(lambda: _audited(operator, ("device-1", "device-2")), 90, "both devices' telemetry in S3")
         assert all(row["duplicates"] == 0 and row["missing_count"] == 0 for row in audit.values()), audit

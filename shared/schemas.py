@@ -303,10 +303,11 @@ class RolloutTarget(_Message):
     share: float = Field(1.0, gt=0, le=1)
 
 
-class Rollout(_Message):
+class _RolloutFields(_Message):
+    """What every rollout carries, a model's (Rollout) or a plugin's (PluginRollout)."""
+
     v: int = WIRE_VERSION
     rollout_id: Annotated[str, Field(min_length=1, max_length=64)]
-    model: str
     version: int = Field(ge=1)
     phase: RolloutPhase
     target: RolloutTarget
@@ -315,25 +316,22 @@ class Rollout(_Message):
     allow_downgrade: bool = False
     issued_at: float
 
+
+class Rollout(_RolloutFields):
+    model: str
+
     @property
     def artifact(self) -> tuple[str, int]:
         """The model and version asked for (a PluginRollout's `artifact` has the same shape)."""
         return self.model, self.version
 
 
-class PluginRollout(_Message):
+class PluginRollout(_RolloutFields):
     """A plugin's rollout, retained on its own topic (topics.plugin_rollout): plugins roll out beside the
     model, never in its place. Phases and targets mean what they mean for a model's Rollout; aborting a
     plugin's first version removes the plugin."""
 
-    v: int = WIRE_VERSION
-    rollout_id: Annotated[str, Field(min_length=1, max_length=64)]
     plugin: str
-    version: int = Field(ge=1)
-    phase: RolloutPhase
-    target: RolloutTarget
-    allow_downgrade: bool = False
-    issued_at: float
 
     @property
     def artifact(self) -> tuple[str, int]:

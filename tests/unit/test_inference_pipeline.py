@@ -31,6 +31,7 @@ from services.inference.errors import (
 )
 from services.inference.service import START_ERRORS, InferenceService
 from services.inference.swap import ModelLoader, ServedModel, warm
+from services.inference.wasm import WasmHost
 from shared import topics
 from shared.codec import WireFormat, decode, encode
 from shared.config import InferenceSettings
@@ -128,11 +129,14 @@ def model(model_dir: Path) -> ServedModel:
 
 
 @contextmanager
-def serving(model: ServedModel, **changes: object) -> Iterator[tuple[InferenceService, MemoryLink]]:
-    """The service running on its own threads over a MemoryLink; stopped and drained at the end."""
+def serving(model: ServedModel, host: WasmHost | None = None,
+            **changes: object) -> Iterator[tuple[InferenceService, MemoryLink]]:
+    """The service running on its own threads over a MemoryLink (with `host`, its plugin host); stopped
+    and drained at the end."""
     link = MemoryLink()
     settings = InferenceSettings(device_id=DEVICE, status_interval_s=60, **changes)
-    service = InferenceService(link=link, model=model, load_model=LOADER, settings=settings, workers=1)
+    service = InferenceService(link=link, model=model, load_model=LOADER, settings=settings, workers=1,
+                               plugins=host)
     runner = threading.Thread(target=service.run, name="service")
     runner.start()
     try:

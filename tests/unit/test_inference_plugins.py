@@ -43,6 +43,7 @@ from shared.schemas import (
 )
 from tests.support import wait_until
 from tests.unit.test_inference_pipeline import DEVICE, LOADER, MemoryLink
+from tests.unit.test_inference_pipeline import serving as pipeline_serving
 
 T = TypeVar("T")
 CHELSEA = photos.jpeg("chelsea")
@@ -153,20 +154,8 @@ def serving(model: ServedModel, store: Path, active: Sequence[PluginLoad] = (), 
             for p in active]))
     plugins = PluginSettings.model_validate({"dir": store, "cache_dir": store.parent / "plugin-cache",
                                              "fault_limit": fault_limit, **(plugin_settings or {})})
-    settings = InferenceSettings(device_id=DEVICE, status_interval_s=60, plugins=plugins, **changes)
-    link = MemoryLink()
-    service = InferenceService(link=link, model=model, load_model=LOADER, settings=settings, workers=1,
-                               plugins=WasmHost(plugins))
-    runner = threading.Thread(target=service.run, name="service")
-    runner.start()
-    try:
-        _soon(link.connected.is_set, "the service to start its link")
-        yield service, link
-    finally:
-        link.hold.set()
-        service.stop()
-        runner.join(10)
-        assert not runner.is_alive(), "the service did not drain"
+    with pipeline_serving(model, WasmHost(plugins), plugins=plugins, **changes) as running:
+        yield running
 
 
 def _soon(check: Callable[[], T | None], what: str) -> T:

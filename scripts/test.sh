@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/engine.sh
+scripts/test-tools.sh
 # The checkers first: a lint or type error fails the run before twenty minutes of tests (pyproject.toml
 # says what each checks: ruff over the tree, mypy strict on shared/ and services/).
 .venv/bin/ruff check .

@@ -139,6 +139,12 @@ class CommonSettings(BaseSettings):
     status_interval_s: float = Field(
         5.0, gt=0, description="How often the retained status (with counters) is refreshed.")
     health: HealthSettings = Field(default_factory=HealthSettings, description="The health file.")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve Prometheus metrics (shared/metrics.py) over HTTP at "
+        "http://<metrics_host>:<port>/metrics. Unset: none; 0: a free port, logged at start.")
+    metrics_host: str = Field(
+        "127.0.0.1", description="The address the metrics endpoint listens on (0.0.0.0 in a container, so "
+        "Prometheus can reach it).")
     liveness_s: float = Field(
         30.0, gt=0, description="A worker loop that has not come round for this long (beyond a wait it announced, e.g. "
         "an S3 timeout) makes the service unhealthy, like a missed systemd watchdog ping.")

@@ -569,14 +569,38 @@ class IngestGroupSettings(Group):
         "acknowledge) after the replica is gone; a replica restarted with the same id gets them again.")
 
 
-class IngestSettings(StoreSettings):
+class TelemetryStoreSettings(StoreSettings):
+    """Where cloud_ingest writes the fleet's telemetry, and the console and the audit read it."""
+
     telemetry_bucket: str = Field(
         "edgefleet-telemetry", min_length=3, max_length=63, description="Where telemetry is written.")
+
+
+class IngestSettings(TelemetryStoreSettings):
     share_group: str = Field("ingest", description="The MQTT v5 shared-subscription group replicas split the load in.")
     ingest: IngestGroupSettings = Field(default_factory=IngestGroupSettings, description="Ingest workers.")
     max_batch_bytes: int = Field(
         16 * 1024 * 1024, ge=64 * 1024, description=
         "A batch inflates to at most this many bytes; a larger one is dead-lettered unread.")
+
+
+class ConsoleGroupSettings(Group):
+    host: str = Field("127.0.0.1", description="The address the console's web page listens on (0.0.0.0 in a container).")
+    port: int = Field(8080, ge=0, le=65535, description="The console's HTTP port; 0: a free port, printed at start.")
+    stale_after_s: float = Field(
+        20.0, gt=0, description="A device whose newest retained status is older than this shows as stale (statuses are "
+        "refreshed every status_interval_s, 5 s by default).")
+    telemetry_refresh_s: float = Field(
+        15.0, gt=0, description="How often the drift and latency charts are read again from the S3 telemetry.")
+    telemetry_window_s: float = Field(
+        3600.0, gt=0, description="How far back the charts reach.")
+
+
+class ConsoleSettings(TelemetryStoreSettings):
+    """`edgefleet console`: the fleet console. mqtt is the FLEET broker (with the console's own client
+    certificate, common name `console`); s3 is where cloud_ingest writes telemetry."""
+
+    console: ConsoleGroupSettings = Field(default_factory=ConsoleGroupSettings, description="The web page.")
 
 
 def load(cls: type[S], config_file: Path | str | None = None, **overrides: Any) -> S:

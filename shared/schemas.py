@@ -442,6 +442,21 @@ class ResourceSample(_Message):
     at: float
 
 
+class DriftSample(_Message):
+    """Telemetry's periodic measure of the model a device serves (every EDGEFLEET_DRIFT_SAMPLE_INTERVAL_S):
+    the drift detector's current scores and the inference latency over the window. The fleet console
+    charts these from S3 (telemetry/drift/...); alerts stay the incidents."""
+
+    kind: Literal["drift"] = "drift"
+    device: str
+    model: ModelRef | None = None
+    scores: Annotated[dict[AlertType, float], Field(max_length=len(AlertType))]  # the measure by kind
+    samples: int = Field(ge=0)  # predictions in the window the scores were measured over
+    latency_p50_ms: float | None = None  # Prediction.timings.total_ms over the window
+    latency_p95_ms: float | None = None
+    at: float
+
+
 class HardExample(_Message):
     # JSON (the lake's line format) carries the image as base64; msgpack carries raw bytes.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, str_max_length=MAX_STR,
@@ -479,7 +494,7 @@ class Gap(_Message):
     detail: str | None = None  # why, in words (a dead letter's validation error)
 
 
-RecordBody = Annotated[Alert | ResourceSample | HardExample | Gap, Field(discriminator="kind")]
+RecordBody = Annotated[Alert | ResourceSample | HardExample | Gap | DriftSample, Field(discriminator="kind")]
 
 
 class TelemetryRecord(_Message):

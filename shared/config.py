@@ -585,7 +585,8 @@ class IngestSettings(TelemetryStoreSettings):
 
 
 class ConsoleGroupSettings(Group):
-    host: str = Field("127.0.0.1", description="The address the console's web page listens on (0.0.0.0 in a container).")
+    host: str = Field(
+        "127.0.0.1", description="The address the console's web page listens on (0.0.0.0 in a container).")
     port: int = Field(8080, ge=0, le=65535, description="The console's HTTP port; 0: a free port, printed at start.")
     stale_after_s: float = Field(
         20.0, gt=0, description="A device whose newest retained status is older than this shows as stale (statuses are "

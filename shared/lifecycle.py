@@ -26,7 +26,11 @@ has been silent for max-age + S seconds (frozen: SIGSTOPped, deadlocked, stuck h
 nothing inside it can notice. That is for containers run with an init (compose `init: true`): the
 service is then not PID 1, which a signal from inside its own namespace cannot kill. Times in the file
 are CLOCK_MONOTONIC, shared by every process on the host and deaf to the wall clock jumping when a
-device without a real-time clock gets NTP time."""
+device without a real-time clock gets NTP time.
+
+Metrics: with EDGEFLEET_METRICS_PORT set, a service that exposes `metrics` (a prometheus_client
+CollectorRegistry, shared.metrics) has it served over HTTP from before run() until run() returns;
+serve() owns that endpoint and stops it, and a port it cannot bind is a start failure (exit 3)."""
 
 from __future__ import annotations
 
@@ -42,11 +46,13 @@ from pathlib import Path
 from typing import Protocol
 
 import psutil
+from prometheus_client import CollectorRegistry
 
 from shared import logs
-from shared.config import CommonSettings
+from shared.config import ENV_PREFIX, CommonSettings
 from shared.health import Beat
 from shared.logs import fields
+from shared.metrics import MetricsEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +91,13 @@ def serve(name: str, settings: CommonSettings, build: Callable[[], Service],
         log.error("cannot start", extra=fields(error=str(exc)))
         print(f"edgefleet {name}: cannot start: {exc}", file=sys.stderr)
         return 3
+    try:
+        endpoint = metrics_endpoint(name, settings, service)
+    except OSError as exc:
+        reason = f"{METRICS_PORT_KEY}: cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc}"
+        log.error("cannot start", extra=fields(error=reason))
+        print(f"edgefleet {name}: cannot start: {reason}", file=sys.stderr)
+        return 3
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: service.stop())
     global _current
@@ -98,7 +111,36 @@ def serve(name: str, settings: CommonSettings, build: Callable[[], Service],
         return FATAL_EXIT
     finally:
         beat.stop()
+        if endpoint is not None:
+            endpoint.stop()
     return FATAL_EXIT if fatal.reason else status
+
+
+METRICS_PORT_KEY = f"{ENV_PREFIX}METRICS_PORT"
+
+
+def metrics_endpoint(name: str, settings: CommonSettings, service: Service) -> MetricsEndpoint | None:
+    """Starts serving the service's `metrics` registry (shared.metrics) when settings.metrics_port is set.
+
+    A service that serves metrics exposes them as `metrics`, a prometheus_client CollectorRegistry; the
+    caller owns the endpoint returned and stops it once run() has returned.
+
+    :param str name: the service's name, in the log line.
+    :param CommonSettings settings: metrics_host and metrics_port (None: no endpoint).
+    :param service: the built service.
+    :returns: the endpoint, serving; None when metrics_port is unset or the service has no metrics.
+    :raises OSError: the address cannot be bound (the port in use): a start failure.
+    """
+    if settings.metrics_port is None:
+        return None
+    registry = getattr(service, "metrics", None)
+    if not isinstance(registry, CollectorRegistry):
+        log.warning("no metrics to serve", extra=fields(service=name, key=METRICS_PORT_KEY))
+        return None
+    endpoint = MetricsEndpoint(registry, settings.metrics_host, settings.metrics_port)
+    endpoint.start()
+    log.info(f"metrics at {endpoint.url}", extra=fields(url=endpoint.url))
+    return endpoint
 
 
 def fail(reason: str, exc: BaseException | None = None) -> None:

@@ -12,7 +12,18 @@ Latency histograms are in seconds with buckets that resolve milliseconds (LATENC
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Callable, Iterable
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
+from prometheus_client.metrics_core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from shared import VERSION
+
+log = logging.getLogger(__name__)
 
 
 class Counter:
@@ -99,3 +110,91 @@ INGEST_RECORDS = f"{PREFIX}_ingest_records_total"
 INGEST_WRITE_SECONDS = f"{PREFIX}_ingest_write_seconds"  # histogram: one batch's S3 writes
 
 ALL = tuple(v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str) and v.startswith(PREFIX + "_"))
+# The families a scrape shows under other names: a histogram as <name>_bucket, _sum and _count, an
+# Info as <name>_info. Queries (deploy/prometheus/, deploy/grafana/) use those names.
+HISTOGRAMS = (QUEUE_SECONDS, DECODE_SECONDS, MODEL_SECONDS, TOTAL_SECONDS, INGEST_WRITE_SECONDS)
+INFOS = (SERVICE_INFO, MODEL_INFO)
+
+
+# -- the endpoint and the families every service has -----------------------------------------------------
+
+
+class MetricsEndpoint:
+    """Serves one registry at http://host:port/metrics from its own thread (prometheus_client's WSGI
+    server). Its owner calls start() once and stop() once (shared.lifecycle.serve does both).
+
+    :param CollectorRegistry registry: what a scrape reads (the service's `metrics`).
+    :param str host: the address to listen on.
+    :param int port: the port; 0 takes a free one, which `port` then names.
+    """
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self.registry, self.host, self.port = registry, host, port
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Listens and serves in the background.
+
+        :raises OSError: the address cannot be bound (the port in use, the host not this machine's).
+        """
+        self._server, self._thread = start_http_server(self.port, self.host, self.registry)
+        self._thread.name = "metrics-http"
+        self.port = self._server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    def stop(self) -> None:
+        """Stops serving and closes the socket; a no-op before start() and after a first stop()."""
+        server, thread, self._server, self._thread = self._server, self._thread, None, None
+        if server is None or thread is None:
+            return
+        server.shutdown()  # returns once serve_forever has returned
+        server.server_close()
+        thread.join()
+
+
+def labelled(metric: Metric, device: str) -> Metric:
+    """`metric` with the device label added to every sample (a collector builds its families without it)."""
+    for i, sample in enumerate(metric.samples):
+        metric.samples[i] = sample._replace(labels={DEVICE_LABEL: device, **sample.labels})
+    return metric
+
+
+class ServiceCollector(Collector):
+    """The families every service has: SERVICE_INFO, BROKER_CONNECTED, STATUS_TIMESTAMP, read at scrape time.
+
+    :param str device: the device id (the `device` label).
+    :param str service: the service's name (SERVICE_INFO's `service` label).
+    :param connected: whether the broker link is up now.
+    :param status_at: when the service last published its status (epoch seconds), None before the first.
+    """
+
+    def __init__(self, *, device: str, service: str, connected: Callable[[], bool],
+                 status_at: Callable[[], float | None]) -> None:
+        self.device, self.service, self.connected, self.status_at = device, service, connected, status_at
+
+    def collect(self) -> Iterable[Metric]:
+        yield labelled(InfoMetricFamily(SERVICE_INFO, "The service and the edgefleet release it runs.",
+                                        value={"service": self.service, "version": VERSION}), self.device)
+        yield labelled(GaugeMetricFamily(BROKER_CONNECTED, "1 while the broker link is connected, else 0.",
+                                         value=1.0 if self.connected() else 0.0), self.device)
+        at = self.status_at()
+        if at is not None:  # no sample before the first status: 0 would read as "stale since 1970"
+            yield labelled(GaugeMetricFamily(STATUS_TIMESTAMP, "When the service last published its status "
+                                             "(Unix time).", value=at), self.device)
+
+
+def service_registry(*, device: str, service: str, connected: Callable[[], bool],
+                     status_at: Callable[[], float | None]) -> CollectorRegistry:
+    """A new registry holding the families every service has (ServiceCollector's parameters); the
+    service registers its own families in it and exposes it as its `metrics` attribute."""
+    # No `_created` series: the text format carries them as extra gauge families that double the
+    # series a scrape stores and that no query here reads. Process-wide, and every edgefleet family
+    # goes through here.
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
+    registry = CollectorRegistry()
+    registry.register(ServiceCollector(device=device, service=service, connected=connected, status_at=status_at))
+    return registry

@@ -1,7 +1,8 @@
 """The inference service's counters, in one object: bumped by paho's network thread (received,
 rejected at receive, dropped) and the workers (rejected at decode, published, lost, batches), read
-by the status timer. Every frame received is counted once more, in exactly one of rejected, dropped,
-published, lost or dropped by a plugin, or it is still queued or in a worker (docs/protocol.md)."""
+by the status timer and, at scrape time, by the Prometheus collector (metrics.py). Every frame
+received is counted once more, in exactly one of rejected, dropped, published, lost or dropped by a
+plugin, or it is still queued or in a worker (docs/protocol.md)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ from dataclasses import dataclass, field
 
 from services.inference.batcher import CameraCounts
 from shared.metrics import Counter
-from shared.schemas import MAX_CAMERA_KEYS, InferenceStats
+from shared.schemas import MAX_CAMERA_KEYS, ErrorReason, InferenceStats
 
 
 def _camera_counts() -> CameraCounts:
     return CameraCounts(MAX_CAMERA_KEYS)
+
+
+def _by_reason() -> dict[ErrorReason, Counter]:
+    return {reason: Counter() for reason in ErrorReason}  # every key made here: the map never grows
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,31 @@ class Counters:
     cached: Counter = field(default_factory=Counter)  # of `published`: answered by the scene cache, no model run
     dropped_by_plugins: Counter = field(default_factory=Counter)  # answered, but a plugin said not to publish
     dropped_by_camera: CameraCounts = field(default_factory=_camera_counts)
+    # For the metrics only (the status carries the totals above): each bounded like dropped_by_camera.
+    received_by_camera: CameraCounts = field(default_factory=_camera_counts)
+    published_by_camera: CameraCounts = field(default_factory=_camera_counts)
+    rejected_by_reason: dict[ErrorReason, Counter] = field(default_factory=_by_reason)
+    cached_exact: Counter = field(default_factory=Counter)  # of `cached`: the same bytes as an answered frame
+    cached_scene: Counter = field(default_factory=Counter)  # of `cached`: a scene within the change threshold
+    stage1: Counter = field(default_factory=Counter)  # of `published`: a cascade's stage 1 stood (model run)
+    swaps_ok: Counter = field(default_factory=Counter)
+    swaps_failed: Counter = field(default_factory=Counter)
+
+    @classmethod
+    def capped(cls, cameras: int) -> Counters:
+        """Counters that name at most `cameras` cameras per count (the rest under CameraCounts.OTHER)."""
+        return cls(dropped_by_camera=CameraCounts(cameras), received_by_camera=CameraCounts(cameras),
+                   published_by_camera=CameraCounts(cameras))
+
+    def receive(self, camera: str) -> None:
+        """Counts one frame of `camera` received."""
+        self.received.add()
+        self.received_by_camera.add(camera)
+
+    def reject(self, reason: ErrorReason) -> None:
+        """Counts one frame answered with an error report for `reason`."""
+        self.rejected.add()
+        self.rejected_by_reason[reason].add()
 
     def drop(self, camera: str) -> None:
         """Counts one frame of `camera` dropped unanswered (overload, or arrived while draining)."""

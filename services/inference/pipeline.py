@@ -62,7 +62,7 @@ class Receiver:
 
     def __call__(self, message: paho.MQTTMessage) -> None:
         camera = topics.last_level(message.topic)
-        self._counters.received.add()
+        self._counters.receive(camera)
         # paho hands received payloads as bytes; bytes() of bytes is the same object, not a copy.
         payload = bytes(message.payload)
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import paho.mqtt.client as paho
 
@@ -46,30 +47,46 @@ class Publisher:
         wire: the format of predictions and error reports (the status is always JSON).
         qos: the QoS of predictions and error reports.
         counters: where published, lost and rejected frames are counted.
+        observe: given each prediction published (metrics.Latency.observe: its timings); None: nothing.
+
+    Attributes:
+        status_at: when the last status was published (Unix time), None before the first.
     """
 
-    def __init__(self, link: Link, *, device: str, wire: WireFormat, qos: int, counters: Counters) -> None:
+    def __init__(self, link: Link, *, device: str, wire: WireFormat, qos: int, counters: Counters,
+                 observe: Callable[[Prediction], None] | None = None) -> None:
         self._link, self._device, self._wire, self._qos, self._counters = link, device, wire, qos, counters
+        self._observe = observe
+        self.status_at: float | None = None
 
     def prediction(self, prediction: Prediction) -> None:
         """Publishes a frame's prediction on its camera's topic; counts it published or lost."""
         info = self._link.publish(topics.predictions(self._device, prediction.camera), encode(prediction, self._wire),
                                   qos=self._qos, content_type=self._wire.content_type)
         if _accepted(info.rc, self._qos):
-            self._counters.published.add()
-            if prediction.cached:  # a cached answer ran no model, whichever stage answered its reference
-                self._counters.cached.add()
-            elif prediction.cascade is not None and prediction.cascade.stage == 2:
-                self._counters.escalated.add()
+            self._count_published(prediction)
+            if self._observe is not None:
+                self._observe(prediction)
             return
         self._counters.lost.add()
         if (lost := self._counters.lost.value) == 1 or lost % 100 == 0:  # an outage must not flood the log too
             log.warning("prediction lost",
                         extra=fields(frame_id=prediction.frame_id, rc=paho.error_string(info.rc), lost=lost))
 
+    def _count_published(self, prediction: Prediction) -> None:
+        counters = self._counters
+        counters.published.add()
+        counters.published_by_camera.add(prediction.camera)
+        if prediction.cached:  # a cached answer ran no model, whichever stage answered its reference
+            counters.cached.add()
+            exact = prediction.cache is not None and prediction.cache.match == "exact"
+            (counters.cached_exact if exact else counters.cached_scene).add()
+        elif prediction.cascade is not None:
+            (counters.escalated if prediction.cascade.stage == 2 else counters.stage1).add()
+
     def reject(self, *, camera: str | None, reason: ErrorReason, detail: str, frame_id: str | None) -> None:
         """Answers a frame that gets no prediction with an error report, and counts it rejected."""
-        self._counters.rejected.add()
+        self._counters.reject(reason)
         log.info("frame rejected", extra=fields(camera=camera, frame_id=frame_id, reason=reason.value, detail=detail))
         self.report(reason, detail, camera=camera, frame_id=frame_id)
 
@@ -90,11 +107,13 @@ class Publisher:
 
     def status(self, status: ServiceStatus) -> None:
         """Publishes the service's retained status (JSON, QoS 1)."""
+        self.status_at = time.time()
         self._link.publish(topics.status(self._device, SERVICE), encode(status), qos=1, retain=True,
                            content_type=WireFormat.JSON.content_type)
 
     def switched(self, result: ModelSwitched) -> None:
-        """Answers a model switch request (JSON, QoS 1)."""
+        """Answers a model switch request (JSON, QoS 1) and counts the swap done or refused."""
+        (self._counters.swaps_ok if result.ok else self._counters.swaps_failed).add()
         self._link.publish(topics.model_switched(self._device), encode(result), qos=1,
                            content_type=WireFormat.JSON.content_type)
 

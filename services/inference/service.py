@@ -27,6 +27,7 @@ from services.inference.counters import Counters
 from services.inference.errors import InferenceError
 from services.inference.intake import Intake
 from services.inference.link import Link
+from services.inference.metrics import InferenceCollector, Latency
 from services.inference.pipeline import Receiver, Worker
 from services.inference.plugins import NO_PLUGINS, PluginHost, PluginSet, PluginSwitcher, load_active
 from services.inference.publisher import SERVICE, Publisher, fallback_text, status_message
@@ -39,6 +40,7 @@ from shared.config import InferenceSettings
 from shared.lifecycle import Liveness, serve
 from shared.logs import fields
 from shared.manifest import ModelError
+from shared.metrics import service_registry
 from shared.mqtt import MqttLink, StatusPublisher, content_type_of
 from shared.schemas import ErrorReason, InferenceStats, ModelSwitch, PluginSwitch, ServiceState, ServiceStatus
 
@@ -65,6 +67,7 @@ class InferenceService:
     Attributes:
         link: the broker link (the health check reads link.connected).
         liveness: the workers' proof of life, for the health check (shared.lifecycle).
+        metrics: the service's Prometheus families (metrics.py), served by shared.lifecycle.serve.
     """
 
     def __init__(self, *, link: Link, model: ServedModel, load_model: LoadModel, settings: InferenceSettings,
@@ -77,8 +80,14 @@ class InferenceService:
         self._counters = Counters()
         self._backlog = FrameBacklog(settings.queue_size)
         self._cache = SceneCache(settings.cache) if settings.cache.enabled else None
+        self.metrics = service_registry(device=settings.device_id, service=SERVICE, connected=link.connected.is_set,
+                                        status_at=lambda: self._publisher.status_at)
         self._publisher = Publisher(link, device=settings.device_id, wire=settings.prediction_format,
-                                    qos=settings.prediction_qos, counters=self._counters)
+                                    qos=settings.prediction_qos, counters=self._counters,
+                                    observe=Latency(self.metrics, settings.device_id).observe)
+        self.metrics.register(InferenceCollector(
+            device=settings.device_id, counters=self._counters, queue_depth=lambda: len(self._backlog),
+            model=lambda: self._model, plugins=lambda: self._plugins.status()))
         self._receive = Receiver(intake=Intake(settings.max_frame_bytes, settings.max_frame_pixels),
                                  backlog=self._backlog, publisher=self._publisher, counters=self._counters)
         self._plugin_host = plugins

@@ -26,6 +26,7 @@ from services.sync import canary
 from services.sync.download import Cancelled, DownloadFailed, DownloadInterrupted, download
 from services.sync.job import Job
 from services.sync.membership import requested, supersedes
+from services.sync.metrics import SyncMetrics
 from services.sync.plugin_io import PluginDelivery
 from services.sync.rollout import Machine, StepFailed, Superseded
 from services.sync.store import ModelStore, StagedMember
@@ -37,6 +38,7 @@ from shared.errors import EdgefleetError
 from shared.lifecycle import Liveness, Progress, serve
 from shared.logs import fields
 from shared.manifest import MODEL_FILE, ModelError, ModelManifest
+from shared.metrics import service_registry
 from shared.mqtt import MqttLink, StatusPublisher, content_type_of
 from shared.schemas import (
     MAX_STR,
@@ -97,6 +99,10 @@ class SyncService:
                 will=encode(self._status(ServiceState.OFFLINE, reason="connection lost")),
             ),
         )
+        self._status_at: float | None = None
+        self.metrics = service_registry(device=self._device, service=SERVICE, connected=self.link.connected.is_set,
+                                        status_at=lambda: self._status_at)
+        self.sync_metrics = SyncMetrics(self.metrics, self._device)
         self._worker = threading.Thread(target=self._work, name="rollouts")
         self.plugins = PluginDelivery(self)
         self._plugin_worker = threading.Thread(target=self.plugins.work, name="plugin-rollouts")
@@ -126,6 +132,7 @@ class SyncService:
         while not self._stopping.wait(self.settings.status_interval_s):
             self.link.publish(topics.status(self._device, SERVICE), encode(self._status(ServiceState.ONLINE)),
                               qos=1, retain=True, content_type=WireFormat.JSON.content_type)
+            self._status_at = time.time()
         with self._changed:
             self._changed.notify_all()
         self._worker.join()
@@ -347,11 +354,14 @@ class SyncService:
         job.report(SyncState.DOWNLOADING, target, _joined(note, f"resuming at byte {resumed}" if resumed else None),
                    resumed)
         last = [time.monotonic()]
+        counted = [resumed]  # bytes a previous attempt (or process) fetched are not counted again
         throttle_s = s.download.chunk_bytes / s.download.limit_bytes_s if s.download.limit_bytes_s else 0
         chunk_s = self._s3_call_s + throttle_s
 
         def progress(done: int) -> None:
             job.progress.tick(chunk_s)
+            self.sync_metrics.downloaded(max(0, done - counted[0]))
+            counted[0] = done
             if time.monotonic() - last[0] >= 1.0:
                 last[0] = time.monotonic()
                 job.report(SyncState.DOWNLOADING, target, note, done)
@@ -453,6 +463,7 @@ class SyncService:
             device=self._device, rollout_id=rollout_id, state=state, target=target, serving=serving,
             reason=reason[:MAX_STR] if reason else reason, progress_bytes=progress, canary=canary, at=time.time(),
         )
+        self.sync_metrics.reported(state)
         if state is not SyncState.DOWNLOADING:
             log.info("sync state", extra=fields(state=state.value, rollout=report.rollout_id, reason=reason))
         self.link.publish(topics.sync_state(self._device), encode(report), qos=1, retain=True,

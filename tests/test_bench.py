@@ -39,6 +39,10 @@ def test_bench_quick_writes_its_goals(name, model_dir, tmp_path):
         assert set(goal) >= {"name", "value", "target", "unit", "met"}
         assert isinstance(goal["met"], bool) and isinstance(goal["value"], (int, float))
     assert "goals" in result.stdout
+    # One closing line on standard error (the tables keep standard output): the goals met, the file written.
+    (summary,) = [line for line in result.stderr.splitlines() if line.startswith(f"bench {name} (quick): ")]
+    met = sum(goal["met"] for goal in document["goals"])
+    assert f": {met} of {len(document['goals'])} goals met" in summary and f"; wrote {out} in " in summary
     if name == "ep":  # this machine has no GPU: CUDA and TensorRT must be reported as fallbacks
         rows = {r["requested"]: r for r in document["rows"]}
         assert rows["CUDAExecutionProvider"]["fell back"] and rows["CPUExecutionProvider"]["fell back"] is False

@@ -58,6 +58,10 @@ def test_a_model_below_the_gate_is_marked_failed_and_cannot_be_published(data, m
     # The command says so plainly, and why: not a line to miss among the figures.
     assert "WARNING: efficientnet-lite0-int8-static-minmax is not publishable" in made.stderr
     assert "below the gate 97%" in made.stderr and "--max-float-layers 0" in made.stderr
+    # ...and its last line sums it up: what was made from what, its size against the parent's, the verdict.
+    summary = made.stderr.splitlines()[-1]
+    assert summary.startswith(f"quantized {model_dir.name} → {tmp_path / 'int8'}: ") and "(was " in summary
+    assert "✗ FAILED, not publishable" in summary and summary.endswith(" s")
     keys = new_key_pair(tmp_path / "keys")
     result = subprocess.run(
         [sys.executable, "-m", "edgefleet", "model", "publish", str(tmp_path / "int8"), "--key", str(keys.private)],
@@ -112,6 +116,8 @@ def test_evaluate_writes_table_json_markdown_and_plot_with_accuracy_where_labels
         capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
     )
     assert result.returncode == 0, result.stderr
+    summary = result.stderr.splitlines()[-1]
+    assert summary.startswith("evaluated 1 model(s) on 28 held-out images: ") and str(out["png"]) in summary
     (row,) = json.loads(out["json"].read_text())
     assert row["top1_agreement"] == 1.0 and row["samples"] == 28 and row["p99_ms"] >= row["p50_ms"]
     assert row["labelled_samples"] == 4 and 0.0 <= row["accuracy"] <= 1.0

@@ -57,9 +57,19 @@ def test_manifest_describes_the_model(model_dir):
     assert {"weights", "network", "exporter", "labels"} <= set(manifest.recipe)
 
 
-def test_a_second_build_is_cached(model_dir):
+def test_a_second_build_is_cached_and_the_command_says_so_in_one_line(model_dir):
+    from typer.testing import CliRunner
+
+    from edgefleet import cli
+
     manifest, built = build(model_dir)
     assert built is False and manifest.sha256 == load_verified(model_dir)[0].sha256
+    # Off a terminal no progress is drawn: the command's whole output is its summary line.
+    result = CliRunner().invoke(cli.app, ["model", "build", "--out", str(model_dir)])
+    assert result.exit_code == 0 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"cached {manifest.name} v{manifest.version} → {model_dir}: ")
+    assert f"sha256 {manifest.sha256[:16]}…" in line and line.endswith(" s")
 
 
 def test_a_tampered_model_is_refused(model_dir, tmp_path):

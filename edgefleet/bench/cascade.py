@@ -47,6 +47,7 @@ from edgefleet.models import cascade, dataset
 from edgefleet.models.frames import load_inputs
 from edgefleet.models.outputs import session
 from edgefleet.models.quantize import Method, Mode, quantize
+from edgefleet.progress import QUIET, Reporter
 from shared.cascade import load_members
 from shared.errors import EdgefleetError
 from shared.manifest import load_verified
@@ -71,20 +72,30 @@ FULL = Scale(300, 128, 1.0, 7)
 QUICK = Scale(48, 16, 0.2, 3)
 
 
-def run(quick: bool, json_out: Path | None, model_dir: Path, work: Path | None = None) -> int:
+def run(quick: bool, json_out: Path | None, model_dir: Path, work: Path | None = None, *,
+        progress: Reporter = QUIET) -> int:
+    """Builds (or reuses) the INT8 model and the cascade, then times it against FP32; `progress` shows each
+    step and the timing rounds."""
     scale = QUICK if quick else FULL
     work = work or (WORK_DIR.with_name(f"{WORK_DIR.name}-quick") if quick else WORK_DIR)
-    data = _dataset(work, scale, quick)
-    manifest, choice = cascade.build(_int8(model_dir, work / "int8", data), model_dir, work / "cascade",
-                                     data / "eval", gate=GATE, seconds=scale.timing_s)
+    data = _dataset(work, scale, quick, progress)
+    manifest, choice = cascade.build(_int8(model_dir, work / "int8", data, progress), model_dir, work / "cascade",
+                                     data / "eval", gate=GATE, seconds=scale.timing_s, progress=progress)
     spec, members = load_members(work / "cascade", manifest)  # what was written is what is timed
     (small, small_path), (large, large_path) = members
-    inputs = load_inputs(data / "eval", manifest)
+    inputs = load_inputs(data / "eval", manifest, progress=progress)
     runners = session(small_path, cascade.THREADS), session(large_path, cascade.THREADS)
-    fp32_top1, _ = _alone(runners[1], large.input.name, inputs, cascade.SERVICE_BATCH)  # also warms both up
-    small_top1, _ = _alone(runners[0], small.input.name, inputs, cascade.SERVICE_BATCH)
-    measured = {batch: _timed(runners, large.input.name, inputs, spec.metric, spec.threshold, batch, scale.rounds)
-                for batch in (cascade.SERVICE_BATCH, 1)}
+    with progress.task("running each model alone"):
+        fp32_top1, _ = _alone(runners[1], large.input.name, inputs, cascade.SERVICE_BATCH)  # also warms both up
+        small_top1, _ = _alone(runners[0], small.input.name, inputs, cascade.SERVICE_BATCH)
+    measured = {}
+    batches = (cascade.SERVICE_BATCH, 1)
+    with progress.task(f"timing FP32 against the cascade, {scale.rounds} rounds at batch {batches}",
+                       len(batches)) as timing:
+        for batch in batches:
+            measured[batch] = _timed(runners, large.input.name, inputs, spec.metric, spec.threshold, batch,
+                                     scale.rounds)
+            timing.advance()
     rows = [row for batch, timed in measured.items() for row in _rows(batch, *timed, fp32_top1, choice)]
     rows.append({"model": f"INT8 alone, batch {choice.small.batch} (curve timing)", "ms/img": choice.small.batched_ms,
                  "x FP32": round(choice.small.batched_ms / choice.large.batched_ms, 3), "escalated %": 0.0,
@@ -97,7 +108,7 @@ def run(quick: bool, json_out: Path | None, model_dir: Path, work: Path | None =
              round(cascade_ms / fp32_ms, 3), TIME_SHARE, "ratio", "max"),
     ]
     _explain(choice, len(inputs), served.escalated)
-    return emit("cascade", quick, rows, goals, json_out)
+    return emit("cascade", quick, rows, goals, json_out, progress=progress)
 
 
 def _rows(batch: int, fp32_ms: float, cascade_ms: float, served: cascade.Served, fp32_top1: np.ndarray,
@@ -167,13 +178,14 @@ def _explain(choice: cascade.Choice, images: int, escalated: int) -> None:
           f"escalated; the gate took {needed:.1%} ({'cross-checked' if folds else 'in sample'})")
 
 
-def _dataset(work: Path, scale: Scale, quick: bool) -> Path:
+def _dataset(work: Path, scale: Scale, quick: bool, progress: Reporter = QUIET) -> Path:
     """var/data when it holds a data set (full run), else one made under the work folder (once)."""
     if not quick and (DATA_DIR / dataset.INDEX_FILE).is_file():
         return DATA_DIR
     data = work / "data"
     if not _has(data, scale):
-        dataset.make(data, eval_count=scale.eval_images, calibration_count=scale.calibration_images)
+        dataset.make(data, eval_count=scale.eval_images, calibration_count=scale.calibration_images,
+                     progress=progress)
     return data
 
 
@@ -186,7 +198,7 @@ def _has(data: Path, scale: Scale) -> bool:
         return False
 
 
-def _int8(model_dir: Path, out: Path, data: Path) -> Path:
+def _int8(model_dir: Path, out: Path, data: Path, progress: Reporter = QUIET) -> Path:
     """Static INT8 of the FP32 model, every layer quantized, calibrated and bias-corrected on the data set's
     calibration frames: reused while it verifies and was made from this parent, these frames and this recipe."""
     parent, _ = load_verified(model_dir)
@@ -200,5 +212,5 @@ def _int8(model_dir: Path, out: Path, data: Path) -> Path:
     except EdgefleetError:
         pass  # missing or broken: built again below
     quantize(model_dir, out, Mode.STATIC, data / "eval", calibration, Method.MINMAX, max_float_layers=0,
-             bias_correction=True)
+             bias_correction=True, progress=progress)
     return out

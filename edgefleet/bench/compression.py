@@ -25,6 +25,7 @@ from edgefleet.models.evaluate import Evaluation, evaluate
 from edgefleet.models.plot import pareto_front
 from edgefleet.models.prune import prune
 from edgefleet.models.quantize import Method, Mode, quantize
+from edgefleet.progress import QUIET, Reporter
 
 
 @dataclass(frozen=True)
@@ -44,29 +45,41 @@ FULL = Scale(300, 128, 24, Training(), 100, 1.0)
 QUICK = Scale(16, 8, 0, Training(epochs=1, batch=8), 10, 0.2)
 
 
-def run(quick: bool, json_out: Path | None, model_dir: Path, threads: int = 1) -> int:
+def run(quick: bool, json_out: Path | None, model_dir: Path, threads: int = 1, *,
+        progress: Reporter = QUIET) -> int:
+    """Builds every compressed variant and measures them all; `progress` counts the models built and shows
+    each one's steps."""
     scale = QUICK if quick else FULL
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = work / "data"
-        dataset.make(data, eval_count=scale.eval_images, calibration_count=scale.calibration_images)
+        dataset.make(data, eval_count=scale.eval_images, calibration_count=scale.calibration_images,
+                     progress=progress)
         held_out, frames = data / "eval", data / "calibration"
 
         def int8(parent: Path, out: str, float_layers: int = 0):
             return quantize(parent, work / out, Mode.STATIC, held_out, frames, Method.MINMAX,
-                            max_float_layers=float_layers)
+                            max_float_layers=float_layers, progress=progress)
 
-        _, mixed = int8(model_dir, "static", scale.float_layers)
-        quantize(model_dir, work / "dynamic", Mode.DYNAMIC, held_out)
-        prune(model_dir, work / "pruned", frames, held_out, training=scale.training, threads=threads)
-        int8(work / "pruned", "pruned-int8")
-        distill(model_dir, work / "distilled", frames, held_out, training=scale.training)
-        int8(work / "distilled", "distilled-int8")
+        with progress.task("building 6 compressed models", 6) as built_so_far:
+            _, mixed = int8(model_dir, "static", scale.float_layers)
+            built_so_far.advance()
+            quantize(model_dir, work / "dynamic", Mode.DYNAMIC, held_out, progress=progress)
+            built_so_far.advance()
+            prune(model_dir, work / "pruned", frames, held_out, training=scale.training, threads=threads,
+                  progress=progress)
+            built_so_far.advance()
+            int8(work / "pruned", "pruned-int8")
+            built_so_far.advance()
+            distill(model_dir, work / "distilled", frames, held_out, training=scale.training, progress=progress)
+            built_so_far.advance()
+            int8(work / "distilled", "distilled-int8")
+            built_so_far.advance()
         names = ["FP32", "static INT8", "dynamic INT8", "pruned", "pruned + INT8", "distilled", "distilled + INT8"]
         built = ("static", "dynamic", "pruned", "pruned-int8", "distilled", "distilled-int8")
         folders = [model_dir] + [work / f for f in built]
         evaluated = evaluate(folders, model_dir, held_out, threads=threads, runs=scale.latency_runs,
-                             throughput_s=scale.throughput_s)
+                             throughput_s=scale.throughput_s, progress=progress)
         results = dict(zip(names, evaluated, strict=True))
     front = pareto_front(list(results.values()))
     rows = [
@@ -95,7 +108,7 @@ def run(quick: bool, json_out: Path | None, model_dir: Path, threads: int = 1) -
         f"dynamic INT8, as measured: latency {dynamic.p50_ms / fp32.p50_ms:.1f} x FP32, "
         f"top-1 agreement {dynamic.top1_agreement:.1%}, size {dynamic.size_mb / fp32.size_mb:.0%} of FP32"
     )
-    return emit("compression", quick, rows, goals, json_out)
+    return emit("compression", quick, rows, goals, json_out, progress=progress)
 
 
 def _verdict(name: str, model: Evaluation, front: list[Evaluation], results: dict[str, Evaluation]) -> str:

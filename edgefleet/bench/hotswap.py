@@ -24,6 +24,7 @@ from edgefleet.bench.harness import DEVICE, serving
 from edgefleet.bench.report import Goal, emit
 from edgefleet.broker import Broker
 from edgefleet.models.install import resave
+from edgefleet.progress import QUIET, Reporter, Task
 from shared import topics
 from shared.codec import WireFormat, decode, encode
 from shared.manifest import load_verified
@@ -33,7 +34,9 @@ from shared.schemas import ModelSwitch, ModelSwitched
 SWAPS = 20
 
 
-def run(quick: bool, json_out: Path | None, model_dir: Path, rate: float = 100.0) -> int:
+def run(quick: bool, json_out: Path | None, model_dir: Path, rate: float = 100.0, *,
+        progress: Reporter = QUIET) -> int:
+    """The same stream without and with SWAPS hot swaps; `progress` shows each phase and the swaps done."""
     seconds = 6.0 if quick else 40.0  # quick: the 20 swaps back to back, under the same stream
     with tempfile.TemporaryDirectory() as tmp, Broker() as broker, serving(broker, model_dir) as (harness, service):
         other = Path(tmp) / "rebuilt"
@@ -50,14 +53,16 @@ def run(quick: bool, json_out: Path | None, model_dir: Path, rate: float = 100.0
 
         harness.link.subscribe(topics.model_switched(DEVICE), on_switched)
         time.sleep(0.5)
-        harness.paced(rate, 2.0)  # warm-up
-        quiet = _phase(harness, rate, seconds, lambda: None)
+        with progress.task("warming up"):
+            harness.paced(rate, 2.0)
+        with progress.task(f"{seconds:.0f} s of {rate:g} frames/s without swaps"):
+            quiet = _phase(harness, rate, seconds, lambda: None)
 
         swap_windows: list[tuple[float, float]] = []
         rss: list[int] = []
         process = psutil.Process(service.proc.pid)
 
-        def swaps() -> None:
+        def swaps(done: Task) -> None:
             spacing = seconds / (SWAPS + 1)
             for i in range(SWAPS):
                 time.sleep(spacing * 0.5)
@@ -75,8 +80,10 @@ def run(quick: bool, json_out: Path | None, model_dir: Path, rate: float = 100.0
                 swap_windows.append((t0, time.perf_counter()))
                 time.sleep(spacing * 0.5)
                 rss.append(process.memory_info().rss)
+                done.advance()
 
-        swapped = _phase(harness, rate, seconds, swaps, swap_windows)
+        with progress.task(f"{SWAPS} hot swaps under the same stream", SWAPS) as swapping:
+            swapped = _phase(harness, rate, seconds, lambda: swaps(swapping), swap_windows)
         dropped = _dropped(harness)
     rows = [
         {"run": "no swaps", "sent": quiet["sent"], "answered": quiet["answered"], "img/s": quiet["rate"],
@@ -96,7 +103,7 @@ def run(quick: bool, json_out: Path | None, model_dir: Path, rate: float = 100.0
         Goal(f"resident memory after {SWAPS} swaps / after 1", round(rss[-1] / rss[0], 3), 1.10, "ratio", "max"),
         Goal("throughput with swaps / without", round(swapped["rate"] / quiet["rate"], 3), 0.95, "ratio"),
     ]
-    return emit("swap", quick, rows, goals, json_out)
+    return emit("swap", quick, rows, goals, json_out, progress=progress)
 
 
 def _phase(harness, rate: float, seconds: float, during, windows: list[tuple[float, float]] | None = None) -> dict:

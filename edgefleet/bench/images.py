@@ -33,6 +33,7 @@ from pathlib import Path
 from edgefleet.bench import containers
 from edgefleet.bench.report import Goal, emit
 from edgefleet.broker import Broker
+from edgefleet.progress import QUIET, Reporter
 from edgefleet.s3server import S3Server
 from edgefleet.spawner import keys_of
 from shared import topics
@@ -67,8 +68,9 @@ HARDENING = ["--init", "--read-only", "--tmpfs", "/tmp",  # noqa: S108
 
 
 def run(quick: bool, json_out: Path | None, model_dir: Path, build: bool = True, real_base_mb: float = REAL_SLIM_MB,
-        services: list[str] | None = None) -> int:
-    """services: the image targets whose start-up is measured (default: every service; sizes are always all)."""
+        services: list[str] | None = None, *, progress: Reporter = QUIET) -> int:
+    """services: the image targets whose start-up is measured (default: every service; sizes are always all);
+    progress: shown the build and each service's start."""
     unknown = set(services or ()) - {target for target, _ in SERVICES}
     if unknown:
         raise ValueError(f"unknown services {sorted(unknown)}: choose from {[t for t, _ in SERVICES]}")
@@ -78,12 +80,13 @@ def run(quick: bool, json_out: Path | None, model_dir: Path, build: bool = True,
         rows = [{"image": "(none)", "note": missing}]
         goals = [Goal("inference image on the real slim base", math.nan, 500, "MB", "max"),
                  Goal("inference healthy after docker run", math.nan, 10, "s", "max")]
-        emit("images", quick, rows, goals, json_out)
+        emit("images", quick, rows, goals, json_out, progress=progress)
         return 1
     if build:
-        print(f"scripts/images.sh: {containers.build_images():.0f} s")
+        with progress.task("scripts/images.sh (cached builds)"):
+            print(f"scripts/images.sh: {containers.build_images():.0f} s")
     rows = _sizes(real_base_mb)
-    starts = _starts(model_dir, 3.0 if quick else 10.0, services or [target for target, _ in SERVICES])
+    starts = _starts(model_dir, 3.0 if quick else 10.0, services or [target for target, _ in SERVICES], progress)
     for row in rows:
         row.update(starts.pop(row["image"], {}))
     rows += [{"image": name, **row} for name, row in starts.items()]  # the variants (see _starts)
@@ -93,7 +96,7 @@ def run(quick: bool, json_out: Path | None, model_dir: Path, build: bool = True,
         Goal("inference healthy after docker run", _number(inference.get("healthy s")), 10, "s", "max"),
     ]
     print(f"real {BASE} taken as {real_base_mb:g} MB (--real-base-mb); stand-in inference image: {inference['MB']} MB")
-    return emit("images", quick, rows, goals, json_out)
+    return emit("images", quick, rows, goals, json_out, progress=progress)
 
 
 def _sizes(real_base_mb: float) -> list[dict]:
@@ -134,8 +137,9 @@ def _number(value: object) -> float:
     return float(value) if isinstance(value, (int, float)) else math.nan
 
 
-def _starts(model_dir: Path, idle_s: float, targets: list[str]) -> dict[str, dict]:
-    """Per service image: seconds from docker run to online and to healthy, resident MiB after idle_s."""
+def _starts(model_dir: Path, idle_s: float, targets: list[str], progress: Reporter = QUIET) -> dict[str, dict]:
+    """Per service image: seconds from docker run to online and to healthy, resident MiB after idle_s; one
+    progress unit per service."""
     model_dir = model_dir.resolve()
     if not (model_dir / "model.onnx").exists():
         raise FileNotFoundError(f"no model in {model_dir}: run `edgefleet model build` first")
@@ -144,8 +148,11 @@ def _starts(model_dir: Path, idle_s: float, targets: list[str]) -> dict[str, dic
         broker, store = stack.enter_context(Broker()), stack.enter_context(S3Server())
         seen = _Seen(broker.url)
         stack.callback(seen.link.stop)
-        for target, service in [(t, s) for t, s in SERVICES if t in targets]:
-            out[f"edgefleet/{target}:{TAG}"] = _start(target, service, broker, store, model_dir, seen, idle_s)
+        chosen = [(t, s) for t, s in SERVICES if t in targets]
+        with progress.task(f"starting {len(chosen)} service containers, each until healthy", len(chosen)) as started:
+            for target, service in chosen:
+                out[f"edgefleet/{target}:{TAG}"] = _start(target, service, broker, store, model_dir, seen, idle_s)
+                started.advance()
     return out
 
 

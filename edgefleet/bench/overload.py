@@ -25,6 +25,7 @@ import psutil
 from edgefleet.bench.harness import DEVICE, Harness, serving
 from edgefleet.bench.report import Goal, emit
 from edgefleet.broker import Broker
+from edgefleet.progress import QUIET, Reporter
 from shared import topics
 from shared.codec import decode
 from shared.mqtt import content_type_of
@@ -35,7 +36,9 @@ MAX_BATCH = 4
 MIB = 2**20
 
 
-def run(quick: bool, json_out: Path | None, model_dir: Path, factor: float = 10.0) -> int:
+def run(quick: bool, json_out: Path | None, model_dir: Path, factor: float = 10.0, *,
+        progress: Reporter = QUIET) -> int:
+    """The sustainable rate, then `factor` times it; `progress` shows each phase."""
     baseline_s, overload_s = (4.0, 8.0) if quick else (10.0, 30.0)
     keys = {"queue_size": QUEUE_SIZE, "max_batch": MAX_BATCH, "status_interval_s": 0.5}
     with Broker() as broker, serving(broker, model_dir, **keys) as (harness, service):
@@ -43,7 +46,8 @@ def run(quick: bool, json_out: Path | None, model_dir: Path, factor: float = 10.
         harness.link.subscribe(topics.status(DEVICE, "inference"), lambda m: _keep_stats(m, latest))
         time.sleep(0.5)
 
-        sustainable, calm_p90 = _closed_loop(harness, baseline_s)
+        with progress.task(f"measuring the sustainable rate ({baseline_s:.0f} s, closed loop)"):
+            sustainable, calm_p90 = _closed_loop(harness, baseline_s)
         sent_before = next(harness.ids)
         rss: list[tuple[float, int]] = []
         stop = threading.Event()
@@ -51,12 +55,14 @@ def run(quick: bool, json_out: Path | None, model_dir: Path, factor: float = 10.
         sampler = threading.Thread(target=_sample_rss, args=(process, rss, stop))
         sampler.start()
         start = time.perf_counter()
-        harness.paced(factor * sustainable, overload_s)
+        with progress.task(f"offering {factor:g} x that for {overload_s:.0f} s"):
+            harness.paced(factor * sustainable, overload_s)
         end = time.perf_counter()
         stop.set()
         sampler.join()
         offered = next(harness.ids) - sent_before - 1
-        stats = _drained(latest, 60)
+        with progress.task("waiting for the service to drain"):
+            stats = _drained(latest, 60)
         window = [r for r in harness.results if r[0] - r[1] >= start]
 
     ordered = sorted(window, key=lambda r: r[0] - r[1])  # by send time
@@ -87,7 +93,7 @@ def run(quick: bool, json_out: Path | None, model_dir: Path, factor: float = 10.
         Goal("peak RSS, second half / first half", late / max(early, 1), 1.1, "x", "max"),
         Goal("frames unaccounted by the counters", float(unaccounted), 0.0, "frames", "max"),
     ]
-    return emit("overload", quick, rows, goals, json_out)
+    return emit("overload", quick, rows, goals, json_out, progress=progress)
 
 
 def _keep_stats(message, latest: list[InferenceStats]) -> None:

@@ -77,6 +77,7 @@ from edgefleet.bench.harness import (
 from edgefleet.bench.report import Goal, emit
 from edgefleet.broker import Broker
 from edgefleet.models import dataset
+from edgefleet.progress import QUIET, Reporter
 from edgefleet.spawner import Child
 from services.inference.decode import decode_bgr
 from services.inference.preprocess import Preprocessor
@@ -139,8 +140,9 @@ class Figures:
 
 
 def run(quick: bool, json_out: Path | None, model_dir: Path, *, pin: bool = True, change_every_s: float = 3.0,
-        noise_sigma: float = 2.0, int8_dir: Path | None = None) -> int:
-    """Measures and reports everything the module docstring lists; returns the exit status (0)."""
+        noise_sigma: float = 2.0, int8_dir: Path | None = None, progress: Reporter = QUIET) -> int:
+    """Measures and reports everything the module docstring lists; returns the exit status (0). `progress`
+    shows the models being made and counts the parts measured."""
     scale = QUICK if quick else FULL
     console = Console()
     cores = split_cores(pin)
@@ -153,29 +155,40 @@ def run(quick: bool, json_out: Path | None, model_dir: Path, *, pin: bool = True
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         console.print("making held-out images, the INT8 model and the cascade (once per run)")
-        dataset.make(work / "data", eval_count=scale.eval_images, calibration_count=scale.calibration_images)
-        int8 = _int8_model(model_dir, int8_dir, work, scale)
-        cascade, cascade_note = _cascade_model(int8, model_dir, work, scale)
-        changing = streams.changing(CAMERAS, scale.changing_frames)
+        dataset.make(work / "data", eval_count=scale.eval_images, calibration_count=scale.calibration_images,
+                     progress=progress)
+        int8 = _int8_model(model_dir, int8_dir, work, scale, progress)
+        cascade, cascade_note = _cascade_model(int8, model_dir, work, scale, progress)
+        with progress.task("making the changing-frames stream"):
+            changing = streams.changing(CAMERAS, scale.changing_frames)
 
-        fp32_loop = _tight_loop(model_dir, frames, cores, scale.loop_s)
-        fp32_rows = _fp32_path(model_dir, fp32_loop, cores, scale, figures)
-        rows += _loop_rows("FP32", fp32_loop, cores) + fp32_rows
-        for name, folder, note in (("INT8", int8, ""), ("cascade", cascade, cascade_note)):
-            if folder is None:
-                rows.append({"run": f"{name} path", "note": note})
-                continue
-            loop = _tight_loop(folder, frames, cores, scale.loop_s)
-            path_row = _saturated_row(name, folder, loop, cores, scale, figures)
-            rows += _loop_rows(name, loop, cores, note) + [path_row]
-        rows += _cache_rows(model_dir, fp32_loop.batch, cores, scale, changing, change_every_s, noise_sigma, figures)
-    return emit("pipeline", quick, rows, _goals(figures), json_out)
+        parts = "FP32, INT8, the cascade (tight loop, then the MQTT path), the scene cache"
+        with progress.task(f"measuring {parts}", 4) as measured:
+            with progress.task("FP32: tight loop, then the MQTT path"):
+                fp32_loop = _tight_loop(model_dir, frames, cores, scale.loop_s)
+                fp32_rows = _fp32_path(model_dir, fp32_loop, cores, scale, figures)
+            rows += _loop_rows("FP32", fp32_loop, cores) + fp32_rows
+            measured.advance()
+            for name, folder, note in (("INT8", int8, ""), ("cascade", cascade, cascade_note)):
+                if folder is None:
+                    rows.append({"run": f"{name} path", "note": note})
+                else:
+                    with progress.task(f"{name}: tight loop, then the MQTT path"):
+                        loop = _tight_loop(folder, frames, cores, scale.loop_s)
+                        path_row = _saturated_row(name, folder, loop, cores, scale, figures)
+                    rows += _loop_rows(name, loop, cores, note) + [path_row]
+                measured.advance()
+            with progress.task("the scene cache: static cameras, then changing frames"):
+                rows += _cache_rows(model_dir, fp32_loop.batch, cores, scale, changing, change_every_s, noise_sigma,
+                                    figures)
+            measured.advance()
+    return emit("pipeline", quick, rows, _goals(figures), json_out, progress=progress)
 
 
 # -- models ------------------------------------------------------------------------------------------
 
 
-def _int8_model(model_dir: Path, given: Path | None, work: Path, scale: Scale) -> Path:
+def _int8_model(model_dir: Path, given: Path | None, work: Path, scale: Scale, progress: Reporter = QUIET) -> Path:
     """The static INT8 model: `given`, or the one beside the FP32 model if it was made from it, else built
     (there; with --quick in `work`, with every layer quantized)."""
     from edgefleet.models.quantize import Method, Mode, derived_name, quantize
@@ -192,18 +205,19 @@ def _int8_model(model_dir: Path, given: Path | None, work: Path, scale: Scale) -
     target = work / "int8" if scale.float_layers == 0 else beside
     Console().print(f"building static INT8 in {target}")
     quantize(model_dir, target, Mode.STATIC, work / "data" / "eval", work / "data" / "calibration", Method.MINMAX,
-             max_float_layers=scale.float_layers)
+             max_float_layers=scale.float_layers, progress=progress)
     return target
 
 
-def _cascade_model(small: Path, large: Path, work: Path, scale: Scale) -> tuple[Path | None, str]:
+def _cascade_model(small: Path, large: Path, work: Path, scale: Scale,
+                   progress: Reporter = QUIET) -> tuple[Path | None, str]:
     """The cascade small → large with the threshold edgefleet.models.cascade chooses on held-out images
     (gate 99 % top-1 agreement with the large model), or None and why not."""
     from edgefleet.models import cascade
 
     try:
         manifest, choice = cascade.build(small, large, work / "cascade", work / "data" / "eval",
-                                         seconds=scale.loop_s)
+                                         seconds=scale.loop_s, progress=progress)
     except (ModelError, FileNotFoundError) as exc:
         return None, f"not measured: {exc}"
     return work / "cascade", (f"{choice.metric} ≥ {choice.chosen.threshold:.4g}, chosen on {choice.samples} "

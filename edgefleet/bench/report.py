@@ -12,6 +12,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from edgefleet.progress import QUIET, Reporter
+
 
 @dataclass
 class Goal:
@@ -27,7 +29,14 @@ class Goal:
         return self.value >= self.target if self.direction == "min" else self.value <= self.target
 
 
-def emit(bench: str, quick: bool, rows: list[dict], goals: list[Goal], json_out: Path | None) -> int:
+def emit(bench: str, quick: bool, rows: list[dict], goals: list[Goal], json_out: Path | None, *,
+         progress: Reporter = QUIET) -> int:
+    """Prints the bench's table and its goals (standard output), writes the JSON, and closes with the one
+    summary line (`progress.summary`: goals met, what was written).
+
+    Returns:
+        0, the command's exit status (a missed goal is a finding, not a failure).
+    """
     console = Console()
     table = Table(title=f"edgefleet bench {bench}" + (" (quick)" if quick else ""))
     columns = list(dict.fromkeys(k for row in rows for k in row))
@@ -55,7 +64,17 @@ def emit(bench: str, quick: bool, rows: list[dict], goals: list[Goal], json_out:
         }
         json_out.write_text(json.dumps(document, indent=1))
         console.print(f"wrote {json_out}")
+    progress.summary(summary_line(bench, quick, goals, json_out))
     return 0
+
+
+def summary_line(bench: str, quick: bool, goals: list[Goal], json_out: Path | None) -> str:
+    """'bench ep (quick): 1 of 1 goals met; wrote ep.json': a bench's closing line, the goals missed named."""
+    missed = [g.name for g in goals if not g.met]
+    line = f"bench {bench}{' (quick)' if quick else ''}: {len(goals) - len(missed)} of {len(goals)} goals met"
+    if missed:
+        line += f" (missed: {'; '.join(missed)})"
+    return line + (f"; wrote {json_out}" if json_out is not None else "")
 
 
 def _fmt(value: object) -> str:

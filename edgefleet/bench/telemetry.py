@@ -41,6 +41,7 @@ import psutil
 from edgefleet.bench import containers
 from edgefleet.bench.report import Goal, emit
 from edgefleet.broker import Broker
+from edgefleet.progress import QUIET, Reporter
 from edgefleet.s3server import S3Server
 from edgefleet.spawner import Spawner, keys_of
 from services.telemetry.outbox import Outbox
@@ -378,17 +379,26 @@ def _scale_out(quick: bool, build: bool) -> tuple[list[dict], dict[int, float]]:
     return rows, rates
 
 
-def run(quick: bool, json_out: Path | None, contained: bool = True, build: bool = True) -> int:
+def run(quick: bool, json_out: Path | None, contained: bool = True, build: bool = True, *,
+        progress: Reporter = QUIET) -> int:
+    """The outbox, the backlog drain, cloud_ingest's replicas (and containers); `progress` shows each step."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        ours, raw = _outbox_rate(tmp, 20_000 if quick else 100_000)
+        appends = 20_000 if quick else 100_000
+        with progress.task(f"{appends} outbox appends against raw SQLite"):
+            ours, raw = _outbox_rate(tmp, appends)
         backlog = int(ARRIVAL_PER_S * (60 if quick else 600))
-        drain = _drain(tmp, backlog)
+        with progress.task(f"draining a backlog of {backlog} records to S3"):
+            drain = _drain(tmp, backlog)
         devices, batches = (4, 5) if quick else (8, 15)
-        one = _ingest_rate(1, devices, batches, 200, tmp)
-        two = _ingest_rate(2, devices, batches, 200, tmp)
+        with progress.task("cloud_ingest: one replica, then two", 2) as replicas:
+            one = _ingest_rate(1, devices, batches, 200, tmp)
+            replicas.advance()
+            two = _ingest_rate(2, devices, batches, 200, tmp)
+            replicas.advance()
     if contained:
-        scale_rows, rates = _scale_out(quick, build)
+        with progress.task("cloud_ingest containers: 1, 2 and 4 replicas"):
+            scale_rows, rates = _scale_out(quick, build)
     else:
         not_run = {"measure": "cloud_ingest containers, 1/2/4 replicas", "records/s": "not measured: --no-containers"}
         scale_rows, rates = [not_run], {}
@@ -410,7 +420,7 @@ def run(quick: bool, json_out: Path | None, contained: bool = True, build: bool 
         Goal(f"2 ingest containers / one (--cpus {REPLICA_CPUS:g} each)", _ratio(rates, 2), 1.8, "ratio"),
         Goal(f"4 ingest containers / one (--cpus {REPLICA_CPUS:g} each)", _ratio(rates, 4), 3.4, "ratio"),
     ]
-    return emit("telemetry", quick, rows, goals, json_out)
+    return emit("telemetry", quick, rows, goals, json_out, progress=progress)
 
 
 def _ratio(rates: dict[int, float], replicas: int) -> float:

@@ -36,6 +36,7 @@ from edgefleet import plugin_builds
 from edgefleet.bench import pipeline
 from edgefleet.bench.harness import Harness, device, pin_process, split_cores
 from edgefleet.bench.report import Goal, emit
+from edgefleet.progress import QUIET, Reporter
 from services.inference.wasm import Compiled, WasmHost
 from shared.codec import WireFormat, encode
 from shared.config import PluginSettings
@@ -67,8 +68,8 @@ class _NoFrame:
         raise RuntimeError("not granted")
 
 
-def run(quick: bool, json_out: Path | None, model_dir: Path) -> int:
-    """Measures and prints the table; writes JSON with the goals to `json_out`."""
+def run(quick: bool, json_out: Path | None, model_dir: Path, *, progress: Reporter = QUIET) -> int:
+    """Measures and prints the table; writes JSON with the goals to `json_out`; `progress` shows each step."""
     repeats = 300 if quick else 2000
     calls = 3000 if quick else 30000
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-wasm-") as work:
@@ -77,15 +78,21 @@ def run(quick: bool, json_out: Path | None, model_dir: Path) -> int:
         host.start()
         try:
             wasm, manifest = plugin_builds.module_and_manifest(PLUGIN, config=ALL_DAY)
-            start_rows, cold_p50 = _cold_start(host, wasm, manifest, repeats)
+            with progress.task(f"cold starts, {repeats} repeats"):
+                start_rows, cold_p50 = _cold_start(host, wasm, manifest, repeats)
             prediction = _prediction(model_dir)
-            passing_row, passing = _per_call(host, *plugin_builds.module_and_manifest(PLUGIN, config=NO_MATCH),
-                                             prediction, calls, "reads it, lets it pass")
-            firing_row, firing = _per_call(host, wasm, manifest, prediction, calls, "fires an alert")
-            memory_row = _memory(host, wasm, manifest, 20 if quick else 100)
+            with progress.task(f"per-call cost against Python, 2 x {calls} calls", 2) as per_call:
+                passing_row, passing = _per_call(host, *plugin_builds.module_and_manifest(PLUGIN, config=NO_MATCH),
+                                                 prediction, calls, "reads it, lets it pass")
+                per_call.advance()
+                firing_row, firing = _per_call(host, wasm, manifest, prediction, calls, "fires an alert")
+                per_call.advance()
+            with progress.task("memory per plugin instance"):
+                memory_row = _memory(host, wasm, manifest, 20 if quick else 100)
         finally:
             host.stop()
-        service_row, ratio = _service(model_dir, root / "plugins", quick)
+        with progress.task("the service's throughput with the plugin against without"):
+            service_row, ratio = _service(model_dir, root / "plugins", quick)
     rows = [*start_rows, passing_row, firing_row, memory_row, service_row]
     goals = [Goal("cold start from a precompiled module, p50", cold_p50, 1.0, "ms", "max"),
              Goal("per-call overhead (plugin minus Python), p50, a prediction it lets pass", passing, 50.0, "µs",
@@ -94,7 +101,7 @@ def run(quick: bool, json_out: Path | None, model_dir: Path) -> int:
                   "max")]
     # No answers on either side is a failed measure, never a goal left out.
     goals.append(Goal("service throughput with one plugin", ratio or 0.0, 0.97, "x without"))
-    return emit("wasm", quick, rows, goals, json_out)
+    return emit("wasm", quick, rows, goals, json_out, progress=progress)
 
 
 # -- cold start ----------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """`edgefleet bench ...`: each benchmark prints its table and writes JSON with its goals
-(edgefleet/bench/report.py); the measuring is in edgefleet/bench/."""
+(edgefleet/bench/report.py), showing its progress while it runs and ending with one summary line
+(edgefleet/progress.py); the measuring is in edgefleet/bench/."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Annotated
 import typer
 
 from edgefleet.cli.common import BenchJson, comma_list
+from edgefleet.progress import shown
 from shared.config import DEFAULT_MODEL_DIR
 
 app = typer.Typer(no_args_is_help=True, help="Benchmarks: each prints a table and writes JSON with its goals.")
@@ -32,8 +34,10 @@ def bench_pipeline(
     cascade), and the scene cache on a static-camera stream and on changing frames."""
     from edgefleet.bench import pipeline
 
-    raise typer.Exit(pipeline.run(quick=quick, json_out=json_out, model_dir=model_dir, pin=pin,
-                                  change_every_s=scene_change_s, noise_sigma=noise, int8_dir=int8_dir))
+    with shown() as progress:
+        code = pipeline.run(quick=quick, json_out=json_out, model_dir=model_dir, pin=pin,
+                            change_every_s=scene_change_s, noise_sigma=noise, int8_dir=int8_dir, progress=progress)
+    raise typer.Exit(code)
 
 
 @app.command("compression")
@@ -46,7 +50,9 @@ def bench_compression(
     """FP32 against static and dynamic INT8, quantized and measured in one run on held-out real images."""
     from edgefleet.bench import compression
 
-    raise typer.Exit(compression.run(quick=quick, json_out=json_out, model_dir=model_dir, threads=threads))
+    with shown() as progress:
+        code = compression.run(quick=quick, json_out=json_out, model_dir=model_dir, threads=threads, progress=progress)
+    raise typer.Exit(code)
 
 
 @app.command("swap")
@@ -60,7 +66,9 @@ def bench_swap(
     """Frames through inference while 20 hot swaps happen, against the same stream without: drops, gaps, memory."""
     from edgefleet.bench import hotswap
 
-    raise typer.Exit(hotswap.run(quick, json_out, model_dir, rate))
+    with shown() as progress:
+        code = hotswap.run(quick, json_out, model_dir, rate, progress=progress)
+    raise typer.Exit(code)
 
 
 @app.command("overload")
@@ -75,7 +83,9 @@ def bench_overload(
     growth, counters."""
     from edgefleet.bench import overload
 
-    raise typer.Exit(overload.run(quick, json_out, model_dir, factor))
+    with shown() as progress:
+        code = overload.run(quick, json_out, model_dir, factor, progress=progress)
+    raise typer.Exit(code)
 
 
 @app.command("telemetry")
@@ -90,7 +100,9 @@ def bench_telemetry(
     containers."""
     from edgefleet.bench import telemetry
 
-    raise typer.Exit(telemetry.run(quick, json_out, contained, build))
+    with shown() as progress:
+        code = telemetry.run(quick, json_out, contained, build, progress=progress)
+    raise typer.Exit(code)
 
 
 @app.command("images")
@@ -113,7 +125,8 @@ def bench_images(
 
     only = comma_list(services) if services else None
     try:
-        code = images.run(quick, json_out, model_dir, build, real_base_mb, only)
+        with shown() as progress:
+            code = images.run(quick, json_out, model_dir, build, real_base_mb, only, progress=progress)
     except ValueError as exc:  # an unknown service: a usage error of --services
         raise typer.BadParameter(str(exc), param_hint="--services") from None
     raise typer.Exit(code)
@@ -129,7 +142,9 @@ def bench_ep(
     """Which execution providers this machine has, latency on each, and every fallback said out loud."""
     from edgefleet.bench import ep
 
-    raise typer.Exit(ep.run(quick, json_out, model_dir, comma_list(providers)))
+    with shown() as progress:
+        code = ep.run(quick, json_out, model_dir, comma_list(providers), progress=progress)
+    raise typer.Exit(code)
 
 
 @app.command("cascade")
@@ -145,7 +160,9 @@ def bench_cascade(
     """INT8 in front of FP32, threshold chosen on held-out images: agreement and mean model time against FP32."""
     from edgefleet.bench import cascade
 
-    raise typer.Exit(cascade.run(quick, json_out, model_dir, work))
+    with shown() as progress:
+        code = cascade.run(quick, json_out, model_dir, work, progress=progress)
+    raise typer.Exit(code)
 
 
 @app.command("wasm")
@@ -159,4 +176,6 @@ def bench_wasm(
     throughput with it against without (the plugins: scripts/plugins.sh)."""
     from edgefleet.bench import wasm
 
-    raise typer.Exit(wasm.run(quick, json_out, model_dir))
+    with shown() as progress:
+        code = wasm.run(quick, json_out, model_dir, progress=progress)
+    raise typer.Exit(code)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from edgefleet.models.install import install, make_readable
 from edgefleet.models.network import INPUT, NAME, OPSET, OUTPUT, export, teacher
+from edgefleet.progress import QUIET, Reporter
 from shared.manifest import (
     MODEL_FILE,
     ModelError,
@@ -33,8 +34,9 @@ PREPROCESSING = Preprocessing(
 )
 
 
-def build(out_dir: Path, force: bool = False) -> tuple[ModelManifest, bool]:
-    """Returns the manifest and whether it was built now (False: a verified cached model was kept)."""
+def build(out_dir: Path, force: bool = False, *, progress: Reporter = QUIET) -> tuple[ModelManifest, bool]:
+    """Returns the manifest and whether it was built now (False: a verified cached model was kept); each
+    step (loading the weights, the ONNX export) is a `progress` task."""
     if not force:
         try:
             cached = load_verified(out_dir)[0]
@@ -43,13 +45,15 @@ def build(out_dir: Path, force: bool = False) -> tuple[ModelManifest, bool]:
         else:
             make_readable(out_dir, cached)
             return cached, False
-    network = teacher()
+    with progress.task("loading EfficientNet-Lite0 with its ImageNet weights"):
+        network = teacher()
     import torch
 
     make_dirs(out_dir)
     with tempfile.TemporaryDirectory(dir=out_dir) as staging:
         staged = Path(staging) / MODEL_FILE
-        export(network, staged, PREPROCESSING.crop)
+        with progress.task("exporting to ONNX"):
+            export(network, staged, PREPROCESSING.crop)
         manifest = ModelManifest(
             name=NAME,
             version=VERSION,

@@ -26,7 +26,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import onnxruntime as ort
 from edgefleet.models.frames import load_inputs
 from edgefleet.models.install import install
 from edgefleet.models.outputs import logits, session
+from edgefleet.progress import QUIET, Reporter
 from services.inference.postprocess import top_k
 from shared.cascade import CASCADE_FILE, STAGE_FOLDERS, CascadeMember, CascadeSpec, Metric, load_members, stage1_metric
 from shared.manifest import MANIFEST_FILE, ModelError, ModelManifest, Quality, load_verified, make_dirs, sha256_of
@@ -211,7 +211,7 @@ def measure_time(runner: ort.InferenceSession, input_name: str, inputs: np.ndarr
 
 def choose(small_dir: Path, large_dir: Path, eval_dir: Path, metric: Metric = "margin", gate: float = 0.99, *,
            limit: int | None = None, seconds: float = 1.0,
-           step: Callable[[str], None] | None = None) -> Choice:
+           progress: Reporter = QUIET) -> Choice:
     """Runs both models on the held-out images, sweeps stage 1's metric and picks the cheapest threshold
     whose agreement with stage 2 reaches the gate (module docstring).
 
@@ -222,7 +222,7 @@ def choose(small_dir: Path, large_dir: Path, eval_dir: Path, metric: Metric = "m
         gate: least top-1 agreement with stage 2.
         limit: use at most this many images.
         seconds: about how long each timing runs.
-        step: called with the name of each long step as it starts (a progress display).
+        progress: shown the images read and each long step (running, timing the models).
 
     Returns:
         The curve, the chosen point, the 2-fold cross-check and the timings.
@@ -231,20 +231,18 @@ def choose(small_dir: Path, large_dir: Path, eval_dir: Path, metric: Metric = "m
         ModelError: a folder that does not verify, or models with other labels or preprocessing.
         FileNotFoundError: no images in eval_dir.
     """
-    tell = step or (lambda _: None)
     small, small_path = load_verified(small_dir)
     large, large_path = load_verified(large_dir)
     _same_interface(small, large)
-    tell("loading held-out images")
-    inputs = load_inputs(eval_dir, large, limit)
+    inputs = load_inputs(eval_dir, large, limit, progress=progress)
     runners = session(small_path, THREADS), session(large_path, THREADS)
-    tell(f"running {small.name} on {len(inputs)} images")
-    small_logits = logits(runners[0], small.input.name, inputs)
-    tell(f"running {large.name} on {len(inputs)} images")
-    large_logits = logits(runners[1], large.input.name, inputs)
-    tell("timing both models")
-    timings = (measure_time(runners[0], small.input.name, inputs, small.name, seconds=seconds),
-               measure_time(runners[1], large.input.name, inputs, large.name, seconds=seconds))
+    with progress.task(f"running {small.name} on {len(inputs)} images"):
+        small_logits = logits(runners[0], small.input.name, inputs)
+    with progress.task(f"running {large.name} on {len(inputs)} images"):
+        large_logits = logits(runners[1], large.input.name, inputs)
+    with progress.task("timing both models"):
+        timings = (measure_time(runners[0], small.input.name, inputs, small.name, seconds=seconds),
+                   measure_time(runners[1], large.input.name, inputs, large.name, seconds=seconds))
     values = scores(small_logits, metric)
     tops = small_logits.argmax(1), large_logits.argmax(1)
     points = sweep(values, *tops, *timings)
@@ -286,7 +284,7 @@ def recipe_of(choice: Choice) -> dict[str, str]:
 
 def build(small_dir: Path, large_dir: Path, out_dir: Path, eval_dir: Path, *, name: str | None = None, version: int = 1,
           metric: Metric = "margin", gate: float = 0.99, limit: int | None = None, seconds: float = 1.0,
-          step: Callable[[str], None] | None = None) -> tuple[ModelManifest, Choice]:
+          progress: Reporter = QUIET) -> tuple[ModelManifest, Choice]:
     """`choose`, then `assemble` the cascade folder with the chosen threshold, its quality gate and recipe.
 
     Args:
@@ -298,7 +296,7 @@ def build(small_dir: Path, large_dir: Path, out_dir: Path, eval_dir: Path, *, na
     Raises:
         ModelError, FileNotFoundError: as `choose` and `assemble`.
     """
-    choice = choose(small_dir, large_dir, eval_dir, metric, gate, limit=limit, seconds=seconds, step=step)
+    choice = choose(small_dir, large_dir, eval_dir, metric, gate, limit=limit, seconds=seconds, progress=progress)
     name = name or f"{load_verified(large_dir)[0].name}-cascade"
     manifest = assemble(small_dir, large_dir, out_dir, name=name, version=version, metric=metric,
                         threshold=choice.chosen.threshold, quality=quality_of(choice, eval_dir),

@@ -18,13 +18,16 @@ import cv2
 import numpy as np
 
 from edgefleet import photos
+from edgefleet.progress import QUIET, Reporter
 
 EVAL_SEED, CALIBRATION_SEED = 2026, 7
 INDEX_FILE = "index.json"
 
 
 def make(out: Path, eval_count: int = 300, calibration_count: int = 128,
-         sources: tuple[str, ...] = photos.EVALUATION) -> dict:
+         sources: tuple[str, ...] = photos.EVALUATION, *, progress: Reporter = QUIET) -> dict:
+    """Writes `eval_count` held-out and `calibration_count` calibration images under `out` (replacing it) and
+    their index; `progress` counts the images written."""
     if out.exists():
         shutil.rmtree(out)
     index: dict = {"sources": list(sources), "splits": {}}
@@ -34,14 +37,16 @@ def make(out: Path, eval_count: int = 300, calibration_count: int = 128,
         folder.mkdir(parents=True)
         rng = np.random.default_rng(seed)
         entries, hashes[split] = [], set()
-        for i in range(count):
-            source = sources[i % len(sources)]
-            image, recipe = _augment(cv2.cvtColor(photos.photo_rgb(source), cv2.COLOR_RGB2BGR), rng)
-            data = _jpeg(image)
-            name = f"{i:04d}-{source}.jpg"
-            (folder / name).write_bytes(data)
-            hashes[split].add(hashlib.sha256(data).hexdigest())
-            entries.append({"file": name, "source": source, **recipe})
+        with progress.task(f"making {count} {split} images", count) as task:
+            for i in range(count):
+                source = sources[i % len(sources)]
+                image, recipe = _augment(cv2.cvtColor(photos.photo_rgb(source), cv2.COLOR_RGB2BGR), rng)
+                data = _jpeg(image)
+                name = f"{i:04d}-{source}.jpg"
+                (folder / name).write_bytes(data)
+                hashes[split].add(hashlib.sha256(data).hexdigest())
+                entries.append({"file": name, "source": source, **recipe})
+                task.advance()
         index["splits"][split] = {"seed": seed, "images": entries}
     if hashes["eval"] & hashes["calibration"]:
         raise RuntimeError("evaluation and calibration sets share an image")

@@ -27,6 +27,7 @@ from edgefleet.models.cost import Cost, cost
 from edgefleet.models.derive import install_derived, measure_quality
 from edgefleet.models.frames import UNLABELLED, load_inputs, load_labelled
 from edgefleet.models.network import export, teacher_for
+from edgefleet.progress import QUIET, Reporter
 from shared.manifest import ModelManifest, load_verified
 
 # Residual blocks of EfficientNet-Lite0 (stride 1, as many channels out as in), in the order they are
@@ -60,16 +61,17 @@ class Fit:
     seconds: float
 
 
-def fit(student, teacher, inputs: np.ndarray, labels: np.ndarray, training: Training, title: str) -> Fit:
+def fit(student, teacher, inputs: np.ndarray, labels: np.ndarray, training: Training, title: str, *,
+        progress: Reporter = QUIET) -> Fit:
+    """Trains `student` on `teacher`'s soft labels (and the true labels where known), one progress unit per step."""
     import torch
     import torch.nn.functional as F
-    from rich.progress import Progress
 
     torch.manual_seed(training.seed)
     rng = np.random.default_rng(training.seed)
     started = time.monotonic()
     frames = torch.from_numpy(inputs)
-    with torch.no_grad():
+    with torch.no_grad(), progress.task(f"the teacher's soft labels for {len(inputs)} frames"):
         soft = {flip: _batched(teacher, frames.flip(3) if flip else frames) for flip in (False, True)}
     targets = torch.from_numpy(labels)
     student.eval()
@@ -77,8 +79,7 @@ def fit(student, teacher, inputs: np.ndarray, labels: np.ndarray, training: Trai
     t = training.temperature
     losses = []
     steps = training.epochs * -(-len(inputs) // training.batch)
-    with Progress(transient=True) as progress:
-        task = progress.add_task(title, total=steps)
+    with progress.task(f"{title}: {training.epochs} epochs", steps) as task:
         for _ in range(training.epochs):
             order = rng.permutation(len(inputs))
             for start in range(0, len(order), training.batch):
@@ -96,7 +97,7 @@ def fit(student, teacher, inputs: np.ndarray, labels: np.ndarray, training: Trai
                 loss.backward()
                 optimizer.step()
                 losses.append(loss.item())
-                progress.advance(task)
+                task.advance()
     return Fit(steps=len(losses), first_loss=losses[0], last_loss=losses[-1],
                labelled_frames=int((labels != UNLABELLED).sum()), frames=len(inputs),
                seconds=time.monotonic() - started)
@@ -134,19 +135,25 @@ class DistillReport:
 
 def distill(parent_dir: Path, out_dir: Path, frames_dir: Path, eval_dir: Path, drop_blocks: int = 5,
             training: Training = Training(), gate: float = 0.97, frame_limit: int | None = None,
-            eval_limit: int | None = None) -> tuple[ModelManifest, DistillReport]:
+            eval_limit: int | None = None, *, progress: Reporter = QUIET) -> tuple[ModelManifest, DistillReport]:
+    """Trains a student without `drop_blocks` residual blocks on the teacher's outputs and installs it with
+    its quality gate (module docstring); `progress` shows images read, the conversion, training steps, export."""
     parent, parent_path = load_verified(parent_dir)
-    inputs, labels = load_labelled(frames_dir, parent, frame_limit)
-    held_out = load_inputs(eval_dir, parent, eval_limit)
-    network = teacher_for(parent_path, parent.input.name, held_out[:4])
+    inputs, labels = load_labelled(frames_dir, parent, frame_limit, progress=progress)
+    held_out = load_inputs(eval_dir, parent, eval_limit, progress=progress)
+    with progress.task("converting the ONNX teacher to torch"):
+        network = teacher_for(parent_path, parent.input.name, held_out[:4])
     student = student_without_blocks(network, drop_blocks)
-    result = fit(student, network, inputs, labels, training, f"distilling into a {len(student._blocks)}-block student")
+    result = fit(student, network, inputs, labels, training, f"distilling into a {len(student._blocks)}-block student",
+                 progress=progress)
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "model.onnx"
-        export(student, staged, parent.preprocessing.crop)
+        with progress.task("exporting the student to ONNX"):
+            export(student, staged, parent.preprocessing.crop)
         report = DistillReport(before=cost(parent_path), after=cost(staged),
                                dropped_blocks=sorted(DROPPABLE_BLOCKS[:drop_blocks]), fit=result)
-        quality = measure_quality(parent_path, staged, parent.input.name, held_out, eval_dir, gate)
+        with progress.task(f"measuring agreement with the teacher on {len(held_out)} held-out images"):
+            quality = measure_quality(parent_path, staged, parent.input.name, held_out, eval_dir, gate)
         report.agreement, report.samples = quality.value, quality.samples
         recipe = {
             "method": "knowledge distillation (soft labels, KL at temperature T, x T^2; cross-entropy on true labels)",

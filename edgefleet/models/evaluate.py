@@ -16,6 +16,7 @@ from rich.table import Table
 
 from edgefleet.models.frames import UNLABELLED, load_labelled
 from edgefleet.models.outputs import logits, session, softmax
+from edgefleet.progress import QUIET, Reporter
 from shared.manifest import load_verified
 
 CONFIDENT = 0.5  # the teacher's top-1 probability above which an image counts as clearly decided
@@ -42,7 +43,7 @@ class Evaluation:
 
 
 def evaluate(model_dirs: list[Path], teacher_dir: Path, eval_dir: Path, threads: int = 0, runs: int = 100, *,
-             throughput_s: float = 1.0) -> list[Evaluation]:
+             throughput_s: float = 1.0, progress: Reporter = QUIET) -> list[Evaluation]:
     """Each model against the teacher on the images in `eval_dir`.
 
     Args:
@@ -52,6 +53,7 @@ def evaluate(model_dirs: list[Path], teacher_dir: Path, eval_dir: Path, threads:
         threads: ONNX Runtime intra-op threads (0: its default).
         runs: timed runs at batch 1 for the latency percentiles.
         throughput_s: seconds each batch size runs for the best images/s (at least 3 runs each).
+        progress: shown the images read and each model measured.
 
     Returns:
         One Evaluation per model, in `model_dirs`' order.
@@ -60,41 +62,50 @@ def evaluate(model_dirs: list[Path], teacher_dir: Path, eval_dir: Path, threads:
         ModelError: a folder without a valid manifest or model.
     """
     teacher, teacher_path = load_verified(teacher_dir)
-    inputs, labels = load_labelled(eval_dir, teacher)
-    labelled = labels != UNLABELLED
-    reference = logits(session(teacher_path, threads), teacher.input.name, inputs)
+    inputs, labels = load_labelled(eval_dir, teacher, progress=progress)
+    with progress.task(f"running the teacher {teacher.name} on {len(inputs)} images"):
+        reference = logits(session(teacher_path, threads), teacher.input.name, inputs)
     probs = softmax(reference)
     confident = probs.max(1) >= CONFIDENT
     results = []
-    for model_dir in model_dirs:
-        manifest, path = load_verified(model_dir)
-        runner = session(path, threads)
+    with progress.task(f"measuring {len(model_dirs)} models", len(model_dirs)) as measured:
+        for model_dir in model_dirs:
+            results.append(_evaluate_one(model_dir, inputs, labels, reference, confident, threads, runs,
+                                         throughput_s, progress))
+            measured.advance()
+    return results
+
+
+def _evaluate_one(model_dir: Path, inputs: np.ndarray, labels: np.ndarray, reference: np.ndarray,
+                  confident: np.ndarray, threads: int, runs: int, throughput_s: float,
+                  progress: Reporter) -> Evaluation:
+    labelled = labels != UNLABELLED
+    manifest, path = load_verified(model_dir)
+    runner = session(path, threads)
+    with progress.task(f"{manifest.name}: agreement, latency, throughput"):
         outputs = logits(runner, manifest.input.name, inputs)
         agree = outputs.argmax(1) == reference.argmax(1)
         top5 = np.array([reference[i].argmax() in np.argsort(-outputs[i])[:5] for i in range(len(outputs))])
         times = latencies(runner, manifest.input.name, inputs[:1], runs)
         best_batch, best_rate = _best_throughput(runner, manifest.input.name, inputs, throughput_s)
-        gate = "n/a" if manifest.quality is None else ("passed" if manifest.quality.passed else "FAILED")
-        results.append(
-            Evaluation(
-                model=f"{manifest.name} v{manifest.version}" + _float_layers(manifest.recipe),
-                size_mb=round(manifest.size_bytes / 1e6, 2),
-                top1_agreement=round(float(agree.mean()), 4),
-                top5_agreement=round(float(top5.mean()), 4),
-                top1_agreement_confident=round(float(agree[confident].mean()), 4) if confident.any() else float("nan"),
-                confident_samples=int(confident.sum()),
-                samples=len(inputs),
-                p50_ms=round(float(np.percentile(times, 50)), 3),
-                p95_ms=round(float(np.percentile(times, 95)), 3),
-                p99_ms=round(float(np.percentile(times, 99)), 3),
-                best_images_per_s=round(best_rate, 1),
-                best_batch=best_batch,
-                gate=gate,
-                accuracy=round(float((outputs.argmax(1) == labels)[labelled].mean()), 4) if labelled.any() else None,
-                labelled_samples=int(labelled.sum()),
-            )
-        )
-    return results
+    gate = "n/a" if manifest.quality is None else ("passed" if manifest.quality.passed else "FAILED")
+    return Evaluation(
+        model=f"{manifest.name} v{manifest.version}" + _float_layers(manifest.recipe),
+        size_mb=round(manifest.size_bytes / 1e6, 2),
+        top1_agreement=round(float(agree.mean()), 4),
+        top5_agreement=round(float(top5.mean()), 4),
+        top1_agreement_confident=round(float(agree[confident].mean()), 4) if confident.any() else float("nan"),
+        confident_samples=int(confident.sum()),
+        samples=len(inputs),
+        p50_ms=round(float(np.percentile(times, 50)), 3),
+        p95_ms=round(float(np.percentile(times, 95)), 3),
+        p99_ms=round(float(np.percentile(times, 99)), 3),
+        best_images_per_s=round(best_rate, 1),
+        best_batch=best_batch,
+        gate=gate,
+        accuracy=round(float((outputs.argmax(1) == labels)[labelled].mean()), 4) if labelled.any() else None,
+        labelled_samples=int(labelled.sum()),
+    )
 
 
 def _float_layers(recipe: dict[str, str]) -> str:

@@ -38,6 +38,7 @@ from edgefleet.models.evaluate import latencies
 from edgefleet.models.frames import load_inputs, load_labelled
 from edgefleet.models.network import export, teacher_for
 from edgefleet.models.outputs import session
+from edgefleet.progress import QUIET, Reporter
 from shared.manifest import ModelManifest, load_verified
 
 UNSTRUCTURED_NOTE = ("unstructured pruning only zeroes weights: the shapes are unchanged and dense kernels "
@@ -72,32 +73,42 @@ DEFAULT_TRAINING = Training()
 
 def prune(parent_dir: Path, out_dir: Path, frames_dir: Path, eval_dir: Path, ratio: float = 0.2,
           structured: bool = True, training: Training = DEFAULT_TRAINING, gate: float = 0.97, threads: int = 1,
-          frame_limit: int | None = None, eval_limit: int | None = None) -> tuple[ModelManifest, PruneReport]:
+          frame_limit: int | None = None, eval_limit: int | None = None, *,
+          progress: Reporter = QUIET) -> tuple[ModelManifest, PruneReport]:
+    """Prunes the parent, fine-tunes it on the parent's outputs and installs it with its quality gate (module
+    docstring); `progress` shows images read, the pruning, fine-tune steps, export and the measurements."""
     if not 0 < ratio < 1:
         raise ValueError(f"the pruning ratio must be between 0 and 1, not {ratio}")
     parent, parent_path = load_verified(parent_dir)
-    inputs, labels = load_labelled(frames_dir, parent, frame_limit)
-    held_out = load_inputs(eval_dir, parent, eval_limit)
-    teacher = teacher_for(parent_path, parent.input.name, held_out[:4])
+    inputs, labels = load_labelled(frames_dir, parent, frame_limit, progress=progress)
+    held_out = load_inputs(eval_dir, parent, eval_limit, progress=progress)
+    with progress.task("converting the ONNX parent to torch"):
+        teacher = teacher_for(parent_path, parent.input.name, held_out[:4])
     student = copy.deepcopy(teacher)
-    if structured:
-        _remove_channels(student, ratio, inputs, training.batch)
-    else:
-        _zero_weights(student, ratio)
     kind = "structured" if structured else "unstructured"
-    result = fit(student, teacher, inputs, labels, training, f"fine-tuning the {kind}ly pruned model")
+    with progress.task(f"{kind} pruning, {ratio:.0%}"):
+        if structured:
+            _remove_channels(student, ratio, inputs, training.batch)
+        else:
+            _zero_weights(student, ratio)
+    result = fit(student, teacher, inputs, labels, training, f"fine-tuning the {kind}ly pruned model",
+                 progress=progress)
     if not structured:
         _make_permanent(student)
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "model.onnx"
-        export(student, staged, parent.preprocessing.crop)
+        with progress.task("exporting the pruned model to ONNX"):
+            export(student, staged, parent.preprocessing.crop)
         one = held_out[:1]
-        report = PruneReport(
-            structured=structured, ratio=ratio, fit=result,
-            before=Footprint(cost(parent_path), parent.size_bytes, _p50(parent_path, parent.input.name, one, threads)),
-            after=Footprint(cost(staged), staged.stat().st_size, _p50(staged, parent.input.name, one, threads)),
-        )
-        quality = measure_quality(parent_path, staged, parent.input.name, held_out, eval_dir, gate)
+        with progress.task("measuring size and latency before and after"):
+            report = PruneReport(
+                structured=structured, ratio=ratio, fit=result,
+                before=Footprint(cost(parent_path), parent.size_bytes,
+                                 _p50(parent_path, parent.input.name, one, threads)),
+                after=Footprint(cost(staged), staged.stat().st_size, _p50(staged, parent.input.name, one, threads)),
+            )
+        with progress.task(f"measuring agreement with the parent on {len(held_out)} held-out images"):
+            quality = measure_quality(parent_path, staged, parent.input.name, held_out, eval_dir, gate)
         report.agreement, report.samples = quality.value, quality.samples
         recipe = {
             "method": (f"structured channel pruning (torch-pruning {_version()}, Taylor importance on the frames, "

@@ -63,6 +63,7 @@ from edgefleet.models.biascorrect import correct_biases
 from edgefleet.models.derive import install_derived, measure_quality, top1_agreement
 from edgefleet.models.frames import load_inputs
 from edgefleet.models.outputs import logits, softmax
+from edgefleet.progress import QUIET, Reporter
 from shared.manifest import ModelError, ModelManifest, load_verified
 
 # Plumbing ops move or reshape tensors without arithmetic of their own: nothing to quantize, nothing to report.
@@ -175,7 +176,22 @@ def quantize(
     calibration_limit: int | None = None,
     eval_limit: int | None = None,
     bias_correction: bool = False,
+    *,
+    progress: Reporter = QUIET,
 ) -> tuple[ModelManifest, Report]:
+    """Quantizes the parent's model to INT8 and installs it with its recipe and quality gate (module docstring).
+
+    Args:
+        progress: shown each step: images read, the calibrate-and-quantize call, layers probed.
+
+    Returns:
+        The installed manifest and what the run measured and chose.
+
+    Raises:
+        ModelError: the parent does not verify or is not valid ONNX.
+        FileNotFoundError: no images in a folder.
+        ValueError: static mode without a calibration folder.
+    """
     started = time.monotonic()
     parent, parent_path = load_verified(parent_dir)
     try:
@@ -188,21 +204,24 @@ def quantize(
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         # Shape inference and graph clean-up the quantizer expects (its documented first step).
-        quant_pre_process(str(parent_path), str(prepared), skip_symbolic_shape=True)
+        with progress.task("preparing the graph (shape inference, clean-up)"):
+            quant_pre_process(str(parent_path), str(prepared), skip_symbolic_shape=True)
         staged = Path(tmp) / "model.onnx"
-        held_out = load_inputs(eval_dir, parent, eval_limit)
+        held_out = load_inputs(eval_dir, parent, eval_limit, progress=progress)
         gate_set = held_out
         if mode is Mode.DYNAMIC:
-            quantize_dynamic(str(prepared), str(staged), weight_type=weight_type.ort, nodes_to_exclude=excluded)
+            with progress.task("quantizing (dynamic INT8)"):
+                quantize_dynamic(str(prepared), str(staged), weight_type=weight_type.ort, nodes_to_exclude=excluded)
             recipe = {"weight_type": weight_type.value}
         else:
             if calibration_dir is None:
                 raise ValueError("static quantization needs a calibration folder of real frames")
-            calibration = load_inputs(calibration_dir, parent, calibration_limit)
+            calibration = load_inputs(calibration_dir, parent, calibration_limit, progress=progress)
             select, gate_set = _split(held_out) if max_float_layers > 0 else (held_out[:0], held_out)
             static = _StaticQuantizer(prepared, parent.input.name, calibration, select, method, weight_type,
-                                      Path(tmp))
-            static.quantize(staged, excluded)
+                                      Path(tmp), progress)
+            with progress.task(f"calibrating on {len(calibration)} images and quantizing (static INT8)"):
+                static.quantize(staged, excluded)
             report.budget, report.selection_samples = max_float_layers, len(select)
             if len(select):
                 report.selection_agreement = top1_agreement(static.reference,
@@ -214,8 +233,10 @@ def quantize(
                     report.selection_agreement = report.float_layers[-1][2]
             # After the search, on the model it chose: the probes stay cheap, and the gate below measures
             # the corrected model. Calibration frames only: the held-out ones judge it.
-            corrected = (correct_biases(staged, prepared, parent.input.name, calibration)
-                         if bias_correction else 0)
+            corrected = 0
+            if bias_correction:
+                with progress.task("correcting biases"):
+                    corrected = correct_biases(staged, prepared, parent.input.name, calibration)
             recipe = {
                 "weight_type": weight_type.value, "activation_type": "quint8", "format": "qdq", "per_channel": "true",
                 "calibration_method": method.value,
@@ -230,7 +251,8 @@ def quantize(
                                     f"{min(BIAS_FRAMES, len(calibration))} calibration images"
                                     if corrected else "none"),
             }
-        quality = measure_quality(parent_path, staged, parent.input.name, gate_set, eval_dir, gate)
+        with progress.task(f"measuring agreement with the parent on {len(gate_set)} held-out images"):
+            quality = measure_quality(parent_path, staged, parent.input.name, gate_set, eval_dir, gate)
         if len(gate_set) < len(held_out):
             quality = quality.model_copy(update={"measured_on": f"{eval_dir} (gate half: every other image from "
                                                                 "the second; the rest chose the float layers)"})
@@ -247,10 +269,11 @@ class _StaticQuantizer:
     different layers kept in float."""
 
     def __init__(self, prepared: Path, input_name: str, calibration: np.ndarray, selection: np.ndarray,
-                 method: Method, weight_type: WeightType, workdir: Path) -> None:
+                 method: Method, weight_type: WeightType, workdir: Path, progress: Reporter = QUIET) -> None:
         self.prepared, self.input_name = prepared, input_name
         self.calibration, self.selection = calibration, selection
         self.method, self.weight_type, self.workdir = method, weight_type, workdir
+        self.progress = progress
         self.cache = workdir / "calibration.cache"
         # Without a selection half (no search) there is nothing to compare against.
         self.reference = logits(prepared, input_name, selection) if len(selection) else selection
@@ -284,20 +307,26 @@ class _StaticQuantizer:
         everything = [name for layer in layers for name in layer]
         probe = self.workdir / "probe.onnx"
         sensitivity = []
-        for layer in layers:
-            self.quantize(probe, excluded + [n for n in everything if n not in layer])
-            sensitivity.append((_kl(self.reference, logits(probe, self.input_name, self.selection)), layer))
+        with self.progress.task(f"ranking {len(layers)} layers by sensitivity", len(layers)) as ranking:
+            for layer in layers:
+                self.quantize(probe, excluded + [n for n in everything if n not in layer])
+                sensitivity.append((_kl(self.reference, logits(probe, self.input_name, self.selection)), layer))
+                ranking.advance()
         sensitivity.sort(key=lambda s: s[0], reverse=True)
         kept: list[tuple[str, float, float]] = []
         in_float = list(excluded)
-        for shift, layer in sensitivity[:budget]:
-            in_float += layer
-            self.quantize(probe, in_float)
-            agreement = top1_agreement(self.reference, logits(probe, self.input_name, self.selection))
-            kept.append((layer[0], round(shift, 5), round(agreement, 4)))
-            probe.replace(out)
-            if agreement >= gate:
-                break
+        candidates = sensitivity[:budget]
+        with self.progress.task(f"keeping layers in float until {gate:.1%} (at most {len(candidates)})",
+                                len(candidates)) as keeping:
+            for shift, layer in candidates:
+                in_float += layer
+                self.quantize(probe, in_float)
+                agreement = top1_agreement(self.reference, logits(probe, self.input_name, self.selection))
+                kept.append((layer[0], round(shift, 5), round(agreement, 4)))
+                probe.replace(out)
+                keeping.advance()
+                if agreement >= gate:
+                    break
         return kept
 
 

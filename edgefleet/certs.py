@@ -20,20 +20,21 @@ from shared.topics import check_id
 VALID_DAYS = 825
 CRL = "ca.crl"
 # The fleet's own identities on its broker (deploy/mosquitto/cloud.acl grants them what no device
-# may have). A device certificate with one of these common names would be an operator or an ingest
-# replica, so `issue_device` refuses them; `_fleet` is the rollout's topic level.
-OPERATOR, INGEST, BROKER, FLEET = "operator", "cloud-ingest", "cloud-broker", "_fleet"
-RESERVED = (OPERATOR, INGEST, BROKER, FLEET)
+# may have). A device certificate with one of these common names would be an operator, an ingest
+# replica or the console (which reads the whole fleet), so `issue_device` refuses them; `_fleet` is the
+# rollout's topic level.
+OPERATOR, INGEST, BROKER, FLEET, CONSOLE = "operator", "cloud-ingest", "cloud-broker", "_fleet", "console"
+RESERVED = (OPERATOR, INGEST, BROKER, FLEET, CONSOLE)
 
 
 def reserved(name: str) -> bool:
-    """A name kept for the fleet's services: operator, cloud-broker, _fleet, cloud-ingest and cloud-ingest-<n>."""
+    """A name kept for the fleet's services: operator, console, cloud-broker, _fleet, cloud-ingest and cloud-ingest-<n>."""
     return name in RESERVED or name.startswith(f"{INGEST}-")
 
 
 def service_name(name: str) -> bool:
-    """A client identity the fleet's services use: operator or cloud-ingest-<n> (one per replica)."""
-    return name == OPERATOR or (name.startswith(f"{INGEST}-") and name[len(INGEST) + 1:].isdigit())
+    """A client identity the fleet's services use: operator, console or cloud-ingest-<n> (one per replica)."""
+    return name in (OPERATOR, CONSOLE) or (name.startswith(f"{INGEST}-") and name[len(INGEST) + 1:].isdigit())
 
 
 def _name(common_name: str) -> x509.Name:

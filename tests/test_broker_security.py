@@ -490,7 +490,7 @@ def test_a_retained_rollout_survives_a_crash_of_the_fleet_broker(pki):
         cloud.close()
 
 
-@pytest.mark.parametrize("name", ["operator", "cloud-ingest", "cloud-ingest-0", "cloud-broker", "_fleet"])
+@pytest.mark.parametrize("name", ["operator", "console", "cloud-ingest", "cloud-ingest-0", "cloud-broker", "_fleet"])
 def test_a_reserved_name_is_never_issued_to_a_device(tmp_path, name):
     certs = tmp_path / "certs"
     assert CliRunner().invoke(app, ["certs", "ca", "--out", str(certs)]).exit_code == 0

@@ -94,7 +94,7 @@ def certs_ca(out: CertDir = Path("var/certs")) -> None:
 @certs_app.command("issue")
 def certs_issue(
     names: Annotated[list[str], typer.Argument(
-        help="Common names: device ids; with --service operator or cloud-ingest-<n>; "
+        help="Common names: device ids; with --service operator, console or cloud-ingest-<n>; "
         "with --server the broker's name.")],
     server: Annotated[bool, typer.Option(
         help="A server certificate (the cloud broker's) instead of a client one.")] = False,

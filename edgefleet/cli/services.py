@@ -1,4 +1,4 @@
-"""`edgefleet inference|sync|cloud-ingest|camera|health|up|fleet`: run one service, the camera
+"""`edgefleet inference|sync|cloud-ingest|console|camera|health|up|fleet`: run one service, the camera
 simulator, the containers' health check, or a whole local device or fleet. The telemetry service
 starts from its own group (telemetry.py), which also holds its audit."""
 
@@ -14,6 +14,7 @@ from edgefleet.waiting import WaitTimeout
 from shared.config import (
     CameraSettings,
     ConfigError,
+    ConsoleSettings,
     InferenceSettings,
     IngestSettings,
     SyncSettings,
@@ -46,6 +47,23 @@ def cloud_ingest(config: ConfigFile = None) -> None:
     from services.cloud_ingest.service import main
 
     raise typer.Exit(main(load_settings(IngestSettings, config)))
+
+
+@app.command(epilog=describe_keys(ConsoleSettings))
+def console(
+    config: ConfigFile = None,
+    port: Annotated[int | None, typer.Option(
+        min=0, max=65535, help="The page's HTTP port (0: a free one, printed at start); EDGEFLEET_CONSOLE_PORT.",
+    )] = None,
+    host: Annotated[str | None, typer.Option(
+        help="The address to listen on (0.0.0.0 in a container); EDGEFLEET_CONSOLE_HOST.")] = None,
+) -> None:
+    """Run the fleet console: a web page of every device (online or stale, model, sync state, pred/s, outbox,
+    alerts), the rollouts and each device's drift and latency over time, updated live. Reads the fleet broker
+    (EDGEFLEET_MQTT_*, certificate common name `console`) and the S3 telemetry. Configured by these keys:"""
+    from services.console.service import main
+
+    raise typer.Exit(main(load_settings(ConsoleSettings, config, console_port=port, console_host=host)))
 
 
 @app.command()
@@ -117,7 +135,8 @@ def fleet(
     inference, telemetry and cameras."""
     from edgefleet import fleet as local_fleet
 
-    check_environment(InferenceSettings, SyncSettings, CameraSettings, TelemetrySettings, IngestSettings)
+    check_environment(InferenceSettings, SyncSettings, CameraSettings, TelemetrySettings, IngestSettings,
+                      ConsoleSettings)
     with reported("fleet", ConfigError, code=2), reported("fleet", WaitTimeout):
         code = local_fleet.run(devices, rate, duration, folder)
     raise typer.Exit(code)

@@ -27,7 +27,7 @@ from shared.schemas import ModelRef, SyncReport, SyncState
 
 # The commands an operator's scripts call, by group: the split must keep every one.
 COMMANDS = {
-    (): ["inference", "sync", "cloud-ingest", "health", "camera", "up", "fleet",
+    (): ["inference", "sync", "cloud-ingest", "console", "health", "camera", "up", "fleet",
          "model", "broker", "certs", "rollout", "bench", "keys", "telemetry", "s3", "plugin"],
     ("model",): ["build", "dataset", "quantize", "prune", "distill", "publish", "evaluate", "cascade"],
     ("broker",): ["passwords", "bridge"],

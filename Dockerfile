@@ -1,4 +1,4 @@
-# One Dockerfile, one target per service (docker build --target inference|sync|telemetry|cloud-ingest|camera).
+# One Dockerfile, one target per service (docker build --target inference|sync|telemetry|cloud-ingest|console|camera).
 # Every image: python:3.11-slim (multi-arch: linux/amd64 and linux/arm64), the packages installed into a
 # virtual environment in a build stage and only that environment copied on, non-root (uid 10001), a
 # health check, and the entry command the tests run (`edgefleet <service>`).
@@ -48,9 +48,12 @@ RUN useradd --uid 10001 --create-home edgefleet \
 COPY --from=build /opt/edgefleet /opt/edgefleet
 USER edgefleet
 WORKDIR /var/lib/edgefleet
+# Metrics (EDGEFLEET_METRICS_PORT, set per service by docker-compose.yml and k3s/) on every interface of
+# the container's own network, so a published port or Prometheus in the cluster reaches them.
 ENV PATH=/opt/edgefleet/bin:$PATH \
     EDGEFLEET_LOG_FORMAT=json \
     EDGEFLEET_HEALTH_FILE=/tmp/edgefleet.alive \
+    EDGEFLEET_METRICS_HOST=0.0.0.0 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 # Unhealthy once the heartbeat is 15 s old (a dead broker link or a stuck worker loop); a process frozen
@@ -81,6 +84,13 @@ CMD ["telemetry"]
 
 FROM runtime AS cloud-ingest
 CMD ["cloud-ingest"]
+
+FROM runtime AS console
+# The fleet console's page (services/console/page, in the package) on 8080, on every interface of the
+# container's network: docker-compose.yml publishes it on the host's loopback.
+ENV EDGEFLEET_CONSOLE_HOST=0.0.0.0
+EXPOSE 8080
+CMD ["console"]
 
 FROM runtime AS camera
 # Publishes frames; the broker is its only contact, so a heartbeat would say nothing the broker does not.

@@ -34,6 +34,8 @@ mkdir -p var && chmod 700 var
 # The cameras' TLS listener (8884): a server certificate for the names cameras reach the device by.
 [ -f "var/certs/$DEVICE-lan.crt" ] || "$EDGEFLEET" certs issue "$DEVICE-lan" --server --hosts "${LAN_HOSTS:-localhost,127.0.0.1}" --out var/certs
 [ -f var/certs/cloud-ingest-1.crt ] || "$EDGEFLEET" certs issue --service cloud-ingest-0 cloud-ingest-1 operator --out var/certs
+# The fleet console's client certificate (common name `console`, its block in deploy/mosquitto/cloud.acl).
+[ -f var/certs/console.crt ] || "$EDGEFLEET" certs issue --service console --out var/certs
 [ -f var/broker/passwords ] || "$EDGEFLEET" broker passwords --cameras "$CAMERAS" --out var/broker/passwords
 [ -f "var/broker/bridge/$DEVICE.conf" ] || { mkdir -p var/broker/bridge; "$EDGEFLEET" broker bridge "$DEVICE" --host cloud-broker --out "var/broker/bridge/$DEVICE.conf"; }
 if [ ! -f var/s3/secret-key ]; then

@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 
 say() { printf '\033[1m[images]\033[0m %s\n' "$*" >&2; }
 STANDIN_LABEL=io.edgefleet.standin
-TARGETS=(inference sync telemetry cloud-ingest camera)
+TARGETS=(inference sync telemetry cloud-ingest console camera)
 TAG=${EDGEFLEET_IMAGE_TAG:-latest}
 SUITE=bookworm
 

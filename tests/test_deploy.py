@@ -24,7 +24,7 @@ from tests.support import ServiceProcess, wait_until
 REPO = Path(__file__).resolve().parent.parent
 K8S_VERSION = "1.33.0"
 # The services as the tests start them: `python -m edgefleet <service>` (tests/support.py ServiceProcess).
-SERVICES = {"inference", "sync", "telemetry", "cloud-ingest", "camera"}
+SERVICES = {"inference", "sync", "telemetry", "cloud-ingest", "console", "camera"}
 MANIFESTS = sorted(p for p in (REPO / "k3s" / "base").rglob("*.yaml") if p.name != "kustomization.yaml")
 
 
@@ -85,6 +85,26 @@ def test_docker_compose_1_29_accepts_the_file_and_the_test_override_and_refuses_
     assert refused.returncode != 0 and "name" in refused.stderr, refused.stderr
 
 
+def test_compose_serves_each_services_metrics_on_a_port_of_its_own_that_prometheus_scrapes():
+    """Every edgefleet service but the camera sets EDGEFLEET_METRICS_PORT, a port no other service uses
+    (under host networking, tests/compose.host.yml, they all share the host's), published on the host's
+    loopback; deploy/prometheus/prometheus.yml scrapes exactly those ports."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    ports: dict[str, int] = {}
+    for name, service in compose["services"].items():
+        if not str(service.get("image", "")).startswith("edgefleet/") or service["command"][0] == "camera":
+            continue
+        port = int(service["environment"]["EDGEFLEET_METRICS_PORT"])
+        assert port not in ports.values(), f"{name}: metrics port {port} taken twice"
+        ports[name] = port
+        assert f"127.0.0.1:{port}:{port}" in service.get("ports", []), f"{name}: {port} not published on loopback"
+    assert set(ports) == {"inference", "sync", "telemetry", "cloud-ingest-0", "cloud-ingest-1", "console"}
+    scrape = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    targets = [target for job in scrape["scrape_configs"] for group in job["static_configs"]
+               for target in group["targets"]]
+    assert sorted(targets) == sorted(f"127.0.0.1:{port}" for port in ports.values())
+
+
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_k3s_manifest_validates(path):
     for document in yaml.safe_load_all(path.read_text()):
@@ -140,7 +160,7 @@ def test_every_container_runs_the_command_the_tests_run():
     found = _commands()
     assert found["dockerfile"] == SERVICES
     assert found["compose"] == SERVICES
-    assert found["k3s"] == {"inference", "sync", "telemetry", "cloud-ingest"}  # cameras are real ones on k3s
+    assert found["k3s"] == {"inference", "sync", "telemetry", "cloud-ingest", "console"}  # cameras are real ones on k3s
 
 
 def test_the_health_check_follows_the_broker_link(broker, model_dir, tmp_path):

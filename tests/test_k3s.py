@@ -41,7 +41,8 @@ OVERLAYS = sorted(p.parent.name for p in (REPO / "k3s" / "overlays").glob("*/kus
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 # The settings each service's container loads (edgefleet/cli/services.py), and what it writes.
 SETTINGS = {"inference": config.InferenceSettings, "sync": config.SyncSettings,
-            "telemetry": config.TelemetrySettings, "cloud-ingest": config.IngestSettings}
+            "telemetry": config.TelemetrySettings, "cloud-ingest": config.IngestSettings,
+            "console": config.ConsoleSettings}
 WRITES = {"model_store": "folder", "outbox_path": "parent", "health_file": "parent"}
 # The heartbeat the probes read (the images set it: /tmp/edgefleet.alive).
 HEALTH_FILE_ENV = f"{config.ENV_PREFIX}HEALTH_FILE"
@@ -56,6 +57,8 @@ INIT_CAPABILITIES = {"CHOWN", "DAC_OVERRIDE", "FOWNER"}
 BROKER_PATHS = ("password_file", "acl_file", "certfile", "keyfile", "cafile", "crlfile", "include_dir",
                 "persistence_location")
 DEFAULT_FILE_MODE = 0o644  # Kubernetes' defaultMode for secret, configMap and projected volumes
+METRICS_PORT_ENV = f"{config.ENV_PREFIX}METRICS_PORT"
+PROMETHEUS_K3S = REPO / "deploy" / "prometheus" / "prometheus-k3s.yml"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -153,12 +156,13 @@ def objects(docs: list[dict], kind: str) -> dict[str, dict]:
 
 @dataclass
 class Pod:
-    """One pod a workload makes: its spec and the values its downward-API fields take."""
+    """One pod a workload makes: its spec, the values its downward-API fields take, its annotations."""
 
     workload: str
     spec: dict
     fields: dict[str, str]
     docs: list[dict]
+    annotations: dict[str, str] = field(default_factory=dict)
 
     @property
     def volumes(self) -> dict[str, dict]:
@@ -179,7 +183,8 @@ def pods(docs: list[dict]) -> list[Pod]:
                  else [f"{name}-abcde"])
         found.extend(Pod(f"{doc['kind']}/{name}", spec,
                          {"metadata.name": pod_name, "spec.nodeName": "node-1",
-                          "metadata.namespace": doc["metadata"].get("namespace", "")}, docs)
+                          "metadata.namespace": doc["metadata"].get("namespace", "")}, docs,
+                         doc["spec"]["template"].get("metadata", {}).get("annotations", {}))
                      for pod_name in names)
     return found
 
@@ -586,9 +591,79 @@ def check_images(docs: list[dict]) -> list[str]:
     return problems
 
 
+def relabel(labels: dict[str, str], configs: list[dict]) -> dict[str, str] | None:
+    """Prometheus's relabelling (the keep, drop and replace actions) of one target's labels; None: dropped."""
+    labels = dict(labels)
+    for step in configs:
+        value = step.get("separator", ";").join(labels.get(name, "") for name in step.get("source_labels", []))
+        match = re.fullmatch(step.get("regex", "(.*)"), value)
+        action = step.get("action", "replace")
+        if action in ("keep", "drop"):
+            if (match is None) == (action == "keep"):
+                return None
+        elif action == "replace":
+            if match is not None:
+                result = match.expand(re.sub(r"\$\{?(\d+)\}?", r"\\g<\1>", step.get("replacement", "$1")))
+                if result:
+                    labels[step["target_label"]] = result
+                else:
+                    labels.pop(step["target_label"], None)
+        else:
+            raise AssertionError(f"relabel action {action} is not simulated here")
+    return labels
+
+
+def scrape_targets(pod: Pod) -> set[tuple[str, int, str]]:
+    """What deploy/prometheus/prometheus-k3s.yml scrapes in a pod: (container, port, path) for each
+    container port its kubernetes_sd (role: pod) finds and its relabelling keeps."""
+    config = yaml.safe_load(PROMETHEUS_K3S.read_text())
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "edgefleet-pods")
+    annotations = pod.annotations
+    meta = {"__meta_kubernetes_namespace": pod.fields["metadata.namespace"],
+            "__meta_kubernetes_pod_name": pod.fields["metadata.name"], "__meta_kubernetes_pod_node_name": "node-1",
+            "__metrics_path__": "/metrics"}
+    for key, value in annotations.items():
+        meta["__meta_kubernetes_pod_annotation_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)] = value
+    found = set()
+    for c in pod.containers():
+        for port in c.get("ports", []):
+            labels = relabel({**meta, "__meta_kubernetes_pod_container_name": c["name"],
+                              "__meta_kubernetes_pod_container_port_name": port.get("name", ""),
+                              "__address__": f"10.0.0.1:{port['containerPort']}"}, job["relabel_configs"])
+            if labels is not None:
+                found.add((c["name"], int(labels["__address__"].rsplit(":", 1)[1]), labels["__metrics_path__"]))
+    return found
+
+
+def check_metrics(docs: list[dict]) -> list[str]:
+    """Prometheus finds every service's metrics: each edgefleet service sets EDGEFLEET_METRICS_PORT, and
+    the k3s scrape config (deploy/prometheus/prometheus-k3s.yml) applied to its pod scrapes that port,
+    at /metrics, and no other; a pod's prometheus.io/port annotation names one of its metrics ports."""
+    problems = []
+    for pod in pods(docs):
+        wanted = set()
+        for c in pod.containers():
+            if _service(c) not in SETTINGS:
+                continue
+            port = environment(pod, c).get(METRICS_PORT_ENV)
+            if port is None:
+                problems.append(f"{pod.workload}/{c['name']}: no {METRICS_PORT_ENV}")
+                continue
+            wanted.add((c["name"], int(port), "/metrics"))
+        found = scrape_targets(pod)
+        for container, port, _ in sorted(wanted - found):
+            problems.append(f"{pod.workload}/{container}: Prometheus does not scrape its metrics port {port}")
+        for container, port, path in sorted(found - wanted):
+            problems.append(f"{pod.workload}/{container}: Prometheus scrapes port {port} ({path}), no metrics port")
+        annotated = pod.annotations.get("prometheus.io/port")
+        if annotated is not None and int(annotated) not in {port for _, port, _ in wanted}:
+            problems.append(f"{pod.workload}: prometheus.io/port {annotated} is no metrics port of its services")
+    return problems
+
+
 def all_problems(docs: list[dict], scratch: Path) -> list[str]:
     return (check_lockdown(docs) + check_health_files(docs) + check_file_variables(docs) + check_settings(docs, scratch)
-            + check_brokers(docs) + check_images(docs))
+            + check_brokers(docs) + check_images(docs) + check_metrics(docs))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -631,6 +706,12 @@ def test_every_file_variable_names_a_mounted_readable_file(rendered, overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_broker_gets_the_files_its_config_names_and_exposes_its_listeners(rendered, overlay):
     assert check_brokers(rendered[overlay]) == []
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_prometheus_scrapes_every_services_metrics_port_and_nothing_else(rendered, overlay):
+    assert check_metrics(rendered[overlay]) == []
+    assert any(scrape_targets(pod) for pod in pods(rendered[overlay]))
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -744,6 +825,16 @@ REGRESSIONS = {
         lambda d: _container(d, "telemetry").update(
             livenessProbe={"exec": {"command": ["python", "-m", "shared.health", "/tmp/x"]}}),
         "its livenessProbe reads ['/tmp/x']"),
+    "inference's metrics port not declared": (
+        "edge", "DaemonSet", "edgefleet-edge", lambda d: _container(d, "inference").pop("ports"),
+        "inference: Prometheus does not scrape its metrics port 9101"),
+    "the console's pod not annotated for scraping": (
+        "cloud", "Deployment", "console", lambda d: d["spec"]["template"]["metadata"].pop("annotations"),
+        "console: Prometheus does not scrape its metrics port 9105"),
+    "cloud_ingest's metrics port apart from its setting": (
+        "cloud", "StatefulSet", "cloud-ingest",
+        lambda d: _container(d, "cloud-ingest")["ports"][0].update(containerPort=9999),
+        "cloud-ingest: Prometheus scrapes port 9999 (/metrics), no metrics port"),
 }
 
 

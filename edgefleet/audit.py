@@ -2,15 +2,28 @@
 are missing, and which of the missing the device itself declared lost (gap records: queue full,
 expired, damaged, dead-lettered, write failed). Sequence numbers count within an epoch (a lost or
 repaired outbox starts a new one at 1), so completeness is computed per epoch. Unexplained missing
-numbers are records still on their way (or lost, which must never happen); duplicates (a number in two
-batches of one epoch) must never happen either."""
+numbers are records still on their way; duplicates (a number in two batches of one epoch) must never
+happen.
+
+The store has an identity (shared.lake.StoreMarker, made by cloud_ingest) and every batch's index keeps
+the ranges the device sent with the batch: which store acknowledged which numbers of the epoch
+(shared.schemas.AckRange; every batch repeats them, so one index is evidence enough). A missing number
+that no gap declares is then:
+- inside ANOTHER store's range: acknowledged by an earlier store (sent before this store existed: an
+  emptied bucket, a new local fleet beside devices that kept their outboxes);
+- inside this store's own range: lost, acknowledged by this store and not in it, which must never happen;
+- else missing (unexplained): on its way, or nothing says where it went.
+No evidence, no explanation: without a marker (a store older than store ids) no range is told to be
+another store's, and every missing number stays unexplained."""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from shared import lake
+from shared.schemas import AckRange
 
 
 @dataclass
@@ -21,11 +34,21 @@ class EpochAudit:
     duplicates: int = 0
     declared_lost: dict[str, int] = field(default_factory=dict)  # by reason
     missing: list[tuple[int, int]] = field(default_factory=list)  # unexplained ranges
+    before_store: list[tuple[int, int]] = field(default_factory=list)  # acknowledged by an earlier store
+    lost: list[tuple[int, int]] = field(default_factory=list)  # acknowledged by this store, not in it
     first_stored_at: float = 0.0
 
     @property
     def missing_count(self) -> int:
-        return sum(b - a + 1 for a, b in self.missing)
+        return _count(self.missing)
+
+    @property
+    def before_store_count(self) -> int:
+        return _count(self.before_store)
+
+    @property
+    def lost_count(self) -> int:
+        return _count(self.lost)
 
 
 @dataclass
@@ -39,20 +62,53 @@ class DeviceAudit:
     duplicates: int = 0
     declared_lost: dict[str, int] = field(default_factory=dict)
     missing: list[tuple[int, int]] = field(default_factory=list)  # every epoch's, in epoch order
+    before_store: list[tuple[int, int]] = field(default_factory=list)  # every epoch's, in epoch order
+    lost: list[tuple[int, int]] = field(default_factory=list)  # every epoch's, in epoch order
 
     @property
     def missing_count(self) -> int:
-        return sum(b - a + 1 for a, b in self.missing)
+        return _count(self.missing)
+
+    @property
+    def before_store_count(self) -> int:
+        return _count(self.before_store)
+
+    @property
+    def lost_count(self) -> int:
+        return _count(self.lost)
 
     @property
     def latest(self) -> EpochAudit:
         return list(self.epochs.values())[-1]
 
 
-def audit(s3, bucket: str) -> dict[str, DeviceAudit]:
-    """Reads every batch index under the lake's `_batches/` prefix. Returns the audit by device."""
+def store_of(s3, bucket: str) -> lake.StoreMarker | None:
+    """The bucket's store marker; None where there is none (a store older than store ids, or empty).
+
+    :raises ClientError: any answer but "no such key"; pydantic.ValidationError: a marker that is not one.
+    """
+    from botocore.exceptions import ClientError
+
+    try:
+        body = s3.get_object(Bucket=bucket, Key=lake.STORE_MARKER)["Body"].read()
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise
+    return lake.StoreMarker.model_validate_json(body)
+
+
+def audit(s3, bucket: str, store: lake.StoreMarker | None = None) -> dict[str, DeviceAudit]:
+    """Reads every batch index under the lake's `_batches/` prefix. Returns the audit by device.
+
+    :param s3: a boto3 S3 client.
+    :param str bucket: the telemetry bucket.
+    :param store: the bucket's marker if the caller has read it already (store_of), else it is read here.
+    """
+    store = store or store_of(s3, bucket)
     seqs: dict[tuple[str, str], Counter] = {}
     gaps: dict[tuple[str, str], list] = {}
+    ranges: dict[tuple[str, str], set[AckRange]] = {}
     first_at: dict[tuple[str, str], float] = {}
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{lake.BATCHES}/"):
         for obj in page.get("Contents", []):
@@ -60,10 +116,12 @@ def audit(s3, bucket: str) -> dict[str, DeviceAudit]:
             key = (index.device, index.epoch)
             seqs.setdefault(key, Counter()).update(index.seqs)
             gaps.setdefault(key, []).extend(index.gaps)
+            ranges.setdefault(key, set()).update(index.acknowledged)
             first_at[key] = min(first_at.get(key, index.stored_at), index.stored_at)
     report: dict[str, DeviceAudit] = {}
     for (device, epoch) in sorted(seqs, key=lambda k: first_at[k]):
-        result = _epoch(epoch, seqs[(device, epoch)], gaps.get((device, epoch), []))
+        result = _epoch(epoch, seqs[(device, epoch)], gaps.get((device, epoch), []),
+                        store.store if store else None, ranges.get((device, epoch), set()))
         result.first_stored_at = first_at[(device, epoch)]
         total = report.setdefault(device, DeviceAudit(device))
         total.epochs[epoch] = result
@@ -71,23 +129,48 @@ def audit(s3, bucket: str) -> dict[str, DeviceAudit]:
         total.highest_seq = result.highest_seq
         total.duplicates += result.duplicates
         total.missing += result.missing
+        total.before_store += result.before_store
+        total.lost += result.lost
         for reason, n in result.declared_lost.items():
             total.declared_lost[reason] = total.declared_lost.get(reason, 0) + n
     return report
 
 
-def _epoch(epoch: str, counts: Counter, gaps: list) -> EpochAudit:
+def _epoch(epoch: str, counts: Counter, gaps: list, store: str | None = None,
+           acknowledged: Iterable[AckRange] = ()) -> EpochAudit:
+    """One epoch's audit.
+
+    :param counts: how many times each sequence number is in the store.
+    :param gaps: the gap records the store holds.
+    :param store: this store's id (None: unknown, so no range counts as another store's, nor as its own).
+    :param acknowledged: the acknowledgement ranges the epoch's batch indexes carry (the same range seen
+        growing over batches is fine: each claims its own numbers).
+    """
     result = EpochAudit(epoch, received=len(counts), highest_seq=max(counts),
                         duplicates=sum(n - 1 for n in counts.values()))
+    earlier: set[int] = set()
+    own: set[int] = set()
+    for claim in acknowledged if store is not None else ():
+        (own if claim.store == store else earlier).update(range(claim.first_seq, claim.last_seq + 1))
     explained = set()
     # A device declares a gap again when the batch carrying it was given up (it may have been stored
     # all the same, its ack lost): one loss, declared twice, counts once.
     for gap in {(g.first_seq, g.last_seq, g.reason): g for g in gaps}.values():
         explained.update(range(gap.first_seq, gap.last_seq + 1))
         result.declared_lost[gap.reason.value] = result.declared_lost.get(gap.reason.value, 0) + gap.count
-    absent = [s for s in range(1, result.highest_seq + 1) if s not in counts and s not in explained]
-    result.missing = _ranges(absent)
+    # Numbers this store acknowledged count even above the highest it still holds.
+    top = max(result.highest_seq, max(own, default=0))
+    absent = [s for s in range(1, top + 1) if s not in counts and s not in explained]
+    # Another store's claim wins over ours: runs never overlap, so a number in both means this store's
+    # id was reused (a restored bucket), and "earlier" is then the claim that accuses no one wrongly.
+    result.before_store = _ranges([s for s in absent if s in earlier])
+    result.lost = _ranges([s for s in absent if s in own and s not in earlier])
+    result.missing = _ranges([s for s in absent if s not in own and s not in earlier])
     return result
+
+
+def _count(ranges: list[tuple[int, int]]) -> int:
+    return sum(b - a + 1 for a, b in ranges)
 
 
 def _ranges(numbers: list[int]) -> list[tuple[int, int]]:

@@ -536,6 +536,9 @@ class DriftSettings(Group):
     latency_raise: float = Field(
         2.0, gt=1, description="p95 inference latency, as a multiple of the baseline's, that raises an alert.")
     latency_clear: float = Field(1.5, gt=1, description="Multiple under which it is resolved.")
+    sample_interval_s: float = Field(
+        30.0, gt=0, description="How often the current drift scores and latency go to the cloud as a drift "
+        "record (charted by the fleet console).")
 
 
 class TelemetrySettings(CommonSettings):

@@ -5,6 +5,7 @@
                                                                           numbers and gaps (written last)
     telemetry/_dead_letter/date=<YYYY-MM-DD>/device=<device>/<sha256>.bin  a payload that did not validate
     telemetry/_dead_letter/date=<YYYY-MM-DD>/device=<device>/<sha256>.json   and why
+    telemetry/_store.json                                                 the store's identity (StoreMarker)
 
 <batch> is the outbox's epoch and the batch's first and last sequence number (`<epoch>-<first>-<last>`).
 A batch sent again has the same epoch and numbers, so the same keys: a replay overwrites, it never
@@ -17,13 +18,16 @@ from __future__ import annotations
 
 import time
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from shared.schemas import Gap
+from shared.schemas import STORE_ID_PATTERN, AckRange, Gap
 
 ROOT = "telemetry"
 BATCHES = f"{ROOT}/_batches"
 DEAD_LETTER = f"{ROOT}/_dead_letter"
+# Made once, by the first cloud_ingest to start on an empty bucket (a conditional PUT, so replicas
+# starting together agree on one), and never rewritten: the store's identity for as long as it exists.
+STORE_MARKER = f"{ROOT}/_store.json"
 
 
 def _date(at: float) -> str:
@@ -33,6 +37,17 @@ def _date(at: float) -> str:
 def records_key(kind: str, at: float, device: str, batch_id: str) -> str:
     """The key of one batch's records of one kind; `at` (the batch's first record's time) picks the date."""
     return f"{ROOT}/{kind}/date={_date(at)}/device={device}/{batch_id}.jsonl.gz"
+
+
+def records_prefix(kind: str, at: float) -> str:
+    """The prefix of every device's records of one kind on the date of `at` (what a reader lists)."""
+    return f"{ROOT}/{kind}/date={_date(at)}/"
+
+
+def device_of_key(key: str) -> str | None:
+    """The device a records key (records_key) names, or None for a key of another shape."""
+    parts = key.split("/")
+    return parts[3][len("device="):] if len(parts) == 5 and parts[3].startswith("device=") else None
 
 
 def index_key(device: str, batch_id: str) -> str:
@@ -56,3 +71,16 @@ class BatchIndex(BaseModel):
     gaps: list[Gap]
     objects: list[str]
     stored_at: float
+    # The acknowledgement ranges the device sent with the batch (TelemetryBatch.acknowledged).
+    acknowledged: list[AckRange] = []
+
+
+class StoreMarker(BaseModel):
+    """The telemetry store's identity. Every acknowledgement names it (TelemetryAck.store), devices send
+    back which store acknowledged which of their records (AckRange), and the audit tells by it what an earlier
+    store acknowledged (sent before this store existed) from what this one lost."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    store: str = Field(pattern=STORE_ID_PATTERN)
+    created_at: float

@@ -301,6 +301,10 @@ class RolloutTarget(_Message):
     devices: Annotated[list[str], Field(max_length=MAX_LIST)] = Field(default_factory=list)
     groups: Annotated[list[str], Field(max_length=MAX_LIST)] = Field(default_factory=list)
     share: float = Field(1.0, gt=0, le=1)
+    # The canary by name: while the rollout is not promoted, exactly these devices of the target install
+    # it and `share` only records what the operator asked for. The operator's CLI names them (ranked by
+    # the devices' own hash), so a small fleet gets an exact count. Empty (older rollouts): `share` decides.
+    canary_devices: Annotated[list[str], Field(max_length=MAX_LIST)] = Field(default_factory=list)
 
 
 class _RolloutFields(_Message):
@@ -502,6 +506,32 @@ class TelemetryRecord(_Message):
     body: RecordBody
 
 
+# A telemetry store's id (shared.lake.StoreMarker): 32 lowercase hex digits, made once with the store.
+STORE_ID_PATTERN = r"^[0-9a-f]{32}$"
+
+
+# The acknowledgement ranges a batch carries: the most recent stores to acknowledge records of the epoch.
+MAX_ACK_RANGES = 8
+
+
+class AckRange(_Message):
+    """Records first_seq..last_seq of an outbox epoch left the outbox on acknowledgements from one telemetry
+    store (or were declared lost by a gap record among them): one range per run of acknowledgements by
+    the same store, kept by the outbox and sent with every batch. The audit of a store that finds numbers
+    missing inside another store's range knows they were sent before it existed; inside its own, that it
+    lost them."""
+
+    store: str = Field(pattern=STORE_ID_PATTERN)
+    first_seq: int = Field(ge=1)
+    last_seq: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AckRange:
+        if self.last_seq < self.first_seq:
+            raise ValueError(f"last_seq {self.last_seq} is below first_seq {self.first_seq}")
+        return self
+
+
 class TelemetryBatch(_Message):
     v: int = WIRE_VERSION
     device: str
@@ -511,6 +541,9 @@ class TelemetryBatch(_Message):
     # TelemetrySettings.batch_max_records is bounded by the same MAX_LIST.
     records: list[TelemetryRecord] = Field(min_length=1, max_length=MAX_LIST)
     sent_at: float
+    # Which stores acknowledged which records of this epoch so far, oldest first (empty: none yet, or an
+    # older device); cloud_ingest keeps them in the batch's index for the audit.
+    acknowledged: list[AckRange] = Field(default_factory=list, max_length=MAX_ACK_RANGES)
 
     @property
     def batch_id(self) -> str:
@@ -525,3 +558,5 @@ class TelemetryAck(_Message):
     stored: int
     dead_lettered: bool = False
     at: float
+    # The id of the store that holds the batch (shared.lake.StoreMarker); None from an older ingest.
+    store: str | None = Field(None, pattern=STORE_ID_PATTERN)

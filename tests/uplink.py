@@ -44,6 +44,13 @@ class Uplink:
         self.services = Services(tmp, request)
         self._closing.callback(self.services.close)
 
+    def new_store(self) -> None:
+        """An empty S3 store in place of the current one, for the ingest started next: a fleet whose store
+        began afresh while its devices kept their outboxes. The old store keeps running until the rig
+        closes; stop the services that use the new one before then (it closes first)."""
+        self.s3_server = self._closing.enter_context(S3Server())
+        self.store = s3.client(self.s3_server.settings())
+
     @property
     def cloud_url(self) -> str:
         return f"mqtts://127.0.0.1:{self.cloud_broker.port}"
@@ -70,8 +77,11 @@ class Uplink:
             "mqtt_key_file": self.certs / f"{cert}.key", "telemetry_bucket": BUCKET, "mqtt_reconnect_max_s": 1,
             **settings,
         })
+        # The replica's log file is appended to by each of its starts: this start's line is one more.
+        log = self.services.folder / f"{replica}.log"
+        before = log.read_text(errors="replace").count("connected to broker") if log.exists() else 0
         process = self.services.start(ingest, replica, "cloud-ingest")
-        wait_until(lambda: "connected to broker" in process.log() or not process.alive(), 60,
+        wait_until(lambda: process.log().count("connected to broker") > before or not process.alive(), 60,
                    "cloud_ingest to subscribe")
         assert process.alive(), process.log()
         return process
@@ -111,6 +121,14 @@ class Uplink:
         finally:
             db.close()
 
+    def outbox_acknowledged(self) -> list[tuple[str, int, int]]:
+        """Which store acknowledged which numbers, as the outbox keeps it: (store id, first, last), oldest first."""
+        db = sqlite3.connect(f"file:{self.outbox_path}?mode=ro", uri=True)
+        try:
+            return db.execute("SELECT store, first_seq, last_seq FROM acknowledged ORDER BY first_seq").fetchall()
+        finally:
+            db.close()
+
     def outbox_epoch(self) -> str:
         return f"{self.outbox_meta('epoch'):08x}"
 
@@ -124,13 +142,15 @@ class Uplink:
 
     def assert_complete(self) -> DeviceAudit:
         """In every epoch, every sequence number is in S3 exactly once or declared lost by the device; in
-        the outbox's current epoch, what is neither may still be in the outbox."""
+        the outbox's current epoch, what is neither may still be in the outbox. Nothing the store
+        acknowledged is missing from it."""
         result = self.audit()
         current, remaining = self.outbox_epoch(), self.outbox_seqs()
         for epoch, numbers in result.epochs.items():
             held = remaining if epoch == current else set()
             unexplained = [s for a, b in numbers.missing for s in range(a, b + 1) if s not in held]
             assert not unexplained, f"epoch {epoch}: lost records: {unexplained[:20]}"
+            assert not numbers.lost, f"epoch {epoch}: acknowledged by this store and not in it: {numbers.lost[:20]}"
             assert numbers.duplicates == 0, f"epoch {epoch}: {numbers.duplicates} duplicates"
         return result
 

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 app = typer.Typer(help="The telemetry service (with no sub-command), and the completeness audit.",
                   invoke_without_command=True, epilog=describe_keys(TelemetrySettings))
 
-AUDIT_COLUMNS = ("device", "epochs", "received", "highest seq", "declared lost", "missing (unexplained)", "duplicates")
+AUDIT_COLUMNS = ("device", "epochs", "received", "highest seq", "declared lost", "sent before this store existed",
+                 "lost (acknowledged by this store)", "missing (unexplained)", "duplicates")
 
 
 @app.callback()
@@ -36,34 +37,48 @@ def telemetry_audit(
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per device instead of a table.")] = False,
     config: ConfigFile = None,
 ) -> None:
-    """Per device: records in S3, the highest sequence number, what the device declared lost, what is missing."""
+    """Per device: records in S3, the highest sequence number, what the device declared lost, what an earlier
+    store acknowledged (sent before this store existed), what this store lost, and what is missing unexplained."""
     import json
     from dataclasses import asdict
 
     from rich.console import Console
 
-    from edgefleet.audit import audit
+    from edgefleet.audit import audit, store_of
     from shared import s3
 
     settings = load_settings(IngestSettings, config)
-    report = audit(s3.client(settings), settings.telemetry_bucket)
+    client = s3.client(settings)
+    store = store_of(client, settings.telemetry_bucket)
+    report = audit(client, settings.telemetry_bucket, store)
     if json_out:
         for device in sorted(report):
-            typer.echo(json.dumps({**asdict(report[device]), "missing_count": report[device].missing_count}))
+            r = report[device]
+            typer.echo(json.dumps({**asdict(r), "missing_count": r.missing_count, "lost_count": r.lost_count,
+                                   "before_store_count": r.before_store_count,
+                                   "store": store.store if store else None}))
         return
-    Console().print(audit_table(report, settings.telemetry_bucket))
+    Console().print(audit_table(report, settings.telemetry_bucket, store.store if store else None))
 
 
-def audit_table(report: dict[str, DeviceAudit], bucket: str) -> Table:
-    """One row per device: epochs, records received, what was declared lost and what is missing."""
+def _ranges(ranges: list[tuple[int, int]]) -> str:
+    """The first few ranges, "1-80, 95"; "none" for none."""
+    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in ranges[:5]) or "none"
+
+
+def audit_table(report: dict[str, DeviceAudit], bucket: str, store: str | None = None) -> Table:
+    """One row per device: epochs, records received, what was declared lost, what an earlier store
+    acknowledged, what this store lost, and what is missing with no explanation."""
     from rich.table import Table
 
-    table = Table(title=f"edgefleet telemetry audit · s3://{bucket}")
+    # Without a store id no acknowledged range can be told to be another store's: the audit explains nothing by it.
+    who = f"store {store}" if store else "no store id (store marker absent): earlier stores cannot be told apart"
+    table = Table(title=f"edgefleet telemetry audit · s3://{bucket} · {who}")
     for column in AUDIT_COLUMNS:
         table.add_column(column)
     for device, r in sorted(report.items()):
         lost = ", ".join(f"{reason} {n}" for reason, n in r.declared_lost.items()) or "none"
-        missing = ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in r.missing[:5]) or "none"
         epochs = ", ".join(f"{e.epoch} ({e.received})" for e in r.epochs.values())
-        table.add_row(device, epochs, str(r.received), str(r.highest_seq), lost, missing, str(r.duplicates))
+        table.add_row(device, epochs, str(r.received), str(r.highest_seq), lost, _ranges(r.before_store),
+                      _ranges(r.lost), _ranges(r.missing), str(r.duplicates))
     return table

@@ -13,6 +13,10 @@ callback that blocks (which would stall keepalives and acknowledgements too). A 
 retried with backoff by its worker until it succeeds or the replica stops: giving up would leave the
 message unacknowledged and its slot of the receive window taken until the next session. (Vector's S3
 sink retries the same way; Kafka consumers commit an offset only after the sink's write, as here.)
+
+Every acknowledgement names the store (TelemetryAck.store, from the bucket's store marker, made or read
+at start: store_marker.py), and each batch's index keeps the device's acknowledgement ranges, so the
+audit can tell records an earlier store acknowledged from records this one lost.
 """
 
 from __future__ import annotations
@@ -27,14 +31,15 @@ from concurrent.futures import ThreadPoolExecutor
 import paho.mqtt.client as paho
 from botocore.exceptions import BotoCoreError, ClientError
 
+from services.cloud_ingest import store_marker
 from services.cloud_ingest.errors import IngestError, StoreUnreachable
+from services.cloud_ingest.metrics import IngestCollector, IngestCounters, Outcome, write_seconds
 from services.cloud_ingest.writer import dead_letter, write_batch
-from shared import VERSION, lifecycle, s3, topics
+from shared import VERSION, lifecycle, metrics, s3, topics
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import IngestSettings
 from shared.lifecycle import Liveness, Progress, serve
 from shared.logs import fields
-from shared.metrics import Counter
 from shared.mqtt import MqttLink, StatusPublisher, content_type_of, correlation_of
 from shared.schemas import ServiceState, ServiceStatus, TelemetryAck, TelemetryBatch
 
@@ -48,6 +53,7 @@ class IngestService:
         self.s3 = s3.client(settings)
         try:
             s3.ensure_bucket(self.s3, settings.telemetry_bucket)
+            self.store = store_marker.claim(self.s3, settings.telemetry_bucket)
         except (BotoCoreError, ClientError) as exc:
             raise StoreUnreachable(f"the telemetry bucket s3://{settings.telemetry_bucket} cannot be reached or "
                                    f"created: {exc}") from exc
@@ -59,7 +65,13 @@ class IngestService:
         # a write stuck past its S3 timeouts is not.
         self.liveness = Liveness()
         self._put_s = s3.call_bound_s()
-        self.stored, self.dead_lettered, self.failed = Counter(), Counter(), Counter()
+        self.counters = IngestCounters()
+        self._status_at: float | None = None
+        self.metrics = metrics.service_registry(device=self._replica, service=SERVICE,
+                                                connected=lambda: self.link.connected.is_set(),
+                                                status_at=lambda: self._status_at)
+        self.metrics.register(IngestCollector(self._replica, self.counters))
+        self._write_seconds = write_seconds(self._replica, self.metrics)
         self._stopping = threading.Event()
         self._filter = topics.all_telemetry(settings.share_group)
         self.link = MqttLink(
@@ -74,10 +86,12 @@ class IngestService:
     def run(self) -> int:
         self.link.subscribe(self._filter, self._on_batch, qos=1)
         self.link.start()
-        log.info("ingesting", extra=fields(filter=self._filter, bucket=self.settings.telemetry_bucket))
+        log.info("ingesting", extra=fields(filter=self._filter, bucket=self.settings.telemetry_bucket,
+                                           store=self.store.store))
         while not self._stopping.wait(self.settings.status_interval_s):
             self.link.publish(topics.status(self._replica, SERVICE), encode(self._status(ServiceState.ONLINE)),
                               qos=1, retain=True, content_type=WireFormat.JSON.content_type)
+            self._status_at = time.time()
         self.link.unsubscribe(self._filter)
         self.pool.shutdown(wait=True)  # every batch taken is written and acknowledged
         self.link.stop(final_status=encode(self._status(ServiceState.OFFLINE, reason="shutdown")))
@@ -109,14 +123,14 @@ class IngestService:
                     self.link.ack(message)  # the broker forgets it only now, after S3 has it
                     return
                 except (BotoCoreError, ClientError, OSError) as exc:
-                    self.failed.add()
+                    self.counters.batches[Outcome.FAILED].add()
                     log.warning("write failed; retrying", extra=fields(device=device, error=str(exc)[:300]))
                     progress.tick(1.0)
                     self._stopping.wait(1.0)
             log.info("stopping with a batch unwritten; the broker keeps it for the next session",
                      extra=fields(device=device))
         except Exception as exc:  # a bug here must be loud: in the pool it would otherwise vanish with the future
-            self.failed.add()
+            self.counters.batches[Outcome.FAILED].add()
             log.exception("batch not stored", extra=fields(device=device))
             lifecycle.fail(f"writer: {type(exc).__name__}: {exc}", exc)
 
@@ -129,28 +143,33 @@ class IngestService:
                 raise DecodeError(f"batch names device {batch.device!r} but came on {device!r}'s topic")
         except DecodeError as exc:
             key = dead_letter(self.s3, bucket, device, bytes(payload), str(exc))
-            self.dead_lettered.add()
+            self.counters.batches[Outcome.DEAD_LETTERED].add()
             log.warning("dead-lettered", extra=fields(device=device, key=key, reason=str(exc)[:300]))
             if (correlation := correlation_of(message)) is not None:
                 self._ack(device, correlation.decode(errors="replace")[:200], 0, dead_lettered=True)
             return
+        started = time.monotonic()
         stored = write_batch(self.s3, bucket, batch, before_put)
+        self._write_seconds.observe(time.monotonic() - started)
         # Logged before either acknowledgement: a replica killed without this line acknowledged nothing of it.
         log.debug("batch stored", extra=fields(device=device, batch=batch.batch_id, records=stored))
-        self.stored.add(stored)
+        self.counters.stored(batch.batch_id, stored)
         self._ack(device, batch.batch_id, stored)
 
     def _ack(self, device: str, batch_id: str, stored: int, dead_lettered: bool = False) -> None:
-        ack = TelemetryAck(device=device, batch_id=batch_id, stored=stored, dead_lettered=dead_lettered, at=time.time())
+        ack = TelemetryAck(device=device, batch_id=batch_id, stored=stored, dead_lettered=dead_lettered, at=time.time(),
+                           store=self.store.store)
         self.link.publish(topics.telemetry_ack(device), encode(ack), qos=1, content_type=WireFormat.JSON.content_type)
 
     def _status(self, state: ServiceState, reason: str | None = None) -> ServiceStatus:
-        detail = (f"stored {self.stored.value} records, dead-lettered {self.dead_lettered.value}, "
-                  f"failed writes {self.failed.value}")
+        c = self.counters
+        detail = (f"stored {c.records.value} records, dead-lettered {c.batches[Outcome.DEAD_LETTERED].value}, "
+                  f"failed writes {c.batches[Outcome.FAILED].value}")
         return ServiceStatus(device=self._replica, service=SERVICE, state=state, at=time.time(),
                              edgefleet_version=VERSION, reason=reason or detail)
 
 
 def main(settings: IngestSettings) -> int:
-    # IngestError: the store unreachable at start; OSError: a certificate or key file it cannot read.
+    # IngestError: the store unreachable at start, or its marker invalid;
+    # OSError: a certificate or key file it cannot read.
     return serve(SERVICE, settings, lambda: IngestService(settings), (IngestError, OSError, ValueError))

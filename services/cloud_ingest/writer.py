@@ -1,5 +1,6 @@
-"""Writes one validated batch to S3 (shared.lake's layout): the records by kind as gzipped JSON lines,
-then the batch index that marks it complete. Idempotent: the keys come from the batch's sequence
+"""Writes one validated batch to S3 (shared.lake's layout): the records by kind (drift samples under
+telemetry/drift/...) as gzipped JSON lines, then the batch index that marks it complete, with the
+device's acknowledgement ranges for the audit. Idempotent: the keys come from the batch's sequence
 numbers and the outbox's epoch, so a replay overwrites the same objects with the same content and a new
 epoch never touches an older one's."""
 
@@ -45,6 +46,7 @@ def write_batch(s3: S3Client, bucket: str, batch: TelemetryBatch, before_put: Ca
         device=batch.device, batch_id=batch.batch_id, epoch=batch.epoch, seqs=[r.seq for r in batch.records],
         kinds={k: len(v) for k, v in by_kind.items()},
         gaps=[r.body for r in batch.records if isinstance(r.body, Gap)], objects=objects, stored_at=time.time(),
+        acknowledged=batch.acknowledged,
     )
     before_put()
     s3.put_object(Bucket=bucket, Key=lake.index_key(batch.device, batch.batch_id),

@@ -10,10 +10,15 @@ serving are its baseline; the most recent ones are compared with it.
 No verdict on fewer than `min_samples` predictions. An alert is raised at one threshold and resolved
 under a lower one (hysteresis), so a value hovering at the line makes one incident, not a storm; an
 open alert is not raised again (one incident, one alert, one id), and its end is reported.
+
+Besides the alerts, sample() gives the current scores as a DriftSample (queued every
+sample_interval_s, charted by the fleet console) and the metrics read measure() at scrape time: the
+detector is fed on paho's network thread and read from others, so one lock guards its state.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections import deque
@@ -22,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shared.config import DriftSettings
-from shared.schemas import Alert, AlertState, AlertType, ModelRef, Prediction, Severity
+from shared.schemas import Alert, AlertState, AlertType, DriftSample, ModelRef, Prediction, Severity
 from shared.stats import mean, p95, psi
 
 
@@ -53,9 +58,37 @@ class DriftDetector:
         self.model: ModelRef | None = None
         self.open: dict[AlertType, Alert] = {}
         self._since_evaluation = 0
+        self._lock = threading.Lock()
 
     def observe(self, prediction: Prediction) -> list[Alert]:
         """Takes one record; returns the alerts raised or resolved by it."""
+        with self._lock:
+            return self._observe(prediction)
+
+    def measure(self) -> dict[AlertType, float]:
+        """Each measure of the recent window against the baseline; none before there is a baseline or
+        while the window holds fewer than min_samples (the rule alerts follow: no verdict on a few)."""
+        with self._lock:
+            return self._measure() if len(self.window) >= self.min_samples else {}
+
+    def open_types(self) -> list[AlertType]:
+        """The types of the alerts open now."""
+        with self._lock:
+            return list(self.open)
+
+    def sample(self, now: float | None = None) -> DriftSample | None:
+        """The scores now, the number of predictions in the window and its latency (Prediction.timings.total_ms,
+        p50 and p95); None before the first prediction (no model to speak of)."""
+        with self._lock:
+            if self.model is None:
+                return None
+            totals = [p.timings.total_ms for p in self.window]
+            p50, p95_ = (float(v) for v in np.percentile(totals, [50, 95])) if totals else (None, None)
+            scores = self._measure() if len(totals) >= self.min_samples else {}
+            return DriftSample(device=self.device, model=self.model, scores=scores, samples=len(totals),
+                               latency_p50_ms=p50, latency_p95_ms=p95_, at=time.time() if now is None else now)
+
+    def _observe(self, prediction: Prediction) -> list[Alert]:
         if prediction.cached:
             # A copy of an answer already taken: counted again it would weigh a static camera's scene
             # twice in the window and report 0 ms of model latency.
@@ -73,10 +106,9 @@ class DriftDetector:
         if len(self.window) < self.min_samples or self._since_evaluation < self.evaluate_every:
             return []
         self._since_evaluation = 0
-        return [alert for kind, value in self.measure().items() if (alert := self._judge(kind, value))]
+        return [alert for kind, value in self._measure().items() if (alert := self._judge(kind, value))]
 
-    def measure(self) -> dict[AlertType, float]:
-        """Each measure of the recent window against the baseline; none before there is a baseline."""
+    def _measure(self) -> dict[AlertType, float]:
         base, recent = self.baseline, list(self.window)
         if base is None:
             return {}

@@ -6,7 +6,11 @@ id, so the cloud's idempotent writes leave no duplicate.
 A batch is never retried forever (one poison batch would stall every record behind it): after
 `max_attempts` sendings without an acknowledgement, or at once when the cloud acknowledges it as
 dead-lettered, its records move to the outbox's dead-letter table and a `dead_lettered` gap goes to
-the cloud in their place. The attempt count is kept on disk, so a restart resends and counts on."""
+the cloud in their place. The attempt count is kept on disk, so a restart resends and counts on.
+
+Each batch carries which stores acknowledged which of the epoch's records (Outbox.acknowledged, moved
+on by each acknowledgement), so the cloud's audit can tell a store's own losses from what an earlier
+store acknowledged."""
 
 from __future__ import annotations
 
@@ -84,7 +88,8 @@ class Forwarder:
             if not records:
                 self._wait(0.5)
                 continue
-            batch = TelemetryBatch(device=self.device, epoch=self.outbox.epoch, records=records, sent_at=time.time())
+            batch = TelemetryBatch(device=self.device, epoch=self.outbox.epoch, records=records, sent_at=time.time(),
+                                   acknowledged=self.outbox.acknowledged)
             attempts = self.outbox.attempt()
             if attempts > self.max_attempts:
                 self.dead_lettered_batches.add()
@@ -112,7 +117,7 @@ class Forwarder:
                                         f"batch {batch.batch_id} dead-lettered by cloud_ingest "
                                         "(its reason is in the cloud's dead letters)")
             else:
-                self.acked_records.add(self.outbox.ack(records[0].seq, records[-1].seq))
+                self.acked_records.add(self.outbox.ack(records[0].seq, records[-1].seq, ack.store))
             delay = 0.5
 
     def _wait(self, seconds: float) -> None:

@@ -26,6 +26,11 @@ committed record survives SIGKILL and a power cut) between what the device learn
 - Records taken into memory but not committed because a write failed (disk full) are counted in a
   side file whose bytes were allocated when it was made, so the count can be written when nothing
   else can; the next start turns it into a `write_failed` gap.
+- Which store acknowledged what: one range of sequence numbers per run of acknowledgements by the same
+  telemetry store (its id, TelemetryAck.store), kept in the same transaction as the deletion the
+  acknowledgement allows. Every batch carries the latest ranges (AckRange), so a store set up after the
+  device sent its first records (an emptied bucket, a new fleet) can tell them from records it lost,
+  from any one of the device's batches it holds.
 
 Why SQLite and not a queue library: persist-queue and diskcache offer no byte cap with a drop policy,
 no per-record TTL and no in-flight batch that survives a restart; SQLite gives the transactions all of
@@ -50,7 +55,7 @@ from typing import Concatenate, ParamSpec, TypeVar
 from services.telemetry.errors import TelemetryError
 from shared.codec import WireFormat, decode, encode
 from shared.logs import fields
-from shared.schemas import Gap, GapReason, RecordBody, TelemetryRecord
+from shared.schemas import MAX_ACK_RANGES, AckRange, Gap, GapReason, RecordBody, TelemetryRecord
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +65,8 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS dead_letters (
     seq INTEGER NOT NULL, epoch TEXT NOT NULL, body BLOB NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS acknowledged (
+    first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL, store TEXT NOT NULL);
 """
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -106,6 +113,8 @@ class Outbox:
             self._set("epoch", secrets.randbits(32))
         self.epoch = f"{self._get('epoch', 0):08x}"
         self._load_counters()
+        self.acknowledged = self._load_acknowledged()
+        self._oldest: tuple[int, float] | None = None  # (seq, at) of the oldest record, as last read
         self._lost_path = Path(f"{path}.lost")
         self._record_lost_writes()
 
@@ -194,6 +203,31 @@ class Outbox:
         self.stats.next_seq = self._get("next_seq", 1)
         for reason in GapReason:
             self.stats.dropped[reason.value] = self._get(f"dropped_{reason.value}", 0)
+
+    def _load_acknowledged(self) -> list[AckRange]:
+        """The latest MAX_ACK_RANGES ranges, oldest first. A row that is not a range (not a store id) is
+        left out: no claim is better than a wrong one (the audit fails closed)."""
+        rows = self.db.execute("SELECT first_seq, last_seq, store FROM acknowledged ORDER BY first_seq DESC LIMIT ?",
+                               (MAX_ACK_RANGES,)).fetchall()
+        ranges = []
+        for first, last, store in reversed(rows):
+            try:
+                ranges.append(AckRange(store=store, first_seq=first, last_seq=last))
+            except ValueError:
+                log.warning("acknowledged range unreadable; not sent", extra=fields(first=first, store=str(store)[:80]))
+        return ranges
+
+    def _acknowledged_by(self, store: str, first: int, last: int) -> None:
+        """Extends the latest range if `store` acknowledged it too, else starts one (in the caller's transaction)."""
+        latest = self.db.execute("SELECT first_seq, last_seq, store FROM acknowledged ORDER BY first_seq DESC "
+                                 "LIMIT 1").fetchone()
+        if latest is not None and latest[2] == store:
+            self.db.execute("UPDATE acknowledged SET last_seq = max(last_seq, ?) WHERE first_seq = ?",
+                            (last, latest[0]))
+        elif latest is None or first > latest[1]:  # an old acknowledgement arriving late claims nothing new
+            self.db.execute("INSERT INTO acknowledged VALUES (?, ?, ?)", (first, last, store))
+            self.db.execute("DELETE FROM acknowledged WHERE first_seq NOT IN "
+                            "(SELECT first_seq FROM acknowledged ORDER BY first_seq DESC LIMIT ?)", (MAX_ACK_RANGES,))
 
     def _get(self, key: str, default: int) -> int:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -469,8 +503,15 @@ class Outbox:
             os.fsync(f.fileno())
 
     @_locked
-    def ack(self, first: int, last: int) -> int:
-        """The cloud stored records first..last: delete them and clear the batch in flight."""
+    def ack(self, first: int, last: int, store: str | None = None) -> int:
+        """The cloud stored records first..last: delete them and clear the batch in flight.
+
+        :param int first: the batch's first sequence number.
+        :param int last: its last.
+        :param store: the id of the store that acknowledged it (TelemetryAck.store): first..last joins
+            that store's range. None (an ingest older than store ids) claims nothing.
+        :returns: how many records were deleted.
+        """
         self.db.execute("BEGIN IMMEDIATE")
         size, count = self.db.execute(
             "SELECT coalesce(sum(size), 0), count(*) FROM records WHERE seq BETWEEN ? AND ?", (first, last)
@@ -480,10 +521,31 @@ class Outbox:
             self._set("inflight_first", 0)
             self._set("inflight_last", 0)
             self._set("inflight_attempts", 0)
+        if store is not None:
+            self._acknowledged_by(store, first, last)
         self.db.execute("COMMIT")
+        if store is not None:
+            self.acknowledged = self._load_acknowledged()
         self.stats.bytes -= size
         self.stats.records -= count
         return int(count)
+
+    @_locked
+    def oldest_at(self) -> float | None:
+        """When the oldest record still held was made (its body's `at`), None when empty. Cheap: one
+        primary-key lookup, and the record is decoded only when the oldest one has changed since."""
+        row = self.db.execute("SELECT seq FROM records ORDER BY seq LIMIT 1").fetchone()
+        if row is None:
+            self._oldest = None
+            return None
+        if self._oldest is None or self._oldest[0] != row[0]:
+            body = self.db.execute("SELECT body FROM records WHERE seq = ?", (row[0],)).fetchone()[0]
+            try:
+                at = decode(TelemetryRecord, body, WireFormat.MSGPACK.content_type).body.at
+            except ValueError:  # undecodable: it is dead-lettered when sent; until then its age is unknown
+                return None
+            self._oldest = (row[0], at)
+        return self._oldest[1]
 
     @_locked
     def close(self) -> None:

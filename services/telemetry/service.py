@@ -4,11 +4,13 @@ broker in, the cloud broker out) and the forwarder thread.
 What it learns, from the inference records on the device's broker:
     predictions → drift detector → alerts (raised / resolved)    ┐
     predictions + enveloped frames → hard-example sampler        ├→ outbox (batched commits) → forwarder → cloud
-    psutil / Docker API (own thread) → resource samples          ┘
+    psutil / Docker API (own thread) → resource samples          ┤
+    drift detector, every sample_interval_s → drift samples      ┘
 Alerts also go out at once on the device's own alerts topic. SIGTERM commits what is pending, stops
 the forwarder between batches, and exits 0: the outbox keeps the rest for the next start. A failed
 commit (disk full) or a dead forwarder thread ends the process non-zero within seconds
-(shared.lifecycle), after counting the records it could not write.
+(shared.lifecycle), after counting the records it could not write. Its Prometheus families
+(metrics.py) are read from all of these at scrape time.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import paho.mqtt.client as paho
 from services.telemetry.drift import DriftDetector
 from services.telemetry.forwarder import Forwarder
 from services.telemetry.hard_examples import HardExampleSampler
+from services.telemetry.metrics import AlertCounts, TelemetryCollector
 from services.telemetry.outbox import Outbox
 from services.telemetry.resources import ResourceMonitor
-from shared import VERSION, topics
+from shared import VERSION, metrics, topics
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import TelemetrySettings
 from shared.errors import EdgefleetError
@@ -40,6 +43,7 @@ from shared.schemas import (
     FrameEnvelope,
     Prediction,
     RecordBody,
+    ResourceSample,
     ServiceState,
     ServiceStatus,
     Severity,
@@ -65,6 +69,9 @@ class TelemetryService:
         self._pending: list[RecordBody] = []
         self._pending_lock = threading.Lock()
         self._fallback_alert: Alert | None = None
+        self._resources: ResourceSample | None = None  # the last one queued, for the metrics
+        self.alert_counts = AlertCounts()
+        self._status_at: float | None = None
         self._stopping = threading.Event()
         self.uplink = MqttLink(settings.cloud(), "telemetry-uplink")
         self.liveness = Liveness()  # the commit loop's and the forwarder's proof of life (shared.lifecycle)
@@ -76,6 +83,12 @@ class TelemetryService:
                             online=lambda: encode(self._status(ServiceState.ONLINE)),
                             will=encode(self._status(ServiceState.OFFLINE, reason="connection lost"))),
         )
+        self.metrics = metrics.service_registry(device=self._device, service=SERVICE,
+                                                connected=lambda: self.link.connected.is_set(),
+                                                status_at=lambda: self._status_at)
+        self.metrics.register(TelemetryCollector(
+            device=self._device, outbox=self.outbox, forwarder=self.forwarder, drift=self.drift,
+            alerts=self.alert_counts, open_alerts=self._open_alerts, resources=lambda: self._resources))
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -92,13 +105,19 @@ class TelemetryService:
             self._error(f"outbox repaired: {self.outbox.stats.repaired}")
         log.info("watching", extra=fields(outbox=str(s.outbox.path), queued=self.outbox.stats.records,
                                           next_seq=self.outbox.stats.next_seq))
-        due = {"resources": 0.0, "expire": time.monotonic() + 60, "status": 0.0}
+        due = {"resources": 0.0, "expire": time.monotonic() + 60, "status": 0.0,
+               "drift": time.monotonic() + s.drift.sample_interval_s}
         with self.liveness.watch("commits", s.flush_interval_s) as commits:
             while not self._stopping.wait(s.flush_interval_s):
                 now = time.monotonic()
                 if now >= due["resources"]:
                     due["resources"] = now + s.resource_interval_s
-                    self._queue(self.monitor.sample(self.outbox.stats.bytes, self.outbox.stats.records))
+                    self._resources = self.monitor.sample(self.outbox.stats.bytes, self.outbox.stats.records)
+                    self._queue(self._resources)
+                if now >= due["drift"]:
+                    due["drift"] = now + s.drift.sample_interval_s
+                    if (drift := self.drift.sample()) is not None:
+                        self._queue(drift)
                 if now >= due["expire"]:
                     due["expire"] = now + 60
                     self.outbox.expire()
@@ -107,6 +126,7 @@ class TelemetryService:
                     due["status"] = now + s.status_interval_s
                     self.link.publish(topics.status(self._device, SERVICE), encode(self._status(ServiceState.ONLINE)),
                                       qos=1, retain=True, content_type=WireFormat.JSON.content_type)
+                    self._status_at = time.time()
                 commits.tick(s.flush_interval_s)  # the wait above is announced: idle is alive
         self._flush()
         self.monitor.stop()
@@ -175,7 +195,12 @@ class TelemetryService:
             self._fallback_alert = None
             self._alert(ended)
 
+    def _open_alerts(self) -> list[AlertType]:
+        fallback = [AlertType.PROVIDER_FALLBACK] if self._fallback_alert is not None else []
+        return self.drift.open_types() + fallback
+
     def _alert(self, alert: Alert) -> None:
+        self.alert_counts.count(alert)
         log.warning("alert", extra=fields(type=alert.type.value, state=alert.state.value, value=alert.value,
                                           threshold=alert.threshold, id=alert.alert_id))
         self.link.publish(topics.alerts(self._device), encode(alert), qos=1, content_type=WireFormat.JSON.content_type)
@@ -191,7 +216,7 @@ class TelemetryService:
         stats = TelemetryStats(
             queue_records=o.records, queue_bytes=o.bytes, next_seq=o.next_seq, dropped=dict(o.dropped),
             batches_sent=f.sent_batches.value, batches_resent=f.resent_batches.value,
-            records_acknowledged=f.acked_records.value, open_alerts=sorted(a.value for a in self.drift.open),
+            records_acknowledged=f.acked_records.value, open_alerts=sorted(a.value for a in self.drift.open_types()),
             outbox_repaired=o.repaired, epoch=self.outbox.epoch, records_refused=o.refused,
             batches_dead_lettered=f.dead_lettered_batches.value, docker_errors=self.monitor.docker_errors,
         )

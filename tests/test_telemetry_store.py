@@ -1,0 +1,99 @@
+"""The telemetry store's identity, on real processes and real S3 servers: a device keeps its outbox while
+the fleet's store starts afresh (a second `./scripts/run.sh` did this), and `edgefleet telemetry audit`
+of the new store tells the records an earlier store acknowledged (sent before this store existed) from
+records missing with no explanation, and from records this store acknowledged and lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+from edgefleet.audit import store_of
+from services.cloud_ingest import store_marker
+from shared import lake, s3
+from shared.config import IngestSettings, load
+from tests.support import ServiceProcess, wait_until
+from tests.uplink import BUCKET
+
+SLOW = {"resource_interval_s": "0.05", "flush_interval_s": "0.05"}  # ~20 records a second
+
+
+def _audit_cli(uplink, *args: str) -> subprocess.CompletedProcess:
+    """`edgefleet telemetry audit` as an operator runs it, against the rig's current store."""
+    env = {**os.environ, **uplink.s3_server.env(), "EDGEFLEET_TELEMETRY_BUCKET": BUCKET, "COLUMNS": "250"}
+    return subprocess.run([sys.executable, "-m", "edgefleet", "telemetry", "audit", *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_fresh_store_shows_what_an_earlier_store_acknowledged_as_sent_before_it_existed(uplink):
+    ingest = uplink.start_ingest()
+    telemetry = uplink.start_telemetry(**SLOW)
+    wait_until(lambda: uplink.audit().received > 20, 60, "records in the first store")
+    assert ingest.terminate() == 0  # the fleet goes away; the device keeps its outbox and keeps recording
+    first_store, first = store_of(uplink.store, BUCKET), uplink.audit()
+    assert first.missing == [] and first.lost == [] and first.before_store == []
+    # Every batch the first store holds was acknowledged, and the device keeps that it was.
+    assert uplink.outbox_acknowledged() == [(first_store.store, 1, first.highest_seq)]
+
+    uplink.new_store()  # the fleet comes back with an empty store
+    ingest = uplink.start_ingest()
+    wait_until(lambda: uplink.audit().received > 20, 60, "records in the new store")
+    assert telemetry.terminate() == 0
+    assert ingest.terminate() == 0
+    second_store, second = store_of(uplink.store, BUCKET), uplink.audit()
+    assert second_store is not None and second_store.store != first_store.store
+    assert second.before_store == [(1, first.highest_seq)], "sent before this store existed"
+    assert second.missing == [] and second.lost == [] and second.duplicates == 0
+
+    # The operator's command says the same, in words and in JSON.
+    table = _audit_cli(uplink)
+    assert table.returncode == 0, table.stderr
+    assert "sent before this store existed" in table.stdout and f"1-{first.highest_seq}" in table.stdout
+    row = json.loads(_audit_cli(uplink, "--json").stdout.splitlines()[0])
+    assert row["store"] == second_store.store and row["before_store_count"] == first.highest_seq
+    assert row["missing_count"] == 0 and row["lost_count"] == 0
+
+    # A batch this store acknowledged and no longer holds is lost, which is not the same as the above;
+    # even its first batch, whose index was the first to say what the earlier store acknowledged.
+    first_batch = min(_indexes(uplink), key=lambda i: i.seqs[0])
+    assert first_batch.seqs[0] == first.highest_seq + 1
+    uplink.store.delete_object(Bucket=BUCKET, Key=lake.index_key(first_batch.device, first_batch.batch_id))
+    damaged = uplink.audit()
+    assert damaged.lost == [(first_batch.seqs[0], first_batch.seqs[-1])] and damaged.missing == []
+    assert damaged.before_store == [(1, first.highest_seq)]
+
+
+def _indexes(uplink) -> list[lake.BatchIndex]:
+    return [lake.BatchIndex.model_validate_json(uplink.store.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+            for key in uplink.objects(f"{lake.BATCHES}/")]
+
+
+def test_replicas_starting_together_on_an_empty_bucket_agree_on_one_store_id(s3_server):
+    client = s3.client(s3_server.settings())
+    s3.ensure_bucket(client, BUCKET)
+    claimed: list[lake.StoreMarker] = []
+    threads = [threading.Thread(target=lambda: claimed.append(store_marker.claim(client, BUCKET))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(claimed) == 4 and len({m.store for m in claimed}) == 1
+    assert store_of(client, BUCKET) == claimed[0]
+    assert store_marker.claim(client, BUCKET) == claimed[0]  # a later start reads it, never makes another
+
+
+def test_ingest_refuses_to_start_on_a_store_marker_it_cannot_read_and_leaves_it_as_it_is(s3_server, tmp_path):
+    client = s3.client(s3_server.settings())
+    s3.ensure_bucket(client, BUCKET)
+    client.put_object(Bucket=BUCKET, Key=lake.STORE_MARKER, Body=b"{not a marker")
+    settings = load(IngestSettings, None, **{**s3_server.settings().model_dump(exclude_unset=True),
+                                              "telemetry_bucket": BUCKET, "mqtt_url": "mqtt://127.0.0.1:1",
+                                              "device_id": "ingest-x"})
+    ingest = ServiceProcess(settings, tmp_path / "ingest.log", "cloud-ingest")
+    assert ingest.proc.wait(60) == 3, ingest.log()
+    assert "cannot start" in ingest.log() and lake.STORE_MARKER in ingest.log()
+    kept = client.get_object(Bucket=BUCKET, Key=lake.STORE_MARKER)["Body"].read()
+    assert kept == b"{not a marker", "the marker is evidence: never overwritten"

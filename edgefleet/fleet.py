@@ -5,14 +5,20 @@
     devices: each with its own broker (bridged to the fleet broker over TLS with its certificate),
              sync, inference, telemetry and a camera simulator
 
-The certificates (var/fleet/certs) and the operator key (var/keys) are made on first use. The table
-shows every device: the model it serves, predictions per second, its last label, sync state, outbox
-depth and open alerts. A model published and rolled out from another terminal (the title shows the
-settings) arrives live. Ctrl-C stops everything."""
+The certificates (var/fleet/certs) and the operator key (var/keys) are made on first use. The S3 store
+lives in memory, so every run starts it empty; the devices start fresh with it (their outboxes, model
+and plugin stores and broker state are cleared) and its registry is seeded with the model they serve,
+signed with the operator key. The table shows every device: the model it serves, predictions per second,
+its last label, sync state, outbox depth and open alerts. The operator's settings are written to
+var/fleet/operator.env for another terminal (`source var/fleet/operator.env`), where a model published
+and rolled out arrives live. Ctrl-C stops everything."""
 
 from __future__ import annotations
 
 import collections
+import shlex
+import shutil
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,17 +30,39 @@ from edgefleet.broker import Broker
 from edgefleet.brokerconf import bridge, cloud_listener
 from edgefleet.certs import CRL, issue, new_ca, write_crl
 from edgefleet.liveview import Rate, View, decoded, listen, show_live, stop_on_signals, table
+from edgefleet.ports import free_port
+from edgefleet.publish import Published, publish
 from edgefleet.s3server import S3Server
 from edgefleet.spawner import Spawner, keys_of
 from edgefleet.stack import start_device
-from shared import topics
-from shared.config import DEFAULT_KEY_DIR, IngestSettings, TelemetrySettings, environment, load
+from shared import s3, topics
+from shared.atomic import write_atomic
+from shared.config import (
+    DEFAULT_KEY_DIR,
+    DEFAULT_MODEL_DIR,
+    ENV_PREFIX,
+    ConsoleSettings,
+    IngestSettings,
+    StoreSettings,
+    TelemetrySettings,
+    TelemetryStoreSettings,
+    environment,
+    flat_values,
+    load,
+)
+from shared.manifest import load_verified
 from shared.mqtt import MqttLink
 from shared.registry import new_key_pair
 from shared.schemas import Alert, AlertState, Prediction, ServiceStatus, SyncReport
 
 FLEET_DIR = Path("var/fleet")
+OPERATOR_ENV = "operator.env"
+# The README's first rollout (the section "First rollout"), shown under the title.
+INT8_MODEL_DIR = DEFAULT_MODEL_DIR.with_name(f"{DEFAULT_MODEL_DIR.name}-int8-static-minmax")
 INGEST_REPLICA = "cloud-ingest-0"
+# The fleet console's certificate (its block in deploy/mosquitto/cloud.acl) and the port it takes where
+# free, so the address to open is the same from run to run.
+CONSOLE_CERT, CONSOLE_PORT = "console", 8080
 DEVICE_COLUMNS = ("device", "model", "pred/s", "last label", "sync", "outbox", "alerts")
 
 
@@ -110,17 +138,81 @@ def _pki(folder: Path, devices: list[str]) -> Path:
     if not (certs / CRL).exists():  # a CA made before the fleet broker checked revocations
         write_crl(certs, {})
     # One certificate per cloud_ingest replica: the fleet broker takes its common name as the client id.
-    clients = (INGEST_REPLICA, "operator", *devices)
+    clients = (INGEST_REPLICA, "operator", CONSOLE_CERT, *devices)
     for name, server in (("cloud-broker", True), *((c, False) for c in clients)):
         if not (certs / f"{name}.crt").exists():
             issue(certs, name, server=server)
     return certs
 
 
+def _start_console(spawner: Spawner, store: StoreSettings, cloud_url: str, certs: Path) -> str:
+    """Starts `edgefleet console` on the fleet broker (its own certificate) and the S3 telemetry; returns the
+    page's address. The port: EDGEFLEET_CONSOLE_PORT where set (not 0), else CONSOLE_PORT where free, else a free
+    one."""
+    settings = load(ConsoleSettings, None, **{**keys_of(store), "mqtt_url": cloud_url, "device_id": "console"},
+                    log_format="json", mqtt_ca_file=certs / "ca.crt", mqtt_cert_file=certs / f"{CONSOLE_CERT}.crt",
+                    mqtt_key_file=certs / f"{CONSOLE_CERT}.key")
+    if "port" in settings.console.model_fields_set and settings.console.port:
+        port = settings.console.port  # asked for: the console takes it or refuses to start, saying why
+    else:
+        port = CONSOLE_PORT if _free(settings.console.host, CONSOLE_PORT) else free_port()
+    spawner.start("console", "console", settings.model_copy(
+        update={"console": settings.console.model_copy(update={"port": port})}))
+    host = "127.0.0.1" if settings.console.host in ("0.0.0.0", "") else settings.console.host  # noqa: S104
+    return f"http://{host}:{port}/"
+
+
+def _free(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _fresh_devices(folder: Path, devices: list[str]) -> None:
+    """Clears each device's state (outbox, model and plugin stores, broker persistence: all of
+    <folder>/<device>/), so the devices start as fresh as the in-memory S3 store: an outbox kept from an
+    earlier run would hold records its store never saw. Certificates and logs live elsewhere and stay."""
+    for device in devices:
+        shutil.rmtree(folder / device, ignore_errors=True)
+
+
+def _seed_registry(settings: StoreSettings) -> Published:
+    """Publishes the model the devices serve (their seed, as the version its manifest says), signed with
+    the operator key, so the registry holds what the fleet runs and the next publish takes the next version.
+
+    :raises PublishRefused, ModelError: the seed model is not publishable (see edgefleet.publish.publish).
+    """
+    manifest, _ = load_verified(DEFAULT_MODEL_DIR)
+    return publish(s3.client(settings), settings.registry_bucket, DEFAULT_MODEL_DIR, DEFAULT_KEY_DIR / "operator.key",
+                   version=manifest.version)
+
+
+def write_operator_env(path: Path, settings: StoreSettings, keys_dir: Path) -> dict[str, str]:
+    """Writes the operator's environment for this fleet as `export K=V` lines (shell-quoted), mode 0600
+    (it holds the S3 secret): the fleet broker and the operator's certificate, the S3 store and its
+    buckets, and the keys a rollout's signature is checked against.
+
+    :returns: the variables written.
+    """
+    env = environment(settings) | {f"{ENV_PREFIX}{name.upper()}": str(value)
+                                   for name, value in flat_values(settings).items() if name.endswith("_bucket")}
+    env[f"{ENV_PREFIX}TRUSTED_KEYS_DIR"] = str(keys_dir.resolve())
+    text = "# edgefleet fleet: the operator's settings for this run (`source` this file in another terminal)\n"
+    write_atomic(path, (text + "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items()))).encode())
+    path.chmod(0o600)
+    return env
+
+
 def run(devices: int = 2, rate_hz: float = 2.0, duration_s: float | None = None, folder: Path = FLEET_DIR) -> int:
     console = Console()
     ids = [f"device-{i + 1}" for i in range(devices)]
     folder.mkdir(parents=True, exist_ok=True)
+    _fresh_devices(folder, ids)
+    console.print(f"devices start fresh with the in-memory S3 store: outboxes, model stores, broker state cleared "
+                  f"in {folder}/ (certificates, logs kept)", highlight=False)
     certs = _pki(folder, ids).resolve()
     if not (DEFAULT_KEY_DIR / "operator.key").exists():
         new_key_pair(DEFAULT_KEY_DIR)
@@ -133,11 +225,13 @@ def run(devices: int = 2, rate_hz: float = 2.0, duration_s: float | None = None,
         cloud = Broker(security=cloud_listener(certs)).start()
         store = S3Server().start()
         servers += [cloud, store]
+        seeded = _seed_registry(store.settings())
         cloud_url = f"mqtts://127.0.0.1:{cloud.port}"
         spawner.start("cloud-ingest", "cloud-ingest", load(
             IngestSettings, None, **{**keys_of(store.settings()), "mqtt_url": cloud_url, "device_id": "cloud-ingest"},
             log_format="json", mqtt_ca_file=certs / "ca.crt", mqtt_cert_file=certs / f"{INGEST_REPLICA}.crt",
             mqtt_key_file=certs / f"{INGEST_REPLICA}.key"))
+        console_url = _start_console(spawner, store.settings(), cloud_url, certs)
         view = FleetView(console)
         for device in ids:
             (folder / device / "broker").mkdir(parents=True, exist_ok=True)
@@ -153,14 +247,17 @@ def run(devices: int = 2, rate_hz: float = 2.0, duration_s: float | None = None,
                                                      (topics.status(device, "telemetry"), view.on_status, 1),
                                                      (topics.sync_state(device), view.on_sync, 1),
                                                      (topics.alerts(device), view.on_alert, 1)]))
-        operator = " ".join(f"{k}={v}" for k, v in environment(store.settings(
-            mqtt_url=cloud_url, mqtt_ca_file=certs / "ca.crt", mqtt_cert_file=certs / "operator.crt",
-            mqtt_key_file=certs / "operator.key")).items())
-        title = (f"edgefleet fleet · {devices} devices · fleet broker {cloud_url} · S3 {store.url} · logs in {logs}/ · "
-                 "Ctrl-C stops\n"
-                 f"roll out from another terminal: {operator} edgefleet model publish DIR && "
-                 f"{operator} edgefleet rollout start NAME VERSION")
+        env_file = folder / OPERATOR_ENV
+        write_operator_env(env_file, load(
+            TelemetryStoreSettings, None, **keys_of(store.settings()), mqtt_url=cloud_url, device_id="operator",
+            mqtt_ca_file=certs / "ca.crt", mqtt_cert_file=certs / "operator.crt", mqtt_key_file=certs / "operator.key"),
+            DEFAULT_KEY_DIR)
+        title = (f"edgefleet fleet · {devices} devices serving {seeded.name} v{seeded.version} (in the registry) · "
+                 f"fleet broker {cloud_url} · S3 {store.url} · logs in {logs}/ · Ctrl-C stops\n"
+                 f"operator shell: source {env_file} · then: edgefleet model publish {INT8_MODEL_DIR} --name "
+                 f"{seeded.name} · edgefleet rollout start {seeded.name} {seeded.version + 1} --canary-devices 1")
         console.print(title, highlight=False, soft_wrap=True)  # also where no live table shows: pipes, logs
+        console.print(f"console: {console_url}", highlight=False, soft_wrap=True)
         show_live(console, lambda: view.render(title), spawner, stop, duration_s)
         console.print(f"\nstopped; {view.total()} predictions shown")
         return 0 if view.total() else 1

@@ -15,11 +15,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edgefleet.errors import ToolError
+from services.sync import membership
 from shared import registry, topics
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import CommonSettings
 from shared.mqtt import Handler, MqttLink, content_type_of
-from shared.schemas import PluginRollout, Rollout, RolloutPhase, RolloutTarget, ServiceStatus, SyncReport
+from shared.schemas import (
+    PluginRollout,
+    Rollout,
+    RolloutPhase,
+    RolloutTarget,
+    ServiceState,
+    ServiceStatus,
+    SyncReport,
+)
 
 if TYPE_CHECKING:
     from paho.mqtt.client import MQTTMessage
@@ -61,6 +70,11 @@ def publish(settings: CommonSettings, rollout: AnyRollout) -> None:
         link.stop()
 
 
+def new_rollout_id(model: str, version: int) -> str:
+    """A rollout's default id: model, version and a random suffix (a new canary draw every time)."""
+    return f"{model}-v{version}-{uuid.uuid4().hex[:6]}"
+
+
 def start(settings: CommonSettings, model: str, version: int, target: RolloutTarget, allow_downgrade: bool = False,
           rollout_id: str | None = None, plugin: bool = False) -> AnyRollout:
     """Publishes a new rollout, retained: of a model, or (plugin=True) of the plugin named `model`.
@@ -74,13 +88,74 @@ def start(settings: CommonSettings, model: str, version: int, target: RolloutTar
     registry.check_name(model)
     registry.check_version(version)
     fields = {
-        "rollout_id": rollout_id or f"{model}-v{version}-{uuid.uuid4().hex[:6]}", "version": version,
-        "phase": RolloutPhase.CANARY if target.share < 1 else RolloutPhase.PROMOTED, "target": target,
+        "rollout_id": rollout_id or new_rollout_id(model, version), "version": version,
+        "phase": RolloutPhase.CANARY if target.share < 1 or target.canary_devices else RolloutPhase.PROMOTED,
+        "target": target,
         "allow_downgrade": allow_downgrade, "issued_at": time.time(),
     }
     rollout = PluginRollout(plugin=model, **fields) if plugin else Rollout(model=model, **fields)
     publish(settings, rollout)
     return rollout
+
+
+class CanaryRefused(ToolError, ValueError):
+    """A canary that cannot be what the operator asked for: more devices than the fleet has, or named
+    devices where the CLI cannot know which devices the target holds."""
+
+
+@dataclass(frozen=True)
+class CanaryPlan:
+    """Who installs a rollout first, as the operator sees it before it starts.
+
+    target: the rollout's target, its canary_devices filled in where the CLI chose them.
+    line: one line for the operator, e.g. "canary: 1 of 2 devices (device-1)".
+    """
+
+    target: RolloutTarget
+    line: str
+
+
+def plan_canary(rollout_id: str, target: RolloutTarget, known: list[str], count: int | None = None) -> CanaryPlan:
+    """Names the canary's devices (pure: no I/O), so a small fleet gets an exact count: `count` devices,
+    or the target's share of them rounded up (at least one). They are ranked by the devices' own hash
+    (services.sync.membership.position), so a share names the devices it would have drawn anyway.
+
+    :param rollout_id: the rollout's id (the hash's other half).
+    :param target: what the operator asked for: devices or groups, and a share (1: everybody at once).
+    :param known: the fleet's devices the CLI knows (online, with a fresh retained sync status).
+    :param count: --canary-devices: exactly this many devices go first.
+    :returns: the target with canary_devices set where the devices could be named, and the plan's line.
+    :raises CanaryRefused: `count` with groups (a device's groups are its own setting: the CLI cannot
+        name their members) or with more devices than the target holds.
+    """
+    candidates = list(target.devices) or ([] if target.groups else known)
+    whole = f"group {', '.join(target.groups)}" if target.groups else f"{len(candidates)} devices"
+    if count is None and target.share >= 1:
+        return CanaryPlan(target, f"no canary: all of {whole if candidates or target.groups else 'the devices'}")
+    if count is not None and target.groups:
+        raise CanaryRefused("--canary-devices names devices, and which devices a group holds is each device's own "
+                            "setting: use --canary PERCENT with --group, or --devices a,b with --canary-devices")
+    if not candidates:
+        if count is not None:
+            raise CanaryRefused("no device has a fresh online status on the fleet broker, so none can be named: "
+                                "start the devices first, or list them with --devices")
+        where = whole if target.groups else "the devices (none has a fresh status on the fleet broker yet)"
+        return CanaryPlan(target, f"canary: {target.share:.0%} of {where}, each device deciding by itself")
+    if count is not None and count > len(candidates):
+        raise CanaryRefused(f"--canary-devices {count}: the target holds only {len(candidates)} devices "
+                            f"({', '.join(sorted(candidates))})")
+    size = count if count is not None else membership.canary_size(target.share, len(candidates))
+    chosen = membership.ranked(rollout_id, candidates)[:size]
+    share = size / len(candidates) if count is not None else target.share
+    named = target.model_copy(update={"canary_devices": chosen, "share": share})
+    return CanaryPlan(named, f"canary: {size} of {len(candidates)} devices ({', '.join(chosen)})")
+
+
+def known_devices(settings: CommonSettings, wait_s: float = 2.0) -> list[str]:
+    """The devices a canary may name: those whose retained sync status on the fleet broker says online
+    and is fresh (not stale: a device that stopped without its last will is no canary)."""
+    return [r.device for r in rows(settings, wait_s)
+            if r.status is not None and r.status.state is ServiceState.ONLINE and not r.stale]
 
 
 def current(settings: CommonSettings, wait_s: float = 2.0, plugin: str | None = None) -> AnyRollout:

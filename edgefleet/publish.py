@@ -7,9 +7,10 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -24,6 +25,8 @@ from shared.s3 import ensure_bucket
 
 if TYPE_CHECKING:  # boto3-stubs, a dev dependency
     from mypy_boto3_s3 import S3Client
+
+M = TypeVar("M", ModelManifest, PluginManifest)
 
 _OBJECT_KEY = re.compile(r"(?P<version>[1-9][0-9]{0,8})/(?P<object>[^/]+)")
 # One PUT is how an object is created conditionally; S3 caps a single PUT at 5 GiB, far above an edge model.
@@ -64,8 +67,63 @@ def _objects(s3: S3Client, bucket: str, name: str, root: str = registry.ROOT) ->
     return found
 
 
+# Told (object key, bytes sent so far, bytes in all) as an artifact uploads: a progress bar's feed.
+Progress = Callable[[str, int, int], None]
+
+
+class _Reported:
+    """The artifact as botocore reads it, telling `progress` how far the furthest read got while it is
+    being sent. botocore also reads it whole for a checksum and a signature before sending: like
+    s3transfer's ReadFileChunk, it counts only while _watch_sends's handlers say it is being sent, and
+    a retry that rereads from the start is not counted twice."""
+
+    def __init__(self, file: BinaryIO, key: str, total: int, progress: Progress) -> None:
+        self._file, self._key, self._total, self._progress = file, key, total, progress
+        self._furthest = 0
+        self._sending = False
+
+    def signal_transferring(self) -> None:
+        self._sending = True
+
+    def signal_not_transferring(self) -> None:
+        self._sending = False
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._file.read(size)
+        if self._sending and (at := self._file.tell()) > self._furthest:
+            self._furthest = at
+            self._progress(self._key, at, self._total)
+        return data
+
+    def done(self) -> None:
+        """Reports the whole artifact sent (where botocore wrapped the body, no read was counted)."""
+        self._progress(self._key, self._total, self._total)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+
+def _body_sending(sending: bool) -> Callable[..., None]:
+    def handler(request: Any, **_: Any) -> None:
+        signal = "signal_transferring" if sending else "signal_not_transferring"
+        if hasattr(request.body, signal):
+            getattr(request.body, signal)()
+    return handler
+
+
+def _watch_sends(s3: S3Client) -> None:
+    """Marks a _Reported body as being sent from botocore's before-send event on, after the checksum and
+    signing passes (and off again when a retry creates the request anew); registered once per client."""
+    events = s3.meta.events
+    events.register_first("request-created.s3.PutObject", _body_sending(False), unique_id="edgefleet-publish-off")
+    events.register_last("before-send.s3.PutObject", _body_sending(True), unique_id="edgefleet-publish-on")
+
+
 def publish(s3: S3Client, bucket: str, model_dir: Path, private_key_path: Path, name: str | None = None,
-            version: int | None = None) -> Published:
+            version: int | None = None, progress: Progress | None = None) -> Published:
     """Signs a built model (or a cascade) and writes it as a new version: artifact, manifest, then signature.
 
     Every write is conditional (If-None-Match: *), so nothing that exists is ever overwritten: not a
@@ -83,6 +141,7 @@ def publish(s3: S3Client, bucket: str, model_dir: Path, private_key_path: Path, 
         private_key_path: the operator's Ed25519 signing key.
         name: the registry name (default: the manifest's); members keep the names their pins give.
         version: default one past every version that has any object.
+        progress: told (key, bytes sent, bytes in all) as each artifact uploads.
 
     Returns:
         What was published, with the members this call published (none already in the registry).
@@ -101,14 +160,14 @@ def publish(s3: S3Client, bucket: str, model_dir: Path, private_key_path: Path, 
     members = _members_to_publish(s3, bucket, model_dir, manifest) if is_cascade(manifest) else []
     if members:
         _new_version(s3, bucket, name or manifest.name, version)  # a taken cascade version: refused before any write
-    published_members = tuple(_publish_one(s3, bucket, model_dir / pin.folder, private_key, pin.name, pin.version)
-                              for pin in members)
-    published = _publish_one(s3, bucket, model_dir, private_key, name, version)
+    published_members = tuple(_publish_one(s3, bucket, model_dir / pin.folder, private_key, pin.name, pin.version,
+                                            progress) for pin in members)
+    published = _publish_one(s3, bucket, model_dir, private_key, name, version, progress)
     return replace(published, members=published_members)
 
 
 def _publish_one(s3: S3Client, bucket: str, model_dir: Path, private_key: Ed25519PrivateKey, name: str | None,
-                 version: int | None) -> Published:
+                 version: int | None, progress: Progress | None = None) -> Published:
     """Writes one model folder as a new version: artifact, manifest, then the signature.
 
     :raises PublishRefused: the version is taken or not above the latest, an object is already there,
@@ -127,8 +186,15 @@ def _publish_one(s3: S3Client, bucket: str, model_dir: Path, private_key: Ed2551
     signature = registry.sign(document, private_key)
     # Artifact, then manifest, then the signature that makes the version visible: a publish that dies
     # half-way leaves an incomplete version that nobody lists or installs.
+    artifact_key = registry.key(name, version, manifest.file)
     with model_path.open("rb") as artifact:
-        _create(s3, bucket, registry.key(name, version, manifest.file), artifact, "application/octet-stream")
+        if progress is None:
+            _create(s3, bucket, artifact_key, artifact, "application/octet-stream")
+        else:
+            _watch_sends(s3)
+            reported = _Reported(artifact, artifact_key, model_path.stat().st_size, progress)
+            _create(s3, bucket, artifact_key, reported, "application/octet-stream")
+            reported.done()
     _create(s3, bucket, registry.key(name, version, registry.MANIFEST_OBJECT), document, "application/json")
     _create(s3, bucket, registry.key(name, version, registry.SIGNATURE_OBJECT), signature, "application/json")
     return Published(name, version, published.sha256, registry.key_id(private_key.public_key()),
@@ -154,9 +220,11 @@ def _new_version(s3: S3Client, bucket: str, name: str, version: int | None, root
     latest = existing[-1] if existing else 0
     # Past any version that has objects, signed or not: an unsigned one is a half-finished or racing
     # publish whose objects are never overwritten, so its number is spent.
-    version = version if version is not None else max((v for v, _ in found), default=0) + 1
+    free = max((v for v, _ in found), default=0) + 1
+    version = version if version is not None else free
     if version in existing:
-        raise PublishRefused(f"{name} v{version} is already published; a published version never changes")
+        raise PublishRefused(f"{name} v{version} is already published; a published version never changes "
+                             f"(the next free version is v{free}: publish without --version to take it)")
     if version <= latest:
         raise PublishRefused(
             f"{name} v{version} is older than the registry's latest, v{latest}: versions only go up "
@@ -227,7 +295,7 @@ def _create(s3: S3Client, bucket: str, key: str, body: Any, content_type: str) -
 
 
 class NotPublished(ToolError, LookupError):
-    """A plugin version the registry does not hold, complete and signed by a trusted key."""
+    """A model or plugin version the registry does not hold, complete and signed by a trusted key."""
 
 
 @dataclass(frozen=True)
@@ -358,7 +426,7 @@ def trusted_keys(folder: Path) -> dict[str, Ed25519PublicKey]:
     """
     keys = registry.load_public_keys(folder)
     if not keys:
-        raise NotPublished(f"no operator public key (*.pub) in {folder} to check the plugin's signature against")
+        raise NotPublished(f"no operator public key (*.pub) in {folder} to check the signature against")
     return keys
 
 
@@ -374,21 +442,42 @@ def signed_plugin(s3: S3Client, bucket: str, name: str, version: int,
     :raises ValueError: an invalid name or version.
     :raises ClientError, BotoCoreError: the registry unreachable or refusing (other than a missing object).
     """
+    return _signed(s3, bucket, name, version, trusted, registry.verify_plugin)
+
+
+def signed_model(s3: S3Client, bucket: str, name: str, version: int,
+                 trusted: dict[str, Ed25519PublicKey]) -> ModelManifest:
+    """A model version's manifest, if the registry holds it signed by a trusted key (as signed_plugin():
+    what a model's rollout may name; every device would otherwise fail it with the same reason).
+
+    :raises NotPublished, ValueError, ClientError, BotoCoreError: as signed_plugin().
+    """
+    return _signed(s3, bucket, name, version, trusted, registry.verify)
+
+
+def _signed(s3: S3Client, bucket: str, name: str, version: int, trusted: dict[str, Ed25519PublicKey],
+            verify: Callable[[bytes, bytes, dict[str, Ed25519PublicKey]], M]) -> M:
+    plugin = verify is registry.verify_plugin
     registry.check_name(name)
     registry.check_version(version)
-    keys = [registry.plugin_key(name, version, obj) for obj in (registry.MANIFEST_OBJECT, registry.SIGNATURE_OBJECT)]
+    key_of = registry.plugin_key if plugin else registry.key
+    keys = [key_of(name, version, obj) for obj in (registry.MANIFEST_OBJECT, registry.SIGNATURE_OBJECT)]
     try:
         document = registry.read_bounded(s3, bucket, keys[0], registry.MAX_MANIFEST_BYTES)
         signature = registry.read_bounded(s3, bucket, keys[1], registry.MAX_SIGNATURE_BYTES)
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404", "NoSuchBucket"):
             raise
-        raise NotPublished(f"the registry (s3://{bucket}) holds no signed {name} v{version}: publish it with "
-                           "`edgefleet plugin publish` first") from None
+        held = versions(s3, bucket, name, registry.PLUGIN_ROOT if plugin else registry.ROOT) if exc.response.get(
+            "Error", {}).get("Code") != "NoSuchBucket" else []
+        raise NotPublished(
+            f"the registry (s3://{bucket}) holds no signed {name} v{version} "
+            f"({'it holds ' + ', '.join(f'v{v}' for v in held) if held else 'it holds no version of it'}): publish "
+            f"it with `edgefleet {'plugin' if plugin else 'model'} publish` first") from None
     except registry.ObjectTooLarge as exc:
         raise NotPublished(f"{name} v{version} in the registry is unusable: {exc}") from None
     try:
-        manifest = registry.verify_plugin(document, signature, trusted)
+        manifest = verify(document, signature, trusted)
     except ValueError as exc:  # SignatureError, pydantic's ValidationError
         raise NotPublished(f"{name} v{version} in the registry is not trusted: {str(exc).splitlines()[0]}") from None
     if (manifest.name, manifest.version) != (name, version):

@@ -322,7 +322,8 @@ def test_a_rollout_through_the_containerised_fleet_broker_reaches_the_device(sta
     stack.publish_v2()
     watch = Watch(stack, topics.predictions(DEVICE, CAMERA))
     try:
-        stack.edgefleet("rollout", "start", "efficientnet-lite0", "2", env=stack.operator_env())
+        stack.edgefleet("rollout", "start", "efficientnet-lite0", "2", "--trusted-keys", str(stack.var / "keys"),
+                        env={**stack.operator_env(), **stack.s3_env()})
         prediction = watch.prediction(timeout=240, where=lambda p: p.model.version == 2)
     finally:
         watch.close()

@@ -179,8 +179,11 @@ def _operator(fleet, *args):
     import subprocess
     import sys
 
+    # The registry and the keys too: `rollout start` refuses a version the registry does not hold signed.
+    env = {**os.environ, **fleet.s3_server.env(), "EDGEFLEET_TRUSTED_KEYS_DIR": str(fleet.keys.public.parent),
+           "COLUMNS": "200"}
     result = subprocess.run([sys.executable, "-m", "edgefleet", "rollout", *args, "--mqtt-url", fleet.broker.url],
-                            capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+                            capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 0, result.stderr
     return result
 

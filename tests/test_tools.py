@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -76,17 +78,37 @@ def test_the_main_job_shows_real_labels(tmp_path):
     assert any(label in result.stdout for label in ("tabby", "tiger cat", "Egyptian cat", "espresso"))
 
 
-def test_the_whole_fleet_runs_locally_takes_a_rollout_and_its_telemetry_reaches_the_cloud(model_dir, tmp_path):
-    """The main job as a user runs it: the fleet live, then a model published and rolled out from
-    another terminal with the settings the fleet prints, until every device serves it."""
-    import re
+def _first_rollout() -> list[list[str]]:
+    """The README's first-rollout walk-through, one argument list per command (comments dropped)."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("### First rollout", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(line, comments=True) for line in block.splitlines()]
+    return [command for command in commands if command]
 
-    from edgefleet.models.install import resave
 
-    resave(model_dir, tmp_path / "v2", "rebuilt", version=2)
+def _judged(row: dict | None) -> dict | None:
+    """A device's status row once its canary has a verdict: passed (active) or rolled back."""
+    if row is None:
+        return None
+    passed = row["state"] == "active" and (row["reason"] or "").startswith("canary passed")
+    return row if passed or row["state"] == "rolled_back" else None
+
+
+def _operator_env(path: Path) -> dict[str, str]:
+    """What `source operator.env` gives a shell: every `export K=V` line, unquoted as the shell would."""
+    pairs = [shlex.split(line.removeprefix("export "), comments=True) for line in path.read_text().splitlines()]
+    return dict(pair[0].split("=", 1) for pair in pairs if pair)
+
+
+def test_the_first_rollout_by_the_readme_reaches_the_fleet_and_its_telemetry_reaches_the_cloud(model_dir, tmp_path):
+    """The main job as a newcomer runs it: the fleet live (`./scripts/run.sh`), then the README's
+    first-rollout commands typed in another terminal, in order: the env file sourced, the INT8 model built
+    and published (as v2: the fleet's registry holds the v1 its devices serve), a one-device canary that
+    shows its plan and stays on one device, then promoted to both."""
+    folder = tmp_path / "fleet"
     log = (tmp_path / "fleet.out").open("w+")
-    fleet = subprocess.Popen([sys.executable, "-m", "edgefleet", "fleet", "--duration", "240", "--devices", "2",
-                              "--folder", str(tmp_path / "fleet")],
+    fleet = subprocess.Popen([sys.executable, "-m", "edgefleet", "fleet", "--duration", "300", "--devices", "2",
+                              "--folder", str(folder)],
                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "160"})
     try:
         def output() -> str:
@@ -106,20 +128,74 @@ def test_the_whole_fleet_runs_locally_takes_a_rollout_and_its_telemetry_reaches_
             last = next((line for line in reversed(output().splitlines()) if line.startswith(f"{device} ")), "")
             return last.endswith(f"(model v{version})")
 
-        settings = until(lambda: re.search(r"roll out from another terminal: (.*?) edgefleet model publish", output()),
-                         120, "the fleet to print its operator settings").group(1)
-        operator = dict(pair.split("=", 1) for pair in settings.split())
+        def states() -> dict[str, dict]:
+            status = _edgefleet("rollout", "status", "--json", env=operator)
+            assert status.returncode == 0, status.stderr
+            return {row["device"]: row for row in map(json.loads, status.stdout.splitlines())}
+
+        env_file = folder / "operator.env"
+        until(lambda: f"operator shell: source {env_file}" in output(), 120, "the fleet to print its env file")
+        assert "edgefleet model publish var/models/efficientnet-lite0-int8-static-minmax" in output()
         # Positive evidence that the devices start on v1 (not merely the absence of v2 in the output).
         until(lambda: serving("device-1", 1) and serving("device-2", 1), 60, "both devices serving v1")
-        for model in (model_dir, tmp_path / "v2"):
-            assert _edgefleet("model", "publish", str(model), env=operator).returncode == 0
-        assert _edgefleet("rollout", "start", "efficientnet-lite0", "2", "--rollout-id", "main-job",
-                          env=operator).returncode == 0
-        until(lambda: serving("device-1", 2) and serving("device-2", 2), 120, "both devices serving v2")
-        status = _edgefleet("rollout", "status", "--json", env=operator)
-        states = [json.loads(line) for line in status.stdout.splitlines()]
-        assert {(s["device"], s["state"], s["serving"]["version"], s["stale"]) for s in states} >= {
-            ("device-1", "active", 2, False), ("device-2", "active", 2, False)}
+        operator: dict[str, str] = {}
+        verdict: dict | None = None
+        expected = 0
+        data, int8 = tmp_path / "data", tmp_path / "int8"
+        ran = []
+        for command in _first_rollout():
+            assert command[0] in ("source", "edgefleet"), command
+            ran.append(" ".join(command[:3]))
+            if command == ["source", ".venv/bin/activate"]:
+                assert (REPO / ".venv" / "bin" / "activate").exists()  # the test runs this venv's python
+            elif command[0] == "source":
+                assert command[1] == "var/fleet/operator.env", command
+                operator = _operator_env(env_file)
+            elif command[1:3] == ["model", "dataset"]:  # fewer held-out images (the default: 300), as many to calibrate
+                done = _edgefleet(*command[1:], "--out", str(data), "--eval-count", "48")
+                assert done.returncode == 0, done.stderr
+            elif command[1:3] == ["model", "quantize"]:
+                done = _edgefleet(*command[1:], "--eval", str(data / "eval"), "--calibration",
+                                  str(data / "calibration"), "--out", str(int8), timeout=300)
+                assert done.returncode == 0, done.stderr
+            elif command[1:3] == ["model", "publish"]:
+                assert command[3] == "var/models/efficientnet-lite0-int8-static-minmax", command
+                done = _edgefleet(*command[1:3], str(int8), *command[4:], env=operator)
+                assert done.returncode == 0, done.stderr
+                assert done.stdout.strip() == "2" and "published efficientnet-lite0 v2 " in done.stderr, done.stderr
+            elif command[1:3] == ["rollout", "start"]:
+                done = _edgefleet(*command[1:], env=operator)
+                assert done.returncode == 0, done.stderr
+                canary = re.search(r"canary: 1 of 2 devices \((device-\d)\)", done.stderr)
+                assert canary, done.stderr
+                first = canary.group(1)
+                other = ({"device-1", "device-2"} - {first}).pop()
+                until(lambda device=first: serving(device, 2), 120, "the canary device serving v2")
+                # The canary's verdict, either way the README says it can go: passed, or rolled back.
+                verdict = until(lambda device=first: _judged(states().get(device)), 120, "the canary's verdict")
+                assert states()[other]["state"] == "not_targeted" and serving(other, 1)
+            elif command[1:3] == ["rollout", "status"]:
+                table = _edgefleet(*command[1:], env=operator)
+                assert table.returncode == 0 and "device-1" in table.stdout and "device-2" in table.stdout
+                if not expected and verdict["state"] == "rolled_back":  # with its reason, for the operator
+                    assert verdict["reason"] and "rolled_back" in table.stdout, table.stdout
+            elif command[1:3] == ["rollout", "promote"]:
+                if verdict["state"] == "rolled_back":  # the README's "else: edgefleet rollout abort"
+                    assert _edgefleet("rollout", "abort", env=operator).returncode == 0
+                    expected = 1
+                else:
+                    assert _edgefleet(*command[1:], env=operator).returncode == 0
+                    expected = 2
+                until(lambda version=expected: serving("device-1", version) and serving("device-2", version), 120,
+                      f"both devices serving v{expected}")
+            else:
+                raise AssertionError(f"the README's first rollout has a command this test does not know: {command}")
+        assert ran[:3] == ["source .venv/bin/activate", "source var/fleet/operator.env", "edgefleet model dataset"]
+        assert {"edgefleet model publish", "edgefleet rollout start", "edgefleet rollout promote"} <= set(ran)
+        if expected == 2:
+            until(lambda: {(s["device"], s["state"], s["serving"]["version"], s["stale"]) for s in states().values()
+                           if s["serving"]} >= {("device-1", "active", 2, False), ("device-2", "active", 2, False)},
+                  60, "both devices' reports: active on v2")
         # A plugin rides the same fleet: published and rolled out with the operators' commands, over the
         # bridges, into each device's own plugin store.
         built = REPO / "var" / "plugin-builds"
@@ -140,6 +216,31 @@ def test_the_whole_fleet_runs_locally_takes_a_rollout_and_its_telemetry_reaches_
     finally:
         fleet.terminate()
         assert fleet.wait(60) == 0
+
+
+def test_a_second_fleet_run_starts_its_devices_fresh_with_its_empty_store(tmp_path):
+    """The store is in memory, so its devices' state from an earlier run is cleared at start (outboxes,
+    model and plugin stores, broker persistence), while certificates and logs are kept."""
+    folder = tmp_path / "fleet"
+    device = folder / "device-1"
+    leftovers = [device / "outbox.db", device / "outbox.db-wal",
+                 *(device / name / "from-an-earlier-run" for name in ("store", "store-plugins", "store-plugin-cache",
+                                                                      "broker"))]
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"from an earlier run")
+    (folder / "log").mkdir()
+    (folder / "log" / "earlier.log").write_text("kept")
+    done = _edgefleet("fleet", "--duration", "1", "--devices", "1", "--folder", str(folder), timeout=180,
+                      env={"COLUMNS": "160"})
+    assert "devices start fresh with the in-memory S3 store" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    assert [p for p in leftovers if p.exists() and p.read_bytes() == b"from an earlier run"] == []
+    assert (folder / "log" / "earlier.log").read_text() == "kept" and (folder / "certs" / "ca.crt").exists()
+    env = _operator_env(folder / "operator.env")
+    assert {"EDGEFLEET_MQTT_URL", "EDGEFLEET_MQTT_CA_FILE", "EDGEFLEET_MQTT_CERT_FILE", "EDGEFLEET_MQTT_KEY_FILE",
+            "EDGEFLEET_S3_ENDPOINT_URL", "EDGEFLEET_S3_ACCESS_KEY_ID", "EDGEFLEET_S3_SECRET_ACCESS_KEY",
+            "EDGEFLEET_REGISTRY_BUCKET", "EDGEFLEET_TRUSTED_KEYS_DIR"} <= env.keys()
+    assert oct((folder / "operator.env").stat().st_mode & 0o777) == "0o600"
 
 
 def _audited(operator: dict[str, str], devices: tuple[str, ...]) -> dict[str, dict] | None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from edgefleet.cli.common import BenchJson, ConfigFile, fail, load_settings, reported
+from edgefleet.progress import shown
 from shared.config import DEFAULT_KEY_DIR, DEFAULT_MODEL_DIR, StoreSettings, describe_keys
 from shared.errors import EdgefleetError
 
@@ -17,7 +16,9 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from edgefleet.models.distill import Training
+    from edgefleet.models.evaluate import Evaluation
     from edgefleet.models.prune import PruneReport
+    from edgefleet.models.quantize import Report as QuantizeReport
     from shared.manifest import ModelManifest
 
 app = typer.Typer(no_args_is_help=True, help="Build and manage models.")
@@ -48,10 +49,10 @@ def model_build(
     """Export EfficientNet-Lite0 (real ImageNet weights) to ONNX with a manifest; cached once built."""
     from edgefleet.models.build import build
 
-    with reported("model build", EdgefleetError):
-        manifest, built = build(out, force)
-    verb = "built" if built else "cached"
-    typer.echo(f"{verb} {manifest.name} v{manifest.version} sha256 {manifest.sha256[:16]}… in {out}", err=True)
+    with reported("model build", EdgefleetError), shown() as progress:
+        manifest, built = build(out, force, progress=progress)
+        progress.summary(f"{'built' if built else 'cached'} {manifest.name} v{manifest.version} → {out}: "
+                         f"{_mb(manifest.size_bytes)}, sha256 {manifest.sha256[:16]}…")
 
 
 @app.command("dataset")
@@ -63,9 +64,10 @@ def model_dataset(
     """Make the evaluation and calibration images from real photos (fixed seeds, disjoint sets)."""
     from edgefleet.models import dataset
 
-    index = dataset.make(out, eval_count, calibration_count)
-    counts = {split: len(v["images"]) for split, v in index["splits"].items()}
-    typer.echo(f"wrote {counts} images to {out}", err=True)
+    with shown() as progress:
+        index = dataset.make(out, eval_count, calibration_count, progress=progress)
+        counts = {split: len(v["images"]) for split, v in index["splits"].items()}
+        progress.summary(f"wrote {counts} images to {out}")
 
 
 @app.command("quantize")
@@ -89,15 +91,18 @@ def model_quantize(
     with reported("model quantize", ValueError, code=2):
         chosen = Mode(mode), Method(method), WeightType(weight_type)
     target = out or parent.with_name(derived_name(parent.name, chosen[0], chosen[1]))
-    with reported("model quantize", *MODEL_ERRORS):
-        manifest, report = quantize(
-            parent, target, chosen[0], eval_dir, calibration, chosen[1], chosen[2], gate, max_float_layers
-        )
-    typer.echo(
-        f"{manifest.name}: {manifest.size_bytes / 1e6:.1f} MB, {_gate_line(manifest)}; "
-        f"left in float: {report.left_in_float()}; {report.seconds:.0f} s -> {target}",
-        err=True,
-    )
+    with reported("model quantize", *MODEL_ERRORS), shown() as progress:
+        manifest, report = quantize(parent, target, chosen[0], eval_dir, calibration, chosen[1], chosen[2], gate,
+                                    max_float_layers, progress=progress)
+        _quantize_details(manifest, report)
+        progress.summary(f"quantized {parent.name} → {target}: {_mb(manifest.size_bytes)} "
+                         f"(was {_mb(_model_bytes(parent))}), {_verdict(manifest)}")
+
+
+def _quantize_details(manifest: ModelManifest, report: QuantizeReport) -> None:
+    """What the quantizer left in float and why, and a failed gate's warning: the lines above the summary."""
+    typer.echo(f"{manifest.name}: {_gate_line(manifest)}; left in float (no INT8 rule): {report.left_in_float()}",
+               err=True)
     for name, shift, agreement in report.float_layers:
         typer.echo(f"  kept in float: {name} (output shift KL {shift:.4f} when quantized alone; "
                    f"selection-half agreement {agreement:.1%} with it in float)", err=True)
@@ -128,17 +133,19 @@ def model_prune(
 
     kind = "unstructured" if unstructured else "structured"
     target = out or parent.with_name(f"{parent.name}-pruned-{kind}-{round(ratio * 100)}")
-    with reported("model prune", *MODEL_ERRORS):
+    with reported("model prune", *MODEL_ERRORS), shown() as progress:
         manifest, report = prune(parent, target, frames, eval_dir, ratio, not unstructured,
-                                 _training(epochs, batch, learning_rate, temperature, alpha), gate, threads)
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    console.print(prune_table(f"{manifest.name}: {kind} pruning, {ratio:.0%}", report, threads))
-    if report.note:
-        console.print(f"[yellow]NOTE: {report.note}[/]")
-    typer.echo(f"{manifest.name}: {_gate_line(manifest)}; fine-tune {report.fit.steps} steps, loss "
-               f"{report.fit.first_loss:.3f} -> {report.fit.last_loss:.3f} -> {target}", err=True)
+                                 _training(epochs, batch, learning_rate, temperature, alpha), gate, threads,
+                                 progress=progress)
+        console = progress.console
+        console.print(prune_table(f"{manifest.name}: {kind} pruning, {ratio:.0%}", report, threads))
+        if report.note:
+            console.print(f"[yellow]NOTE: {report.note}[/]")
+        typer.echo(f"{manifest.name}: {_gate_line(manifest)}; fine-tune {report.fit.steps} steps, loss "
+                   f"{report.fit.first_loss:.3f} -> {report.fit.last_loss:.3f}", err=True)
+        progress.summary(f"pruned {parent.name} ({kind}, {ratio:.0%}) → {target}: {_mb(report.after.size_bytes)} "
+                         f"(was {_mb(report.before.size_bytes)}), p50 {report.after.p50_ms:.2f} ms "
+                         f"(was {report.before.p50_ms:.2f}), {_verdict(manifest)}")
 
 
 @app.command("distill")
@@ -155,15 +162,19 @@ def model_distill(
     from edgefleet.models.distill import distill
 
     target = out or parent.with_name(f"{parent.name}-distilled-{16 - drop_blocks}blocks")
-    with reported("model distill", *MODEL_ERRORS):
+    with reported("model distill", *MODEL_ERRORS), shown() as progress:
         manifest, report = distill(parent, target, frames, eval_dir, drop_blocks,
-                                   _training(epochs, batch, learning_rate, temperature, alpha), gate)
-    typer.echo(
-        f"{manifest.name}: without blocks {report.dropped_blocks}; parameters {report.before.parameters:,} -> "
-        f"{report.after.parameters:,}, MMACs {report.before.macs / 1e6:.0f} -> {report.after.macs / 1e6:.0f}; "
-        f"{report.fit.frames} frames ({report.fit.labelled_frames} labelled), loss {report.fit.first_loss:.3f} -> "
-        f"{report.fit.last_loss:.3f}; {_gate_line(manifest)} -> {target}", err=True,
-    )
+                                   _training(epochs, batch, learning_rate, temperature, alpha), gate,
+                                   progress=progress)
+        typer.echo(
+            f"{manifest.name}: without blocks {report.dropped_blocks}; parameters {report.before.parameters:,} -> "
+            f"{report.after.parameters:,}, MMACs {report.before.macs / 1e6:.0f} -> {report.after.macs / 1e6:.0f}; "
+            f"{report.fit.frames} frames ({report.fit.labelled_frames} labelled), loss {report.fit.first_loss:.3f} "
+            f"-> {report.fit.last_loss:.3f}; {_gate_line(manifest)}", err=True,
+        )
+        progress.summary(f"distilled {parent.name} → {target}: {_mb(manifest.size_bytes)} "
+                         f"(was {_mb(_model_bytes(parent))}), {report.after.macs / 1e6:.0f} MMACs "
+                         f"(was {report.before.macs / 1e6:.0f}), {_verdict(manifest)}")
 
 
 @app.command("publish", epilog=describe_keys(StoreSettings))
@@ -176,19 +187,38 @@ def model_publish(
         min=1, max=10**9, help="Version number (default: one past every version in the registry).")] = None,
     config: ConfigFile = None,
 ) -> None:
-    """Sign and upload a model to the S3 registry (a cascade: its members first, where the registry lacks
-    them). Refuses gate-failed models and stale versions. Keys:"""
+    """Sign and upload a model to the S3 registry as the next free version of its name (or --version, if
+    free), and print the version (a cascade: its members first, where the registry lacks them). Refuses
+    gate-failed models, taken and stale versions. Keys:"""
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TransferSpeedColumn
+
     from edgefleet.publish import publish
     from shared import s3
 
     settings = load_settings(StoreSettings, config)
+    started = time.monotonic()
+    bars = Progress(TextColumn("uploading {task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    console=Console(stderr=True), transient=True)
+    tasks: dict[str, TaskID] = {}
+
+    def uploaded(key: str, done: int, total: int) -> None:
+        if key not in tasks:
+            tasks[key] = bars.add_task(key, total=total)
+        bars.update(tasks[key], completed=done)
+
     # PublishRefused and ModelError are EdgefleetErrors; ValueError: a bad name or key.
-    with reported("model publish: refused", EdgefleetError, ValueError, FileNotFoundError):
-        done = publish(s3.client(settings), settings.registry_bucket, model, key, name, version)
+    with bars, reported("model publish: refused", EdgefleetError, ValueError, FileNotFoundError):
+        done = publish(s3.client(settings), settings.registry_bucket, model, key, name, version, progress=uploaded)
     for member in done.members:
         typer.echo(f"published the member {member.name} v{member.version} (sha256 {member.sha256[:16]}…)", err=True)
+    sent = sum(bars.tasks[i].completed for i in tasks.values())
     typer.echo(f"published {done.name} v{done.version} (sha256 {done.sha256[:16]}…, signed by key {done.key_id}) "
-               f"at s3://{settings.registry_bucket}/{done.prefix}", err=True)
+               f"at s3://{settings.registry_bucket}/{done.prefix}; {sent / 1e6:.1f} MB in "
+               f"{time.monotonic() - started:.1f} s", err=True)
+    typer.echo(done.version)  # stdout: the version alone, for a script (`V=$(edgefleet model publish …)`)
 
 
 @app.command("evaluate")
@@ -205,14 +235,14 @@ def model_evaluate(
     """Size, agreement with the float teacher, latency p50/p95/p99 and best throughput, on held-out images."""
     from edgefleet.models.evaluate import evaluate, write
 
-    with reported("model evaluate", EdgefleetError, FileNotFoundError):
-        results = evaluate(models, teacher, eval_dir, threads)
-    write(results, json_out, markdown)
-    if plot is not None:
-        from edgefleet.models.plot import save
+    with reported("model evaluate", EdgefleetError, FileNotFoundError), shown() as progress:
+        results = evaluate(models, teacher, eval_dir, threads, progress=progress)
+        write(results, json_out, markdown)
+        if plot is not None:
+            from edgefleet.models.plot import save
 
-        save(results, plot)
-        typer.echo(f"wrote {plot}", err=True)
+            save(results, plot)
+        progress.summary(_evaluated(results, [p for p in (json_out, markdown, plot) if p is not None]))
 
 
 @app.command("cascade")
@@ -237,43 +267,60 @@ def model_cascade(
     chosen_metric: cascade.Metric = "margin" if metric == "margin" else "confidence"
     target = out or large.with_name(f"{large.name}-cascade")
     picture = plot or target.with_name(f"{target.name}-curve.png")
-    with reported("model cascade", *MODEL_ERRORS), _steps() as step:
+    with reported("model cascade", *MODEL_ERRORS), shown() as progress:
         manifest, choice = cascade.build(small, large, target, eval_dir, name=name, version=version,
-                                         metric=chosen_metric, gate=gate, step=step)
-    from rich.console import Console
-
-    Console(stderr=True).print(curve.table(choice, f"{manifest.name}: {choice.metric} of {choice.small.model}"))
-    curve.save(choice, picture)
-    curve.write_csv(choice, picture.with_suffix(".csv"))
-    c = choice.chosen
-    typer.echo(
-        f"{manifest.name} v{manifest.version}: {choice.metric} >= {c.threshold:.4g} stands, {c.escalated:.1%} "
-        f"escalated; agreement with {choice.large.model} {c.agreement:.1%} in sample, {choice.cross_checked:.1%} "
-        f"cross-checked (gate {gate:.0%}: {'passed' if choice.passed else 'FAILED, not publishable'}); "
-        f"{c.ms_batched:.2f} ms/img at batch {choice.large.batch} = {c.ms_batched / choice.large.batched_ms:.2f} x "
-        f"{choice.large.model} -> {target}, curve {picture}", err=True)
-    if not choice.passed:
-        typer.secho(f"WARNING: {manifest.name} is not publishable: {choice.cross_checked:.1%} agreement, each image "
-                    f"judged by the threshold chosen on the other half of {choice.samples} held-out images, is below "
-                    f"the gate {gate:.0%}.", err=True, fg="red")
-
-
-@contextmanager
-def _steps() -> Iterator[Callable[[str], None]]:
-    """A transient progress line naming the long step under way."""
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True,
-                  console=Console(stderr=True)) as progress:
-        task = progress.add_task("starting")
-        yield lambda description: progress.update(task, description=description)
+                                         metric=chosen_metric, gate=gate, progress=progress)
+        progress.console.print(curve.table(choice, f"{manifest.name}: {choice.metric} of {choice.small.model}"))
+        curve.save(choice, picture)
+        curve.write_csv(choice, picture.with_suffix(".csv"))
+        if not choice.passed:
+            typer.secho(f"WARNING: {manifest.name} is not publishable: {choice.cross_checked:.1%} agreement, each "
+                        f"image judged by the threshold chosen on the other half of {choice.samples} held-out "
+                        f"images, is below the gate {gate:.0%}.", err=True, fg="red")
+        c = choice.chosen
+        progress.summary(
+            f"{manifest.name} v{manifest.version}: {choice.metric} >= {c.threshold:.4g} stands, {c.escalated:.1%} "
+            f"escalated; agreement with {choice.large.model} {c.agreement:.1%} in sample, "
+            f"{choice.cross_checked:.1%} cross-checked (gate {gate:.0%}: "
+            f"{'passed' if choice.passed else 'FAILED, not publishable'}); {c.ms_batched:.2f} ms/img at batch "
+            f"{choice.large.batch} = {c.ms_batched / choice.large.batched_ms:.2f} x {choice.large.model} -> {target}, "
+            f"curve {picture}")
 
 
 def _training(epochs: int, batch: int, learning_rate: float, temperature: float, alpha: float) -> Training:
     from edgefleet.models.distill import Training
 
     return Training(epochs=epochs, batch=batch, learning_rate=learning_rate, temperature=temperature, alpha=alpha)
+
+
+def _mb(size_bytes: int) -> str:
+    return f"{size_bytes / 1e6:.1f} MB"
+
+
+def _model_bytes(folder: Path) -> int:
+    """The size of a (verified) model folder's model file, for a "was" figure."""
+    from shared.manifest import MODEL_FILE
+
+    return (folder / MODEL_FILE).stat().st_size
+
+
+def _verdict(manifest: ModelManifest) -> str:
+    """'held-out agreement 95.3% on 300 images (gate 90%) ✓': a derived model's quality gate, for a summary."""
+    q = manifest.quality
+    if q is None:
+        return "no quality gate"
+    mark = "✓" if q.passed else "✗ FAILED, not publishable"
+    return f"held-out agreement {q.value:.1%} on {q.samples} images (gate {q.threshold:.0%}) {mark}"
+
+
+def _evaluated(results: list[Evaluation], written: list[Path]) -> str:
+    """'evaluated 3 model(s) on 300 held-out images: …': the closest to the teacher, the fastest, what was written."""
+    closest = max(results, key=lambda r: r.top1_agreement)
+    fastest = min(results, key=lambda r: r.p50_ms)
+    files = f"; wrote {', '.join(map(str, written))}" if written else ""
+    return (f"evaluated {len(results)} model(s) on {results[0].samples} held-out images: closest to the teacher "
+            f"{closest.model} ({closest.top1_agreement:.1%} top-1), fastest {fastest.model} "
+            f"({fastest.p50_ms:.2f} ms p50){files}")
 
 
 def _gate_line(manifest: ModelManifest) -> str:

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from edgefleet.cli.common import ConfigFile, comma_list, load_settings, reported
-from shared.config import DEFAULT_KEY_DIR, CommonSettings
+from edgefleet.cli.common import ConfigFile, comma_list, fail, load_settings, reported
+from shared.config import DEFAULT_KEY_DIR, CommonSettings, StoreSettings
 from shared.errors import EdgefleetError
 
 if TYPE_CHECKING:
@@ -32,33 +32,50 @@ def rollout_start(
     version: Annotated[int, typer.Argument(min=1, help="The published version.")],
     devices: Annotated[str | None, typer.Option(help="Only these devices, comma-separated.")] = None,
     group: Annotated[str | None, typer.Option(help="Only devices in these groups, comma-separated.")] = None,
-    canary: Annotated[float, typer.Option(
-        min=0.0001, max=100, help="Percent of the target that goes first (100: all).")] = 100.0,
+    canary: Annotated[float | None, typer.Option(
+        min=0.0001, max=100, help="Percent of the target that goes first, rounded up to whole devices (at least "
+        "one) where the CLI can count them: the online devices on the fleet broker, or --devices; with --group "
+        "each device decides by itself. Default: 100, all at once.")] = None,
+    canary_devices: Annotated[int | None, typer.Option(
+        min=1, help="Exactly this many devices go first, chosen as a share would choose them (not with --group).",
+    )] = None,
     allow_downgrade: Annotated[bool, typer.Option(help="An explicit rollback to an older version.")] = False,
     rollout_id: Annotated[str | None, typer.Option(
         help="Name the rollout (default: model, version and a random suffix).")] = None,
     plugin: Annotated[bool, typer.Option(
-        "--plugin", help="MODEL names a plugin: roll out that plugin's version beside the model (it must be "
-        "in the registry, signed by a trusted key).")] = False,
+        "--plugin", help="MODEL names a plugin: roll out that plugin's version beside the model.")] = False,
     trusted_keys: Annotated[Path, typer.Option(
         envvar="EDGEFLEET_TRUSTED_KEYS_DIR",
-        help="With --plugin: the operators' public keys (*.pub) the plugin's signature must verify against.",
+        help="The operators' public keys (*.pub) the version's signature must verify against, as on the devices.",
     )] = DEFAULT_KEY_DIR,
     mqtt_url: FleetUrl = None,
     config: ConfigFile = None,
 ) -> None:
-    """Start a rollout: all devices, a group, listed devices, or a canary share of them."""
+    """Start a rollout of a version the registry holds signed by a trusted key (EDGEFLEET_S3_* name the
+    registry): all devices, a group, listed devices, or a canary of them. Prints the canary's devices
+    before it starts, then the rollout's id."""
     from edgefleet import fleet_rollout as rollout
+    from shared import registry
     from shared.schemas import RolloutTarget
 
-    target = RolloutTarget(devices=comma_list(devices), groups=comma_list(group), share=canary / 100)
-    settings = _signed_plugin_settings(config, mqtt_url, model, version, trusted_keys) if plugin else _fleet(
-        config, mqtt_url)
-    with reported("rollout start", EdgefleetError, ValueError):  # ValueError: a bad model name or version
-        started = rollout.start(settings, model, version, target, allow_downgrade, rollout_id, plugin=plugin)
+    if canary is not None and canary_devices is not None:
+        raise fail("rollout start", ValueError("--canary and --canary-devices: give one"), code=2)
+    with reported("rollout start", ValueError):  # a name or version that could never be a registry key
+        registry.check_name(model)
+        registry.check_version(version)
+    target = RolloutTarget(devices=comma_list(devices), groups=comma_list(group),
+                           share=(100.0 if canary is None else canary) / 100)
+    settings = _signed_settings(config, mqtt_url, model, version, trusted_keys, plugin)
+    rollout_id = rollout_id or rollout.new_rollout_id(model, version)
+    counted = (canary_devices is not None or target.share < 1) and not (target.devices or target.groups)
+    known = rollout.known_devices(settings) if counted else []
+    with reported("rollout start: refused", rollout.CanaryRefused, code=2):
+        plan = rollout.plan_canary(rollout_id, target, known, canary_devices)
+    typer.echo(plan.line, err=True)  # the plan, before anything is published
+    with reported("rollout start", EdgefleetError, ValueError):
+        started = rollout.start(settings, model, version, plan.target, allow_downgrade, rollout_id, plugin=plugin)
     typer.echo(f"rollout {started.rollout_id}: {'the plugin ' if plugin else ''}{model} v{version}, "
-               f"{started.phase.value}, {canary:g} % of {', '.join(target.devices or target.groups) or 'all devices'}",
-               err=True)
+               f"{started.phase.value}", err=True)
     typer.echo(started.rollout_id)
 
 
@@ -107,10 +124,10 @@ def _fleet(config: Path | None, mqtt_url: str | None) -> CommonSettings:
     return load_settings(CommonSettings, config, mqtt_url=mqtt_url)
 
 
-def _signed_plugin_settings(config: Path | None, mqtt_url: str | None, name: str, version: int,
-                            keys_dir: Path) -> CommonSettings:
-    """The fleet's and the registry's settings, once the plugin's version is known to be in the registry
-    signed by one of the keys in `keys_dir` (a device would refuse it otherwise).
+def _signed_settings(config: Path | None, mqtt_url: str | None, name: str, version: int, keys_dir: Path,
+                     plugin: bool) -> StoreSettings:
+    """The fleet's and the registry's settings, once the model's (or plugin's) version is known to be in
+    the registry signed by one of the keys in `keys_dir`: every device would refuse it otherwise.
 
     Raises:
         typer.Exit: 2 when the version is not published and signed by a trusted key (or no key can be
@@ -118,18 +135,18 @@ def _signed_plugin_settings(config: Path | None, mqtt_url: str | None, name: str
     """
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from edgefleet.publish import NotPublished, signed_plugin, trusted_keys
+    from edgefleet.publish import NotPublished, signed_model, signed_plugin, trusted_keys
     from shared import s3
-    from shared.config import StoreSettings
 
     settings = load_settings(StoreSettings, config, mqtt_url=mqtt_url)
     # None there, or a file that is no public key (SignatureError, ValueError), or unreadable.
     with reported("rollout start: refused (--trusted-keys, EDGEFLEET_TRUSTED_KEYS_DIR)", NotPublished, ValueError,
                   OSError, code=2):
         trusted = trusted_keys(keys_dir)
-    with (reported("rollout start", ValueError, ClientError, BotoCoreError),
+    signed = signed_plugin if plugin else signed_model
+    with (reported("rollout start (the registry: EDGEFLEET_S3_*)", ValueError, ClientError, BotoCoreError),
           reported("rollout start: refused", NotPublished, code=2)):
-        signed_plugin(s3.client(settings), settings.registry_bucket, name, version, trusted)
+        signed(s3.client(settings), settings.registry_bucket, name, version, trusted)
     return settings
 
 

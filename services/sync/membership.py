@@ -6,6 +6,8 @@ restart, without any device knowing the others."""
 from __future__ import annotations
 
 import hashlib
+import math
+from collections.abc import Iterable
 from typing import Protocol
 
 from shared.schemas import ModelRef, RolloutPhase, RolloutTarget
@@ -34,14 +36,30 @@ def position(rollout_id: str, device_id: str) -> float:
 
 
 def is_member(rollout: Targeted, device_id: str, groups: list[str]) -> bool:
-    """Whether this device is in the rollout's target (devices, groups) and, unless promoted, its share."""
+    """Whether this device is in the rollout's target (devices, groups) and, unless promoted, its canary:
+    the devices the rollout names (target.canary_devices), or else its share."""
     target = rollout.target
     if target.devices and device_id not in target.devices:
         return False
     if target.groups and not set(target.groups) & set(groups):
         return False
-    share = 1.0 if rollout.phase is RolloutPhase.PROMOTED else target.share
-    return position(rollout.rollout_id, device_id) < share
+    if rollout.phase is RolloutPhase.PROMOTED:
+        return True
+    if target.canary_devices:
+        return device_id in target.canary_devices
+    return position(rollout.rollout_id, device_id) < target.share
+
+
+def ranked(rollout_id: str, devices: Iterable[str]) -> list[str]:
+    """Devices in the order a share takes them: by position() (a share s is the devices below s), ties by id."""
+    return sorted(set(devices), key=lambda device: (position(rollout_id, device), device))
+
+
+def canary_size(share: float, devices: int) -> int:
+    """How many of `devices` a canary of `share` (0 < share <= 1) names: share of them rounded up, so at
+    least one whenever there is any device, and never more than there are."""
+    # The epsilon keeps 0.07 * 100 (7.000000000000001) at 7.
+    return min(devices, max(1, math.ceil(share * devices - 1e-9))) if devices else 0
 
 
 def supersedes(new: Targeted | None, current: Targeted) -> bool:

@@ -28,7 +28,7 @@ RESERVED = (OPERATOR, INGEST, BROKER, FLEET, CONSOLE)
 
 
 def reserved(name: str) -> bool:
-    """A name kept for the fleet's services: operator, console, cloud-broker, _fleet, cloud-ingest and cloud-ingest-<n>."""
+    """A name kept for the fleet's services: operator, console, cloud-broker, _fleet, cloud-ingest, cloud-ingest-<n>."""
     return name in RESERVED or name.startswith(f"{INGEST}-")
 
 

@@ -15,21 +15,26 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shared.topics import check_id
+from shared.topics import (
+    BROKER_ID,
+    CONSOLE_ID,
+    FLEET_ID,
+    INGEST_ID,
+    OPERATOR_ID,
+    RESERVED_IDS,
+    check_id,
+    reserved_id,
+)
 
 VALID_DAYS = 825
 CRL = "ca.crl"
 # The fleet's own identities on its broker (deploy/mosquitto/cloud.acl grants them what no device
-# may have). A device certificate with one of these common names would be an operator, an ingest
-# replica or the console (which reads the whole fleet), so `issue_device` refuses them; `_fleet` is the
-# rollout's topic level.
-OPERATOR, INGEST, BROKER, FLEET, CONSOLE = "operator", "cloud-ingest", "cloud-broker", "_fleet", "console"
-RESERVED = (OPERATOR, INGEST, BROKER, FLEET, CONSOLE)
-
-
-def reserved(name: str) -> bool:
-    """A name kept for the fleet's services: operator, console, cloud-broker, _fleet, cloud-ingest, cloud-ingest-<n>."""
-    return name in RESERVED or name.startswith(f"{INGEST}-")
+# may have), defined in shared/topics.py: cloud_ingest and the console refuse them as devices too. A
+# device certificate with one of these common names would be an operator, an ingest replica or the
+# console (which reads the whole fleet), so `issue_device` refuses them.
+OPERATOR, INGEST, BROKER, FLEET, CONSOLE = OPERATOR_ID, INGEST_ID, BROKER_ID, FLEET_ID, CONSOLE_ID
+RESERVED = RESERVED_IDS
+reserved = reserved_id
 
 
 def service_name(name: str) -> bool:

@@ -598,6 +598,22 @@ class ConsoleGroupSettings(Group):
         15.0, gt=0, description="How often the drift and latency charts are read again from the S3 telemetry.")
     telemetry_window_s: float = Field(
         3600.0, gt=0, description="How far back the charts reach.")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        [], description="Host names the page answers to besides localhost, 127.0.0.1, [::1] and `host`, "
+        "comma-separated (a proxy's name); any other Host header gets 421, so a DNS-rebinding page cannot "
+        "read the console.")
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _allowed_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [h.strip() for h in value.split(",") if h.strip()]
+        for host in value:
+            if not isinstance(host, str) or not host or any(c in host for c in "/ @"):
+                raise ValueError(f"{host!r} is not a host name (no scheme, port or path)")
+            if ":" in host and not (host.startswith("[") and host.endswith("]")):  # only an IPv6 address, bracketed
+                raise ValueError(f"{host!r} is not a host name (no scheme, port or path)")
+        return [h.lower() for h in value]
 
 
 class ConsoleSettings(TelemetryStoreSettings):

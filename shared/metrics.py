@@ -105,7 +105,7 @@ CONTAINER_CPU_RATIO = f"{PREFIX}_container_cpu_ratio"  # container (of one core,
 CONTAINER_MEMORY_BYTES = f"{PREFIX}_container_memory_bytes"  # container
 
 # -- cloud_ingest ---------------------------------------------------------------------------------------
-INGEST_BATCHES = f"{PREFIX}_ingest_batches_total"  # outcome: stored|duplicate|dead_lettered|failed
+INGEST_BATCHES = f"{PREFIX}_ingest_batches_total"  # outcome: stored|duplicate|dead_lettered|failed|refused
 INGEST_RECORDS = f"{PREFIX}_ingest_records_total"
 INGEST_WRITE_SECONDS = f"{PREFIX}_ingest_write_seconds"  # histogram: one batch's S3 writes
 

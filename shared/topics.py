@@ -80,6 +80,27 @@ def all_status(device: str) -> str:
 # The sync service's name in its status topic; the operators' rollout status reads it for liveness.
 SYNC_SERVICE = "sync"
 INGEST_SERVICE = "cloud_ingest"  # a replica's status: edgefleet/<replica>/status/cloud_ingest
+INFERENCE_SERVICE = "inference"
+TELEMETRY_SERVICE = "telemetry"
+# The device services whose statuses cross to the fleet broker (deploy/mosquitto/cloud.acl lets a device
+# write exactly these status topics); a status under any other name is not a device's.
+DEVICE_SERVICES = (INFERENCE_SERVICE, SYNC_SERVICE, TELEMETRY_SERVICE)
+
+# The fleet's own identities on its broker: certificate common names that are never a device
+# (edgefleet/certs.py refuses to issue them to one; cloud_ingest stores no batch and the console shows no
+# state under them). `_fleet` is the rollouts' topic level.
+OPERATOR_ID, INGEST_ID, BROKER_ID = "operator", "cloud-ingest", "cloud-broker"
+FLEET_ID, CONSOLE_ID = "_fleet", "console"
+RESERVED_IDS = (OPERATOR_ID, INGEST_ID, BROKER_ID, FLEET_ID, CONSOLE_ID)
+
+
+def reserved_id(name: str) -> bool:
+    """Whether `name` is kept for the fleet's services, so never a device.
+
+    :param str name: a certificate common name or a topic's device level.
+    :returns: True for operator, console, cloud-broker, _fleet, cloud-ingest and cloud-ingest-<anything>.
+    """
+    return name in RESERVED_IDS or name.startswith(f"{INGEST_ID}-")
 
 
 def every_device_status(service: str) -> str:

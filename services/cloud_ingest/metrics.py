@@ -24,6 +24,7 @@ class Outcome(StrEnum):
     DUPLICATE = "duplicate"  # stored again: this replica had stored the same batch id before (its ack lost or late)
     DEAD_LETTERED = "dead_lettered"
     FAILED = "failed"  # one failed attempt to write it (retried until it succeeds or the replica stops)
+    REFUSED = "refused"  # on a reserved id's topic (shared.topics.reserved_id): no device's, nothing stored
 
 
 # Batch ids remembered to tell a batch sent again from a new one: a device resends only its batch in

@@ -115,6 +115,14 @@ class IngestService:
 
     def _store_watched(self, message: paho.MQTTMessage, progress: Progress) -> None:
         device = topics.device_of(message.topic)
+        if topics.reserved_id(device):
+            # A fleet service's certificate (the console's, an operator's) may publish on its own id's telemetry
+            # topic where the broker's ACL lets it: that is no device, so nothing is stored and nothing answered;
+            # the broker is told it was handled, or it would hold a slot of the receive window for good.
+            self.counters.batches[Outcome.REFUSED].add()
+            log.error("batch refused: a reserved id is no device", extra=fields(device=device[:64]))
+            self.link.ack(message)
+            return
         try:
             while not self._stopping.is_set():
                 progress.tick(2 * self._put_s)  # a dead letter is two writes

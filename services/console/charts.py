@@ -2,11 +2,15 @@
 cloud_ingest writes under telemetry/drift/date=<day>/device=<device>/<batch>.jsonl.gz (shared.lake).
 
 Read bounded, since the store holds the whole fleet's history: only the days the window reaches are
-listed (at most MAX_KEYS_LISTED keys), only objects modified within the window are read, newest first, at
-most MAX_OBJECTS_PER_READ and MAX_BYTES_PER_READ a refresh (the rest waits for the next one), each object
-at most MAX_OBJECT_BYTES compressed and MAX_INFLATED_BYTES inflated (checked before it is all inflated),
-and each device's chart keeps its newest MAX_POINTS samples. An object once read is kept by its ETag (a
-replayed batch overwrites its object with the same content), so a refresh reads only what is new."""
+listed, each day device by device (its device=<id>/ folders from a delimiter listing, at most
+MAX_DEVICES_LISTED; then each device's keys, at most MAX_KEYS_PER_DEVICE, and MAX_KEYS_LISTED in all), so
+one chatty device cannot hide the others' objects behind its own in key order. Only objects modified
+within the window are read, each device's newest first and the devices in turn, at most
+MAX_OBJECTS_PER_READ and MAX_BYTES_PER_READ a refresh (the rest waits for the next one), each object at
+most MAX_OBJECT_BYTES compressed and MAX_INFLATED_BYTES inflated (checked before it is all inflated), and
+each device's chart keeps its newest MAX_POINTS samples. A cap reached sets the snapshot's `truncated`.
+An object once read is kept by its ETag (a replayed batch overwrites its object with the same content),
+so a refresh reads only what is new."""
 
 from __future__ import annotations
 
@@ -26,11 +30,16 @@ from shared.schemas import AlertType, DriftSample, TelemetryRecord
 
 if TYPE_CHECKING:  # boto3-stubs, a dev dependency
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import ListObjectsV2RequestTypeDef
 
 log = logging.getLogger(__name__)
 
 KIND = "drift"  # DriftSample.kind: the records' folder in the lake
-MAX_KEYS_LISTED = 5000
+# A device sampling every 30 s writes ~2,880 drift objects a day: a day of one device fits its cap.
+MAX_KEYS_PER_DEVICE = 5000
+MAX_DEVICES_LISTED = 2000  # device folders a day
+MAX_KEYS_LISTED = 100_000  # keys a refresh, every device and day together
+LIST_PAGE = 1000  # S3's largest page
 MAX_OBJECTS_PER_READ = 200
 MAX_BYTES_PER_READ = 16 << 20
 MAX_OBJECT_BYTES = 1 << 20
@@ -90,6 +99,23 @@ def days(now: float, window_s: float) -> list[float]:
     return list(by_prefix.values())
 
 
+def read_order(new: dict[str, tuple[str, float]]) -> list[str]:
+    """The keys to read, each device's newest first and the devices in turn (its newest of each, then its
+    second newest of each, ...), so a read cut short by a cap leaves every device its latest points.
+
+    :param new: key -> (device, last modified) of the objects not read yet.
+    :returns: the keys in the order to read them.
+    """
+    by_device: dict[str, list[tuple[float, str]]] = {}
+    for key, (device, modified) in new.items():
+        by_device.setdefault(device, []).append((modified, key))
+    ranked = []
+    for device, keys in by_device.items():
+        for rank, (modified, key) in enumerate(sorted(keys, reverse=True)):
+            ranked.append((rank, -modified, device, key))
+    return [key for *_, key in sorted(ranked)]
+
+
 def charts(reads: dict[str, _Read], devices: dict[str, str], now: float, window_s: float) -> list[DeviceCharts]:
     """Each device's series from the objects read: samples within the window, oldest first, its newest
     MAX_POINTS; `devices` maps each key to the device its key names."""
@@ -135,22 +161,20 @@ class DriftCharts:
         :raises ClientError, BotoCoreError: unchanged; `latest` keeps what the last good refresh read.
         """
         now = time.time() if now is None else now
-        listed = self._list(now, before_call)
+        listed, truncated = self._list(now, before_call)
         for gone in self._reads.keys() - listed.keys():  # out of the window, or deleted
             del self._reads[gone]
             self._devices.pop(gone, None)
-        new = sorted((k for k, (etag, _) in listed.items() if k not in self._reads or self._reads[k].etag != etag),
-                     key=lambda k: listed[k][1], reverse=True)
-        budget, truncated = MAX_BYTES_PER_READ, len(new) > MAX_OBJECTS_PER_READ
+        new = read_order({key: (device, modified) for key, (etag, modified) in listed.items()
+                          if (key not in self._reads or self._reads[key].etag != etag)
+                          and (device := lake.device_of_key(key)) is not None})
+        budget, truncated = MAX_BYTES_PER_READ, truncated or len(new) > MAX_OBJECTS_PER_READ
         for key in new[:MAX_OBJECTS_PER_READ]:
             if budget <= 0:
                 truncated = True
                 break
-            device = lake.device_of_key(key)
-            if device is None:
-                continue
             before_call()
-            budget -= self._read(key, device, listed[key][0])
+            budget -= self._read(key, lake.device_of_key(key) or "", listed[key][0])
         self.latest = ChartsSnapshot(read_at=now, window_s=self.window_s, truncated=truncated, error=None,
                                      devices=charts(self._reads, self._devices, now, self.window_s))
         return self.latest
@@ -160,23 +184,53 @@ class DriftCharts:
         self.latest = self.latest.model_copy(update={"error": error[:500]})
         return self.latest
 
-    def _list(self, now: float, before_call: Callable[[], None]) -> dict[str, tuple[str, float]]:
-        """Key -> (ETag, last modified) of the records modified within the window, at most MAX_KEYS_LISTED."""
+    def _list(self, now: float, before_call: Callable[[], None]) -> tuple[dict[str, tuple[str, float]], bool]:
+        """Key -> (ETag, last modified) of the records modified within the window, day by day and device by
+        device within the caps; and whether a cap left keys unlisted."""
         found: dict[str, tuple[str, float]] = {}
-        since = now - self.window_s
+        since, truncated, listed = now - self.window_s, False, 0
         for day in days(now, self.window_s):
-            if len(found) >= MAX_KEYS_LISTED:
-                break
-            pages = self.s3.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=lake.records_prefix(KIND, day),
-                PaginationConfig={"MaxItems": MAX_KEYS_LISTED - len(found), "PageSize": 1000})
+            _, folders, cut = self._listing(lake.records_prefix(KIND, day), MAX_DEVICES_LISTED, before_call,
+                                            delimiter=True)
+            truncated |= cut
+            for folder in folders:
+                if lake.device_of_key(folder) is None:
+                    continue  # not a device=<id>/ folder
+                if listed >= MAX_KEYS_LISTED:
+                    return found, True
+                items, _, cut = self._listing(folder, min(MAX_KEYS_PER_DEVICE, MAX_KEYS_LISTED - listed),
+                                              before_call)
+                truncated |= cut
+                listed += len(items)
+                for key, etag, modified in items:
+                    if modified >= since:
+                        found[key] = (etag, modified)
+        return found, truncated
+
+    def _listing(self, prefix: str, cap: int, before_call: Callable[[], None],
+                 delimiter: bool = False) -> tuple[list[tuple[str, str, float]], list[str], bool]:
+        """One prefix's objects (key, ETag, last modified) and, with `delimiter`, its folders, at most `cap`
+        of them together; and whether the cap left some unlisted."""
+        objects: list[tuple[str, str, float]] = []
+        folders: list[str] = []
+        token: str | None = None
+        while True:
             before_call()
-            for page in pages:
-                for item in page.get("Contents", []):
-                    if item["LastModified"].timestamp() >= since:
-                        found[item["Key"]] = (item.get("ETag", ""), item["LastModified"].timestamp())
-                before_call()
-        return found
+            request: ListObjectsV2RequestTypeDef = {
+                "Bucket": self.bucket, "Prefix": prefix, "MaxKeys": min(LIST_PAGE, cap - len(objects) - len(folders))}
+            if delimiter:
+                request["Delimiter"] = "/"
+            if token:
+                request["ContinuationToken"] = token
+            page = self.s3.list_objects_v2(**request)
+            objects += [(item["Key"], item.get("ETag", ""), item["LastModified"].timestamp())
+                        for item in page.get("Contents", [])]
+            folders += [item["Prefix"] for item in page.get("CommonPrefixes", [])]
+            if not page.get("IsTruncated"):
+                return objects, folders, False
+            if len(objects) + len(folders) >= cap:
+                return objects, folders, True
+            token = page["NextContinuationToken"]
 
     def _read(self, key: str, device: str, etag: str) -> int:
         """Reads one object into the cache (an unreadable one is kept empty, so it is not read again);

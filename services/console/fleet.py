@@ -5,7 +5,10 @@ the HTTP threads as a FleetSnapshot; pure (no I/O), so its rules are tested in-p
 Everything is keyed by the device the TOPIC names: the fleet broker's ACL ties a device's topics to its
 certificate, while a payload's own `device` field is only a claim. A payload that does not decode is
 counted and skipped: one broken device must not blank the page. An empty retained payload clears the
-topic (MQTT's way of deleting a retained message)."""
+topic (MQTT's way of deleting a retained message). A topic whose device level is one of the fleet's own
+identities (shared.topics.reserved_id: the console, an operator, an ingest replica) or whose status names
+no device service (shared.topics.DEVICE_SERVICES) is refused and counted: it is no device's, whatever
+the broker's ACL let through."""
 
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from shared.schemas import (
     ModelRef,
     PluginRollout,
     Rollout,
+    RolloutPhase,
     ServiceState,
     ServiceStatus,
     SyncReport,
@@ -51,6 +55,25 @@ def _model(ref: ModelRef | None) -> str | None:
     return f"{ref.name} v{ref.version}" if ref is not None else None
 
 
+def _canary_line(rollout: Rollout | PluginRollout, known_devices: int) -> str | None:
+    """"device-1 (1 of 2 devices)" while the rollout is a canary on named devices; None otherwise. Out of the
+    listed devices, else (the whole fleet) out of the devices the console knows; a target by groups: no total,
+    since the console does not know the groups' members."""
+    target = rollout.target
+    if rollout.phase is not RolloutPhase.CANARY or not target.canary_devices:
+        return None
+    count = len(target.canary_devices)
+    if target.devices:
+        total: int | None = len(target.devices)
+    elif target.groups:
+        total = None
+    else:
+        total = max(known_devices, count)
+    noun = "device" if (total or count) == 1 else "devices"
+    of = f"{count} of {total} {noun}" if total is not None else f"{count} {noun}"
+    return f"{', '.join(target.canary_devices)} ({of})"
+
+
 @dataclass
 class _Device:
     statuses: dict[str, ServiceStatus] = field(default_factory=dict)
@@ -74,6 +97,7 @@ class FleetState:
         self._plugin_reports: dict[str, dict[str, SyncReport]] = {}
         self._rollbacks: OrderedDict[tuple[str, str | None], RollbackView] = OrderedDict()
         self.undecodable = 0
+        self.refused = 0  # messages on a reserved id's topic or an unknown service's
         self.version = 0
         self.broker_connected = False
         self.charts_version = 0
@@ -87,6 +111,9 @@ class FleetState:
         device, service = topics.device_of(topic), topics.last_level(topic)
         if service == topics.INGEST_SERVICE:
             return
+        if service not in topics.DEVICE_SERVICES:
+            self._refuse(topic, "not a device service's status")
+            return
         try:
             status = self._decode(ServiceStatus, topic, payload, content_type)
         except _Unreadable:
@@ -98,7 +125,7 @@ class FleetState:
             if status is None:
                 entry.statuses.pop(service, None)
             else:
-                if service == "inference":
+                if service == topics.INFERENCE_SERVICE:
                     self._count(entry, status)
                 entry.statuses[service] = status
             self._bump()
@@ -192,9 +219,10 @@ class FleetState:
         now = time.time() if now is None else now
         with self._changed:
             devices = [self._view(name, entry, now) for name, entry in sorted(self._devices.items())]
-            rollout = self._rollout_view(self._rollout, {d: e.report for d, e in self._devices.items()})
+            known = len(self._devices)
+            rollout = self._rollout_view(self._rollout, {d: e.report for d, e in self._devices.items()}, known)
             plugins = [view for plugin, r in sorted(self._plugin_rollouts.items())
-                       if (view := self._rollout_view(r, self._plugin_reports.get(plugin, {}))) is not None]
+                       if (view := self._rollout_view(r, self._plugin_reports.get(plugin, {}), known)) is not None]
             return FleetSnapshot(now=now, broker_connected=self.broker_connected, stale_after_s=self.stale_after_s,
                                  devices=devices, rollout=rollout, plugin_rollouts=plugins,
                                  rollbacks=list(reversed(self._rollbacks.values())),
@@ -217,7 +245,7 @@ class FleetState:
             reason = f"no status for {age:.0f} s"
         else:
             reason = None
-        inference, telemetry = statuses.get("inference"), statuses.get("telemetry")
+        inference, telemetry = statuses.get(topics.INFERENCE_SERVICE), statuses.get(topics.TELEMETRY_SERVICE)
         serving = inference.model if inference is not None and inference.model else (report.serving if report else None)
         online = inference is not None and inference.state is ServiceState.ONLINE and reason is None
         stats = telemetry.telemetry if telemetry is not None else None
@@ -233,8 +261,8 @@ class FleetState:
         )
 
     @staticmethod
-    def _rollout_view(rollout: Rollout | PluginRollout | None,
-                      reports: Mapping[str, SyncReport | None]) -> RolloutView | None:
+    def _rollout_view(rollout: Rollout | PluginRollout | None, reports: Mapping[str, SyncReport | None],
+                      known_devices: int) -> RolloutView | None:
         if rollout is None:
             return None
         name, version = rollout.artifact
@@ -246,8 +274,9 @@ class FleetState:
         return RolloutView(
             kind="plugin" if isinstance(rollout, PluginRollout) else "model", rollout_id=rollout.rollout_id,
             name=name, version=version, phase=rollout.phase.value, target_devices=list(rollout.target.devices),
-            target_groups=list(rollout.target.groups), share=rollout.target.share, issued_at=rollout.issued_at,
-            states=counts, devices=states)
+            target_groups=list(rollout.target.groups), share=rollout.target.share,
+            canary_devices=list(rollout.target.canary_devices), canary=_canary_line(rollout, known_devices),
+            issued_at=rollout.issued_at, states=counts, devices=states)
 
     @staticmethod
     def _count(entry: _Device, status: ServiceStatus) -> None:
@@ -285,8 +314,12 @@ class FleetState:
                 per_device: bool = True) -> M | None:
         """The payload as `cls`; None for an empty payload (the retained message cleared).
 
-        :raises _Unreadable: the payload is not a valid `cls`, or the topic's ids are not ids (counted, logged).
+        :raises _Unreadable: the payload is not a valid `cls`, or the topic's ids are not ids (counted, logged),
+            or its device is a reserved id (counted as refused, logged).
         """
+        if per_device and topics.reserved_id(topics.device_of(topic)):
+            self._refuse(topic, "a reserved id is no device")
+            raise _Unreadable
         if not payload:
             return None
         try:
@@ -298,6 +331,11 @@ class FleetState:
                 self.undecodable += 1
             log.warning("unreadable message skipped", extra=fields(topic=topic[:200], error=str(exc)[:300]))
             raise _Unreadable from exc
+
+    def _refuse(self, topic: str, why: str) -> None:
+        with self._changed:
+            self.refused += 1
+        log.warning("message refused", extra=fields(topic=topic[:200], reason=why))
 
     def _bump(self) -> None:
         self.version += 1

@@ -7,14 +7,20 @@ The standard library's ThreadingHTTPServer, not a web framework: the console ser
 browsers a read-only page and JSON, and one thread per open event stream (capped at MAX_STREAMS) is
 cheap at that scale; it adds no dependency to the cloud image and nothing to build. Bound: only GET,
 only the routes below, no request body read; responses are no-store and the page may load nothing but
-its own files (Content-Security-Policy)."""
+its own files (Content-Security-Policy). A connection that sends nothing is closed after
+REQUEST_TIMEOUT_S, and at most MAX_CONNECTIONS are served at once (one thread each): the next ones are
+closed unanswered. A request whose Host header names no allowed host (localhost, 127.0.0.1, [::1], the
+listening host, console.allowed_hosts) gets 421: a DNS-rebinding page in an operator's browser cannot
+read the console through a name of its own."""
 
 from __future__ import annotations
 
 import logging
+import re
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -32,6 +38,13 @@ PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
 THROTTLE_S = 0.5
 REFRESH_S = 1.0
 MAX_STREAMS = 32
+# Open connections served at once, event streams included; each holds a thread.
+MAX_CONNECTIONS = 64
+# A connection that sends no request (or takes longer over it), or does not take what it is sent, for
+# this long is closed: it holds a thread and a connection slot.
+REQUEST_TIMEOUT_S = 10.0
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
+_HOST_HEADER = re.compile(r"^(\[[0-9a-f:.]+\]|[^:\[\]/@\s]+)(?::[0-9]{1,5})?$")  # host[:port], IPv6 bracketed
 SECURITY_HEADERS = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
@@ -77,13 +90,13 @@ class ConsoleServer:
     :raises PageMissing: the page's files are not installed.
     """
 
-    def __init__(self, host: str, port: int, source: Source) -> None:
+    def __init__(self, host: str, port: int, source: Source, allowed_hosts: Iterable[str] = ()) -> None:
         self.source = source
         self.files = page_files()
         self.stopping = threading.Event()
         self.streams = threading.BoundedSemaphore(MAX_STREAMS)
-        self.httpd = ThreadingHTTPServer((host, port), _handler(self))
-        self.httpd.daemon_threads = True  # an open event stream must not hold the process at exit
+        self.allowed_hosts = LOOPBACK_HOSTS | {host.lower()} | {h.lower() for h in allowed_hosts}
+        self.httpd = _BoundedHTTPServer((host, port), _handler(self), MAX_CONNECTIONS)
 
     @property
     def port(self) -> int:
@@ -106,12 +119,61 @@ class ConsoleServer:
         self.httpd.server_close()
 
 
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with at most `limit` connections served at once; one more is closed at once."""
+
+    daemon_threads = True  # an open event stream must not hold the process at exit
+    # The listen backlog: socketserver's 5 would leave connections beyond it waiting in the kernel (their
+    # client sees them open) until the loop takes the ones before; a burst up to the cap is taken at once.
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], limit: int) -> None:
+        self.slots = threading.BoundedSemaphore(limit)
+        self.refused = 0  # connections closed unanswered, over the limit
+        super().__init__(address, handler)
+
+    def process_request(self, request: socket.socket | tuple[bytes, socket.socket],
+                        client_address: tuple[str, int]) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.refused += 1
+            log.warning("connection refused: too many open", extra=fields(client=client_address[0],
+                                                                           limit=MAX_CONNECTIONS))
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()  # no thread started: nothing else will give the slot back
+            raise
+
+    def process_request_thread(self, request: socket.socket | tuple[bytes, socket.socket],
+                               client_address: tuple[str, int]) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+def host_of(header: str | None) -> str | None:
+    """The host of a Host header, without its port, lower case ("[::1]" keeps its brackets).
+
+    :param header: the header's value, or None when the request has none.
+    :returns: the host; None if the header is absent or not `host[:port]`.
+    """
+    found = _HOST_HEADER.match(header.strip().lower()) if header else None
+    return found.group(1) if found else None
+
+
 def _handler(server: ConsoleServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "edgefleet-console"
         sys_version = ""
+        timeout = REQUEST_TIMEOUT_S  # socketserver sets it on the connection: reads and writes give up after it
 
         def do_GET(self) -> None:  # noqa: N802  # the name http.server calls
+            if host_of(self.headers.get("Host")) not in server.allowed_hosts:
+                self._send(HTTPStatus.MISDIRECTED_REQUEST, b"unknown host\n", "text/plain; charset=utf-8")
+                return
             path = self.path.split("?", 1)[0]
             if path in PAGE_FILES:
                 name, content_type = PAGE_FILES[path]

@@ -63,7 +63,7 @@ class ConsoleService:
         ):
             self.link.subscribe(topic_filter, _reading(handler), qos=1)
         try:
-            self.server = ConsoleServer(page.host, page.port, self)
+            self.server = ConsoleServer(page.host, page.port, self, page.allowed_hosts)
         except OSError as exc:
             raise ConsoleError(f"EDGEFLEET_CONSOLE_HOST/EDGEFLEET_CONSOLE_PORT: cannot listen on "
                                f"{page.host}:{page.port}: {exc.strerror or exc}") from None

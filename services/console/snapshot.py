@@ -40,6 +40,10 @@ class RolloutView(_View):
     target_devices: list[str]
     target_groups: list[str]
     share: float
+    # The devices a canary targets exactly (RolloutTarget.canary_devices; empty: `share` decides), and the
+    # page's line for them while the rollout is a canary: "device-1 (1 of 2 devices)" (None otherwise).
+    canary_devices: list[str]
+    canary: str | None
     issued_at: float
     states: dict[str, int]  # devices per sync state, of the reports on this rollout
     devices: dict[str, str]  # device -> its state in this rollout

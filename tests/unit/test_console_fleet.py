@@ -11,7 +11,7 @@ import pytest
 from services.console import charts as drift_charts
 from services.console.fleet import MAX_ROLLBACKS, FleetState
 from services.console.server import page_files
-from shared import lake, topics
+from shared import lake, schemas, topics
 from shared.codec import WireFormat, encode
 from shared.schemas import (
     AlertType,
@@ -19,10 +19,6 @@ from shared.schemas import (
     DriftSample,
     InferenceStats,
     ModelRef,
-    PluginRollout,
-    Rollout,
-    RolloutPhase,
-    RolloutTarget,
     ServiceState,
     ServiceStatus,
     SyncReport,
@@ -58,9 +54,9 @@ def telemetry(device: str, at: float, queue: int, alerts: list[str]) -> ServiceS
     return status(device, "telemetry", at, telemetry=stats)
 
 
-def rollout(rollout_id: str = "r-2", phase=RolloutPhase.CANARY, **target) -> Rollout:
-    return Rollout(rollout_id=rollout_id, model="efficientnet-lite0", version=2, phase=phase,
-                   target=RolloutTarget(**target), issued_at=NOW - 30)
+def rollout(rollout_id: str = "r-2", phase=schemas.RolloutPhase.CANARY, **target) -> schemas.Rollout:
+    return schemas.Rollout(rollout_id=rollout_id, model="efficientnet-lite0", version=2, phase=phase,
+                           target=schemas.RolloutTarget(**target), issued_at=NOW - 30)
 
 
 def device_view(fleet: FleetState, device: str, now: float = NOW):
@@ -139,6 +135,51 @@ def test_cloud_ingest_replicas_statuses_are_not_devices():
     assert fleet.snapshot(NOW).devices == []
 
 
+@pytest.mark.parametrize("reserved", ["console", "operator", "cloud-ingest-0", "cloud-broker"])
+def test_statuses_and_sync_states_on_a_reserved_ids_topics_are_refused(reserved):
+    fleet = FleetState(stale_after_s=20)
+    feed_status(fleet, inference(reserved, NOW, 5))
+    feed_status(fleet, status(reserved, topics.SYNC_SERVICE, NOW))
+    feed_report(fleet, SyncReport(device=reserved, rollout_id="r-2", state=SyncState.ROLLED_BACK, at=NOW))
+    plugin_state = SyncReport(device=reserved, rollout_id="p-1", state=SyncState.ACTIVE, at=NOW)
+    fleet.on_plugin_sync_state(topics.plugin_sync_state(reserved, "night_alert"), encode(plugin_state))
+    fleet.on_plugin_rollout(topics.plugin_rollout("night_alert"), encode(schemas.PluginRollout(
+        rollout_id="p-1", plugin="night_alert", version=1, phase=schemas.RolloutPhase.PROMOTED,
+        target=schemas.RolloutTarget(), issued_at=NOW)))
+    snapshot = fleet.snapshot(NOW)
+    assert snapshot.devices == [] and snapshot.rollbacks == []
+    assert snapshot.plugin_rollouts[0].devices == {}
+    assert fleet.refused == 4
+
+
+def test_only_the_device_services_statuses_are_kept():
+    fleet = FleetState(stale_after_s=20)
+    for service in (*topics.DEVICE_SERVICES, "camera", "x" * 60):
+        feed_status(fleet, status("dev-a", service, NOW))
+    assert device_view(fleet, "dev-a").services == {s: "online" for s in sorted(topics.DEVICE_SERVICES)}
+    assert fleet.refused == 2
+
+
+def test_a_canary_names_its_devices_out_of_the_target_until_promoted():
+    fleet = FleetState(stale_after_s=20)
+    for device in ("device-1", "device-2"):
+        feed_status(fleet, inference(device, NOW, 1))
+    fleet.on_rollout(topics.rollout(), encode(rollout(share=0.5, canary_devices=["device-1"])))
+    view = fleet.snapshot(NOW).rollout
+    assert view is not None and view.canary_devices == ["device-1"]
+    assert view.canary == "device-1 (1 of 2 devices)"
+    listed = rollout(devices=["device-1", "device-2", "device-3"], share=0.3, canary_devices=["device-2"])
+    fleet.on_rollout(topics.rollout(), encode(listed))
+    assert fleet.snapshot(NOW).rollout.canary == "device-2 (1 of 3 devices)"
+    fleet.on_rollout(topics.rollout(), encode(rollout(groups=["yard"], share=0.5, canary_devices=["device-1"])))
+    assert fleet.snapshot(NOW).rollout.canary == "device-1 (1 device)"
+    promoted = rollout(phase=schemas.RolloutPhase.PROMOTED, share=0.5, canary_devices=["device-1"])
+    fleet.on_rollout(topics.rollout(), encode(promoted))
+    assert fleet.snapshot(NOW).rollout.canary is None
+    fleet.on_rollout(topics.rollout(), encode(rollout(share=0.5)))  # an older rollout: the share decides
+    assert fleet.snapshot(NOW).rollout.canary is None
+
+
 def test_the_rollout_shows_its_target_and_devices_per_state_of_this_rollout_only():
     fleet = FleetState(stale_after_s=20)
     fleet.on_rollout(topics.rollout(), encode(rollout(devices=["dev-a", "dev-b"], share=0.5)))
@@ -183,8 +224,9 @@ def test_rollbacks_are_bounded_newest_first():
 
 def test_plugin_rollouts_show_beside_the_model_rollout():
     fleet = FleetState(stale_after_s=20)
-    plugin = PluginRollout(rollout_id="p-1", plugin="night_alert", version=3, phase=RolloutPhase.PROMOTED,
-                           target=RolloutTarget(groups=["yard"]), issued_at=NOW)
+    plugin = schemas.PluginRollout(rollout_id="p-1", plugin="night_alert", version=3,
+                                   phase=schemas.RolloutPhase.PROMOTED, target=schemas.RolloutTarget(groups=["yard"]),
+                                   issued_at=NOW)
     fleet.on_plugin_rollout(topics.plugin_rollout("night_alert"), encode(plugin))
     report = SyncReport(device="dev-a", rollout_id="p-1", state=SyncState.ACTIVE, at=NOW)
     fleet.on_plugin_sync_state(topics.plugin_sync_state("dev-a", "night_alert"), encode(report))
@@ -280,3 +322,13 @@ def test_the_records_key_names_its_device():
 def test_the_page_ships_with_the_package():
     files = page_files()
     assert b'id="devices"' in files["index.html"] and b"EventSource" in files["console.js"]
+
+
+def test_reads_go_newest_first_device_by_device_so_a_busy_device_cannot_starve_a_quiet_one():
+    new = {f"busy-{i}": ("busy", NOW - i) for i in range(5)}
+    new["quiet-old"] = ("quiet", NOW - 3000)
+    new["quiet-new"] = ("quiet", NOW - 100)
+    order = drift_charts.read_order(new)
+    assert order[:2] == ["busy-0", "quiet-new"]  # each device's newest before anyone's second newest
+    assert order[2:4] == ["busy-1", "quiet-old"]
+    assert order[4:] == ["busy-2", "busy-3", "busy-4"]

@@ -1,7 +1,7 @@
 // The fleet console's page: renders /api/events' snapshots (server-sent events, so no reload) and draws
 // /api/charts as SVG by hand. No framework and no build step: this file is served as it is.
 // Every element a test or a script may read carries stable ids and data attributes (data-device,
-// data-health, data-sync-state, data-rollout-id, data-phase, data-rollout-state, data-chart-device).
+// data-health, data-sync-state, data-rollout-id, data-phase, data-rollout-state, data-canary, data-chart-device).
 "use strict";
 
 const COLORS = ["#2457c5", "#c2410c", "#15803d", "#7e22ce", "#b91c1c", "#0e7490"];
@@ -73,6 +73,7 @@ function renderDevices(snapshot) {
 // -- the rollouts --------------------------------------------------------------------------------------
 
 function target(r) {
+  if (r.canary) return `canary: ${r.canary}`;  // the devices it targets exactly, while not promoted
   const who = r.target_devices.length ? `devices ${r.target_devices.join(", ")}`
     : r.target_groups.length ? `groups ${r.target_groups.join(", ")}` : "all devices";
   return `${Math.round(r.share * 1000) / 10} % of ${who}`;
@@ -84,7 +85,7 @@ function rolloutBlock(r, id) {
   const devices = Object.entries(r.devices).map(([device, state]) =>
     el("li", {"data-device": device, "data-state": state}, `${device}: ${state.replace("_", " ")}`));
   return el("div", {id, "data-rollout-id": r.rollout_id, "data-phase": r.phase, "data-model": r.name,
-    "data-version": r.version, "data-kind": r.kind},
+    "data-version": r.version, "data-kind": r.kind, "data-canary": r.canary ? r.canary_devices.join(",") : ""},
     el("div", {class: "rollout-title"}, `${r.kind === "plugin" ? "plugin " : ""}${r.name} v${r.version} `,
       el("span", {class: r.phase === "aborted" ? "badge bad" : "badge good", "data-field": "phase"}, r.phase)),
     el("div", {class: "rollout-meta"}, `${r.rollout_id} · target: ${target(r)} · issued ${clock(r.issued_at)}`),

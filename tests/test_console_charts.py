@@ -1,0 +1,41 @@
+"""The console's drift charts read from a real S3 server (moto in its own process): listed device by
+device, so a device writing many objects a day cannot hide the others' behind its own in key order."""
+
+from __future__ import annotations
+
+import gzip
+import time
+
+from services.console import charts as drift_charts
+from shared import lake, s3
+from shared.schemas import AlertType, DriftSample, ModelRef, TelemetryRecord
+
+BUCKET = "edgefleet-telemetry"
+MODEL = ModelRef(name="efficientnet-lite0", version=1, sha256="a" * 64)
+
+
+def _put(client, device: str, at: float, seq: int) -> None:
+    sample = DriftSample(device=device, model=MODEL, scores={AlertType.PREDICTION_DRIFT: 0.1}, samples=10,
+                         latency_p50_ms=5.0, latency_p95_ms=9.0, at=at)
+    body = gzip.compress(TelemetryRecord(seq=seq, body=sample).model_dump_json().encode())
+    client.put_object(Bucket=BUCKET, Key=lake.records_key("drift", at, device, f"0123abcd-{seq:012d}-{seq:012d}"),
+                      Body=body)
+
+
+def test_a_busy_device_does_not_hide_a_quiet_ones_objects_and_a_cap_reached_says_truncated(s3_server, monkeypatch):
+    # The caps scaled down: a device over its cap stands for one sampling every 30 s for a day (~2,880).
+    monkeypatch.setattr(drift_charts, "MAX_KEYS_PER_DEVICE", 30)
+    monkeypatch.setattr(drift_charts, "MAX_KEYS_LISTED", 35)
+    client = s3.client(s3_server.settings())
+    client.create_bucket(Bucket=BUCKET)
+    now = time.time()
+    for seq in range(1, 41):  # "busy" sorts before "quiet": in key order its 40 objects come first
+        _put(client, "busy", now - 60 + seq, seq)
+    for seq in (1, 2):
+        _put(client, "quiet", now - 30 + seq, seq)
+    snapshot = drift_charts.DriftCharts(client, BUCKET, window_s=3600).refresh()
+    charted = {d.device: d for d in snapshot.devices}
+    assert set(charted) == {"busy", "quiet"}
+    assert len(charted["quiet"].at) == 2
+    assert len(charted["busy"].at) == 30  # its listing stopped at its cap ...
+    assert snapshot.truncated  # ... and the snapshot says so

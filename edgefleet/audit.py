@@ -9,15 +9,20 @@ The store has an identity (shared.lake.StoreMarker, made by cloud_ingest) and ev
 the ranges the device sent with the batch: which store acknowledged which numbers of the epoch
 (shared.schemas.AckRange; every batch repeats them, so one index is evidence enough). A missing number
 that no gap declares is then:
-- inside ANOTHER store's range: acknowledged by an earlier store (sent before this store existed: an
-  emptied bucket, a new local fleet beside devices that kept their outboxes);
-- inside this store's own range: lost, acknowledged by this store and not in it, which must never happen;
+- inside the range of a store that wrote to this bucket: lost, acknowledged by it and not in it, which
+  must never happen. This store wrote here; so did any other store id one of whose ranges covers a
+  record the bucket holds (the marker was deleted and made again: a new id, the same bucket);
+- inside only the ranges of stores that never wrote here: acknowledged by an earlier store (sent before
+  this store existed: an emptied bucket, a new local fleet beside devices that kept their outboxes);
 - else missing (unexplained): on its way, or nothing says where it went.
-No evidence, no explanation: without a marker (a store older than store ids) no range is told to be
-another store's, and every missing number stays unexplained."""
+A range covers exactly the numbers its store acknowledged (services/telemetry/outbox.py), so a number
+the device dropped itself is never inside one: it is missing until its gap record arrives, then
+declared lost. No evidence, no explanation: without a marker (a store older than store ids) no range is
+told to be another store's, and every missing number stays unexplained."""
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,17 +31,12 @@ from shared import lake
 from shared.schemas import AckRange
 
 
-@dataclass
-class EpochAudit:
-    epoch: str
-    received: int = 0
-    highest_seq: int = 0
-    duplicates: int = 0
-    declared_lost: dict[str, int] = field(default_factory=dict)  # by reason
-    missing: list[tuple[int, int]] = field(default_factory=list)  # unexplained ranges
-    before_store: list[tuple[int, int]] = field(default_factory=list)  # acknowledged by an earlier store
-    lost: list[tuple[int, int]] = field(default_factory=list)  # acknowledged by this store, not in it
-    first_stored_at: float = 0.0
+class _Counts:
+    """How many numbers each kind of range list holds (EpochAudit and DeviceAudit alike)."""
+
+    missing: list[tuple[int, int]]
+    before_store: list[tuple[int, int]]
+    lost: list[tuple[int, int]]
 
     @property
     def missing_count(self) -> int:
@@ -52,7 +52,20 @@ class EpochAudit:
 
 
 @dataclass
-class DeviceAudit:
+class EpochAudit(_Counts):
+    epoch: str
+    received: int = 0
+    highest_seq: int = 0
+    duplicates: int = 0
+    declared_lost: dict[str, int] = field(default_factory=dict)  # by reason
+    missing: list[tuple[int, int]] = field(default_factory=list)  # unexplained ranges
+    before_store: list[tuple[int, int]] = field(default_factory=list)  # acknowledged by an earlier store
+    lost: list[tuple[int, int]] = field(default_factory=list)  # acknowledged by this store, not in it
+    first_stored_at: float = 0.0
+
+
+@dataclass
+class DeviceAudit(_Counts):
     """A device's totals over its epochs; `epochs` holds each epoch's own numbers, oldest first."""
 
     device: str
@@ -66,36 +79,8 @@ class DeviceAudit:
     lost: list[tuple[int, int]] = field(default_factory=list)  # every epoch's, in epoch order
 
     @property
-    def missing_count(self) -> int:
-        return _count(self.missing)
-
-    @property
-    def before_store_count(self) -> int:
-        return _count(self.before_store)
-
-    @property
-    def lost_count(self) -> int:
-        return _count(self.lost)
-
-    @property
     def latest(self) -> EpochAudit:
         return list(self.epochs.values())[-1]
-
-
-def store_of(s3, bucket: str) -> lake.StoreMarker | None:
-    """The bucket's store marker; None where there is none (a store older than store ids, or empty).
-
-    :raises ClientError: any answer but "no such key"; pydantic.ValidationError: a marker that is not one.
-    """
-    from botocore.exceptions import ClientError
-
-    try:
-        body = s3.get_object(Bucket=bucket, Key=lake.STORE_MARKER)["Body"].read()
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-            return None
-        raise
-    return lake.StoreMarker.model_validate_json(body)
 
 
 def audit(s3, bucket: str, store: lake.StoreMarker | None = None) -> dict[str, DeviceAudit]:
@@ -103,25 +88,44 @@ def audit(s3, bucket: str, store: lake.StoreMarker | None = None) -> dict[str, D
 
     :param s3: a boto3 S3 client.
     :param str bucket: the telemetry bucket.
-    :param store: the bucket's marker if the caller has read it already (store_of), else it is read here.
+    :param store: the bucket's marker if the caller has read it already (lake.read_store_marker), else
+        it is read here.
+    :raises lake.StoreMarkerInvalid: the bucket's marker is not one.
+    :raises lake.BatchIndexInvalid: an index is not one (its key is named).
+    :raises botocore.exceptions.ClientError, BotoCoreError: the store did not answer as S3 does.
     """
-    store = store or store_of(s3, bucket)
+    store = store or lake.read_store_marker(s3, bucket)
+    return audit_indexes(_indexes(s3, bucket), store.store if store else None)
+
+
+def _indexes(s3, bucket: str) -> Iterable[lake.BatchIndex]:
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{lake.BATCHES}/"):
+        for obj in page.get("Contents", []):
+            body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+            yield lake.read_batch_index(body, f"s3://{bucket}/{obj['Key']}")
+
+
+def audit_indexes(indexes: Iterable[lake.BatchIndex], store: str | None) -> dict[str, DeviceAudit]:
+    """The audit of a bucket's batch indexes, by device.
+
+    :param indexes: every BatchIndex the bucket holds.
+    :param store: the bucket's store id (its marker's), None where it has none.
+    """
     seqs: dict[tuple[str, str], Counter] = {}
     gaps: dict[tuple[str, str], list] = {}
     ranges: dict[tuple[str, str], set[AckRange]] = {}
     first_at: dict[tuple[str, str], float] = {}
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{lake.BATCHES}/"):
-        for obj in page.get("Contents", []):
-            index = lake.BatchIndex.model_validate_json(s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
-            key = (index.device, index.epoch)
-            seqs.setdefault(key, Counter()).update(index.seqs)
-            gaps.setdefault(key, []).extend(index.gaps)
-            ranges.setdefault(key, set()).update(index.acknowledged)
-            first_at[key] = min(first_at.get(key, index.stored_at), index.stored_at)
+    for index in indexes:
+        key = (index.device, index.epoch)
+        seqs.setdefault(key, Counter()).update(index.seqs)
+        gaps.setdefault(key, []).extend(index.gaps)
+        ranges.setdefault(key, set()).update(index.acknowledged)
+        first_at[key] = min(first_at.get(key, index.stored_at), index.stored_at)
+    wrote_here = (_stores_that_wrote_here(seqs, ranges) | {store}) if store else set()
     report: dict[str, DeviceAudit] = {}
     for (device, epoch) in sorted(seqs, key=lambda k: first_at[k]):
-        result = _epoch(epoch, seqs[(device, epoch)], gaps.get((device, epoch), []),
-                        store.store if store else None, ranges.get((device, epoch), set()))
+        result = _epoch(epoch, seqs[(device, epoch)], gaps.get((device, epoch), []), store,
+                        ranges.get((device, epoch), set()), wrote_here)
         result.first_stored_at = first_at[(device, epoch)]
         total = report.setdefault(device, DeviceAudit(device))
         total.epochs[epoch] = result
@@ -136,8 +140,22 @@ def audit(s3, bucket: str, store: lake.StoreMarker | None = None) -> dict[str, D
     return report
 
 
+def _stores_that_wrote_here(seqs: dict[tuple[str, str], Counter],
+                            ranges: dict[tuple[str, str], set[AckRange]]) -> set[str]:
+    """The store ids one of whose ranges covers a record this bucket holds: a store acknowledges only
+    what it stored, so each of them wrote to this bucket (under an id since lost with its marker)."""
+    wrote: set[str] = set()
+    for key, claims in ranges.items():
+        held = sorted(seqs.get(key, ()))
+        for claim in claims:
+            at = bisect_left(held, claim.first_seq)
+            if at < len(held) and held[at] <= claim.last_seq:
+                wrote.add(claim.store)
+    return wrote
+
+
 def _epoch(epoch: str, counts: Counter, gaps: list, store: str | None = None,
-           acknowledged: Iterable[AckRange] = ()) -> EpochAudit:
+           acknowledged: Iterable[AckRange] = (), wrote_here: Iterable[str] = ()) -> EpochAudit:
     """One epoch's audit.
 
     :param counts: how many times each sequence number is in the store.
@@ -145,14 +163,17 @@ def _epoch(epoch: str, counts: Counter, gaps: list, store: str | None = None,
     :param store: this store's id (None: unknown, so no range counts as another store's, nor as its own).
     :param acknowledged: the acknowledgement ranges the epoch's batch indexes carry (the same range seen
         growing over batches is fine: each claims its own numbers).
+    :param wrote_here: other store ids that wrote to this bucket (_stores_that_wrote_here): their ranges
+        count as this store's own, so what they acknowledged and the bucket lacks is lost.
     """
     result = EpochAudit(epoch, received=len(counts), highest_seq=max(counts),
                         duplicates=sum(n - 1 for n in counts.values()))
     earlier: set[int] = set()
     own: set[int] = set()
+    ours = {store, *wrote_here}
     for claim in acknowledged if store is not None else ():
-        (own if claim.store == store else earlier).update(range(claim.first_seq, claim.last_seq + 1))
-    explained = set()
+        (own if claim.store in ours else earlier).update(range(claim.first_seq, claim.last_seq + 1))
+    explained: set[int] = set()
     # A device declares a gap again when the batch carrying it was given up (it may have been stored
     # all the same, its ack lost): one loss, declared twice, counts once.
     for gap in {(g.first_seq, g.last_seq, g.reason): g for g in gaps}.values():

@@ -17,10 +17,15 @@ lands in the same partition.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from shared.errors import EdgefleetError
 from shared.schemas import STORE_ID_PATTERN, AckRange, Gap
+
+if TYPE_CHECKING:  # boto3-stubs, a dev dependency
+    from mypy_boto3_s3 import S3Client
 
 ROOT = "telemetry"
 BATCHES = f"{ROOT}/_batches"
@@ -84,3 +89,51 @@ class StoreMarker(BaseModel):
 
     store: str = Field(pattern=STORE_ID_PATTERN)
     created_at: float
+
+
+class BatchIndexInvalid(EdgefleetError, ValueError):
+    """An object under BATCHES/ is not a BatchIndex (the text names its key)."""
+
+
+def read_batch_index(body: bytes, where: str) -> BatchIndex:
+    """A batch index as stored.
+
+    :param bytes body: the object's bytes.
+    :param str where: its key (or s3:// address), for the error.
+    :raises BatchIndexInvalid: the bytes are not a BatchIndex.
+    """
+    try:
+        return BatchIndex.model_validate_json(body)
+    except ValidationError as exc:
+        raise BatchIndexInvalid(f"{where} is not a batch index: {str(exc)[:300]}") from exc
+
+
+class StoreMarkerInvalid(EdgefleetError, ValueError):
+    """The object at STORE_MARKER is not a StoreMarker. It is evidence the audit rests on: never
+    overwritten, never read as absent."""
+
+
+def read_store_marker(s3: S3Client, bucket: str) -> StoreMarker | None:
+    """The bucket's store marker, as cloud_ingest and `edgefleet telemetry audit` both read it.
+
+    :param s3: a boto3 S3 client (shared.s3.client).
+    :param str bucket: the telemetry bucket.
+    :returns: the marker; None only when there is no object at STORE_MARKER (a store older than store
+        ids, or one no ingest has started on yet).
+    :raises StoreMarkerInvalid: the object is there and is not a StoreMarker (the text names its key).
+    :raises botocore.exceptions.ClientError, BotoCoreError: any other answer, or none, from the store.
+    """
+    from botocore.exceptions import ClientError  # here: a device's services import this module without S3
+
+    try:
+        body = s3.get_object(Bucket=bucket, Key=STORE_MARKER)["Body"].read()
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise
+    try:
+        return StoreMarker.model_validate_json(body)
+    except ValidationError as exc:
+        raise StoreMarkerInvalid(f"s3://{bucket}/{STORE_MARKER} is not a store marker; it is kept as it is "
+                                 f"(move it aside only if this bucket is to count as a new store): "
+                                 f"{str(exc)[:300]}") from exc

@@ -18,6 +18,13 @@ MAX_TOP = 1000
 MAX_CAMERA_KEYS = 256
 
 
+def _empty(value: object) -> bool:
+    """A field added after WIRE_VERSION 1 that holds its default (None, or an empty list) is left out of the
+    encoding: a receiver older than the field refuses unknown fields, and leaving it out is what keeps a
+    new sender's message valid to it while the field says nothing."""
+    return value is None or value == []
+
+
 class _Message(BaseModel):
     # Unknown fields are an error, not silently dropped: a typo in a client shows up at once.
     # NaN and infinity are refused in every float: one `at=inf` would poison S3 partitions, sorting and
@@ -304,7 +311,10 @@ class RolloutTarget(_Message):
     # The canary by name: while the rollout is not promoted, exactly these devices of the target install
     # it and `share` only records what the operator asked for. The operator's CLI names them (ranked by
     # the devices' own hash), so a small fleet gets an exact count. Empty (older rollouts): `share` decides.
-    canary_devices: Annotated[list[str], Field(max_length=MAX_LIST)] = Field(default_factory=list)
+    # Left out of the encoding while empty, so a device older than the field (which refuses unknown
+    # fields) still accepts a rollout that names no canary.
+    canary_devices: Annotated[list[str], Field(max_length=MAX_LIST)] = Field(default_factory=list,
+                                                                             exclude_if=_empty)
 
 
 class _RolloutFields(_Message):
@@ -515,11 +525,11 @@ MAX_ACK_RANGES = 8
 
 
 class AckRange(_Message):
-    """Records first_seq..last_seq of an outbox epoch left the outbox on acknowledgements from one telemetry
-    store (or were declared lost by a gap record among them): one range per run of acknowledgements by
-    the same store, kept by the outbox and sent with every batch. The audit of a store that finds numbers
-    missing inside another store's range knows they were sent before it existed; inside its own, that it
-    lost them."""
+    """Every number first_seq..last_seq of an outbox epoch was acknowledged by one telemetry store: one
+    range per run of consecutive numbers that store acknowledged (a number the device dropped itself is in
+    none), kept by the outbox and sent with every batch. The audit of a store that finds numbers missing
+    inside the range of a store that never wrote to its bucket knows they were sent before it existed;
+    inside its own, that it lost them."""
 
     store: str = Field(pattern=STORE_ID_PATTERN)
     first_seq: int = Field(ge=1)
@@ -543,7 +553,8 @@ class TelemetryBatch(_Message):
     sent_at: float
     # Which stores acknowledged which records of this epoch so far, oldest first (empty: none yet, or an
     # older device); cloud_ingest keeps them in the batch's index for the audit.
-    acknowledged: list[AckRange] = Field(default_factory=list, max_length=MAX_ACK_RANGES)
+    # Left out of the encoding while empty, so an ingest older than the field accepts the batch.
+    acknowledged: list[AckRange] = Field(default_factory=list, max_length=MAX_ACK_RANGES, exclude_if=_empty)
 
     @property
     def batch_id(self) -> str:
@@ -559,4 +570,5 @@ class TelemetryAck(_Message):
     dead_lettered: bool = False
     at: float
     # The id of the store that holds the batch (shared.lake.StoreMarker); None from an older ingest.
-    store: str | None = Field(None, pattern=STORE_ID_PATTERN)
+    # Left out of the encoding while None, so a device older than the field accepts the ack.
+    store: str | None = Field(None, pattern=STORE_ID_PATTERN, exclude_if=_empty)

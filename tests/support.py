@@ -3,19 +3,23 @@ collects what the device publishes. Everything talks to real Mosquitto brokers."
 
 from __future__ import annotations
 
+import re
 import subprocess
 import threading
 import time
+import urllib.request
 import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 from pydantic import BaseModel
 
 from edgefleet.spawner import Child
 from edgefleet.waiting import wait_until
-from shared import topics
+from shared import metrics, topics
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import CommonSettings
 from shared.mqtt import MqttLink, content_type_of
@@ -180,3 +184,43 @@ def unreadable_by(uid: int, *paths: Path) -> list[str]:
         if result.returncode != 0:
             blocked.append(f"{path}: {result.stderr.strip()}")
     return blocked
+
+
+# -- Prometheus metrics scraped over HTTP from a real service (tests/test_metrics.py,
+#    tests/test_telemetry_metrics_scrape.py) -----------------------------------------------------------
+
+INFO_FAMILIES = (metrics.SERVICE_INFO, metrics.MODEL_INFO)
+
+
+def metrics_url(service: ServiceProcess) -> str:
+    """The address the service logged for its endpoint (it asked for EDGEFLEET_METRICS_PORT=0: any free one)."""
+    def logged() -> str | None:
+        found = re.search(r"metrics at (http://[\d.]+:\d+/metrics)", service.log())
+        return found.group(1) if found else None
+
+    url = wait_until(lambda: logged() or (None if service.alive() else "exited"), 60, "the metrics address")
+    assert url != "exited", service.log()
+    return url
+
+
+def scrape(url: str) -> dict[str, list[Sample]]:
+    """One scrape: samples by family name as the text format declares it (info: name_info; counter: no _total)."""
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 the service's own http://127.0.0.1 endpoint
+        assert response.status == 200
+        text = response.read().decode()
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def metric_family(scraped: dict[str, list[Sample]], name: str) -> list[Sample]:
+    """A family's samples by its shared.metrics name. KeyError: the family is not served at all."""
+    return scraped[f"{name}_info" if name in INFO_FAMILIES else name.removesuffix("_total")]
+
+
+def check_metric_families(scraped: dict[str, list[Sample]], families: tuple[str, ...], device: str, *,
+                          with_samples: bool = True) -> None:
+    """Every family is served (with samples, unless with_samples is False: a labelled family with no
+    child yet), each sample labelled with the device."""
+    for name in families:
+        samples = metric_family(scraped, name)
+        labelled = all(s.labels.get(metrics.DEVICE_LABEL) == device for s in samples)
+        assert (samples or not with_samples) and labelled, (name, samples)

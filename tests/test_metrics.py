@@ -4,20 +4,16 @@ real S3 registry. Each serves EDGEFLEET_METRICS_PORT=0 (a free port, named in it
 
 from __future__ import annotations
 
-import re
 import socket
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from edgefleet import photos
 from shared import metrics as names
-from shared.metrics import DEVICE_LABEL
 from shared.schemas import SyncState
 from tests.delivery import model_variant
-from tests.support import Device, ServiceProcess, wait_until
+from tests.support import Device, check_metric_families, metric_family, metrics_url, scrape, wait_until
 
 INFERENCE_FAMILIES = (
     names.SERVICE_INFO, names.BROKER_CONNECTED, names.STATUS_TIMESTAMP,
@@ -28,55 +24,25 @@ INFERENCE_FAMILIES = (
 )
 SYNC_FAMILIES = (names.SERVICE_INFO, names.BROKER_CONNECTED, names.STATUS_TIMESTAMP, names.SYNC_STATE,
                  names.SYNC_TRANSITIONS, names.SYNC_ROLLBACKS, names.SYNC_DOWNLOADED_BYTES)
-INFO_FAMILIES = (names.SERVICE_INFO, names.MODEL_INFO)
-
-
-def _metrics_url(service: ServiceProcess) -> str:
-    """The address the service logged for its endpoint (it asked for port 0: any free one)."""
-    def logged() -> str | None:
-        found = re.search(r"metrics at (http://[\d.]+:\d+/metrics)", service.log())
-        return found.group(1) if found else None
-
-    url = wait_until(lambda: logged() or (None if service.alive() else "exited"), 60, "the metrics address")
-    assert url != "exited", service.log()
-    return url
-
-
-def _scrape(url: str) -> dict[str, list[Sample]]:
-    """One scrape: samples by family name as the text format declares it (info: name_info; counter: no _total)."""
-    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 the service's own http://127.0.0.1 endpoint
-        assert response.status == 200
-        text = response.read().decode()
-    return {f.name: f.samples for f in text_string_to_metric_families(text)}
 
 
 def _scrape_after_a_status(url: str) -> dict[str, list[Sample]]:
     """A scrape once the service has published a status (before it, the status time has no sample)."""
     def scraped() -> dict[str, list[Sample]] | None:
-        samples = _scrape(url)
+        samples = scrape(url)
         return samples if names.STATUS_TIMESTAMP in samples else None
 
     return wait_until(scraped, 30, "a status time in the metrics")
 
 
-def _family(scraped: dict[str, list[Sample]], name: str) -> list[Sample]:
-    return scraped[f"{name}_info" if name in INFO_FAMILIES else name.removesuffix("_total")]
-
-
 def _total(scraped: dict[str, list[Sample]], name: str, sample: str, /, **labels: str) -> float:
-    return sum(s.value for s in _family(scraped, name)
+    return sum(s.value for s in metric_family(scraped, name)
                if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
-
-
-def _check_families(scraped: dict[str, list[Sample]], families: tuple[str, ...], device: str) -> None:
-    for name in families:
-        samples = _family(scraped, name)  # KeyError: the family is not served at all
-        assert all(s.labels.get(DEVICE_LABEL) == device for s in samples), (name, samples)
 
 
 def test_inference_serves_every_family_and_its_counters_and_histograms_grow(broker, start_inference):
     service, device = start_inference(broker, metrics_port=0, inference_workers=1)
-    url = _metrics_url(service)
+    url = metrics_url(service)
     for i in range(3):
         device.publish_envelope("door", f"door-{i}", photos.jpeg("chelsea"))
     for i in range(3):
@@ -85,7 +51,7 @@ def test_inference_serves_every_family_and_its_counters_and_histograms_grow(brok
     device.error_for("yard")
     first = _scrape_after_a_status(url)
 
-    _check_families(first, INFERENCE_FAMILIES, device.device_id)
+    check_metric_families(first, INFERENCE_FAMILIES, device.device_id, with_samples=False)
     assert _total(first, names.FRAMES_RECEIVED, names.FRAMES_RECEIVED, camera="door") == 3
     assert _total(first, names.FRAMES_RECEIVED, names.FRAMES_RECEIVED, camera="yard") == 1
     assert _total(first, names.FRAMES_REJECTED, names.FRAMES_REJECTED, reason="malformed_envelope") == 1
@@ -99,7 +65,7 @@ def test_inference_serves_every_family_and_its_counters_and_histograms_grow(brok
     for i in range(3, 5):
         device.publish_envelope("door", f"door-{i}", photos.png("coffee"))
         device.prediction_for(f"door-{i}")
-    second = _scrape(url)
+    second = scrape(url)
 
     assert _total(second, names.FRAMES_RECEIVED, names.FRAMES_RECEIVED, camera="door") == 5
     assert _total(second, names.PREDICTIONS, names.PREDICTIONS, camera="door") == 5
@@ -131,18 +97,18 @@ def test_sync_serves_its_state_and_counts_the_states_and_bytes_of_a_rollout(flee
     device = Device(fleet.broker.url, "edge-m")
     # No inference on this device: the rollout waits at "installed" for the canary's baseline.
     sync = fleet.start_sync("edge-m", model_dir, metrics_port=0, canary_timeout_s=600)
-    url = _metrics_url(sync)
+    url = metrics_url(sync)
     device.sync_report(lambda r: r.state == "idle", "the idle report at start", 60)
     first = _scrape_after_a_status(url)
 
-    _check_families(first, SYNC_FAMILIES, "edge-m")
+    check_metric_families(first, SYNC_FAMILIES, "edge-m", with_samples=False)
     assert {s.labels["state"] for s in first[names.SYNC_STATE]} == {s.value for s in SyncState}
     assert [s.labels["state"] for s in first[names.SYNC_STATE] if s.value == 1] == ["idle"]
     assert _total(first, names.SYNC_DOWNLOADED_BYTES, names.SYNC_DOWNLOADED_BYTES) == 0
 
     fleet.rollout("efficientnet-lite0", 2, "r-metrics")
     device.sync_report(lambda r: r.rollout_id == "r-metrics" and r.state == "installed", "the rollout installed", 60)
-    second = _scrape(url)
+    second = scrape(url)
 
     assert [s.labels["state"] for s in second[names.SYNC_STATE] if s.value == 1] == ["installed"]
     for state in ("received", "downloading", "verified", "installed"):

@@ -294,7 +294,8 @@ def test_a_record_with_an_infinite_time_is_dead_lettered_and_newer_records_still
     db = sqlite3.connect(uplink.outbox_path)  # the service is stopped: put the poison in its file
     poison = db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()[0]
     blob = _poisoned_record(poison, uplink.device_id)
-    db.execute("INSERT INTO records VALUES (?,?,?,?,?)", (poison, "metric", None, len(blob), blob))
+    db.execute("INSERT INTO records (seq, kind, expires, size, body) VALUES (?,?,?,?,?)",
+               (poison, "metric", None, len(blob), blob))
     db.execute("UPDATE meta SET value=? WHERE key='next_seq'", (poison + 1,))
     db.commit()
     db.close()

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import gzip
 import json
-import re
 import socket
-import urllib.request
 
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from edgefleet import photos
 from shared import metrics as names
 from shared.schemas import AlertType, DriftSample
-from tests.support import ServiceProcess, wait_until
+from tests.support import check_metric_families, metric_family, metrics_url, scrape, wait_until
 from tests.uplink import BUCKET
 
 TELEMETRY_FAMILIES = (
@@ -31,60 +28,31 @@ INGEST_FAMILIES = (names.SERVICE_INFO, names.BROKER_CONNECTED, names.INGEST_BATC
 METRICS = {"metrics_port": "0", "metrics_host": "127.0.0.1"}
 
 
-def _metrics_url(service: ServiceProcess) -> str:
-    """The address the service logged for its endpoint (it asked for port 0: any free one)."""
-    def logged() -> str | None:
-        found = re.search(r"metrics at (http://[\d.]+:\d+/metrics)", service.log())
-        return found.group(1) if found else None
-
-    url = wait_until(lambda: logged() or (None if service.alive() else "exited"), 60, "the metrics address")
-    assert url != "exited", service.log()
-    return url
-
-
-def _scrape(url: str) -> dict[str, list[Sample]]:
-    """One scrape: samples by family name as the text format declares it (info: name_info; counter: no _total)."""
-    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 the service's own http://127.0.0.1 endpoint
-        assert response.status == 200
-        text = response.read().decode()
-    return {f.name: f.samples for f in text_string_to_metric_families(text)}
-
-
-def _family(scraped: dict[str, list[Sample]], name: str) -> list[Sample]:
-    return scraped[f"{name}_info" if name == names.SERVICE_INFO else name.removesuffix("_total")]
-
-
 def _value(scraped: dict[str, list[Sample]], name: str, sample: str | None = None, **labels: str) -> float:
     """The sum of the family's samples named `sample` (default: the family's own name) with these labels."""
     wanted = sample or name
-    return sum(s.value for s in _family(scraped, name)
+    return sum(s.value for s in metric_family(scraped, name)
                if s.name == wanted and all(s.labels.get(k) == v for k, v in labels.items()))
-
-
-def _check_families(scraped: dict[str, list[Sample]], families: tuple[str, ...], device: str) -> None:
-    for name in families:
-        samples = _family(scraped, name)  # KeyError: the family is not served at all
-        assert samples and all(s.labels.get(names.DEVICE_LABEL) == device for s in samples), (name, samples)
 
 
 def test_telemetry_and_ingest_serve_their_families_and_the_counters_move_between_scrapes(uplink):
     ingest = uplink.start_ingest(**METRICS)
     telemetry = uplink.start_telemetry(resource_interval_s="0.1", **METRICS)
-    telemetry_url, ingest_url = _metrics_url(telemetry), _metrics_url(ingest)
+    telemetry_url, ingest_url = metrics_url(telemetry), metrics_url(ingest)
     wait_until(lambda: (s := uplink.telemetry_stats()) is not None and s.records_acknowledged > 0, 60,
                "records acknowledged by the cloud")
-    first_t, first_i = _scrape(telemetry_url), _scrape(ingest_url)
-    _check_families(first_t, TELEMETRY_FAMILIES, uplink.device_id)
+    first_t, first_i = scrape(telemetry_url), scrape(ingest_url)
+    check_metric_families(first_t, TELEMETRY_FAMILIES, uplink.device_id)
     # A replica's device label is its replica id, as in its status topic: replicas sharing a configured id
     # (compose `replicas: 2`) are told apart by their host names.
-    _check_families(first_i, INGEST_FAMILIES, f"ingest-1-{socket.gethostname()}"[:64])
+    check_metric_families(first_i, INGEST_FAMILIES, f"ingest-1-{socket.gethostname()}"[:64])
     assert _value(first_t, names.BROKER_CONNECTED) == 1
     assert 0 <= _value(first_t, names.CPU_RATIO) <= 1 and 0 < _value(first_t, names.MEMORY_RATIO) < 1
-    assert {s.labels["reason"] for s in _family(first_t, names.RECORDS_DROPPED)} >= {"queue_full", "expired"}
-    assert {s.labels["type"] for s in _family(first_t, names.ALERTS_OPEN)} == {t.value for t in AlertType}
+    assert {s.labels["reason"] for s in metric_family(first_t, names.RECORDS_DROPPED)} >= {"queue_full", "expired"}
+    assert {s.labels["type"] for s in metric_family(first_t, names.ALERTS_OPEN)} == {t.value for t in AlertType}
 
     def moved() -> bool:
-        t, i = _scrape(telemetry_url), _scrape(ingest_url)
+        t, i = scrape(telemetry_url), scrape(ingest_url)
         return (_value(t, names.BATCHES_SENT) > _value(first_t, names.BATCHES_SENT)
                 and _value(t, names.RECORDS_ACKNOWLEDGED) > _value(first_t, names.RECORDS_ACKNOWLEDGED)
                 and _value(i, names.INGEST_BATCHES, outcome="stored") > _value(first_i, names.INGEST_BATCHES,
@@ -95,7 +63,7 @@ def test_telemetry_and_ingest_serve_their_families_and_the_counters_move_between
 
     wait_until(moved, 30, "the counters of both services to move between two scrapes")
     # What the device's own status says and what Prometheus reads are the same counters.
-    status, scraped = uplink.telemetry_stats(), _scrape(telemetry_url)
+    status, scraped = uplink.telemetry_stats(), scrape(telemetry_url)
     assert _value(scraped, names.RECORDS_ACKNOWLEDGED) >= status.records_acknowledged > 0
     assert telemetry.terminate() == 0
     assert ingest.terminate() == 0
@@ -114,12 +82,17 @@ def test_drift_samples_of_the_served_model_reach_s3_every_interval(uplink, start
     start_inference(uplink.device_broker, device_id=uplink.device_id)
     telemetry = uplink.start_telemetry(drift_sample_interval_s="0.5", drift_baseline="10", drift_window="10",
                                        drift_min_samples="5", **METRICS)
-    for i in range(24):
+    sent = iter(range(1_000_000))
+
+    def serving() -> list[DriftSample]:
+        """One more frame each time (a sample is taken only in an interval in which a prediction came, and
+        only once the store has acknowledged a batch by its id), then the full-window samples in S3."""
+        i = next(sent)
         uplink.device.publish_envelope("yard", f"d{i}", photos.jpeg(photos.BUNDLED[i % len(photos.BUNDLED)]))
-    wait_until(lambda: len(uplink.device.predictions) >= 24, 60, "predictions")
+        return (full := [s for s in _drift_samples(uplink) if s.samples >= 10])[1:] and full
+
+    samples = wait_until(serving, 60, "two drift samples measured over a full window, in S3", interval=0.1)
     served = uplink.device.predictions[-1].model
-    samples = wait_until(lambda: (full := [s for s in _drift_samples(uplink) if s.samples >= 10])[1:] and full,
-                         60, "two drift samples measured over a full window, in S3")
     sample = max(samples, key=lambda s: s.at)
     assert sample.device == uplink.device_id and sample.model == served
     assert {AlertType.PREDICTION_DRIFT, AlertType.CONFIDENCE_DRIFT, AlertType.LATENCY} <= set(sample.scores)
@@ -131,6 +104,6 @@ def test_drift_samples_of_the_served_model_reach_s3_every_interval(uplink, start
     every = _drift_samples(uplink)
     assert len({s.at for s in every}) == len(every), "one sample per interval, each stored once"
     # The metrics read the same detector: its scores are served as gauges too.
-    scraped = _scrape(_metrics_url(telemetry))
-    assert {s.labels["measure"] for s in _family(scraped, names.DRIFT_SCORE)} >= {"prediction_drift", "latency"}
+    scraped = scrape(metrics_url(telemetry))
+    assert {s.labels["measure"] for s in metric_family(scraped, names.DRIFT_SCORE)} >= {"prediction_drift", "latency"}
     assert telemetry.terminate() == 0

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 
-from edgefleet.audit import store_of
 from services.cloud_ingest import store_marker
 from shared import lake, s3
 from shared.config import IngestSettings, load
@@ -33,7 +32,7 @@ def test_a_fresh_store_shows_what_an_earlier_store_acknowledged_as_sent_before_i
     telemetry = uplink.start_telemetry(**SLOW)
     wait_until(lambda: uplink.audit().received > 20, 60, "records in the first store")
     assert ingest.terminate() == 0  # the fleet goes away; the device keeps its outbox and keeps recording
-    first_store, first = store_of(uplink.store, BUCKET), uplink.audit()
+    first_store, first = lake.read_store_marker(uplink.store, BUCKET), uplink.audit()
     assert first.missing == [] and first.lost == [] and first.before_store == []
     # Every batch the first store holds was acknowledged, and the device keeps that it was.
     assert uplink.outbox_acknowledged() == [(first_store.store, 1, first.highest_seq)]
@@ -43,7 +42,7 @@ def test_a_fresh_store_shows_what_an_earlier_store_acknowledged_as_sent_before_i
     wait_until(lambda: uplink.audit().received > 20, 60, "records in the new store")
     assert telemetry.terminate() == 0
     assert ingest.terminate() == 0
-    second_store, second = store_of(uplink.store, BUCKET), uplink.audit()
+    second_store, second = lake.read_store_marker(uplink.store, BUCKET), uplink.audit()
     assert second_store is not None and second_store.store != first_store.store
     assert second.before_store == [(1, first.highest_seq)], "sent before this store existed"
     assert second.missing == [] and second.lost == [] and second.duplicates == 0
@@ -66,6 +65,29 @@ def test_a_fresh_store_shows_what_an_earlier_store_acknowledged_as_sent_before_i
     assert damaged.before_store == [(1, first.highest_seq)]
 
 
+def test_a_marker_made_again_in_the_same_bucket_leaves_the_old_ids_losses_lost_not_sent_before(uplink):
+    """The marker is deleted and the next ingest makes a new id in the same bucket. The bucket holds
+    records the old id acknowledged, so the old id wrote here: a batch of it that goes missing is lost."""
+    ingest = uplink.start_ingest()
+    telemetry = uplink.start_telemetry(**SLOW)
+    wait_until(lambda: uplink.audit().received > 20, 60, "records under the first id")
+    assert ingest.terminate() == 0
+    old_id = lake.read_store_marker(uplink.store, BUCKET)
+    uplink.store.delete_object(Bucket=BUCKET, Key=lake.STORE_MARKER)
+    ingest = uplink.start_ingest()
+    wait_until(lambda: (m := lake.read_store_marker(uplink.store, BUCKET)) is not None and m != old_id
+               and uplink.audit().received > 40, 60, "records under a new id in the same bucket")
+    assert telemetry.terminate() == 0
+    assert ingest.terminate() == 0
+    new_id = lake.read_store_marker(uplink.store, BUCKET)
+    assert new_id is not None and old_id is not None and new_id.store != old_id.store
+    old_batch = min(_indexes(uplink), key=lambda i: i.seqs[0])  # acknowledged by the old id
+    uplink.store.delete_object(Bucket=BUCKET, Key=lake.index_key(old_batch.device, old_batch.batch_id))
+    result = uplink.audit()
+    assert result.lost == [(old_batch.seqs[0], old_batch.seqs[-1])], "lost, never 'sent before this store'"
+    assert result.before_store == [] and result.missing == []
+
+
 def _indexes(uplink) -> list[lake.BatchIndex]:
     return [lake.BatchIndex.model_validate_json(uplink.store.get_object(Bucket=BUCKET, Key=key)["Body"].read())
             for key in uplink.objects(f"{lake.BATCHES}/")]
@@ -81,7 +103,7 @@ def test_replicas_starting_together_on_an_empty_bucket_agree_on_one_store_id(s3_
     for thread in threads:
         thread.join()
     assert len(claimed) == 4 and len({m.store for m in claimed}) == 1
-    assert store_of(client, BUCKET) == claimed[0]
+    assert lake.read_store_marker(client, BUCKET) == claimed[0]
     assert store_marker.claim(client, BUCKET) == claimed[0]  # a later start reads it, never makes another
 
 
@@ -97,3 +119,23 @@ def test_ingest_refuses_to_start_on_a_store_marker_it_cannot_read_and_leaves_it_
     assert "cannot start" in ingest.log() and lake.STORE_MARKER in ingest.log()
     kept = client.get_object(Bucket=BUCKET, Key=lake.STORE_MARKER)["Body"].read()
     assert kept == b"{not a marker", "the marker is evidence: never overwritten"
+
+
+def test_the_audit_names_the_key_of_a_marker_it_cannot_read_and_of_a_store_that_fails(s3_server):
+    """`edgefleet telemetry audit` on an invalid marker, then on a bucket that does not exist: a line that
+    names the key and a non-zero exit, never a traceback."""
+    client = s3.client(s3_server.settings())
+    s3.ensure_bucket(client, BUCKET)
+    client.put_object(Bucket=BUCKET, Key=lake.STORE_MARKER, Body=b"{not a marker")
+
+    def audit(bucket: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, **s3_server.env(), "EDGEFLEET_TELEMETRY_BUCKET": bucket}
+        return subprocess.run([sys.executable, "-m", "edgefleet", "telemetry", "audit"], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    invalid = audit(BUCKET)
+    assert invalid.returncode == 1 and "Traceback" not in invalid.stderr, invalid.stderr
+    assert f"s3://{BUCKET}/{lake.STORE_MARKER} is not a store marker" in invalid.stderr
+    absent = audit("no-such-bucket")
+    assert absent.returncode == 1 and "Traceback" not in absent.stderr, absent.stderr
+    assert f"cannot read s3://no-such-bucket/{lake.STORE_MARKER}" in absent.stderr

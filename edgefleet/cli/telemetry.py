@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from edgefleet.cli.common import ConfigFile, load_settings
+from edgefleet.cli.common import ConfigFile, fail, load_settings, reported
 from shared.config import IngestSettings, TelemetrySettings, describe_keys
 
 if TYPE_CHECKING:
@@ -42,15 +42,26 @@ def telemetry_audit(
     import json
     from dataclasses import asdict
 
+    from botocore.exceptions import BotoCoreError, ClientError
     from rich.console import Console
 
-    from edgefleet.audit import audit, store_of
-    from shared import s3
+    from edgefleet.audit import audit
+    from shared import lake, s3
 
     settings = load_settings(IngestSettings, config)
     client = s3.client(settings)
-    store = store_of(client, settings.telemetry_bucket)
-    report = audit(client, settings.telemetry_bucket, store)
+    bucket = settings.telemetry_bucket
+    # A marker or an index that is not one names its key, and so does a store that does not answer: no traceback.
+    with reported("telemetry audit", lake.StoreMarkerInvalid, lake.BatchIndexInvalid):
+        try:
+            store = lake.read_store_marker(client, bucket)
+        except (ClientError, BotoCoreError) as exc:
+            raise fail("telemetry audit", f"cannot read s3://{bucket}/{lake.STORE_MARKER}: {exc}") from None
+        try:
+            report = audit(client, bucket, store)
+        except (ClientError, BotoCoreError) as exc:
+            raise fail("telemetry audit", f"cannot read the batch indexes under s3://{bucket}/{lake.BATCHES}/: "
+                                          f"{exc}") from None
     if json_out:
         for device in sorted(report):
             r = report[device]
@@ -58,7 +69,7 @@ def telemetry_audit(
                                    "before_store_count": r.before_store_count,
                                    "store": store.store if store else None}))
         return
-    Console().print(audit_table(report, settings.telemetry_bucket, store.store if store else None))
+    Console().print(audit_table(report, bucket, store.store if store else None))
 
 
 def _ranges(ranges: list[tuple[int, int]]) -> str:

@@ -12,10 +12,9 @@ import time
 from typing import TYPE_CHECKING
 
 from botocore.exceptions import ClientError
-from pydantic import ValidationError
 
-from services.cloud_ingest.errors import IngestError
 from shared import lake
+from shared.lake import StoreMarkerInvalid
 
 if TYPE_CHECKING:  # boto3-stubs, a dev dependency
     from mypy_boto3_s3 import S3Client
@@ -25,20 +24,17 @@ _LOST_RACE = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 _ABSENT = {"NoSuchKey", "404"}
 
 
-class StoreMarkerInvalid(IngestError):
-    """The bucket holds a store marker that does not validate: ingest will not guess a new identity."""
-
-
 def claim(s3: S3Client, bucket: str) -> lake.StoreMarker:
     """The bucket's store marker: read, or created if there is none.
 
     :param s3: a boto3 S3 client (shared.s3.client).
     :param str bucket: the telemetry bucket (it exists).
     :returns: the marker every replica of this store agrees on.
-    :raises StoreMarkerInvalid: the object at lake.STORE_MARKER is not a StoreMarker.
+    :raises StoreMarkerInvalid: (shared.lake's, a ValueError) the object at lake.STORE_MARKER is not a
+        StoreMarker, or cannot be read back once written.
     :raises ClientError, BotoCoreError: the store did not answer as S3 does (for the caller to report).
     """
-    marker = _read(s3, bucket)
+    marker = lake.read_store_marker(s3, bucket)
     if marker is not None:
         return marker
     mine = lake.StoreMarker(store=secrets.token_hex(16), created_at=time.time())
@@ -50,22 +46,7 @@ def claim(s3: S3Client, bucket: str) -> lake.StoreMarker:
             raise
     # Ours, or another replica's written between our read and our PUT. Read back even when ours was
     # taken: a store that ignores the condition keeps the last writer's, and that is the one to use.
-    marker = _read(s3, bucket)
+    marker = lake.read_store_marker(s3, bucket)
     if marker is None:
         raise StoreMarkerInvalid(f"s3://{bucket}/{lake.STORE_MARKER} was written but cannot be read back")
     return marker
-
-
-def _read(s3: S3Client, bucket: str) -> lake.StoreMarker | None:
-    try:
-        body = s3.get_object(Bucket=bucket, Key=lake.STORE_MARKER)["Body"].read()
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in _ABSENT:
-            return None
-        raise
-    try:
-        return lake.StoreMarker.model_validate_json(body)
-    except ValidationError as exc:
-        raise StoreMarkerInvalid(f"s3://{bucket}/{lake.STORE_MARKER} is not a store marker; it is kept as it is "
-                                 f"(move it aside only if this bucket is to count as a new store): "
-                                 f"{str(exc)[:300]}") from exc

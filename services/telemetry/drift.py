@@ -58,11 +58,13 @@ class DriftDetector:
         self.model: ModelRef | None = None
         self.open: dict[AlertType, Alert] = {}
         self._since_evaluation = 0
+        self._since_sample = 0  # predictions (cached ones too) since the last sample(): none, no new sample
         self._lock = threading.Lock()
 
     def observe(self, prediction: Prediction) -> list[Alert]:
         """Takes one record; returns the alerts raised or resolved by it."""
         with self._lock:
+            self._since_sample += 1
             return self._observe(prediction)
 
     def measure(self) -> dict[AlertType, float]:
@@ -78,10 +80,13 @@ class DriftDetector:
 
     def sample(self, now: float | None = None) -> DriftSample | None:
         """The scores now, the number of predictions in the window and its latency (Prediction.timings.total_ms,
-        p50 and p95); None before the first prediction (no model to speak of)."""
+        p50 and p95); None before the first prediction (no model to speak of) and when no prediction came
+        since the last sample: inference stopped, and the same scores again would chart a model still
+        serving."""
         with self._lock:
-            if self.model is None:
+            if self.model is None or self._since_sample == 0:
                 return None
+            self._since_sample = 0
             totals = [p.timings.total_ms for p in self.window]
             p50, p95_ = (float(v) for v in np.percentile(totals, [50, 95])) if totals else (None, None)
             scores = self._measure() if len(totals) >= self.min_samples else {}

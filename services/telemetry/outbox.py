@@ -26,11 +26,11 @@ committed record survives SIGKILL and a power cut) between what the device learn
 - Records taken into memory but not committed because a write failed (disk full) are counted in a
   side file whose bytes were allocated when it was made, so the count can be written when nothing
   else can; the next start turns it into a `write_failed` gap.
-- Which store acknowledged what: one range of sequence numbers per run of acknowledgements by the same
-  telemetry store (its id, TelemetryAck.store), kept in the same transaction as the deletion the
-  acknowledgement allows. Every batch carries the latest ranges (AckRange), so a store set up after the
-  device sent its first records (an emptied bucket, a new fleet) can tell them from records it lost,
-  from any one of the device's batches it holds.
+- Which store acknowledged what: one range per run of consecutive sequence numbers acknowledged by the
+  same telemetry store (its id, TelemetryAck.store), never spanning a number the device dropped itself,
+  kept in the same transaction as the deletion the acknowledgement allows. Every batch carries the
+  latest ranges (AckRange), so a store set up after the device sent its first records (an emptied
+  bucket, a new fleet) can tell them from records it lost, from any one of the device's batches it holds.
 
 Why SQLite and not a queue library: persist-queue and diskcache offer no byte cap with a drop policy,
 no per-record TTL and no in-flight batch that survives a restart; SQLite gives the transactions all of
@@ -61,7 +61,8 @@ log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
-    seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, expires REAL, size INTEGER NOT NULL, body BLOB NOT NULL);
+    seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, expires REAL, size INTEGER NOT NULL, body BLOB NOT NULL,
+    queued_at REAL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS dead_letters (
     seq INTEGER NOT NULL, epoch TEXT NOT NULL, body BLOB NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL);
@@ -70,6 +71,9 @@ CREATE TABLE IF NOT EXISTS acknowledged (
 """
 P = ParamSpec("P")
 R = TypeVar("R")
+# queued_at: when the row was committed, the age of a record whose body no longer decodes (files made
+# before the column have it added, empty: see Outbox.oldest_at).
+_INSERT = "INSERT INTO records (seq, kind, expires, size, body, queued_at) VALUES (?,?,?,?,?,?)"
 _LOST = struct.Struct("<q")  # the side file: records lost to a failed write, not yet recorded as a gap
 
 
@@ -125,6 +129,8 @@ class Outbox:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.executescript(_SCHEMA)
+        if "queued_at" not in {row[1] for row in db.execute("PRAGMA table_info(records)")}:
+            db.execute("ALTER TABLE records ADD COLUMN queued_at REAL")
         return db
 
     def _open_checked(self) -> str | None:
@@ -189,8 +195,8 @@ class Outbox:
             except (sqlite3.DatabaseError, ValueError):
                 continue
             blob = encode(record.model_copy(update={"seq": seq - offset}), WireFormat.MSGPACK) if offset else row[4]
-            self.db.execute("INSERT OR IGNORE INTO records VALUES (?,?,?,?,?)",
-                            (seq - offset, row[1], row[2], len(blob), blob))
+            self.db.execute(_INSERT.replace("INSERT", "INSERT OR IGNORE", 1),
+                            (seq - offset, row[1], row[2], len(blob), blob, time.time()))
             readable.add(seq)
             kept += 1
         old.close()
@@ -218,16 +224,22 @@ class Outbox:
         return ranges
 
     def _acknowledged_by(self, store: str, first: int, last: int) -> None:
-        """Extends the latest range if `store` acknowledged it too, else starts one (in the caller's transaction)."""
+        """Records that `store` acknowledged exactly first..last, every number of it (in the caller's
+        transaction): the latest range grows only when this run continues it without a hole and the same
+        store acknowledged it; else a range starts. A range never spans a number the store did not
+        acknowledge (one the device dropped, whose gap record may still be queued): the audit would call
+        that number lost by the store. Past MAX_ACK_RANGES the oldest ranges go, which only leaves numbers
+        unexplained (missing), never wrongly explained."""
         latest = self.db.execute("SELECT first_seq, last_seq, store FROM acknowledged ORDER BY first_seq DESC "
                                  "LIMIT 1").fetchone()
-        if latest is not None and latest[2] == store:
-            self.db.execute("UPDATE acknowledged SET last_seq = max(last_seq, ?) WHERE first_seq = ?",
-                            (last, latest[0]))
-        elif latest is None or first > latest[1]:  # an old acknowledgement arriving late claims nothing new
-            self.db.execute("INSERT INTO acknowledged VALUES (?, ?, ?)", (first, last, store))
-            self.db.execute("DELETE FROM acknowledged WHERE first_seq NOT IN "
-                            "(SELECT first_seq FROM acknowledged ORDER BY first_seq DESC LIMIT ?)", (MAX_ACK_RANGES,))
+        if latest is not None and first <= latest[1]:  # an old acknowledgement arriving late claims nothing new
+            return
+        if latest is not None and latest[2] == store and first == latest[1] + 1:
+            self.db.execute("UPDATE acknowledged SET last_seq = ? WHERE first_seq = ?", (last, latest[0]))
+            return
+        self.db.execute("INSERT INTO acknowledged VALUES (?, ?, ?)", (first, last, store))
+        self.db.execute("DELETE FROM acknowledged WHERE first_seq NOT IN "
+                        "(SELECT first_seq FROM acknowledged ORDER BY first_seq DESC LIMIT ?)", (MAX_ACK_RANGES,))
 
     def _get(self, key: str, default: int) -> int:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -274,12 +286,12 @@ class Outbox:
             for i, body in enumerate(bodies):
                 blob = encode(TelemetryRecord(seq=first + i, body=body), WireFormat.MSGPACK)
                 ttl = self.ttl_s.get(body.kind)
-                rows.append((first + i, body.kind, now + ttl if ttl else None, len(blob), blob))
+                rows.append((first + i, body.kind, now + ttl if ttl else None, len(blob), blob, now))
             if self.drop == "newest" and self.stats.bytes + sum(r[3] for r in rows) > self.max_bytes:
                 self.db.execute("ROLLBACK")
                 self._refuse(len(rows))
                 return []
-            self.db.executemany("INSERT INTO records VALUES (?,?,?,?,?)", rows)
+            self.db.executemany(_INSERT, rows)
             self._set("next_seq", first + len(rows))
             self.stats.bytes += sum(r[3] for r in rows)
             self.stats.records += len(rows)
@@ -338,7 +350,7 @@ class Outbox:
         """Appends a gap record under the next sequence number (inside the caller's transaction); returns it."""
         seq = self._get("next_seq", 1)
         blob = encode(TelemetryRecord(seq=seq, body=gap), WireFormat.MSGPACK)
-        self.db.execute("INSERT INTO records VALUES (?,?,?,?,?)", (seq, "gap", None, len(blob), blob))
+        self.db.execute(_INSERT, (seq, "gap", None, len(blob), blob, time.time()))
         self._set("next_seq", seq + 1)
         self.stats.bytes += len(blob)
         self.stats.records += 1
@@ -513,16 +525,17 @@ class Outbox:
         :returns: how many records were deleted.
         """
         self.db.execute("BEGIN IMMEDIATE")
-        size, count = self.db.execute(
-            "SELECT coalesce(sum(size), 0), count(*) FROM records WHERE seq BETWEEN ? AND ?", (first, last)
-        ).fetchone()
+        held = self.db.execute("SELECT seq, size FROM records WHERE seq BETWEEN ? AND ? ORDER BY seq",
+                               (first, last)).fetchall()
+        size, count = sum(row[1] for row in held), len(held)
         self.db.execute("DELETE FROM records WHERE seq BETWEEN ? AND ?", (first, last))
         if (self._get("inflight_first", 0), self._get("inflight_last", 0)) == (first, last):
             self._set("inflight_first", 0)
             self._set("inflight_last", 0)
             self._set("inflight_attempts", 0)
-        if store is not None:
-            self._acknowledged_by(store, first, last)
+        if store is not None:  # the numbers the batch held: first..last may have holes the device dropped
+            for run_first, run_last in _runs([row[0] for row in held]):
+                self._acknowledged_by(store, run_first, run_last)
         self.db.execute("COMMIT")
         if store is not None:
             self.acknowledged = self._load_acknowledged()
@@ -532,9 +545,14 @@ class Outbox:
 
     @_locked
     def oldest_at(self) -> float | None:
-        """When the oldest record still held was made (its body's `at`), None when empty. Cheap: one
-        primary-key lookup, and the record is decoded only when the oldest one has changed since."""
-        row = self.db.execute("SELECT seq FROM records ORDER BY seq LIMIT 1").fetchone()
+        """When the oldest record still held was made (its body's `at`), None only when empty. Cheap: one
+        primary-key lookup, and the record is decoded only when the oldest one has changed since.
+
+        A body that no longer decodes still has an age (it is dead-lettered only when sent, so while the
+        link is down it is exactly the record that sits there): the row's queued_at, or, in a row written
+        before that column, the first time this process found it, so the age grows and the outbox-stuck
+        alert can fire."""
+        row = self.db.execute("SELECT seq, queued_at FROM records ORDER BY seq LIMIT 1").fetchone()
         if row is None:
             self._oldest = None
             return None
@@ -542,11 +560,28 @@ class Outbox:
             body = self.db.execute("SELECT body FROM records WHERE seq = ?", (row[0],)).fetchone()[0]
             try:
                 at = decode(TelemetryRecord, body, WireFormat.MSGPACK.content_type).body.at
-            except ValueError:  # undecodable: it is dead-lettered when sent; until then its age is unknown
-                return None
+            except ValueError:
+                at = row[1] if row[1] is not None else time.time()
             self._oldest = (row[0], at)
         return self._oldest[1]
+
+    @property
+    def store_seen(self) -> bool:
+        """Whether a telemetry store has acknowledged records of this outbox by its id: proof that the
+        cloud's ingest knows the messages added since WIRE_VERSION 1 (DriftSample among them)."""
+        return bool(self.acknowledged)
 
     @_locked
     def close(self) -> None:
         self.db.close()
+
+
+def _runs(numbers: list[int]) -> list[tuple[int, int]]:
+    """The runs of consecutive numbers in an ascending list: [1, 2, 3, 7, 8] → [(1, 3), (7, 8)]."""
+    runs: list[tuple[int, int]] = []
+    for n in numbers:
+        if runs and runs[-1][1] == n - 1:
+            runs[-1] = (runs[-1][0], n)
+        else:
+            runs.append((n, n))
+    return runs

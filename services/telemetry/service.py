@@ -116,8 +116,7 @@ class TelemetryService:
                     self._queue(self._resources)
                 if now >= due["drift"]:
                     due["drift"] = now + s.drift.sample_interval_s
-                    if (drift := self.drift.sample()) is not None:
-                        self._queue(drift)
+                    self._sample_drift()
                 if now >= due["expire"]:
                     due["expire"] = now + 60
                     self.outbox.expire()
@@ -138,6 +137,14 @@ class TelemetryService:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def _sample_drift(self) -> None:
+        """Queues the drift detector's sample, once the cloud has shown it knows drift samples: an ingest
+        older than DriftSample dead-letters the whole batch that carries one, the device's other records
+        with it. An acknowledgement naming its store (TelemetryAck.store, which the outbox keeps) comes
+        only from an ingest that knows them; until then no sample is taken, so none waits to be sent."""
+        if self.outbox.store_seen and (drift := self.drift.sample()) is not None:
+            self._queue(drift)
 
     def _queue(self, body: RecordBody) -> None:
         with self._pending_lock:

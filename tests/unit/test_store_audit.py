@@ -12,10 +12,20 @@ import pytest
 from pydantic import ValidationError
 from rich.console import Console
 
-from edgefleet.audit import DeviceAudit, _epoch
+from edgefleet.audit import DeviceAudit, _epoch, audit_indexes
 from edgefleet.cli.telemetry import audit_table
 from services.telemetry.outbox import Outbox
-from shared.schemas import MAX_ACK_RANGES, AckRange, Gap, GapReason, ResourceSample, TelemetryAck
+from shared import lake
+from shared.schemas import (
+    MAX_ACK_RANGES,
+    AckRange,
+    DriftSample,
+    Gap,
+    GapReason,
+    ResourceSample,
+    TelemetryAck,
+    TelemetryRecord,
+)
 
 STORE_A, STORE_B = "a" * 32, "b" * 32
 
@@ -60,6 +70,85 @@ def test_the_outbox_sends_only_the_latest_ranges(tmp_path):
         _ack_next(outbox, 1, (STORE_A, STORE_B)[i % 2])
     assert [r.first_seq for r in outbox.acknowledged] == list(range(3, MAX_ACK_RANGES + 3))
     outbox.close()
+
+
+def _drift() -> DriftSample:
+    return DriftSample(device="edge-w", scores={}, samples=0, at=time.time())
+
+
+def _stored(batch: list[TelemetryRecord]) -> tuple[list[int], list[Gap]]:
+    """What the store holds of an acknowledged batch: its numbers, and the gaps among its records."""
+    return [r.seq for r in batch], [r.body for r in batch if isinstance(r.body, Gap)]
+
+
+def test_records_the_device_dropped_are_missing_then_declared_lost_never_lost_by_the_store(tmp_path):
+    """Store A acknowledged 1-5 and 16-40; the device itself let 6-15 expire while offline, and the gap
+    record saying so (41) is still queued: nothing the store acknowledged is absent."""
+    outbox = Outbox(tmp_path / "outbox.db", "edge-w", 1 << 30, ttl_s={"drift": 60})
+    outbox.append([_sample()] * 5)
+    batch = outbox.next_batch(5, 1 << 20)
+    outbox.ack(1, 5, STORE_A)
+    held, gaps = _stored(batch)
+    outbox.append([_drift()] * 10 + [_sample()] * 25)  # 6-15 expire, 16-40 are sent
+    assert outbox.expire(now=time.time() + 3600) == 10
+    batch = outbox.next_batch(25, 1 << 20)
+    assert [r.seq for r in batch] == list(range(16, 41))
+    outbox.ack(16, 40, STORE_A)
+    assert outbox.acknowledged == [AckRange(store=STORE_A, first_seq=1, last_seq=5),
+                                   AckRange(store=STORE_A, first_seq=16, last_seq=40)]
+    held += [r.seq for r in batch]
+    before_gap = _epoch("e1", Counter(held), gaps, STORE_A, outbox.acknowledged)
+    assert before_gap.missing == [(6, 15)] and before_gap.lost == [] and before_gap.before_store == []
+    batch = outbox.next_batch(25, 1 << 20)  # the gap record arrives
+    assert [r.seq for r in batch] == [41]
+    outbox.ack(41, 41, STORE_A)
+    more, gaps = _stored(batch)
+    after_gap = _epoch("e1", Counter(held + more), gaps, STORE_A, outbox.acknowledged)
+    assert after_gap.declared_lost == {"expired": 10}
+    assert after_gap.missing == [] and after_gap.lost == [] and after_gap.before_store == []
+    outbox.close()
+
+
+def test_a_batch_with_holes_is_acknowledged_as_one_range_per_run(tmp_path):
+    outbox = Outbox(tmp_path / "outbox.db", "edge-w", 1 << 30, ttl_s={"drift": 60})
+    outbox.append([_sample()] * 10 + [_drift()] * 5 + [_sample()] * 5)
+    outbox.expire(now=time.time() + 3600)  # 11-15 gone; their gap is 21
+    batch = outbox.next_batch(100, 1 << 20)
+    assert [r.seq for r in batch] == [*range(1, 11), *range(16, 22)]
+    outbox.ack(1, 21, STORE_A)
+    assert outbox.acknowledged == [AckRange(store=STORE_A, first_seq=1, last_seq=10),
+                                   AckRange(store=STORE_A, first_seq=16, last_seq=21)]
+    outbox.close()
+
+
+def _index(seqs: list[int], acknowledged: list[AckRange], epoch: str = "e1", device: str = "edge-w"
+           ) -> lake.BatchIndex:
+    return lake.BatchIndex(device=device, batch_id=f"{epoch}-{seqs[0]}-{seqs[-1]}", epoch=epoch, seqs=seqs,
+                           kinds={"metric": len(seqs)}, gaps=[], objects=[], stored_at=time.time(),
+                           acknowledged=acknowledged)
+
+
+def test_a_store_whose_marker_was_made_again_in_the_same_bucket_is_not_an_earlier_store():
+    """The marker was deleted and ingest made a new one (B) in the same bucket. The bucket holds records
+    inside A's range, so A wrote here: what A acknowledged and the bucket lacks is lost, not 'before store'."""
+    a_range = AckRange(store=STORE_A, first_seq=1, last_seq=40)
+    indexes = [_index(list(range(1, 21)), [AckRange(store=STORE_A, first_seq=1, last_seq=20)]),
+               # 21-30: A acknowledged them, and their objects are gone from this bucket
+               _index(list(range(31, 41)), [a_range]),
+               _index(list(range(41, 51)), [a_range, AckRange(store=STORE_B, first_seq=41, last_seq=50)])]
+    report = audit_indexes(indexes, STORE_B)["edge-w"]
+    assert report.lost == [(21, 30)] and report.before_store == [] and report.missing == []
+
+
+def test_a_truly_earlier_store_that_never_wrote_here_is_still_before_this_store():
+    indexes = [_index(list(range(41, 51)), [AckRange(store=STORE_A, first_seq=1, last_seq=40),
+                                           AckRange(store=STORE_B, first_seq=41, last_seq=50)])]
+    report = audit_indexes(indexes, STORE_B)["edge-w"]
+    assert report.before_store == [(1, 40)] and report.lost == [] and report.missing == []
+    # Evidence from any device's epoch in the bucket counts: A wrote another device's records here.
+    other = _index([7], [AckRange(store=STORE_A, first_seq=7, last_seq=7)], device="edge-x")
+    report = audit_indexes([*indexes, other], STORE_B)["edge-w"]
+    assert report.lost == [(1, 40)] and report.before_store == []
 
 
 def test_a_range_or_store_id_that_is_not_one_is_refused_on_the_wire():

@@ -178,6 +178,6 @@ class IngestService:
 
 
 def main(settings: IngestSettings) -> int:
-    # IngestError: the store unreachable at start, or its marker invalid;
-    # OSError: a certificate or key file it cannot read.
+    # IngestError: the store unreachable at start; ValueError: its marker invalid (lake.StoreMarkerInvalid) or a
+    # bad setting; OSError: a certificate or key file it cannot read.
     return serve(SERVICE, settings, lambda: IngestService(settings), (IngestError, OSError, ValueError))

@@ -115,7 +115,8 @@ class CanaryPlan:
     line: str
 
 
-def plan_canary(rollout_id: str, target: RolloutTarget, known: list[str], count: int | None = None) -> CanaryPlan:
+def plan_canary(rollout_id: str, target: RolloutTarget, known: list[str], count: int | None = None,
+                let_devices_draw: bool = False) -> CanaryPlan:
     """Names the canary's devices (pure: no I/O), so a small fleet gets an exact count: `count` devices,
     or the target's share of them rounded up (at least one). They are ranked by the devices' own hash
     (services.sync.membership.position), so a share names the devices it would have drawn anyway.
@@ -124,9 +125,13 @@ def plan_canary(rollout_id: str, target: RolloutTarget, known: list[str], count:
     :param target: what the operator asked for: devices or groups, and a share (1: everybody at once).
     :param known: the fleet's devices the CLI knows (online, with a fresh retained sync status).
     :param count: --canary-devices: exactly this many devices go first.
+    :param let_devices_draw: a share of a fleet the CLI knows no device of is left to each device's own
+        draw (with groups it always is); otherwise it is refused.
     :returns: the target with canary_devices set where the devices could be named, and the plan's line.
     :raises CanaryRefused: `count` with groups (a device's groups are its own setting: the CLI cannot
-        name their members) or with more devices than the target holds.
+        name their members) or with more devices than the target holds; a share of the whole fleet when
+        no device is known and not let_devices_draw (each device's draw may make a canary of none or
+        all of a small fleet).
     """
     candidates = list(target.devices) or ([] if target.groups else known)
     whole = f"group {', '.join(target.groups)}" if target.groups else f"{len(candidates)} devices"
@@ -139,6 +144,12 @@ def plan_canary(rollout_id: str, target: RolloutTarget, known: list[str], count:
         if count is not None:
             raise CanaryRefused("no device has a fresh online status on the fleet broker, so none can be named: "
                                 "start the devices first, or list them with --devices")
+        if not (target.groups or let_devices_draw):
+            raise CanaryRefused(
+                f"a {target.share:.0%} canary, but no device has a fresh online status on the fleet broker, so none "
+                "can be counted or named, and devices drawing the share by themselves may make a canary of none or "
+                "all of a small fleet: start the devices (or wait until their sync reports online) and run it again, "
+                "name them with --devices a,b, or pass --let-devices-draw to leave the draw to each device")
         where = whole if target.groups else "the devices (none has a fresh status on the fleet broker yet)"
         return CanaryPlan(target, f"canary: {target.share:.0%} of {where}, each device deciding by itself")
     if count is not None and count > len(candidates):

@@ -3,6 +3,7 @@ versions only going up) and list what is published. The layout and signature for
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -18,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from edgefleet.errors import ToolError
 from edgefleet.plugin_spec import check_module, load_spec
 from shared import VERSION, registry
-from shared.cascade import CascadeMember, is_cascade, load_members
+from shared.cascade import MAX_CASCADE_BYTES, CascadeMember, CascadeSpec, is_cascade, load_members
 from shared.manifest import MODEL_FILE, ModelManifest, load_verified
 from shared.plugin import PluginManifest
 from shared.s3 import ensure_bucket
@@ -33,10 +34,18 @@ _OBJECT_KEY = re.compile(r"(?P<version>[1-9][0-9]{0,8})/(?P<object>[^/]+)")
 MAX_SINGLE_PUT_BYTES = 5 * 1024**3
 # 412 from a PUT If-None-Match: *; 409 when another conditional write of the key is in flight (AWS).
 _TAKEN = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+# A publish that chose its version itself and lost it to a racing publisher takes the next free one, at
+# most this many times: each loss means another publish succeeded, so more is a registry under a storm.
+RACED_RETRIES = 5
+_MISSING = ("NoSuchKey", "404", "NotFound")
 
 
 class PublishRefused(ToolError, RuntimeError):
     """A model that must not reach the fleet: failed gate, stale or taken version."""
+
+
+class _Raced(PublishRefused):
+    """The first object of a version (the artifact) already existed: another publisher claimed the version."""
 
 
 @dataclass(frozen=True)
@@ -140,7 +149,8 @@ def publish(s3: S3Client, bucket: str, model_dir: Path, private_key_path: Path, 
         model_dir: a model folder (model.onnx, manifest.json) or a cascade folder (cascade.json, stage1/, stage2/).
         private_key_path: the operator's Ed25519 signing key.
         name: the registry name (default: the manifest's); members keep the names their pins give.
-        version: default one past every version that has any object.
+        version: default one past every version that has any object (the next one again where a racing
+            publisher claims it first, RACED_RETRIES times at most; a given version is never changed).
         progress: told (key, bytes sent, bytes in all) as each artifact uploads.
 
     Returns:
@@ -180,25 +190,29 @@ def _publish_one(s3: S3Client, bucket: str, model_dir: Path, private_key: Ed2551
         registry.check_version(version)
     if model_path.stat().st_size > MAX_SINGLE_PUT_BYTES:
         raise PublishRefused(f"{model_path} is over {MAX_SINGLE_PUT_BYTES} bytes, the most one conditional PUT writes")
-    version = _new_version(s3, bucket, name, version)
-    published = ModelManifest(**{**manifest.model_dump(), "name": name, "version": version, "min_edgefleet": VERSION})
-    document = registry.manifest_bytes(published)
-    signature = registry.sign(document, private_key)
-    # Artifact, then manifest, then the signature that makes the version visible: a publish that dies
-    # half-way leaves an incomplete version that nobody lists or installs.
-    artifact_key = registry.key(name, version, manifest.file)
-    with model_path.open("rb") as artifact:
-        if progress is None:
-            _create(s3, bucket, artifact_key, artifact, "application/octet-stream")
-        else:
-            _watch_sends(s3)
-            reported = _Reported(artifact, artifact_key, model_path.stat().st_size, progress)
-            _create(s3, bucket, artifact_key, reported, "application/octet-stream")
-            reported.done()
-    _create(s3, bucket, registry.key(name, version, registry.MANIFEST_OBJECT), document, "application/json")
-    _create(s3, bucket, registry.key(name, version, registry.SIGNATURE_OBJECT), signature, "application/json")
-    return Published(name, version, published.sha256, registry.key_id(private_key.public_key()),
-                     f"{registry.ROOT}/{name}/{version}/")
+
+    def write(chosen: int) -> Published:
+        published = ModelManifest(**{**manifest.model_dump(), "name": name, "version": chosen,
+                                     "min_edgefleet": VERSION})
+        document = registry.manifest_bytes(published)
+        signature = registry.sign(document, private_key)
+        # Artifact, then manifest, then the signature that makes the version visible: a publish that dies
+        # half-way leaves an incomplete version that nobody lists or installs.
+        artifact_key = registry.key(name, chosen, manifest.file)
+        with model_path.open("rb") as artifact:
+            if progress is None:
+                _claim(s3, bucket, artifact_key, artifact, "application/octet-stream")
+            else:
+                _watch_sends(s3)
+                reported = _Reported(artifact, artifact_key, model_path.stat().st_size, progress)
+                _claim(s3, bucket, artifact_key, reported, "application/octet-stream")
+                reported.done()
+        _create(s3, bucket, registry.key(name, chosen, registry.MANIFEST_OBJECT), document, "application/json")
+        _create(s3, bucket, registry.key(name, chosen, registry.SIGNATURE_OBJECT), signature, "application/json")
+        return Published(name, chosen, published.sha256, registry.key_id(private_key.public_key()),
+                         f"{registry.ROOT}/{name}/{chosen}/")
+
+    return _claiming(s3, bucket, name, version, registry.ROOT, write)
 
 
 def _check_gate(manifest: ModelManifest) -> None:
@@ -208,6 +222,28 @@ def _check_gate(manifest: ModelManifest) -> None:
             f"{manifest.name} failed its quality gate ({q.metric} {q.value:.4f} < {q.threshold} on {q.samples} "
             f"images of {q.measured_on}); a gate-failed model cannot be published"
         )
+
+
+def _claiming(s3: S3Client, bucket: str, name: str, version: int | None, root: str,
+              write: Callable[[int], Published]) -> Published:
+    """Writes a new version of `name` with `write`, at `version` or at the next free one.
+
+    Two publishers that chose the same free version both PUT its artifact conditionally: one wins, the
+    other's PUT is refused before it wrote anything (_Raced), and that one, if it chose the version itself,
+    takes the next free version (RACED_RETRIES times at most). An explicit version is never changed.
+
+    :param write: writes every object of the given version, the artifact first (through _claim).
+    :raises PublishRefused: as _new_version; the explicit version raced; RACED_RETRIES races lost in a row.
+    """
+    for _ in range(RACED_RETRIES + 1):
+        chosen = _new_version(s3, bucket, name, version, root)
+        try:
+            return write(chosen)
+        except _Raced:
+            if version is not None:
+                raise
+    raise PublishRefused(f"{name}: other publishers took each of the next {RACED_RETRIES + 1} free versions "
+                         "before this publish could; nothing of it was written: publish again")
 
 
 def _new_version(s3: S3Client, bucket: str, name: str, version: int | None, root: str = registry.ROOT) -> int:
@@ -274,14 +310,29 @@ def _published_manifest(s3: S3Client, bucket: str, name: str, version: int) -> M
         raise PublishRefused(f"s3://{bucket}/{key} is not a readable manifest: {exc}") from None
 
 
+def _claim(s3: S3Client, bucket: str, key: str, body: Any, content_type: str) -> None:
+    """_create for a version's first object: its existing means another publisher claimed the version.
+
+    :raises _Raced: if the key already holds an object.
+    """
+    try:
+        _create(s3, bucket, key, body, content_type)
+    except PublishRefused as exc:
+        raise _Raced(str(exc)) from None
+
+
 def _create(s3: S3Client, bucket: str, key: str, body: Any, content_type: str) -> None:
     """Writes an object only if none is there (S3's conditional PUT, If-None-Match: *, as AWS S3, MinIO
     and moto implement it): of two writers of one key exactly one wins, and nothing is overwritten.
 
+    The store is asked to check and keep the object's SHA-256 (x-amz-checksum-sha256): a HEAD returns it,
+    so `rollout start` can tell a replaced artifact from the signed one without downloading it.
+
     :raises PublishRefused: if the key already holds an object.
     """
     try:
-        s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type, IfNoneMatch="*")
+        s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type, IfNoneMatch="*",
+                      ChecksumAlgorithm="SHA256")
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in _TAKEN:
             raise PublishRefused(
@@ -335,7 +386,8 @@ def publish_plugin(s3: S3Client, bucket: str, wasm: Path, spec: Path, private_ke
         wasm: the module (wasm32-wasi reactor).
         spec: its plugin.json (name, description, limits, grants, config; nothing else).
         private_key_path: the operator's Ed25519 signing key.
-        version: default one past every version of the plugin that has any object.
+        version: default one past every version of the plugin that has any object (past a racing
+            publisher's, as for a model).
 
     Returns:
         What was published (prefix: plugins/<name>/<version>/).
@@ -351,22 +403,25 @@ def publish_plugin(s3: S3Client, bucket: str, wasm: Path, spec: Path, private_ke
         registry.check_version(version)
     private_key = registry.load_private_key(private_key_path)
     ensure_bucket(s3, bucket)
-    version = _new_version(s3, bucket, plugin.name, version, registry.PLUGIN_ROOT)
-    manifest = PluginManifest(
-        name=plugin.name, version=version, sha256=hashlib.sha256(module.data).hexdigest(),
-        size_bytes=len(module.data), abi=module.abi, description=plugin.description, limits=plugin.limits,
-        grants=plugin.grants, config=plugin.config, recipe={"source": spec.name}, min_edgefleet=VERSION,
-        created_at=time.time(),
-    )
-    document = registry.manifest_bytes(manifest)
-    signature = registry.sign(document, private_key)
-    # Module, manifest, then the signature that makes the version visible (as for a model).
-    for obj, body, content_type in ((registry.PLUGIN_OBJECT, module.data, "application/wasm"),
-                                    (registry.MANIFEST_OBJECT, document, "application/json"),
-                                    (registry.SIGNATURE_OBJECT, signature, "application/json")):
-        _create(s3, bucket, registry.plugin_key(plugin.name, version, obj), body, content_type)
-    return Published(plugin.name, version, manifest.sha256, registry.key_id(private_key.public_key()),
-                     f"{registry.PLUGIN_ROOT}/{plugin.name}/{version}/")
+
+    def write(chosen: int) -> Published:
+        manifest = PluginManifest(
+            name=plugin.name, version=chosen, sha256=hashlib.sha256(module.data).hexdigest(),
+            size_bytes=len(module.data), abi=module.abi, description=plugin.description, limits=plugin.limits,
+            grants=plugin.grants, config=plugin.config, recipe={"source": spec.name}, min_edgefleet=VERSION,
+            created_at=time.time(),
+        )
+        document = registry.manifest_bytes(manifest)
+        signature = registry.sign(document, private_key)
+        # Module, manifest, then the signature that makes the version visible (as for a model).
+        _claim(s3, bucket, registry.plugin_key(plugin.name, chosen, registry.PLUGIN_OBJECT), module.data,
+               "application/wasm")
+        for obj, body in ((registry.MANIFEST_OBJECT, document), (registry.SIGNATURE_OBJECT, signature)):
+            _create(s3, bucket, registry.plugin_key(plugin.name, chosen, obj), body, "application/json")
+        return Published(plugin.name, chosen, manifest.sha256, registry.key_id(private_key.public_key()),
+                         f"{registry.PLUGIN_ROOT}/{plugin.name}/{chosen}/")
+
+    return _claiming(s3, bucket, plugin.name, version, registry.PLUGIN_ROOT, write)
 
 
 def plugin_names(s3: S3Client, bucket: str) -> list[str]:
@@ -432,27 +487,117 @@ def trusted_keys(folder: Path) -> dict[str, Ed25519PublicKey]:
 
 def signed_plugin(s3: S3Client, bucket: str, name: str, version: int,
                   trusted: dict[str, Ed25519PublicKey]) -> PluginManifest:
-    """A plugin version's manifest, if the registry holds it signed by a trusted key: what a rollout
-    may name (a device would refuse anything else, one by one).
+    """A plugin version's manifest, if the registry holds it signed by a trusted key and its module as
+    signed: what a rollout may name (a device would refuse anything else, one by one).
+
+    The module is not downloaded: its size, and its SHA-256 where the store keeps one (publish asks it
+    to), are compared with the signed manifest's.
 
     :param trusted: the operators' public keys by key id (registry.load_public_keys()).
     :returns: the verified manifest.
     :raises NotPublished: no such complete version, an unreadable manifest or signature, a signature
-        by no trusted key or not over these bytes, or a manifest that names another plugin or version.
+        by no trusted key or not over these bytes, a manifest that names another plugin or version, or
+        a module missing or of another size or SHA-256 than the manifest says.
     :raises ValueError: an invalid name or version.
     :raises ClientError, BotoCoreError: the registry unreachable or refusing (other than a missing object).
     """
-    return _signed(s3, bucket, name, version, trusted, registry.verify_plugin)
+    manifest = _signed(s3, bucket, name, version, trusted, registry.verify_plugin)
+    _check_held(s3, bucket, registry.plugin_key(name, version, registry.PLUGIN_OBJECT), manifest.size_bytes,
+                manifest.sha256, f"the plugin {name} v{version}'s {registry.PLUGIN_OBJECT}")
+    return manifest
 
 
 def signed_model(s3: S3Client, bucket: str, name: str, version: int,
                  trusted: dict[str, Ed25519PublicKey]) -> ModelManifest:
-    """A model version's manifest, if the registry holds it signed by a trusted key (as signed_plugin():
-    what a model's rollout may name; every device would otherwise fail it with the same reason).
+    """A model version's manifest, if the registry holds it signed by a trusted key and its artifact as
+    signed (as signed_plugin(): what a model's rollout may name; every device would otherwise fail it
+    with the same reason). A cascade's cascade.json is read (it is small) and held to its manifest, and
+    each member must be a signed version whose manifest is the member's pin and whose model.onnx is held.
 
-    :raises NotPublished, ValueError, ClientError, BotoCoreError: as signed_plugin().
+    :raises NotPublished: as signed_plugin(); for a cascade also a member missing, unsigned, other than
+        its pin, or whose artifact is missing or replaced.
+    :raises ValueError, ClientError, BotoCoreError: as signed_plugin().
     """
-    return _signed(s3, bucket, name, version, trusted, registry.verify)
+    manifest = _signed(s3, bucket, name, version, trusted, registry.verify)
+    if is_cascade(manifest):
+        _check_cascade(s3, bucket, manifest, trusted)
+    else:
+        _check_held(s3, bucket, registry.key(name, version, manifest.file), manifest.size_bytes, manifest.sha256,
+                    f"{name} v{version}'s {manifest.file}")
+    return manifest
+
+
+def _check_cascade(s3: S3Client, bucket: str, cascade: ModelManifest, trusted: dict[str, Ed25519PublicKey]) -> None:
+    """A signed cascade's document and members, held as sync will hold them before installing.
+
+    :raises NotPublished: cascade.json missing, too large, other than its manifest says or no cascade
+        document; a member unsigned, missing, not its pin or with its artifact missing or replaced.
+    """
+    key = registry.key(cascade.name, cascade.version, cascade.file)
+    what = f"{cascade.name} v{cascade.version}'s {cascade.file}"
+    try:
+        document = registry.read_bounded(s3, bucket, key, MAX_CASCADE_BYTES)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in _MISSING:
+            raise
+        raise NotPublished(_missing(what, bucket, key)) from None
+    except registry.ObjectTooLarge as exc:
+        raise NotPublished(f"{what} is unusable: {exc}") from None
+    _check_figures(what, len(document), hashlib.sha256(document).hexdigest(), cascade.size_bytes, cascade.sha256)
+    try:
+        spec = CascadeSpec.model_validate_json(document)
+    except ValueError as exc:
+        raise NotPublished(f"{what} is not a cascade document: {str(exc).splitlines()[0]}") from None
+    for pin in spec.stages:
+        member_of = f"the cascade's {pin.folder} member {pin.name} v{pin.version}"
+        try:
+            member = _signed(s3, bucket, pin.name, pin.version, trusted, registry.verify)
+        except NotPublished as exc:
+            raise NotPublished(f"{member_of}: {exc}") from None
+        if (member.file, member.sha256, member.size_bytes) != (MODEL_FILE, pin.sha256, pin.size_bytes):
+            raise NotPublished(f"{member_of}: the registry's signed manifest is {member.file} with SHA-256 "
+                               f"{member.sha256[:16]}… ({member.size_bytes} bytes), the cascade pins {MODEL_FILE} "
+                               f"with {pin.sha256[:16]}… ({pin.size_bytes} bytes)")
+        _check_held(s3, bucket, registry.key(pin.name, pin.version, member.file), member.size_bytes, member.sha256,
+                    f"{member_of}'s {member.file}")
+
+
+def _check_held(s3: S3Client, bucket: str, key: str, size_bytes: int, sha256: str, what: str) -> None:
+    """An artifact is in the registry with the size and, where the store kept one, the SHA-256 its
+    signed manifest gives (one HEAD, nothing downloaded). A store that kept no SHA-256 (a version
+    published before publish asked for one, or a store without checksums) is held to the size alone.
+
+    :raises NotPublished: the object is missing or another size or SHA-256.
+    :raises ClientError, BotoCoreError: the registry unreachable or refusing.
+    """
+    try:
+        head = s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in _MISSING:
+            raise
+        raise NotPublished(_missing(what, bucket, key)) from None
+    stored = head.get("ChecksumSHA256")
+    # A multipart upload's checksum is over its parts' checksums ("…-N"), not comparable with the file's.
+    whole = stored is not None and "-" not in stored and head.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT"
+    _check_figures(what, head["ContentLength"], base64.b64decode(stored).hex() if stored and whole else None,
+                   size_bytes, sha256)
+
+
+def _check_figures(what: str, size: int, sha256: str | None, signed_size: int, signed_sha256: str) -> None:
+    """:raises NotPublished: the stored size, or SHA-256 where known, is not the signed manifest's."""
+    if size != signed_size:
+        found = f"is {size} bytes, its signed manifest says {signed_size}"
+    elif sha256 is not None and sha256 != signed_sha256:
+        found = f"has SHA-256 {sha256[:16]}…, its signed manifest says {signed_sha256[:16]}…"
+    else:
+        return
+    raise NotPublished(f"{what} in the registry {found}: it was replaced or damaged after it was published, and "
+                       "every device would refuse it; publish it again (as a new version) and roll that out")
+
+
+def _missing(what: str, bucket: str, key: str) -> str:
+    return (f"{what} is missing from the registry (s3://{bucket}/{key}): every device would fail to download it; "
+            "publish it again (as a new version) and roll that out")
 
 
 def _signed(s3: S3Client, bucket: str, name: str, version: int, trusted: dict[str, Ed25519PublicKey],

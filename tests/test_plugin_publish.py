@@ -14,7 +14,15 @@ from typer.testing import CliRunner
 
 from edgefleet import cli
 from edgefleet.plugin_spec import PluginRefused
-from edgefleet.publish import PublishRefused, list_plugins, plugin_versions, publish_plugin, versions
+from edgefleet.publish import (
+    NotPublished,
+    PublishRefused,
+    list_plugins,
+    plugin_versions,
+    publish_plugin,
+    signed_plugin,
+    versions,
+)
 from shared import VERSION, registry, s3
 from shared.plugin import ABI_VERSION, PluginGrants, PluginLimits
 from tests import wat_plugins as wat
@@ -87,6 +95,24 @@ def test_a_racing_publishers_module_is_never_overwritten_and_no_signature_follow
     assert plugin_versions(store, BUCKET, NAME) == []
     assert publish_plugin(store, BUCKET, module, spec, keys.private).version == 2  # past the spent number
 
+
+
+def test_a_plugin_version_whose_module_was_replaced_or_removed_cannot_be_rolled_out(store, keys, tmp_path):
+    module, spec = wat.write(tmp_path)
+    publish_plugin(store, BUCKET, module, spec, keys.private)
+    trusted = registry.load_public_keys(keys.public.parent)
+    assert signed_plugin(store, BUCKET, NAME, 1, trusted).sha256 == hashlib.sha256(wat.GOOD).hexdigest()
+    key = registry.plugin_key(NAME, 1, registry.PLUGIN_OBJECT)
+    # Another module of the same length (the store keeps each upload's SHA-256), then one of another length.
+    store.put_object(Bucket=BUCKET, Key=key, Body=bytes(len(wat.GOOD)), ChecksumAlgorithm="SHA256")
+    with pytest.raises(NotPublished, match=f"the plugin {NAME} v1's plugin.wasm in the registry has SHA-256"):
+        signed_plugin(store, BUCKET, NAME, 1, trusted)
+    store.put_object(Bucket=BUCKET, Key=key, Body=wat.GOOD + b"\0")
+    with pytest.raises(NotPublished, match=f"is {len(wat.GOOD) + 1} bytes, its signed manifest says {len(wat.GOOD)}"):
+        signed_plugin(store, BUCKET, NAME, 1, trusted)
+    store.delete_object(Bucket=BUCKET, Key=key)
+    with pytest.raises(NotPublished, match=f"plugin.wasm is missing from the registry \\(s3://{BUCKET}/{key}\\)"):
+        signed_plugin(store, BUCKET, NAME, 1, trusted)
 
 @pytest.mark.parametrize(("wasm", "spec", "why"), [
     (wat.NOT_WASM, {}, "not a valid WebAssembly module"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -24,6 +25,10 @@ def store(s3_server):
 @pytest.fixture
 def keys(tmp_path):
     return registry.new_key_pair(tmp_path / "keys")
+
+
+def _sha256(data):
+    return hashlib.sha256(data).hexdigest()
 
 
 def _get(store, name, version, obj):
@@ -126,6 +131,64 @@ def test_a_racing_publishers_artifact_is_never_overwritten(store, keys, model_di
     # Unnumbered, the next publish goes past the spent version.
     assert publish(store, BUCKET, model_dir, keys.private, name="raced").version == 2
 
+
+
+def _racing(store, race):
+    """Runs race(key) once, just before `store`'s first artifact PUT: after publish chose its version,
+    before it claimed it (botocore's before-parameter-build event: the real client, a real request)."""
+    raced = []
+
+    def on_put(params, **_):
+        if not raced and params["Key"].endswith(registry.MODEL_OBJECT):
+            raced.append(race(params["Key"]))
+
+    store.meta.events.register("before-parameter-build.s3.PutObject", on_put)
+    return raced
+
+
+def test_two_publishes_racing_for_the_next_free_version_both_publish_one_after_the_other(
+        s3_server, store, keys, model_dir, tmp_path):
+    from edgefleet.models.install import resave
+
+    publish(store, BUCKET, model_dir, keys.private, name="busy")
+    theirs = resave(model_dir, tmp_path / "theirs", "the other publisher's build")
+    # Both chose v2: the other publisher (its own client) publishes v2 whole between this one's choice and its PUT.
+    other = s3.client(s3_server.settings())
+    raced = _racing(store, lambda _: publish(other, BUCKET, tmp_path / "theirs", keys.private, name="busy"))
+    mine = publish(store, BUCKET, model_dir, keys.private, name="busy")
+    assert [p.version for p in raced] == [2] and mine.version == 3, "the loser took the next free version"
+    assert versions(store, BUCKET, "busy") == [1, 2, 3]
+    trusted = registry.load_public_keys(keys.public.parent)
+    signed = {v: registry.verify(_get(store, "busy", v, registry.MANIFEST_OBJECT),
+                                 _get(store, "busy", v, registry.SIGNATURE_OBJECT), trusted) for v in (2, 3)}
+    assert (signed[2].sha256, signed[3].sha256) == (theirs.sha256, load_verified(model_dir)[0].sha256)
+    assert _sha256(_get(store, "busy", 2, registry.MODEL_OBJECT)) == theirs.sha256, "v2 is theirs, untouched"
+
+
+def test_an_explicit_version_that_a_racing_publisher_took_is_refused(s3_server, store, keys, model_dir):
+    other = s3.client(s3_server.settings())
+    raced = _racing(store, lambda _: publish(other, BUCKET, model_dir, keys.private, name="busy", version=5))
+    with pytest.raises(PublishRefused, match=r"models/busy/5/model.onnx already exists"):
+        publish(store, BUCKET, model_dir, keys.private, name="busy", version=5)
+    assert [p.version for p in raced] == [5] and versions(store, BUCKET, "busy") == [5]
+
+
+def test_a_publish_that_loses_every_race_stops_after_a_bounded_number_of_tries(store, keys, model_dir):
+    from edgefleet.publish import RACED_RETRIES
+
+    s3.ensure_bucket(store, BUCKET)
+    claimed = []
+
+    def claim_first(params, **_):  # another publisher's artifact lands on each version just before this PUT
+        if params["Key"].endswith(registry.MODEL_OBJECT) and params.get("IfNoneMatch"):
+            store.put_object(Bucket=BUCKET, Key=params["Key"], Body=b"theirs")
+            claimed.append(params["Key"])
+
+    store.meta.events.register("before-parameter-build.s3.PutObject", claim_first)
+    with pytest.raises(PublishRefused, match=f"took each of the next {RACED_RETRIES + 1} free versions"):
+        publish(store, BUCKET, model_dir, keys.private, name="stormy")
+    assert claimed == [registry.key("stormy", v, registry.MODEL_OBJECT) for v in range(1, RACED_RETRIES + 2)]
+    assert versions(store, BUCKET, "stormy") == [], "nothing of this publish was written"
 
 def test_a_racing_publishers_manifest_is_never_overwritten(store, keys, model_dir):
     s3.ensure_bucket(store, BUCKET)

@@ -184,7 +184,8 @@ def model_publish(
     key: Annotated[Path, typer.Option(help="The operator's Ed25519 private key.")] = DEFAULT_KEY_DIR / "operator.key",
     name: Annotated[str | None, typer.Option(help="Publish under this name (default: the manifest's).")] = None,
     version: Annotated[int | None, typer.Option(
-        min=1, max=10**9, help="Version number (default: one past every version in the registry).")] = None,
+        min=1, max=10**9, help="Version number (default: one past every version in the registry; if a racing "
+        "publish takes that one first, the next free one).")] = None,
     config: ConfigFile = None,
 ) -> None:
     """Sign and upload a model to the S3 registry as the next free version of its name (or --version, if

@@ -35,10 +35,14 @@ def rollout_start(
     canary: Annotated[float | None, typer.Option(
         min=0.0001, max=100, help="Percent of the target that goes first, rounded up to whole devices (at least "
         "one) where the CLI can count them: the online devices on the fleet broker, or --devices; with --group "
-        "each device decides by itself. Default: 100, all at once.")] = None,
+        "each device decides by itself; with none seen online, refused (see --let-devices-draw). Default: 100, "
+        "all at once.")] = None,
     canary_devices: Annotated[int | None, typer.Option(
         min=1, help="Exactly this many devices go first, chosen as a share would choose them (not with --group).",
     )] = None,
+    let_devices_draw: Annotated[bool, typer.Option(
+        help="With --canary and no device seen online on the fleet broker: publish the share anyway, each device "
+        "drawing by itself (on a small fleet that may be none or all of them). Refused without it.")] = False,
     allow_downgrade: Annotated[bool, typer.Option(help="An explicit rollback to an older version.")] = False,
     rollout_id: Annotated[str | None, typer.Option(
         help="Name the rollout (default: model, version and a random suffix).")] = None,
@@ -70,7 +74,7 @@ def rollout_start(
     counted = (canary_devices is not None or target.share < 1) and not (target.devices or target.groups)
     known = rollout.known_devices(settings) if counted else []
     with reported("rollout start: refused", rollout.CanaryRefused, code=2):
-        plan = rollout.plan_canary(rollout_id, target, known, canary_devices)
+        plan = rollout.plan_canary(rollout_id, target, known, canary_devices, let_devices_draw)
     typer.echo(plan.line, err=True)  # the plan, before anything is published
     with reported("rollout start", EdgefleetError, ValueError):
         started = rollout.start(settings, model, version, plan.target, allow_downgrade, rollout_id, plugin=plugin)

@@ -60,13 +60,25 @@ def test_impossible_counts_are_refused_naming_why():
         plan_canary("r-1", RolloutTarget(groups=["lobby"]), PAIR, count=1)
 
 
-def test_groups_and_an_unknown_fleet_keep_the_share_each_device_decides_on():
+def test_groups_and_an_unknown_fleet_let_through_explicitly_keep_the_share_each_device_decides_on():
     grouped = plan_canary("r-1", RolloutTarget(groups=["lobby"], share=0.25), PAIR)
     assert grouped.target.canary_devices == [] and "25% of group lobby, each device deciding" in grouped.line
-    unknown = plan_canary("r-1", RolloutTarget(share=0.5), [])
-    assert unknown.target.canary_devices == [] and "each device deciding by itself" in unknown.line
+    unknown = plan_canary("r-1", RolloutTarget(share=0.5), [], let_devices_draw=True)
+    assert unknown.target == RolloutTarget(share=0.5) and "each device deciding by itself" in unknown.line
     everyone = plan_canary("r-1", RolloutTarget(), PAIR)
     assert everyone.target == RolloutTarget() and everyone.line == "no canary: all of 2 devices"
+
+
+def test_a_share_of_a_fleet_with_no_device_known_is_refused_saying_why_and_what_to_do():
+    """Each device's own draw can make a canary of none (or all) of a small fleet: never silently."""
+    with pytest.raises(CanaryRefused) as refused:
+        plan_canary("r-1", RolloutTarget(share=0.5), [])
+    why = str(refused.value)
+    assert "no device has a fresh online status" in why and "none or all of a small fleet" in why
+    assert "start the devices" in why and "--devices a,b" in why and "--let-devices-draw" in why
+    # Named devices, or the whole fleet at once, need no count.
+    assert plan_canary("r-1", RolloutTarget(devices=["a", "b"], share=0.5), []).target.canary_devices in (["a"], ["b"])
+    assert plan_canary("r-1", RolloutTarget(), []).line == "no canary: all of the devices"
 
 
 def test_a_rollout_without_named_devices_still_decides_by_share():

@@ -16,7 +16,6 @@ and rolled out arrives live. Ctrl-C stops everything."""
 from __future__ import annotations
 
 import collections
-import shlex
 import shutil
 import socket
 from dataclasses import dataclass, field
@@ -30,33 +29,27 @@ from edgefleet.broker import Broker
 from edgefleet.brokerconf import bridge, cloud_listener
 from edgefleet.certs import CRL, issue, new_ca, write_crl
 from edgefleet.liveview import Rate, View, decoded, listen, show_live, stop_on_signals, table
+from edgefleet.operator_shell import OPERATOR_ENV, seed_registry, write_operator_env
 from edgefleet.ports import free_port
-from edgefleet.publish import Published, publish
 from edgefleet.s3server import S3Server
 from edgefleet.spawner import Spawner, keys_of
 from edgefleet.stack import start_device
-from shared import s3, topics
-from shared.atomic import write_atomic
+from shared import topics
 from shared.config import (
     DEFAULT_KEY_DIR,
     DEFAULT_MODEL_DIR,
-    ENV_PREFIX,
     ConsoleSettings,
     IngestSettings,
     StoreSettings,
     TelemetrySettings,
     TelemetryStoreSettings,
-    environment,
-    flat_values,
     load,
 )
-from shared.manifest import load_verified
 from shared.mqtt import MqttLink
 from shared.registry import new_key_pair
 from shared.schemas import Alert, AlertState, Prediction, ServiceStatus, SyncReport
 
 FLEET_DIR = Path("var/fleet")
-OPERATOR_ENV = "operator.env"
 # The README's first rollout (the section "First rollout"), shown under the title.
 INT8_MODEL_DIR = DEFAULT_MODEL_DIR.with_name(f"{DEFAULT_MODEL_DIR.name}-int8-static-minmax")
 INGEST_REPLICA = "cloud-ingest-0"
@@ -179,33 +172,6 @@ def _fresh_devices(folder: Path, devices: list[str]) -> None:
         shutil.rmtree(folder / device, ignore_errors=True)
 
 
-def _seed_registry(settings: StoreSettings) -> Published:
-    """Publishes the model the devices serve (their seed, as the version its manifest says), signed with
-    the operator key, so the registry holds what the fleet runs and the next publish takes the next version.
-
-    :raises PublishRefused, ModelError: the seed model is not publishable (see edgefleet.publish.publish).
-    """
-    manifest, _ = load_verified(DEFAULT_MODEL_DIR)
-    return publish(s3.client(settings), settings.registry_bucket, DEFAULT_MODEL_DIR, DEFAULT_KEY_DIR / "operator.key",
-                   version=manifest.version)
-
-
-def write_operator_env(path: Path, settings: StoreSettings, keys_dir: Path) -> dict[str, str]:
-    """Writes the operator's environment for this fleet as `export K=V` lines (shell-quoted), mode 0600
-    (it holds the S3 secret): the fleet broker and the operator's certificate, the S3 store and its
-    buckets, and the keys a rollout's signature is checked against.
-
-    :returns: the variables written.
-    """
-    env = environment(settings) | {f"{ENV_PREFIX}{name.upper()}": str(value)
-                                   for name, value in flat_values(settings).items() if name.endswith("_bucket")}
-    env[f"{ENV_PREFIX}TRUSTED_KEYS_DIR"] = str(keys_dir.resolve())
-    text = "# edgefleet fleet: the operator's settings for this run (`source` this file in another terminal)\n"
-    write_atomic(path, (text + "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items()))).encode())
-    path.chmod(0o600)
-    return env
-
-
 def run(devices: int = 2, rate_hz: float = 2.0, duration_s: float | None = None, folder: Path = FLEET_DIR) -> int:
     console = Console()
     ids = [f"device-{i + 1}" for i in range(devices)]
@@ -225,7 +191,7 @@ def run(devices: int = 2, rate_hz: float = 2.0, duration_s: float | None = None,
         cloud = Broker(security=cloud_listener(certs)).start()
         store = S3Server().start()
         servers += [cloud, store]
-        seeded = _seed_registry(store.settings())
+        seeded = seed_registry(store.settings())
         cloud_url = f"mqtts://127.0.0.1:{cloud.port}"
         spawner.start("cloud-ingest", "cloud-ingest", load(
             IngestSettings, None, **{**keys_of(store.settings()), "mqtt_url": cloud_url, "device_id": "cloud-ingest"},

@@ -3,9 +3,11 @@ registry, the sync and inference services and a camera simulator as child proces
 predictions in the terminal. Ctrl-C stops everything.
 
 Sync starts first: it seeds the device's model store with the built model and points `current` at
-it; inference serves from `current`. A model published to the store and rolled out
-(`edgefleet model publish`, `edgefleet rollout start`, with the settings the title shows) arrives
-live: the table names the model of every prediction."""
+it; inference serves from `current`. The store's registry is seeded with that model (signed with the
+operator key), and the operator's settings are written to var/up/operator.env: in another terminal,
+`source var/up/operator.env`, then a model published (`edgefleet model publish`, the next free
+version) and rolled out (`edgefleet rollout start`) arrives live: the table names the model of every
+prediction."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from rich.text import Text
 
 from edgefleet.broker import Broker
 from edgefleet.liveview import Rate, View, decoded, listen, show_live, stop_on_signals, table
+from edgefleet.operator_shell import OPERATOR_ENV, seed_registry, write_operator_env
 from edgefleet.s3server import S3Server
 from edgefleet.spawner import Spawner, keys_of
 from edgefleet.waiting import wait_until
@@ -30,12 +33,12 @@ from shared.config import (
     InferenceSettings,
     StoreSettings,
     SyncSettings,
-    environment,
     load,
 )
 from shared.registry import new_key_pair
 from shared.schemas import ErrorReport, Prediction, ServiceStatus, SyncReport
 
+UP_DIR = Path("var/up")  # the operator's env file of `edgefleet up`
 CAMERA_COLUMNS = ("camera", "frame", "top label", "confidence", "2nd", "model", "latency ms", "fps")
 
 
@@ -162,13 +165,16 @@ def run(
 ) -> int:
     console = Console()
     broker = None if mqtt_url else Broker().start()
-    url = mqtt_url or broker.url
+    url = broker.url if broker is not None else str(mqtt_url)
     s3_server = S3Server().start()
     if not (DEFAULT_KEY_DIR / "operator.key").exists():
         new_key_pair(DEFAULT_KEY_DIR)
     spawner = Spawner(log_dir)
     stop = stop_on_signals()
     try:
+        seeded = seed_registry(s3_server.settings())
+        env_file = UP_DIR / OPERATOR_ENV
+        write_operator_env(env_file, s3_server.settings(mqtt_url=url, device_id="operator"), DEFAULT_KEY_DIR)
         start_device(spawner, device_id, url, DEFAULT_STORE_DIR / device_id, s3_server.settings(),
                      cameras=[f"cam-{i + 1}" for i in range(cameras)], rate_hz=rate_hz)
         view = LiveView(console)
@@ -176,10 +182,11 @@ def run(
                                        (topics.all_status(device_id), view.on_status, 1),
                                        (topics.errors(device_id), view.on_error, 1),
                                        (topics.sync_state(device_id), view.on_sync, 1)])
-        operator = " ".join(f"{k}={v}" for k, v in environment(s3_server.settings(mqtt_url=url)).items())
-        title = (f"edgefleet · {device_id} · broker {url} · registry {s3_server.url} · logs in {log_dir}/ · "
-                 "Ctrl-C stops\n"
-                 f"roll out a model: {operator} edgefleet model publish DIR && edgefleet rollout start NAME VERSION")
+        title = (f"edgefleet · {device_id} serving {seeded.name} v{seeded.version} (in the registry) · broker {url} · "
+                 f"registry {s3_server.url} · logs in {log_dir}/ · Ctrl-C stops\n"
+                 f"operator shell: source {env_file} · then: edgefleet model publish DIR --name {seeded.name} · "
+                 f"edgefleet rollout start {seeded.name} {seeded.version + 1}")
+        console.print(title, highlight=False, soft_wrap=True)  # also where no live table shows: pipes, logs
         show_live(console, lambda: view.render(title), spawner, stop, duration_s, period_s=0.25)
         link.stop()
         console.print(f"\nstopped; {view.predictions} predictions shown")

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import TypeVar
@@ -36,8 +37,10 @@ PROJECT = "efh"
 DEVICE, CAMERA = "device-1", "cam-1"
 LAN_CAMERA = "cam-lan"  # a camera of the test's, on the broker's TLS listener for the device's network
 EDGE = ("broker", "sync", "inference", "telemetry", "camera")
-CLOUD = ("cloud-broker", "minio", "cloud-ingest-0", "cloud-ingest-1")
-HEALTHCHECKED = ("broker", "sync", "inference", "telemetry", "cloud-broker", "cloud-ingest-0", "cloud-ingest-1")
+CLOUD = ("cloud-broker", "minio", "cloud-ingest-0", "cloud-ingest-1", "console")
+HEALTHCHECKED = ("broker", "sync", "inference", "telemetry", "cloud-broker", "cloud-ingest-0", "cloud-ingest-1",
+                 "console")
+CONSOLE_URL = "http://127.0.0.1:8080/"  # docker-compose.yml's console port (the host's, under host networking)
 SERVICE_UID = 10001
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.images]
@@ -204,6 +207,23 @@ def test_every_service_turns_healthy_and_the_camera_container_is_answered(stack)
     finally:
         watch.close()
     assert prediction.camera == CAMERA and prediction.top and prediction.model.name == "efficientnet-lite0"
+    # The console container serves its page, and sees the containerised device through the fleet broker
+    # (the device's statuses bridged up, read with the console's own certificate).
+    page = _get(CONSOLE_URL)
+    assert "edgefleet" in page and 'id="devices"' in page and "console.js" in page, page[:500]
+
+    def device_listed() -> dict | None:
+        fleet = json.loads(_get(CONSOLE_URL + "api/fleet"))
+        return next((d for d in fleet["devices"] if d["device"] == DEVICE and d["health"] == "online"), None)
+
+    device = wait_until(device_listed, 60, f"{DEVICE} online on the console", interval=1)
+    assert device["model"] and device["model"].startswith("efficientnet-lite0"), device
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310  # http://127.0.0.1 only
+        assert response.status == 200, url
+        return response.read().decode()
 
 
 def test_no_container_has_an_address_of_its_own_and_root_filesystems_are_read_only(stack):
@@ -211,7 +231,7 @@ def test_no_container_has_an_address_of_its_own_and_root_filesystems_are_read_on
         info = stack.inspect(service)
         assert info["HostConfig"]["NetworkMode"] == "host", service
         assert not any(net.get("IPAddress") for net in info["NetworkSettings"]["Networks"].values()), service
-    for service in ("sync", "inference", "telemetry", "camera", "cloud-ingest-0"):
+    for service in ("sync", "inference", "telemetry", "camera", "cloud-ingest-0", "console"):
         denied = subprocess.run(["docker", "exec", stack.container(service), "touch", "/opt/edgefleet/written"],
                                 capture_output=True, text=True)
         assert denied.returncode != 0 and "Read-only file system" in denied.stderr, (service, denied.stderr)

@@ -10,8 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from edgefleet import photos
+from edgefleet.ports import free_port
 from shared import lake
+from tests.browser import ConsolePage, console_page, needs_chromium
 from tests.support import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,13 +73,36 @@ def test_camera_simulator_refuses_a_bad_source():
     assert result.returncode == 2 and "cannot open" in result.stderr
 
 
-def test_the_main_job_shows_real_labels(tmp_path):
-    result = _edgefleet("up", "--duration", "20", "--cameras", "2", "--rate", "2", timeout=180, env={"COLUMNS": "160"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "predictions shown" in result.stdout
-    shown = int(result.stdout.split("stopped;")[1].split()[0])
+def test_the_main_job_shows_real_labels_and_hands_the_operator_its_registry(tmp_path):
+    """`edgefleet up` shows live predictions, and hands the operator's shell what `rollout start` needs:
+    its env file reaches the registry, seeded with the served v1 (accepted), where v2 is not (refused)."""
+    out = tmp_path / "up.out"
+    with out.open("w") as log:
+        up = subprocess.Popen([sys.executable, "-m", "edgefleet", "up", "--duration", "20", "--cameras", "2",
+                               "--rate", "2"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "COLUMNS": "160"})
+    try:
+        line = wait_until(lambda: up.poll() is not None or re.search(r"operator shell: source (\S+)", out.read_text()),
+                          120, "up to print its env file")
+        assert up.poll() is None, out.read_text()[-3000:]
+        operator = _operator_env(REPO / line.group(1))
+        assert oct((REPO / line.group(1)).stat().st_mode & 0o777) == "0o600"  # it holds the S3 secret
+        assert {"EDGEFLEET_MQTT_URL", "EDGEFLEET_S3_ENDPOINT_URL", "EDGEFLEET_REGISTRY_BUCKET",
+                "EDGEFLEET_TRUSTED_KEYS_DIR"} <= operator.keys()
+        missing = _edgefleet("rollout", "start", "efficientnet-lite0", "2", env=operator)
+        assert missing.returncode == 2 and "refused" in missing.stderr, missing.stderr
+        seeded = _edgefleet("rollout", "start", "efficientnet-lite0", "1", env=operator)
+        assert seeded.returncode == 0, seeded.stderr
+        assert up.wait(120) == 0, out.read_text()[-3000:]
+    finally:
+        if up.poll() is None:
+            up.terminate()
+            up.wait(60)
+    stdout = out.read_text()
+    assert "predictions shown" in stdout
+    shown = int(stdout.split("stopped;")[1].split()[0])
     assert shown > 5
-    assert any(label in result.stdout for label in ("tabby", "tiger cat", "Egyptian cat", "espresso"))
+    assert any(label in stdout for label in ("tabby", "tiger cat", "Egyptian cat", "espresso"))
 
 
 def _first_rollout() -> list[list[str]]:
@@ -100,16 +127,20 @@ def _operator_env(path: Path) -> dict[str, str]:
     return dict(pair[0].split("=", 1) for pair in pairs if pair)
 
 
-def test_the_first_rollout_by_the_readme_reaches_the_fleet_and_its_telemetry_reaches_the_cloud(model_dir, tmp_path):
-    """The main job as a newcomer runs it: the fleet live (`./scripts/run.sh`), then the README's
-    first-rollout commands typed in another terminal, in order: the env file sourced, the INT8 model built
-    and published (as v2: the fleet's registry holds the v1 its devices serve), a one-device canary that
-    shows its plan and stays on one device, then promoted to both."""
+@needs_chromium
+def test_the_first_rollout_by_the_readme_reaches_the_fleet_and_its_telemetry_reaches_the_cloud(model_dir, tmp_path,
+                                                                                            page):
+    """The main job as a newcomer runs it: the fleet live (`./scripts/run.sh`) and its printed console
+    address open in a real browser (chromium), then the README's first-rollout commands typed in another
+    terminal, in order: the env file sourced, the INT8 model built and published (as v2: the fleet's
+    registry holds the v1 its devices serve), a one-device canary that shows its plan and stays on one
+    device, then promoted to both. The page, never reloaded, follows it all: the canary phase, the canary
+    device's steps, its verdict (or its rollback with the canary's reasons), both devices on v2."""
     folder = tmp_path / "fleet"
     log = (tmp_path / "fleet.out").open("w+")
     fleet = subprocess.Popen([sys.executable, "-m", "edgefleet", "fleet", "--duration", "300", "--devices", "2",
-                              "--folder", str(folder)],
-                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "160"})
+                              "--folder", str(folder)], stdout=log, stderr=subprocess.STDOUT,
+                             env={**os.environ, "COLUMNS": "160", "EDGEFLEET_CONSOLE_PORT": str(free_port())})
     try:
         def output() -> str:
             return (tmp_path / "fleet.out").read_text()
@@ -138,6 +169,12 @@ def test_the_first_rollout_by_the_readme_reaches_the_fleet_and_its_telemetry_rea
         assert "edgefleet model publish var/models/efficientnet-lite0-int8-static-minmax" in output()
         # Positive evidence that the devices start on v1 (not merely the absence of v2 in the output).
         until(lambda: serving("device-1", 1) and serving("device-2", 1), 60, "both devices serving v1")
+        # The console the fleet printed, opened as the newcomer opens it; never reloaded from here on.
+        page.open(until(lambda: re.search(r"^console: (http://127\.0\.0\.1:\d+/)$", output(), re.M), 30,
+                        "the fleet to print its console's address").group(1))
+        page.shown(lambda: all(page.devices().get(d, {}).get("model") == "efficientnet-lite0 v1"
+                               for d in ("device-1", "device-2")), 30, "both devices serving v1")
+        page.screenshot("fleet-on-v1")
         operator: dict[str, str] = {}
         verdict: dict | None = None
         expected = 0
@@ -170,10 +207,17 @@ def test_the_first_rollout_by_the_readme_reaches_the_fleet_and_its_telemetry_rea
                 assert canary, done.stderr
                 first = canary.group(1)
                 other = ({"device-1", "device-2"} - {first}).pop()
+                rollout_id = done.stdout.strip().splitlines()[-1]
+                # On the page within seconds: v2 in its canary phase, the canary device taking it.
+                shown = page.shown(lambda rid=rollout_id, device=first: (r := page.rollout()) and r["rollout_id"] == rid
+                                   and device in r["devices"] and r, 15, f"rollout {rollout_id} with {first}")
+                assert (shown["model"], shown["version"], shown["phase"]) == ("efficientnet-lite0", "2", "canary")
+                page.screenshot("canary-started")
                 until(lambda device=first: serving(device, 2), 120, "the canary device serving v2")
                 # The canary's verdict, either way the README says it can go: passed, or rolled back.
                 verdict = until(lambda device=first: _judged(states().get(device)), 120, "the canary's verdict")
                 assert states()[other]["state"] == "not_targeted" and serving(other, 1)
+                _verdict_on_the_page(page, rollout_id, first, other, verdict)
             elif command[1:3] == ["rollout", "status"]:
                 table = _edgefleet(*command[1:], env=operator)
                 assert table.returncode == 0 and "device-1" in table.stdout and "device-2" in table.stdout
@@ -188,6 +232,7 @@ def test_the_first_rollout_by_the_readme_reaches_the_fleet_and_its_telemetry_rea
                     expected = 2
                 until(lambda version=expected: serving("device-1", version) and serving("device-2", version), 120,
                       f"both devices serving v{expected}")
+                _outcome_on_the_page(page, rollout_id, expected)
             else:
                 raise AssertionError(f"the README's first rollout has a command this test does not know: {command}")
         assert ran[:3] == ["source .venv/bin/activate", "source var/fleet/operator.env", "edgefleet model dataset"]
@@ -211,11 +256,63 @@ def test_the_first_rollout_by_the_readme_reaches_the_fleet_and_its_telemetry_rea
         until(plugin_active, 120, "site-labels active on both devices")
         # Telemetry reached the cloud: read back from S3 itself, through the operators' audit.
         audit = until(lambda: _audited(operator, ("device-1", "device-2")), 90, "both devices' telemetry in S3")
-        assert all(row["duplicates"] == 0 and row["missing_count"] == 0 for row in audit.values()), audit
+        # Nothing missing, nothing lost (acknowledged by this store and not in it), and nothing "sent before
+        # this store existed": the devices started fresh with it.
+        assert all(row["duplicates"] == 0 and row["missing_count"] == 0 and row["lost_count"] == 0
+                   and row["before_store_count"] == 0 for row in audit.values()), audit
         assert _s3_keys(operator, lake.DEAD_LETTER) == [], "telemetry was dead-lettered"
     finally:
         fleet.terminate()
         assert fleet.wait(60) == 0
+
+
+@pytest.fixture
+def page(request, tmp_path):
+    """The fleet console's page in chromium (tests/browser.py)."""
+    with console_page(request, tmp_path) as opened:
+        yield opened
+
+
+def _verdict_on_the_page(page: ConsolePage, rollout_id: str, canary: str, other: str, verdict: dict) -> None:
+    """The canary's verdict as the page shows it, live: the canary device's steps up to the verdict the CLI
+    read (active, "canary passed …", or rolled back with the canary's reasons listed), the other device
+    not targeted."""
+    def judged() -> dict | None:
+        r = page.rollout()
+        device = page.devices().get(canary, {})
+        return r if r and r["rollout_id"] == rollout_id and r["devices"].get(canary) == verdict["state"] \
+            and r["devices"].get(other) == "not_targeted" and device.get("sync_reason") == (verdict["reason"] or "") \
+            else None
+
+    page.shown(judged, 20, f"the canary's verdict ({verdict['state']}) and {other} not targeted")
+    steps = page.seen(rollout_id, canary)
+    # It progressed on the page (no reload): more than one step seen, ending at the verdict.
+    assert len({step[1:] for step in steps}) >= 2, steps
+    assert steps[-1][1:] == (verdict["state"], verdict["reason"] or ""), steps
+    if verdict["state"] == "rolled_back":
+        reasons = (verdict["canary"] or {}).get("reasons") or [verdict["reason"]]
+        listed = page.shown(lambda: next((b for b in page.rollbacks() if b["device"] == canary
+                                          and b["rollout_id"] == rollout_id), None), 10, "the rollback listed")
+        assert all(reason in listed["verdict"] for reason in reasons), (listed, reasons)
+    assert page.not_reloaded(), "the page was reloaded"
+    page.screenshot(f"canary-{verdict['state']}")
+
+
+def _outcome_on_the_page(page: ConsolePage, rollout_id: str, version: int) -> None:
+    """After promote, both devices active on v2 in a promoted rollout; after an abort, the rollout aborted
+    and both devices back on v1."""
+    phase = "promoted" if version == 2 else "aborted"
+
+    def done() -> bool:
+        r, devices = page.rollout(), page.devices()
+        return bool(r and r["rollout_id"] == rollout_id and r["phase"] == phase
+                    and all(devices.get(d, {}).get("model") == f"efficientnet-lite0 v{version}"
+                            for d in ("device-1", "device-2"))
+                    and (version == 1 or all(r["devices"].get(d) == "active" for d in ("device-1", "device-2"))))
+
+    page.shown(done, 30, f"the rollout {phase}, both devices on v{version}")
+    assert page.not_reloaded(), "the page was reloaded"
+    page.screenshot(f"rollout-{phase}")
 
 
 def test_a_second_fleet_run_starts_its_devices_fresh_with_its_empty_store(tmp_path):

@@ -311,6 +311,8 @@ def _outcome_on_the_page(page: ConsolePage, rollout_id: str, version: int) -> No
                     and (version == 1 or all(r["devices"].get(d) == "active" for d in ("device-1", "device-2"))))
 
     page.shown(done, 30, f"the rollout {phase}, both devices on v{version}")
+    if version == 2:  # promoted: the whole fleet, whatever the canary's share was
+        assert "target: all devices ·" in (page.rollout() or {})["text"], page.rollout()
     assert page.not_reloaded(), "the page was reloaded"
     page.screenshot(f"rollout-{phase}")
 

@@ -76,7 +76,8 @@ function target(r) {
   if (r.canary) return `canary: ${r.canary}`;  // the devices it targets exactly, while not promoted
   const who = r.target_devices.length ? `devices ${r.target_devices.join(", ")}`
     : r.target_groups.length ? `groups ${r.target_groups.join(", ")}` : "all devices";
-  return `${Math.round(r.share * 1000) / 10} % of ${who}`;
+  // A promoted rollout takes its whole target whatever its canary share was (services/sync/membership.py).
+  return r.phase === "promoted" ? who : `${Math.round(r.share * 1000) / 10} % of ${who}`;
 }
 
 function rolloutBlock(r, id) {

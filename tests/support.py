@@ -224,3 +224,33 @@ def check_metric_families(scraped: dict[str, list[Sample]], families: tuple[str,
         samples = metric_family(scraped, name)
         labelled = all(s.labels.get(metrics.DEVICE_LABEL) == device for s in samples)
         assert (samples or not with_samples) and labelled, (name, samples)
+
+
+def client_link(url: str) -> MqttLink:
+    """A plain client of the broker at `url` for a test to publish or read with (not started)."""
+    return MqttLink(CommonSettings(mqtt_url=url, device_id="test"), "test", unique=True)
+
+
+def retained(url: str, topic: str, kind: type[BaseModel], wait_s: float = 2.0) -> BaseModel | bytes | None:
+    """The message retained on `topic`, read by a real subscriber: decoded as `kind`, its raw bytes where it
+    does not decode, None if none came within wait_s."""
+    got: list[BaseModel | bytes] = []
+
+    def on_message(message) -> None:
+        if message.payload:
+            try:
+                got.append(decode(kind, message.payload, content_type_of(message)))
+            except DecodeError:
+                got.append(message.payload)
+
+    link = client_link(url)
+    link.subscribe(topic, on_message)
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        deadline = time.monotonic() + wait_s
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        link.stop()
+    return got[-1] if got else None

@@ -72,13 +72,6 @@ def _stored_devices(rig: Uplink) -> set[str]:
 
 
 @pytest.fixture
-def rig(tmp_path, request):
-    with_rig = Uplink(tmp_path, request)
-    yield with_rig
-    with_rig.close()
-
-
-@pytest.fixture
 def permissive_rig(tmp_path, request, monkeypatch):
     """The rig's fleet broker on cloud.acl without its `deny` lines (the ACL before them): the patterns let
     the console's and the operator's certificates write their own ids' device topics."""
@@ -114,10 +107,11 @@ def _real_device_arrives(rig: Uplink, port: int) -> None:
     wait_until(lambda: rig.device_id in (_fleet_devices(port) or []), 30, "the real device on the console")
 
 
-def test_the_fleet_acl_drops_what_the_consoles_and_operators_certificates_publish_as_devices(rig):
+def test_the_fleet_acl_drops_what_the_consoles_and_operators_certificates_publish_as_devices(uplink):
     """Through the committed cloud.acl: the broker passes nothing the console's or the operator's
     certificate publishes on its own id's device topics, so a real cloud_ingest stores nothing of theirs
     and the real console shows no such device."""
+    rig = uplink
     ingest, port = rig.start_ingest(), free_port()
     # Watchers on every device's batches and statuses: the broker queues to them in the order it takes
     # publishes, so the real device's messages arriving with none of the impostors' before them shows

@@ -13,11 +13,10 @@ from typer.testing import CliRunner
 from edgefleet import cli
 from edgefleet.publish import publish_plugin
 from shared import registry, s3, topics
-from shared.codec import DecodeError, WireFormat, decode, encode
-from shared.config import CommonSettings
-from shared.mqtt import MqttLink, content_type_of
+from shared.codec import WireFormat, encode
 from shared.schemas import ModelRef, PluginRollout, Rollout, RolloutPhase, SyncReport, SyncState
 from tests import wat_plugins as wat
+from tests.support import client_link, retained
 
 NAME = wat.SPEC["name"]
 BUCKET = "edgefleet-models"
@@ -36,53 +35,24 @@ def _edgefleet(env, *args):
     return CliRunner().invoke(cli.app, list(args), env=env)
 
 
-def _link(url):
-    link = MqttLink(CommonSettings(mqtt_url=url, device_id="test"), "test", unique=True)
-    return link
-
-
-def _retained(url, topic, kind, wait_s=2.0):
-    """The message retained on topic, read by a real subscriber (None if none came within wait_s)."""
-    got = []
-
-    def on_message(message):
-        if message.payload:
-            try:
-                got.append(decode(kind, message.payload, content_type_of(message)))
-            except DecodeError:
-                got.append(message.payload)
-
-    link = _link(url)
-    link.subscribe(topic, on_message)
-    link.start()
-    try:
-        assert link.wait_connected(10)
-        deadline = time.monotonic() + wait_s
-        while not got and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        link.stop()
-    return got[-1] if got else None
-
-
 def test_a_plugin_rollout_is_retained_on_its_own_topic_and_promote_and_abort_change_its_phase(operator, broker):
     started = _edgefleet(operator, "rollout", "start", NAME, "1", "--plugin", "--group", "dock", "--canary", "25",
                          "--rollout-id", "door-1")
     assert started.exit_code == 0, started.output
     assert started.stdout.strip() == "door-1" and f"the plugin {NAME} v1, canary" in started.stderr
-    rollout = _retained(broker.url, topics.plugin_rollout(NAME), PluginRollout)
+    rollout = retained(broker.url, topics.plugin_rollout(NAME), PluginRollout)
     assert isinstance(rollout, PluginRollout)
     assert (rollout.rollout_id, rollout.plugin, rollout.version, rollout.phase) == ("door-1", NAME, 1,
                                                                                      RolloutPhase.CANARY)
     assert (rollout.target.groups, rollout.target.share, rollout.allow_downgrade) == (["dock"], 0.25, False)
     # Beside the model's rollout, never in its place: the model's topic holds nothing.
-    assert _retained(broker.url, topics.rollout(), Rollout, wait_s=0.5) is None
+    assert retained(broker.url, topics.rollout(), Rollout, wait_s=0.5) is None
     assert _edgefleet(operator, "rollout", "promote").exit_code == 1  # no model rollout to promote
 
     for command, phase in (("promote", RolloutPhase.PROMOTED), ("abort", RolloutPhase.ABORTED)):
         changed = _edgefleet(operator, "rollout", command, "--plugin", NAME)
         assert changed.exit_code == 0, changed.output
-        now = _retained(broker.url, topics.plugin_rollout(NAME), PluginRollout)
+        now = retained(broker.url, topics.plugin_rollout(NAME), PluginRollout)
         assert (now.rollout_id, now.version, now.phase, now.target) == ("door-1", 1, phase, rollout.target)
         assert now.issued_at > rollout.issued_at
 
@@ -114,7 +84,7 @@ def test_only_a_version_in_the_registry_signed_by_a_trusted_key_can_be_rolled_ou
     replayed = _edgefleet(operator, "rollout", "start", NAME, "3", "--plugin")
     assert replayed.exit_code == 2 and f"signed for {NAME} v1" in replayed.stderr
 
-    assert _retained(broker.url, topics.plugin_rollout(NAME), PluginRollout, wait_s=0.5) is None, \
+    assert retained(broker.url, topics.plugin_rollout(NAME), PluginRollout, wait_s=0.5) is None, \
         "a refused rollout published nothing"
     bad_name = _edgefleet(operator, "rollout", "start", "../etc", "1", "--plugin")
     assert bad_name.exit_code == 1 and "model name" in bad_name.stderr
@@ -123,7 +93,7 @@ def test_only_a_version_in_the_registry_signed_by_a_trusted_key_can_be_rolled_ou
 def test_plugin_status_lists_the_devices_retained_plugin_states(operator, broker):
     now = time.time()
     ref = ModelRef(name=NAME, version=1, sha256="a" * 64)
-    link = _link(broker.url)
+    link = client_link(broker.url)
     link.start()
     assert link.wait_connected(10)
 

@@ -173,12 +173,15 @@ class HeldSocket:
         self.held: list[bytes] = []  # requests waiting at the gate
         self._open = threading.Event()
         self._open.set()
+        self._holding = b""
         self._server = socket.socket(socket.AF_UNIX)
         self._server.bind(str(path))
         self._server.listen(16)
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def hold(self) -> None:
+    def hold(self, path_part: bytes = b"") -> None:
+        """Holds every request whose request line contains `path_part` (every request: b"")."""
+        self._holding = path_part
         self._open.clear()
 
     def release(self) -> None:
@@ -202,7 +205,7 @@ class HeldSocket:
     def _pump(self, source: socket.socket, sink: socket.socket, requests: bool) -> None:
         try:
             while chunk := source.recv(65536):
-                if requests and not self._open.is_set():
+                if requests and not self._open.is_set() and self._holding in chunk.split(b"\r\n", 1)[0]:
                     self.held.append(chunk)
                     self._open.wait()
                 sink.sendall(chunk)
@@ -223,7 +226,8 @@ def test_sample_returns_the_last_figures_while_a_stats_call_hangs(containers, mo
         monitor = monitors(docker_url=f"unix://{relay.path}", docker_project=PROJECT)
         before = wait_until(lambda: (f := _by_name(monitor)).keys() == {BUSY, IDLE} and f, 60,
                             "the project's containers")
-        relay.hold()
+        # Only the stats calls: a held list call (the sampler between two sweeps) would never reach one.
+        relay.hold(b"/stats")
         wait_until(lambda: next((r for r in relay.held if b"/stats" in r.split(b"\r\n", 1)[0]), None),
                              30, "the sampler thread inside a stats call, its request held")
         held_since = time.time()

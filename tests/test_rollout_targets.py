@@ -16,12 +16,11 @@ from edgefleet.models.cascade import assemble
 from edgefleet.publish import NotPublished, publish, signed_model
 from services.sync.membership import is_member
 from shared import registry, s3, topics
-from shared.codec import DecodeError, WireFormat, decode, encode
-from shared.config import CommonSettings
+from shared.codec import WireFormat, encode
 from shared.manifest import ModelManifest
-from shared.mqtt import MqttLink, content_type_of
 from shared.schemas import Rollout, RolloutPhase, ServiceState, ServiceStatus
 from tests.delivery import model_variant
+from tests.support import client_link, retained
 
 NAME = "efficientnet-lite0"
 BUCKET = "edgefleet-models"
@@ -34,7 +33,7 @@ def operator(s3_server, broker, tmp_path, model_dir):
     fleet broker where two devices' sync services have said they are online (retained, as sync does)."""
     keys = registry.new_key_pair(tmp_path / "keys")
     publish(s3.client(s3_server.settings()), BUCKET, model_dir, keys.private, version=1)
-    link = _link(broker.url)
+    link = client_link(broker.url)
     link.start()
     assert link.wait_connected(10)
     for device in FLEET:
@@ -46,35 +45,8 @@ def operator(s3_server, broker, tmp_path, model_dir):
     return {**s3_server.env(), "EDGEFLEET_MQTT_URL": broker.url, "EDGEFLEET_TRUSTED_KEYS_DIR": str(keys.public.parent)}
 
 
-def _link(url):
-    return MqttLink(CommonSettings(mqtt_url=url, device_id="test"), "test", unique=True)
-
-
 def _edgefleet(env, *args):
     return CliRunner().invoke(cli.app, list(args), env=env)
-
-
-def _retained_rollout(url, wait_s=2.0):
-    got = []
-
-    def on_message(message):
-        if message.payload:
-            try:
-                got.append(decode(Rollout, message.payload, content_type_of(message)))
-            except DecodeError:
-                got.append(message.payload)
-
-    link = _link(url)
-    link.subscribe(topics.rollout(), on_message)
-    link.start()
-    try:
-        assert link.wait_connected(10)
-        deadline = time.monotonic() + wait_s
-        while not got and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        link.stop()
-    return got[-1] if got else None
 
 
 def _members(rollout: Rollout) -> list[str]:
@@ -86,19 +58,19 @@ def _members(rollout: Rollout) -> list[str]:
 def test_a_canary_of_a_two_device_fleet_targets_exactly_one_and_promote_takes_both(operator, broker, canary):
     started = _edgefleet(operator, "rollout", "start", NAME, "1", *canary, "--rollout-id", "first")
     assert started.exit_code == 0, started.output
-    rollout = _retained_rollout(broker.url)
+    rollout = retained(broker.url, topics.rollout(), Rollout)
     assert isinstance(rollout, Rollout) and rollout.phase is RolloutPhase.CANARY
     assert len(_members(rollout)) == 1 and rollout.target.canary_devices == _members(rollout)
     assert f"canary: 1 of 2 devices ({_members(rollout)[0]})" in started.stderr
     assert started.stderr.index("canary: 1 of 2") < started.stderr.index("rollout first:"), "the plan comes first"
 
     assert _edgefleet(operator, "rollout", "promote").exit_code == 0
-    promoted = _retained_rollout(broker.url)
+    promoted = retained(broker.url, topics.rollout(), Rollout)
     assert promoted.phase is RolloutPhase.PROMOTED and _members(promoted) == list(FLEET)
 
 
 def test_a_share_with_no_device_online_is_refused_unless_the_devices_are_let_draw_it(operator, broker):
-    link = _link(broker.url)
+    link = client_link(broker.url)
     link.start()
     assert link.wait_connected(10)
     for device in FLEET:  # the devices' retained statuses cleared: the broker knows no device
@@ -108,19 +80,19 @@ def test_a_share_with_no_device_online_is_refused_unless_the_devices_are_let_dra
     refused = _edgefleet(operator, "rollout", "start", NAME, "1", "--canary", "50")
     assert refused.exit_code == 2, refused.output
     assert "no device has a fresh online status" in refused.stderr and "--let-devices-draw" in refused.stderr
-    assert _retained_rollout(broker.url, wait_s=0.5) is None, "a refused rollout published nothing"
+    assert retained(broker.url, topics.rollout(), Rollout, wait_s=0.5) is None, "a refused rollout published"
 
     drawn = _edgefleet(operator, "rollout", "start", NAME, "1", "--canary", "50", "--let-devices-draw")
     assert drawn.exit_code == 0, drawn.output
     assert "canary: 50% of the devices (none has a fresh status on the fleet broker yet), each device deciding " \
            "by itself" in drawn.stderr
-    rollout = _retained_rollout(broker.url)
+    rollout = retained(broker.url, topics.rollout(), Rollout)
     assert (rollout.target.share, rollout.target.canary_devices, rollout.phase) == (0.5, [], RolloutPhase.CANARY)
 
 def test_more_canary_devices_than_the_fleet_has_is_refused(operator, broker):
     refused = _edgefleet(operator, "rollout", "start", NAME, "1", "--canary-devices", "3")
     assert refused.exit_code == 2 and "holds only 2 devices" in refused.stderr
-    assert _retained_rollout(broker.url, wait_s=0.5) is None
+    assert retained(broker.url, topics.rollout(), Rollout, wait_s=0.5) is None
 
 
 def test_a_version_the_registry_does_not_hold_is_refused_and_nothing_is_published(operator, broker):
@@ -128,7 +100,7 @@ def test_a_version_the_registry_does_not_hold_is_refused_and_nothing_is_publishe
     assert missing.exit_code == 2, missing.output
     assert missing.stderr.startswith("edgefleet rollout start: refused: ")
     assert f"holds no signed {NAME} v2 (it holds v1)" in missing.stderr
-    assert _retained_rollout(broker.url, wait_s=0.5) is None, "a refused rollout published nothing"
+    assert retained(broker.url, topics.rollout(), Rollout, wait_s=0.5) is None, "a refused rollout published"
 
 
 def test_a_tampered_manifest_or_an_untrusted_key_is_refused_and_nothing_is_published(operator, s3_server, broker,
@@ -149,7 +121,7 @@ def test_a_tampered_manifest_or_an_untrusted_key_is_refused_and_nothing_is_publi
     untrusted = _edgefleet({**operator, "EDGEFLEET_TRUSTED_KEYS_DIR": str(stranger.public.parent)},
                            "rollout", "start", NAME, "1")
     assert untrusted.exit_code == 2 and "unknown key" in untrusted.stderr
-    assert _retained_rollout(broker.url, wait_s=0.5) is None, "a refused rollout published nothing"
+    assert retained(broker.url, topics.rollout(), Rollout, wait_s=0.5) is None, "a refused rollout published"
 
 
 def test_a_published_model_whose_artifact_was_replaced_or_removed_is_refused_and_nothing_is_published(
@@ -174,7 +146,7 @@ def test_a_published_model_whose_artifact_was_replaced_or_removed_is_refused_and
     removed = _edgefleet(operator, "rollout", "start", NAME, "1")
     assert removed.exit_code == 2, removed.output
     assert f"{NAME} v1's model.onnx is missing from the registry (s3://{BUCKET}/{artifact})" in removed.stderr
-    assert _retained_rollout(broker.url, wait_s=0.5) is None, "a refused rollout published nothing"
+    assert retained(broker.url, topics.rollout(), Rollout, wait_s=0.5) is None, "a refused rollout published"
 
 
 def test_a_cascade_whose_member_artifact_is_missing_is_refused_and_nothing_is_published(
@@ -191,4 +163,4 @@ def test_a_cascade_whose_member_artifact_is_missing_is_refused_and_nothing_is_pu
         signed_model(store, BUCKET, "lite0-cascade", 1, trusted)
     refused = _edgefleet(operator, "rollout", "start", "lite0-cascade", "1")
     assert refused.exit_code == 2 and "stage1 member lite0-small v1's model.onnx is missing" in refused.stderr
-    assert _retained_rollout(broker.url, wait_s=0.5) is None, "a refused rollout published nothing"
+    assert retained(broker.url, topics.rollout(), Rollout, wait_s=0.5) is None, "a refused rollout published"

@@ -103,19 +103,20 @@ def decode(cls: type[M], payload: bytes | bytearray, content_type: str | None = 
         raise DecodeError(_summarise(cls, exc)) from exc
 
 
-def inflate(payload: bytes | bytearray, limit: int, what: str = "payload") -> bytes:
+def inflate(payload: bytes | bytearray, limit: int, what: str = "payload", *, gzip: bool = False) -> bytes:
     """Inflate a zlib stream, refusing it as soon as the output passes `limit` bytes: the cap is
     applied while inflating (zlib's max_length), so a bomb costs at most `limit` bytes of memory.
 
     :param payload: the compressed bytes.
     :param int limit: the most bytes the output may have.
     :param str what: what the payload is, for the error's text.
+    :param bool gzip: a gzip member (header and trailer) rather than a bare zlib stream.
 
     Returns the inflated bytes.
 
     :raises DecodeError: if it is not zlib data, is truncated, or is larger than `limit` once inflated.
     """
-    inflater = zlib.decompressobj()
+    inflater = zlib.decompressobj(wbits=31 if gzip else zlib.MAX_WBITS)  # 31: gzip's header and trailer
     try:
         out = inflater.decompress(payload, limit + 1)
     except zlib.error as exc:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from services.console.snapshot import ChartsSnapshot, DeviceCharts
-from shared import lake
+from shared import codec, lake
 from shared.logs import fields
 from shared.schemas import AlertType, DriftSample, TelemetryRecord
 
@@ -53,21 +52,6 @@ MAX_DAYS = 31  # date partitions listed, however long the window
 class _Read:
     etag: str
     samples: tuple[DriftSample, ...]
-
-
-def inflate(body: bytes, limit: int = MAX_INFLATED_BYTES) -> bytes:
-    """A gzip object's content, refused past `limit` bytes before the rest is inflated.
-
-    :raises ValueError: not gzip, or it inflates past the limit.
-    """
-    inflater = zlib.decompressobj(wbits=31)  # 31: gzip's header and trailer
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise ValueError(f"not gzip: {exc}") from None
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise ValueError(f"inflates past {limit} bytes")
-    return out
 
 
 def samples_of(text: bytes, device: str) -> tuple[list[DriftSample], int]:
@@ -244,7 +228,7 @@ class DriftCharts:
         try:
             if len(raw) > MAX_OBJECT_BYTES:
                 raise ValueError(f"larger than {MAX_OBJECT_BYTES} bytes")
-            samples, skipped = samples_of(inflate(raw), device)
+            samples, skipped = samples_of(codec.inflate(raw, MAX_INFLATED_BYTES, "telemetry object", gzip=True), device)
             self.skipped_lines += skipped
         except ValueError as exc:
             log.warning("telemetry object skipped", extra=fields(key=key, error=str(exc)[:300]))

@@ -11,7 +11,7 @@ import pytest
 from services.console import charts as drift_charts
 from services.console.fleet import MAX_ROLLBACKS, FleetState
 from services.console.server import page_files
-from shared import lake, schemas, topics
+from shared import codec, lake, schemas, topics
 from shared.codec import WireFormat, encode
 from shared.schemas import (
     AlertType,
@@ -278,17 +278,17 @@ def lines(*samples, seq: int = 1) -> bytes:
 def test_an_objects_drift_samples_are_read_and_foreign_lines_skipped():
     other_kind = TelemetryRecord(seq=9, body=drift("dev-b", NOW, 0.1)).model_dump_json()
     text = lines(drift("dev-a", NOW, 0.1), drift("dev-a", NOW + 5, 0.2)) + b"\n" + other_kind.encode() + b"\n{bad\n"
-    samples, skipped = drift_charts.samples_of(drift_charts.inflate(gzip.compress(text)), "dev-a")
+    samples, skipped = drift_charts.samples_of(codec.inflate(gzip.compress(text), 1 << 20, gzip=True), "dev-a")
     assert [s.scores[AlertType.PREDICTION_DRIFT] for s in samples] == [0.1, 0.2]
     assert skipped == 2  # the line naming another device than its key, and the broken one
 
 
-def test_inflating_stops_at_the_cap_before_the_whole_object():
+def test_inflating_a_gzip_object_stops_at_the_cap_before_the_whole_object():
     bomb = gzip.compress(b"\0" * (4 << 20))
     with pytest.raises(ValueError, match="inflates past"):
-        drift_charts.inflate(bomb, limit=1 << 20)
-    with pytest.raises(ValueError, match="not gzip"):
-        drift_charts.inflate(b"plain text")
+        codec.inflate(bomb, 1 << 20, gzip=True)
+    with pytest.raises(ValueError, match="not valid compressed"):
+        codec.inflate(b"plain text", 1 << 20, gzip=True)
 
 
 def test_charts_keep_the_window_in_time_order_and_the_newest_points():

@@ -61,7 +61,7 @@ STATUS_TIMESTAMP = f"{PREFIX}_status_timestamp_seconds"  # gauge: when the servi
 # -- inference ------------------------------------------------------------------------------------------
 FRAMES_RECEIVED = f"{PREFIX}_frames_received_total"  # camera
 FRAMES_DROPPED = f"{PREFIX}_frames_dropped_total"  # camera (overload: oldest dropped)
-FRAMES_REJECTED = f"{PREFIX}_frames_rejected_total"  # reason (ErrorReason values: bounded)
+FRAMES_REJECTED = f"{PREFIX}_frames_rejected_total"  # camera, reason (ErrorReason values: bounded)
 PREDICTIONS = f"{PREFIX}_predictions_total"  # camera
 PREDICTIONS_LOST = f"{PREFIX}_predictions_lost_total"
 PREDICTIONS_CACHED = f"{PREFIX}_predictions_cached_total"  # match: exact|scene

@@ -17,8 +17,8 @@ def _camera_counts() -> CameraCounts:
     return CameraCounts(MAX_CAMERA_KEYS)
 
 
-def _by_reason() -> dict[ErrorReason, Counter]:
-    return {reason: Counter() for reason in ErrorReason}  # every key made here: the map never grows
+def _by_reason(cameras: int = MAX_CAMERA_KEYS) -> dict[ErrorReason, CameraCounts]:
+    return {reason: CameraCounts(cameras) for reason in ErrorReason}  # every reason made here: the map never grows
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Counters:
     # For the metrics only (the status carries the totals above): each bounded like dropped_by_camera.
     received_by_camera: CameraCounts = field(default_factory=_camera_counts)
     published_by_camera: CameraCounts = field(default_factory=_camera_counts)
-    rejected_by_reason: dict[ErrorReason, Counter] = field(default_factory=_by_reason)
+    rejected_by_reason: dict[ErrorReason, CameraCounts] = field(default_factory=_by_reason)  # each by camera
     cached_exact: Counter = field(default_factory=Counter)  # of `cached`: the same bytes as an answered frame
     cached_scene: Counter = field(default_factory=Counter)  # of `cached`: a scene within the change threshold
     stage1: Counter = field(default_factory=Counter)  # of `published`: a cascade's stage 1 stood (model run)
@@ -47,17 +47,18 @@ class Counters:
     def capped(cls, cameras: int) -> Counters:
         """Counters that name at most `cameras` cameras per count (the rest under CameraCounts.OTHER)."""
         return cls(dropped_by_camera=CameraCounts(cameras), received_by_camera=CameraCounts(cameras),
-                   published_by_camera=CameraCounts(cameras))
+                   published_by_camera=CameraCounts(cameras), rejected_by_reason=_by_reason(cameras))
 
     def receive(self, camera: str) -> None:
         """Counts one frame of `camera` received."""
         self.received.add()
         self.received_by_camera.add(camera)
 
-    def reject(self, reason: ErrorReason) -> None:
-        """Counts one frame answered with an error report for `reason`."""
+    def reject(self, reason: ErrorReason, camera: str | None) -> None:
+        """Counts one frame of `camera` (None: none known, counted under CameraCounts.OTHER) answered with an
+        error report for `reason`."""
         self.rejected.add()
-        self.rejected_by_reason[reason].add()
+        self.rejected_by_reason[reason].add(camera or CameraCounts.OTHER)
 
     def drop(self, camera: str) -> None:
         """Counts one frame of `camera` dropped unanswered (overload, or arrived while draining)."""

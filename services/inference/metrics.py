@@ -58,10 +58,11 @@ class InferenceCollector(Collector):
         yield _per_camera(names.FRAMES_RECEIVED, "Frames received, by camera.", c.received_by_camera)
         yield _per_camera(names.FRAMES_DROPPED, "Frames dropped unanswered (overload: the oldest of the fullest "
                           "camera; or arrived while draining), by camera.", c.dropped_by_camera)
-        rejected = CounterMetricFamily(names.FRAMES_REJECTED, "Frames answered with an error report, by reason.",
-                                       labels=["reason"])
-        for reason, counter in c.rejected_by_reason.items():
-            rejected.add_metric([reason.value], counter.value)
+        rejected = CounterMetricFamily(names.FRAMES_REJECTED, "Frames answered with an error report, by camera and "
+                                       "reason.", labels=["camera", "reason"])
+        for reason, counts in c.rejected_by_reason.items():
+            for camera, n in sorted(by_camera(counts.snapshot()).items()):
+                rejected.add_metric([camera, reason.value], n)
         yield rejected
         yield GaugeMetricFamily(names.QUEUE_DEPTH, "Frames queued, not yet taken by a worker.",
                                 value=self._queue_depth())

@@ -86,7 +86,7 @@ class Publisher:
 
     def reject(self, *, camera: str | None, reason: ErrorReason, detail: str, frame_id: str | None) -> None:
         """Answers a frame that gets no prediction with an error report, and counts it rejected."""
-        self._counters.reject(reason)
+        self._counters.reject(reason, camera)
         log.info("frame rejected", extra=fields(camera=camera, frame_id=frame_id, reason=reason.value, detail=detail))
         self.report(reason, detail, camera=camera, frame_id=frame_id)
 

@@ -91,7 +91,7 @@ def test_every_inference_family_is_served_with_the_device_label_and_counters_end
     counters = Counters()
     for _ in range(3):
         counters.receive("door")
-    counters.reject(ErrorReason.UNDECODABLE)
+    counters.reject(ErrorReason.UNDECODABLE, "door")
     counters.drop("door")
     counters.published_by_camera.add("door")
     plugin = PluginStatus(plugin=ModelRef(name="blur", version=1, sha256="cd" * 32), state=PluginState.ACTIVE,
@@ -113,7 +113,7 @@ def test_every_inference_family_is_served_with_the_device_label_and_counters_end
     assert _value(families[names.PLUGIN_CALLS], names.PLUGIN_CALLS, plugin="blur") == 7
     assert _value(families[names.PLUGIN_FAULTS], names.PLUGIN_FAULTS, plugin="blur") == 2
     assert _value(families[names.QUEUE_DEPTH], names.QUEUE_DEPTH) == 4
-    assert _value(families[names.FRAMES_REJECTED], names.FRAMES_REJECTED, reason="undecodable") == 1
+    assert _value(families[names.FRAMES_REJECTED], names.FRAMES_REJECTED, camera="door", reason="undecodable") == 1
     info = _value(families[names.MODEL_INFO], f"{names.MODEL_INFO}_info", name=REF.name, version="3",
                   provider="CPUExecutionProvider")
     assert info == 1
@@ -126,25 +126,29 @@ def test_a_hundred_cameras_give_at_most_cap_plus_one_label_values_and_keep_every
         for _ in range(i % 3 + 1):
             counters.receive(f"cam-{i}")
         counters.drop(f"cam-{i}")
+        counters.reject(ErrorReason.UNDECODABLE, f"cam-{i}")
     registry, _ = _inference_registry(counters)
     scraped = _scrape(registry)
 
     received = _family(scraped, names.FRAMES_RECEIVED)
     dropped = _family(scraped, names.FRAMES_DROPPED)
-    for samples in (received, dropped):
+    rejected = _family(scraped, names.FRAMES_REJECTED)
+    for samples in (received, dropped, rejected):
         cameras = {s.labels["camera"] for s in samples if s.name.endswith("_total")}
         assert len(cameras) == cap + 1 and OTHER_CAMERA in cameras
     assert sum(s.value for s in received if s.name.endswith("_total")) == counters.received.value == 199
     assert sum(s.value for s in dropped if s.name.endswith("_total")) == 100
+    assert sum(s.value for s in rejected if s.name.endswith("_total")) == 100
 
 
-def test_reasons_matches_stages_and_outcomes_are_their_fixed_sets_even_at_zero():
+def test_matches_stages_and_outcomes_are_their_fixed_sets_even_at_zero():
     scraped = _scrape(_inference_registry(Counters())[0])
 
     def values(name: str, label: str) -> set[str]:
         return {s.labels[label] for s in _family(scraped, name) if s.name.endswith("_total")}
 
-    assert values(names.FRAMES_REJECTED, "reason") == {r.value for r in ErrorReason}
+    # Rejections are by camera too: none is named before a camera's first frame (as frames received).
+    assert values(names.FRAMES_REJECTED, "reason") == set()
     assert values(names.PREDICTIONS_CACHED, "match") == {"exact", "scene"}
     assert values(names.CASCADE_ANSWERS, "stage") == {"1", "2"}
     assert values(names.MODEL_SWAPS, "outcome") == {"ok", "failed"}

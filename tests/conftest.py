@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import itertools
 from pathlib import Path
 
@@ -7,8 +8,8 @@ import pytest
 
 from edgefleet.broker import Broker
 from edgefleet.models.build import build
-from edgefleet.s3server import S3Server
 from shared.config import DEFAULT_MODEL_DIR, InferenceSettings, load
+from tests import s3pool
 from tests.support import Device, ServiceProcess, Services, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,7 +44,7 @@ def broker():
 @pytest.fixture
 def s3_server():
     """A real S3-compatible server (moto in server mode) in its own process, for this test alone."""
-    with S3Server() as server:
+    with contextlib.closing(s3pool.take()) as server:
         yield server
 
 
@@ -124,3 +125,4 @@ def pytest_sessionfinish(session):
     from tests.image_build import stop_build
 
     stop_build()
+    s3pool.close()

@@ -13,12 +13,12 @@ from typing import TypeVar
 from edgefleet.broker import Broker
 from edgefleet.models.install import resave
 from edgefleet.publish import publish
-from edgefleet.s3server import S3Server
 from edgefleet.spawner import keys_of
 from shared import registry, s3
 from shared.config import CameraSettings, CommonSettings, InferenceSettings, StoreSettings, SyncSettings, load
 from shared.manifest import ModelManifest
 from shared.schemas import Rollout, RolloutPhase, RolloutTarget
+from tests import s3pool
 from tests.support import Device, ServiceProcess, Services, wait_until
 
 BUCKET = "edgefleet-models"
@@ -45,7 +45,7 @@ class Fleet:
         self.tmp = tmp
         self._closing = contextlib.ExitStack()  # closed in reverse: services, clients, then servers
         self.broker = self._closing.enter_context(Broker(persistent=True))
-        self.s3_server = self._closing.enter_context(S3Server())
+        self.s3_server = self._closing.enter_context(contextlib.closing(s3pool.take()))
         self.store = s3.client(self.s3_server.settings())
         self.keys = registry.new_key_pair(tmp / "keys")
         self.services = Services(tmp, request)

@@ -186,9 +186,9 @@ def _closed_by_server(conn: socket.socket) -> bool:
         return True
 
 
-def test_the_console_closes_idle_connections_refuses_those_over_its_cap_and_unknown_hosts(rig):
+def test_the_console_closes_idle_connections_refuses_those_over_its_cap_and_unknown_hosts(uplink):
     port = free_port()
-    console = _start_console(rig, port)
+    console = _start_console(uplink, port)
     wait_until(lambda: _fleet_devices(port) is not None, 30, "the console to listen", interval=0.2)
     # DNS rebinding: a page of another name resolving to the console's address is refused.
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "LOCALHOST"):

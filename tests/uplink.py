@@ -13,11 +13,11 @@ from edgefleet.audit import DeviceAudit, audit
 from edgefleet.broker import Broker
 from edgefleet.brokerconf import bridge, cloud_listener
 from edgefleet.certs import issue, new_ca
-from edgefleet.s3server import S3Server
 from edgefleet.spawner import keys_of
 from shared import s3
 from shared.config import CommonSettings, IngestSettings, TelemetrySettings, load
 from shared.mqtt import MqttLink
+from tests import s3pool
 from tests.support import Device, ServiceProcess, Services, wait_until
 
 BUCKET = "edgefleet-telemetry"
@@ -36,7 +36,7 @@ class Uplink:
         self.cloud_broker = self._closing.enter_context(Broker(security=cloud_listener(self.certs)))
         to_cloud = bridge(device_id, "127.0.0.1", self.cloud_broker.port, self.certs)
         self.device_broker = self._closing.enter_context(Broker(extra_config=to_cloud))
-        self.s3_server = self._closing.enter_context(S3Server())
+        self.s3_server = self._closing.enter_context(contextlib.closing(s3pool.take()))
         self.store = s3.client(self.s3_server.settings())
         self.outbox_path = tmp / "outbox.db"
         self.device = Device(self.device_broker.url, device_id)
@@ -48,7 +48,7 @@ class Uplink:
         """An empty S3 store in place of the current one, for the ingest started next: a fleet whose store
         began afresh while its devices kept their outboxes. The old store keeps running until the rig
         closes; stop the services that use the new one before then (it closes first)."""
-        self.s3_server = self._closing.enter_context(S3Server())
+        self.s3_server = self._closing.enter_context(contextlib.closing(s3pool.take()))
         self.store = s3.client(self.s3_server.settings())
 
     @property

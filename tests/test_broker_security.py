@@ -269,9 +269,11 @@ def test_a_bridge_keeps_what_it_queued_across_a_cut_link_and_delivers_it(pki, tm
             _subscribed(returned)
         finally:
             frozen.send_signal(signal.SIGCONT)
-        # The bridge delivers in order, so a duplicate or a straggler would come before the sentinel.
-        wait_until(lambda: b"sentinel" in returned.payloads(), 60, "the queued messages up to the sentinel")
-        assert returned.payloads() == queued, "lost, duplicated or reordered"
+        # Every one, once. Not necessarily in order: MQTT orders a client's resends (MQTT-4.6.0-1) but not
+        # across hops (client -> edge broker -> bridge -> fleet broker -> client); a message in flight on one
+        # hop when the link came back may arrive after a later one (seen once, in a CI rehearsal: 1 before 0).
+        wait_until(lambda: set(queued) <= set(returned.payloads()), 60, "every queued message and the sentinel")
+        assert sorted(returned.payloads()) == sorted(queued), "lost or duplicated"
         sync.close()
         returned.close()
     finally:

@@ -19,10 +19,14 @@ from services.sync import membership
 from shared import registry, topics
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import CommonSettings
+from shared.manifest import ModelManifest
 from shared.mqtt import Handler, MqttLink, content_type_of
+from shared.plugin import PluginManifest
 from shared.schemas import (
+    MAX_SPREAD_S,
     PluginRollout,
     Rollout,
+    RolloutPacing,
     RolloutPhase,
     RolloutTarget,
     ServiceState,
@@ -31,6 +35,7 @@ from shared.schemas import (
 )
 
 if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
     from paho.mqtt.client import MQTTMessage
 
 # The model's rollout or a plugin's: the same phases, targets and downgrade rule (shared.schemas).
@@ -76,11 +81,13 @@ def new_rollout_id(model: str, version: int) -> str:
 
 
 def start(settings: CommonSettings, model: str, version: int, target: RolloutTarget, allow_downgrade: bool = False,
-          rollout_id: str | None = None, plugin: bool = False) -> AnyRollout:
+          rollout_id: str | None = None, plugin: bool = False, pacing: RolloutPacing | None = None) -> AnyRollout:
     """Publishes a new rollout, retained: of a model, or (plugin=True) of the plugin named `model`.
 
     A plugin's version is not looked up here: the caller checks it is published and signed first
     (edgefleet.publish.signed_plugin), as `edgefleet rollout start --plugin` does.
+
+    :param pacing: how the devices spread their downloads (plan_pacing); None: all start at once.
 
     :raises ValueError: a name or version that could never be a registry key.
     :raises BrokerUnreachable: the fleet broker is unreachable (a ConnectionError).
@@ -91,7 +98,7 @@ def start(settings: CommonSettings, model: str, version: int, target: RolloutTar
         "rollout_id": rollout_id or new_rollout_id(model, version), "version": version,
         "phase": RolloutPhase.CANARY if target.share < 1 or target.canary_devices else RolloutPhase.PROMOTED,
         "target": target,
-        "allow_downgrade": allow_downgrade, "issued_at": time.time(),
+        "allow_downgrade": allow_downgrade, "issued_at": time.time(), "pacing": pacing,
     }
     rollout = PluginRollout(plugin=model, **fields) if plugin else Rollout(model=model, **fields)
     publish(settings, rollout)
@@ -162,6 +169,77 @@ def plan_canary(rollout_id: str, target: RolloutTarget, known: list[str], count:
     return CanaryPlan(named, f"canary: {size} of {len(candidates)} devices ({', '.join(chosen)})")
 
 
+@dataclass(frozen=True)
+class PacingPlan:
+    """How a rollout's downloads are spread, as the operator sees it before it is published.
+
+    pacing: the rollout's pacing field (None: every device starts at once).
+    line: one line for the operator, e.g. "pacing: 950 devices' downloads spread over 19 s (...)".
+    """
+
+    pacing: RolloutPacing | None
+    line: str
+
+
+def plan_pacing(targeted: int, artifact_bytes: int, max_concurrent: int, device_bytes_s: float) -> PacingPlan:
+    """Sizes a rollout's spread (pure: no I/O) so that about `max_concurrent` devices download at once:
+    spread_s = targeted * per-device download time / max_concurrent, the per-device time being
+    artifact_bytes / device_bytes_s but at least 1 s (a request's round trips and verification).
+    No pacing when `targeted` fits in `max_concurrent` (a small fleet: no field a device older than it
+    would refuse) or max_concurrent is 0. The spread is capped at MAX_SPREAD_S, the line says so.
+
+    :param targeted: how many devices this phase sets downloading (targeted_at_start, targeted_at_promote).
+    :param artifact_bytes: the model's (or plugin's) size from its manifest.
+    :param max_concurrent: --max-concurrent-downloads (0: no pacing).
+    :param device_bytes_s: --device-download-bytes-s, a device's download rate (> 0).
+    """
+    if max_concurrent <= 0:
+        return PacingPlan(None, "pacing: none (--max-concurrent-downloads 0): every device starts at once")
+    if targeted <= max_concurrent:
+        return PacingPlan(None, f"pacing: none ({targeted} devices to download, at most {max_concurrent} at once)")
+    per_device_s = max(1.0, artifact_bytes / device_bytes_s)
+    wanted = targeted * per_device_s / max_concurrent
+    spread = min(wanted, MAX_SPREAD_S)
+    capped = f", capped from {wanted:.0f} s" if wanted > spread else ""
+    return PacingPlan(RolloutPacing(spread_s=round(spread, 3), max_concurrent=max_concurrent),
+                      f"pacing: {targeted} devices' downloads spread over {spread:.0f} s{capped} (about "
+                      f"{max_concurrent} at once, {per_device_s:.1f} s each at {device_bytes_s:g} bytes/s)")
+
+
+def targeted_at_start(target: RolloutTarget, known: list[str]) -> int:
+    """How many devices a new rollout sets downloading: its named canary, else its share of the listed
+    devices or of the `known` ones (for a group, all known devices: an upper bound, as the CLI cannot
+    tell a group's members)."""
+    if target.canary_devices:
+        return len(target.canary_devices)
+    candidates = len(target.devices) or len(known)
+    return candidates if target.share >= 1 else membership.canary_size(target.share, candidates)
+
+
+def targeted_at_promote(rollout: AnyRollout, known: list[str]) -> int:
+    """How many devices a promote sets downloading: the target's devices (listed, else the `known` ones)
+    that are not in its canary (named, or drawn by share)."""
+    target = rollout.target
+    candidates = target.devices or known
+    canary = set(target.canary_devices) or {
+        d for d in candidates if membership.position(rollout.rollout_id, d) < target.share}
+    return sum(d not in canary for d in candidates)
+
+
+def artifact_bytes(s3: S3Client, bucket: str, rollout: AnyRollout) -> int:
+    """The size of what a rollout downloads, from its manifest in the registry. Read, not verified: it
+    only sizes the pacing (every device verifies the signature before it downloads anything).
+
+    :raises ClientError, BotoCoreError: the registry cannot be read.
+    :raises ValueError: a bad name, or no manifest (too large, or not one).
+    """
+    plugin = isinstance(rollout, PluginRollout)
+    name, version = rollout.artifact
+    key = (registry.plugin_key if plugin else registry.key)(name, version, registry.MANIFEST_OBJECT)
+    document = registry.read_bounded(s3, bucket, key, registry.MAX_MANIFEST_BYTES)
+    return (PluginManifest if plugin else ModelManifest).model_validate_json(document).size_bytes
+
+
 def known_devices(settings: CommonSettings, wait_s: float = 2.0) -> list[str]:
     """The devices a canary may name: those whose retained sync status on the fleet broker says online
     and is fresh (not stale: a device that stopped without its last will is no canary)."""
@@ -201,10 +279,15 @@ def current(settings: CommonSettings, wait_s: float = 2.0, plugin: str | None = 
     return found[-1]
 
 
-def change_phase(settings: CommonSettings, phase: RolloutPhase, plugin: str | None = None) -> AnyRollout:
-    """Republishes the retained rollout (the model's, or the named plugin's) in another phase."""
-    rollout = current(settings, plugin=plugin)
-    changed = type(rollout)(**{**rollout.model_dump(), "phase": phase, "issued_at": time.time()})
+def change_phase(settings: CommonSettings, phase: RolloutPhase, plugin: str | None = None,
+                 rollout: AnyRollout | None = None, pacing: RolloutPacing | None = None) -> AnyRollout:
+    """Republishes the retained rollout (the model's, or the named plugin's) in another phase.
+
+    :param rollout: the retained rollout, when the caller has read it already (current()).
+    :param pacing: the new phase's pacing (plan_pacing); None: every device acts at once (an abort).
+    """
+    rollout = rollout or current(settings, plugin=plugin)
+    changed = type(rollout)(**{**rollout.model_dump(), "phase": phase, "issued_at": time.time(), "pacing": pacing})
     publish(settings, changed)
     return changed
 

@@ -16,6 +16,8 @@ MAX_LIST = 10_000
 MAX_TOP = 1000
 # Cameras named in InferenceStats.dropped_by_camera; further cameras are summed under "_other".
 MAX_CAMERA_KEYS = 256
+# The longest a paced rollout spreads its devices' downloads (RolloutPacing.spread_s), in seconds.
+MAX_SPREAD_S = 3600.0
 
 
 def _empty(value: object) -> bool:
@@ -317,6 +319,18 @@ class RolloutTarget(_Message):
                                                                              exclude_if=_empty)
 
 
+class RolloutPacing(_Message):
+    """How a rollout spreads its downloads: a fleet must not stampede the registry, all its devices
+    fetching in the same second. Each targeted device waits position * spread_s before it fetches the
+    manifest (position: its place in [0, 1) by the membership hash of rollout id and device id, so a
+    uniform ramp, the same on every retry and restart, with no device knowing the others).
+    max_concurrent is the operator's intent the spread was sized for (about that many downloads at
+    once); it is informational: no device can count the others."""
+
+    spread_s: float = Field(0.0, ge=0, le=MAX_SPREAD_S)
+    max_concurrent: int = Field(0, ge=0)
+
+
 class _RolloutFields(_Message):
     """What every rollout carries, a model's (Rollout) or a plugin's (PluginRollout)."""
 
@@ -329,6 +343,9 @@ class _RolloutFields(_Message):
     # refuses a version older than the one it serves.
     allow_downgrade: bool = False
     issued_at: float
+    # Left out of the encoding while None (no pacing: every device starts at once), so a device older
+    # than the field (which refuses unknown fields) still accepts a rollout that is not paced.
+    pacing: RolloutPacing | None = Field(None, exclude_if=_empty)
 
 
 class Rollout(_RolloutFields):

@@ -15,7 +15,7 @@ from shared.errors import EdgefleetError
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from edgefleet.fleet_rollout import DeviceRow
+    from edgefleet.fleet_rollout import AnyRollout, DeviceRow, PacingPlan
 
 app = typer.Typer(no_args_is_help=True,
                   help="Roll models (or, with --plugin, plugins) out to the fleet: canary, promote, abort, status.")
@@ -24,6 +24,17 @@ FleetUrl = Annotated[str | None, typer.Option(help="The fleet broker (default: E
 PluginName = Annotated[str | None, typer.Option(
     "--plugin", help="This plugin's rollout instead of the model's.", metavar="NAME")]
 STATUS_COLUMNS = ("rollout", "state", "serving", "target", "reason", "age", "health")
+# The pacing's defaults: about this many downloads at once across the fleet, each device fetching at about
+# this many bytes a second (so a 1 MiB model is about 1 s of a device's time: the 1 s floor).
+MAX_CONCURRENT_DOWNLOADS = 50
+DEVICE_DOWNLOAD_BYTES_S = 2_000_000
+MaxConcurrent = Annotated[int, typer.Option(
+    "--max-concurrent-downloads", min=0, help="Pace the rollout so that about this many devices download at "
+    "once: each device waits its turn (a hash of its id), the turns spread over devices * download time / this. "
+    "Only when more devices than this download; 0: no pacing, every device at once.")]
+DeviceBytesS = Annotated[float, typer.Option(
+    "--device-download-bytes-s", min=1, help="A device's download rate, bytes/s, that sizes the pacing (each "
+    "device's download counts at least 1 s).")]
 
 
 @app.command("start")
@@ -48,6 +59,8 @@ def rollout_start(
         help="Name the rollout (default: model, version and a random suffix).")] = None,
     plugin: Annotated[bool, typer.Option(
         "--plugin", help="MODEL names a plugin: roll out that plugin's version beside the model.")] = False,
+    max_concurrent_downloads: MaxConcurrent = MAX_CONCURRENT_DOWNLOADS,
+    device_download_bytes_s: DeviceBytesS = DEVICE_DOWNLOAD_BYTES_S,
     trusted_keys: Annotated[Path, typer.Option(
         envvar="EDGEFLEET_TRUSTED_KEYS_DIR",
         help="The operators' public keys (*.pub) the version's signature must verify against, as on the devices.",
@@ -69,24 +82,69 @@ def rollout_start(
         registry.check_version(version)
     target = RolloutTarget(devices=comma_list(devices), groups=comma_list(group),
                            share=(100.0 if canary is None else canary) / 100)
-    settings = _signed_settings(config, mqtt_url, model, version, trusted_keys, plugin)
+    settings, size_bytes = _signed_settings(config, mqtt_url, model, version, trusted_keys, plugin)
     rollout_id = rollout_id or rollout.new_rollout_id(model, version)
     counted = (canary_devices is not None or target.share < 1) and not (target.devices or target.groups)
-    known = rollout.known_devices(settings) if counted else []
+    paced = max_concurrent_downloads > 0 and not target.devices  # the devices to pace must be counted
+    known = rollout.known_devices(settings) if counted or paced else []
     with reported("rollout start: refused", rollout.CanaryRefused, code=2):
         plan = rollout.plan_canary(rollout_id, target, known, canary_devices, let_devices_draw)
+    pacing = rollout.plan_pacing(rollout.targeted_at_start(plan.target, known), size_bytes,
+                                 max_concurrent_downloads, device_download_bytes_s)
     typer.echo(plan.line, err=True)  # the plan, before anything is published
+    typer.echo(pacing.line, err=True)
     with reported("rollout start", EdgefleetError, ValueError):
-        started = rollout.start(settings, model, version, plan.target, allow_downgrade, rollout_id, plugin=plugin)
+        started = rollout.start(settings, model, version, plan.target, allow_downgrade, rollout_id, plugin=plugin,
+                                pacing=pacing.pacing)
     typer.echo(f"rollout {started.rollout_id}: {'the plugin ' if plugin else ''}{model} v{version}, "
                f"{started.phase.value}", err=True)
     typer.echo(started.rollout_id)
 
 
 @app.command("promote")
-def rollout_promote(plugin: PluginName = None, mqtt_url: FleetUrl = None, config: ConfigFile = None) -> None:
-    """Every device of the rollout's target installs it (after a canary)."""
-    _change("promoted", config, mqtt_url, plugin)
+def rollout_promote(plugin: PluginName = None, max_concurrent_downloads: MaxConcurrent = MAX_CONCURRENT_DOWNLOADS,
+                    device_download_bytes_s: DeviceBytesS = DEVICE_DOWNLOAD_BYTES_S, mqtt_url: FleetUrl = None,
+                    config: ConfigFile = None) -> None:
+    """Every device of the rollout's target installs it (after a canary), paced when more devices than
+    --max-concurrent-downloads are to download (their count: the online devices not in the canary; the
+    artifact's size: its manifest in the registry, EDGEFLEET_S3_*). Prints the pacing before it publishes."""
+    from edgefleet import fleet_rollout as rollout
+    from shared.schemas import RolloutPhase
+
+    settings = load_settings(StoreSettings, config, mqtt_url=mqtt_url)
+    # The broker unreachable, no rollout to promote; ValueError: a bad plugin name.
+    with reported("rollout", EdgefleetError, ValueError):
+        retained = rollout.current(settings, plugin=plugin)
+    pacing = _promote_pacing(settings, retained, max_concurrent_downloads, device_download_bytes_s)
+    typer.echo(pacing.line, err=True)  # before anything is published
+    with reported("rollout", EdgefleetError, ValueError):
+        changed = rollout.change_phase(settings, RolloutPhase.PROMOTED, plugin, retained, pacing.pacing)
+    typer.echo(f"rollout {changed.rollout_id}: promoted", err=True)
+
+
+def _promote_pacing(settings: StoreSettings, retained: AnyRollout, max_concurrent: int,
+                    device_bytes_s: float) -> PacingPlan:
+    """The promote's pacing: the devices not in the canary (listed, else those online) and, only when
+    there are more of them than max_concurrent, the artifact's size from its manifest in the registry.
+
+    Raises:
+        typer.Exit: 1 when the pacing is needed and the registry cannot say the artifact's size.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from edgefleet import fleet_rollout as rollout
+    from shared import s3
+
+    if max_concurrent <= 0:
+        return rollout.plan_pacing(0, 0, max_concurrent, device_bytes_s)
+    known = [] if retained.target.devices else rollout.known_devices(settings)
+    targeted = rollout.targeted_at_promote(retained, known)
+    size_bytes = 0
+    if targeted > max_concurrent:
+        with reported("rollout promote: cannot size the pacing (the registry: EDGEFLEET_S3_*; "
+                      "--max-concurrent-downloads 0 promotes without pacing)", ValueError, ClientError, BotoCoreError):
+            size_bytes = rollout.artifact_bytes(s3.client(settings), settings.registry_bucket, retained)
+    return rollout.plan_pacing(targeted, size_bytes, max_concurrent, device_bytes_s)
 
 
 @app.command("abort")
@@ -129,9 +187,10 @@ def _fleet(config: Path | None, mqtt_url: str | None) -> CommonSettings:
 
 
 def _signed_settings(config: Path | None, mqtt_url: str | None, name: str, version: int, keys_dir: Path,
-                     plugin: bool) -> StoreSettings:
+                     plugin: bool) -> tuple[StoreSettings, int]:
     """The fleet's and the registry's settings, once the model's (or plugin's) version is known to be in
-    the registry signed by one of the keys in `keys_dir`: every device would refuse it otherwise.
+    the registry signed by one of the keys in `keys_dir`: every device would refuse it otherwise; and the
+    size of its artifact (as its signed manifest says: what sizes the pacing).
 
     Raises:
         typer.Exit: 2 when the version is not published and signed by a trusted key (or no key can be
@@ -150,8 +209,8 @@ def _signed_settings(config: Path | None, mqtt_url: str | None, name: str, versi
     signed = signed_plugin if plugin else signed_model
     with (reported("rollout start (the registry: EDGEFLEET_S3_*)", ValueError, ClientError, BotoCoreError),
           reported("rollout start: refused", NotPublished, code=2)):
-        signed(s3.client(settings), settings.registry_bucket, name, version, trusted)
-    return settings
+        manifest = signed(s3.client(settings), settings.registry_bucket, name, version, trusted)
+    return settings, manifest.size_bytes
 
 
 def _change(phase_name: str, config: Path | None, mqtt_url: str | None, plugin: str | None = None) -> None:

@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterable
 from typing import Protocol
 
-from shared.schemas import ModelRef, RolloutPhase, RolloutTarget
+from shared.schemas import ModelRef, RolloutPacing, RolloutPhase, RolloutTarget
 
 
 class Targeted(Protocol):
@@ -27,6 +27,9 @@ class Targeted(Protocol):
 
     @property
     def artifact(self) -> tuple[str, int]: ...
+
+    @property
+    def pacing(self) -> RolloutPacing | None: ...
 
 
 def position(rollout_id: str, device_id: str) -> float:
@@ -48,6 +51,15 @@ def is_member(rollout: Targeted, device_id: str, groups: list[str]) -> bool:
     if target.canary_devices:
         return device_id in target.canary_devices
     return position(rollout.rollout_id, device_id) < target.share
+
+
+def start_delay(rollout: Targeted, device_id: str) -> float:
+    """How long this device waits before it fetches the rollout's manifest: its position() times the
+    rollout's spread (0 without pacing). The devices of a fleet so spread their downloads evenly over
+    [0, spread_s), each always at the same point of the ramp (a retry or restart waits as long again)."""
+    if rollout.pacing is None:
+        return 0.0
+    return position(rollout.rollout_id, device_id) * rollout.pacing.spread_s
 
 
 def ranked(rollout_id: str, devices: Iterable[str]) -> list[str]:

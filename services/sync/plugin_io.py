@@ -166,6 +166,9 @@ class PluginDelivery:
             raise StepFailed(f"the signed manifest is for {manifest.name} v{manifest.version}, not the rollout's")
         return manifest, document, signature
 
+    def pause(self, rollout: PluginRollout, seconds: float) -> None:
+        self.service.registry.wait(self._job(rollout), seconds)
+
     def download(self, rollout: PluginRollout, manifest: PluginManifest) -> Path:
         part = self.store.part_file(manifest.name, manifest.version, manifest.sha256)
         self.store.discard_parts(keep={part})

@@ -2,6 +2,8 @@
 before the step a crash could interrupt, and what a restart does with what it finds.
 
     received ── not a member ───────────────────────────────────────────────────→ not_targeted
+       │ paced (rollout.pacing): waits position * spread_s first, reported ("paced: ..."); a newer
+       │ rollout or shutdown ends the wait
        │ manifest (size-capped, signature verified), admitted ── refused ──────→ failed
        │                                         ── rejected here before ──────→ rolled_back
     downloading (ranged GETs into a resumable .part) → verified (size, SHA-256)
@@ -35,12 +37,13 @@ All I/O (MQTT, S3, the prediction watch) sits behind `Io`, passed in; the store 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from services.sync import canary
 from services.sync.errors import SyncError
-from services.sync.membership import is_member, requested
+from services.sync.membership import is_member, requested, start_delay
 from services.sync.smoke import SmokeFailed, smoke_test
 from services.sync.store import ModelStore, PendingCanary, StagedMember
 from shared import VERSION
@@ -49,7 +52,7 @@ from shared.config import SyncSettings
 from shared.errors import EdgefleetError
 from shared.logs import fields
 from shared.manifest import ModelError, ModelManifest
-from shared.schemas import CanaryVerdict, ModelRef, Rollout, RolloutPhase, SyncState
+from shared.schemas import CanaryVerdict, ModelRef, Rollout, RolloutPacing, RolloutPhase, SyncState
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +104,26 @@ class Io(Protocol):
     def superseded(self, rollout: Rollout) -> bool:
         """Whether shutdown or a newer rollout message ends this one."""
 
+    def pause(self, rollout: Rollout, seconds: float) -> None:
+        """Waits `seconds` (a paced rollout's turn: membership.start_delay) before the manifest is fetched,
+        ending the wait as soon as `rollout` is superseded.
+
+        :param rollout: the rollout waited for.
+        :param seconds: how long to wait (> 0).
+        :raises Superseded: a newer rollout message (another model or version, or an abort) or shutdown,
+            before or during the wait.
+        """
+
 
 
 
 class Machine:
-    def __init__(self, store: ModelStore, settings: SyncSettings, io: Io, device_id: str) -> None:
+    def __init__(self, store: ModelStore, settings: SyncSettings, io: Io, device_id: str,
+                 smoke: Callable[[Path], None] = smoke_test) -> None:
+        """:param smoke: the smoke test an installed folder passes before the switch (raises SmokeFailed);
+            a simulated device, which runs no inference, passes its own."""
         self.store, self.settings, self.io, self.device = store, settings, io, device_id
+        self.smoke = smoke
         self.limits = settings.canary
 
     # -- at start ----------------------------------------------------------------------------------
@@ -172,6 +189,7 @@ class Machine:
         if (serving.name, serving.version) == (rollout.model, rollout.version):
             self._report(SyncState.ACTIVE, rollout, target=serving.ref(), reason="already serving it")
             return
+        self._wait_turn(rollout)
         self._report(SyncState.RECEIVED, rollout)
         try:
             manifest, folder = self._install(rollout, serving)
@@ -185,6 +203,14 @@ class Machine:
             self._report(SyncState.FAILED, rollout, reason=str(exc))
             return
         self._judge(rollout, manifest, before)
+
+    def _wait_turn(self, rollout: Rollout) -> None:
+        """A paced rollout: waits this device's turn (membership.start_delay), reported. Raises Superseded."""
+        delay = start_delay(rollout, self.device)
+        if delay <= 0 or rollout.pacing is None:
+            return
+        self._report(SyncState.RECEIVED, rollout, reason=paced_reason(delay, rollout.pacing))
+        self.io.pause(rollout, delay)
 
     def _abort(self, rollout: Rollout, serving: ModelManifest) -> None:
         if (serving.name, serving.version) == (rollout.model, rollout.version):
@@ -208,7 +234,7 @@ class Machine:
         except ModelError as exc:  # e.g. a member with other labels than the cascade: nothing was installed
             raise StepFailed(f"the downloaded model does not verify as a whole: {exc}") from None
         try:
-            smoke_test(folder)
+            self.smoke(folder)
         except SmokeFailed as exc:
             self.store.quarantine(folder)
             raise StepFailed(f"smoke test failed: {exc}") from None
@@ -317,6 +343,13 @@ class Machine:
         self.io.report(state, rollout.rollout_id, target=target or requested(rollout), reason=reason, canary=canary)
 
 
+
+
+def paced_reason(delay_s: float, pacing: RolloutPacing) -> str:
+    """What a paced device reports while it waits its turn (the plugin machine's words too)."""
+    at_once = f", about {pacing.max_concurrent} at once" if pacing.max_concurrent else ""
+    return (f"paced: starting the download in {delay_s:.1f} s (the rollout spreads the fleet's downloads over "
+            f"{pacing.spread_s:.0f} s{at_once})")
 
 
 def _release(version: str) -> tuple[int, ...]:

@@ -1,13 +1,13 @@
 """The sync service: the one owner of the device's model store, its MQTT link and its rollout workers
 (models: "rollouts"; WebAssembly plugins: "plugin-rollouts", plugin_io.py, with the plugin store).
 
-This file is the wiring and the I/O: MQTT callbacks, registry reads (size-capped), resumable downloads
-(a cascade's document, then its members, each held to its pin), switch requests to inference, the
-prediction watch and the retained reports. The rollout state machine
-itself (its states, the pending canary persisted before a switch, what a restart resumes) is
-rollout.py, which reads top to bottom; this service is its `Io`. The registry reads, downloads and
-switch requests take a `Job` (job.py), so the plugin machine (plugins.py, its Io in plugin_io.py) uses
-the same ones.
+This file is the wiring and the I/O: MQTT callbacks, switch requests to inference, the prediction
+watch and the retained reports; the registry reads (size-capped), resumable downloads (a cascade's
+document, then its members, each held to its pin) and a paced rollout's pause are registry_io.py's
+RegistryIo, which this service composes. The rollout state machine itself (its states, the pending
+canary persisted before a switch, what a restart resumes) is rollout.py, which reads top to bottom;
+this service is its `Io`. The registry reads, downloads and switch requests take a `Job` (job.py), so
+the plugin machine (plugins.py, its Io in plugin_io.py) uses the same ones.
 """
 
 from __future__ import annotations
@@ -20,24 +20,23 @@ from pathlib import Path
 from typing import TypeVar
 
 import paho.mqtt.client as paho
-from botocore.exceptions import BotoCoreError, ClientError
 
 from services.sync import canary
-from services.sync.download import Cancelled, DownloadFailed, DownloadInterrupted, download
 from services.sync.job import Job
-from services.sync.membership import requested, supersedes
+from services.sync.membership import supersedes
 from services.sync.metrics import SyncMetrics
 from services.sync.plugin_io import PluginDelivery
+from services.sync.registry_io import RegistryIo
 from services.sync.rollout import Machine, StepFailed, Superseded
 from services.sync.store import ModelStore, StagedMember
 from shared import VERSION, registry, s3, topics
-from shared.cascade import CascadeMember, CascadeSpec, is_cascade
+from shared.cascade import CascadeSpec
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import SyncSettings
 from shared.errors import EdgefleetError
 from shared.lifecycle import Liveness, Progress, serve
 from shared.logs import fields
-from shared.manifest import MODEL_FILE, ModelError, ModelManifest
+from shared.manifest import ModelError, ModelManifest
 from shared.metrics import service_registry
 from shared.mqtt import MqttLink, StatusPublisher, content_type_of
 from shared.schemas import (
@@ -106,10 +105,12 @@ class SyncService:
         self._worker = threading.Thread(target=self._work, name="rollouts")
         self.plugins = PluginDelivery(self)
         self._plugin_worker = threading.Thread(target=self.plugins.work, name="plugin-rollouts")
-        # The worker ticks its Progress from the Io methods below, announcing each bounded wait (an S3 request
-        # within its connect and read timeouts, a backoff, a switch deadline) so that only a real hang counts.
+        # The worker ticks its Progress from the Io methods below and RegistryIo's, announcing each bounded wait
+        # (an S3 request within its connect and read timeouts, a backoff, a pause, a switch deadline) so that only
+        # a real hang counts.
         self.liveness, self._progress = Liveness(), Progress("rollouts")
-        self._s3_call_s = 2 * settings.download.timeout_s  # one attempt: connect, then read, each within the timeout
+        self.registry = RegistryIo(settings, self.s3, self.trusted, self.store, self.superseded, self._changed,
+                                   self._progress, self._report, self.sync_metrics.downloaded)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -244,151 +245,26 @@ class SyncService:
     def superseded(self, rollout: Rollout) -> bool:
         return self._stopping.is_set() or supersedes(self._latest, rollout)
 
-    def _job(self, rollout: Rollout) -> Job:
-        def report(state: SyncState, target: ModelRef, reason: str | None, progress: int | None) -> None:
-            self._report(state, rollout.rollout_id, target=target, reason=reason, progress=progress)
-
-        return Job(rollout.rollout_id, requested(rollout), lambda: self.superseded(rollout), self._progress, report)
-
     def fetch_manifest(self, rollout: Rollout) -> tuple[ModelManifest, bytes, bytes]:
-        bucket = self.settings.registry_bucket
-        try:
-            document_key = registry.key(rollout.model, rollout.version, registry.MANIFEST_OBJECT)
-            signature_key = registry.key(rollout.model, rollout.version, registry.SIGNATURE_OBJECT)
-        except ValueError as exc:
-            raise StepFailed(f"refused the rollout's model name or version: {exc}") from None
-        document = self.read_object(self._job(rollout), document_key, registry.MAX_MANIFEST_BYTES)
-        signature = self.read_object(self._job(rollout), signature_key, registry.MAX_SIGNATURE_BYTES)
-        try:
-            manifest = registry.verify(document, signature, self.trusted)
-        except (registry.SignatureError, ValueError) as exc:
-            raise StepFailed(f"refused s3://{bucket}/{rollout.model}/{rollout.version}: {exc}") from None
-        if (manifest.name, manifest.version) != (rollout.model, rollout.version):
-            raise StepFailed(f"the signed manifest is for {manifest.name} v{manifest.version}, not the rollout's")
-        return manifest, document, signature
-
-    def read_object(self, job: Job, key: str, max_bytes: int) -> bytes:
-        """A registry object read whole, but only if it is at most max_bytes; retried while the store is away.
-
-        :raises StepFailed: missing, forbidden or over the cap.
-        :raises Superseded: a newer rollout or shutdown.
-        """
-        delay = 1.0
-        while True:
-            job.check()
-            job.progress.tick(self._s3_call_s)
-            try:
-                return registry.read_bounded(self.s3, self.settings.registry_bucket, key, max_bytes)
-            except registry.ObjectTooLarge as exc:
-                raise StepFailed(f"refused s3://{self.settings.registry_bucket}/{key}: {exc}") from None
-            except ClientError as exc:
-                code = exc.response.get("Error", {}).get("Code")
-                if code in ("NoSuchKey", "404", "NoSuchBucket", "AccessDenied", "403"):
-                    raise StepFailed(f"s3://{self.settings.registry_bucket}/{key}: {code}") from None
-                reason = str(exc)
-            except (BotoCoreError, OSError) as exc:
-                reason = str(exc)
-            job.report(SyncState.RECEIVED, job.target, f"registry unreachable, retrying in {delay:.0f} s: {reason}",
-                       None)
-            delay = self._backoff(job, delay)
+        return self.registry.fetch_manifest(rollout)
 
     def download(self, rollout: Rollout, manifest: ModelManifest) -> Path:
-        part = self.store.part_file(manifest.name, manifest.version, manifest.sha256)
-        if not is_cascade(manifest):  # a cascade's members' parts are known, and kept, once its document is read
-            self.store.discard_parts(keep={part})
-        key = registry.key(manifest.name, manifest.version, manifest.file)
-        return self.download_object(self._job(rollout), manifest.ref(), key, part, manifest.size_bytes,
-                                    manifest.sha256)
+        return self.registry.download(rollout, manifest)
 
     def download_members(self, rollout: Rollout, cascade: ModelManifest, spec: CascadeSpec) -> list[StagedMember]:
-        # Every member's signature and pin first: a refused member costs two small reads, not a model download.
-        signed = [self._member_manifest(rollout, pin) for pin in spec.stages]
-        parts = [self.store.part_file(pin.name, pin.version, pin.sha256) for pin in spec.stages]
-        self.store.discard_parts(keep={self.store.part_file(cascade.name, cascade.version, cascade.sha256), *parts})
-        staged = []
-        for pin, part, (member, document, signature) in zip(spec.stages, parts, signed, strict=True):
-            key = registry.key(member.name, member.version, member.file)
-            self.download_object(self._job(rollout), cascade.ref(), key, part, member.size_bytes, member.sha256,
-                                 note=f"{pin.folder}: {member.name} v{member.version}")
-            staged.append(StagedMember(pin.folder, part, document, signature))
-        return staged
+        return self.registry.download_members(rollout, cascade, spec)
 
-    def _member_manifest(self, rollout: Rollout, pin: CascadeMember) -> tuple[ModelManifest, bytes, bytes]:
-        """A member's signed manifest from the registry, verified and held to the cascade's pin.
+    def pause(self, rollout: Rollout, seconds: float) -> None:
+        self.registry.pause(rollout, seconds)
 
-        :raises StepFailed: missing, not signed by a trusted key, or not the model the pin names.
-        """
-        what = f"the cascade's {pin.folder} member {pin.name} v{pin.version}"
-        try:
-            job = self._job(rollout)
-            document = self.read_object(job, registry.key(pin.name, pin.version, registry.MANIFEST_OBJECT),
-                                        registry.MAX_MANIFEST_BYTES)
-            signature = self.read_object(job, registry.key(pin.name, pin.version, registry.SIGNATURE_OBJECT),
-                                         registry.MAX_SIGNATURE_BYTES)
-        except StepFailed as exc:
-            raise StepFailed(f"{what}: {exc}") from None
-        try:
-            member = registry.verify(document, signature, self.trusted)
-        except (registry.SignatureError, ValueError) as exc:
-            raise StepFailed(f"refused {what}: {exc}") from None
-        if member.file != MODEL_FILE:
-            raise StepFailed(f"refused {what}: it is {member.file}, a member is one ONNX model")
-        signed = (member.name, member.version, member.sha256, member.size_bytes)
-        if signed != (pin.name, pin.version, pin.sha256, pin.size_bytes):
-            raise StepFailed(f"refused {what}: the cascade pins SHA-256 {pin.sha256[:16]}… ({pin.size_bytes} bytes), "
-                             f"the registry's signed manifest is {member.name} v{member.version} with "
-                             f"{member.sha256[:16]}… ({member.size_bytes} bytes)")
-        return member, document, signature
+    def read_object(self, job: Job, key: str, max_bytes: int) -> bytes:
+        """RegistryIo.read_object: a registry object read whole, at most max_bytes (the plugin rollouts' too)."""
+        return self.registry.read_object(job, key, max_bytes)
 
     def download_object(self, job: Job, target: ModelRef, key: str, part: Path, size: int, sha256: str,
                         note: str | None = None) -> Path:
-        """One registry object into its staging file, resumed and retried while the store is away.
-
-        :param target: what the reports name (the rollout's model, also while a cascade's member downloads).
-        :param note: what is downloading, when that is not `target` itself (a cascade's member).
-        :raises StepFailed: the object is missing or not what its manifest says.
-        :raises Superseded: a newer rollout or shutdown.
-        """
-        s = self.settings
-        resumed = part.stat().st_size if part.exists() else 0
-        job.report(SyncState.DOWNLOADING, target, _joined(note, f"resuming at byte {resumed}" if resumed else None),
-                   resumed)
-        last = [time.monotonic()]
-        counted = [resumed]  # bytes a previous attempt (or process) fetched are not counted again
-        throttle_s = s.download.chunk_bytes / s.download.limit_bytes_s if s.download.limit_bytes_s else 0
-        chunk_s = self._s3_call_s + throttle_s
-
-        def progress(done: int) -> None:
-            job.progress.tick(chunk_s)
-            self.sync_metrics.downloaded(max(0, done - counted[0]))
-            counted[0] = done
-            if time.monotonic() - last[0] >= 1.0:
-                last[0] = time.monotonic()
-                job.report(SyncState.DOWNLOADING, target, note, done)
-
-        delay = 1.0
-        while True:
-            job.progress.tick(chunk_s)
-            try:
-                return download(self.s3, s.registry_bucket, key, part, size, sha256,
-                                s.download.chunk_bytes, s.download.limit_bytes_s, progress, job.superseded)
-            except Cancelled:
-                raise Superseded() from None
-            except DownloadFailed as exc:
-                part.unlink(missing_ok=True)
-                raise StepFailed(str(exc)) from None
-            except DownloadInterrupted as exc:
-                have = part.stat().st_size if part.exists() else 0
-                job.report(SyncState.DOWNLOADING, target,
-                           _joined(note, f"interrupted, retrying in {delay:.0f} s from byte {have}: {exc}"), have)
-                delay = self._backoff(job, delay)
-
-    def _backoff(self, job: Job, delay: float) -> float:
-        job.progress.tick(delay)
-        with self._changed:
-            self._changed.wait_for(job.superseded, timeout=delay)
-        job.check()
-        return min(delay * 2, self.settings.download.retry_max_s)
+        """RegistryIo.download_object: one registry object into its staging file (the plugin rollouts' too)."""
+        return self.registry.download_object(job, target, key, part, size, sha256, note)
 
     def switch(self, folder: Path, sha256: str) -> None:
         """Asks inference to serve the model in folder and waits for its answer.
@@ -483,10 +359,6 @@ class SyncService:
             return self.store.current()[1].ref()
         except (OSError, ModelError):
             return None
-
-
-def _joined(*parts: str | None) -> str | None:
-    return "; ".join(p for p in parts if p) or None
 
 
 def main(settings: SyncSettings) -> int:

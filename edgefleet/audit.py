@@ -2,8 +2,14 @@
 are missing, and which of the missing the device itself declared lost (gap records: queue full,
 expired, damaged, dead-lettered, write failed). Sequence numbers count within an epoch (a lost or
 repaired outbox starts a new one at 1), so completeness is computed per epoch. Unexplained missing
-numbers are records still on their way; duplicates (a number in two batches of one epoch) must never
-happen.
+numbers are records still on their way; duplicates (a number in two different batches of one epoch) must
+never happen.
+
+The indexes come from both layouts (shared.lake): per-batch indexes under _batches/ (written before
+flushes) and the batches listed by each flush index under _flushes/. A batch sent again after a lost
+acknowledgement can be stored twice (in two flushes, by two replicas, or once in each layout): the same
+(device, batch id) is counted once, and each further copy is counted as `copies` (harmless, shown so a
+rate of resends can be seen).
 
 The store has an identity (shared.lake.StoreMarker, made by cloud_ingest) and every batch's index keeps
 the ranges the device sent with the batch: which store acknowledged which numbers of the epoch
@@ -57,6 +63,7 @@ class EpochAudit(_Counts):
     received: int = 0
     highest_seq: int = 0
     duplicates: int = 0
+    copies: int = 0  # a batch stored again under the same id: harmless, counted once
     declared_lost: dict[str, int] = field(default_factory=dict)  # by reason
     missing: list[tuple[int, int]] = field(default_factory=list)  # unexplained ranges
     before_store: list[tuple[int, int]] = field(default_factory=list)  # acknowledged by an earlier store
@@ -73,6 +80,7 @@ class DeviceAudit(_Counts):
     received: int = 0
     highest_seq: int = 0  # in the latest epoch
     duplicates: int = 0
+    copies: int = 0
     declared_lost: dict[str, int] = field(default_factory=dict)
     missing: list[tuple[int, int]] = field(default_factory=list)  # every epoch's, in epoch order
     before_store: list[tuple[int, int]] = field(default_factory=list)  # every epoch's, in epoch order
@@ -84,14 +92,15 @@ class DeviceAudit(_Counts):
 
 
 def audit(s3, bucket: str, store: lake.StoreMarker | None = None) -> dict[str, DeviceAudit]:
-    """Reads every batch index under the lake's `_batches/` prefix. Returns the audit by device.
+    """Reads every batch index under the lake's `_batches/` prefix and every flush index under `_flushes/`.
+    Returns the audit by device.
 
     :param s3: a boto3 S3 client.
     :param str bucket: the telemetry bucket.
     :param store: the bucket's marker if the caller has read it already (lake.read_store_marker), else
         it is read here.
     :raises lake.StoreMarkerInvalid: the bucket's marker is not one.
-    :raises lake.BatchIndexInvalid: an index is not one (its key is named).
+    :raises lake.BatchIndexInvalid: a batch or flush index is not one (its key is named).
     :raises botocore.exceptions.ClientError, BotoCoreError: the store did not answer as S3 does.
     """
     store = store or lake.read_store_marker(s3, bucket)
@@ -103,20 +112,32 @@ def _indexes(s3, bucket: str) -> Iterable[lake.BatchIndex]:
         for obj in page.get("Contents", []):
             body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
             yield lake.read_batch_index(body, f"s3://{bucket}/{obj['Key']}")
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{lake.FLUSHES}/"):
+        for obj in page.get("Contents", []):
+            body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+            yield from lake.read_flush_index(body, f"s3://{bucket}/{obj['Key']}").batches
 
 
 def audit_indexes(indexes: Iterable[lake.BatchIndex], store: str | None) -> dict[str, DeviceAudit]:
     """The audit of a bucket's batch indexes, by device.
 
-    :param indexes: every BatchIndex the bucket holds.
+    :param indexes: every BatchIndex the bucket holds (a batch stored more than once: each copy).
     :param store: the bucket's store id (its marker's), None where it has none.
     """
     seqs: dict[tuple[str, str], Counter] = {}
     gaps: dict[tuple[str, str], list] = {}
     ranges: dict[tuple[str, str], set[AckRange]] = {}
     first_at: dict[tuple[str, str], float] = {}
+    copies: Counter = Counter()
+    seen: dict[tuple[str, str], tuple[int, ...]] = {}  # (device, batch id) -> its numbers
     for index in indexes:
         key = (index.device, index.epoch)
+        if seen.get((index.device, index.batch_id)) == tuple(index.seqs):  # the same batch again: one copy more
+            copies[key] += 1
+            first_at[key] = min(first_at[key], index.stored_at)
+            continue
+        # A batch id seen with other numbers (never expected) is counted: its numbers show as duplicates.
+        seen[(index.device, index.batch_id)] = tuple(index.seqs)
         seqs.setdefault(key, Counter()).update(index.seqs)
         gaps.setdefault(key, []).extend(index.gaps)
         ranges.setdefault(key, set()).update(index.acknowledged)
@@ -127,11 +148,13 @@ def audit_indexes(indexes: Iterable[lake.BatchIndex], store: str | None) -> dict
         result = _epoch(epoch, seqs[(device, epoch)], gaps.get((device, epoch), []), store,
                         ranges.get((device, epoch), set()), wrote_here)
         result.first_stored_at = first_at[(device, epoch)]
+        result.copies = copies[(device, epoch)]
         total = report.setdefault(device, DeviceAudit(device))
         total.epochs[epoch] = result
         total.received += result.received
         total.highest_seq = result.highest_seq
         total.duplicates += result.duplicates
+        total.copies += result.copies
         total.missing += result.missing
         total.before_store += result.before_store
         total.lost += result.lost

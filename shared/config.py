@@ -491,6 +491,10 @@ class TtlSettings(Group):
 class BatchSettings(Group):
     max_records: int = Field(500, ge=1, le=MAX_LIST, description="Most records per batch to the cloud.")
     max_bytes: int = Field(256 * 1024, ge=1024, description="Most bytes per batch to the cloud (before compression).")
+    linger_s: float = Field(
+        0.0, ge=0, le=60, description="A batch short of max_records (and max_bytes) waits until its oldest record is "
+        "this old before it is sent (0: at once). Fewer, larger batches: fewer cloud writes and messages per record, "
+        "which counts on a metered link and at fleet scale; the cost is this much more delay.")
 
 
 class ForwardSettings(Group):
@@ -570,6 +574,20 @@ class IngestGroupSettings(Group):
     session_expiry_s: int = Field(
         3600, ge=0, description="How long the broker keeps a replica's session (and the batches it took but did not "
         "acknowledge) after the replica is gone; a replica restarted with the same id gets them again.")
+    flush_s: float = Field(
+        1.0, ge=0, le=60, description="How long a replica gathers batches (of every device) before writing them as "
+        "one flush: one S3 object per record kind and one index, instead of 2+ PUTs per batch (S3's request rate "
+        "and bill). A batch is acknowledged only once its flush is written, so this adds up to as much to its "
+        "latency; 0: write as soon as a writer is free (under load, what waits meanwhile still shares a flush).")
+    flush_batches: int = Field(
+        500, ge=1, le=10_000, description="The most batches in one flush. Every buffered batch is unacknowledged "
+        "until written, so the replica's MQTT Receive Maximum is 2 x this + 2 x ingest_workers: one flush fills "
+        "while the one before is written.")
+    flush_bytes: int = Field(
+        32 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024, description="The most record bytes (as stored, "
+        "inflated) in one flush, with one batch over (a batch is at most max_batch_bytes inflated, checked before "
+        "it is expanded): the memory bound, as a replica holds one flush filling and at most ingest_workers being "
+        "written; a batch that does not fit waits.")
 
 
 class TelemetryStoreSettings(StoreSettings):

@@ -107,7 +107,7 @@ CONTAINER_MEMORY_BYTES = f"{PREFIX}_container_memory_bytes"  # container
 # -- cloud_ingest ---------------------------------------------------------------------------------------
 INGEST_BATCHES = f"{PREFIX}_ingest_batches_total"  # outcome: stored|duplicate|dead_lettered|failed|refused
 INGEST_RECORDS = f"{PREFIX}_ingest_records_total"
-INGEST_WRITE_SECONDS = f"{PREFIX}_ingest_write_seconds"  # histogram: one batch's S3 writes
+INGEST_WRITE_SECONDS = f"{PREFIX}_ingest_write_seconds"  # histogram: one flush's S3 writes
 
 ALL = tuple(v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str) and v.startswith(PREFIX + "_"))
 # The families a scrape shows under other names: a histogram as <name>_bucket, _sum and _count, an

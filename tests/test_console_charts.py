@@ -39,3 +39,35 @@ def test_a_busy_device_does_not_hide_a_quiet_ones_objects_and_a_cap_reached_says
     assert len(charted["quiet"].at) == 2
     assert len(charted["busy"].at) == 30  # its listing stopped at its cap ...
     assert snapshot.truncated  # ... and the snapshot says so
+
+
+def test_a_replicas_flushes_are_listed_from_the_window_on_so_older_ones_cannot_crowd_out_new_ones(s3_server,
+                                                                                                  monkeypatch):
+    """Flushes (shared.lake's layout since cloud_ingest gathers batches) hold many devices' samples under one
+    flush=<replica>/ folder, never taken for a device. Their ids sort by time, so the folder is listed from the
+    window's start: with a cap of 5 keys, 20 flushes made before the window do not hide the 2 made within it."""
+    from services.cloud_ingest.flush import Flush, pending
+    from services.cloud_ingest.writer import write_flush
+    from shared.schemas import TelemetryBatch
+
+    monkeypatch.setattr(drift_charts, "MAX_KEYS_PER_DEVICE", 5)
+    client = s3.client(s3_server.settings())
+    client.create_bucket(Bucket=BUCKET)
+    now = time.time()
+
+    def flush(made: float, seq: int, devices: tuple[str, ...]) -> None:
+        batches = [TelemetryBatch(device=d, epoch="0a0b0c0d", sent_at=made, records=[TelemetryRecord(
+            seq=seq, body=DriftSample(device=d, model=MODEL, scores={AlertType.PREDICTION_DRIFT: 0.1}, samples=10,
+                                      at=made))]) for d in devices]
+        written = Flush(opened=time.monotonic(), flush_id=lake.flush_id(made, f"{seq:08x}"))
+        for batch in batches:
+            written.batches[(batch.device, batch.batch_id)] = pending(batch, None)
+        write_flush(client, BUCKET, "ingest-1", written)
+
+    for seq in range(1, 21):  # made half an hour ago: before the window (and its slack)
+        flush(now - 1800 + seq, seq, ("dev-a",))
+    flush(now - 60, 21, ("dev-a", "dev-b"))
+    flush(now - 30, 22, ("dev-b",))
+    snapshot = drift_charts.DriftCharts(client, BUCKET, window_s=300).refresh(now=now)
+    assert {d.device: len(d.at) for d in snapshot.devices} == {"dev-a": 1, "dev-b": 2}
+    assert not snapshot.truncated

@@ -14,13 +14,14 @@ import urllib.request
 
 import pytest
 
+from edgefleet.audit import audit
 from edgefleet.brokerconf import CLOUD_ACL
 from edgefleet.certs import issue
 from edgefleet.ports import free_port
 from edgefleet.spawner import keys_of
 from edgefleet.waiting import wait_until
 from services.console import server as console_server
-from shared import topics
+from shared import lake, topics
 from shared.codec import WireFormat, encode
 from shared.config import ConsoleSettings, load
 from shared.mqtt import MqttLink
@@ -68,7 +69,9 @@ def _impersonate(link: MqttLink, name: str) -> None:
 
 
 def _stored_devices(rig: Uplink) -> set[str]:
-    return {m.group(1) for key in rig.objects() if (m := re.search(r"/device=([^/]+)/", key))}
+    """The devices S3 holds anything of: a stored batch (in either of shared.lake's layouts) or a dead letter."""
+    stored = set(audit(rig.store, uplink_rig.BUCKET))
+    return stored | {m.group(1) for key in rig.objects(lake.DEAD_LETTER) if (m := re.search(r"/device=([^/]+)/", key))}
 
 
 @pytest.fixture

@@ -252,6 +252,8 @@ def _gaps_in_s3(uplink, reason: str) -> list[dict]:
 
 
 def test_a_lost_outbox_starts_a_new_epoch_and_never_overwrites_what_s3_holds(uplink):
+    from shared import lake
+
     uplink.start_ingest()
     telemetry = uplink.start_telemetry(**SLOW)
     _flowing(uplink, more_than=20)
@@ -267,7 +269,10 @@ def test_a_lost_outbox_starts_a_new_epoch_and_never_overwrites_what_s3_holds(upl
     after = uplink.objects()
     assert {k: after.get(k) for k in before} == before, "an object of the first epoch was overwritten or removed"
     assert len(after) > len(before)
-    assert all(second_epoch in k for k in set(after) - set(before) if "/_batches/" in k)
+    new_flushes = [k for k in set(after) - set(before) if k.startswith(f"{lake.FLUSHES}/")]
+    new_batches = [b for k in new_flushes for b in lake.read_flush_index(
+        uplink.store.get_object(Bucket="edgefleet-telemetry", Key=k)["Body"].read(), k).batches]
+    assert new_batches and {b.epoch for b in new_batches} == {second_epoch}
     result = uplink.assert_complete()
     assert list(result.epochs) == [first_epoch, second_epoch]
     assert all(e.received > 20 and not e.missing for e in result.epochs.values())

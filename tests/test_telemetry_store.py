@@ -59,7 +59,7 @@ def test_a_fresh_store_shows_what_an_earlier_store_acknowledged_as_sent_before_i
     # even its first batch, whose index was the first to say what the earlier store acknowledged.
     first_batch = min(_indexes(uplink), key=lambda i: i.seqs[0])
     assert first_batch.seqs[0] == first.highest_seq + 1
-    uplink.store.delete_object(Bucket=BUCKET, Key=lake.index_key(first_batch.device, first_batch.batch_id))
+    _drop(uplink, first_batch)
     damaged = uplink.audit()
     assert damaged.lost == [(first_batch.seqs[0], first_batch.seqs[-1])] and damaged.missing == []
     assert damaged.before_store == [(1, first.highest_seq)]
@@ -82,15 +82,27 @@ def test_a_marker_made_again_in_the_same_bucket_leaves_the_old_ids_losses_lost_n
     new_id = lake.read_store_marker(uplink.store, BUCKET)
     assert new_id is not None and old_id is not None and new_id.store != old_id.store
     old_batch = min(_indexes(uplink), key=lambda i: i.seqs[0])  # acknowledged by the old id
-    uplink.store.delete_object(Bucket=BUCKET, Key=lake.index_key(old_batch.device, old_batch.batch_id))
+    _drop(uplink, old_batch)
     result = uplink.audit()
     assert result.lost == [(old_batch.seqs[0], old_batch.seqs[-1])], "lost, never 'sent before this store'"
     assert result.before_store == [] and result.missing == []
 
 
+def _flushes(uplink) -> dict[str, lake.FlushIndex]:
+    return {key: lake.read_flush_index(uplink.store.get_object(Bucket=BUCKET, Key=key)["Body"].read(), key)
+            for key in uplink.objects(f"{lake.FLUSHES}/")}
+
+
 def _indexes(uplink) -> list[lake.BatchIndex]:
-    return [lake.BatchIndex.model_validate_json(uplink.store.get_object(Bucket=BUCKET, Key=key)["Body"].read())
-            for key in uplink.objects(f"{lake.BATCHES}/")]
+    return [batch for flush in _flushes(uplink).values() for batch in flush.batches]
+
+
+def _drop(uplink, batch: lake.BatchIndex) -> None:
+    """The store loses one batch: its entry is taken out of its flush's index (the flush's other batches kept)."""
+    for key, flush in _flushes(uplink).items():
+        if batch in flush.batches:
+            kept = flush.model_copy(update={"batches": [b for b in flush.batches if b != batch]})
+            uplink.store.put_object(Bucket=BUCKET, Key=key, Body=kept.model_dump_json().encode())
 
 
 def test_replicas_starting_together_on_an_empty_bucket_agree_on_one_store_id(s3_server):

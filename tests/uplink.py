@@ -75,6 +75,9 @@ class Uplink:
             **keys_of(self.s3_server.settings()), "mqtt_url": self.cloud_url, "device_id": replica,
             "mqtt_ca_file": self.certs / "ca.crt", "mqtt_cert_file": self.certs / f"{cert}.crt",
             "mqtt_key_file": self.certs / f"{cert}.key", "telemetry_bucket": BUCKET, "mqtt_reconnect_max_s": 1,
+            # Each batch written as soon as a writer is free (still as a flush): these tests are about one
+            # device's protocol, whose one batch in flight would otherwise wait up to a second for its ack.
+            "ingest_flush_s": 0,
             **settings,
         })
         # The replica's log file is appended to by each of its starts: this start's line is one more.

@@ -19,7 +19,8 @@ app = typer.Typer(help="The telemetry service (with no sub-command), and the com
                   invoke_without_command=True, epilog=describe_keys(TelemetrySettings))
 
 AUDIT_COLUMNS = ("device", "epochs", "received", "highest seq", "declared lost", "sent before this store existed",
-                 "lost (acknowledged by this store)", "missing (unexplained)", "duplicates")
+                 "lost (acknowledged by this store)", "missing (unexplained)", "duplicates",
+                 "copies (a batch stored again)")
 
 
 @app.callback()
@@ -60,8 +61,8 @@ def telemetry_audit(
         try:
             report = audit(client, bucket, store)
         except (ClientError, BotoCoreError) as exc:
-            raise fail("telemetry audit", f"cannot read the batch indexes under s3://{bucket}/{lake.BATCHES}/: "
-                                          f"{exc}") from None
+            raise fail("telemetry audit", f"cannot read the batch indexes under s3://{bucket}/{lake.BATCHES}/ "
+                                          f"and {lake.FLUSHES}/: {exc}") from None
     if json_out:
         for device in sorted(report):
             r = report[device]
@@ -91,5 +92,5 @@ def audit_table(report: dict[str, DeviceAudit], bucket: str, store: str | None =
         lost = ", ".join(f"{reason} {n}" for reason, n in r.declared_lost.items()) or "none"
         epochs = ", ".join(f"{e.epoch} ({e.received})" for e in r.epochs.values())
         table.add_row(device, epochs, str(r.received), str(r.highest_seq), lost, _ranges(r.before_store),
-                      _ranges(r.lost), _ranges(r.missing), str(r.duplicates))
+                      _ranges(r.lost), _ranges(r.missing), str(r.duplicates), str(r.copies))
     return table

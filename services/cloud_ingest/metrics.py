@@ -1,11 +1,9 @@
 """cloud_ingest's Prometheus families (names in shared.metrics): batches by outcome and records stored,
-read at scrape time from the counters the writers already keep, and the time one batch's S3 writes
-take (a histogram, observed by the writer)."""
+read at scrape time from the counters the writers already keep, and the time one flush's S3 writes
+take (a histogram, observed by the writer: a flush holds many batches, flush.py)."""
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Iterable
 from enum import StrEnum
 
@@ -21,15 +19,11 @@ class Outcome(StrEnum):
     """What became of one batch taken off the broker (INGEST_BATCHES' `outcome` label)."""
 
     STORED = "stored"
-    DUPLICATE = "duplicate"  # stored again: this replica had stored the same batch id before (its ack lost or late)
+    # Sent again (its ack lost or late) while this replica still held or remembered it: acknowledged, not written.
+    DUPLICATE = "duplicate"
     DEAD_LETTERED = "dead_lettered"
-    FAILED = "failed"  # one failed attempt to write it (retried until it succeeds or the replica stops)
+    FAILED = "failed"  # one failed attempt to write its flush (retried until it succeeds or the replica stops)
     REFUSED = "refused"  # on a reserved id's topic (shared.topics.reserved_id): no device's, nothing stored
-
-
-# Batch ids remembered to tell a batch sent again from a new one: a device resends only its batch in
-# flight, so the last few thousand cover every device of a fleet many times over.
-RECENT_BATCHES = 10_000
 
 
 class IngestCounters:
@@ -37,19 +31,11 @@ class IngestCounters:
 
     def __init__(self) -> None:
         self.batches = {outcome: Counter() for outcome in Outcome}
-        self.records = Counter()  # records stored, a batch sent again counted again
-        self._recent: OrderedDict[str, None] = OrderedDict()
-        self._lock = threading.Lock()
+        self.records = Counter()  # records written (a batch acknowledged again without writing is not counted)
 
-    def stored(self, batch_id: str, records: int) -> None:
-        """Counts one batch written: `duplicate` if this replica stored the same id recently, else `stored`."""
-        with self._lock:
-            again = batch_id in self._recent
-            self._recent[batch_id] = None
-            self._recent.move_to_end(batch_id)
-            if len(self._recent) > RECENT_BATCHES:
-                self._recent.popitem(last=False)
-        self.batches[Outcome.DUPLICATE if again else Outcome.STORED].add()
+    def stored(self, batches: int, records: int) -> None:
+        """Counts a flush written: its batches `stored`, its records."""
+        self.batches[Outcome.STORED].add(batches)
         self.records.add(records)
 
 
@@ -70,7 +56,7 @@ class IngestCollector(Collector):
 
 
 def write_seconds(device: str, registry: CollectorRegistry) -> Histogram:
-    """INGEST_WRITE_SECONDS, registered in `registry`, with its device label set: observe() one batch's writes."""
-    histogram = Histogram(metrics.INGEST_WRITE_SECONDS, "Time to write one batch's objects and index to S3.",
+    """INGEST_WRITE_SECONDS, registered in `registry`, with its device label set: observe() one flush's writes."""
+    histogram = Histogram(metrics.INGEST_WRITE_SECONDS, "Time to write one flush's objects and index to S3.",
                           [metrics.DEVICE_LABEL], buckets=metrics.LATENCY_BUCKETS_S, registry=registry)
     return histogram.labels(device)

@@ -1,18 +1,21 @@
 """cloud_ingest: the fleet's telemetry into S3. Replicas share one MQTT v5 shared subscription, so
-the broker splits the batches among them; each batch is validated, written (writer.py) and only then
-acknowledged: first to its device (which deletes it from its outbox on that acknowledgement alone),
-then to the broker (MQTT PUBACK, paho's manual_ack). A replica killed mid-write acknowledges nothing:
-its persistent session keeps the batch at the broker, which delivers it again when the replica comes
-back (and the device sends it again after its ack timeout); the same keys are overwritten with the
-same content. What does not validate goes to the dead-letter prefix with the reason, and is
-acknowledged (it will never validate; it must not block the device's outbox).
+the broker splits the batches among them; each batch is validated, gathered with others into a flush
+(flush.py: one S3 object per record kind and one index for up to EDGEFLEET_INGEST_FLUSH_S, instead of 2+
+PUTs per batch, which this machine's S3 could not take for 1,000 devices and which S3 bills by), written
+(writer.py) and only then acknowledged: first to its device (which deletes it from its outbox on that
+acknowledgement alone), then to the broker (MQTT PUBACK, paho's manual_ack). A replica killed mid-write
+acknowledges nothing: its persistent session keeps the batches at the broker, which delivers them again
+when the replica comes back (and the device sends them again after its ack timeout). What does not
+validate goes to the dead-letter prefix with the reason, and is acknowledged (it will never validate; it
+must not block the device's outbox).
 
-paho's network thread never waits here: the broker sends at most Receive Maximum (ingest_workers x 2)
-unacknowledged batches, so the pool's backlog is bounded by the protocol's flow control, not by a
-callback that blocks (which would stall keepalives and acknowledgements too). A failed S3 write is
-retried with backoff by its worker until it succeeds or the replica stops: giving up would leave the
-message unacknowledged and its slot of the receive window taken until the next session. (Vector's S3
-sink retries the same way; Kafka consumers commit an offset only after the sink's write, as here.)
+paho's network thread never waits here: the broker sends at most Receive Maximum (2 x flush_batches +
+2 x workers: one flush fills while the one before is written) unacknowledged batches, so the backlog is
+bounded by the protocol's flow control, not by a callback that blocks (which would stall keepalives and
+acknowledgements too). A failed S3 write is retried with backoff by its writer until it succeeds or the
+replica stops: giving up would leave the batches unacknowledged and their slots of the receive window
+taken until the next session. (Vector's S3 sink retries the same way; Kafka consumers commit an offset
+only after the sink's write, as here.)
 
 Every acknowledgement names the store (TelemetryAck.store, from the bucket's store marker, made or read
 at start: store_marker.py), and each batch's index keeps the device's acknowledgement ranges, so the
@@ -33,8 +36,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from services.cloud_ingest import store_marker
 from services.cloud_ingest.errors import IngestError, StoreUnreachable
+from services.cloud_ingest.flush import Added, Flush, Flusher, pending
 from services.cloud_ingest.metrics import IngestCollector, IngestCounters, Outcome, write_seconds
-from services.cloud_ingest.writer import dead_letter, write_batch
+from services.cloud_ingest.writer import dead_letter, write_flush
 from shared import VERSION, lifecycle, metrics, s3, topics
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import IngestSettings
@@ -60,9 +64,10 @@ class IngestService:
         # Replicas may share one configured id (docker compose `replicas: 2`); the host name tells them apart,
         # as the broker needs distinct client ids.
         self._replica = f"{settings.device_id}-{socket.gethostname()}"[:64]
-        self.pool = ThreadPoolExecutor(settings.ingest.workers, thread_name_prefix="writer")
-        # Each batch a writer takes is watched while it is written (shared.lifecycle): an idle pool is alive,
-        # a write stuck past its S3 timeouts is not.
+        # Decoders validate each batch (and keep a dead letter); the flusher's writers write flushes. Each task is
+        # watched while it runs (shared.lifecycle): an idle pool is alive, a write stuck past its S3 timeouts is not.
+        self.pool = ThreadPoolExecutor(settings.ingest.workers, thread_name_prefix="decoder")
+        self.flusher = Flusher(settings.ingest, self._write_flush, self._acknowledge)
         self.liveness = Liveness()
         self._put_s = s3.call_bound_s()
         self.counters = IngestCounters()
@@ -79,11 +84,12 @@ class IngestService:
             StatusPublisher(topics.status(self._replica, SERVICE),
                             online=lambda: encode(self._status(ServiceState.ONLINE)),
                             will=encode(self._status(ServiceState.OFFLINE, reason="connection lost"))),
-            manual_ack=True, receive_maximum=settings.ingest.workers * 2,
+            manual_ack=True, receive_maximum=receive_maximum(settings),
             session_expiry_s=settings.ingest.session_expiry_s,
         )
 
     def run(self) -> int:
+        self.flusher.start()
         self.link.subscribe(self._filter, self._on_batch, qos=1)
         self.link.start()
         log.info("ingesting", extra=fields(filter=self._filter, bucket=self.settings.telemetry_bucket,
@@ -93,7 +99,8 @@ class IngestService:
                               qos=1, retain=True, content_type=WireFormat.JSON.content_type)
             self._status_at = time.time()
         self.link.unsubscribe(self._filter)
-        self.pool.shutdown(wait=True)  # every batch taken is written and acknowledged
+        self.pool.shutdown(wait=True)  # every batch taken is in a flush (or dead-lettered)
+        self.flusher.close()  # every flush is written and acknowledged (one attempt each once stopping)
         self.link.stop(final_status=encode(self._status(ServiceState.OFFLINE, reason="shutdown")))
         return 0
 
@@ -111,9 +118,15 @@ class IngestService:
 
     def _store(self, message: paho.MQTTMessage) -> None:
         with self.liveness.watch(threading.current_thread().name) as progress:
-            self._store_watched(message, progress)
+            try:
+                self._take(message, progress)
+            except Exception as exc:  # a bug here must be loud: in the pool it would otherwise vanish with the future
+                self.counters.batches[Outcome.FAILED].add()
+                log.exception("batch not taken", extra=fields(topic=message.topic[:200]))
+                lifecycle.fail(f"decoder: {type(exc).__name__}: {exc}", exc)
 
-    def _store_watched(self, message: paho.MQTTMessage, progress: Progress) -> None:
+    def _take(self, message: paho.MQTTMessage, progress: Progress) -> None:
+        """Validates one batch and hands it to the flusher; dead-letters (and acknowledges) what does not validate."""
         device = topics.device_of(message.topic)
         if topics.reserved_id(device):
             # A fleet service's certificate (the console's, an operator's) may publish on its own id's telemetry
@@ -124,45 +137,87 @@ class IngestService:
             self.link.ack(message)
             return
         try:
-            while not self._stopping.is_set():
-                progress.tick(2 * self._put_s)  # a dead letter is two writes
-                try:
-                    self._store_once(device, message, lambda: progress.tick(self._put_s))
-                    self.link.ack(message)  # the broker forgets it only now, after S3 has it
-                    return
-                except (BotoCoreError, ClientError, OSError) as exc:
-                    self.counters.batches[Outcome.FAILED].add()
-                    log.warning("write failed; retrying", extra=fields(device=device, error=str(exc)[:300]))
-                    progress.tick(1.0)
-                    self._stopping.wait(1.0)
-            log.info("stopping with a batch unwritten; the broker keeps it for the next session",
-                     extra=fields(device=device))
-        except Exception as exc:  # a bug here must be loud: in the pool it would otherwise vanish with the future
-            self.counters.batches[Outcome.FAILED].add()
-            log.exception("batch not stored", extra=fields(device=device))
-            lifecycle.fail(f"writer: {type(exc).__name__}: {exc}", exc)
-
-    def _store_once(self, device: str, message: paho.MQTTMessage, before_put: Callable[[], None]) -> None:
-        bucket, payload = self.settings.telemetry_bucket, message.payload
-        try:
-            batch = decode(TelemetryBatch, payload, content_type_of(message), sniff_compressed=True,
+            batch = decode(TelemetryBatch, message.payload, content_type_of(message), sniff_compressed=True,
                            max_inflated_bytes=self.settings.max_batch_bytes)
             if batch.device != device:
                 raise DecodeError(f"batch names device {batch.device!r} but came on {device!r}'s topic")
         except DecodeError as exc:
-            key = dead_letter(self.s3, bucket, device, bytes(payload), str(exc))
-            self.counters.batches[Outcome.DEAD_LETTERED].add()
-            log.warning("dead-lettered", extra=fields(device=device, key=key, reason=str(exc)[:300]))
-            if (correlation := correlation_of(message)) is not None:
-                self._ack(device, correlation.decode(errors="replace")[:200], 0, dead_lettered=True)
+            self._dead_letter(device, message, str(exc), progress)
             return
-        started = time.monotonic()
-        stored = write_batch(self.s3, bucket, batch, before_put)
-        self._write_seconds.observe(time.monotonic() - started)
-        # Logged before either acknowledgement: a replica killed without this line acknowledged nothing of it.
-        log.debug("batch stored", extra=fields(device=device, batch=batch.batch_id, records=stored))
-        self.counters.stored(batch.batch_id, stored)
-        self._ack(device, batch.batch_id, stored)
+        added, stored = self.flusher.add((device, batch.batch_id), lambda: pending(batch, message), message,
+                                         waiting=lambda: progress.tick(2.0))
+        if added is Added.STORED:  # sent again after this replica stored it: answered, not written again
+            self.counters.batches[Outcome.DUPLICATE].add()
+            log.debug("batch stored", extra=fields(device=device, batch=batch.batch_id, records=stored, again=True))
+            self._ack(device, batch.batch_id, stored)
+            self.link.ack(message)
+        elif added is Added.JOINED:
+            self.counters.batches[Outcome.DUPLICATE].add()
+
+    def _dead_letter(self, device: str, message: paho.MQTTMessage, reason: str, progress: Progress) -> None:
+        def write() -> None:
+            key = dead_letter(self.s3, self.settings.telemetry_bucket, device, bytes(message.payload), reason)
+            self.counters.batches[Outcome.DEAD_LETTERED].add()
+            log.warning("dead-lettered", extra=fields(device=device, key=key, reason=reason[:300]))
+
+        if not self._retrying(write, progress, 1, 2 * self._put_s, device=device):
+            return
+        if (correlation := correlation_of(message)) is not None:
+            self._ack(device, correlation.decode(errors="replace")[:200], 0, dead_lettered=True)
+        self.link.ack(message)
+
+    def _write_flush(self, flush: Flush) -> bool:
+        """A writer thread: the flush's objects and index, retried until stored or stopping. Returns whether
+        it is stored (the flusher then acknowledges its batches)."""
+        with self.liveness.watch(threading.current_thread().name) as progress:
+            try:
+                def write() -> None:
+                    started = time.monotonic()
+                    write_flush(self.s3, self.settings.telemetry_bucket, self._replica, flush,
+                                lambda: progress.tick(self._put_s))
+                    self._write_seconds.observe(time.monotonic() - started)
+
+                if not self._retrying(write, progress, len(flush.batches), self._put_s, flush=flush.flush_id):
+                    return False
+            except Exception as exc:  # a bug: loud, as above
+                log.exception("flush not stored", extra=fields(flush=flush.flush_id))
+                lifecycle.fail(f"writer: {type(exc).__name__}: {exc}", exc)
+                return False
+        self.counters.stored(len(flush.batches), flush.records)
+        # Logged before any acknowledgement: a replica killed without these lines acknowledged nothing of them.
+        log.debug("flush stored", extra=fields(flush=flush.flush_id, batches=len(flush.batches),
+                                               records=flush.records))
+        if log.isEnabledFor(logging.DEBUG):  # a line per batch: hundreds a second at fleet scale
+            for (device, batch_id), entry in flush.batches.items():
+                log.debug("batch stored", extra=fields(device=device, batch=batch_id, records=len(entry.index.seqs),
+                                                       flush=flush.flush_id))
+        return True
+
+    def _acknowledge(self, flush: Flush) -> None:
+        """Each batch of a stored flush: its device's ack, then the broker's PUBACK of every message that
+        carried it."""
+        for (device, batch_id), entry in flush.batches.items():
+            self._ack(device, batch_id, len(entry.index.seqs))
+            for message in entry.messages:
+                self.link.ack(message)
+
+    def _retrying(self, write: Callable[[], None], progress: Progress, batches: int, allow_s: float,
+                  **about: str) -> bool:
+        """Runs `write` until it succeeds; once stopping, no further attempt. Returns whether it succeeded."""
+        while True:
+            progress.tick(allow_s)
+            try:
+                write()
+                return True
+            except (BotoCoreError, ClientError, OSError) as exc:
+                self.counters.batches[Outcome.FAILED].add(batches)
+                log.warning("write failed; retrying", extra=fields(error=str(exc)[:300], **about))
+            if self._stopping.is_set():
+                log.info("stopping with batches unwritten; the broker keeps them for the next session",
+                         extra=fields(batches=batches, **about))
+                return False
+            progress.tick(1.0)
+            self._stopping.wait(1.0)
 
     def _ack(self, device: str, batch_id: str, stored: int, dead_lettered: bool = False) -> None:
         ack = TelemetryAck(device=device, batch_id=batch_id, stored=stored, dead_lettered=dead_lettered, at=time.time(),
@@ -175,6 +230,13 @@ class IngestService:
                   f"failed writes {c.batches[Outcome.FAILED].value}")
         return ServiceStatus(device=self._replica, service=SERVICE, state=state, at=time.time(),
                              edgefleet_version=VERSION, reason=reason or detail)
+
+
+def receive_maximum(settings: IngestSettings) -> int:
+    """The replica's MQTT v5 Receive Maximum: every batch in a flush is unacknowledged until the flush is
+    written, so the broker must let a full flush (flush_batches) fill while the one before is written, and
+    each decoder hold one more; 65,535 is MQTT's most."""
+    return min(65_535, 2 * settings.ingest.flush_batches + 2 * settings.ingest.workers)
 
 
 def main(settings: IngestSettings) -> int:

@@ -1,8 +1,8 @@
-"""Writes one validated batch to S3 (shared.lake's layout): the records by kind (drift samples under
-telemetry/drift/...) as gzipped JSON lines, then the batch index that marks it complete, with the
-device's acknowledgement ranges for the audit. Idempotent: the keys come from the batch's sequence
-numbers and the outbox's epoch, so a replay overwrites the same objects with the same content and a new
-epoch never touches an older one's."""
+"""Writes one flush to S3 (shared.lake's flush layout): the records of all its batches by kind (drift
+samples under telemetry/drift/...) as gzipped JSON lines, one StoredRecord each, then the flush index that
+marks every batch in it complete, with each device's acknowledgement ranges for the audit. A retry writes
+the same keys (the flush's id is fixed when it is sealed); a dead letter is kept per payload, named by
+its SHA-256."""
 
 from __future__ import annotations
 
@@ -10,48 +10,48 @@ import gzip
 import hashlib
 import json
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from services.cloud_ingest.flush import Flush
 from shared import lake
-from shared.schemas import Gap, TelemetryBatch
 
 if TYPE_CHECKING:  # boto3-stubs, a dev dependency
     from mypy_boto3_s3 import S3Client
 
 
-def write_batch(s3: S3Client, bucket: str, batch: TelemetryBatch, before_put: Callable[[], None] = lambda: None) -> int:
-    """Writes the batch's objects, then its index; returns how many records it stored.
+def write_flush(s3: S3Client, bucket: str, replica: str, flush: Flush,
+                before_put: Callable[[], None] = lambda: None) -> lake.FlushIndex:
+    """Writes the flush's records objects, then its index.
 
     :param s3: a boto3 S3 client (shared.s3.client).
     :param str bucket: the telemetry bucket.
-    :param TelemetryBatch batch: a validated batch.
+    :param str replica: the writing replica's id (its records' folder).
+    :param Flush flush: a sealed flush (its flush_id given).
     :param before_put: called before each S3 write (the caller's liveness tick: each write is bounded).
-    :raises ClientError, BotoCoreError: unchanged, for the caller to retry (the keys make a retry safe).
+    :returns: the index written.
+    :raises ClientError, BotoCoreError: unchanged, for the caller to retry (the same keys again).
     """
-    by_kind: dict[str, list[str]] = defaultdict(list)
-    for record in batch.records:
-        by_kind[record.body.kind].append(record.model_dump_json())
-    first_at = batch.records[0].body.at
-    objects = []
+    by_kind: dict[str, list[str]] = {}
+    for entry in flush.batches.values():
+        for kind, lines in entry.lines.items():
+            by_kind.setdefault(kind, []).extend(lines)
+    objects: dict[str, str] = {}
     for kind, lines in sorted(by_kind.items()):
-        key = lake.records_key(kind, first_at, batch.device, batch.batch_id)
-        # mtime=0: the same batch compresses to the same bytes, so a replay writes identical objects.
-        body = gzip.compress(("\n".join(lines) + "\n").encode(), mtime=0)
+        key = lake.flush_records_key(kind, replica, flush.flush_id)
+        # mtime=0: a retry writes the same bytes.
+        body = gzip.compress(("\n".join(lines) + "\n").encode(), compresslevel=6, mtime=0)
         before_put()
         s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/x-ndjson", ContentEncoding="gzip")
-        objects.append(key)
-    index = lake.BatchIndex(
-        device=batch.device, batch_id=batch.batch_id, epoch=batch.epoch, seqs=[r.seq for r in batch.records],
-        kinds={k: len(v) for k, v in by_kind.items()},
-        gaps=[r.body for r in batch.records if isinstance(r.body, Gap)], objects=objects, stored_at=time.time(),
-        acknowledged=batch.acknowledged,
-    )
+        objects[kind] = key
+    stored_at = time.time()
+    index = lake.FlushIndex(flush_id=flush.flush_id, replica=replica, stored_at=stored_at, batches=[
+        entry.index.model_copy(update={"stored_at": stored_at, "objects": [objects[k] for k in sorted(entry.lines)]})
+        for entry in flush.batches.values()])
     before_put()
-    s3.put_object(Bucket=bucket, Key=lake.index_key(batch.device, batch.batch_id),
-                  Body=index.model_dump_json().encode(), ContentType="application/json")
-    return len(batch.records)
+    s3.put_object(Bucket=bucket, Key=lake.flush_index_key(flush.flush_id), Body=index.model_dump_json().encode(),
+                  ContentType="application/json")
+    return index
 
 
 def dead_letter(s3: S3Client, bucket: str, device: str, payload: bytes, reason: str) -> str:

@@ -1,16 +1,20 @@
 """Drift scores and latency over time, per device, from the S3 telemetry: the DriftSample records that
-cloud_ingest writes under telemetry/drift/date=<day>/device=<device>/<batch>.jsonl.gz (shared.lake).
+cloud_ingest writes in both of shared.lake's layouts: flushes, under
+telemetry/drift/date=<day>/flush=<replica>/<flush id>.jsonl.gz (many devices' records, each line naming
+its device), and, written before flushes, per batch under telemetry/drift/date=<day>/device=<device>/.
 
 Read bounded, since the store holds the whole fleet's history: only the days the window reaches are
-listed, each day device by device (its device=<id>/ folders from a delimiter listing, at most
-MAX_DEVICES_LISTED; then each device's keys, at most MAX_KEYS_PER_DEVICE, and MAX_KEYS_LISTED in all), so
-one chatty device cannot hide the others' objects behind its own in key order. Only objects modified
-within the window are read, each device's newest first and the devices in turn, at most
+listed, each day folder by folder (its device=<id>/ and flush=<replica>/ folders from a delimiter
+listing, at most MAX_DEVICES_LISTED; then each folder's keys, at most MAX_KEYS_PER_DEVICE, and
+MAX_KEYS_LISTED in all; a flush folder listed only from its flushes made within the window, as flush ids
+sort by time), so one chatty device or replica cannot hide the others' objects behind its own in key
+order. Only objects modified within the window are read, each device's newest first and the devices in turn, at most
 MAX_OBJECTS_PER_READ and MAX_BYTES_PER_READ a refresh (the rest waits for the next one), each object at
 most MAX_OBJECT_BYTES compressed and MAX_INFLATED_BYTES inflated (checked before it is all inflated), and
 each device's chart keeps its newest MAX_POINTS samples. A cap reached sets the snapshot's `truncated`.
 An object once read is kept by its ETag (a replayed batch overwrites its object with the same content),
-so a refresh reads only what is new."""
+so a refresh reads only what is new; a sample stored twice (a batch sent again, in a second flush) is
+charted once."""
 
 from __future__ import annotations
 
@@ -46,12 +50,35 @@ MAX_INFLATED_BYTES = 8 << 20
 MAX_POINTS = 720  # a sample a minute for half a day, or every 5 s for an hour
 DAY_S = 86400.0
 MAX_DAYS = 31  # date partitions listed, however long the window
+# A flush is listed from its id's time, which precedes its write; a write retried while S3 was away is
+# later still: flushes made this long before the window are listed too.
+FLUSH_WRITE_SLACK_S = 300.0
 
 
 @dataclass(frozen=True)
 class _Read:
     etag: str
     samples: tuple[DriftSample, ...]
+
+
+def flush_samples_of(text: bytes) -> tuple[list[DriftSample], int]:
+    """The DriftSamples in one flush object's JSON lines (shared.lake.StoredRecord each), and how many lines
+    were skipped (unreadable, another kind, or a sample naming another device than its line)."""
+    found: list[DriftSample] = []
+    skipped = 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            stored = lake.StoredRecord.model_validate_json(line)
+        except ValidationError:
+            skipped += 1
+            continue
+        if isinstance(stored.body, DriftSample) and stored.body.device == stored.device:
+            found.append(stored.body)
+        else:
+            skipped += 1
+    return found, skipped
 
 
 def samples_of(text: bytes, device: str) -> tuple[list[DriftSample], int]:
@@ -87,7 +114,7 @@ def read_order(new: dict[str, tuple[str, float]]) -> list[str]:
     """The keys to read, each device's newest first and the devices in turn (its newest of each, then its
     second newest of each, ...), so a read cut short by a cap leaves every device its latest points.
 
-    :param new: key -> (device, last modified) of the objects not read yet.
+    :param new: key -> (device, or the folder of a replica's flushes; last modified) of the objects not read yet.
     :returns: the keys in the order to read them.
     """
     by_device: dict[str, list[tuple[float, str]]] = {}
@@ -100,15 +127,15 @@ def read_order(new: dict[str, tuple[str, float]]) -> list[str]:
     return [key for *_, key in sorted(ranked)]
 
 
-def charts(reads: dict[str, _Read], devices: dict[str, str], now: float, window_s: float) -> list[DeviceCharts]:
+def charts(reads: dict[str, _Read], now: float, window_s: float) -> list[DeviceCharts]:
     """Each device's series from the objects read: samples within the window, oldest first, its newest
-    MAX_POINTS; `devices` maps each key to the device its key names."""
+    MAX_POINTS. A sample's device is its own (checked against its key or line when read)."""
     by_device: dict[str, dict[float, DriftSample]] = {}
-    for key, read in reads.items():
-        series = by_device.setdefault(devices[key], {})
+    for read in reads.values():
         for sample in read.samples:
             if now - window_s <= sample.at <= now + 60:  # a minute of clock skew ahead, no more
-                series[sample.at] = sample  # a resent batch in a new epoch: the same sample once
+                # a resent batch (a new epoch, or a second flush): the same sample once
+                by_device.setdefault(sample.device, {})[sample.at] = sample
     out = []
     for device in sorted(by_device):
         points = sorted(by_device[device].values(), key=lambda s: s.at)[-MAX_POINTS:]
@@ -132,7 +159,6 @@ class DriftCharts:
     def __init__(self, s3: S3Client, bucket: str, window_s: float) -> None:
         self.s3, self.bucket, self.window_s = s3, bucket, window_s
         self._reads: dict[str, _Read] = {}
-        self._devices: dict[str, str] = {}
         self.latest = ChartsSnapshot(read_at=None, window_s=window_s, devices=[], error=None, truncated=False)
         self.skipped_lines = 0
 
@@ -148,19 +174,18 @@ class DriftCharts:
         listed, truncated = self._list(now, before_call)
         for gone in self._reads.keys() - listed.keys():  # out of the window, or deleted
             del self._reads[gone]
-            self._devices.pop(gone, None)
-        new = read_order({key: (device, modified) for key, (etag, modified) in listed.items()
+        new = read_order({key: (owner, modified) for key, (etag, modified) in listed.items()
                           if (key not in self._reads or self._reads[key].etag != etag)
-                          and (device := lake.device_of_key(key)) is not None})
+                          and (owner := _owner(key)) is not None})
         budget, truncated = MAX_BYTES_PER_READ, truncated or len(new) > MAX_OBJECTS_PER_READ
         for key in new[:MAX_OBJECTS_PER_READ]:
             if budget <= 0:
                 truncated = True
                 break
             before_call()
-            budget -= self._read(key, lake.device_of_key(key) or "", listed[key][0])
+            budget -= self._read(key, listed[key][0])
         self.latest = ChartsSnapshot(read_at=now, window_s=self.window_s, truncated=truncated, error=None,
-                                     devices=charts(self._reads, self._devices, now, self.window_s))
+                                     devices=charts(self._reads, now, self.window_s))
         return self.latest
 
     def failed(self, error: str) -> ChartsSnapshot:
@@ -178,12 +203,15 @@ class DriftCharts:
                                             delimiter=True)
             truncated |= cut
             for folder in folders:
-                if lake.device_of_key(folder) is None:
-                    continue  # not a device=<id>/ folder
+                if _owner(folder) is None:
+                    continue  # neither a device=<id>/ nor a flush=<replica>/ folder
                 if listed >= MAX_KEYS_LISTED:
                     return found, True
+                # A replica's flushes sort by time: skip those made before the window (and its slack).
+                after = (folder + lake.flush_id_floor(since - FLUSH_WRITE_SLACK_S)
+                         if lake.flush_of_key(folder) is not None else None)
                 items, _, cut = self._listing(folder, min(MAX_KEYS_PER_DEVICE, MAX_KEYS_LISTED - listed),
-                                              before_call)
+                                              before_call, start_after=after)
                 truncated |= cut
                 listed += len(items)
                 for key, etag, modified in items:
@@ -191,10 +219,10 @@ class DriftCharts:
                         found[key] = (etag, modified)
         return found, truncated
 
-    def _listing(self, prefix: str, cap: int, before_call: Callable[[], None],
-                 delimiter: bool = False) -> tuple[list[tuple[str, str, float]], list[str], bool]:
-        """One prefix's objects (key, ETag, last modified) and, with `delimiter`, its folders, at most `cap`
-        of them together; and whether the cap left some unlisted."""
+    def _listing(self, prefix: str, cap: int, before_call: Callable[[], None], delimiter: bool = False,
+                 start_after: str | None = None) -> tuple[list[tuple[str, str, float]], list[str], bool]:
+        """One prefix's objects (key, ETag, last modified; those after `start_after` in key order) and, with
+        `delimiter`, its folders, at most `cap` of them together; and whether the cap left some unlisted."""
         objects: list[tuple[str, str, float]] = []
         folders: list[str] = []
         token: str | None = None
@@ -204,6 +232,8 @@ class DriftCharts:
                 "Bucket": self.bucket, "Prefix": prefix, "MaxKeys": min(LIST_PAGE, cap - len(objects) - len(folders))}
             if delimiter:
                 request["Delimiter"] = "/"
+            if start_after:
+                request["StartAfter"] = start_after
             if token:
                 request["ContinuationToken"] = token
             page = self.s3.list_objects_v2(**request)
@@ -216,7 +246,7 @@ class DriftCharts:
                 return objects, folders, True
             token = page["NextContinuationToken"]
 
-    def _read(self, key: str, device: str, etag: str) -> int:
+    def _read(self, key: str, etag: str) -> int:
         """Reads one object into the cache (an unreadable one is kept empty, so it is not read again);
         returns the bytes it cost."""
         body = self.s3.get_object(Bucket=self.bucket, Key=key)["Body"]
@@ -228,10 +258,20 @@ class DriftCharts:
         try:
             if len(raw) > MAX_OBJECT_BYTES:
                 raise ValueError(f"larger than {MAX_OBJECT_BYTES} bytes")
-            samples, skipped = samples_of(codec.inflate(raw, MAX_INFLATED_BYTES, "telemetry object", gzip=True), device)
+            text = codec.inflate(raw, MAX_INFLATED_BYTES, "telemetry object", gzip=True)
+            device = lake.device_of_key(key)
+            samples, skipped = samples_of(text, device) if device is not None else flush_samples_of(text)
             self.skipped_lines += skipped
         except ValueError as exc:
             log.warning("telemetry object skipped", extra=fields(key=key, error=str(exc)[:300]))
         self._reads[key] = _Read(etag, tuple(samples))
-        self._devices[key] = device
         return len(raw)
+
+
+def _owner(key: str) -> str | None:
+    """Whose objects a records key or folder holds, for fair reading: its device, or its replica's flush
+    folder; None for another shape."""
+    if (device := lake.device_of_key(key)) is not None:
+        return device
+    replica = lake.flush_of_key(key)
+    return None if replica is None else f"{lake.FLUSH_FOLDER}{replica}"

@@ -1,7 +1,10 @@
 """The forwarder: sends the outbox to the cloud broker in batches (QoS 1, msgpack + zlib) and deletes
 records only when cloud_ingest acknowledged the batch, that is after its objects are in S3. While the
-link is down it backs off; a batch not acknowledged in time is sent again, the same batch with the same
-id, so the cloud's idempotent writes leave no duplicate.
+link is down it backs off; a batch not acknowledged in time (time counted while its link is up: over a
+cut link no acknowledgement can come, and the broker's session delivers it after the reconnect) is sent
+again, the same batch with the same id, so the cloud's idempotent writes leave no duplicate. The protocol
+itself (which batch, attempts, dead letters, acknowledgements, backoff) is services.telemetry.sending's
+Sender, shared with the fleet simulator; this module adds the thread, its waiting and MQTT.
 
 A batch is never retried forever (one poison batch would stall every record behind it): after
 `max_attempts` sendings without an acknowledgement, or at once when the cloud acknowledges it as
@@ -16,35 +19,45 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 import paho.mqtt.client as paho
 
 from services.telemetry.outbox import Outbox
+from services.telemetry.sending import LINK_CHECK_S, Outgoing, Sender
 from shared import topics
-from shared.codec import DecodeError, WireFormat, decode, encode
+from shared.codec import DecodeError, decode
 from shared.config import BatchSettings, ForwardSettings
 from shared.lifecycle import Liveness, Progress
 from shared.logs import fields
-from shared.metrics import Counter
 from shared.mqtt import MqttLink, content_type_of
-from shared.schemas import TelemetryAck, TelemetryBatch
+from shared.schemas import TelemetryAck
 
 log = logging.getLogger(__name__)
 
 
 class Forwarder:
+    """The Sender's protocol (services.telemetry.sending) on a thread: it waits (for records, for an
+    acknowledgement, between attempts) and publishes over the MqttLink.
+
+    :param Outbox outbox: the device's outbox.
+    :param MqttLink link: the link the batches go out on and the acknowledgements come in on.
+    :param str device: the device id.
+    :param BatchSettings batch: the batches' limits and linger.
+    :param ForwardSettings forward: attempts and backoff.
+    :param float ack_timeout_s: how long (of link-up time) a batch waits for its acknowledgement.
+    :param Liveness liveness: where the thread proves it is alive; None: a Liveness of its own.
+    """
+
     def __init__(self, outbox: Outbox, link: MqttLink, device: str, *, batch: BatchSettings, forward: ForwardSettings,
                  ack_timeout_s: float, liveness: Liveness | None = None) -> None:
         self.outbox, self.link, self.device = outbox, link, device
-        self.max_records, self.max_bytes = batch.max_records, batch.max_bytes
-        self.ack_timeout_s = ack_timeout_s
-        self.retry_max_s, self.max_attempts = forward.retry_max_s, forward.max_attempts
+        self.sender = Sender(outbox, device, batch=batch, forward=forward, ack_timeout_s=ack_timeout_s)
+        s = self.sender  # its counters are the forwarder's (metrics and the status read them here)
+        self.sent_batches, self.resent_batches, self.acked_records = s.sent_batches, s.resent_batches, s.acked_records
+        self.dead_lettered_batches = s.dead_lettered_batches
         self._acks: dict[str, TelemetryAck] = {}
         self._changed = threading.Condition()
         self._stopping = threading.Event()
-        self.sent_batches, self.resent_batches, self.acked_records = Counter(), Counter(), Counter()
-        self.dead_lettered_batches = Counter()
         self._thread = threading.Thread(target=self._run, name="forwarder")
         # Ticked every time round and before each bounded wait (shared.lifecycle): idle or backing off is
         # alive, stuck (a wedged SQLite read, a publish that never returns) is not.
@@ -78,47 +91,39 @@ class Forwarder:
             self._forward()
 
     def _forward(self) -> None:
-        delay = 0.5
         while not self._stopping.is_set():
             self._progress.tick()
             if not self.link.connected.is_set():
                 self._wait(1.0)
                 continue
-            records = self.outbox.next_batch(self.max_records, self.max_bytes)
-            if not records:
-                self._wait(0.5)
+            sending = self.sender.next()
+            if not isinstance(sending, Outgoing):
+                self._wait(sending)
                 continue
-            batch = TelemetryBatch(device=self.device, epoch=self.outbox.epoch, records=records, sent_at=time.time(),
-                                   acknowledged=self.outbox.acknowledged)
-            attempts = self.outbox.attempt()
-            if attempts > self.max_attempts:
-                self.dead_lettered_batches.add()
-                self.outbox.dead_letter(records[0].seq, records[-1].seq,
-                                        f"batch {batch.batch_id} not acknowledged after {self.max_attempts} attempts")
-                continue
-            (self.resent_batches if attempts > 1 else self.sent_batches).add()
-            self.link.publish(topics.telemetry(self.device), encode(batch, WireFormat.MSGPACK_ZLIB), qos=1,
-                              content_type=WireFormat.MSGPACK_ZLIB.content_type, correlation=batch.batch_id.encode())
-            self._progress.tick(self.ack_timeout_s)
+            self.link.publish(sending.topic, sending.payload, qos=1, content_type=sending.content_type,
+                              correlation=sending.correlation)
+            ack = self._await_ack(sending.batch_id)
+            if ack is not None:
+                self.sender.settle(ack)
+            elif not self._stopping.is_set():
+                delay = self.sender.timed_out()
+                log.info("batch not acknowledged; sending again",
+                         extra=fields(batch=sending.batch_id, wait_s=delay))
+                self._wait(delay)
+
+    def _await_ack(self, batch_id: str) -> TelemetryAck | None:
+        """The batch's acknowledgement; None when its time (counted while the link is up) is over, or on stop."""
+        while True:
+            left = self.sender.ack_left(self.link.connected.is_set())
+            if left is not None and left <= 0:
+                return None
+            wait = LINK_CHECK_S if left is None else min(left, LINK_CHECK_S)
+            self._progress.tick(wait)
             with self._changed:
-                # B023: the predicate is called here, within this round, never after `batch` changes.
-                self._changed.wait_for(lambda: batch.batch_id in self._acks or self._stopping.is_set(),  # noqa: B023
-                                       self.ack_timeout_s)
-                ack = self._acks.pop(batch.batch_id, None)
-            if ack is None:
-                if not self._stopping.is_set():
-                    log.info("batch not acknowledged; sending again", extra=fields(batch=batch.batch_id, wait_s=delay))
-                    self._wait(delay)
-                    delay = min(delay * 2, self.retry_max_s)
-                continue
-            if ack.dead_lettered:  # the cloud kept it aside with its reason: it would never be stored
-                self.dead_lettered_batches.add()
-                self.outbox.dead_letter(records[0].seq, records[-1].seq,
-                                        f"batch {batch.batch_id} dead-lettered by cloud_ingest "
-                                        "(its reason is in the cloud's dead letters)")
-            else:
-                self.acked_records.add(self.outbox.ack(records[0].seq, records[-1].seq, ack.store))
-            delay = 0.5
+                self._changed.wait_for(lambda: batch_id in self._acks or self._stopping.is_set(), wait)
+                ack = self._acks.pop(batch_id, None)
+            if ack is not None or self._stopping.is_set():
+                return ack
 
     def _wait(self, seconds: float) -> None:
         self._progress.tick(seconds)

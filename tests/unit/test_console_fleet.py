@@ -294,12 +294,12 @@ def test_inflating_a_gzip_object_stops_at_the_cap_before_the_whole_object():
 def test_charts_keep_the_window_in_time_order_and_the_newest_points():
     old = drift_charts._Read("e1", (drift("dev-a", NOW - 7200, 0.9), drift("dev-a", NOW - 20, 0.3)))
     new = drift_charts._Read("e2", (drift("dev-a", NOW - 10, 0.4, p95=None), drift("dev-a", NOW - 20, 0.3)))
-    [series] = drift_charts.charts({"k1": old, "k2": new}, {"k1": "dev-a", "k2": "dev-a"}, NOW, 3600)
+    [series] = drift_charts.charts({"k1": old, "k2": new}, NOW, 3600)
     assert series.at == [NOW - 20, NOW - 10]  # the sample out of the window left out, the repeated one once
     assert series.scores == {"prediction_drift": [0.3, 0.4], "latency": [1.1, 1.1]}
     assert series.latency_p95_ms == [12.0, None]
     many = drift_charts._Read("e3", tuple(drift("dev-b", NOW - i, 0.1) for i in range(drift_charts.MAX_POINTS + 50)))
-    [capped] = drift_charts.charts({"k3": many}, {"k3": "dev-b"}, NOW, 3600)
+    [capped] = drift_charts.charts({"k3": many}, NOW, 3600)
     assert len(capped.at) == drift_charts.MAX_POINTS and capped.at[-1] == NOW
 
 

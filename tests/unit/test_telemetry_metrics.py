@@ -184,13 +184,12 @@ def test_a_drift_sample_holds_the_scores_the_window_and_its_latency_percentiles(
     assert sample.latency_p50_ms == np.percentile(totals, 50) and sample.latency_p95_ms == np.percentile(totals, 95)
 
 
-def test_ingest_counts_a_batch_stored_again_as_a_duplicate_and_times_its_writes():
+def test_ingest_counts_batches_by_outcome_records_and_times_its_flushes():
     registry, counters = CollectorRegistry(), IngestCounters()
     registry.register(IngestCollector(DEVICE, counters))
     histogram = write_seconds(DEVICE, registry)
-    counters.stored("0a0b0c0d-000000000001-000000000010", 10)
-    counters.stored("0a0b0c0d-000000000011-000000000020", 10)
-    counters.stored("0a0b0c0d-000000000001-000000000010", 10)  # sent again: its ack was lost
+    counters.stored(2, 30)  # one flush: two batches, 30 records
+    counters.batches[Outcome.DUPLICATE].add()  # sent again (its ack lost): acknowledged, not written
     counters.batches[Outcome.DEAD_LETTERED].add()
     histogram.observe(0.012)
     scraped = _scrape(registry)

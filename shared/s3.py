@@ -17,13 +17,16 @@ ATTEMPTS, TIMEOUT_S = 3, 10.0
 MAX_BACKOFF_S = 20.0  # botocore's standard retry mode never waits longer than this between attempts
 
 
-def client(settings: StoreSettings, attempts: int = ATTEMPTS, timeout_s: float = TIMEOUT_S) -> S3Client:
+def client(settings: StoreSettings, attempts: int = ATTEMPTS, timeout_s: float = TIMEOUT_S,
+           max_pool_connections: int = 10) -> S3Client:
     """A boto3 S3 client for the store the settings name (settings.s3: endpoint, region, keys).
 
     :param StoreSettings settings: the service's settings.
     :param int attempts: botocore's max_attempts (standard retry mode); 1 for a caller that retries by
         itself (sync: its downloads resume).
     :param float timeout_s: the connect and the read timeout of each attempt.
+    :param int max_pool_connections: HTTP connections kept open (botocore's default is 10); a client
+        many threads share (the simulator's devices) needs one per concurrent request.
 
     Returns the client; it makes no request yet.
     """
@@ -35,7 +38,7 @@ def client(settings: StoreSettings, attempts: int = ATTEMPTS, timeout_s: float =
         aws_access_key_id=settings.s3.access_key_id,
         aws_secret_access_key=secret,
         config=Config(
-            connect_timeout=timeout_s, read_timeout=timeout_s,
+            connect_timeout=timeout_s, read_timeout=timeout_s, max_pool_connections=max_pool_connections,
             retries={"max_attempts": attempts, "mode": "standard"},
             s3={"addressing_style": "path"},  # MinIO and other self-hosted stores have no per-bucket DNS names
         ),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from edgefleet.cli import bench, model, pki, plugin, rollout, s3, services, telemetry
+from edgefleet.cli import bench, model, pki, plugin, rollout, s3, services, simulate, telemetry
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None, help=__doc__)
 app.add_typer(services.app)
@@ -19,3 +19,4 @@ app.add_typer(pki.keys_app, name="keys")
 app.add_typer(telemetry.app, name="telemetry")
 app.add_typer(s3.app, name="s3")
 app.add_typer(plugin.app, name="plugin")
+app.add_typer(simulate.app, name="simulate")

@@ -1,0 +1,175 @@
+"""`edgefleet simulate run`, real: simulated devices on a TLS fleet broker with the committed cloud config
+and ACL (each device its own certificate), the signed registry on a real S3 server, a rollout published by
+the operator, a late joiner in a second process, a cut link, and SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from edgefleet.broker import Broker
+from edgefleet.brokerconf import cloud_listener
+from edgefleet.certs import issue, new_ca
+from edgefleet.fleet_rollout import publish as publish_rollout
+from edgefleet.models.install import resave
+from edgefleet.publish import publish
+from edgefleet.simulate import stats as sim_stats
+from shared import registry, s3, topics
+from shared.codec import decode
+from shared.config import CommonSettings, environment
+from shared.mqtt import MqttLink, content_type_of
+from shared.schemas import Rollout, RolloutPhase, RolloutTarget, ServiceStatus, SyncReport, SyncState
+from tests import s3pool
+from tests.support import wait_until
+
+BUCKET = "edgefleet-models"
+
+
+class Watcher:
+    """The operator's view of the fleet broker: every device's retained statuses and sync state."""
+
+    def __init__(self, url: str, certs: Path) -> None:
+        self.statuses: dict[tuple[str, str], ServiceStatus] = {}
+        self.states: dict[str, SyncReport] = {}
+        self._lock = threading.Lock()
+        self.settings = CommonSettings(mqtt_url=url, device_id="operator", mqtt_reconnect_max_s=1,
+                                       mqtt_ca_file=certs / "ca.crt", mqtt_cert_file=certs / "operator.crt",
+                                       mqtt_key_file=certs / "operator.key")
+        self.link = MqttLink(self.settings, "watch", unique=True)
+        self.link.subscribe(topics.every_device_status("+"), self._on_status)
+        self.link.subscribe(topics.all_sync_states(), self._on_state)
+        self.link.start()
+
+    def _on_status(self, message) -> None:
+        status = decode(ServiceStatus, message.payload, content_type_of(message))
+        with self._lock:
+            self.statuses[(status.device, status.service)] = status
+
+    def _on_state(self, message) -> None:
+        report = decode(SyncReport, message.payload, content_type_of(message))
+        with self._lock:
+            self.states[report.device] = report
+
+    def online(self, devices: list[str]) -> bool:
+        with self._lock:
+            return all((s := self.statuses.get((d, service))) is not None and s.state == "online"
+                       for d in devices for service in topics.DEVICE_SERVICES)
+
+    def active(self, devices: list[str], rollout_id: str, version: int) -> bool:
+        with self._lock:
+            return all((r := self.states.get(d)) is not None and r.rollout_id == rollout_id
+                       and r.state is SyncState.ACTIVE and r.canary is not None and r.canary.passed
+                       and r.serving is not None and r.serving.version == version for d in devices)
+
+    def close(self) -> None:
+        self.link.stop()
+
+
+@pytest.fixture
+def rig(tmp_path, model_dir):
+    certs = tmp_path / "certs"
+    new_ca(certs)
+    issue(certs, "cloud-broker", server=True)
+    issue(certs, "operator")
+    with contextlib.ExitStack() as stack:
+        broker = stack.enter_context(Broker(security=cloud_listener(certs)))
+        store = stack.enter_context(contextlib.closing(s3pool.take()))
+        keys = registry.new_key_pair(tmp_path / "keys")
+        client = s3.client(store.settings())
+        s3.ensure_bucket(client, BUCKET)
+        variant = tmp_path / "v2"
+        resave(model_dir, variant, "simulated fleet test", version=2)
+        publish(client, BUCKET, variant, keys.private, name="efficientnet-lite0", version=2)
+        url = f"mqtts://127.0.0.1:{broker.port}"
+        watcher = Watcher(url, certs)
+        stack.callback(watcher.close)
+        yield {"certs": certs, "url": url, "store": store, "keys": keys.public.parent, "watcher": watcher,
+               "tmp": tmp_path, "model_dir": model_dir}
+
+
+def simulate(rig: dict, first: int, devices: int, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, **environment(rig["store"].settings()), "EDGEFLEET_STATUS_INTERVAL_S": "1",
+           "EDGEFLEET_CANARY_WINDOW": "20", "EDGEFLEET_CANARY_TIMEOUT_S": "20", "EDGEFLEET_DOWNLOAD_TIMEOUT_S": "5",
+           "EDGEFLEET_DOWNLOAD_RETRY_MAX_S": "2", "EDGEFLEET_LOG_FORMAT": "text"}
+    log = (rig["tmp"] / f"sim-{first}.log").open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgefleet", "simulate", "run", "--devices", str(devices), "--first", str(first),
+         "--fleet-url", rig["url"], "--certs", str(rig["certs"]), "--trusted-keys", str(rig["keys"]),
+         "--seed-model", str(rig["model_dir"]), "--records-per-s", "0", "--predictions-per-s", "50",
+         "--connect-spread-s", "1", "--state-dir", str(rig["tmp"] / f"state-{first}"), *extra],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def stopped(process: subprocess.Popen) -> int:
+    process.send_signal(signal.SIGTERM)
+    return process.wait(60)
+
+
+def test_simulated_devices_report_take_a_rollout_a_late_joiner_too_and_reconnect_after_a_cut(rig):
+    watcher, tmp = rig["watcher"], rig["tmp"]
+    early = [f"sim-{i:05d}" for i in range(4)]
+    stats_file = tmp / "stats.json"
+    first = simulate(rig, 0, 4, "--stats", str(stats_file), "--cut-share", "0.25", "--cut-at-s", "0",
+                     "--cut-for-s", "2")
+    late = None
+    try:
+        wait_until(lambda: watcher.online(early) or first.poll() is not None, 60, "4 devices' retained statuses")
+        assert first.poll() is None, (tmp / "sim-0.log").read_text()
+
+        # One device's link was cut once all were connected; it came back on its persistent session.
+        def reconnected() -> bool:
+            if not stats_file.exists():
+                return False
+            s = sim_stats.read(stats_file)
+            return s.link.cut == 1 and s.link.losses >= 1 and s.connected == 4
+        wait_until(reconnected, 30, "the cut link back")
+
+        rollout = Rollout(rollout_id="sim-v2", model="efficientnet-lite0", version=2, phase=RolloutPhase.PROMOTED,
+                          target=RolloutTarget(), issued_at=0.0)
+        publish_rollout(watcher.settings, rollout)
+        wait_until(lambda: watcher.active(early, "sim-v2", 2), 90, "the rollout active on the 4 devices")
+
+        # A device that connects after the rollout was published acts on the retained one.
+        late = simulate(rig, 4, 1)
+        wait_until(lambda: watcher.active(["sim-00004"], "sim-v2", 2), 90, "the late joiner active")
+
+        s = sim_stats.read(stats_file)
+        assert s.registry.requests.get("GetObject", 0) >= 4 * 3  # manifest, signature, model chunks
+        assert s.registry.bytes >= 4 * (tmp / "v2" / "model.onnx").stat().st_size
+        assert s.rollouts.states == {"active": 4}
+        assert s.per_device_bytes > 0
+    finally:
+        codes = [stopped(p) for p in (first, late) if p is not None]
+    assert codes == [0] * len(codes), (tmp / "sim-0.log").read_text()[-3000:]
+    # SIGTERM: every service of every device says offline, "shutdown", as the real services' last word.
+    wait_until(lambda: all(s.state == "offline" and s.reason == "shutdown" for s in watcher.statuses.values()), 10,
+               "offline statuses")
+    assert {d for d, _ in watcher.statuses} == {*early, "sim-00004"}
+    assert json.loads(stats_file.read_text())["devices"] == 4
+
+
+def test_record_keeps_the_real_models_answer_and_latencies_for_every_bundled_photo(tmp_path, model_dir):
+    from edgefleet.photos import BUNDLED
+    from edgefleet.simulate.predictions import load, record
+    from shared.manifest import load_verified
+
+    manifest, _ = load_verified(model_dir)
+    out = tmp_path / "predictions.json"
+    recording = record(model_dir, out, runs=2)
+    assert load(out) == recording  # what simulate run draws from is what was recorded
+    assert (recording.model, recording.sha256) == (manifest.name, manifest.sha256)
+    assert [row.photo for row in recording.predictions] == list(BUNDLED)
+    for row in recording.predictions:
+        assert row.label in manifest.labels
+        assert 0 < row.confidence <= 1
+        assert len(row.latencies_ms) == 2 and all(ms > 0 for ms in row.latencies_ms)
+    assert len({row.label for row in recording.predictions}) > 1  # the photos are told apart

@@ -179,3 +179,32 @@ def bench_wasm(
     with shown() as progress:
         code = wasm.run(quick, json_out, model_dir, progress=progress)
     raise typer.Exit(code)
+
+
+@app.command("fleet")
+def bench_fleet(
+    quick: Annotated[bool, typer.Option(help="50 devices, short phases; about a minute and a half.")] = False,
+    json_out: BenchJson = None,
+    devices: Annotated[int | None, typer.Option(min=2, help="Simulated devices (default 1000; --quick 50).")] = None,
+    processes: Annotated[int | None, typer.Option(
+        min=1, help="Simulator processes sharing the devices (default: 1 up to 200 devices, else 2 per 1000).")] = None,
+    telemetry_s: Annotated[float | None, typer.Option(
+        min=5, help="The telemetry window, seconds (default 120; --quick 20).")] = None,
+    cut_for_s: Annotated[float | None, typer.Option(
+        min=1, help="How long 10 % of the links are cut inside it (default 60; --quick 8).")] = None,
+    records_per_s: Annotated[float, typer.Option(min=0.1, help="Telemetry records per second per device.")] = 5.0,
+    model_bytes: Annotated[int, typer.Option(
+        min=4096, help="The rolled-out ONNX model's weights, bytes (a real model made for the bench).")] = 1 << 20,
+    max_concurrent_downloads: Annotated[int, typer.Option(
+        min=0, help="The rollout's pacing: about this many devices download at once (0: no pacing).")] = 50,
+) -> None:
+    """A fleet of simulated devices on one TLS fleet broker, two cloud_ingest replicas and S3: connect, telemetry
+    with 10 % of the links cut (records/s, lag, audit), then a canary rollout and its promote (time to active,
+    registry traffic), with the broker's and the replicas' CPU."""
+    from edgefleet.bench import fleet
+
+    plan = fleet.plan_for(quick, devices, processes, telemetry_s, cut_for_s, records_per_s, model_bytes,
+                          max_concurrent_downloads)
+    with shown() as progress:
+        code = fleet.run(quick, json_out, plan, progress=progress)
+    raise typer.Exit(code)

@@ -34,6 +34,19 @@ def data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def int8_dir(model_dir, data, tmp_path_factory) -> Path:
+    """A static INT8 of the real model (every layer quantized, 8 calibration frames, no gate), made once
+    for the tests that only read one (a cascade's stage 1, a parent pruning refuses); tests of quantizing
+    itself make their own."""
+    from edgefleet.models.quantize import Mode, quantize
+
+    out = tmp_path_factory.mktemp("int8") / "int8"
+    quantize(model_dir, out, Mode.STATIC, data / "eval", data / "calibration", calibration_limit=8, eval_limit=4,
+             gate=0.0)
+    return out
+
+
 @pytest.fixture
 def broker():
     """A real Mosquitto on its own port with its own config, killed at the end of the test."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from edgefleet import photos
 from edgefleet.models.cascade import assemble
-from edgefleet.models.quantize import Mode, quantize
 from shared.manifest import load_verified
 from tests.support import wait_until
 
@@ -17,10 +16,9 @@ THRESHOLD = 0.4
 
 
 def test_a_served_cascade_names_itself_and_the_stage_that_answered_and_counts_escalations(
-        broker, start_inference, model_dir, data, tmp_path):
-    small, _ = quantize(model_dir, tmp_path / "int8", Mode.STATIC, data / "eval", data / "calibration",
-                        calibration_limit=8, eval_limit=4, gate=0.0)
-    cascade = assemble(tmp_path / "int8", model_dir, tmp_path / "cascade", name="lite0-cascade", version=1,
+        broker, start_inference, model_dir, int8_dir, tmp_path):
+    small, _ = load_verified(int8_dir)  # the session's static INT8 (tests/conftest.py), read only
+    cascade = assemble(int8_dir, model_dir, tmp_path / "cascade", name="lite0-cascade", version=1,
                        metric="margin", threshold=THRESHOLD)
     large, _ = load_verified(model_dir)
     _, device = start_inference(broker, model_dir=tmp_path / "cascade", max_batch=4)

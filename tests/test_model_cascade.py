@@ -10,14 +10,12 @@ import os
 import subprocess
 import sys
 
-from edgefleet.models.quantize import Mode, quantize
 from shared.cascade import is_cascade, load_members, read_spec, verify_folder
 from shared.manifest import load_verified
 
 
-def test_model_cascade_writes_a_verified_cascade_its_gate_and_its_curve(data, model_dir, tmp_path):
-    int8 = tmp_path / "int8"
-    quantize(model_dir, int8, Mode.STATIC, data / "eval", data / "calibration", calibration_limit=8, gate=0.0)
+def test_model_cascade_writes_a_verified_cascade_its_gate_and_its_curve(data, model_dir, int8_dir, tmp_path):
+    int8 = int8_dir  # the session's static INT8 (tests/conftest.py), read only
     out = tmp_path / "lite0-cascade"
     result = subprocess.run(
         [sys.executable, "-m", "edgefleet", "model", "cascade", str(int8), str(model_dir), "--eval",

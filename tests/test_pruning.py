@@ -16,7 +16,6 @@ from edgefleet.models import dataset
 from edgefleet.models.cost import cost
 from edgefleet.models.distill import Training, distill
 from edgefleet.models.prune import UNSTRUCTURED_NOTE, prune
-from edgefleet.models.quantize import Mode, quantize
 from shared.manifest import ModelError, load_verified
 
 BRIEF = Training(epochs=1, batch=8)
@@ -78,10 +77,9 @@ def test_distilled_student_is_smaller_and_learns_from_soft_and_true_labels(data,
     assert manifest.quality.value >= 0.2
 
 
-def test_pruning_refuses_a_parent_whose_weights_it_does_not_hold(data, model_dir, tmp_path):
-    quantize(model_dir, tmp_path / "int8", Mode.STATIC, data / "eval", data / "calibration", gate=0.0)
-    with pytest.raises(ModelError, match="not the float efficientnet-lite0"):
-        prune(tmp_path / "int8", tmp_path / "pruned", data / "calibration", data / "eval", training=BRIEF)
+def test_pruning_refuses_a_parent_whose_weights_it_does_not_hold(data, int8_dir, tmp_path):
+    with pytest.raises(ModelError, match="not the float efficientnet-lite0"):  # its static INT8
+        prune(int8_dir, tmp_path / "pruned", data / "calibration", data / "eval", training=BRIEF)
 
 
 def test_bad_training_settings_are_clear_errors(data, model_dir, tmp_path):

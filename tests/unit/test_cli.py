@@ -28,7 +28,7 @@ from shared.schemas import ModelRef, SyncReport, SyncState
 # The commands an operator's scripts call, by group: the split must keep every one.
 COMMANDS = {
     (): ["inference", "sync", "cloud-ingest", "console", "health", "camera", "up", "fleet",
-         "model", "broker", "certs", "rollout", "bench", "keys", "telemetry", "s3", "plugin"],
+         "model", "broker", "certs", "rollout", "bench", "keys", "telemetry", "s3", "plugin", "simulate"],
     ("model",): ["build", "dataset", "quantize", "prune", "distill", "publish", "evaluate", "cascade"],
     ("broker",): ["passwords", "bridge"],
     ("certs",): ["ca", "issue", "revoke"],
@@ -38,6 +38,7 @@ COMMANDS = {
     ("telemetry",): ["audit"],
     ("s3",): ["device-key", "policy"],
     ("plugin",): ["publish", "list"],
+    ("simulate",): ["run", "record"],
 }
 
 
@@ -62,7 +63,7 @@ def test_the_main_module_defines_no_command_itself():
 
     modules = {callback.__module__ for callback in callbacks(typer.main.get_command(cli.app))}
     assert modules == {f"edgefleet.cli.{group}" for group in ("services", "model", "pki", "rollout", "bench",
-                                                               "telemetry", "s3", "plugin")}
+                                                               "telemetry", "s3", "plugin", "simulate")}
 
 
 def test_reported_prints_where_and_why_then_exits_with_the_code(capsys):

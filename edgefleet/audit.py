@@ -129,15 +129,18 @@ def audit_indexes(indexes: Iterable[lake.BatchIndex], store: str | None) -> dict
     ranges: dict[tuple[str, str], set[AckRange]] = {}
     first_at: dict[tuple[str, str], float] = {}
     copies: Counter = Counter()
-    seen: dict[tuple[str, str], tuple[int, ...]] = {}  # (device, batch id) -> its numbers
+    # (device, batch id) -> every set of numbers stored under it (one, unless a bug gave an id other numbers)
+    seen: dict[tuple[str, str], set[tuple[int, ...]]] = {}
     for index in indexes:
         key = (index.device, index.epoch)
-        if seen.get((index.device, index.batch_id)) == tuple(index.seqs):  # the same batch again: one copy more
+        numbers = tuple(index.seqs)
+        held = seen.setdefault((index.device, index.batch_id), set())
+        if numbers in held:  # the same batch again: one copy more
             copies[key] += 1
             first_at[key] = min(first_at[key], index.stored_at)
             continue
         # A batch id seen with other numbers (never expected) is counted: its numbers show as duplicates.
-        seen[(index.device, index.batch_id)] = tuple(index.seqs)
+        held.add(numbers)
         seqs.setdefault(key, Counter()).update(index.seqs)
         gaps.setdefault(key, []).extend(index.gaps)
         ranges.setdefault(key, set()).update(index.acknowledged)

@@ -19,6 +19,12 @@ again after a lost acknowledgement may land in a second flush (the replica that 
 acknowledges a repeat without writing it while it remembers it): readers count a batch once by
 (device, batch id); a second copy is harmless.
 
+A flush's records object counts only where a flush index names it (FlushIndex.batches[].objects): a
+replica stopped between its records and its index leaves records no index names, and their batches,
+never acknowledged, are stored again in a later flush. A reader of records objects (the charts) may
+therefore see a record twice; its key there is (device, epoch, seq), as a StoredRecord line names no
+batch. The audit reads indexes only.
+
 The layout written before flushes, still read by every reader (a store keeps it for as long as it holds
 those objects):
 

@@ -9,15 +9,18 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
 
 from edgefleet.audit import audit
-from services.cloud_ingest.flush import Flush, pending
+from edgefleet.s3access import _iam
+from edgefleet.s3server import S3Server
+from services.cloud_ingest.flush import Flush, Pending
 from services.cloud_ingest.writer import write_flush
 from services.console import charts as drift_charts
-from shared import lake, s3, topics
+from shared import lake, metrics, s3, topics
 from shared.codec import WireFormat, decode, encode
 from shared.mqtt import content_type_of
 from shared.schemas import (
@@ -29,7 +32,7 @@ from shared.schemas import (
     TelemetryBatch,
     TelemetryRecord,
 )
-from tests.support import wait_until
+from tests.support import metric_family, metrics_url, scrape, wait_until
 from tests.uplink import BUCKET
 
 MODEL = ModelRef(name="efficientnet-lite0", version=1, sha256="a" * 64)
@@ -98,24 +101,43 @@ def test_several_devices_batches_share_one_flush_acknowledged_once_its_index_is_
 
 
 def test_a_batch_is_acknowledged_only_after_its_flush_index_is_in_s3(uplink):
-    uplink.start_ingest()
-    device = _Device(uplink, "edge-s")
-    uplink.s3_server.pause()  # the store stops answering: the write hangs
-    try:
+    """On a store that enforces IAM policies, the replica's key may write records but not flush indexes: its
+    records objects are stored and still nothing is acknowledged, until the index may be written too."""
+    root = (f"root{secrets.token_hex(4)}", secrets.token_urlsafe(24))
+    with S3Server(root_credentials=root) as store:
+        admin = s3.client(store.settings())
+        s3.ensure_bucket(admin, BUCKET)
+        iam = _iam(store.settings())
+        iam.create_user(UserName="ingest")
+        key = iam.create_access_key(UserName="ingest")["AccessKey"]
+        allow = {"Effect": "Allow", "Action": "*", "Resource": "*"}
+        no_index = {"Effect": "Deny", "Action": "s3:PutObject", "Resource": f"arn:aws:s3:::{BUCKET}/{lake.FLUSHES}/*"}
+        iam.put_user_policy(UserName="ingest", PolicyName="ingest", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [allow, no_index]}))
+        uplink.start_ingest(s3_endpoint_url=store.url, s3_access_key_id=key["AccessKeyId"],
+                            s3_secret_access_key=key["SecretAccessKey"])
+        device = _Device(uplink, "edge-s")
         batch = _batch(device.name, 1, 5)
         device.send(batch)
-        time.sleep(3)  # the flush is due at once (flush_s 0) and its write hangs
-        assert device.acks == [], "acknowledged while the store held nothing"
-    finally:
-        uplink.s3_server.resume()
-    wait_until(lambda: device.acked(batch.batch_id), 60, "the acknowledgement once the store answers")
-    [flush] = _flushes(uplink)
-    assert [b.batch_id for b in flush.batches] == [batch.batch_id]
-    assert device.acks[0][0] >= flush.stored_at
+
+        def records() -> list[str]:
+            listed = admin.list_objects_v2(Bucket=BUCKET, Prefix=f"{lake.ROOT}/").get("Contents", [])
+            return [o["Key"] for o in listed if lake.flush_of_key(o["Key"]) is not None]
+
+        wait_until(lambda: len(records()) == 2, 30, "the flush's records objects (metric, drift)")
+        time.sleep(2)  # its index refused, retried each second
+        assert device.acks == [], "acknowledged with its records stored and its flush index refused"
+        iam.put_user_policy(UserName="ingest", PolicyName="ingest", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [allow]}))
+        wait_until(lambda: device.acked(batch.batch_id), 30, "the acknowledgement once the index is written")
+        [key_] = [o["Key"] for o in admin.list_objects_v2(Bucket=BUCKET, Prefix=f"{lake.FLUSHES}/")["Contents"]]
+        flush = lake.read_flush_index(admin.get_object(Bucket=BUCKET, Key=key_)["Body"].read(), key_)
+        assert [b.batch_id for b in flush.batches] == [batch.batch_id]
+        assert device.acks[0][0] >= flush.stored_at
 
 
 def test_a_batch_sent_again_is_acknowledged_again_and_not_written_again(uplink):
-    uplink.start_ingest()
+    ingest = uplink.start_ingest(metrics_port=0)
     device = _Device(uplink, "edge-r")
     batch = _batch(device.name, 1, 4)
     device.send(batch)
@@ -129,6 +151,51 @@ def test_a_batch_sent_again_is_acknowledged_again_and_not_written_again(uplink):
     stored = [b.batch_id for f in _flushes(uplink) for b in f.batches]
     assert sorted(stored) == sorted([batch.batch_id, later.batch_id]), "written once each"
     assert audit(uplink.store, BUCKET)[device.name].copies == 0
+    scraped = scrape(metrics_url(ingest))
+    outcomes = {s.labels["outcome"]: s.value for s in metric_family(scraped, metrics.INGEST_BATCHES)}
+    assert (outcomes["stored"], outcomes["duplicate"]) == (2, 1), outcomes
+
+
+def test_repeats_of_a_batch_being_written_are_released_at_once_and_do_not_fill_the_receive_window(uplink):
+    """Receive Maximum 4 (one batch a flush, one writer). While the batch's write hangs, the device sends it
+    six more times: each repeat is PUBACKed at once, so the broker still delivers the device's next batch."""
+    ingest = uplink.start_ingest(ingest_flush_batches=1, ingest_workers=1, log_level="DEBUG")
+    device = _Device(uplink, "edge-w")
+    batch, later = _batch(device.name, 1, 2), _batch(device.name, 3, 2)
+    uplink.s3_server.pause()  # the write hangs
+    try:
+        device.send(batch)
+        wait_until(lambda: ingest.log().count('"batch taken"') == 1, 10, "the batch taken")
+        for _ in range(6):
+            device.send(batch)
+        device.send(later)
+        wait_until(lambda: later.batch_id in ingest.log(), 10, "the next batch delivered while the write hangs")
+        assert device.acks == []
+    finally:
+        uplink.s3_server.resume()
+    wait_until(lambda: device.acked(batch.batch_id) and device.acked(later.batch_id), 60, "both stored")
+    time.sleep(1)
+    assert len(device.acked(batch.batch_id)) == 1, "the device's ack goes out once, when the held copy is stored"
+    assert sorted(b.batch_id for f in _flushes(uplink) for b in f.batches) == sorted([batch.batch_id,
+                                                                                       later.batch_id])
+
+
+def test_a_replica_forgets_what_it_stored_once_the_bucket_is_emptied_and_writes_a_repeat_again(uplink):
+    uplink.start_ingest(status_interval_s=1)
+    device = _Device(uplink, "edge-e")
+    batch = _batch(device.name, 1, 3)
+    device.send(batch)
+    wait_until(lambda: device.acked(batch.batch_id), 30, "the first acknowledgement")
+    first_store = device.acked(batch.batch_id)[0].store
+    for key in uplink.objects():  # the bucket emptied: its marker too
+        uplink.store.delete_object(Bucket=BUCKET, Key=key)
+    wait_until(lambda: (m := lake.read_store_marker(uplink.store, BUCKET)) is not None and m.store != first_store,
+               30, "the replica to claim the emptied bucket as a new store")
+    device.send(batch)  # its ack lost, as the device sees it
+    wait_until(lambda: len(device.acked(batch.batch_id)) == 2, 30, "the repeat acknowledged")
+    again = device.acked(batch.batch_id)[1]
+    assert again.store != first_store, "acknowledged in the name of a store that is gone"
+    assert [b.batch_id for f in _flushes(uplink) for b in f.batches] == [batch.batch_id], "written again"
 
 
 def test_two_replicas_storing_one_batch_is_a_copy_in_the_audit_and_the_charts_not_a_duplicate(uplink):
@@ -167,13 +234,13 @@ def test_the_per_batch_layout_and_flushes_are_read_together_by_the_audit_and_the
     for kind, lines in by_kind.items():
         client.put_object(Bucket=BUCKET, Key=lake.records_key(kind, old.records[0].body.at, old.device, old.batch_id),
                           Body=gzip.compress(("\n".join(lines) + "\n").encode()))
-    index = pending(old, None).index.model_copy(update={"stored_at": time.time()})  # type: ignore[arg-type]
+    index = Pending.of(old, None).index.model_copy(update={"stored_at": time.time()})
     client.put_object(Bucket=BUCKET, Key=lake.index_key(old.device, old.batch_id),
                       Body=index.model_dump_json().encode())
     new, again = _batch("edge-new", 1, 4), old  # the old batch sent again lands in a flush too
     flush = Flush(opened=time.monotonic(), flush_id=lake.flush_id(time.time(), "00c0ffee"))
     for batch in (new, again):
-        flush.batches[(batch.device, batch.batch_id)] = pending(batch, None)  # type: ignore[arg-type]
+        flush.batches[(batch.device, batch.batch_id)] = Pending.of(batch, None)
     write_flush(client, BUCKET, "ingest-x", flush)
     report = audit(client, BUCKET)
     assert {d: (r.received, r.copies, r.duplicates, r.missing) for d, r in report.items()} == {

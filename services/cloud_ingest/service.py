@@ -12,14 +12,26 @@ must not block the device's outbox).
 paho's network thread never waits here: the broker sends at most Receive Maximum (2 x flush_batches +
 2 x workers: one flush fills while the one before is written) unacknowledged batches, so the backlog is
 bounded by the protocol's flow control, not by a callback that blocks (which would stall keepalives and
-acknowledgements too). A failed S3 write is retried with backoff by its writer until it succeeds or the
-replica stops: giving up would leave the batches unacknowledged and their slots of the receive window
-taken until the next session. (Vector's S3 sink retries the same way; Kafka consumers commit an offset
-only after the sink's write, as here.)
+acknowledgements too). Memory: payloads waiting for a decoder are at most Receive Maximum x the broker's
+max_packet_size (worst case 1,008 x 1 MiB with the defaults and the fleet broker's cap; a device batch is
+a few KB compressed); a decoded batch keeps only its stored lines (counted in flush_bytes) and its
+packet id, never its payload. The window is not cut to flush_bytes / max_packet_size: that would allow a
+replica ~32 batches in flight, far below a fleet's one batch per device. A failed S3 write is retried
+with backoff by its writer until it succeeds or the replica stops: giving up would leave the batches
+unacknowledged and their slots of the receive window taken until the next session. (Vector's S3 sink
+retries the same way; Kafka consumers commit an offset only after the sink's write, as here.)
 
 Every acknowledgement names the store (TelemetryAck.store, from the bucket's store marker, made or read
 at start: store_marker.py), and each batch's index keeps the device's acknowledgement ranges, so the
-audit can tell records an earlier store acknowledged from records this one lost.
+audit can tell records an earlier store acknowledged from records this one lost. The marker is read again
+every status interval: a bucket emptied or a marker made anew is another store, so the batches this
+replica remembers as stored are forgotten (a repeat is then written again, not answered from memory) and
+later acknowledgements name the new store.
+
+PUBACKs: a PUBACK only releases the broker's copy. A device deletes a batch from its outbox on its
+TelemetryAck alone, which goes out only once the batch is stored, so a PUBACK that lands on the wrong
+message (a packet id the broker reused after a reconnect, for a redelivery PUBACKed twice) loses nothing:
+that message's device, never acknowledged, sends its batch again after its ack timeout.
 """
 
 from __future__ import annotations
@@ -36,10 +48,10 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from services.cloud_ingest import store_marker
 from services.cloud_ingest.errors import IngestError, StoreUnreachable
-from services.cloud_ingest.flush import Added, Flush, Flusher, pending
+from services.cloud_ingest.flush import Added, Delivery, Flush, Flusher, Pending
 from services.cloud_ingest.metrics import IngestCollector, IngestCounters, Outcome, write_seconds
 from services.cloud_ingest.writer import dead_letter, write_flush
-from shared import VERSION, lifecycle, metrics, s3, topics
+from shared import VERSION, lake, lifecycle, metrics, s3, topics
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import IngestSettings
 from shared.lifecycle import Liveness, Progress, serve
@@ -67,8 +79,8 @@ class IngestService:
         # Decoders validate each batch (and keep a dead letter); the flusher's writers write flushes. Each task is
         # watched while it runs (shared.lifecycle): an idle pool is alive, a write stuck past its S3 timeouts is not.
         self.pool = ThreadPoolExecutor(settings.ingest.workers, thread_name_prefix="decoder")
-        self.flusher = Flusher(settings.ingest, self._write_flush, self._acknowledge)
         self.liveness = Liveness()
+        self.flusher = Flusher(settings.ingest, self._write_flush, self._acknowledge, self.liveness)
         self._put_s = s3.call_bound_s()
         self.counters = IngestCounters()
         self._status_at: float | None = None
@@ -98,6 +110,7 @@ class IngestService:
             self.link.publish(topics.status(self._replica, SERVICE), encode(self._status(ServiceState.ONLINE)),
                               qos=1, retain=True, content_type=WireFormat.JSON.content_type)
             self._status_at = time.time()
+            self._check_store()
         self.link.unsubscribe(self._filter)
         self.pool.shutdown(wait=True)  # every batch taken is in a flush (or dead-lettered)
         self.flusher.close()  # every flush is written and acknowledged (one attempt each once stopping)
@@ -144,15 +157,19 @@ class IngestService:
         except DecodeError as exc:
             self._dead_letter(device, message, str(exc), progress)
             return
-        added, stored = self.flusher.add((device, batch.batch_id), lambda: pending(batch, message), message,
+        delivery: Delivery = (message.mid, message.qos)  # the payload itself is not kept once decoded
+        added, stored = self.flusher.add((device, batch.batch_id), lambda: Pending.of(batch, delivery), delivery,
                                          waiting=lambda: progress.tick(2.0))
-        if added is Added.STORED:  # sent again after this replica stored it: answered, not written again
+        if added is not Added.QUEUED:
             self.counters.batches[Outcome.DUPLICATE].add()
+        if added is Added.STORED:  # sent again after this replica stored it: answered, not written again
             log.debug("batch stored", extra=fields(device=device, batch=batch.batch_id, records=stored, again=True))
             self._ack(device, batch.batch_id, stored)
             self.link.ack(message)
         elif added is Added.JOINED:
-            self.counters.batches[Outcome.DUPLICATE].add()
+            # Held already: this copy is released at once, so repeats cannot fill the receive window; the
+            # device's ack goes out once, when the held copy is stored.
+            self.link.ack(message)
 
     def _dead_letter(self, device: str, message: paho.MQTTMessage, reason: str, progress: Progress) -> None:
         def write() -> None:
@@ -194,12 +211,41 @@ class IngestService:
         return True
 
     def _acknowledge(self, flush: Flush) -> None:
-        """Each batch of a stored flush: its device's ack, then the broker's PUBACK of every message that
+        """Each batch of a stored flush: its device's ack, then the broker's PUBACK of the message that
         carried it."""
         for (device, batch_id), entry in flush.batches.items():
             self._ack(device, batch_id, len(entry.index.seqs))
-            for message in entry.messages:
-                self.link.ack(message)
+            if entry.delivery is not None:
+                released = paho.MQTTMessage(mid=entry.delivery[0])  # all a PUBACK needs: packet id and QoS
+                released.qos = entry.delivery[1]
+                self.link.ack(released)
+
+    def _check_store(self) -> None:
+        """Reads the store marker again; where the bucket or its marker is gone or another, the batches stored
+        recently are forgotten and the store is claimed again (an S3 error: tried again next time)."""
+        bucket = self.settings.telemetry_bucket
+        try:
+            marker = lake.read_store_marker(self.s3, bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("NoSuchBucket", "404"):
+                log.warning("store marker not read", extra=fields(error=str(exc)[:300]))
+                return
+            marker = None
+        except (BotoCoreError, ValueError) as exc:  # ValueError: lake.StoreMarkerInvalid, kept as it is
+            log.warning("store marker not read", extra=fields(error=str(exc)[:300]))
+            return
+        if marker is not None and marker.store == self.store.store:
+            return
+        self.flusher.forget()  # what it remembers went to a store that is gone
+        try:
+            s3.ensure_bucket(self.s3, bucket)
+            new = store_marker.claim(self.s3, bucket)
+        except (BotoCoreError, ClientError, ValueError) as exc:
+            log.warning("store not claimed; trying again", extra=fields(error=str(exc)[:300]))
+            return
+        log.warning("the store changed: batches stored before are forgotten",
+                    extra=fields(bucket=bucket, old=self.store.store, new=new.store))
+        self.store = new
 
     def _retrying(self, write: Callable[[], None], progress: Progress, batches: int, allow_s: float,
                   **about: str) -> bool:

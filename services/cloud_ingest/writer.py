@@ -32,7 +32,7 @@ def write_flush(s3: S3Client, bucket: str, replica: str, flush: Flush,
     :returns: the index written.
     :raises ClientError, BotoCoreError: unchanged, for the caller to retry (the same keys again).
     """
-    by_kind: dict[str, list[str]] = {}
+    by_kind: dict[str, list[bytes]] = {}
     for entry in flush.batches.values():
         for kind, lines in entry.lines.items():
             by_kind.setdefault(kind, []).extend(lines)
@@ -40,7 +40,7 @@ def write_flush(s3: S3Client, bucket: str, replica: str, flush: Flush,
     for kind, lines in sorted(by_kind.items()):
         key = lake.flush_records_key(kind, replica, flush.flush_id)
         # mtime=0: a retry writes the same bytes.
-        body = gzip.compress(("\n".join(lines) + "\n").encode(), compresslevel=6, mtime=0)
+        body = gzip.compress(b"\n".join(lines) + b"\n", compresslevel=6, mtime=0)
         before_put()
         s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/x-ndjson", ContentEncoding="gzip")
         objects[kind] = key

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,11 @@ if TYPE_CHECKING:
 
 # The model's rollout or a plugin's: the same phases, targets and downgrade rule (shared.schemas).
 AnyRollout = Rollout | PluginRollout
+# The first release whose devices read Rollout.pacing: a device whose status reports an older one would
+# refuse a paced rollout (it refuses unknown fields), so plan_pacing leaves pacing out while one is counted.
+# The field came in 0.1.0's development without a version of its own: raise this to the release that
+# first ships it (the version of pyproject.toml) once there is one.
+PACING_SINCE = "0.1.0"
 
 
 class NoRollout(ToolError, RuntimeError):
@@ -181,29 +187,65 @@ class PacingPlan:
     line: str
 
 
-def plan_pacing(targeted: int, artifact_bytes: int, max_concurrent: int, device_bytes_s: float) -> PacingPlan:
+def plan_pacing(targeted: int, artifact_bytes: int, max_concurrent: int, device_bytes_s: float,
+                too_old: Sequence[str] = ()) -> PacingPlan:
     """Sizes a rollout's spread (pure: no I/O) so that about `max_concurrent` devices download at once:
     spread_s = targeted * per-device download time / max_concurrent, the per-device time being
     artifact_bytes / device_bytes_s but at least 1 s (a request's round trips and verification).
     No pacing when `targeted` fits in `max_concurrent` (a small fleet: no field a device older than it
-    would refuse) or max_concurrent is 0. The spread is capped at MAX_SPREAD_S, the line says so.
+    would refuse), when max_concurrent is 0, or when a counted device runs a release older than the
+    field (`too_old`: it would refuse a paced rollout). The spread is capped at MAX_SPREAD_S; the line
+    then says how many download at once in fact.
 
     :param targeted: how many devices this phase sets downloading (targeted_at_start, targeted_at_promote).
     :param artifact_bytes: the model's (or plugin's) size from its manifest.
     :param max_concurrent: --max-concurrent-downloads (0: no pacing).
     :param device_bytes_s: --device-download-bytes-s, a device's download rate (> 0).
+    :param too_old: the counted devices whose status reports an edgefleet older than PACING_SINCE.
     """
     if max_concurrent <= 0:
         return PacingPlan(None, "pacing: none (--max-concurrent-downloads 0): every device starts at once")
+    if targeted == 0:
+        return PacingPlan(None, "pacing: none (no device counted: none online in the target, or all had it "
+                                "at once): every device that takes the rollout starts at once")
     if targeted <= max_concurrent:
         return PacingPlan(None, f"pacing: none ({targeted} devices to download, at most {max_concurrent} at once)")
+    if too_old:
+        named = ", ".join(sorted(too_old)[:5]) + (", ..." if len(too_old) > 5 else "")
+        return PacingPlan(None, f"pacing: none ({len(too_old)} of the {targeted} devices run edgefleet older than "
+                                f"{PACING_SINCE}, which refuses a paced rollout: {named}): every device starts at once")
     per_device_s = max(1.0, artifact_bytes / device_bytes_s)
     wanted = targeted * per_device_s / max_concurrent
     spread = min(wanted, MAX_SPREAD_S)
-    capped = f", capped from {wanted:.0f} s" if wanted > spread else ""
+    at_once = f"about {max_concurrent} at once"
+    if wanted > spread:
+        at_once = (f"capped from {wanted:.0f} s: about {targeted * per_device_s / spread:.0f} at once, "
+                   f"not {max_concurrent}")
     return PacingPlan(RolloutPacing(spread_s=round(spread, 3), max_concurrent=max_concurrent),
-                      f"pacing: {targeted} devices' downloads spread over {spread:.0f} s{capped} (about "
-                      f"{max_concurrent} at once, {per_device_s:.1f} s each at {device_bytes_s:g} bytes/s)")
+                      f"pacing: {targeted} devices' downloads spread over {spread:.0f} s ({at_once}, "
+                      f"{per_device_s:.1f} s each at {device_bytes_s:g} bytes/s)")
+
+
+def too_old_for_pacing(devices: Iterable[str], versions: dict[str, str]) -> list[str]:
+    """The devices whose sync status reports an edgefleet release older than PACING_SINCE (or one that
+    names no release: fail closed). A device with no status heard is not counted (it is offline, and
+    gets the retained rollout when it returns).
+
+    :param devices: the devices a phase sets downloading.
+    :param versions: online_versions().
+    """
+    since = _release(PACING_SINCE)
+    return [d for d in devices if d in versions and _release(versions[d]) < since]
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """A version's release numbers: "0.2.0+abc" is (0, 2, 0); one naming none ("test") is ()."""
+    numbers = []
+    for part in version.split("+")[0].split("."):
+        if not part.isdigit():
+            break
+        numbers.append(int(part))
+    return tuple(numbers)
 
 
 def targeted_at_start(target: RolloutTarget, known: list[str]) -> int:
@@ -217,13 +259,18 @@ def targeted_at_start(target: RolloutTarget, known: list[str]) -> int:
 
 
 def targeted_at_promote(rollout: AnyRollout, known: list[str]) -> int:
-    """How many devices a promote sets downloading: the target's devices (listed, else the `known` ones)
-    that are not in its canary (named, or drawn by share)."""
+    """How many devices a promote sets downloading: promoted_devices()."""
+    return len(promoted_devices(rollout, known))
+
+
+def promoted_devices(rollout: AnyRollout, known: list[str]) -> list[str]:
+    """The devices a promote sets downloading: the target's devices (listed, else the `known` ones) that
+    are not in its canary (named, or drawn by share)."""
     target = rollout.target
     candidates = target.devices or known
     canary = set(target.canary_devices) or {
         d for d in candidates if membership.position(rollout.rollout_id, d) < target.share}
-    return sum(d not in canary for d in candidates)
+    return [d for d in candidates if d not in canary]
 
 
 def artifact_bytes(s3: S3Client, bucket: str, rollout: AnyRollout) -> int:
@@ -243,8 +290,13 @@ def artifact_bytes(s3: S3Client, bucket: str, rollout: AnyRollout) -> int:
 def known_devices(settings: CommonSettings, wait_s: float = 2.0) -> list[str]:
     """The devices a canary may name: those whose retained sync status on the fleet broker says online
     and is fresh (not stale: a device that stopped without its last will is no canary)."""
-    return [r.device for r in rows(settings, wait_s)
-            if r.status is not None and r.status.state is ServiceState.ONLINE and not r.stale]
+    return list(online_versions(settings, wait_s))
+
+
+def online_versions(settings: CommonSettings, wait_s: float = 2.0) -> dict[str, str]:
+    """known_devices(), each with the edgefleet release its sync status reports (edgefleet_version)."""
+    return {r.device: r.status.edgefleet_version for r in rows(settings, wait_s)
+            if r.status is not None and r.status.state is ServiceState.ONLINE and not r.stale}
 
 
 def current(settings: CommonSettings, wait_s: float = 2.0, plugin: str | None = None) -> AnyRollout:

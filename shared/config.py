@@ -553,7 +553,8 @@ class TelemetrySettings(CommonSettings):
         0.2, gt=0, le=10, description="Records are committed to disk together at this interval.")
     batch: BatchSettings = Field(default_factory=BatchSettings, description="Batches to the cloud.")
     ack_timeout_s: float = Field(
-        10.0, gt=0, description="A batch the cloud has not acknowledged by then is sent again.")
+        10.0, gt=0, description="A batch the cloud has not acknowledged after this many seconds of link-up time "
+        "is sent again (the clock pauses while the uplink is down and resumes with what was left).")
     forward: ForwardSettings = Field(default_factory=ForwardSettings, description="Forwarding.")
     resource_interval_s: float = Field(10.0, gt=0, description="How often host and container resources are sampled.")
     docker: DockerSettings = Field(default_factory=DockerSettings, description="The Docker API.")
@@ -584,10 +585,12 @@ class IngestGroupSettings(Group):
         "until written, so the replica's MQTT Receive Maximum is 2 x this + 2 x ingest_workers: one flush fills "
         "while the one before is written.")
     flush_bytes: int = Field(
-        32 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024, description="The most record bytes (as stored, "
-        "inflated) in one flush, with one batch over (a batch is at most max_batch_bytes inflated, checked before "
-        "it is expanded): the memory bound, as a replica holds one flush filling and at most ingest_workers being "
-        "written; a batch that does not fit waits.")
+        32 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024, description="The most bytes one flush holds: its "
+        "records as stored (UTF-8 JSON lines, before gzip) plus 1 KiB a batch for its index entry and bookkeeping, "
+        "with one batch over (a batch is at most max_batch_bytes inflated, checked before it is expanded). A replica "
+        "holds one flush filling and at most ingest_workers being written; a batch that does not fit waits. Not "
+        "counted: payloads the broker sent that wait for a decoder (at most the Receive Maximum x the broker's "
+        "max_packet_size).")
 
 
 class TelemetryStoreSettings(StoreSettings):

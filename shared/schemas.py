@@ -321,9 +321,10 @@ class RolloutTarget(_Message):
 
 class RolloutPacing(_Message):
     """How a rollout spreads its downloads: a fleet must not stampede the registry, all its devices
-    fetching in the same second. Each targeted device waits position * spread_s before it fetches the
-    manifest (position: its place in [0, 1) by the membership hash of rollout id and device id, so a
-    uniform ramp, the same on every retry and restart, with no device knowing the others).
+    fetching in the same second. Each targeted device's turn is pacing_position * spread_s after
+    issued_at, and it waits what is left of it before it fetches the manifest (pacing_position: its
+    place in [0, 1) by a hash of rollout id and device id, independent of the canary draw, so a uniform
+    ramp with no device knowing the others; services.sync.membership.start_delay).
     max_concurrent is the operator's intent the spread was sized for (about that many downloads at
     once); it is informational: no device can count the others."""
 

@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 
 from edgefleet import cli
 from edgefleet import fleet_rollout as operator
-from services.sync.membership import position
-from shared import topics
+from edgefleet.fleet_rollout import PACING_SINCE
+from services.sync.membership import pacing_position
+from shared import VERSION, topics
 from shared.codec import WireFormat, encode
 from shared.schemas import (
     MAX_SPREAD_S,
@@ -46,7 +47,7 @@ def _paced_then_superseded(fleet, device: Device, sync) -> None:
     wait_until(lambda: (s := device.latest_status("sync")) is not None and s.state == "online" or not sync.alive(),
                60, "the sync service's online status")
     # A turn far in the future (at least a fifth of an hour): only a newer rollout can end it.
-    rollout_id = next(f"paced-{i}" for i in range(100) if position(f"paced-{i}", DEVICE) > 0.2)
+    rollout_id = next(f"paced-{i}" for i in range(100) if pacing_position(f"paced-{i}", DEVICE) > 0.2)
     operator.publish(fleet.settings(), _rollout(rollout_id, 2, RolloutPacing(spread_s=MAX_SPREAD_S, max_concurrent=50)))
     waiting = device.sync_report(lambda r: r.rollout_id == rollout_id and r.state == "received" and r.reason,
                                  "the paced wait, reported")
@@ -59,13 +60,13 @@ def _paced_then_superseded(fleet, device: Device, sync) -> None:
     assert sync.alive(), sync.log()
 
 
-def _online(broker_url: str, devices: list[str]) -> None:
+def _online(broker_url: str, devices: list[str], version: str = VERSION) -> None:
     link = client_link(broker_url)
     link.start()
     assert link.wait_connected(10)
     for device in devices:
         status = ServiceStatus(device=device, service=topics.SYNC_SERVICE, state=ServiceState.ONLINE,
-                               at=time.time(), edgefleet_version="test")
+                               at=time.time(), edgefleet_version=version)
         link.publish(topics.status(device, topics.SYNC_SERVICE), encode(status), qos=1, retain=True,
                      content_type=WireFormat.JSON.content_type).wait_for_publish(10)
     link.stop()
@@ -84,8 +85,17 @@ def test_start_and_promote_pace_only_what_exceeds_the_concurrency_and_say_so_fir
     assert "pacing: none (1 devices to download, at most 1 at once)" in started.stderr
     assert retained(fleet.broker.url, topics.rollout(), Rollout).pacing is None  # a canary of one: not paced
 
-    promoted = runner.invoke(cli.app, ["rollout", "promote", "--max-concurrent-downloads", "1",
-                                       "--device-download-bytes-s", "1000000"], env=env)
+    promote = ["rollout", "promote", "--max-concurrent-downloads", "1", "--device-download-bytes-s", "1000000"]
+    canary = retained(fleet.broker.url, topics.rollout(), Rollout).target.canary_devices
+    not_in_canary = [d for d in (f"device-{i}" for i in range(4)) if d not in canary]
+    _online(fleet.broker.url, not_in_canary[:1], "0.0.9")  # a device from before the pacing field
+    unpaced = runner.invoke(cli.app, promote, env=env)
+    assert unpaced.exit_code == 0, unpaced.output
+    assert f"pacing: none (1 of the 3 devices run edgefleet older than {PACING_SINCE}" in unpaced.stderr
+    assert retained(fleet.broker.url, topics.rollout(), Rollout).pacing is None, "it would refuse a paced one"
+
+    _online(fleet.broker.url, not_in_canary[:1])  # upgraded
+    promoted = runner.invoke(cli.app, promote, env=env)
     assert promoted.exit_code == 0, promoted.output
     rollout = retained(fleet.broker.url, topics.rollout(), Rollout)
     spread = 3 * max(1.0, size / 1_000_000)  # the three devices not in the canary, one at a time

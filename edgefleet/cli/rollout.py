@@ -31,7 +31,8 @@ DEVICE_DOWNLOAD_BYTES_S = 2_000_000
 MaxConcurrent = Annotated[int, typer.Option(
     "--max-concurrent-downloads", min=0, help="Pace the rollout so that about this many devices download at "
     "once: each device waits its turn (a hash of its id), the turns spread over devices * download time / this. "
-    "Only when more devices than this download; 0: no pacing, every device at once.")]
+    "Only when more devices than this download and none of them (online) runs a release older than the pacing "
+    "field; 0: no pacing, every device at once.")]
 DeviceBytesS = Annotated[float, typer.Option(
     "--device-download-bytes-s", min=1, help="A device's download rate, bytes/s, that sizes the pacing (each "
     "device's download counts at least 1 s).")]
@@ -85,12 +86,15 @@ def rollout_start(
     settings, size_bytes = _signed_settings(config, mqtt_url, model, version, trusted_keys, plugin)
     rollout_id = rollout_id or rollout.new_rollout_id(model, version)
     counted = (canary_devices is not None or target.share < 1) and not (target.devices or target.groups)
-    paced = max_concurrent_downloads > 0 and not target.devices  # the devices to pace must be counted
-    known = rollout.known_devices(settings) if counted or paced else []
+    paced = max_concurrent_downloads > 0  # the devices to pace are counted, and their releases read
+    versions = rollout.online_versions(settings) if counted or paced else {}
+    known = list(versions) if counted or not target.devices else []
     with reported("rollout start: refused", rollout.CanaryRefused, code=2):
         plan = rollout.plan_canary(rollout_id, target, known, canary_devices, let_devices_draw)
+    starting = plan.target.canary_devices or target.devices or known  # for a drawn share: all, an upper bound
     pacing = rollout.plan_pacing(rollout.targeted_at_start(plan.target, known), size_bytes,
-                                 max_concurrent_downloads, device_download_bytes_s)
+                                 max_concurrent_downloads, device_download_bytes_s,
+                                 rollout.too_old_for_pacing(starting, versions))
     typer.echo(plan.line, err=True)  # the plan, before anything is published
     typer.echo(pacing.line, err=True)
     with reported("rollout start", EdgefleetError, ValueError):
@@ -125,7 +129,8 @@ def rollout_promote(plugin: PluginName = None, max_concurrent_downloads: MaxConc
 def _promote_pacing(settings: StoreSettings, retained: AnyRollout, max_concurrent: int,
                     device_bytes_s: float) -> PacingPlan:
     """The promote's pacing: the devices not in the canary (listed, else those online) and, only when
-    there are more of them than max_concurrent, the artifact's size from its manifest in the registry.
+    there are more of them than max_concurrent and none runs a release older than the pacing field
+    (fleet_rollout.PACING_SINCE), the artifact's size from its manifest in the registry.
 
     Raises:
         typer.Exit: 1 when the pacing is needed and the registry cannot say the artifact's size.
@@ -137,14 +142,15 @@ def _promote_pacing(settings: StoreSettings, retained: AnyRollout, max_concurren
 
     if max_concurrent <= 0:
         return rollout.plan_pacing(0, 0, max_concurrent, device_bytes_s)
-    known = [] if retained.target.devices else rollout.known_devices(settings)
-    targeted = rollout.targeted_at_promote(retained, known)
+    versions = rollout.online_versions(settings)
+    promoted = rollout.promoted_devices(retained, [] if retained.target.devices else list(versions))
+    too_old = rollout.too_old_for_pacing(promoted, versions)
     size_bytes = 0
-    if targeted > max_concurrent:
+    if len(promoted) > max_concurrent and not too_old:
         with reported("rollout promote: cannot size the pacing (the registry: EDGEFLEET_S3_*; "
                       "--max-concurrent-downloads 0 promotes without pacing)", ValueError, ClientError, BotoCoreError):
             size_bytes = rollout.artifact_bytes(s3.client(settings), settings.registry_bucket, retained)
-    return rollout.plan_pacing(targeted, size_bytes, max_concurrent, device_bytes_s)
+    return rollout.plan_pacing(len(promoted), size_bytes, max_concurrent, device_bytes_s, too_old)
 
 
 @app.command("abort")

@@ -31,6 +31,9 @@ class Targeted(Protocol):
     @property
     def pacing(self) -> RolloutPacing | None: ...
 
+    @property
+    def issued_at(self) -> float: ...
+
 
 def position(rollout_id: str, device_id: str) -> float:
     """This device's place in [0, 1) for this rollout."""
@@ -53,13 +56,29 @@ def is_member(rollout: Targeted, device_id: str, groups: list[str]) -> bool:
     return position(rollout.rollout_id, device_id) < target.share
 
 
-def start_delay(rollout: Targeted, device_id: str) -> float:
-    """How long this device waits before it fetches the rollout's manifest: its position() times the
-    rollout's spread (0 without pacing). The devices of a fleet so spread their downloads evenly over
-    [0, spread_s), each always at the same point of the ramp (a retry or restart waits as long again)."""
-    if rollout.pacing is None:
-        return 0.0
-    return position(rollout.rollout_id, device_id) * rollout.pacing.spread_s
+def pacing_position(rollout_id: str, device_id: str) -> float:
+    """This device's place in [0, 1) in the rollout's pacing: a hash independent of position(), which
+    draws the canary. Were it the same, a drawn canary (the devices below its share) would all start in
+    the first share of the spread, and a promote's devices (the rest) never in it."""
+    digest = hashlib.sha256(f"pacing\0{rollout_id}\0{device_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def start_delay(rollout_id: str, device_id: str, pacing: RolloutPacing, issued_at: float, now: float) -> float:
+    """How long this device still waits before it fetches a paced rollout's manifest: its turn,
+    pacing_position() * spread_s after the rollout (this phase of it) was issued, so the devices of a
+    fleet spread their downloads evenly over [0, spread_s), each always at the same point of the ramp.
+    A device that restarts, retries or joins late waits only what is left of its turn (none once it is
+    past); the turn is clamped to [0, its full length], so a device clock ahead of the operator's starts
+    early and one behind waits at most the full turn.
+
+    :param pacing: the rollout's pacing.
+    :param issued_at: the rollout's issued_at (the operator's wall clock, time.time()).
+    :param now: this device's wall clock (time.time()).
+    :returns: seconds to wait, in [0, spread_s).
+    """
+    turn = pacing_position(rollout_id, device_id) * pacing.spread_s
+    return min(turn, max(0.0, turn - (now - issued_at)))
 
 
 def ranked(rollout_id: str, devices: Iterable[str]) -> list[str]:

@@ -4,7 +4,7 @@ the model machine's (rollout.py) twin for WebAssembly plugins (docs/plugins.md);
 beside the model, one plugin at a time, and a plugin's switch leaves every other plugin as it runs.
 
     received ── not a member ───────────────────────────────────────────────────→ not_targeted
-       │ paced (rollout.pacing): waits position * spread_s first, as a model's rollout does
+       │ paced (rollout.pacing): waits what is left of its turn first (rollout.wait_turn), as a model's does
        │ manifest.json + manifest.sig (size-capped, signature by a trusted key, the rollout's name
        │ and version, our ABI) ── refused, or older without allow_downgrade ────→ failed
        │                       ── rejected here before ────────────────────────→ rolled_back
@@ -56,9 +56,9 @@ from pathlib import Path
 from typing import Protocol
 
 from services.sync import plugin_canary
-from services.sync.membership import is_member, requested, start_delay
+from services.sync.membership import is_member, requested
 from services.sync.plugin_store import PendingPluginCanary, PluginStore, PluginStoreStateError, with_plugin
-from services.sync.rollout import RESTARTED_IN_CANARY, Rejected, StepFailed, Superseded, paced_reason
+from services.sync.rollout import RESTARTED_IN_CANARY, Rejected, StepFailed, Superseded, wait_turn
 from shared.config import SyncSettings
 from shared.logs import fields
 from shared.plugin import ABI_VERSION, ActivePlugin, ActivePlugins, PluginError, PluginManifest
@@ -224,9 +224,8 @@ class PluginMachine:
         if running is not None and running.version == rollout.version:
             self._report(SyncState.ACTIVE, rollout, target=running.ref(), reason="already running it")
             return
-        if rollout.pacing is not None and (delay := start_delay(rollout, self.device)) > 0:
-            self._report(SyncState.RECEIVED, rollout, reason=paced_reason(delay, rollout.pacing))
-            self.io.pause(rollout, delay)
+        wait_turn(rollout, self.device, lambda reason: self._report(SyncState.RECEIVED, rollout, reason=reason),
+                  lambda seconds: self.io.pause(rollout, seconds))
         self._report(SyncState.RECEIVED, rollout)
         try:
             manifest, entry = self._install(rollout, running)

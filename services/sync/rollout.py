@@ -2,8 +2,8 @@
 before the step a crash could interrupt, and what a restart does with what it finds.
 
     received ── not a member ───────────────────────────────────────────────────→ not_targeted
-       │ paced (rollout.pacing): waits position * spread_s first, reported ("paced: ..."); a newer
-       │ rollout or shutdown ends the wait
+       │ paced (rollout.pacing): waits what is left of its turn first (wait_turn), reported ("paced:
+       │ ..."); a newer rollout or shutdown ends the wait
        │ manifest (size-capped, signature verified), admitted ── refused ──────→ failed
        │                                         ── rejected here before ──────→ rolled_back
     downloading (ranged GETs into a resumable .part) → verified (size, SHA-256)
@@ -37,13 +37,14 @@ All I/O (MQTT, S3, the prediction watch) sits behind `Io`, passed in; the store 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from services.sync import canary
 from services.sync.errors import SyncError
-from services.sync.membership import is_member, requested, start_delay
+from services.sync.membership import Targeted, is_member, requested, start_delay
 from services.sync.smoke import SmokeFailed, smoke_test
 from services.sync.store import ModelStore, PendingCanary, StagedMember
 from shared import VERSION
@@ -189,7 +190,8 @@ class Machine:
         if (serving.name, serving.version) == (rollout.model, rollout.version):
             self._report(SyncState.ACTIVE, rollout, target=serving.ref(), reason="already serving it")
             return
-        self._wait_turn(rollout)
+        wait_turn(rollout, self.device, lambda reason: self._report(SyncState.RECEIVED, rollout, reason=reason),
+                  lambda seconds: self.io.pause(rollout, seconds))
         self._report(SyncState.RECEIVED, rollout)
         try:
             manifest, folder = self._install(rollout, serving)
@@ -203,14 +205,6 @@ class Machine:
             self._report(SyncState.FAILED, rollout, reason=str(exc))
             return
         self._judge(rollout, manifest, before)
-
-    def _wait_turn(self, rollout: Rollout) -> None:
-        """A paced rollout: waits this device's turn (membership.start_delay), reported. Raises Superseded."""
-        delay = start_delay(rollout, self.device)
-        if delay <= 0 or rollout.pacing is None:
-            return
-        self._report(SyncState.RECEIVED, rollout, reason=paced_reason(delay, rollout.pacing))
-        self.io.pause(rollout, delay)
 
     def _abort(self, rollout: Rollout, serving: ModelManifest) -> None:
         if (serving.name, serving.version) == (rollout.model, rollout.version):
@@ -345,8 +339,25 @@ class Machine:
 
 
 
+def wait_turn(rollout: Targeted, device: str, report: Callable[[str], None], pause: Callable[[float], None]) -> None:
+    """A paced rollout: waits what is left of this device's turn (membership.start_delay), reported first;
+    the one pacing step of both machines, the model's and the plugins'.
+
+    :param report: reports the wait's reason (RECEIVED, before the wait).
+    :param pause: waits the seconds given (the machine's Io.pause).
+    :raises Superseded: a newer rollout or shutdown ends the wait (from `pause`).
+    """
+    pacing = rollout.pacing
+    if pacing is None:  # not paced: every device starts at once
+        return
+    delay = start_delay(rollout.rollout_id, device, pacing, rollout.issued_at, time.time())
+    if delay > 0:
+        report(paced_reason(delay, pacing))
+        pause(delay)
+
+
 def paced_reason(delay_s: float, pacing: RolloutPacing) -> str:
-    """What a paced device reports while it waits its turn (the plugin machine's words too)."""
+    """What a paced device reports while it waits its turn."""
     at_once = f", about {pacing.max_concurrent} at once" if pacing.max_concurrent else ""
     return (f"paced: starting the download in {delay_s:.1f} s (the rollout spreads the fleet's downloads over "
             f"{pacing.spread_s:.0f} s{at_once})")

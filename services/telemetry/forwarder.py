@@ -1,8 +1,9 @@
 """The forwarder: sends the outbox to the cloud broker in batches (QoS 1, msgpack + zlib) and deletes
 records only when cloud_ingest acknowledged the batch, that is after its objects are in S3. While the
 link is down it backs off; a batch not acknowledged in time (time counted while its link is up: over a
-cut link no acknowledgement can come, and the broker's session delivers it after the reconnect) is sent
-again, the same batch with the same id, so the cloud's idempotent writes leave no duplicate. The protocol
+cut link no acknowledgement can come, so the clock pauses and resumes with what it had left; an ack
+lost with the cut is made up for by the resend when that runs out) is sent again, the same batch with
+the same id, so the cloud's idempotent writes leave no duplicate. The protocol
 itself (which batch, attempts, dead letters, acknowledgements, backoff) is services.telemetry.sending's
 Sender, shared with the fleet simulator; this module adds the thread, its waiting and MQTT.
 
@@ -122,6 +123,9 @@ class Forwarder:
             with self._changed:
                 self._changed.wait_for(lambda: batch_id in self._acks or self._stopping.is_set(), wait)
                 ack = self._acks.pop(batch_id, None)
+                # Only this batch is in flight, and the next is not sent yet: any other ack is stale (a
+                # second ack of a batch settled before, another device's) and would be held for ever.
+                self._acks.clear()
             if ack is not None or self._stopping.is_set():
                 return ack
 

@@ -8,9 +8,12 @@ its own waiting and MQTT, and so both speak the same protocol.
 Two clocks: records carry wall-clock times (`at`), so lingering is measured on time.time(); the ack
 timeout is a duration, measured on a monotonic clock, which a clock set at boot (NTP) cannot stretch.
 
-The ack timeout counts only time the link is up: over a cut link no acknowledgement can arrive, and
-the broker's persistent session delivers the one it holds after the reconnect, so a batch is not sent
-again merely because the link was away; a fresh ack_timeout_s starts when the link is back."""
+The ack timeout counts only time the link is up: over a cut link no acknowledgement can arrive, so
+the clock pauses while the link is down and runs on, with the time it had left, once the link is back.
+A batch is not sent again merely because the link was away (a broker session that held the ack
+delivers it after the reconnect), and it is not kept waiting forever either: where the ack was lost
+with the cut (a link without a persistent session), the rest of the timeout runs out and the batch goes
+again, and a link that keeps flapping still adds up to ack_timeout_s of up-time."""
 
 from __future__ import annotations
 
@@ -91,7 +94,8 @@ class Sender:
         self.sent_batches, self.resent_batches, self.acked_records = Counter(), Counter(), Counter()
         self.dead_lettered_batches = Counter()
         self.in_flight: Outgoing | None = None  # the last sending, until settled or timed out
-        self._deadline: float | None = None  # monotonic; None while the link is down
+        self._ack_left = 0.0  # link-up seconds the sending in flight still waits, as of _up_since
+        self._up_since: float | None = None  # monotonic, when the link was last seen up; None: seen down
         self._backoff = FIRST_BACKOFF_S
 
     def next(self, now: float | None = None) -> Outgoing | float:
@@ -126,7 +130,7 @@ class Sender:
             (self.resent_batches if attempt > 1 else self.sent_batches).add()
             self.in_flight = Outgoing(batch.batch_id, records[0].seq, records[-1].seq, len(records), attempt,
                                       topics.telemetry(self.device), encode(batch, WIRE))
-            self._deadline = self._monotonic() + self.ack_timeout_s
+            self._ack_left, self._up_since = self.ack_timeout_s, self._monotonic()
             return self.in_flight
 
     def _lingering(self, now: float) -> float | None:
@@ -147,22 +151,25 @@ class Sender:
 
     def ack_left(self, connected: bool) -> float | None:
         """How long the sending in flight still waits for its acknowledgement, counting only time the link
-        is up: call it whenever the waiter wakes, with the link's state then.
+        is up: call it whenever the waiter wakes (at least every LINK_CHECK_S while waiting), with the
+        link's state then.
 
-        :param bool connected: whether the link is up now. While it is down the clock is stopped; when it
-            is up again after being seen down, a fresh ack_timeout_s starts (the broker's persistent
-            session delivers an acknowledgement it held after the reconnect).
+        The clock pauses while the link is down and resumes with the time it had left: it is never
+        restarted, so a flapping link still times a sending out after ack_timeout_s of up-time in all.
+        The time between two calls counts as the link was at the first of them (up: it runs; down: it
+        does not), so a cut is noticed at most one wake late.
+
+        :param bool connected: whether the link is up now.
         :returns: seconds left (0.0: timed out, call timed_out()); None while the link is down (wait for
-            it, then ask again); 0.0 also when nothing is in flight.
+            it, then ask again: what was left is kept); 0.0 also when nothing is in flight.
         """
         if self.in_flight is None:
             return 0.0
-        if not connected:
-            self._deadline = None
-            return None
-        if self._deadline is None:
-            self._deadline = self._monotonic() + self.ack_timeout_s
-        return max(0.0, self._deadline - self._monotonic())
+        now = self._monotonic()
+        if self._up_since is not None:  # up when last seen: the time since ran on the clock
+            self._ack_left = max(0.0, self._ack_left - (now - self._up_since))
+        self._up_since = now if connected else None
+        return self._ack_left if connected else None
 
     def settle(self, ack: TelemetryAck) -> bool:
         """Applies the cloud's acknowledgement of the sending in flight: its records are deleted from the
@@ -184,7 +191,7 @@ class Sender:
                                     "(its reason is in the cloud's dead letters)")
         else:
             self.acked_records.add(self.outbox.ack(sending.first_seq, sending.last_seq, ack.store))
-        self.in_flight, self._deadline, self._backoff = None, None, FIRST_BACKOFF_S
+        self.in_flight, self._up_since, self._backoff = None, None, FIRST_BACKOFF_S
         return True
 
     def timed_out(self) -> float:
@@ -195,5 +202,5 @@ class Sender:
             at most retry_max_s.
         """
         delay, self._backoff = self._backoff, min(self._backoff * 2, self.retry_max_s)
-        self.in_flight, self._deadline = None, None
+        self.in_flight, self._up_since = None, None
         return delay

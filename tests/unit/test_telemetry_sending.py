@@ -96,7 +96,7 @@ def test_a_full_batch_does_not_linger(tmp_path):
     assert isinstance(sending, Outgoing) and len(_sent(sending).records) == 4
 
 
-def test_the_ack_timeout_counts_only_time_the_link_is_up(tmp_path):
+def test_the_ack_timeout_pauses_while_the_link_is_down_and_resumes_with_what_was_left(tmp_path):
     clock = Clock()
     sender = _sender(tmp_path, clock, ack_timeout_s=10.0)
     sender.outbox.append([_sample(time.time())])
@@ -107,12 +107,32 @@ def test_the_ack_timeout_counts_only_time_the_link_is_up(tmp_path):
     assert sender.ack_left(connected=False) is None  # cut: no ack can come, the clock stops
     clock.now += 600
     assert sender.ack_left(connected=False) is None  # however long the cut lasts, no resend
-    assert sender.ack_left(connected=True) == pytest.approx(10.0)  # back: a fresh timeout
-    clock.now += 9
+    assert sender.ack_left(connected=True) == pytest.approx(2.0)  # back: the 2 s it had left, not a fresh 10
+    clock.now += 1
     assert sender.ack_left(connected=True) == pytest.approx(1.0)
     # The broker's session delivers the held acknowledgement after the reconnect: it settles the batch.
     assert sender.settle(_ack(sending))
     assert sender.outbox.stats.records == 0 and sender.resent_batches.value == 0 and sender.acked_records.value == 1
+
+
+def test_a_flapping_link_still_times_a_sending_out_after_ack_timeout_s_of_up_time(tmp_path):
+    """Up 8 s, down 2 s, over and over: a clock restarted on each reconnect would never time out, and the
+    batch (its ack lost with a cut) would wait for ever while the outbox fills."""
+    clock = Clock()
+    sender = _sender(tmp_path, clock, ack_timeout_s=10.0)
+    sender.outbox.append([_sample(time.time())])
+    first = sender.next()
+    assert isinstance(first, Outgoing)
+    lefts = []
+    for _ in range(2):
+        clock.now += 8
+        assert sender.ack_left(connected=False) is None  # seen down 8 s after it was seen up
+        clock.now += 2
+        lefts.append(sender.ack_left(connected=True))
+    assert lefts == [pytest.approx(2.0), 0.0]  # 16 s of up-time in all: the 10 s are over
+    sender.timed_out()
+    again = sender.next()
+    assert isinstance(again, Outgoing) and again.batch_id == first.batch_id and sender.resent_batches.value == 1
 
 
 def test_a_timeout_sends_the_same_batch_again_after_a_growing_backoff_then_gives_it_up(tmp_path):
@@ -168,6 +188,10 @@ class FakeMqttLink:
         self.published.append(payload)
 
     def deliver(self, ack: TelemetryAck) -> None:
+        """Hands the ack to the subscriber, as the broker would: over a cut link it is lost (the device's
+        uplink keeps no session that would hold it)."""
+        if not self.connected.is_set():
+            return
         message = paho.MQTTMessage(topic=topics.telemetry_ack(DEVICE).encode())
         message.payload = encode(ack)
         self.handlers[topics.telemetry_ack(DEVICE)](message)
@@ -180,23 +204,62 @@ def _until(condition: Callable[[], object], what: str, timeout: float = 30.0) ->
         time.sleep(0.01)
 
 
-def test_the_forwarder_keeps_waiting_for_an_ack_over_a_cut_link_and_settles_it_after_the_reconnect(tmp_path):
-    link = FakeMqttLink()
+def _forwarder(tmp_path, link: FakeMqttLink, ack_timeout_s: float) -> Forwarder:
     outbox = Outbox(tmp_path / "outbox.db", DEVICE, 1 << 30)
-    forwarder = Forwarder(outbox, link, DEVICE, batch=BatchSettings(), forward=ForwardSettings(),  # type: ignore[arg-type]
-                          ack_timeout_s=0.3)
-    outbox.append([_sample(time.time())] * 3)
+    return Forwarder(outbox, link, DEVICE, batch=BatchSettings(), forward=ForwardSettings(),  # type: ignore[arg-type]
+                     ack_timeout_s=ack_timeout_s)
+
+
+def _ack_of(payload: bytes, records: int) -> TelemetryAck:
+    batch = decode(TelemetryBatch, payload, WireFormat.MSGPACK_ZLIB.content_type)
+    return TelemetryAck(device=DEVICE, batch_id=batch.batch_id, stored=records, at=time.time(), store=STORE)
+
+
+def test_the_forwarder_pauses_the_ack_clock_over_a_cut_and_resends_a_lost_ack_s_batch_when_the_rest_runs_out(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr("services.telemetry.forwarder.LINK_CHECK_S", 0.05)  # notice the cut soon after it comes
+    link = FakeMqttLink()
+    forwarder = _forwarder(tmp_path, link, ack_timeout_s=1.0)
+    forwarder.outbox.append([_sample(time.time())] * 3)
     link.connected.set()
     forwarder.start()
     try:
         _until(lambda: link.published, "the batch sent")
-        link.connected.clear()  # cut with the batch unacknowledged, for many ack timeouts
-        time.sleep(2.0)
+        time.sleep(0.4)  # some of the timeout runs while the link is up
+        link.connected.clear()
+        link.deliver(_ack_of(link.published[0], 3))  # acknowledged during the cut: lost with it
+        time.sleep(1.5)  # longer than the whole timeout: a paused clock sends nothing
         assert len(link.published) == 1 and forwarder.resent_batches.value == 0
+        reconnected = time.monotonic()
         link.connected.set()
-        batch = decode(TelemetryBatch, link.published[0], WireFormat.MSGPACK_ZLIB.content_type)
-        link.deliver(TelemetryAck(device=DEVICE, batch_id=batch.batch_id, stored=3, at=time.time(), store=STORE))
-        _until(lambda: forwarder.acked_records.value == 3, "the held ack settling the batch")
+        _until(lambda: len(link.published) == 2, "the batch sent again once the rest of its timeout ran out")
+        # What was left (about 0.6 s, less up to one look's slack) ran after the reconnect, then the backoff.
+        assert time.monotonic() - reconnected >= 0.5
+        assert _ack_of(link.published[1], 3).batch_id == _ack_of(link.published[0], 3).batch_id  # the same batch
+        link.deliver(_ack_of(link.published[1], 3))
+        _until(lambda: forwarder.acked_records.value == 3, "the resend's ack settling the batch")
     finally:
         forwarder.stop()
-    assert forwarder.resent_batches.value == 0 and outbox.stats.records == 0
+    assert forwarder.resent_batches.value == 1 and forwarder.outbox.stats.records == 0
+
+
+def test_the_forwarder_keeps_no_ack_of_a_batch_it_settled_before(tmp_path):
+    link = FakeMqttLink()
+    forwarder = _forwarder(tmp_path, link, ack_timeout_s=30.0)
+    link.connected.set()
+    forwarder.start()
+    try:
+        forwarder.outbox.append([_sample(time.time())])
+        _until(lambda: len(link.published) == 1, "the first batch sent")
+        first = _ack_of(link.published[0], 1)
+        link.deliver(first)
+        _until(lambda: forwarder.acked_records.value == 1, "the first batch settled")
+        link.deliver(first)  # acknowledged twice (the cloud acks each copy of a resent batch)
+        forwarder.outbox.append([_sample(time.time())])
+        forwarder.wake()
+        _until(lambda: len(link.published) == 2, "the second batch sent")
+        link.deliver(_ack_of(link.published[1], 1))
+        _until(lambda: forwarder.acked_records.value == 2, "the second batch settled")
+    finally:
+        forwarder.stop()
+    assert forwarder._acks == {}  # the second ack of the first batch is not held for ever

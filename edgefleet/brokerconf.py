@@ -48,7 +48,7 @@ def password_file(path: Path, users: dict[str, str]) -> Path:
     return path
 
 
-def directives(conf: Path, paths: dict[str, Path], listeners: dict[int, int] | None = None) -> str:
+def directives(conf: Path, paths: dict[str, Path | str], listeners: dict[int, int] | None = None) -> str:
     """The settings of a committed broker config, for a broker spawned here: the same directives,
     production paths (longest first) replaced by local ones, minus what the spawner decides.
 
@@ -123,9 +123,41 @@ def cloud_listener(certs: Path, server: str = "cloud-broker", acl: Path = CLOUD_
     })
 
 
+# The bridge's settings, defined once: `bridge` renders them and the simulator's links
+# (edgefleet/simulate/link.py) hold a simulated device's session the same way.
+BRIDGE_RESTART_S = (1.0, 10.0)  # `restart_timeout 1 10`: first retry after about a second, backing off to ten
+BRIDGE_KEEPALIVE_S = 60  # mosquitto's bridge default keepalive_interval (not rendered: the default)
+# `cleansession false` over MQTT v5: the fleet broker keeps the session (and queued QoS 1 messages) across a cut.
+BRIDGE_SESSION_EXPIRY_S = 24 * 3600
+BRIDGE_MAX_INFLIGHT = 20  # mosquitto's max_inflight_messages default, which a bridge's client also gets
+
+
+def bridge_topics(device: str) -> list[tuple[str, str, int]]:
+    """The topics a device's bridge carries: (topic, direction "out" or "in", QoS), in the rendered order."""
+    own = f"edgefleet/{device}"
+    return [(f"{own}/telemetry", "out", 1), (f"{own}/telemetry/ack", "in", 1), (f"{own}/sync/state", "out", 1),
+            (f"{own}/status/+", "out", 1), ("edgefleet/_fleet/rollout", "in", 1), (f"{own}/sync/plugins/+", "out", 1),
+            ("edgefleet/_fleet/plugin-rollouts/+", "in", 1)]
+
+
+def bridge_queue_limit() -> int:
+    """edge.conf's max_queued_messages: what the device broker holds for its bridge while the link is down
+    (past it, new QoS 1 messages are dropped).
+
+    Raises:
+        ValueError: edge.conf sets none.
+    """
+    for raw in EDGE_CONF.read_text().splitlines():
+        words = raw.split()
+        if len(words) == 2 and words[0] == "max_queued_messages":
+            return int(words[1])
+    raise ValueError(f"{EDGE_CONF}: no max_queued_messages")
+
+
 def bridge(device: str, host: str, port: int, certs: Path) -> str:
     """The device broker's bridge to the fleet's broker: its own topics out, the rollout and acks in."""
-    own = f"edgefleet/{device}"
+    low, high = (f"{s:g}" for s in BRIDGE_RESTART_S)
+    topic_lines = "".join(f"topic {topic} {direction} {qos}\n" for topic, direction, qos in bridge_topics(device))
     return (
         f"\nconnection fleet-{device}\naddress {host}:{port}\n"
         f"bridge_cafile {certs / 'ca.crt'}\nbridge_certfile {certs / f'{device}.crt'}\n"
@@ -134,8 +166,6 @@ def bridge(device: str, host: str, port: int, certs: Path) -> str:
         # MQTT v5 end to end: content types and correlation data (a telemetry batch's id) must survive the hop.
         "bridge_protocol_version mqttv50\n"
         # The fleet broker takes the certificate's common name as the client id (cloud.conf), whatever is asked.
-        f"remote_clientid {device}\ncleansession false\nrestart_timeout 1 10\n"
-        f"topic {own}/telemetry out 1\ntopic {own}/telemetry/ack in 1\ntopic {own}/sync/state out 1\n"
-        f"topic {own}/status/+ out 1\ntopic edgefleet/_fleet/rollout in 1\n"
-        f"topic {own}/sync/plugins/+ out 1\ntopic edgefleet/_fleet/plugin-rollouts/+ in 1\n"
+        f"remote_clientid {device}\ncleansession false\nrestart_timeout {low} {high}\n"
+        f"{topic_lines}"
     )

@@ -1,6 +1,6 @@
 """`edgefleet simulate run`, real: simulated devices on a TLS fleet broker with the committed cloud config
 and ACL (each device its own certificate), the signed registry on a real S3 server, a rollout published by
-the operator, a late joiner in a second process, a cut link, and SIGTERM."""
+the operator, a late joiner in a second process, a silently cut link, a tampered model, and SIGTERM."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from edgefleet.fleet_rollout import publish as publish_rollout
 from edgefleet.models.install import resave
 from edgefleet.publish import publish
 from edgefleet.simulate import stats as sim_stats
+from edgefleet.simulate.cuts import cut_devices
 from shared import registry, s3, topics
 from shared.codec import decode
 from shared.config import CommonSettings, environment
@@ -39,6 +41,7 @@ class Watcher:
     def __init__(self, url: str, certs: Path) -> None:
         self.statuses: dict[tuple[str, str], ServiceStatus] = {}
         self.states: dict[str, SyncReport] = {}
+        self.late: dict[str, float] = {}  # per device: the most seconds a sync status arrived after its `at`
         self._lock = threading.Lock()
         self.settings = CommonSettings(mqtt_url=url, device_id="operator", mqtt_reconnect_max_s=1,
                                        mqtt_ca_file=certs / "ca.crt", mqtt_cert_file=certs / "operator.crt",
@@ -52,6 +55,8 @@ class Watcher:
         status = decode(ServiceStatus, message.payload, content_type_of(message))
         with self._lock:
             self.statuses[(status.device, status.service)] = status
+            if status.service == topics.SYNC_SERVICE and not message.retain:
+                self.late[status.device] = max(self.late.get(status.device, 0.0), time.time() - status.at)
 
     def _on_state(self, message) -> None:
         report = decode(SyncReport, message.payload, content_type_of(message))
@@ -73,6 +78,43 @@ class Watcher:
         self.link.stop()
 
 
+def retained_topics(rig: dict, devices: list[str]) -> set[str]:
+    """The topics a fresh subscriber gets as retained messages for these devices' statuses and sync state."""
+    got: set[str] = set()
+    lock = threading.Lock()
+
+    def note(message) -> None:
+        if message.retain:
+            with lock:
+                got.add(message.topic)
+
+    settings = rig["watcher"].settings
+    link = MqttLink(settings, "retained", unique=True)
+    link.subscribe(topics.every_device_status("+"), note)
+    link.subscribe(topics.all_sync_states(), note)
+    link.start()
+    want = {topics.status(d, service) for d in devices for service in topics.DEVICE_SERVICES}
+    want |= {topics.sync_state(d) for d in devices}
+    try:
+        wait_until(lambda: want <= got, 10, "the retained statuses and sync states")
+    finally:
+        link.stop()
+    return got & want
+
+
+def tamper(rig: dict, version: int) -> None:
+    """Version `version` published signed, then its model object replaced by other bytes (the SHA-256 and
+    the signature no longer match what is downloaded)."""
+    client = s3.client(rig["store"].settings())
+    variant = rig["tmp"] / f"v{version}"
+    resave(rig["model_dir"], variant, "tampered", version=version)
+    publish(client, BUCKET, variant, rig["private"], name="efficientnet-lite0", version=version)
+    body = bytearray((variant / registry.MODEL_OBJECT).read_bytes())
+    body[len(body) // 2] ^= 0xFF
+    client.put_object(Bucket=BUCKET, Key=registry.key("efficientnet-lite0", version, registry.MODEL_OBJECT),
+                      Body=bytes(body))
+
+
 @pytest.fixture
 def rig(tmp_path, model_dir):
     certs = tmp_path / "certs"
@@ -83,6 +125,7 @@ def rig(tmp_path, model_dir):
         broker = stack.enter_context(Broker(security=cloud_listener(certs)))
         store = stack.enter_context(contextlib.closing(s3pool.take()))
         keys = registry.new_key_pair(tmp_path / "keys")
+        private = keys.private
         client = s3.client(store.settings())
         s3.ensure_bucket(client, BUCKET)
         variant = tmp_path / "v2"
@@ -92,7 +135,7 @@ def rig(tmp_path, model_dir):
         watcher = Watcher(url, certs)
         stack.callback(watcher.close)
         yield {"certs": certs, "url": url, "store": store, "keys": keys.public.parent, "watcher": watcher,
-               "tmp": tmp_path, "model_dir": model_dir}
+               "tmp": tmp_path, "model_dir": model_dir, "private": private}
 
 
 def simulate(rig: dict, first: int, devices: int, *extra: str) -> subprocess.Popen:
@@ -114,24 +157,32 @@ def stopped(process: subprocess.Popen) -> int:
     return process.wait(60)
 
 
-def test_simulated_devices_report_take_a_rollout_a_late_joiner_too_and_reconnect_after_a_cut(rig):
+def test_simulated_devices_report_take_a_rollout_a_late_joiner_too_refuse_a_tampered_model_and_queue_through_a_cut(
+        rig):
     watcher, tmp = rig["watcher"], rig["tmp"]
     early = [f"sim-{i:05d}" for i in range(4)]
     stats_file = tmp / "stats.json"
+    # Cut for 3 s with statuses every 0.8-1.2 s: one is published at least 1.8 s before the cut ends.
     first = simulate(rig, 0, 4, "--stats", str(stats_file), "--cut-share", "0.25", "--cut-at-s", "0",
-                     "--cut-for-s", "2")
+                     "--cut-for-s", "3")
     late = None
     try:
         wait_until(lambda: watcher.online(early) or first.poll() is not None, 60, "4 devices' retained statuses")
         assert first.poll() is None, (tmp / "sim-0.log").read_text()
 
-        # One device's link was cut once all were connected; it came back on its persistent session.
+        # One device's link was cut (silently) once all were connected; it came back on its persistent
+        # session; statuses published during the cut (queued, or the last retained one re-sent at the
+        # reconnect, as the bridge does) arrived after it, with their own `at`.
+        [cut] = cut_devices(early, 0.25)
+
         def reconnected() -> bool:
             if not stats_file.exists():
                 return False
             s = sim_stats.read(stats_file)
-            return s.link.cut == 1 and s.link.losses >= 1 and s.connected == 4
+            return s.link.cut == 1 and s.link.losses >= 1 and s.connected == 4 and s.link.queued == 0
         wait_until(reconnected, 30, "the cut link back")
+        wait_until(lambda: watcher.late.get(cut, 0) >= 1.0, 10, "a status from during the cut, delivered after it")
+        assert all(watcher.late.get(d, 0) < 1.0 for d in early if d != cut)
 
         rollout = Rollout(rollout_id="sim-v2", model="efficientnet-lite0", version=2, phase=RolloutPhase.PROMOTED,
                           target=RolloutTarget(), issued_at=0.0)
@@ -146,7 +197,25 @@ def test_simulated_devices_report_take_a_rollout_a_late_joiner_too_and_reconnect
         assert s.registry.requests.get("GetObject", 0) >= 4 * 3  # manifest, signature, model chunks
         assert s.registry.bytes >= 4 * (tmp / "v2" / "model.onnx").stat().st_size
         assert s.rollouts.states == {"active": 4}
-        assert s.per_device_bytes > 0
+        assert s.per_device_bytes > 0 and s.per_device_peak_bytes >= s.per_device_bytes
+        assert s.per_device_state_bytes > 0 and s.failed == 0 and s.link.refused == 0
+
+        # A fresh subscriber (none of the above) gets every device's statuses and sync state as retained.
+        everyone = [*early, "sim-00004"]
+        assert len(retained_topics(rig, everyone)) == 4 * len(everyone)
+
+        # A model whose bytes were changed after signing: every device reports FAILED and keeps v2.
+        tamper(rig, 3)
+        bad = Rollout(rollout_id="sim-v3", model="efficientnet-lite0", version=3, phase=RolloutPhase.PROMOTED,
+                      target=RolloutTarget(), issued_at=0.0)
+        publish_rollout(watcher.settings, bad)
+
+        def refused() -> bool:
+            with watcher._lock:
+                return all((r := watcher.states.get(d)) is not None and r.rollout_id == "sim-v3"
+                           and r.state is SyncState.FAILED and r.serving is not None and r.serving.version == 2
+                           for d in everyone)
+        wait_until(refused, 60, "the tampered model refused everywhere")
     finally:
         codes = [stopped(p) for p in (first, late) if p is not None]
     assert codes == [0] * len(codes), (tmp / "sim-0.log").read_text()[-3000:]

@@ -35,6 +35,9 @@ def run(
     cut_share: Annotated[float, typer.Option(min=0, max=1, help="Share of the devices whose link is cut.")] = 0.0,
     cut_at_s: Annotated[float, typer.Option(min=0, help="Seconds after all devices connected to cut.")] = 0.0,
     cut_for_s: Annotated[float, typer.Option(min=0, help="How long a cut link stays down.")] = 60.0,
+    cut_mode: Annotated[str, typer.Option(
+        help="silent: a WAN cut (the broker hears nothing until keepalive or the reconnect); fin: the TCP "
+             "connection is shut down (the broker learns at once).")] = "silent",
     stats: Annotated[Path | None, typer.Option(help="A JSON file rewritten every second (simulate/stats.py).")] = None,
     duration_s: Annotated[float, typer.Option(min=0, help="Seconds to run; 0: until SIGTERM.")] = 0.0,
     state_dir: Annotated[Path | None, typer.Option(
@@ -48,14 +51,18 @@ def run(
     from urllib.parse import urlsplit
 
     from edgefleet.simulate.fleet import Options, Simulator, ensure_certificates
-    from edgefleet.simulate.link import Endpoint
+    from edgefleet.simulate.link import CutMode, Endpoint
     from shared.errors import EdgefleetError
 
     url = urlsplit(fleet_url)
     if url.scheme != "mqtts" or not url.hostname or not url.port:
         raise fail("simulate run", f"--fleet-url {fleet_url!r}: expected mqtts://HOST:PORT (the fleet broker is "
                    "TLS only)", code=2)
+    if cut_mode not in {m.value for m in CutMode}:
+        raise fail("simulate run", f"--cut-mode {cut_mode!r}: expected silent or fin", code=2)
     ids = [f"{prefix}-{i:05d}" for i in range(first, first + devices)]
+    if not predictions.exists():  # recorded in a child process: the model run must not sit in the simulator's memory
+        _record_in_child(predictions)
     with reported("simulate run", ValueError, OSError, EdgefleetError):
         ensure_certificates(certs, ids)
     settings = load_settings(SyncSettings, config, trusted_keys_dir=trusted_keys, seed_model_dir=seed_model)
@@ -65,11 +72,26 @@ def run(
         devices=ids, endpoint=Endpoint(url.hostname, url.port, certs), trusted_keys=trusted_keys,
         seed_model=seed_model, predictions_file=predictions, records_per_s=records_per_s,
         predictions_per_s=predictions_per_s, connect_spread_s=connect_spread_s, cut_share=cut_share,
-        cut_at_s=cut_at_s, cut_for_s=cut_for_s, stats=stats, duration_s=duration_s, state_dir=state_dir,
-        keep_state=keep_state,
+        cut_at_s=cut_at_s, cut_for_s=cut_for_s, cut_mode=CutMode(cut_mode), stats=stats, duration_s=duration_s,
+        state_dir=state_dir, keep_state=keep_state,
     )
     with reported("simulate run", OSError, EdgefleetError):
         raise typer.Exit(Simulator(options, settings, telemetry).run())
+
+
+def _record_in_child(out: Path) -> None:
+    """`edgefleet simulate record --predictions OUT` from the real model, in a child process.
+
+    :raises typer.Exit: the recording failed (its output is shown).
+    """
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "edgefleet", "simulate", "record", "--predictions", str(out)],  # noqa: S603
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise fail("simulate run", f"no recorded predictions at {out}, and recording them failed:\n"
+                   f"{done.stdout}{done.stderr}".rstrip(), code=1)
 
 
 @app.command("record")

@@ -2,11 +2,14 @@
 rollout state machine, its retained statuses, and (when the process sends telemetry) its telemetry.
 
 What goes over the fleet broker is what the device's bridge carries (edgefleet/brokerconf.py `bridge`):
-statuses of inference, sync and telemetry (retained, every status_interval_s, jittered), sync/state
-(retained), telemetry and its acks, and the fleet's rollout (subscribed on every connect, so a
-retained rollout present at connect reaches a late joiner). A rollout is handled as SyncService handles
-it: the newest message wins, a newer one (another model or version, or an abort) supersedes the one in
-progress (membership.supersedes), and the Machine runs in a worker thread only while there is work.
+statuses of inference, sync and telemetry (retained, every status_interval_s, jittered, also while the
+link is down: the link queues them as the bridge queue would), sync/state (retained), telemetry and its
+acks, the fleet's rollout and plugin rollouts (subscribed on every connect, so a retained rollout present
+at connect reaches a late joiner). On every connect the link re-sends each topic's last retained
+message as it was published (not re-stamped), as the bridge re-sends the device broker's.
+A rollout is handled as SyncService handles it: the newest message wins, a newer one (another model
+or version, or an abort) supersedes the one in progress (membership.supersedes), and the Machine runs in a worker
+thread only while there is work.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import random
 import shutil
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -39,7 +43,10 @@ from shared.config import SyncSettings
 from shared.logs import fields
 from shared.mqtt import content_type_of
 from shared.schemas import (
+    InferenceStats,
     ModelRef,
+    PluginRollout,
+    ProviderReport,
     Rollout,
     ServiceState,
     ServiceStatus,
@@ -53,6 +60,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 JSON = WireFormat.JSON.content_type
+# What the simulated inference says it runs on: the recording was made on ONNX Runtime's CPU provider.
+CPU = "CPUExecutionProvider"
+SIM_PROVIDER = ProviderReport(requested=[CPU], available=[CPU], active=CPU, fallback=False)
 
 
 class Telemetry(Protocol):
@@ -69,8 +79,43 @@ class Telemetry(Protocol):
 MakeTelemetry = Callable[[str, Path, DeviceLink, Callable[[], ModelRef | None]], Telemetry]
 
 
+class Tally:
+    """The counts a process's devices add to from any thread (rollout workers and the loop): rollouts
+    handled, each device's last reported sync state, and tasks or workers that died of a bug."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._handled = 0
+        self._failed = 0
+        self._states: dict[str, SyncState] = {}
+
+    def reported(self, device: str, state: SyncState) -> None:
+        """Notes the state a device just reported."""
+        with self._lock:
+            self._states[device] = state
+
+    def handled_one(self) -> None:
+        """Notes a rollout message a device's state machine finished handling."""
+        with self._lock:
+            self._handled += 1
+
+    def failed_one(self) -> None:
+        """Notes a device's task or worker that ended with an exception."""
+        with self._lock:
+            self._failed += 1
+
+    def snapshot(self) -> tuple[int, int, Counter[SyncState]]:
+        """(rollouts handled, failures, devices by last reported state)."""
+        with self._lock:
+            return self._handled, self._failed, Counter(self._states.values())
+
+
+def _uncounted(nbytes: int) -> None:
+    """Download bytes nobody counts."""
+
+
 @dataclass
-class Shared:
+class ProcessResources:
     """What every device of a process shares: nothing device-specific (each device has its own
     certificate, TLS context, session, store, state machine and outbox)."""
 
@@ -85,12 +130,9 @@ class Shared:
     stopping: threading.Event
     seed: Path  # the seed model, copied once per process; each store's fallback hard-links to it
     seed_model: ModelRef  # what it is (verified once)
+    downloaded: Callable[[int], None] = _uncounted  # bytes each download step fetched (the registry counter)
     counters: LinkCounters = field(default_factory=LinkCounters)
-    states: dict[str, SyncState] = field(default_factory=dict)  # each device's last reported state
-    handled: list[int] = field(default_factory=lambda: [0])
-
-    def reported(self, device: str, state: SyncState) -> None:
-        self.states[device] = state  # one dict store: atomic under the GIL
+    tally: Tally = field(default_factory=Tally)
 
 
 class SimDevice:
@@ -98,11 +140,11 @@ class SimDevice:
 
     :param str device: its id (its certificate's common name).
     :param Path folder: its state folder (store/, outbox.db).
-    :param Shared shared: what the process's devices share.
+    :param ProcessResources shared: what the process's devices share.
     :param make_telemetry: builds the device's telemetry on its link and folder; None: no telemetry.
     """
 
-    def __init__(self, device: str, folder: Path, shared: Shared,
+    def __init__(self, device: str, folder: Path, shared: ProcessResources,
                  make_telemetry: MakeTelemetry | None = None) -> None:
         self.device, self.shared = device, shared
         self.link = DeviceLink(device, shared.endpoint, shared.connector, shared.counters)
@@ -121,16 +163,18 @@ class SimDevice:
                     offset=random.randrange(len(shared.recording.predictions)))  # noqa: S311
         self.inference = SimInference(serving, draw)
         self.io = SimSyncIo(device, shared.settings, shared.s3, shared.trusted, self.store, self.link,
-                            self.inference, shared.stopping, shared.reported)
+                            self.inference, shared.stopping, shared.tally.reported, shared.downloaded)
         self.machine = Machine(self.store, shared.settings, self.io, device, smoke=skip_smoke_test)
         self._handled: Rollout | None = None
         self._working = False
         self._status_timer: asyncio.TimerHandle | None = None
         self.link.subscribe(topics.rollout(), self._on_rollout, qos=1)
+        # The bridge carries plugin rollouts too; the simulated device runs no plugins, so it only decodes them.
+        self.link.subscribe(topics.all_plugin_rollouts(), self._on_plugin_rollout, qos=1)
+        self._started = time.monotonic()
         self.telemetry = (make_telemetry(device, folder, self.link, self.inference_model) if make_telemetry is not None
                           else None)
         self._telemetry_task: asyncio.Task[None] | None = None
-        self.link.on_connected = self._publish_statuses
 
     # -- lifecycle (loop thread) ---------------------------------------------------------------------
 
@@ -140,13 +184,29 @@ class SimDevice:
         self.link.start(delay_s)  # first: from here on, publishes from other threads go through the loop
         if self.store.pending_canary() is not None:
             self._working = True
-            self.shared.workers.submit(self._recover_then_work)
+            self._submit(self._recover_then_work)
         else:
             self.io.report(SyncState.IDLE, None, reason="; ".join(self.repairs) or None)
         loop = asyncio.get_running_loop()
-        self._status_timer = loop.call_later(delay_s + self._status_interval(), self._status_tick)
+        self._publish_statuses()  # the services' first word at start, queued until the link is up
+        self._status_timer = loop.call_later(self._status_interval(), self._status_tick)
         if self.telemetry is not None:
             self._telemetry_task = loop.create_task(self.telemetry.run())
+            self._telemetry_task.add_done_callback(self._telemetry_ended)
+
+    def _telemetry_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.shared.tally.failed_one()
+            log.error("telemetry stopped by a bug", exc_info=exc, extra=fields(device=self.device))
+
+    def _submit(self, work: Callable[[], None]) -> None:
+        """Runs a rollout worker; a bug that escapes it is logged and counted, never lost."""
+        self.shared.workers.submit(work).add_done_callback(self._worker_ended)
+
+    def _worker_ended(self, future: Future[None]) -> None:
+        if not future.cancelled() and (exc := future.exception()) is not None:
+            self.shared.tally.failed_one()
+            log.error("rollout worker stopped by a bug", exc_info=exc, extra=fields(device=self.device))
 
     def stop_work(self) -> asyncio.Task[None] | None:
         """Stops the statuses and telemetry; returns the telemetry task to await (cancelled)."""
@@ -157,9 +217,9 @@ class SimDevice:
         return self._telemetry_task
 
     def say_offline(self) -> None:
-        """The services' last word (reason "shutdown"), as the real services publish it when they stop."""
-        if self.link.connected.is_set():
-            self._publish_statuses(ServiceState.OFFLINE, "shutdown")
+        """The services' last word (reason "shutdown"), as the real services publish it when they stop
+        (queued if the link is down, as the device broker would hold it)."""
+        self._publish_statuses(ServiceState.OFFLINE, "shutdown")
 
     def close(self) -> None:
         """Closes the telemetry outbox (after the link is closed): what it holds is kept."""
@@ -177,28 +237,33 @@ class SimDevice:
         return self.shared.settings.status_interval_s * random.uniform(0.8, 1.2)  # noqa: S311  jitter
 
     def _status_tick(self) -> None:
-        if self.link.connected.is_set():
-            self._publish_statuses()
+        self._publish_statuses()  # link up or not: the real services publish to their own broker regardless
         self._status_timer = asyncio.get_running_loop().call_later(self._status_interval(), self._status_tick)
 
     def _publish_statuses(self, state: ServiceState = ServiceState.ONLINE, reason: str | None = None) -> None:
-        # Only while connected, and all three again on every connect: a retained status is the latest
-        # word, so the statuses a real bridge would queue during an outage say nothing the next one does not.
         now, model = time.time(), self.inference.model
-        for service, extra in ((topics.INFERENCE_SERVICE, {"model": model}), (topics.SYNC_SERVICE, {"model": model}),
+        inference: dict[str, Any] = {"model": model, "provider": SIM_PROVIDER, "inference": self._inference_stats()}
+        for service, extra in ((topics.INFERENCE_SERVICE, inference), (topics.SYNC_SERVICE, {"model": model}),
                                (topics.TELEMETRY_SERVICE, {"telemetry": self._telemetry_status()})):
             status = ServiceStatus(device=self.device, service=service, state=state, at=now,
                                    edgefleet_version=VERSION, reason=reason, **extra)
             self.link.publish(topics.status(self.device, service), encode(status), qos=1, retain=True,
                               content_type=JSON)
 
+    def _inference_stats(self) -> InferenceStats:
+        """The counts a camera at --predictions-per-s would have made since start (one frame, one prediction)."""
+        made = int((time.monotonic() - self._started) * self.shared.predictions_per_s)
+        return InferenceStats(frames_received=made, predictions_published=made, batches=made)
+
     def _telemetry_status(self) -> TelemetryStats | None:
         if self.telemetry is None:
             return None
         s = self.telemetry.stats()
+        draw = getattr(self.telemetry, "draw", None)  # SimTelemetry's RecordDraw: the alerts it raised and holds
+        open_alerts = sorted(str(getattr(kind, "value", kind)) for kind in getattr(draw, "open", {}))
         return TelemetryStats(queue_records=s.queued, queue_bytes=s.queue_bytes, next_seq=s.next_seq,
                               dropped={}, batches_sent=s.sent_batches, batches_resent=s.resent_batches,
-                              records_acknowledged=s.acked, open_alerts=[], epoch=s.epoch,
+                              records_acknowledged=s.acked, open_alerts=open_alerts, epoch=s.epoch,
                               batches_dead_lettered=s.dead_lettered)
 
     def telemetry_sums(self, into: TelemetrySums) -> None:
@@ -210,6 +275,14 @@ class SimDevice:
             setattr(into, name, getattr(into, name) + getattr(s, name))
 
     # -- rollouts ------------------------------------------------------------------------------------
+
+    def _on_plugin_rollout(self, message: paho.MQTTMessage) -> None:
+        if not message.payload:
+            return
+        try:
+            decode(PluginRollout, message.payload, content_type_of(message))
+        except DecodeError as exc:
+            log.warning("malformed plugin rollout", extra=fields(device=self.device, detail=str(exc)[:200]))
 
     def _on_rollout(self, message: paho.MQTTMessage) -> None:
         if not message.payload:  # the retained rollout was cleared
@@ -226,7 +299,7 @@ class SimDevice:
             if self._working or rollout == self._handled:
                 return
             self._working = True
-        self.shared.workers.submit(self._work)
+        self._submit(self._work)
 
     def _recover_then_work(self) -> None:
         try:
@@ -238,15 +311,20 @@ class SimDevice:
 
     def _work(self) -> None:
         """The rollout worker: handles the newest rollout until there is no newer one, then returns its thread."""
-        while (rollout := self._next()) is not None:
-            try:
-                self.machine.handle(rollout)
-            except Superseded:
-                pass
-            except Exception as exc:  # a bug must not stop the device; it keeps its model
-                log.exception("rollout failed unexpectedly", extra=fields(device=self.device))
-                self.io.report(SyncState.FAILED, rollout.rollout_id, reason=f"internal error: {exc}")
-            self.shared.handled[0] += 1
+        try:
+            while (rollout := self._next()) is not None:
+                try:
+                    self.machine.handle(rollout)
+                except Superseded:
+                    pass
+                except Exception as exc:  # a bug must not stop the device; it keeps its model
+                    log.exception("rollout failed unexpectedly", extra=fields(device=self.device))
+                    self.io.report(SyncState.FAILED, rollout.rollout_id, reason=f"internal error: {exc}")
+                self.shared.tally.handled_one()
+        except BaseException:  # whatever escaped (_next clears it on the way out): later rollouts start a worker
+            with self.io.changed:
+                self._working = False
+            raise
 
     def _next(self) -> Rollout | None:
         with self.io.changed:

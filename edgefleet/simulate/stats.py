@@ -3,18 +3,16 @@ the bench (edgefleet/bench/fleet.py) reads it."""
 
 from __future__ import annotations
 
-import threading
-from collections import Counter
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, Field
 
 from shared.atomic import write_atomic
+from shared.schemas import SyncState
 
 
 class TelemetrySums(BaseModel):
-    """The sums over a process's devices of SimTelemetry.stats()."""
+    """The sums over a process's devices of SimTelemetry.stats() (edgefleet/simulate/telemetry.py)."""
 
     appended: int = 0
     acked: int = 0
@@ -25,35 +23,87 @@ class TelemetrySums(BaseModel):
 
 
 class RegistryStats(BaseModel):
-    """Requests the process's devices made to the registry (S3), by operation, and the bytes of the bodies."""
+    """The process's devices' traffic with the registry (S3).
 
-    requests: dict[str, int] = Field(default_factory=dict)  # e.g. GetObject, HeadObject
+    :ivar requests: attempts by operation (GetObject, HeadObject...), every sending counted: retries and
+        failed ones included.
+    :ivar errors: failed attempts by kind: the S3 error code (NoSuchKey, SlowDown), "HTTP <status>", or the
+        exception when no answer came (ReadTimeoutError, ConnectionClosedError...).
+    :ivar bytes: body bytes the devices' downloads fetched (counted as read, not from Content-Length).
+    """
+
+    requests: dict[str, int] = Field(default_factory=dict)
+    errors: dict[str, int] = Field(default_factory=dict)
     bytes: int = 0
 
 
 class RolloutStats(BaseModel):
-    """Rollout messages the state machines handled, and each device's last reported sync state, counted."""
+    """Rollout messages the state machines handled, and each device's last reported sync state, counted.
+
+    :ivar handled: rollout messages a device's state machine finished with (superseded ones included).
+    :ivar states: devices by the sync state they reported last.
+    """
 
     handled: int = 0
-    states: dict[str, int] = Field(default_factory=dict)  # SyncState value -> devices reporting it last
+    states: dict[SyncState, int] = Field(default_factory=dict)
 
 
 class LinkStats(BaseModel):
-    connects: int = 0  # CONNACKs accepted (the first connect of each device and every reconnect)
+    """The process's links to the fleet broker.
+
+    :ivar connects: CONNACKs accepted (the first connect of each device and every reconnect).
+    :ivar connect_failures: connects that failed (refused, TLS, timeouts, anything else).
+    :ivar losses: sessions lost without a DISCONNECT of ours, cuts included.
+    :ivar cut: devices whose link was cut.
+    :ivar refused: publishes refused (the link's queue, bounded like the bridge queue, was full; or paho
+        refused): lost as a full bridge queue loses them.
+    :ivar queued: publishes waiting now for a link that is down, cut or connecting.
+    """
+
+    connects: int = 0
     connect_failures: int = 0
-    losses: int = 0  # sessions lost without a DISCONNECT of ours (cuts included)
-    cut: int = 0  # devices whose link was cut
+    losses: int = 0
+    cut: int = 0
+    refused: int = 0
+    queued: int = 0
 
 
 class SimStats(BaseModel):
+    """One simulator process, now.
+
+    :ivar pid: the process.
+    :ivar at: wall clock of this report.
+    :ivar devices: devices it simulates; connected: of them, with a session up now.
+    :ivar all_connected_at: wall clock when every device had connected once.
+    :ivar rss_bytes: resident memory now (trimmed every second: the steady figure).
+    :ivar rss_before_devices_bytes: resident memory before the first device was made (libraries, the
+        S3 client, the recording, the seed model).
+    :ivar per_device_bytes: (rss_bytes - rss_before_devices_bytes) / devices: steady memory per device.
+    :ivar peak_rss_bytes: the highest resident memory so far (VmHWM), which trimming does not lower.
+    :ivar per_device_peak_bytes: (peak_rss_bytes - rss_before_devices_bytes) / devices: the goal's figure.
+    :ivar state_bytes: what the devices' state folders hold (stores, outboxes; on tmpfs that is memory
+        too: the devices' own "flash"), hard-linked files once.
+    :ivar per_device_state_bytes: state_bytes / devices.
+    :ivar failed: device tasks or rollout workers that ended with an exception (a bug; must stay 0).
+    :ivar loop_lag_p99_s: how late the event loop ran its 100 ms tick, p99 (and max): high, the simulator
+        itself is what a run measured.
+    """
+
     pid: int
     at: float
     devices: int
     connected: int
-    all_connected_at: float | None = None  # wall clock when every device had connected once
+    all_connected_at: float | None = None
     rss_bytes: int
     rss_before_devices_bytes: int
     per_device_bytes: int
+    peak_rss_bytes: int = 0
+    per_device_peak_bytes: int = 0
+    state_bytes: int = 0
+    per_device_state_bytes: int = 0
+    failed: int = 0
+    loop_lag_p99_s: float = 0.0  # the event loop's lateness (edgefleet/simulate/loop_lag.py): p99 and max
+    loop_lag_max_s: float = 0.0
     link: LinkStats = Field(default_factory=LinkStats)
     telemetry: TelemetrySums = Field(default_factory=TelemetrySums)
     registry: RegistryStats = Field(default_factory=RegistryStats)
@@ -66,30 +116,9 @@ def write(path: Path, stats: SimStats) -> None:
 
 
 def read(path: Path) -> SimStats:
-    """A stats file as a simulator wrote it. Raises OSError, pydantic.ValidationError."""
-    return SimStats.model_validate_json(path.read_bytes())
+    """A stats file as a simulator wrote it.
 
-
-class RegistryCounter:
-    """Counts a boto3 S3 client's requests by operation and the body bytes of its GetObject answers,
-    through botocore's event hooks (thread-safe: the rollout workers share the client).
-
-    :param client: a boto3 S3 client; the counter registers itself on it.
+    :raises OSError: it cannot be read.
+    :raises pydantic.ValidationError: it is not a simulator's stats.
     """
-
-    def __init__(self, client: Any) -> None:
-        self._lock = threading.Lock()
-        self._requests: Counter[str] = Counter()
-        self._bytes = 0
-        client.meta.events.register("after-call.s3", self._after_call)
-
-    def _after_call(self, model: Any = None, parsed: Any = None, **_: Any) -> None:
-        name = getattr(model, "name", "unknown")
-        length = parsed.get("ContentLength", 0) if name == "GetObject" and isinstance(parsed, dict) else 0
-        with self._lock:
-            self._requests[name] += 1
-            self._bytes += int(length or 0)
-
-    def stats(self) -> RegistryStats:
-        with self._lock:
-            return RegistryStats(requests=dict(self._requests), bytes=self._bytes)
+    return SimStats.model_validate_json(path.read_bytes())

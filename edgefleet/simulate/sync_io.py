@@ -83,18 +83,19 @@ class SimSyncIo:
     :param SimInference inference: the device's simulated inference.
     :param threading.Event stopping: set at shutdown (every device's waits end).
     :param reported: called with every state this device reports (the process's stats).
+    :param downloaded: called with the bytes each download step fetched (the process's registry counter).
     """
 
     def __init__(self, device: str, settings: SyncSettings, s3: S3Client, trusted: dict[str, Ed25519PublicKey],
                  store: ModelStore, link: DeviceLink, inference: SimInference, stopping: threading.Event,
-                 reported: Callable[[str, SyncState], None]) -> None:
+                 reported: Callable[[str, SyncState], None], downloaded: Callable[[int], None]) -> None:
         self.device, self.settings, self.link, self.inference = device, settings, link, inference
         self.stopping = stopping
         self.changed = threading.Condition()
         self.latest: Rollout | None = None  # the newest rollout message (guarded by `changed`)
         self._reported = reported
         self.registry = RegistryIo(settings, s3, trusted, store, self.superseded, self.changed,
-                                   Progress(device), self.report, _uncounted)
+                                   Progress(device), self.report, downloaded)
 
     # -- the registry: the real code -----------------------------------------------------------------
 
@@ -145,7 +146,3 @@ class SimSyncIo:
 
     def superseded(self, rollout: Rollout) -> bool:
         return self.stopping.is_set() or supersedes(self.latest, rollout)
-
-
-def _uncounted(nbytes: int) -> None:
-    """Per-device download metrics are not kept: the process counts registry bytes on its S3 client."""

@@ -1,17 +1,28 @@
 """The simulator's pure logic: which links are cut, the predictions drawn for the canary, how long a
-simulated model has served, the stats file, and the registry counter's hooks."""
+simulated model has served, the stats file, the registry counter on a real (failing) call, the link's
+bounded queue, the bridge settings defined once, the state bytes."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import boto3
+import pytest
 from botocore.config import Config
+from botocore.exceptions import EndpointConnectionError
 
+from edgefleet import brokerconf
+from edgefleet.certs import issue, new_ca
+from edgefleet.simulate import link as link_module
 from edgefleet.simulate.fleet import cut_devices
-from edgefleet.simulate.link import RECONNECT_BASE_S, RECONNECT_CAP_S, DeviceLink
+from edgefleet.simulate.link import DeviceLink, Endpoint, LinkCounters
 from edgefleet.simulate.predictions import Draw, PhotoPrediction, Recording
-from edgefleet.simulate.stats import RegistryCounter, SimStats, read, write
+from edgefleet.simulate.process import state_bytes
+from edgefleet.simulate.registry_counter import RegistryCounter
+from edgefleet.simulate.stats import SimStats, read, write
 from edgefleet.simulate.sync_io import SimInference
 from services.sync import canary
 from shared.config import CanarySettings
@@ -81,23 +92,72 @@ def test_the_stats_file_reads_back_what_was_written(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))
 
 
-def test_the_registry_counter_counts_operations_and_body_bytes():
+def test_the_registry_counter_counts_every_attempt_the_failed_ones_by_kind_and_the_bytes_read():
+    # A real call to a port nobody listens on: botocore sends, gets no answer, raises.
     client = boto3.client("s3", region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s",
-                          endpoint_url="http://127.0.0.1:9", config=Config(retries={"max_attempts": 1}))
+                          endpoint_url="http://127.0.0.1:9",
+                          config=Config(retries={"mode": "standard", "total_max_attempts": 2}))
     counter = RegistryCounter(client)
-    model = client.meta.service_model
-    client.meta.events.emit("after-call.s3.GetObject", model=model.operation_model("GetObject"),
-                            parsed={"ContentLength": 1000}, http_response=None, context={})
-    client.meta.events.emit("after-call.s3.HeadObject", model=model.operation_model("HeadObject"),
-                            parsed={"ContentLength": 5000}, http_response=None, context={})
+    with pytest.raises(EndpointConnectionError):
+        client.get_object(Bucket="b", Key="k")
+    counter.downloaded(1000)  # RegistryIo's callback: the bytes a download step really read
     stats = counter.stats()
-    assert stats.requests == {"GetObject": 1, "HeadObject": 1}
-    assert stats.bytes == 1000  # a HEAD transfers no body
+    assert stats.requests == {"GetObject": 2}  # botocore's retry is a second sending
+    assert stats.errors == {"EndpointConnectionError": 1}
+    assert stats.bytes == 1000
+
+
+@pytest.fixture
+def certs(tmp_path):
+    new_ca(tmp_path)
+    issue(tmp_path, "sim-00000")
+    return tmp_path
+
+
+def test_a_down_link_queues_publishes_up_to_the_bridge_queue_and_refuses_the_rest(certs, monkeypatch):
+    monkeypatch.setattr(link_module, "_QUEUE_LIMIT", [3])
+    counters = LinkCounters()
+    with ThreadPoolExecutor(1) as pool:
+        link = DeviceLink("sim-00000", Endpoint("127.0.0.1", 9, certs), pool, counters)
+        for i in range(5):  # never started: down, as a link is before its first CONNACK
+            link.publish("edgefleet/sim-00000/status/sync", f"{i}".encode(), retain=True)
+    assert (link.queued(), link.pending(), counters.refused) == (3, 3, 2)
+    assert not link.connected.is_set() and link.settled  # nothing could go out now
+
+
+def test_the_link_queue_is_the_bridge_queue_edge_conf_sets():
+    assert link_module.queue_limit() == brokerconf.bridge_queue_limit() == 10000
+    rendered = brokerconf.bridge("sim-00000", "fleet", 8883, brokerconf.DEPLOY)
+    assert "restart_timeout 1 10\n" in rendered
+    for topic, direction, qos in brokerconf.bridge_topics("sim-00000"):
+        assert f"topic {topic} {direction} {qos}\n" in rendered
+
+
+def test_state_bytes_count_a_hard_linked_file_once(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "model").write_bytes(b"x" * 100_000)
+    os.link(tmp_path / "a" / "model", tmp_path / "fallback")
+    (tmp_path / "outbox.db").write_bytes(b"y" * 10_000)
+    assert 110_000 <= state_bytes(tmp_path) < 110_000 + 3 * 8192
+    assert state_bytes(tmp_path / "missing") == 0
+
+
+def test_the_link_publishes_from_any_thread_through_the_loop(certs):
+    async def main() -> int:
+        with ThreadPoolExecutor(1) as pool:
+            link = DeviceLink("sim-00000", Endpoint("127.0.0.1", 9, certs), pool, LinkCounters())
+            link.start(delay_s=3600)  # never connects during the test
+            await asyncio.get_running_loop().run_in_executor(None, lambda: link.publish("t", b"x"))
+            await asyncio.sleep(0)  # the loop runs the handed-over publish
+            link.disconnect()
+            return link.queued()
+    assert asyncio.run(main()) == 1
 
 
 def test_reconnect_delays_stay_within_the_bridges_restart_timeout():
     link = DeviceLink.__new__(DeviceLink)  # the backoff alone: no certificate, no socket
     link._delay = 0.0
     delays = [link._backoff() for _ in range(50)]
-    assert all(RECONNECT_BASE_S <= d <= RECONNECT_CAP_S for d in delays)
-    assert max(delays) > RECONNECT_BASE_S * 2  # it backs off
+    base, cap = brokerconf.BRIDGE_RESTART_S
+    assert all(base <= d <= cap for d in delays)
+    assert max(delays) > base * 2  # it backs off

@@ -10,8 +10,15 @@ hysteresis, as the device's drift detector would. They are committed in one tran
 flush_interval_s tick, as the service commits what it gathered, at `records_per_s` on average, each
 stamped with when in the tick it was made (so a lag measured from `at` includes the tick's wait).
 
-Batches go out as the Forwarder sends them (the same topic, content type and correlation data); the
-acknowledgement is waited for on the loop, its time counted only while the link is up.
+Batches go out as the Forwarder sends them (the same topic, content type and correlation data). A real
+device's forwarder publishes to the device's own broker, which bridges to the fleet broker; that local
+link is up for as long as the device runs (until its shutdown: link.closing), so the forwarder's clock
+runs as a bridged device's: ack_timeout_s after a sending it times out and sends again with the Sender's
+backoff, whether the fleet link is up or not. What it publishes while the fleet link is cut waits in the
+DeviceLink's queue (the bridge's queue, in the real thing) and goes out on reconnect, resends and all;
+the cloud acknowledges each copy, and stores a batch once (an identical copy, if stored again, is counted
+by the audit as `copies`). The Sender's link-up-only ack clock (ack_left(connected)) is for a forwarder
+linked straight to a cloud broker; here it is asked with the local link's state.
 
 Every outbox call is synchronous SQLite on tmpfs (no disk to wait for), so it runs on the loop; each
 is small: one tick's records, one batch."""
@@ -32,10 +39,11 @@ import paho.mqtt.client as paho
 
 from services.telemetry.drift import Rule, rules_from
 from services.telemetry.outbox import Outbox
-from services.telemetry.sending import LINK_CHECK_S, Outgoing, Sender
+from services.telemetry.sending import Outgoing, Sender
 from shared import topics
 from shared.codec import DecodeError, decode
-from shared.config import BatchSettings, ForwardSettings, OutboxSettings, TelemetrySettings, TtlSettings
+from shared.config import TelemetrySettings
+from shared.logs import fields
 from shared.mqtt import content_type_of
 from shared.schemas import (
     Alert,
@@ -55,12 +63,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_DEFAULTS = TelemetrySettings.model_construct()  # the service's defaults, not this process's environment
-_OUTBOX_MAX_BYTES, _TTL_S = OutboxSettings().max_bytes, TtlSettings().by_kind()
-FLUSH_INTERVAL_S = _DEFAULTS.flush_interval_s  # one outbox transaction per tick, as the service commits
-# The service's mix: a resource sample every resource_interval_s, a drift sample every sample_interval_s.
-DRIFT_SHARE = (1 / _DEFAULTS.drift.sample_interval_s) / (
-    1 / _DEFAULTS.resource_interval_s + 1 / _DEFAULTS.drift.sample_interval_s)
 CONTAINERS = ("inference", "telemetry", "sync", "mosquitto")  # what a device runs (docs/deploy: compose)
 MAX_HELD_ACKS = 8  # acknowledgements held for a batch not (or no longer) waited for: a resend finds its ack
 OUTBOX_CACHE_KIB = 256  # caps SQLite's page cache per outbox (2 MiB by default): a backlog stays in the device budget
@@ -112,18 +114,22 @@ class RecordDraw:
 
     :param str device: the device id the records carry.
     :param random.Random rng: where the randomness comes from.
+    :param TelemetrySettings settings: the telemetry service's settings: the drift rules and window, the
+        mix of kinds (resource_interval_s, drift.sample_interval_s).
     :param model: what the device serves now (for drift samples and alerts); None: not known.
     """
 
-    def __init__(self, device: str, rng: random.Random, model: Callable[[], ModelRef | None] | None = None) -> None:
+    def __init__(self, device: str, rng: random.Random, settings: TelemetrySettings,
+                 model: Callable[[], ModelRef | None] | None = None) -> None:
         self.device, self.rng, self._model = device, rng, model or (lambda: None)
+        self.drift_share = drift_share(settings)
         self.cpu_load = rng.betavariate(2, 5)  # a busy device or an idle one: the mean of its CPU samples
         self.memory_total = rng.choice((4, 8, 16)) << 30
         self.memory_level = rng.uniform(25, 75)
         self.disk_level = rng.uniform(10, 80)
         self.temperature = rng.gauss(55, 6)
         self.latency_ms = rng.lognormvariate(math.log(15), 0.4)
-        drift = _DEFAULTS.drift
+        drift = settings.drift
         self.window = drift.window
         self.rules = {rule.type: rule for rule in rules_from(drift)}
         # Each score wanders around a level well under its rule's raise threshold, and now and then crosses it.
@@ -149,7 +155,7 @@ class RecordDraw:
         end = time.time()
         for i in range(count):
             now = end - span_s * (count - 1 - i) / count
-            if self.rng.random() < DRIFT_SHARE:
+            if self.rng.random() < self.drift_share:
                 sample = self._drift(now)
                 records.append(sample)
                 records.extend(self._judge(sample))
@@ -207,6 +213,13 @@ class RecordDraw:
                      detail=f"{rule.what} {value:.3f}, {verb} {threshold}", at=sample.at)
 
 
+def drift_share(settings: TelemetrySettings) -> float:
+    """The share of drift samples in the service's mix: a resource sample every resource_interval_s, a
+    drift sample every drift.sample_interval_s."""
+    drift, resources = 1 / settings.drift.sample_interval_s, 1 / settings.resource_interval_s
+    return drift / (drift + resources)
+
+
 def _clip(value: float, low: float, high: float) -> float:
     return min(high, max(low, value))
 
@@ -217,34 +230,34 @@ class SimTelemetry:
 
     :param str device: the device id.
     :param Path folder: the device's state folder; the outbox is folder / "outbox.db".
-    :param DeviceLink link: the device's MQTT session; the ack topic is subscribed here (before it starts).
+    :param DeviceLink link: the device's fleet link (its bridge, in the real thing): publishes made while it
+        is down are queued by it; the ack topic is subscribed here (before it starts).
     :param float records_per_s: the average rate of drawn records (0: none; the outbox still forwards).
-    :param BatchSettings batch: max_records, max_bytes, linger_s of a batch.
-    :param ForwardSettings forward: max_attempts, retry_max_s.
-    :param float ack_timeout_s: how long (of link-up time) a batch waits for its acknowledgement.
+    :param TelemetrySettings settings: the telemetry service's settings, loaded as the service loads them
+        (shared.config.load): batch (max_records, max_bytes, linger_s), forward (max_attempts,
+        retry_max_s), ack_timeout_s (counted from each sending, the local link being always up),
+        outbox.max_bytes, ttl, flush_interval_s, resource_interval_s and drift (the drawn records).
     :param model: what the device serves now, for drift samples and alerts; None: not known.
     :param random.Random rng: the randomness of the drawn records; None: a fresh one.
-    :param float flush_interval_s: one outbox transaction per this many seconds (the telemetry service's
-        flush_interval_s by default). Each costs about as much CPU as the records in it, so a simulator
-        of many devices at several records/s each may take 1 s: fewer, larger transactions.
-    :raises ValueError: records_per_s or flush_interval_s out of range.
+    :raises ValueError: records_per_s out of range.
     :raises sqlite3.Error: the outbox cannot be opened.
     """
 
-    def __init__(self, device: str, folder: Path, link: DeviceLink, records_per_s: float, batch: BatchSettings,
-                 forward: ForwardSettings, ack_timeout_s: float, *, model: Callable[[], ModelRef | None] | None = None,
-                 rng: random.Random | None = None, flush_interval_s: float = FLUSH_INTERVAL_S) -> None:
+    def __init__(self, device: str, folder: Path, link: DeviceLink, records_per_s: float,
+                 settings: TelemetrySettings, *, model: Callable[[], ModelRef | None] | None = None,
+                 rng: random.Random | None = None) -> None:
         if records_per_s < 0 or not math.isfinite(records_per_s):
             raise ValueError(f"records_per_s must be a finite number >= 0, not {records_per_s}")
-        if not 0 < flush_interval_s <= 10:
-            raise ValueError(f"flush_interval_s must be in (0, 10], not {flush_interval_s}")
         self.device, self.link, self.records_per_s = device, link, records_per_s
-        self.flush_interval_s = flush_interval_s
-        self.outbox = Outbox(folder / "outbox.db", device, _OUTBOX_MAX_BYTES, ttl_s=_TTL_S)
+        # One outbox transaction per tick, as the service commits. Each costs about as much CPU as the
+        # records in it, so a simulator of many devices at several records/s may set it to 1 s.
+        self.flush_interval_s = settings.flush_interval_s
+        self.outbox = Outbox(folder / "outbox.db", device, settings.outbox.max_bytes, ttl_s=settings.ttl.by_kind())
         # The outbox's connection is the simulator's to tune: a small page cache keeps a device in its budget.
         self.outbox.db.execute(f"PRAGMA cache_size=-{OUTBOX_CACHE_KIB}")
-        self.sender = Sender(self.outbox, device, batch=batch, forward=forward, ack_timeout_s=ack_timeout_s)
-        self.draw = RecordDraw(device, rng or random.Random(), model)  # noqa: S311  simulated values
+        self.sender = Sender(self.outbox, device, batch=settings.batch, forward=settings.forward,
+                             ack_timeout_s=settings.ack_timeout_s)
+        self.draw = RecordDraw(device, rng or random.Random(), settings, model)  # noqa: S311  simulated values
         self.appended = 0
         self._acks: dict[str, TelemetryAck] = {}
         self._acked = asyncio.Event()  # an acknowledgement arrived
@@ -304,9 +317,9 @@ class SimTelemetry:
     # -- batches out ----------------------------------------------------------------------------------
 
     async def _forward(self) -> None:
+        """The Forwarder's round on the device's local broker link, which is always up: publish (the
+        DeviceLink queues it while the fleet link is down), wait ack_timeout_s, back off, send again."""
         while True:
-            if not self.link.connected.is_set():
-                await self.link.connected.wait()
             sending = self.sender.next()
             if not isinstance(sending, Outgoing):
                 await self._wait_records(sending)
@@ -319,7 +332,7 @@ class SimTelemetry:
             else:
                 delay = self.sender.timed_out()
                 log.debug("batch not acknowledged; sending again",
-                          extra={"device": self.device, "batch": sending.batch_id, "wait_s": delay})
+                          extra=fields(device=self.device, batch=sending.batch_id, wait_s=delay))
                 await asyncio.sleep(delay)
 
     async def _wait_records(self, seconds: float) -> None:
@@ -334,20 +347,21 @@ class SimTelemetry:
             self._idle = False
 
     async def _await_ack(self, batch_id: str) -> TelemetryAck | None:
-        """The batch's acknowledgement, or None once its time (counted while the link is up) is over.
-        While the link is down it waits for the link: the broker's session delivers a held ack after it."""
+        """The batch's acknowledgement, or None once ack_timeout_s from its sending is over. The clock runs
+        whatever the fleet link does: the forwarder's link is to the device's own broker, up until the
+        device goes down as a whole (link.closing: shutdown), when nothing is sent again."""
         while True:
             if (ack := self._acks.pop(batch_id, None)) is not None:
+                # Only this batch is in flight: any other ack held is stale (another copy's ack of a
+                # batch settled before), as the Forwarder drops them.
+                self._acks.clear()
                 return ack
-            left = self.sender.ack_left(self.link.connected.is_set())
-            if left is None:
-                await self.link.connected.wait()
-                continue
-            if left <= 0:
+            left = self.sender.ack_left(not self.link.closing)
+            if left is not None and left <= 0:
                 return None
             self._acked.clear()
-            try:  # woken at least every LINK_CHECK_S: a cut in between stops the ack clock
-                await asyncio.wait_for(self._acked.wait(), min(left, LINK_CHECK_S))
+            try:  # left None: the device is going down; an ack may still come, no timeout will
+                await asyncio.wait_for(self._acked.wait(), left)
             except TimeoutError:
                 pass
 
@@ -355,7 +369,7 @@ class SimTelemetry:
         try:
             ack = decode(TelemetryAck, message.payload, content_type_of(message))
         except DecodeError as exc:
-            log.warning("bad ack", extra={"device": self.device, "error": str(exc)})
+            log.warning("bad ack", extra=fields(device=self.device, error=str(exc)))
             return
         self._acks[ack.batch_id] = ack
         while len(self._acks) > MAX_HELD_ACKS:  # acks of batches settled long ago: the oldest go first

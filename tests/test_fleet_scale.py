@@ -61,6 +61,11 @@ def test_rollout_reaches_all_50_with_an_exact_canary_audit_clean_after_a_cut_and
             serving = watch.devices[joiner].latest
             assert serving is not None and serving.serving is not None and serving.serving.version == 2, serving
 
+            # No device task or rollout worker died, no publish was refused; the console heard the statuses.
+            stats = fleet.sim_totals(rig.simulators)
+            assert sum(s.failed for s in stats) == 0 and sum(s.link.refused for s in stats) == 0, stats
+            assert watch.message_counts()[0] >= EARLY + 1  # statuses, every service's, by the bench's count
+
             # Every record of every device is in S3 once, or still in the device's outbox.
             checked = fleet.stop_and_audit(rig, rig.simulators)
             assert checked.devices == checked.expected == EARLY + 1, checked

@@ -6,9 +6,11 @@ flush indexes and the records themselves)."""
 from __future__ import annotations
 
 import gzip
+import re
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,8 @@ from typing import TYPE_CHECKING
 import psutil
 from pydantic import ValidationError
 
+from edgefleet.simulate import loop_lag
+from edgefleet.simulate.stats import SimStats
 from shared import lake, topics
 from shared.codec import DecodeError, decode
 from shared.config import CommonSettings
@@ -45,7 +49,7 @@ class DeviceTrack:
 
 
 class FleetWatch:
-    """The fleet's sync reports, sync statuses and rollout, as they arrive on the fleet broker.
+    """The fleet's sync reports, statuses and rollout, as they arrive on the fleet broker.
 
     Args:
         settings: a fleet client's settings (the console's certificate: it reads everything, writes nothing;
@@ -57,8 +61,13 @@ class FleetWatch:
         self._lock = threading.Lock()
         self.devices: dict[str, DeviceTrack] = {}
         self.rollouts: list[Rollout] = []
+        self.status_messages = 0  # every device status received (all services): the broker's status traffic
+        self.report_messages = 0  # sync-state reports received
         self.link.subscribe(topics.all_sync_states(), self._on_report)
         self.link.subscribe(topics.every_device_status(topics.SYNC_SERVICE), self._on_status)
+        for service in topics.DEVICE_SERVICES:
+            if service != topics.SYNC_SERVICE:  # counted only: the sync status alone says online
+                self.link.subscribe(topics.every_device_status(service), self._on_other_status)
         self.link.subscribe(topics.rollout(), self._on_rollout)
 
     def start(self) -> FleetWatch:
@@ -79,6 +88,8 @@ class FleetWatch:
         return self.devices.setdefault(device, DeviceTrack())
 
     def _on_report(self, message: MQTTMessage) -> None:
+        with self._lock:
+            self.report_messages += 1
         try:
             report = decode(SyncReport, message.payload, content_type_of(message))
         except DecodeError:
@@ -96,6 +107,8 @@ class FleetWatch:
                     track.verdict_reason[report.rollout_id] = report.reason or "; ".join(report.canary.reasons)
 
     def _on_status(self, message: MQTTMessage) -> None:
+        with self._lock:
+            self.status_messages += 1
         try:
             status = decode(ServiceStatus, message.payload, content_type_of(message))
         except DecodeError:
@@ -104,6 +117,10 @@ class FleetWatch:
             track = self._track(message)
             if track is not None:
                 track.online = status.state is ServiceState.ONLINE
+
+    def _on_other_status(self, message: MQTTMessage) -> None:
+        with self._lock:
+            self.status_messages += 1
 
     def _on_rollout(self, message: MQTTMessage) -> None:
         if not message.payload:
@@ -116,6 +133,12 @@ class FleetWatch:
             self.rollouts.append(rollout)
 
     # -- reading -------------------------------------------------------------------------------------
+
+    def message_counts(self) -> tuple[int, int]:
+        """Device statuses (every service) and sync-state reports received so far: marked at a window's
+        ends, their difference is what the devices published through the broker in it."""
+        with self._lock:
+            return self.status_messages, self.report_messages
 
     def online(self) -> int:
         """Devices whose latest sync status says online."""
@@ -168,6 +191,97 @@ def percentile(values: Iterable[float], q: float) -> float:
         return float("nan")
     rank = max(1, -(-len(ordered) * q // 100))
     return ordered[int(rank) - 1]
+
+
+# -- the simulators' own loop -----------------------------------------------------------------------------
+
+
+LAG_WINDOW_S = loop_lag.TICK_S * loop_lag.WINDOW  # what one stats file's loop_lag figures cover: the last minute
+
+
+@dataclass(frozen=True)
+class LagFigures:
+    """The simulators' loop lag over a phase: the worst process's p99 and max (seconds); `covers_s`: how
+    much before the phase's start the figures may reach back (a phase shorter than LAG_WINDOW_S)."""
+
+    p99_s: float
+    max_s: float
+    covers_s: float
+
+
+class LagSampler:
+    """Reads the simulators' stats every second and keeps their loop lag figures, so each phase can be
+    given the lag its own minutes had. One owner: the bench starts it, and stops it with close().
+
+    Args:
+        read: the simulators' latest stats (edgefleet.bench.fleet.sim_totals over the processes).
+        every_s: how often it reads.
+    """
+
+    def __init__(self, read: Callable[[], list[SimStats]], every_s: float = 1.0) -> None:
+        self._read, self._every_s = read, every_s
+        self._samples: dict[int, list[tuple[float, float, float]]] = {}  # pid -> (at, p99, max)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lag-sampler", daemon=True)
+
+    def start(self) -> LagSampler:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every_s):
+            for s in self._read():
+                with self._lock:
+                    samples = self._samples.setdefault(s.pid, [])
+                    if not samples or samples[-1][0] != s.at:
+                        samples.append((s.at, s.loop_lag_p99_s, s.loop_lag_max_s))
+
+    def over(self, start: float, end: float) -> LagFigures | None:
+        """The phase [start, end] (wall clock): each process's figures reported from a minute into the
+        phase (whole minutes inside it) to its end, or, for a phase shorter than that, at its end (they
+        then reach back before it); the worst process's. None: no sample in it."""
+        since = min(start + LAG_WINDOW_S, end)
+        with self._lock:
+            inside = [(p, m) for samples in self._samples.values() for at, p, m in samples if since <= at <= end + 2.5]
+            first = min((samples[0][0] for samples in self._samples.values() if samples), default=start)
+        if not inside:
+            return None
+        # How far the last minute reaches back before the phase, and only while the simulators ran.
+        before = min(LAG_WINDOW_S - (end - start), start - first + 1.0)
+        return LagFigures(max(p for p, _ in inside), max(m for _, m in inside), max(0.0, before))
+
+
+# -- S3 requests, from the server's own log --------------------------------------------------------------
+
+_REQUEST = re.compile(rb'"(GET|PUT|POST|HEAD|DELETE) [^"]*" (\d{3})')
+
+
+def log_size(path: Path) -> int:
+    """The log's size now (0 when absent): mark a window's ends with it."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def requests_logged(path: Path, start: int, end: int) -> Counter[str]:
+    """The HTTP requests the S3 server logged (werkzeug's access lines) between two offsets of its log,
+    by method: every PUT the replicas sent, refused ones too."""
+    counted: Counter[str] = Counter()
+    try:
+        with path.open("rb") as log:
+            log.seek(start)
+            body = log.read(max(0, end - start))
+    except OSError:
+        return counted
+    for match in _REQUEST.finditer(body):
+        counted[match.group(1).decode()] += 1
+    return counted
 
 
 # -- CPU -------------------------------------------------------------------------------------------------

@@ -77,8 +77,10 @@ def test_the_main_job_shows_real_labels_and_hands_the_operator_its_registry(tmp_
     """`edgefleet up` shows live predictions, and hands the operator's shell what `rollout start` needs:
     its env file reaches the registry, seeded with the served v1 (accepted), where v2 is not (refused)."""
     out = tmp_path / "up.out"
+    # 12 s of live view (counted from the env file's line): the operator's two commands below take ~5 s
+    # on a loaded 2-core machine, and 2 cameras at 2 frames/s show ~40 predictions.
     with out.open("w") as log:
-        up = subprocess.Popen([sys.executable, "-m", "edgefleet", "up", "--duration", "20", "--cameras", "2",
+        up = subprocess.Popen([sys.executable, "-m", "edgefleet", "up", "--duration", "12", "--cameras", "2",
                                "--rate", "2"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, "COLUMNS": "160"})
     try:

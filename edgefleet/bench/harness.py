@@ -252,19 +252,34 @@ class Harness:
 
     def drain(self, timeout_s: float = 10.0) -> None:
         """Waits until every frame sent has been answered (or `timeout_s`), so runs do not overlap."""
-        deadline = time.monotonic() + timeout_s
-        while self.sent and time.monotonic() < deadline:
-            time.sleep(0.02)
+        self.settle(timeout_s)
         with self.lock:
             self.sent.clear()
+
+    def settle(self, timeout_s: float) -> bool:
+        """Waits until every frame sent has been answered, at most `timeout_s`; the unanswered stay in
+        `sent` (a bench counts them as lost). A fixed sleep of `timeout_s` waited for the same answers,
+        and on after the last had come.
+
+        Returns:
+            True once nothing is outstanding (each answer is in `results` by then), False at the timeout.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self.lock:
+                if not self.sent:
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
 
     def _on_prediction(self, message) -> None:
         now = time.perf_counter()
         prediction = decode(Prediction, message.payload, content_type_of(message))
-        with self.lock:
+        with self.lock:  # popped and recorded together: settle() sees no answer half-recorded
             sent = self.sent.pop(prediction.frame_id, None)
-        if sent is not None:
-            self.results.append(Result(now, now - sent, prediction.timings.inference_ms, prediction))
+            if sent is not None:
+                self.results.append(Result(now, now - sent, prediction.timings.inference_ms, prediction))
         if self.refill:  # closed loop: every answer lets the next frame in
             self.send()
 

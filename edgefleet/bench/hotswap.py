@@ -117,7 +117,7 @@ def _phase(harness, rate: float, seconds: float, during, windows: list[tuple[flo
     harness.paced(rate, seconds)
     worker.join()
     t1 = time.perf_counter()
-    time.sleep(1.5)  # the last answers
+    harness.settle(1.5)  # the last answers (a frame still unanswered by then is lost)
     done = sorted(r[0] for r in harness.window(t0, t1 + 1.5))
     sent = next(harness.ids) - first_id - 1
     gaps = np.diff(done)

@@ -43,7 +43,7 @@ class Evaluation:
 
 
 def evaluate(model_dirs: list[Path], teacher_dir: Path, eval_dir: Path, threads: int = 0, runs: int = 100, *,
-             throughput_s: float = 1.0, progress: Reporter = QUIET) -> list[Evaluation]:
+             throughput_s: float = 1.0, throughput_runs: int = 3, progress: Reporter = QUIET) -> list[Evaluation]:
     """Each model against the teacher on the images in `eval_dir`.
 
     Args:
@@ -52,7 +52,9 @@ def evaluate(model_dirs: list[Path], teacher_dir: Path, eval_dir: Path, threads:
         eval_dir: held-out images (`edgefleet model dataset`), sub-folders named after a class where known.
         threads: ONNX Runtime intra-op threads (0: its default).
         runs: timed runs at batch 1 for the latency percentiles.
-        throughput_s: seconds each batch size runs for the best images/s (at least 3 runs each).
+        throughput_s: seconds each batch size runs for the best images/s (at least `throughput_runs` runs each,
+            after one untimed).
+        throughput_runs: the fewest timed runs at each batch size.
         progress: shown the images read and each model measured.
 
     Returns:
@@ -71,13 +73,13 @@ def evaluate(model_dirs: list[Path], teacher_dir: Path, eval_dir: Path, threads:
     with progress.task(f"measuring {len(model_dirs)} models", len(model_dirs)) as measured:
         for model_dir in model_dirs:
             results.append(_evaluate_one(model_dir, inputs, labels, reference, confident, threads, runs,
-                                         throughput_s, progress))
+                                         throughput_s, throughput_runs, progress))
             measured.advance()
     return results
 
 
 def _evaluate_one(model_dir: Path, inputs: np.ndarray, labels: np.ndarray, reference: np.ndarray,
-                  confident: np.ndarray, threads: int, runs: int, throughput_s: float,
+                  confident: np.ndarray, threads: int, runs: int, throughput_s: float, throughput_runs: int,
                   progress: Reporter) -> Evaluation:
     labelled = labels != UNLABELLED
     manifest, path = load_verified(model_dir)
@@ -87,7 +89,7 @@ def _evaluate_one(model_dir: Path, inputs: np.ndarray, labels: np.ndarray, refer
         agree = outputs.argmax(1) == reference.argmax(1)
         top5 = np.array([reference[i].argmax() in np.argsort(-outputs[i])[:5] for i in range(len(outputs))])
         times = latencies(runner, manifest.input.name, inputs[:1], runs)
-        best_batch, best_rate = _best_throughput(runner, manifest.input.name, inputs, throughput_s)
+        best_batch, best_rate = _best_throughput(runner, manifest.input.name, inputs, throughput_s, throughput_runs)
     gate = "n/a" if manifest.quality is None else ("passed" if manifest.quality.passed else "FAILED")
     return Evaluation(
         model=f"{manifest.name} v{manifest.version}" + _float_layers(manifest.recipe),
@@ -124,13 +126,14 @@ def latencies(runner: ort.InferenceSession, name: str, one: np.ndarray, runs: in
     return np.array(times)
 
 
-def _best_throughput(runner: ort.InferenceSession, name: str, inputs: np.ndarray, seconds: float) -> tuple[int, float]:
+def _best_throughput(runner: ort.InferenceSession, name: str, inputs: np.ndarray, seconds: float,
+                     min_runs: int = 3) -> tuple[int, float]:
     best = (1, 0.0)
     for batch in (1, 4, 8, 16):
         x = np.ascontiguousarray(np.resize(inputs, (batch, *inputs.shape[1:])))
         runner.run(None, {name: x})
         n, t0 = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - t0) < seconds or n < 3:
+        while (elapsed := time.perf_counter() - t0) < seconds or n < min_runs:
             runner.run(None, {name: x})
             n += 1
         rate = batch * n / elapsed

@@ -412,7 +412,7 @@ def rows(settings: CommonSettings, wait_s: float = 2.0, now: float | None = None
          plugin: str | None = None) -> list[DeviceRow]:
     """Every device that has a retained sync report (on the model's rollout, or the named plugin's) or a
     sync status on the fleet broker, by topic, sorted."""
-    reports, statuses = _collect(settings, wait_s, plugin)
+    reports, statuses, _ = _collect(settings, wait_s, plugin)
     now = time.time() if now is None else now
     return [row(d, reports.get(d), statuses.get(d), now, settings.status_interval_s)
             for d in sorted(reports.keys() | statuses.keys())]
@@ -424,8 +424,26 @@ def states(settings: CommonSettings, wait_s: float = 2.0, plugin: str | None = N
     return _collect(settings, wait_s, plugin)[0]
 
 
-def _collect(settings: CommonSettings, wait_s: float,
-             plugin: str | None = None) -> tuple[dict[str, SyncReport], dict[str, ServiceStatus]]:
+# How long the retained read goes on after the broker's marker SUBACK (_retained_sent): the messages it
+# wrote before it are in the socket or paho's buffer, not yet through the handlers.
+RETAINED_GRACE_S = 0.2
+# MQTT's largest Receive Maximum. Mosquitto sends a client no more unacknowledged QoS 1 messages than
+# this (its default, max_inflight_messages, is 20) and holds the rest back until PUBACKs come in, so
+# with its default the marker's SUBACK would overtake all but the first 20 retained messages.
+# (mosquitto v2.0.11 fcf14eaf: src/context.c:87 the default; src/property_broker.c:40-46 a CONNECT's
+# Receive Maximum replaces it; src/database.c:77-78 and 464-466 a message past it is queued, unsent.)
+RECEIVE_MAXIMUM = 65535
+
+
+def _collect(settings: CommonSettings, wait_s: float, plugin: str | None = None
+             ) -> tuple[dict[str, SyncReport], dict[str, ServiceStatus], bool]:
+    """Reads every device's retained sync report and sync status.
+
+    :param wait_s: the most seconds the read takes; less when the broker marks its retained messages sent.
+    :returns: the reports and statuses by device, and whether the broker's marker ended the read (False:
+        wait_s ran out first, as with a broker that orders its answers otherwise).
+    """
+    deadline = time.monotonic() + wait_s
     states_topic = topics.all_sync_states() if plugin is None else topics.all_plugin_sync_states(
         registry.check_name(plugin))
     reports: dict[str, SyncReport] = {}
@@ -442,10 +460,33 @@ def _collect(settings: CommonSettings, wait_s: float,
                 return
         return on_message
 
-    link = MqttLink(settings, "operator", unique=True)
+    link = MqttLink(settings, "operator", unique=True, receive_maximum=RECEIVE_MAXIMUM)
     link.subscribe(states_topic, keep(SyncReport, reports))
     link.subscribe(topics.every_device_status(topics.SYNC_SERVICE), keep(ServiceStatus, statuses))
     link.start()
-    time.sleep(wait_s)
-    link.stop()
-    return dict(reports), dict(statuses)
+    try:
+        marked = _retained_sent(link, deadline)
+        time.sleep(max(0.0, min(RETAINED_GRACE_S if marked else wait_s, deadline - time.monotonic())))
+    finally:
+        link.stop()
+    return dict(reports), dict(statuses), marked
+
+
+def _retained_sent(link: MqttLink, deadline: float) -> bool:
+    """Waits (until `deadline`, time.monotonic()) until the broker has written every retained message of
+    the link's subscriptions: True then, False if the deadline came first.
+
+    Mosquitto handles a client's packets in order, and for a SUBSCRIBE it queues the filters' retained
+    messages, sends the SUBACK and then writes them (v2.0.11 fcf14eaf src/handle_subscribe.c:195-201
+    retain__queue, :228 send__suback, :235-239 db__message_write_inflight_out_latest), all onto one FIFO
+    of outgoing packets (lib/packet_mosq.c packet__queue). So the SUBACK of a SUBSCRIBE sent after the
+    link's own comes after their retained messages. Twice: handle_subscribe writes them only while the
+    socket is not busy (:235 `current_out_packet == NULL`), otherwise they wait for the next PUBACK
+    (src/database.c:337-382 db__message_delete_outgoing); paho has sent a PUBACK for every message it
+    read before the first marker's SUBACK, so they are written before the second marker is handled.
+    The marker's filter is the rollout's, which the operator may read; its messages reach no handler.
+    """
+    def left() -> float:
+        return max(0.0, deadline - time.monotonic())
+
+    return link.wait_connected(left()) and all(link.subscribe_acked(topics.rollout(), left()) for _ in range(2))

@@ -103,6 +103,7 @@ class MqttLink:
         self._closing = False
         self._content_types: dict[str, Properties] = {}
         self._unsubscribed: dict[int, threading.Event] = {}
+        self._subacked: dict[int, threading.Event] = {}
 
         c = self._client
         # paho annotates the delays as int but computes with any number (min(delay * 2, max_delay)).
@@ -125,6 +126,7 @@ class MqttLink:
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_unsubscribe = self._on_unsubscribe
+        c.on_subscribe = self._on_subscribe
 
     @property
     def client(self) -> paho.Client:
@@ -176,6 +178,30 @@ class MqttLink:
             if mid is not None:
                 self._unsubscribed.pop(mid, None)
             self._subscriptions = [s for s in self._subscriptions if s[0] != topic_filter]
+        return answered
+
+    def subscribe_acked(self, topic_filter: str, timeout: float, qos: int = 1) -> bool:
+        """Send one SUBSCRIBE now and wait for the broker's SUBACK: a marker of how far the broker has
+        got with this link's earlier packets. No handler is added and it is not repeated on reconnect.
+
+        :param str topic_filter: an MQTT topic filter the client may subscribe to (a SUBACK that refuses
+            it is still an answer, and counts).
+        :param float timeout: the most seconds to wait for the SUBACK.
+        :param int qos: the maximum QoS asked for (0, 1 or 2).
+
+        Returns True if the SUBACK came in time; False if it did not, or the link is down.
+
+        :raises ValueError: for an empty or invalid filter or a bad qos (paho's check).
+        """
+        with self._lock:
+            rc, mid = self._client.subscribe(topic_filter, qos)
+            done = threading.Event()
+            if rc == paho.MQTT_ERR_SUCCESS and mid is not None:
+                self._subacked[mid] = done
+        answered = rc == paho.MQTT_ERR_SUCCESS and done.wait(timeout)
+        with self._lock:
+            if mid is not None:
+                self._subacked.pop(mid, None)
         return answered
 
     def ack(self, message: paho.MQTTMessage) -> None:
@@ -279,6 +305,13 @@ class MqttLink:
                         properties: Properties | None) -> None:
         with self._lock:
             done = self._unsubscribed.pop(mid, None)
+        if done is not None:
+            done.set()
+
+    def _on_subscribe(self, client: paho.Client, userdata: object, mid: int, reason_codes: list[ReasonCode],
+                      properties: Properties | None) -> None:
+        with self._lock:
+            done = self._subacked.pop(mid, None)
         if done is not None:
             done.set()
 

@@ -74,6 +74,10 @@ R = TypeVar("R")
 # queued_at: when the row was committed, the age of a record whose body no longer decodes (files made
 # before the column have it added, empty: see Outbox.oldest_at).
 _INSERT = "INSERT INTO records (seq, kind, expires, size, body, queued_at) VALUES (?,?,?,?,?,?)"
+# Records this object decoded (checking them at append) kept for next_batch, which would decode the same
+# bytes again: a few batches' worth, so a device's memory stays small while a backlog is read from disk.
+DECODED_KEPT = 16
+_Row = tuple[int, str, float | None, int, bytes, float]  # a records row, in _INSERT's order
 _LOST = struct.Struct("<q")  # the side file: records lost to a failed write, not yet recorded as a gap
 
 
@@ -82,12 +86,18 @@ class OutboxError(TelemetryError, ValueError):
 
 
 def _locked(method: Callable[Concatenate[Outbox, P], R]) -> Callable[Concatenate[Outbox, P], R]:
-    """The writer and the forwarder share one connection: one operation at a time."""
+    """The writer and the forwarder share one connection: one operation at a time. An operation that
+    fails leaves the file in a state the in-memory mirrors may not match (a rolled-back or half-done
+    transaction): they are forgotten, and read again from the file when next needed."""
 
     @functools.wraps(method)
     def wrapper(outbox: Outbox, /, *args: P.args, **kwargs: P.kwargs) -> R:
         with outbox._lock:
-            return method(outbox, *args, **kwargs)
+            try:
+                return method(outbox, *args, **kwargs)
+            except BaseException:
+                outbox._forget()
+                raise
 
     return wrapper
 
@@ -111,6 +121,17 @@ class Outbox:
         self.ttl_s = ttl_s or {}
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        # Mirrors of what this connection last wrote or read (the outbox's file has one writer: this
+        # object, under its lock), so a hot path asks SQLite only to write. `_meta`: the meta table's
+        # values (None: no row); `_ranges`: the acknowledged table's latest MAX_ACK_RANGES rows, oldest
+        # first, with `_parsed` their AckRange (None: unreadable); None: not read yet, or forgotten.
+        self._meta: dict[str, int | None] = {}
+        self._ranges: list[tuple[int, int, str]] | None = None
+        self._parsed: list[AckRange | None] = []
+        # seq -> (the row's body, the record it decodes to), for records appended by this object. decode
+        # is a function of the bytes alone, so a row whose body is these very bytes decodes to this record;
+        # any other row (read from an older file, changed on disk) is decoded.
+        self._decoded_kept: dict[int, tuple[bytes, TelemetryRecord]] = {}
         self.stats = OutboxStats()
         self.stats.repaired = self._open_checked()
         if self._get("epoch", -1) < 0:
@@ -155,6 +176,7 @@ class Outbox:
             if source.exists():
                 os.replace(source, Path(str(aside) + suffix))
         self.db = self._connect(self.path)  # a fresh file: it gets a new epoch
+        self._forget()
         kept, lost, highest = self._copy_readable(aside)
         self._set("next_seq", highest + 1)
         if lost:
@@ -215,13 +237,20 @@ class Outbox:
         left out: no claim is better than a wrong one (the audit fails closed)."""
         rows = self.db.execute("SELECT first_seq, last_seq, store FROM acknowledged ORDER BY first_seq DESC LIMIT ?",
                                (MAX_ACK_RANGES,)).fetchall()
-        ranges = []
-        for first, last, store in reversed(rows):
-            try:
-                ranges.append(AckRange(store=store, first_seq=first, last_seq=last))
-            except ValueError:
-                log.warning("acknowledged range unreadable; not sent", extra=fields(first=first, store=str(store)[:80]))
-        return ranges
+        self._ranges = [(first, last, store) for first, last, store in reversed(rows)]
+        self._parsed = [_parsed_range(row) for row in self._ranges]
+        return [parsed for parsed in self._parsed if parsed is not None]
+
+    def _latest_ranges(self) -> list[tuple[int, int, str]]:
+        """The mirror of the acknowledged table's latest rows (read from the file if not held)."""
+        if self._ranges is None:
+            self._load_acknowledged()
+        return self._ranges if self._ranges is not None else []
+
+    def _forget(self) -> None:
+        """Drops the in-memory mirrors of the file (see __init__): the next use reads the file again."""
+        self._meta.clear()
+        self._ranges = None
 
     def _acknowledged_by(self, store: str, first: int, last: int) -> None:
         """Records that `store` acknowledged exactly first..last, every number of it (in the caller's
@@ -230,42 +259,63 @@ class Outbox:
         acknowledge (one the device dropped, whose gap record may still be queued): the audit would call
         that number lost by the store. Past MAX_ACK_RANGES the oldest ranges go, which only leaves numbers
         unexplained (missing), never wrongly explained."""
-        latest = self.db.execute("SELECT first_seq, last_seq, store FROM acknowledged ORDER BY first_seq DESC "
-                                 "LIMIT 1").fetchone()
+        ranges = self._latest_ranges()
+        latest = ranges[-1] if ranges else None  # the row with the highest first_seq
         if latest is not None and first <= latest[1]:  # an old acknowledgement arriving late claims nothing new
             return
         if latest is not None and latest[2] == store and first == latest[1] + 1:
             self.db.execute("UPDATE acknowledged SET last_seq = ? WHERE first_seq = ?", (last, latest[0]))
+            ranges[-1] = (latest[0], last, store)
+            self._parsed[-1] = _parsed_range(ranges[-1])
             return
         self.db.execute("INSERT INTO acknowledged VALUES (?, ?, ?)", (first, last, store))
         self.db.execute("DELETE FROM acknowledged WHERE first_seq NOT IN "
                         "(SELECT first_seq FROM acknowledged ORDER BY first_seq DESC LIMIT ?)", (MAX_ACK_RANGES,))
+        ranges.append((first, last, store))  # first > every first_seq held: it is the newest row
+        self._parsed.append(_parsed_range(ranges[-1]))
+        del ranges[:-MAX_ACK_RANGES], self._parsed[:-MAX_ACK_RANGES]
 
     def _get(self, key: str, default: int) -> int:
-        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return int(row[0]) if row else default
+        if key not in self._meta:
+            row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+            self._meta[key] = int(row[0]) if row else None
+        value = self._meta[key]
+        return default if value is None else value
 
     def _set(self, key: str, value: int) -> None:
-        self.db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                        (key, value))
+        self._set_many((key, value))
+
+    def _set_many(self, *items: tuple[str, int]) -> None:
+        """Writes meta values in one statement: outside a transaction, one atomic commit of its own."""
+        self.db.execute("INSERT INTO meta VALUES " + ", ".join(["(?, ?)"] * len(items))  # noqa: S608  placeholders only
+                        + " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                        [part for item in items for part in item])
+        self._meta.update(items)
 
     # -- writing ------------------------------------------------------------------------------------
 
-    def _valid(self, bodies: list[RecordBody]) -> list[RecordBody]:
-        """The records that decode as the cloud will decode them (encoded with seq 1, a placeholder). A
-        model built in code is not validated again (model_copy skips validation), so an `at=inf` could
-        otherwise get in and poison every batch it rides in."""
-        valid = []
+    def _rows(self, bodies: list[RecordBody], first: int) -> list[_Row]:
+        """The rows of the records that decode as the cloud will decode them, numbered from `first` in
+        order (a refused record takes no number). A model built in code is not validated again
+        (model_copy skips validation), so an `at=inf` could otherwise get in and poison every batch it
+        rides in. Each record is encoded once: the blob checked is the blob stored."""
+        rows: list[_Row] = []
+        now = time.time()
         for body in bodies:
+            seq = first + len(rows)
             try:
-                blob = encode(TelemetryRecord(seq=1, body=body), WireFormat.MSGPACK)
-                decode(TelemetryRecord, blob, WireFormat.MSGPACK.content_type)
+                blob = encode(TelemetryRecord(seq=seq, body=body), WireFormat.MSGPACK)
+                record = decode(TelemetryRecord, blob, WireFormat.MSGPACK.content_type)
             except ValueError as exc:  # DecodeError and pydantic's errors are ValueErrors
                 self.stats.refused += 1
                 log.error("invalid record refused", extra=fields(kind=getattr(body, "kind", "?"), error=str(exc)[:300]))
                 continue
-            valid.append(body)
-        return valid
+            ttl = self.ttl_s.get(body.kind)
+            rows.append((seq, body.kind, now + ttl if ttl else None, len(blob), blob, now))
+            self._decoded_kept[seq] = (blob, record)
+        while len(self._decoded_kept) > DECODED_KEPT:  # the newest are the next to be sent after a backlog
+            del self._decoded_kept[next(iter(self._decoded_kept))]
+        return rows
 
     @_locked
     def append(self, bodies: list[RecordBody]) -> list[int]:
@@ -275,18 +325,13 @@ class Outbox:
             sqlite3.Error: the write failed (disk full, I/O error); nothing of this call is stored, and
                 the caller should count the records with `lost_in_write` and stop.
         """
-        bodies = self._valid(bodies)
-        if not bodies:
+        # next_seq as this connection last wrote it (one writer: this object, under its lock)
+        first = self._get("next_seq", 1)
+        rows = self._rows(bodies, first)
+        if not rows:
             return []
-        now = time.time()
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            first = self._get("next_seq", 1)
-            rows = []
-            for i, body in enumerate(bodies):
-                blob = encode(TelemetryRecord(seq=first + i, body=body), WireFormat.MSGPACK)
-                ttl = self.ttl_s.get(body.kind)
-                rows.append((first + i, body.kind, now + ttl if ttl else None, len(blob), blob, now))
             if self.drop == "newest" and self.stats.bytes + sum(r[3] for r in rows) > self.max_bytes:
                 self.db.execute("ROLLBACK")
                 self._refuse(len(rows))
@@ -298,6 +343,7 @@ class Outbox:
             self._enforce_cap()
             self.db.execute("COMMIT")
         except BaseException:
+            self._forget()  # the file is what counts now, not what this call wrote
             try:  # SQLite may already have rolled back (SQLITE_FULL does): the original error is what counts
                 self.db.execute("ROLLBACK")
                 self._load_counters()
@@ -417,17 +463,17 @@ class Outbox:
             rows.append((seq, body))
             size += len(body)
         batch = self._decoded(rows)
-        if batch:
-            self.db.execute("BEGIN IMMEDIATE")
-            self._set("inflight_first", batch[0].seq)
-            self._set("inflight_last", batch[-1].seq)
-            self._set("inflight_attempts", 0)
-            self.db.execute("COMMIT")
+        if batch:  # one statement: one transaction
+            self._set_many(("inflight_first", batch[0].seq), ("inflight_last", batch[-1].seq), ("inflight_attempts", 0))
         return batch
 
     def _decoded(self, rows: list[tuple[int, bytes]]) -> list[TelemetryRecord]:
         batch = []
         for seq, body in rows:
+            kept = self._decoded_kept.get(seq)
+            if kept is not None and kept[0] == body:  # the very bytes decoded at append: the same record
+                batch.append(kept[1])
+                continue
             try:
                 batch.append(decode(TelemetryRecord, body, WireFormat.MSGPACK.content_type))
             except ValueError as exc:
@@ -437,10 +483,8 @@ class Outbox:
     @_locked
     def attempt(self) -> int:
         """Counts one more sending of the batch in flight (kept on disk: a restart does not reset it)."""
-        self.db.execute("BEGIN IMMEDIATE")
         attempts = self._get("inflight_attempts", 0) + 1
-        self._set("inflight_attempts", attempts)
-        self.db.execute("COMMIT")
+        self._set("inflight_attempts", attempts)  # one statement: one transaction
         return attempts
 
     @_locked
@@ -455,9 +499,7 @@ class Outbox:
         self.db.executemany("INSERT INTO dead_letters VALUES (?,?,?,?,?)",
                             [(q, self.epoch, b, reason, now) for q, _, b, _ in rows])
         self.db.execute("DELETE FROM records WHERE seq BETWEEN ? AND ?", (first, last))
-        self._set("inflight_first", 0)
-        self._set("inflight_last", 0)
-        self._set("inflight_attempts", 0)
+        self._set_many(("inflight_first", 0), ("inflight_last", 0), ("inflight_attempts", 0))
         self.stats.bytes -= sum(size for *_, size in rows)
         self.stats.records -= len(rows)
         if rows:
@@ -525,20 +567,21 @@ class Outbox:
         :returns: how many records were deleted.
         """
         self.db.execute("BEGIN IMMEDIATE")
-        held = self.db.execute("SELECT seq, size FROM records WHERE seq BETWEEN ? AND ? ORDER BY seq",
-                               (first, last)).fetchall()
+        # RETURNING gives the deleted rows in no set order: sorted, they are the rows the batch held
+        held = sorted(self.db.execute("DELETE FROM records WHERE seq BETWEEN ? AND ? RETURNING seq, size",
+                                      (first, last)).fetchall())
         size, count = sum(row[1] for row in held), len(held)
-        self.db.execute("DELETE FROM records WHERE seq BETWEEN ? AND ?", (first, last))
+        for seq, _ in held:
+            self._decoded_kept.pop(seq, None)
         if (self._get("inflight_first", 0), self._get("inflight_last", 0)) == (first, last):
-            self._set("inflight_first", 0)
-            self._set("inflight_last", 0)
-            self._set("inflight_attempts", 0)
+            self._set_many(("inflight_first", 0), ("inflight_last", 0), ("inflight_attempts", 0))
         if store is not None:  # the numbers the batch held: first..last may have holes the device dropped
             for run_first, run_last in _runs([row[0] for row in held]):
                 self._acknowledged_by(store, run_first, run_last)
         self.db.execute("COMMIT")
-        if store is not None:
-            self.acknowledged = self._load_acknowledged()
+        if store is not None:  # the ranges as committed (mirrored, or read again if not yet read)
+            self.acknowledged = (self._load_acknowledged() if self._ranges is None
+                                 else [parsed for parsed in self._parsed if parsed is not None])
         self.stats.bytes -= size
         self.stats.records -= count
         return int(count)
@@ -574,6 +617,16 @@ class Outbox:
     @_locked
     def close(self) -> None:
         self.db.close()
+
+
+def _parsed_range(row: tuple[int, int, str]) -> AckRange | None:
+    """An acknowledged row as an AckRange; None (logged) when it is not one (not a store id)."""
+    first, last, store = row
+    try:
+        return AckRange(store=store, first_seq=first, last_seq=last)
+    except ValueError:
+        log.warning("acknowledged range unreadable; not sent", extra=fields(first=first, store=str(store)[:80]))
+        return None
 
 
 def _runs(numbers: list[int]) -> list[tuple[int, int]]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from edgefleet.audit import _epoch
 from services.telemetry.outbox import Outbox
-from shared.schemas import ResourceSample
+from shared.schemas import MAX_ACK_RANGES, ResourceSample
 
 
 def _sample(device: str) -> ResourceSample:
@@ -124,3 +124,39 @@ def test_a_gap_record_in_a_batch_given_up_is_declared_again_and_the_audit_explai
     assert result.missing == [] and result.duplicates == 0 and result.declared_lost == {"dead_lettered": 4}
     assert [seq for seq, _, _ in outbox.dead_letters()] == [1, 2, 3, 4]
     outbox.close()
+
+
+def test_a_row_changed_on_disk_after_append_is_decoded_again_and_dead_lettered(tmp_path):
+    """The outbox keeps the records it checked at append for the next batch only while the stored bytes
+    are those very bytes: a row that no longer decodes is still given up, never sent."""
+    outbox = Outbox(tmp_path / "outbox.db", "edge-k", 1 << 30)
+    outbox.append([_sample("edge-k"), _sample("edge-k")])
+    outbox.db.execute("UPDATE records SET body = ? WHERE seq = 1", (b"\xc1not msgpack",))
+    batch = outbox.next_batch(10, 1 << 20)
+    assert [r.seq for r in batch] == [2]
+    assert [seq for seq, _, _ in outbox.dead_letters()] == [1]
+    outbox.close()
+
+
+def test_what_the_outbox_holds_in_memory_is_what_a_restart_reads_from_the_file(tmp_path):
+    """Sequence numbers, the batch in flight, its attempts and the acknowledged ranges are kept in memory
+    and written in the same transaction: a reopened outbox (reading only the file) agrees with them."""
+    path = tmp_path / "outbox.db"
+    outbox = Outbox(path, "edge-m", 1 << 30)
+    stores = ["a" * 32, "b" * 32]
+    for i in range(12):  # one range per change of store, more than MAX_ACK_RANGES of them
+        outbox.append([_sample("edge-m")] * 3)
+        batch = outbox.next_batch(2, 1 << 20)
+        outbox.attempt()
+        outbox.ack(batch[0].seq, batch[-1].seq, stores[i % 2])
+    outbox.append([_sample("edge-m")])
+    in_flight = outbox.next_batch(5, 1 << 20)
+    assert outbox.attempt() == 1 and outbox.attempt() == 2
+    assert len(outbox.acknowledged) == MAX_ACK_RANGES
+    held = (outbox.stats.next_seq, outbox.stats.records, outbox.acknowledged)
+    outbox.close()
+    reopened = Outbox(path, "edge-m", 1 << 30)
+    assert (reopened.stats.next_seq, reopened.stats.records, reopened.acknowledged) == held
+    assert [r.seq for r in reopened.next_batch(5, 1 << 20)] == [r.seq for r in in_flight]
+    assert reopened.attempt() == 3
+    reopened.close()

@@ -21,11 +21,10 @@ from edgefleet.simulate.link import DeviceLink
 from edgefleet.simulate.predictions import Draw
 from services.sync import canary
 from services.sync.membership import supersedes
-from services.sync.registry_io import RegistryIo
+from services.sync.registry_io import RegistryIo, RegistrySteps
 from services.sync.rollout import Superseded
-from services.sync.store import ModelStore, StagedMember
+from services.sync.store import ModelStore
 from shared import topics
-from shared.cascade import CascadeSpec
 from shared.codec import WireFormat, encode
 from shared.config import SyncSettings
 from shared.lifecycle import Progress
@@ -71,7 +70,7 @@ class SimInference:
         return before + (now if now is not None else time.monotonic()) - self._since
 
 
-class SimSyncIo:
+class SimSyncIo(RegistrySteps):
     """rollout.Io for one simulated device (see the module's doc).
 
     :param str device: the device id.
@@ -98,18 +97,6 @@ class SimSyncIo:
                                    Progress(device), self.report, downloaded)
 
     # -- the registry: the real code -----------------------------------------------------------------
-
-    def fetch_manifest(self, rollout: Rollout) -> tuple[ModelManifest, bytes, bytes]:
-        return self.registry.fetch_manifest(rollout)
-
-    def download(self, rollout: Rollout, manifest: ModelManifest) -> Path:
-        return self.registry.download(rollout, manifest)
-
-    def download_members(self, rollout: Rollout, cascade: ModelManifest, spec: CascadeSpec) -> list[StagedMember]:
-        return self.registry.download_members(rollout, cascade, spec)
-
-    def pause(self, rollout: Rollout, seconds: float) -> None:
-        self.registry.pause(rollout, seconds)
 
     # -- reports -------------------------------------------------------------------------------------
 

@@ -252,3 +252,23 @@ class RegistryIo:
 
 def _joined(*parts: str | None) -> str | None:
     return "; ".join(p for p in parts if p) or None
+
+
+class RegistrySteps:
+    """The rollout.Io steps that are RegistryIo's own (fetch, download, members, the paced wait), for an Io
+    that keeps one as `registry`: SyncService, and the simulator's devices (edgefleet/simulate), so both
+    hand the state machine the same registry code."""
+
+    registry: RegistryIo
+
+    def fetch_manifest(self, rollout: Rollout) -> tuple[ModelManifest, bytes, bytes]:
+        return self.registry.fetch_manifest(rollout)
+
+    def download(self, rollout: Rollout, manifest: ModelManifest) -> Path:
+        return self.registry.download(rollout, manifest)
+
+    def download_members(self, rollout: Rollout, cascade: ModelManifest, spec: CascadeSpec) -> list[StagedMember]:
+        return self.registry.download_members(rollout, cascade, spec)
+
+    def pause(self, rollout: Rollout, seconds: float) -> None:
+        self.registry.pause(rollout, seconds)

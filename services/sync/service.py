@@ -26,17 +26,16 @@ from services.sync.job import Job
 from services.sync.membership import supersedes
 from services.sync.metrics import SyncMetrics
 from services.sync.plugin_io import PluginDelivery
-from services.sync.registry_io import RegistryIo
+from services.sync.registry_io import RegistryIo, RegistrySteps
 from services.sync.rollout import Machine, StepFailed, Superseded
-from services.sync.store import ModelStore, StagedMember
+from services.sync.store import ModelStore
 from shared import VERSION, registry, s3, topics
-from shared.cascade import CascadeSpec
 from shared.codec import DecodeError, WireFormat, decode, encode
 from shared.config import SyncSettings
 from shared.errors import EdgefleetError
 from shared.lifecycle import Liveness, Progress, serve
 from shared.logs import fields
-from shared.manifest import ModelError, ModelManifest
+from shared.manifest import ModelError
 from shared.metrics import service_registry
 from shared.mqtt import MqttLink, StatusPublisher, content_type_of
 from shared.schemas import (
@@ -72,7 +71,7 @@ IDLE_TICK_S = 1.0
 Answer = TypeVar("Answer", ModelSwitched, PluginSwitched)
 
 
-class SyncService:
+class SyncService(RegistrySteps):
     def __init__(self, settings: SyncSettings) -> None:
         self.settings = settings
         self._device = settings.device_id
@@ -244,18 +243,6 @@ class SyncService:
 
     def superseded(self, rollout: Rollout) -> bool:
         return self._stopping.is_set() or supersedes(self._latest, rollout)
-
-    def fetch_manifest(self, rollout: Rollout) -> tuple[ModelManifest, bytes, bytes]:
-        return self.registry.fetch_manifest(rollout)
-
-    def download(self, rollout: Rollout, manifest: ModelManifest) -> Path:
-        return self.registry.download(rollout, manifest)
-
-    def download_members(self, rollout: Rollout, cascade: ModelManifest, spec: CascadeSpec) -> list[StagedMember]:
-        return self.registry.download_members(rollout, cascade, spec)
-
-    def pause(self, rollout: Rollout, seconds: float) -> None:
-        self.registry.pause(rollout, seconds)
 
     def read_object(self, job: Job, key: str, max_bytes: int) -> bytes:
         """RegistryIo.read_object: a registry object read whole, at most max_bytes (the plugin rollouts' too)."""

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import paho.mqtt.client as paho
 
 from services.telemetry.drift import Rule, rules_from
@@ -123,9 +122,6 @@ class RecordDraw:
     def __init__(self, device: str, rng: random.Random, settings: TelemetrySettings,
                  model: Callable[[], ModelRef | None] | None = None) -> None:
         self.device, self.rng, self._model = device, rng, model or (lambda: None)
-        # A resource sample's 16 values come from numpy, a few calls for all of them: Python's
-        # betavariate alone costs more than the rest of a record. Seeded from rng: one rng, one fleet.
-        self._np = np.random.default_rng(rng.getrandbits(64))
         self.drift_share = drift_share(settings)
         self.cpu_load = rng.betavariate(2, 5)  # a busy device or an idle one: the mean of its CPU samples
         self.memory_total = rng.choice((4, 8, 16)) << 30
@@ -168,23 +164,20 @@ class RecordDraw:
         return records
 
     def _resources(self, now: float, queue_bytes: int, queue_records: int) -> ResourceSample:
-        n = len(CONTAINERS)
-        # normal(mean, sd) is mean + sd * standard normal; uniform(a, b) is a + (b - a) * random()
-        memory_z, cpu_z, disk_z, temperature_z = self._np.standard_normal(4).tolist()
-        shares = self._np.beta(2, 8, n).tolist()  # each container's share of the device's CPU load
-        uniform = self._np.random(2 * n).tolist()
-        memory = _clip(self.memory_level + 3 * memory_z, 1, 99)
+        r = self.rng
+        uniform = r.random  # uniform(a, b) is a + (b - a) * random(), without the call around it
+        memory = _clip(r.gauss(self.memory_level, 3), 1, 99)
         containers = [
-            ContainerSample(name=name, cpu_percent=round(shares[i] * 100 * self.cpu_load * 2, 2),
-                            memory_bytes=int(self.memory_total * memory / 100 * (0.05 + 0.25 * uniform[i])),
-                            memory_limit_bytes=self.memory_total, at=now - 10 * uniform[n + i])
-            for i, name in enumerate(CONTAINERS)
+            ContainerSample(name=name, cpu_percent=round(_beta_2_8(uniform) * 100 * self.cpu_load * 2, 2),
+                            memory_bytes=int(self.memory_total * memory / 100 * (0.05 + 0.25 * uniform())),
+                            memory_limit_bytes=self.memory_total, at=now - 10 * uniform())
+            for name in CONTAINERS
         ]
         return ResourceSample(
-            device=self.device, cpu_percent=round(_clip(self.cpu_load * 100 + 8 * cpu_z, 0, 100), 2),
+            device=self.device, cpu_percent=round(_clip(r.gauss(self.cpu_load * 100, 8), 0, 100), 2),
             memory_percent=round(memory, 2), memory_used_bytes=int(self.memory_total * memory / 100),
-            disk_percent=round(_clip(self.disk_level + 0.5 * disk_z, 0, 100), 2),
-            temperatures_c={"cpu_thermal": round(self.temperature + 2 * temperature_z, 1)}, containers=containers,
+            disk_percent=round(_clip(r.gauss(self.disk_level, 0.5), 0, 100), 2),
+            temperatures_c={"cpu_thermal": round(r.gauss(self.temperature, 2), 1)}, containers=containers,
             queue_bytes=queue_bytes, queue_records=queue_records, at=now)
 
     def _drift(self, now: float) -> DriftSample:
@@ -226,6 +219,18 @@ def drift_share(settings: TelemetrySettings) -> float:
     drift sample every drift.sample_interval_s."""
     drift, resources = 1 / settings.drift.sample_interval_s, 1 / settings.resource_interval_s
     return drift / (drift + resources)
+
+
+def _beta_2_8(uniform: Callable[[], float]) -> float:
+    """A Beta(2, 8) draw as X / (X + Y), X ~ Gamma(2) and Y ~ Gamma(8) each a sum of exponentials (-log of a
+    product of uniforms): the distribution random.betavariate(2, 8) draws, for 10 uniforms and 2 logs
+    instead of its two general-purpose gammavariate calls."""
+    x = -math.log((1.0 - uniform()) * (1.0 - uniform()))  # 1 - u is in (0, 1]: the log is finite
+    product = 1.0
+    for _ in range(8):
+        product *= 1.0 - uniform()
+    y = -math.log(product)
+    return x / (x + y) if x + y > 0 else 0.0  # both 0 only if every uniform was 0
 
 
 async def _wait(event: asyncio.Event, seconds: float | None) -> None:

@@ -74,9 +74,6 @@ R = TypeVar("R")
 # queued_at: when the row was committed, the age of a record whose body no longer decodes (files made
 # before the column have it added, empty: see Outbox.oldest_at).
 _INSERT = "INSERT INTO records (seq, kind, expires, size, body, queued_at) VALUES (?,?,?,?,?,?)"
-# Records this object decoded (checking them at append) kept for next_batch, which would decode the same
-# bytes again: a few batches' worth, so a device's memory stays small while a backlog is read from disk.
-DECODED_KEPT = 16
 _Row = tuple[int, str, float | None, int, bytes, float]  # a records row, in _INSERT's order
 _LOST = struct.Struct("<q")  # the side file: records lost to a failed write, not yet recorded as a gap
 
@@ -128,10 +125,6 @@ class Outbox:
         self._meta: dict[str, int | None] = {}
         self._ranges: list[tuple[int, int, str]] | None = None
         self._parsed: list[AckRange | None] = []
-        # seq -> (the row's body, the record it decodes to), for records appended by this object. decode
-        # is a function of the bytes alone, so a row whose body is these very bytes decodes to this record;
-        # any other row (read from an older file, changed on disk) is decoded.
-        self._decoded_kept: dict[int, tuple[bytes, TelemetryRecord]] = {}
         self.stats = OutboxStats()
         self.stats.repaired = self._open_checked()
         if self._get("epoch", -1) < 0:
@@ -305,16 +298,13 @@ class Outbox:
             seq = first + len(rows)
             try:
                 blob = encode(TelemetryRecord(seq=seq, body=body), WireFormat.MSGPACK)
-                record = decode(TelemetryRecord, blob, WireFormat.MSGPACK.content_type)
+                decode(TelemetryRecord, blob, WireFormat.MSGPACK.content_type)
             except ValueError as exc:  # DecodeError and pydantic's errors are ValueErrors
                 self.stats.refused += 1
                 log.error("invalid record refused", extra=fields(kind=getattr(body, "kind", "?"), error=str(exc)[:300]))
                 continue
             ttl = self.ttl_s.get(body.kind)
             rows.append((seq, body.kind, now + ttl if ttl else None, len(blob), blob, now))
-            self._decoded_kept[seq] = (blob, record)
-        while len(self._decoded_kept) > DECODED_KEPT:  # the newest are the next to be sent after a backlog
-            del self._decoded_kept[next(iter(self._decoded_kept))]
         return rows
 
     @_locked
@@ -470,10 +460,6 @@ class Outbox:
     def _decoded(self, rows: list[tuple[int, bytes]]) -> list[TelemetryRecord]:
         batch = []
         for seq, body in rows:
-            kept = self._decoded_kept.get(seq)
-            if kept is not None and kept[0] == body:  # the very bytes decoded at append: the same record
-                batch.append(kept[1])
-                continue
             try:
                 batch.append(decode(TelemetryRecord, body, WireFormat.MSGPACK.content_type))
             except ValueError as exc:
@@ -571,8 +557,6 @@ class Outbox:
         held = sorted(self.db.execute("DELETE FROM records WHERE seq BETWEEN ? AND ? RETURNING seq, size",
                                       (first, last)).fetchall())
         size, count = sum(row[1] for row in held), len(held)
-        for seq, _ in held:
-            self._decoded_kept.pop(seq, None)
         if (self._get("inflight_first", 0), self._get("inflight_last", 0)) == (first, last):
             self._set_many(("inflight_first", 0), ("inflight_last", 0), ("inflight_attempts", 0))
         if store is not None:  # the numbers the batch held: first..last may have holes the device dropped

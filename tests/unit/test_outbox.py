@@ -127,8 +127,8 @@ def test_a_gap_record_in_a_batch_given_up_is_declared_again_and_the_audit_explai
 
 
 def test_a_row_changed_on_disk_after_append_is_decoded_again_and_dead_lettered(tmp_path):
-    """The outbox keeps the records it checked at append for the next batch only while the stored bytes
-    are those very bytes: a row that no longer decodes is still given up, never sent."""
+    """A record checked at append is decoded again when it is read for a batch: a row that no longer
+    decodes is given up, never sent."""
     outbox = Outbox(tmp_path / "outbox.db", "edge-k", 1 << 30)
     outbox.append([_sample("edge-k"), _sample("edge-k")])
     outbox.db.execute("UPDATE records SET body = ? WHERE seq = 1", (b"\xc1not msgpack",))

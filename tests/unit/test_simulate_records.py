@@ -180,3 +180,18 @@ async def _stop(tasks: list[asyncio.Task], telemetry: SimTelemetry) -> None:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     telemetry.close()
+
+
+def test_container_cpu_shares_are_drawn_from_beta_2_8_as_betavariate_draws_them():
+    """The cheaper draw of a container's CPU share has Beta(2, 8)'s mean and variance (0.2, 16/1100) and
+    stays in [0, 1], as random.betavariate(2, 8) does."""
+    import statistics
+
+    from edgefleet.simulate.telemetry import _beta_2_8
+
+    rng = random.Random(7)
+    draws = [_beta_2_8(rng.random) for _ in range(40_000)]
+    assert all(0.0 <= d <= 1.0 for d in draws)
+    assert statistics.fmean(draws) == pytest.approx(0.2, abs=0.004)
+    assert statistics.variance(draws) == pytest.approx(16 / 1100, rel=0.04)
+    assert _beta_2_8(lambda: 0.0) == 0.0  # every uniform 0: no division by zero

@@ -28,10 +28,13 @@ def find_mosquitto() -> str:
 
 class Broker:
     def __init__(self, port: int | None = None, workdir: Path | None = None, extra_config: str = "",
-                 persistent: bool = False, security: str = "") -> None:
-        """security: listener settings from edgefleet.brokerconf (passwords, ACL, TLS); empty: anonymous."""
+                 persistent: bool = False, security: str = "", tcp_nodelay: bool = True) -> None:
+        """security: listener settings from edgefleet.brokerconf (passwords, ACL, TLS); empty: anonymous.
+        tcp_nodelay: `set_tcp_nodelay true`, as deploy/mosquitto/edge.conf ships it (the edge broker carries
+        the inference frames); False for a broker run as the shipped cloud.conf, which does not set it."""
         self.port = port or free_port()
         self.security = security
+        self.tcp_nodelay = tcp_nodelay
         # Persistent: retained messages and sessions survive a restart (saved on a clean stop, and every
         # autosave_interval the security settings give: deploy/mosquitto/cloud.conf's is a second).
         # This flag wins over the settings' own `persistence` (it is written after them).
@@ -56,8 +59,8 @@ class Broker:
             "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
             # Frames are large and arrive in bursts: let the broker hold a backlog for slow clients.
             "max_queued_messages 10000\n"
-            # Nagle's algorithm delays the tail of every frame bigger than one segment.
-            "set_tcp_nodelay true\n"
+            # Nagle's algorithm delays the tail of every frame bigger than one segment (edge.conf sets it too).
+            + ("set_tcp_nodelay true\n" if self.tcp_nodelay else "")
             # As root, mosquitto would switch to the 'mosquitto' user and lose access to this folder.
             + ("user root\n" if os.geteuid() == 0 else "")
             + f"{self.extra_config}\n"

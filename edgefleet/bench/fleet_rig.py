@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -158,13 +159,13 @@ class FleetRig:
         self.model_bytes = model_bytes
         self.certs, self.keys, self.logs = work / "certs", work / "keys", work / "logs"
         shm = Path("/dev/shm")  # noqa: S108  a parent for mkdtemp, not a file opened
-        root = state_root or (shm if shm.is_dir() and os.access(shm, os.W_OK) else work)
-        self.state_dir = Path(tempfile.mkdtemp(prefix="edgefleet-fleet-", dir=root))
+        self._state_root = state_root or (shm if shm.is_dir() and os.access(shm, os.W_OK) else work)
+        self._state_dir: Path | None = None  # made by start(), removed by close()
         self.open_files = raise_open_files()
         # Made here, started by start(): the broker as shipped (cloud.conf's directives: persistence, a
-        # snapshot a second; cloud.acl), the store.
-        self.broker = Broker(security=cloud_listener(self.certs), persistent=True,
-                             workdir=Path(tempfile.mkdtemp(prefix="broker-", dir=work)))
+        # snapshot a second; cloud.acl; no set_tcp_nodelay, which only edge.conf sets), the store.
+        self.broker = Broker(security=cloud_listener(self.certs), persistent=True, workdir=work / "broker",
+                             tcp_nodelay=False)
         self.store = S3Server()
         self.ingest: list[Child] = []
         self.simulators: list[SimProcess] = []
@@ -176,8 +177,9 @@ class FleetRig:
 
     def start(self) -> FleetRig:
         """Certificates, the broker, the store, the replicas and the published model (v1 and v2)."""
-        for folder in (self.certs, self.keys, self.logs):
+        for folder in (self.certs, self.keys, self.logs, self.broker.workdir):
             folder.mkdir(parents=True, exist_ok=True)
+        self._state_dir = Path(tempfile.mkdtemp(prefix="edgefleet-fleet-", dir=self._state_root))
         new_ca(self.certs)
         issue(self.certs, "cloud-broker", server=True)
         for name in (OPERATOR, CONSOLE, *REPLICA_CERTS[:self.replicas]):
@@ -199,12 +201,25 @@ class FleetRig:
         return self
 
     @property
+    def state_dir(self) -> Path:
+        """Where the simulators keep their devices' state (on tmpfs where there is one).
+
+        Raises:
+            RuntimeError: before start().
+        """
+        if self._state_dir is None:
+            raise RuntimeError("the rig is not started")
+        return self._state_dir
+
+    @property
     def fleet_url(self) -> str:
         return f"mqtts://127.0.0.1:{self.broker.port}"
 
     def client_settings(self, name: str) -> CommonSettings:
-        """A fleet client's settings with the certificate `name` (operator, console, a replica's)."""
-        return load(CommonSettings, None, mqtt_url=self.fleet_url, device_id=name, mqtt_reconnect_max_s=1,
+        """A fleet client's settings with the certificate `name` (operator, console, a replica's): the
+        shipped defaults, with only this machine's broker address and the certificate's files (device_id
+        is the certificate's name, as cloud.conf's use_identity_as_username requires)."""
+        return load(CommonSettings, None, mqtt_url=self.fleet_url, device_id=name,
                     mqtt_ca_file=self.certs / "ca.crt", mqtt_cert_file=self.certs / f"{name}.crt",
                     mqtt_key_file=self.certs / f"{name}.key")
 
@@ -217,11 +232,12 @@ class FleetRig:
         return s3.client(self.store.settings())
 
     def _start_replica(self, n: int) -> Child:
-        """Replica n, started (start() waits until it subscribes, while the model is published)."""
+        """Replica n, started (start() waits until it subscribes, while the model is published), with the
+        shipped settings as compose and k3s give them: device_id its certificate's name (cloud-ingest-<n>),
+        only the addresses, files and bucket of this machine's servers set."""
         cert = REPLICA_CERTS[n]
         settings = load(IngestSettings, None, **{
-            **keys_of(self.store.settings()), **keys_of(self.client_settings(cert)), "device_id": f"ingest-{n}",
-            "telemetry_bucket": BUCKET})
+            **keys_of(self.store.settings()), **keys_of(self.client_settings(cert)), "telemetry_bucket": BUCKET})
         return Child("cloud-ingest", self.logs / f"ingest-{n}.log", settings, name=f"ingest-{n}")
 
     def _publish_models(self) -> None:
@@ -329,15 +345,15 @@ class FleetRig:
         stop_all([p.child for p in (processes if processes is not None else self.simulators)], grace_s)
 
     def close(self) -> None:
-        """Stops the simulators, the replicas, then the servers; removes the devices' state."""
-        import shutil
-
-        with contextlib.suppress(Exception):
+        """Stops the simulators, the replicas, then the servers; removes the devices' state. Every step runs
+        whatever an earlier one raised (ExitStack: the callbacks run last first, the first error re-raised)."""
+        with contextlib.ExitStack() as steps:
+            if self._state_dir is not None:
+                steps.callback(shutil.rmtree, self._state_dir, ignore_errors=True)
+            steps.callback(self.broker.close)
+            steps.callback(self.store.close)
+            steps.callback(stop_all, self.ingest, 15)
             self.stop_simulators()
-        stop_all(self.ingest, 15)
-        self.store.close()
-        self.broker.close()
-        shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def __enter__(self) -> FleetRig:
         try:

@@ -47,6 +47,7 @@ def run(
     config: ConfigFile = None,
 ) -> None:
     """Simulate devices on the fleet broker until SIGTERM (statuses offline, clean disconnects, exit 0).
+    SIGUSR1 drains: no more telemetry records, what the outboxes hold is still forwarded.
     The registry (S3) and the sync and telemetry settings come from the usual EDGEFLEET_* environment."""
     from urllib.parse import urlsplit
 

@@ -1,5 +1,7 @@
 """One simulator process: the one owner of its asyncio loop, its devices, its thread pools, its stats
-file and its shutdown (SIGTERM or SIGINT: statuses offline, clean disconnects, exit 0).
+file and its shutdown (SIGTERM or SIGINT: statuses offline, clean disconnects, exit 0). SIGUSR1 stops the
+devices appending telemetry records while they go on forwarding what their outboxes hold (a drain: a bench
+audits the store once every outbox is empty, which the stats file's telemetry.queued shows).
 
 All devices' MQTT sessions run on the one loop (link.py); the rollout workers (a thread per device
 while it handles a rollout) and the blocking part of connects run in pools the process owns.
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
@@ -36,6 +39,9 @@ from shared import registry, s3
 from shared.config import SyncSettings, TelemetrySettings
 from shared.logs import fields
 from shared.schemas import ModelRef
+
+if TYPE_CHECKING:  # imported when the first device's telemetry is made (a process without any skips it)
+    from edgefleet.simulate.telemetry import SimTelemetry
 
 log = logging.getLogger(__name__)
 # Re-exported: the bench and the CLI take them from here.
@@ -91,6 +97,7 @@ class Simulator:
         self._state_bytes = 0
         self._all_connected_at: float | None = None
         self._cut: list[str] = []
+        self._telemetries: list[SimTelemetry] = []  # every device's, for the drain (SIGUSR1)
         self._own_state = options.state_dir is None
         self._malloc: Malloc | None = None
         self.loop_lag = LoopLag()
@@ -108,6 +115,7 @@ class Simulator:
 
     async def _main(self) -> int:
         stop = _stop_on_signals()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self._drain)
         # Read before the baseline is measured, and never recorded here (the CLI records a missing one in
         # a child process): the real model run in this process would inflate the baseline.
         recording = predictions.load(self.options.predictions_file)
@@ -197,13 +205,21 @@ class Simulator:
         self._write_stats(shared, counter)
         log.info("devices stopped", extra=fields(devices=len(self.devices)))
 
+    def _drain(self) -> None:
+        """SIGUSR1: no more records are drawn; what the outboxes hold is still forwarded and acknowledged."""
+        for telemetry in self._telemetries:
+            telemetry.records_per_s = 0.0  # its writer then owes nothing more each tick
+        log.info("draining: no new records", extra=fields(devices=len(self._telemetries)))
+
     def _telemetry_factory(self) -> MakeTelemetry:
         from edgefleet.simulate.telemetry import SimTelemetry
 
         t, rate = self.telemetry_settings, self.options.records_per_s
 
         def make(device: str, folder: Path, link: DeviceLink, model: Callable[[], ModelRef | None]) -> Telemetry:
-            return SimTelemetry(device, folder, link, rate, t, model=model)
+            made = SimTelemetry(device, folder, link, rate, t, model=model)
+            self._telemetries.append(made)
+            return made
 
         return make
 

@@ -10,6 +10,7 @@ Nothing is computed per prediction while nobody asks.
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -18,7 +19,14 @@ from pydantic import BaseModel, Field
 from services.sync import canary
 
 DEFAULT_PATH = Path("var/simulate/predictions.json")
-RUNS_PER_PHOTO = 5
+RUNS_PER_PHOTO = 10
+# Untimed runs per photo before its timed ones: a session's first runs (allocations, caches) are slower
+# than it ever is again, and a canary's p95 drawn with one of them would judge the recording, not a switch.
+WARMUP_RUNS_PER_PHOTO = 2
+# Each recorded latency is the median of this many back-to-back runs: a scheduler hiccup of the machine
+# that recorded is not the model's latency, and with a small model (tens of µs) one such outlier in a
+# window's p95 would fail a canary that compares the recording against itself.
+TIMINGS_PER_RUN = 3
 
 
 class PhotoPrediction(BaseModel):
@@ -42,7 +50,8 @@ def record(model_dir: Path, out: Path, runs: int = RUNS_PER_PHOTO) -> Recording:
 
     :param Path model_dir: a verified model folder (model.onnx, manifest.json).
     :param Path out: where the JSON goes (its folder is created).
-    :param int runs: timed runs per photo.
+    :param int runs: latencies per photo, each the median of TIMINGS_PER_RUN runs (after
+        WARMUP_RUNS_PER_PHOTO untimed ones).
     :returns: the recording.
     :raises ModelError: the model folder does not verify.
     """
@@ -65,10 +74,15 @@ def record(model_dir: Path, out: Path, runs: int = RUNS_PER_PHOTO) -> Recording:
         tensor = np.empty((1, 3, crop, crop), np.float32)
         preprocess(decode_bgr(jpeg(name)), tensor[0])
         latencies = []
+        for _ in range(WARMUP_RUNS_PER_PHOTO):
+            session.run(None, {manifest.input.name: tensor})
         for _ in range(runs):
-            started = time.perf_counter()
-            logits = session.run(None, {manifest.input.name: tensor})[0]
-            latencies.append(round((time.perf_counter() - started) * 1000, 3))
+            timings = []
+            for _ in range(TIMINGS_PER_RUN):
+                started = time.perf_counter()
+                logits = session.run(None, {manifest.input.name: tensor})[0]
+                timings.append(time.perf_counter() - started)
+            latencies.append(round(statistics.median(timings) * 1000, 3))
         index, probability = top_k(logits, 1)
         rows.append(PhotoPrediction(photo=name, label=manifest.labels[int(index[0, 0])],
                                     confidence=round(float(probability[0, 0]), 5), latencies_ms=latencies))

@@ -33,7 +33,7 @@ COMMANDS = {
     ("broker",): ["passwords", "bridge"],
     ("certs",): ["ca", "issue", "revoke"],
     ("rollout",): ["start", "promote", "abort", "status"],
-    ("bench",): ["pipeline", "compression", "swap", "overload", "telemetry", "images", "ep", "cascade", "wasm"],
+    ("bench",): ["pipeline", "compression", "swap", "overload", "telemetry", "images", "ep", "cascade", "wasm", "fleet"],
     ("keys",): ["new"],
     ("telemetry",): ["audit"],
     ("s3",): ["device-key", "policy"],

@@ -207,7 +207,7 @@ def _int8(model_dir: Path, out: Path, data: Path, progress: Reporter = QUIET) ->
         built, _ = load_verified(out)
         if (built.parent_sha256 == parent.sha256 and built.recipe.get("float_layers") == "none"
                 and built.recipe.get("calibration_set", "").startswith(f"{calibration} ")
-                and built.recipe.get("bias_correction", "none") != "none"):
+                and built.recipe.get("bias_correction", "none") != "none" and built.recipe.get("outputs") == "float"):
             return out
     except EdgefleetError:
         pass  # missing or broken: built again below

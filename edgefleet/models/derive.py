@@ -3,6 +3,7 @@ its exact recipe, and the quality gate measured against the parent on held-out i
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -11,6 +12,20 @@ import numpy as np
 from edgefleet.models.install import install
 from edgefleet.models.outputs import logits
 from shared.manifest import ModelManifest, Quality, sha256_of
+
+
+def gate_target(gate: float, samples: int) -> float:
+    """What a choice made on one set of images aims for so that a gate holds on images it did not see: the
+    gate plus one standard error of a binomial share measured on `samples` fresh images (at most 1).
+
+    Why: stopping exactly at the gate fails a fresh sample about half the time. Measured: quantize's search
+    stopped at 90.7 % on its selection half at --gate 0.9 and the gate half gave 89.3 %; a cascade threshold
+    chosen exactly at 99 % on 150 held-out images gave 98.8 % on the other 150 (mean of 400 random splits,
+    the gate met in 52 % of them), chosen at this target 99.5 % (met in 90 %).
+    """
+    if samples == 0 or gate >= 1:
+        return min(gate, 1.0)
+    return min(1.0, gate + math.sqrt(gate * (1 - gate) / samples))
 
 
 def top1_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:

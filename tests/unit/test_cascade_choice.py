@@ -7,14 +7,15 @@ threshold."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from typer.testing import CliRunner
 
 from edgefleet import cli
 from edgefleet.models import cascade
+from edgefleet.models.derive import gate_target
 from edgefleet.models.frames import load_inputs
 from edgefleet.models.outputs import logits, session
-from edgefleet.models.quantize import Mode, quantize
 from shared.manifest import load_verified
 
 FREE = cascade.Timing("small", 1.0, 0.5, 8)
@@ -47,10 +48,9 @@ def test_the_sweep_gives_share_agreement_and_time_at_every_cut_and_the_cheapest_
 
 
 @pytest.fixture(scope="module")
-def outputs(data, model_dir, tmp_path_factory):
-    """Both real models' outputs on the 24 held-out crops (static INT8, every layer quantized)."""
-    int8 = tmp_path_factory.mktemp("int8")
-    quantize(model_dir, int8, Mode.STATIC, data / "eval", data / "calibration", calibration_limit=8, gate=0.0)
+def outputs(data, model_dir, int8_dir):
+    """Both real models' outputs on the 24 held-out crops (the session's static INT8, every layer quantized)."""
+    int8 = int8_dir
     fp32, fp32_path = load_verified(model_dir)
     inputs = load_inputs(data / "eval", fp32)
     small = session(load_verified(int8)[1], 1)
@@ -91,8 +91,9 @@ def test_the_cross_check_chooses_on_one_half_and_measures_on_the_other(outputs):
     assert [(f.chosen_on, f.samples) for f in folds] == [("even", 12), ("odd", 12)]
     for fold, (chose, measured) in zip(folds, ((0, 1), (1, 0)), strict=True):
         c, m = slice(chose, None, 2), slice(measured, None, 2)
+        # Chosen at the gate plus one standard error of the measuring half's share, so the gate holds there.
         assert fold.threshold == cascade.cheapest(
-            cascade.sweep(values[c], small_top1[c], large_top1[c], FREE, COSTLY), 0.95).threshold
+            cascade.sweep(values[c], small_top1[c], large_top1[c], FREE, COSTLY), gate_target(0.95, 12)).threshold
         escalated = values[m] < fold.threshold
         assert fold.escalated == pytest.approx(escalated.mean())
         answers = np.where(escalated, large_top1[m], small_top1[m])
@@ -138,3 +139,23 @@ def test_assemble_replaces_only_an_earlier_cascade_never_a_member_or_other_folde
     assemble(tmp_path / "cascade")
     again = assemble(tmp_path / "cascade")  # an earlier cascade is replaced
     assert verify_folder(tmp_path / "cascade") == again and again.file == "cascade.json"
+
+
+def test_a_threshold_is_chosen_one_standard_error_above_the_gate_capped_at_everything():
+    assert gate_target(0.99, 150) == pytest.approx(0.99 + np.sqrt(0.99 * 0.01 / 150))
+    assert gate_target(0.9, 1) == 1.0 and gate_target(1.0, 300) == 1.0
+    assert gate_target(0.95, 0) == 0.95  # nothing to measure on: the gate itself
+
+
+def test_static_int8_computes_its_logits_in_float_from_int8_weights(outputs, int8_dir):
+    """The logits in `outputs` are this model's (the fixture reads int8_dir)."""
+    small, path = load_verified(int8_dir)
+    model = onnx.load(str(path))
+    producers = {out: node for node in model.graph.node for out in node.output}
+    classifier = producers[model.graph.output[0].name]
+    assert classifier.op_type == "Gemm" and small.recipe["outputs"] == "float"
+    weights = producers[classifier.input[1]]
+    assert weights.op_type == "DequantizeLinear"
+    assert next(i for i in model.graph.initializer if i.name == weights.input[0]).data_type == onnx.TensorProto.INT8
+    # An 8-bit output takes at most 256 values per frame; these are the Gemm's float sums.
+    assert all(len(np.unique(row)) > 256 for row in outputs["small_logits"])

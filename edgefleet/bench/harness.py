@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import paho.mqtt.client as paho
 import psutil
 
 from edgefleet import photos
@@ -128,9 +129,14 @@ class Result(NamedTuple):
     """One prediction as the harness received it."""
 
     received_at: float  # perf_counter
-    e2e_s: float  # from the frame's publish to the prediction's arrival
+    e2e_s: float  # from the camera's publish() call to the prediction's arrival
     inference_ms: float  # the model's run, as the service timed it
     prediction: Prediction
+    # From the frame on the wire (the camera's MQTT client reported its last byte written to its socket)
+    # to the prediction's arrival: e2e_s less the camera's own client work, its packet built and paho's hop
+    # to its network thread (0.21-0.28 ms p50 of this process's core at half load, 2026-12-07), which a
+    # camera on another machine does there. e2e_s where the write was not seen (never less than it).
+    wire_s: float = 0.0
 
 
 class Saturated(NamedTuple):
@@ -194,12 +200,18 @@ class Harness:
         self.results: list[Result] = []
         self.kept: dict[str, bytes] = {}
         self.keep = False
+        # When each frame went on the wire, by frame id; paho names a write by its message id, which
+        # publish() returns only after paho's network thread may already have written the frame.
+        self.written: dict[str, float] = {}
+        self._writing: dict[int, str] = {}  # message id -> frame id, until written
+        self._written_early: dict[int, float] = {}  # message id -> when written, until send() names it
         self.online = threading.Event()
         self.status: ServiceStatus | None = None  # the service's latest online status
         self.refill = False
         self.lock = threading.Lock()
         self.link.subscribe(topics.all_predictions(DEVICE), self._on_prediction)
         self.link.subscribe(topics.status(DEVICE, "inference"), self._on_status)
+        self.link.client.on_publish = self._on_written  # QoS 0: once a frame's last byte is in the socket
 
     def send(self) -> None:
         """Publishes the stream's next frame in an envelope (QoS 0), its send time noted by its id."""
@@ -211,7 +223,23 @@ class Harness:
             self.sent[frame_id] = time.perf_counter()
             if self.keep:
                 self.kept[frame_id] = data
-        self.link.publish(topics.frames(DEVICE, camera), payload, qos=0)
+        info = self.link.publish(topics.frames(DEVICE, camera), payload, qos=0)
+        if info.rc != paho.MQTT_ERR_SUCCESS:  # never written: its answer, if any, counts from the call
+            return
+        with self.lock:
+            if (written := self._written_early.pop(info.mid, None)) is not None:
+                self.written[frame_id] = written
+            else:
+                self._writing[info.mid] = frame_id
+
+    def _on_written(self, client: paho.Client, userdata: object, mid: int, reason_code: object,
+                    properties: object) -> None:
+        now = time.perf_counter()
+        with self.lock:
+            if (frame_id := self._writing.pop(mid, None)) is not None:
+                self.written[frame_id] = now
+            else:
+                self._written_early[mid] = now
 
     def paced(self, rate: float, seconds: float) -> None:
         """An open loop: frames at `rate` per second, spread evenly, for `seconds`."""
@@ -255,6 +283,9 @@ class Harness:
         self.settle(timeout_s)
         with self.lock:
             self.sent.clear()
+            self.written.clear()
+            self._writing.clear()
+            self._written_early.clear()
 
     def settle(self, timeout_s: float) -> bool:
         """Waits until every frame sent has been answered, at most `timeout_s`; the unanswered stay in
@@ -278,8 +309,10 @@ class Harness:
         prediction = decode(Prediction, message.payload, content_type_of(message))
         with self.lock:  # popped and recorded together: settle() sees no answer half-recorded
             sent = self.sent.pop(prediction.frame_id, None)
-            if sent is not None:
-                self.results.append(Result(now, now - sent, prediction.timings.inference_ms, prediction))
+            written = self.written.pop(prediction.frame_id, sent)
+            if sent is not None and written is not None:
+                self.results.append(Result(now, now - sent, prediction.timings.inference_ms, prediction,
+                                           now - max(sent, written)))
         if self.refill:  # closed loop: every answer lets the next frame in
             self.send()
 

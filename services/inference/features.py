@@ -16,8 +16,15 @@ def summarise(batch: np.ndarray) -> np.ndarray:
     Returns:
         (frames, 7): the three channel means, the three channel standard deviations, sharpness.
     """
-    rows = batch[:, :, ::4, :]
-    means = rows.mean(axis=(2, 3))
-    stds = rows.std(axis=(2, 3))
-    sharpness = np.abs(np.diff(rows, axis=3)).mean(axis=(1, 2, 3))
+    # One contiguous copy of the rows, then every statistic over flat memory: 118-137 µs a frame against
+    # 185-194 µs over the strided view (the bundled photos, hot cache, pinned to one core of this shared
+    # box, 2026-12-07); the same figures to within 2e-6, every one equal at the 4 decimals a prediction carries.
+    rows = np.ascontiguousarray(batch[:, :, ::4, :])
+    flat = rows.reshape(rows.shape[0], rows.shape[1], -1)
+    means = flat.mean(axis=2)
+    centred = flat - means[:, :, None]
+    stds = np.sqrt(np.einsum("ncj,ncj->nc", centred, centred) / flat.shape[2])
+    steps = rows[:, :, :, 1:] - rows[:, :, :, :-1]
+    np.abs(steps, out=steps)
+    sharpness = steps.reshape(len(steps), -1).mean(axis=1)
     return np.concatenate([means, stds, sharpness[:, None]], axis=1)

@@ -648,6 +648,26 @@ def test_the_ticker_has_one_start_and_one_stop(tmp_path):
     assert not tickers[0].is_alive()
 
 
+def test_the_ticker_ticks_only_while_plugin_code_runs(tmp_path, monkeypatch):
+    ticks: list[float] = []
+    tick = wasmtime.Engine.increment_epoch
+    monkeypatch.setattr(wasmtime.Engine, "increment_epoch", lambda engine: (ticks.append(1), tick(engine))[1])
+    host = WasmHost(PluginSettings(cache_dir=tmp_path / "cache", max_fuel=1_000_000_000))
+    host.start()
+    try:
+        plugin = compiled(host, module(when_hostile("(loop $spin (br $spin))")), fuel=1_000_000_000, deadline_ms=20)
+        instance = plugin.instantiate()
+        idle = len(ticks)
+        threading.Event().wait(0.05)  # ten ticks' time with no call running
+        assert len(ticks) == idle
+        with pytest.raises(PluginFault) as fault:  # a call wakes the ticker, and its deadline holds
+            instance.call(HOSTILE, NO_CONTEXT)
+        assert fault.value.kind == "deadline", str(fault.value)
+        assert len(ticks) - idle >= plugin.deadline_ticks
+    finally:
+        host.stop()
+
+
 # The real hostile plugins (tests/plugins/*.c), when scripts/plugins.sh has built them
 
 needs_builds = needs()  # skipped without the builds (var/plugin-builds), failed under CI=true

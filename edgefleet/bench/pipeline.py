@@ -31,9 +31,10 @@ on_publish for QoS 0) to the prediction's arrival (the subscriber's on_message);
 own client work before the write (building the packet, paho's hop to its network thread, on the world's
 core) is what a camera on another machine does there, and the row's note gives the figure with it.
 
-Models: FP32 (--model-dir); static INT8 beside it (<model>-int8-static-minmax, as `edgefleet model
-quantize` names it), built there if missing (--quick builds a small one in a temporary folder); the
-cascade of the two, its threshold chosen on held-out images by edgefleet.models.cascade.build.
+Models: FP32 (--model-dir); static INT8 with every layer quantized and float logits: the one beside it
+(<model>-int8-static-minmax, as `edgefleet model quantize` names it) where it is that, else one built in
+the run's temporary folder; the cascade of the two, its threshold chosen on held-out images by
+edgefleet.models.cascade.build.
 
 Scene cache (FP32, EDGEFLEET_CACHE_ENABLED=true, the cache's other settings at their defaults): fixed
 cameras (edgefleet.bench.streams.static_camera: a real photo with fresh Gaussian sensor noise and a new
@@ -121,7 +122,8 @@ class Scale:
     float_layers: int  # INT8 layers the build may keep in float (0: no sensitivity pass)
 
 
-FULL = Scale(1.0, 5, 2.0, 8.0, 24.0, 60.0, 24.0, 600, 300, 128, 24)
+# Static INT8 with every layer quantized (no float-layer budget), as the README's table names it.
+FULL = Scale(1.0, 5, 2.0, 8.0, 24.0, 60.0, 24.0, 600, 300, 128, 0)
 # --quick shows that every part runs and what it reports, not figures to quote: half-second rounds (the
 # rounds and their alternation kept, each still answers dozens of frames) and a short sweep per batch;
 # the two static streams share the 6 s one had (the goal's still sees a scene change).
@@ -204,8 +206,9 @@ def run(quick: bool, json_out: Path | None, model_dir: Path, *, pin: bool = True
 
 
 def _int8_model(model_dir: Path, given: Path | None, work: Path, scale: Scale, progress: Reporter = QUIET) -> Path:
-    """The static INT8 model: `given`, or the one beside the FP32 model if it was made from it, else built
-    (there; with --quick in `work`, with every layer quantized)."""
+    """The static INT8 model: `given`, or the one beside the FP32 model if it was made from it by today's
+    recipe (every layer quantized, float logits) or, with a float-layer budget, any such made from it; else
+    built (with every layer quantized in `work`, with a budget beside the FP32 model)."""
     from edgefleet.models.quantize import Method, Mode, derived_name, quantize
 
     if given is not None:
@@ -213,7 +216,9 @@ def _int8_model(model_dir: Path, given: Path | None, work: Path, scale: Scale, p
     parent, _ = load_verified(model_dir)
     beside = model_dir.with_name(derived_name(model_dir.name, Mode.STATIC, Method.MINMAX))
     try:
-        if load_verified(beside)[0].parent_sha256 == parent.sha256:
+        built = load_verified(beside)[0]
+        if (built.parent_sha256 == parent.sha256 and built.recipe.get("outputs") == "float"
+                and (scale.float_layers > 0 or built.recipe.get("float_layers") == "none")):
             return beside
     except ModelError:
         pass  # missing or stale: built below
@@ -425,6 +430,7 @@ def _fp32_path(model_dir: Path, loop: Loop, cores: Cores, scale: Scale, figures:
         "run": f"FP32 path at half load ({run.per_s / 2:.0f} frames/s offered)", "cores": cores.label(),
         "img/s": round(len(half) / scale.path_s, 1), "p50 ms": _p(e2e, 50), "p95 ms": _p(e2e, 95),
         "added p50 ms": _p(e2e - work, 50), "added p95 ms": _p(e2e - work, 95),
+        "added p50 ms from publish()": _p(from_call - work, 50),
         "note": f"added: e2e minus the frame's decode+preprocess+model time (p50 {_p(inside, 50)} ms of it inside "
                 f"the service, {_p(e2e - work - inside, 50)} ms outside); over the model alone p50 "
                 f"{_p(e2e - model, 50)} ms; e2e from the frame on the wire: counted from the camera's publish() "
@@ -525,7 +531,7 @@ class _StaticStream:
     frames: list[streams.StreamFrame]
     seconds: float
     note: str  # which scenes, and why
-    goal: bool  # its figures are the goals'; otherwise reported for information
+    runs_goal: bool  # its frames per model run are the goal's; every stream's cached answers are judged
 
 
 def _static_streams(model_dir: Path, scale: Scale, change_every_s: float,
@@ -546,15 +552,15 @@ def _static_streams(model_dir: Path, scale: Scale, change_every_s: float,
             scale.static_s,
             f"scenes the model recognises (top-1 ≥ {streams.RECOGNISED_TOP1:g} on the clean photo): "
             + ", ".join(f"{name} {p:.3f}" for name, p in sure.items()),
-            goal=True))
+            runs_goal=True))
     made.append(_StaticStream(
-        f"all {len(photos.EVALUATION)} photos, for information",
+        f"all {len(photos.EVALUATION)} photos",
         streams.static_camera(ALL_PHOTOS_CAMERAS, scale.static_hz, scale.all_photos_s,
                               change_every_s=change_every_s, noise_sigma=noise_sigma, seed=17),
         scale.all_photos_s,
-        "no goal: the model is unsure of most of these photos, its answers to them flip with sensor noise, so the "
-        "cache sends their frames to the model",
-        goal=False))
+        "frames per model run for information (its cached answers are judged): the model is unsure of most of "
+        "these photos, its answers to them flip with sensor noise, so the cache sends their frames to the model",
+        runs_goal=False))
     return made, unmeasured
 
 
@@ -595,7 +601,7 @@ def in_turns(first: Device, second: Device, cores: Cores, batch: int, scale: Sca
 def _static_row(model_dir: Path, stream: _StaticStream, sent: int, answers: list[Result], kept: dict[str, bytes],
                 rate: float, change_every_s: float, noise_sigma: float, figures: Figures) -> dict[str, Any]:
     """A static stream's row: frames per model run, and the cached answers' top-1 against the model's own on
-    the same frames; the goals' figures if `stream.goal`."""
+    the same frames; the goal's frames per run if `stream.runs_goal`, and its agreement into the goal's."""
     cached = [r.prediction for r in answers if r.prediction.cached]
     runs = len(answers) - len(cached)
     model_top1 = _model_top1(model_dir, [kept[p.frame_id] for p in cached])
@@ -604,8 +610,11 @@ def _static_row(model_dir: Path, stream: _StaticStream, sent: int, answers: list
     wrong = Counter(scene_of[kept[p.frame_id]] for p, t in zip(cached, model_top1, strict=True) if p.top[0].index != t)
     fewer = len(answers) / runs if runs else None
     agreement = agree / len(cached) if cached else None
-    if stream.goal:
-        figures.cache_fewer, figures.cache_agreement = fewer, agreement
+    if stream.runs_goal:
+        figures.cache_fewer = fewer
+    if agreement is not None:  # the goal is the lowest over the streams: a cache must be right on all of them
+        known = figures.cache_agreement
+        figures.cache_agreement = agreement if known is None else min(known, agreement)
     exact = sum(1 for p in cached if p.cache is not None and p.cache.match == "exact")
     cameras = len({f.camera for f in stream.frames})
     return {
@@ -666,11 +675,12 @@ def _goals(f: Figures) -> list[Goal]:
     return [
         Goal("path / tight loop, FP32, same core", round(f.ratios.get("FP32", 0.0), 3), 0.90, "ratio"),
         Goal("path / tight loop, INT8, same core", round(f.ratios.get("INT8", 0.0), 3), 0.85, "ratio"),
-        Goal("p50 latency added by the path at half load (FP32)",
+        Goal("p50 latency added by the path at half load (FP32), from the frame on the wire",
              round(f.added_p50_ms, 3) if f.added_p50_ms is not None else float("inf"), 1.5, "ms", "max"),
-        Goal("scene cache: frames per model run, static cameras", round(f.cache_fewer or 0.0, 2), 5.0, "x"),
-        Goal("scene cache: cached answers agreeing with the model, top-1", round(f.cache_agreement or 0.0, 4),
-             0.995, "share"),
+        Goal("scene cache: frames per model run, static cameras on scenes the model recognises",
+             round(f.cache_fewer or 0.0, 2), 5.0, "x"),
+        Goal("scene cache: cached answers agreeing with the model, top-1, the lower of the static streams",
+             round(f.cache_agreement or 0.0, 4), 0.995, "share"),
         Goal("changing frames: throughput cache on / cache off", round(f.cache_on_off or 0.0, 3), 0.97, "ratio"),
     ]
 

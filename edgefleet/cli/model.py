@@ -260,7 +260,8 @@ def model_cascade(
     plot: Annotated[Path | None, typer.Option(
         help="The curve's PNG (default: beside the folder, <out>-curve.png; the CSV beside it).")] = None,
 ) -> None:
-    """Two models served as one: the cheapest stage-1 threshold whose agreement with LARGE meets the gate."""
+    """Two models served as one: the cheapest stage-1 threshold whose agreement with LARGE meets the gate
+    plus one standard error on the held-out images (so the gate holds on images the choice did not see)."""
     from edgefleet.models import cascade, curve
 
     if metric not in ("margin", "confidence"):

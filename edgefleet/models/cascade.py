@@ -274,8 +274,7 @@ def recipe_of(choice: Choice) -> dict[str, str]:
     c = choice.chosen
     recipe = {
         "chosen_on": f"{choice.samples} held-out images: the cheapest of {len(choice.points)} thresholds whose "
-                     f"agreement with stage 2 reaches {gate_target(choice.gate, choice.samples):.4f} (the gate "
-                     f"{choice.gate:g} plus one standard error)",
+                     f"agreement with stage 2 reaches {_target_words(choice.gate, choice.samples)}",
         "in_sample": f"agreement {c.agreement:.4f}, escalated {c.escalated:.4f}",
         "model_ms_per_image": f"{c.ms_batch1:.3f} at batch 1, {c.ms_batched:.3f} at batch {choice.small.batch} "
                               f"(stage 1 {choice.small.batch1_ms:.3f}/{choice.small.batched_ms:.3f}, stage 2 "
@@ -286,6 +285,14 @@ def recipe_of(choice: Choice) -> dict[str, str]:
             f"threshold {f.threshold:.6g} chosen on the {f.chosen_on} half; on the other {f.samples} images: "
             f"agreement {f.agreement:.4f}, escalated {f.escalated:.4f}")
     return recipe
+
+
+def _target_words(gate: float, samples: int) -> str:
+    """'0.9957 (the gate 0.99 plus one standard error)', or '1 (the gate 0.99 plus one standard error,
+    capped at all of them)' on a small set."""
+    target = gate_target(gate, samples)
+    capped = target >= 1.0 and 0 < gate < 1
+    return f"{target:.4g} (the gate {gate:g} plus one standard error{', capped at all of them' if capped else ''})"
 
 
 def build(small_dir: Path, large_dir: Path, out_dir: Path, eval_dir: Path, *, name: str | None = None, version: int = 1,

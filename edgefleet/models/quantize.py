@@ -333,9 +333,10 @@ class _StaticQuantizer:
 
 
 def _outputs_in_float(path: Path) -> int:
-    """Takes out the QuantizeLinear -> DequantizeLinear pair in front of each graph output, so the layer that
-    makes an output (the classifier) computes it in float from its INT8 weights and inputs (ONNX Runtime
-    fuses it into QGemm with a float output). Returns how many outputs it freed.
+    """Takes out the QuantizeLinear -> DequantizeLinear pair between a Gemm or MatMul and a graph output that
+    nothing else reads, so that layer (the classifier) computes the output in float from its INT8 weights and
+    inputs (ONNX Runtime fuses it into QGemm with a float output). Any other shape is left as quantized.
+    Returns how many outputs it freed.
 
     Why: quantized to 8 bits, the logits of EfficientNet-Lite0 took 228 distinct values over 96 frames x 1000
     classes and tied top-1 with top-2 exactly on 3 of the 96, so the scores users read tie and a cascade's
@@ -344,27 +345,35 @@ def _outputs_in_float(path: Path) -> int:
     17.3 % (99.5 %). The weights stay INT8: the file is the same size (5.18 MB), the time the same.
     """
     model = onnx.load(str(path))
-    producers = {out: node for node in model.graph.node for out in node.output}
-    consumers = collections.Counter(name for node in model.graph.node for name in node.input)
+    graph = model.graph
     freed = 0
-    for output in model.graph.output:
+    for output in graph.output:
+        producers = {out: node for node in graph.node for out in node.output}
+        readers = collections.Counter(name for node in graph.node for name in node.input)
         dq = producers.get(output.name)
         q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-        if q is None or q.op_type != "QuantizeLinear" or consumers[q.output[0]] != 1:
-            continue
-        source = producers.get(q.input[0])
-        if source is None or consumers[q.input[0]] != 1:  # the float tensor feeds something else too
-            continue
+        source = producers.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+        if (source is None or source.op_type not in ("Gemm", "MatMul") or readers[output.name]
+                or readers[q.output[0]] != 1 or readers[q.input[0]] != 1):
+            continue  # read inside the graph too, or not a classifier's output: its readers need the pair
         source.output[list(source.output).index(q.input[0])] = output.name
-        model.graph.node.remove(q)
-        model.graph.node.remove(dq)
-        stale = [v for v in model.graph.value_info if v.name == q.input[0]]
-        for v in stale:
-            model.graph.value_info.remove(v)
+        for node in (q, dq):
+            graph.node.remove(node)
+        _drop_unread(graph, [*q.input[1:], *dq.input[1:]])
+        for stale in [v for v in graph.value_info if v.name in (q.input[0], q.output[0])]:
+            graph.value_info.remove(stale)
         freed += 1
     if freed:
         onnx.save(model, str(path))
     return freed
+
+
+def _drop_unread(graph: onnx.GraphProto, names: list[str]) -> None:
+    """Removes the initializers among `names` that no node reads any more (ONNX Runtime warns at every
+    session open about an unused initializer)."""
+    read = {name for node in graph.node for name in node.input}
+    for initializer in [i for i in graph.initializer if i.name in names and i.name not in read]:
+        graph.initializer.remove(initializer)
 
 
 def _split(held_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

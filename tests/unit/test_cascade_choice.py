@@ -145,6 +145,7 @@ def test_a_threshold_is_chosen_one_standard_error_above_the_gate_capped_at_every
     assert gate_target(0.99, 150) == pytest.approx(0.99 + np.sqrt(0.99 * 0.01 / 150))
     assert gate_target(0.9, 1) == 1.0 and gate_target(1.0, 300) == 1.0
     assert gate_target(0.95, 0) == 0.95  # nothing to measure on: the gate itself
+    assert gate_target(0.0, 10) == 0.0 and gate_target(-0.5, 10) == 0.0  # no gate: nothing to aim above
 
 
 def test_static_int8_computes_its_logits_in_float_from_int8_weights(outputs, int8_dir):

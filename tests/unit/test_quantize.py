@@ -172,3 +172,55 @@ def test_pareto_front_keeps_only_undominated_models():
     dynamic = model("dyn", 80.0, 0.6)
     slow_and_worse = model("worse", 6.0, 0.85)
     assert [m.model for m in pareto_front([fp32, int8, mixed, dynamic, slow_and_worse])] == ["int8", "mixed", "fp32"]
+
+
+def _qdq_tail(source_op: str, read_inside: bool, path):
+    """x -> source (Gemm or a 1x1 Conv) -> QuantizeLinear -> DequantizeLinear -> "logits", the tail a QDQ
+    quantizer leaves; with `read_inside`, the logits also feed a Relu whose result is a second output."""
+    rng = np.random.default_rng(1)
+    if source_op == "Gemm":
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+        weight = numpy_helper.from_array(rng.normal(size=(3, 4)).astype(np.float32), "w")
+        source = helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)
+        shape = [1, 3]
+    else:
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 1, 1])
+        weight = numpy_helper.from_array(rng.normal(size=(3, 4, 1, 1)).astype(np.float32), "w")
+        source = helper.make_node("Conv", ["x", "w"], ["y"])
+        shape = [1, 3, 1, 1]
+    scale = numpy_helper.from_array(np.array(0.05, dtype=np.float32), "y_scale")
+    zero = numpy_helper.from_array(np.array(128, dtype=np.uint8), "y_zero")
+    nodes = [source, helper.make_node("QuantizeLinear", ["y", "y_scale", "y_zero"], ["y_q"]),
+             helper.make_node("DequantizeLinear", ["y_q", "y_scale", "y_zero"], ["logits"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, shape)]
+    if read_inside:
+        nodes.append(helper.make_node("Relu", ["logits"], ["relu"]))
+        outputs.append(helper.make_tensor_value_info("relu", TensorProto.FLOAT, shape))
+    model = helper.make_model(helper.make_graph(nodes, "tail", [x], outputs, [weight, scale, zero]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_classifier_output_is_computed_in_float_and_its_pair_and_constants_go(tmp_path):
+    from edgefleet.models.quantize import _outputs_in_float
+
+    path = _qdq_tail("Gemm", False, tmp_path / "gemm.onnx")
+    assert _outputs_in_float(path) == 1
+    model = onnx.load(str(path))
+    assert [n.op_type for n in model.graph.node] == ["Gemm"] and model.graph.node[0].output[0] == "logits"
+    assert [i.name for i in model.graph.initializer] == ["w"]  # no unread scale or zero point left to warn about
+    x = np.ones((1, 4), np.float32)
+    w = numpy_helper.to_array(model.graph.initializer[0])
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(out, x @ w.T, rtol=1e-6)  # exact float sums, not a 0.05 grid
+
+
+@pytest.mark.parametrize("source_op, read_inside", [("Gemm", True), ("Conv", False)])
+def test_an_output_read_inside_the_graph_or_made_by_another_op_stays_quantized(tmp_path, source_op, read_inside):
+    from edgefleet.models.quantize import _outputs_in_float
+
+    path = _qdq_tail(source_op, read_inside, tmp_path / "tail.onnx")
+    before = path.read_bytes()
+    assert _outputs_in_float(path) == 0
+    assert path.read_bytes() == before

@@ -143,7 +143,8 @@ class Worker:
         if not ready:
             return
         try:
-            run = BatchRun.of(model, batch, k=self._top_k, features=np.stack([item.features for item in ready]))
+            run = BatchRun.of(model, batch, k=self._top_k, features=np.stack([item.features for item in ready]),
+                              summary_s=sum(item.summary_s for item in ready))
         except Exception as exc:  # e.g. an execution provider failing: every frame hears why
             log.exception("inference failed")
             for item in ready:
@@ -212,6 +213,7 @@ class Prepared:
     frame: Frame
     preprocess_s: float
     features: np.ndarray  # (7,)
+    summary_s: float  # taking `features`: the service's own work, never the frame's queue wait
 
 
 def decode_batch(model: ServedModel, frames: list[Frame], publisher: Publisher) -> tuple[np.ndarray, list[Prepared]]:
@@ -230,8 +232,11 @@ def decode_batch(model: ServedModel, frames: list[Frame], publisher: Publisher) 
             # run evicts it (in-process, batch 1: 76 µs on the hot slot, 330 µs right after a run). In the
             # service (bench pipeline's device core, batch 1, 2026-12-07) the step's p50 went from 309 to
             # 167-184 µs a frame, with features.py's contiguous pass; top-k, now the first numpy work after
-            # the run, pays 40-60 µs more of the refill. Outside preprocess_s: the service's own work.
-            ready.append(Prepared(frame, preprocess_s, summarise(slot[None])[0]))
+            # the run, pays 40-60 µs more of the refill. Outside preprocess_s and queued_ms (summary_s):
+            # the service's own work.
+            t0 = time.monotonic()
+            features = summarise(slot[None])[0]
+            ready.append(Prepared(frame, preprocess_s, features, time.monotonic() - t0))
     return batch[: len(ready)], ready
 
 
@@ -269,6 +274,10 @@ class BatchRun:
     classes: np.ndarray  # (frames, k) class indices, best first
     scores: np.ndarray  # (frames, k) probabilities
     features: np.ndarray  # (frames, 7) input summaries for drift detection
+    # All the batch's input summaries, taken before `started` (decode_batch, for the CPU cache's sake):
+    # kept out of every frame's queued_ms, which is waiting, as when they ran after the model; total_ms
+    # counts them.
+    summary_s: float
     escalated: np.ndarray  # (frames,) bool: answered by a cascade's stage 2
     metric: np.ndarray | None = None  # (frames,) a cascade's stage-1 margin or confidence
     escalation_s: float = 0.0  # stage 2's run over the escalated rows
@@ -277,7 +286,8 @@ class BatchRun:
     stage2_failure: str | None = None
 
     @classmethod
-    def of(cls, model: ServedModel, batch: np.ndarray, *, k: int, features: np.ndarray | None = None) -> BatchRun:
+    def of(cls, model: ServedModel, batch: np.ndarray, *, k: int, features: np.ndarray | None = None,
+           summary_s: float = 0.0) -> BatchRun:
         """Runs the model (a cascade: both stages, as needed) on the batch; top-k classes and features.
 
         Args:
@@ -286,6 +296,7 @@ class BatchRun:
             k: classes per row.
             features: the batch's (frames, 7) input summaries if the caller took them already
                 (decode_batch does, while each slot is in cache); None: summarised here.
+            summary_s: the seconds the caller spent taking `features` (kept out of queued_ms).
 
         Raises:
             Exception: whatever ONNX Runtime raises when the run (a cascade's stage 1) fails: no frame of
@@ -299,7 +310,7 @@ class BatchRun:
         if model.escalation is None:
             classes, scores = top_k(logits, k)
             return cls(model=model, started=started, inference_s=inference_s, classes=classes, scores=scores,
-                       features=features, escalated=np.zeros(len(classes), dtype=bool))
+                       features=features, summary_s=summary_s, escalated=np.zeros(len(classes), dtype=bool))
         escalation = model.escalation
         # top-2 at least: the margin needs the runner-up even when one class is asked for
         classes, scores = top_k(logits, max(k, 2))
@@ -319,8 +330,8 @@ class BatchRun:
                 failure = clip(str(exc))
             escalation_s = time.monotonic() - t0
         return cls(model=model, started=started, inference_s=inference_s, classes=classes, scores=scores,
-                   features=features, escalated=escalated, metric=metric, escalation_s=escalation_s,
-                   stage2_failure=failure)
+                   features=features, summary_s=summary_s, escalated=escalated, metric=metric,
+                   escalation_s=escalation_s, stage2_failure=failure)
 
     def prediction(self, i: int, item: Prepared, *, device: str) -> Prediction:
         """The prediction for the batch's i-th frame, timed from its arrival to now."""
@@ -337,7 +348,7 @@ class BatchRun:
             model=self.model.ref,
             provider=session.provider.active,
             timings=Timings(
-                queued_ms=_ms(self.started - frame.received - item.preprocess_s),
+                queued_ms=_ms(self.started - frame.received - item.preprocess_s - self.summary_s),
                 preprocess_ms=_ms(item.preprocess_s),
                 inference_ms=_ms(inference_s),
                 total_ms=_ms(now - frame.received),

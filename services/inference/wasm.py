@@ -71,10 +71,16 @@ log = logging.getLogger(__name__)
 # The epoch ticker's period: a call's deadline holds to within one tick, and each tick wakes a Python
 # thread. Measured on this 2-core box, the ticker costs 0.49 % of one core at 5 ms (2.0 % at 1 ms), and
 # a pure-Python loop beside it ran no slower beyond noise; at 5 ms a 20 ms deadline fires within
-# 20-25 ms (measured 23-25 ms), well inside a frame's budget. It ticks only while a plugin call runs:
-# ticking always, it woke a service that runs no plugin 200 times a second on the worker's core
-# (0.08-0.16 ms of CPU per image at ~90 images/s, bench pipeline's device core, 2026-12-07).
+# 20-25 ms (measured 23-25 ms), well inside a frame's budget. It pauses once no plugin code has run
+# for PAUSE_AFTER_S: ticking always, it woke a service that runs no plugin 200 times a second on the
+# worker's core (0.08-0.16 ms of CPU per image at ~90 images/s, bench pipeline's device core, 2026-12-07).
 EPOCH_TICK_MS = 5
+# How long the ticker goes on ticking after the last plugin call ended. A service that runs plugins per
+# prediction calls them far more often than this, so its ticker never pauses and no call has to wake it
+# (woken from inside every call, it put a thread switch on the call path: per-call p99 1.7-2.9 ms
+# against 0.12-0.23 ms ticking always, at 90 calls/s here, 2026-12-07); a service with no plugin never
+# ticks after start.
+PAUSE_AFTER_S = 1.0
 WASMTIME_VERSION = version("wasmtime")
 # The input buffer an instance allocates at start; a larger prediction re-allocates (power of two).
 INPUT_BUFFER_BYTES = 4096
@@ -275,8 +281,13 @@ class WasmHost:
         self._lock = threading.Lock()  # compile and the ticker's start/stop
         self._ticker: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._calls = 0  # plugin code running now, on any thread: the ticker ticks only while there is some
+        # Under _calls_changed: plugin code running now (a count: calls on several threads overlap), when
+        # the last one ended (monotonic; -inf: none yet, so an idle service never ticks), whether the
+        # ticker waits paused for the next call.
         self._calls_changed = threading.Condition()
+        self._calls = 0
+        self._last_left = -math.inf
+        self._paused = False
 
     def start(self) -> None:
         """Starts the epoch ticker (idempotent)."""
@@ -297,25 +308,43 @@ class WasmHost:
                 self._calls_changed.notify_all()
             ticker.join()
 
+    @property
+    def ticking(self) -> bool:
+        """Whether the epoch ticker is ticking now (started, and not paused for want of plugin calls)."""
+        with self._calls_changed:
+            return self._ticker is not None and not self._paused
+
     def enter_call(self) -> None:
-        """Plugin code starts running on this thread (its deadline armed): the ticker ticks until leave_call()."""
+        """Plugin code starts running on this thread (its deadline armed): the ticker ticks until at least
+        PAUSE_AFTER_S after leave_call(). Wakes the ticker only if it is paused."""
         with self._calls_changed:
             self._calls += 1
-            if self._calls == 1:
+            if self._paused:  # cleared here, not by the ticker: a call that has ended by the time the
+                self._paused = False  # ticker runs again still wakes it, and starts its linger
                 self._calls_changed.notify()
 
     def leave_call(self) -> None:
         """The plugin code enter_call() announced has returned (or failed)."""
         with self._calls_changed:
             self._calls -= 1
+            self._last_left = time.monotonic()
 
     def _tick(self) -> None:
-        # A tick as soon as a call wakes a paused ticker, then one every EPOCH_TICK_MS: a call armed with
-        # deadline_ticks (one more than its deadline needs) still gets at least its deadline, and at most
-        # one tick more, as with a ticker that never stops.
-        while not self._stopping.is_set():
+        # One tick every EPOCH_TICK_MS while a call runs or one ended under PAUSE_AFTER_S ago, then a
+        # pause. A call armed with deadline_ticks (one more than its deadline needs) gets at least its
+        # deadline: it is armed before enter_call(), and ticks are never closer than EPOCH_TICK_MS (a wait
+        # follows every tick, and a pause begins only after that wait). A call that finds the ticker
+        # running gets at most one tick more. The first call after a pause wakes it (enter_call), and it
+        # ticks at once: that call's deadline fires at its deadline rounded up to whole ticks, plus the
+        # wake's latency.
+        while True:
             with self._calls_changed:
-                self._calls_changed.wait_for(lambda: self._calls > 0 or self._stopping.is_set())
+                if self._calls == 0 and time.monotonic() - self._last_left >= PAUSE_AFTER_S:
+                    self._paused = True
+                    self._calls_changed.wait_for(lambda: not self._paused or self._stopping.is_set())
+                    self._paused = False
+            if self._stopping.is_set():
+                return
             self.engine.increment_epoch()
             if self._stopping.wait(EPOCH_TICK_MS / 1000):
                 return

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.packettypes import PacketTypes
@@ -20,6 +21,10 @@ from paho.mqtt.properties import Properties
 from pydantic import BaseModel
 
 from edgefleet import photos
+from services.inference import pipeline
+from services.inference.batcher import FrameBacklog
+from services.inference.counters import Counters
+from services.inference.decode import decode_bgr
 from services.inference.errors import (
     Closed,
     FrameRejected,
@@ -29,6 +34,10 @@ from services.inference.errors import (
     UndecodableFrame,
     UnknownProvider,
 )
+from services.inference.features import summarise
+from services.inference.intake import Frame
+from services.inference.pipeline import Worker
+from services.inference.publisher import Publisher
 from services.inference.service import START_ERRORS, InferenceService
 from services.inference.swap import ModelLoader, ServedModel, warm
 from services.inference.wasm import WasmHost
@@ -295,3 +304,88 @@ def test_start_up_refusals_are_start_errors(model_dir):
     assert isinstance(unknown.value, UnknownProvider) and "tpu" in str(unknown.value)
     assert isinstance(strict.value, ProviderRefused) and "strict" in str(strict.value)
     assert InferenceError in START_ERRORS and ValueError not in START_ERRORS
+
+
+# One batch straight through Worker.answer (no threads): what each frame's prediction is made of
+
+
+MIXED = [("a", "chelsea"), ("b", "coffee"), ("bad", None), ("c", "astronaut"), ("d", "rocket")]
+
+
+def _mixed_frames(received: float | None = None) -> list[Frame]:
+    """Frames of different photos with an undecodable one in the middle (its header passes, its data not)."""
+    frames = []
+    for frame_id, name in MIXED:
+        data = photos.jpeg(name) if name is not None else photos.jpeg("coins")[:400]
+        frame = Frame("cam", frame_id, data, None)
+        if received is not None:
+            frame = replace(frame, received=received)
+        frames.append(frame)
+    return frames
+
+
+def _answer(model: ServedModel, frames: list[Frame]) -> MemoryLink:
+    """Answers the frames as one batch, as a worker does; returns the link that carries the answers."""
+    link, counters, settings = MemoryLink(), Counters(), InferenceSettings(device_id=DEVICE)
+    publisher = Publisher(link, device=DEVICE, wire=settings.prediction_format, qos=settings.prediction_qos,
+                          counters=counters)
+    worker = Worker(backlog=FrameBacklog(settings.queue_size), serving=lambda: model, publisher=publisher,
+                    counters=counters, device=DEVICE, max_batch=len(frames), max_wait_s=0.0, top_k=5,
+                    max_image_pixels=settings.max_frame_pixels, max_image_bytes=settings.max_frame_bytes)
+    worker.answer(frames)
+    assert counters.batches.value == 1
+    return link
+
+
+def _own_summary(model: ServedModel, data: bytes) -> np.ndarray:
+    """features.summarise of the frame's own preprocessed input, alone and in float64."""
+    crop = model.manifest.preprocessing.crop
+    slot = np.empty((3, crop, crop), dtype=np.float32)
+    model.preprocess(decode_bgr(data, model.decode_min_side), slot)
+    return np.asarray(summarise(slot[None].astype(np.float64))[0])
+
+
+def test_each_prediction_carries_its_own_frames_input_summary(model):
+    frames = _mixed_frames()
+    link = _answer(model, frames)
+    features = {p.frame_id: np.array(p.features) for _, p in _predictions(link)}
+
+    assert [e.frame_id for e in _errors(link)] == ["bad"]
+    assert sorted(features) == ["a", "b", "c", "d"]
+    own = {f.frame_id: _own_summary(model, f.data) for f in frames if f.frame_id != "bad"}
+    for frame_id, summary in own.items():  # rounded to 4 decimals on the wire; float32 adds ~1e-6
+        assert np.abs(features[frame_id] - summary).max() <= 6e-5, (frame_id, features[frame_id], summary)
+    # The photos' summaries differ far beyond that: another frame's row would fail above.
+    assert min(np.abs(own[x] - own[y]).max() for x in own for y in own if x < y) > 1e-2
+
+
+class SteppingClock:
+    """The pipeline's clock, standing still except for one second per input summary (pure logic: where
+    the summaries' time is counted)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.time = time.time
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_a_frames_queue_wait_leaves_out_its_batchs_input_summaries(model, monkeypatch):
+    clock = SteppingClock()
+    summarised = pipeline.summarise
+
+    def slow_summary(batch: np.ndarray) -> np.ndarray:
+        clock.now += 1.0
+        return summarised(batch)
+
+    monkeypatch.setattr(pipeline, "time", clock)
+    monkeypatch.setattr(pipeline, "summarise", slow_summary)
+    link = _answer(model, _mixed_frames(received=clock.now))
+    timings = {p.frame_id: p.timings for _, p in _predictions(link)}
+
+    assert sorted(timings) == ["a", "b", "c", "d"]
+    # All four summaries ran before the batch's model run, and none of them is waiting: the frames
+    # waited no time at all on this clock; their totals count the four seconds.
+    assert {t.queued_ms for t in timings.values()} == {0.0}
+    assert {t.total_ms for t in timings.values()} == {4000.0}

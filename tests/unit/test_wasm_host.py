@@ -16,12 +16,14 @@ import os
 import stat
 import struct
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import wasmtime
 
+from services.inference import wasm as wasm_module
 from services.inference.wasm import (
     EPOCH_TICK_MS,
     LOG_LINES_PER_S,
@@ -36,6 +38,7 @@ from shared.config import PluginSettings
 from shared.manifest import MANIFEST_FILE
 from shared.plugin import ABI_VERSION, PLUGIN_FILE, DirGrant, PluginError, PluginGrants, PluginLimits, PluginManifest
 from tests.plugin_builds import BUILDS, needs
+from tests.support import wait_until
 
 HOSTILE = b"!"  # a prediction that starts with '!' makes the conditional modules misbehave
 PREDICTION = b'{"frame_id":"f1","top":[{"index":1,"label":"cat","score":0.9}]}'
@@ -648,24 +651,130 @@ def test_the_ticker_has_one_start_and_one_stop(tmp_path):
     assert not tickers[0].is_alive()
 
 
-def test_the_ticker_ticks_only_while_plugin_code_runs(tmp_path, monkeypatch):
-    ticks: list[float] = []
+SPIN = "(loop $spin (br $spin))"
+PAUSED_S = 5  # how long a test waits for the ticker to pause: only a broken count makes it wait this long
+
+
+@pytest.fixture
+def ticks(monkeypatch) -> list[float]:
+    """The monotonic time of every epoch tick while the test runs (each test runs one host)."""
+    times: list[float] = []
     tick = wasmtime.Engine.increment_epoch
-    monkeypatch.setattr(wasmtime.Engine, "increment_epoch", lambda engine: (ticks.append(1), tick(engine))[1])
+
+    def counted(engine: wasmtime.Engine) -> None:
+        times.append(time.monotonic())
+        tick(engine)
+
+    monkeypatch.setattr(wasmtime.Engine, "increment_epoch", counted)
+    return times
+
+
+@pytest.fixture
+def ticker(tmp_path, monkeypatch):
+    """A started host whose ticker pauses after 20 ms without plugin code (PAUSE_AFTER_S)."""
+    monkeypatch.setattr(wasm_module, "PAUSE_AFTER_S", 0.02)
     host = WasmHost(PluginSettings(cache_dir=tmp_path / "cache", max_fuel=1_000_000_000))
     host.start()
+    yield host
+    host.stop()
+
+
+def assert_paused(host: WasmHost, ticks: list[float]) -> None:
+    """The ticker pauses (so no call is counted running) and then ticks no more for ten ticks' time."""
+    wait_until(lambda: not host.ticking, PAUSED_S, "the ticker to pause", interval=0.002)
+    before = len(ticks)
+    threading.Event().wait(10 * EPOCH_TICK_MS / 1000)
+    assert len(ticks) == before and not host.ticking
+
+
+def assert_spaced(ticks: list[float]) -> None:
+    """No two ticks closer than EPOCH_TICK_MS: a closer pair would cut a deadline short. (A lower bound
+    the ticker's own wait guarantees; load only widens the gaps. 0.1 ms for the clock's rounding.)"""
+    assert len(ticks) >= 2
+    assert min(np.diff(ticks)) >= (EPOCH_TICK_MS - 0.1) / 1000, np.diff(ticks)
+
+
+def test_an_idle_host_never_ticks(tmp_path, ticks):
+    host = WasmHost(PluginSettings(cache_dir=tmp_path / "cache"))
+    host.start()
     try:
-        plugin = compiled(host, module(when_hostile("(loop $spin (br $spin))")), fuel=1_000_000_000, deadline_ms=20)
-        instance = plugin.instantiate()
-        idle = len(ticks)
-        threading.Event().wait(0.05)  # ten ticks' time with no call running
-        assert len(ticks) == idle
-        with pytest.raises(PluginFault) as fault:  # a call wakes the ticker, and its deadline holds
-            instance.call(HOSTILE, NO_CONTEXT)
-        assert fault.value.kind == "deadline", str(fault.value)
-        assert len(ticks) - idle >= plugin.deadline_ticks
+        assert_paused(host, ticks)
+        assert ticks == []
     finally:
         host.stop()
+
+
+def test_the_ticker_lingers_after_calls_and_pauses_once_idle_after_a_normal_call_and_a_fault(
+        ticker, ticks, monkeypatch):
+    assert_paused(ticker, ticks)
+    plugin = compiled(ticker, module(when_hostile(SPIN)), fuel=1_000_000_000, deadline_ms=20)
+    instance = plugin.instantiate()
+    assert instance.call(PREDICTION, NO_CONTEXT).result is None
+    assert_paused(ticker, ticks)  # the count is back to 0 after a normal call
+    with pytest.raises(PluginFault) as fault:  # the call wakes the paused ticker, and its deadline holds
+        instance.call(HOSTILE, NO_CONTEXT)
+    assert fault.value.kind == "deadline", str(fault.value)
+    assert_paused(ticker, ticks)  # ... and after a fault
+
+    monkeypatch.setattr(wasm_module, "PAUSE_AFTER_S", 60.0)
+    plugin.instantiate().call(PREDICTION, NO_CONTEXT)
+    ended = len(ticks)  # no plugin code runs from here on; the ticker goes on ticking
+    wait_until(lambda: len(ticks) >= ended + 3, PAUSED_S, "ticks after the last call", interval=0.002)
+    assert ticker.ticking
+    monkeypatch.setattr(wasm_module, "PAUSE_AFTER_S", 0.02)
+    assert_paused(ticker, ticks)
+    assert_spaced(ticks)  # wakes from a pause included
+
+
+class Signalling(FakeContext):
+    """A context whose frame import tells the test the call is inside the plugin."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside = threading.Event()
+
+    def frame(self) -> bytes | None:
+        self.inside.set()
+        return super().frame()
+
+
+def test_another_threads_calls_ending_leave_a_runaways_deadline_armed(ticker, ticks, monkeypatch):
+    # The runaway's 40 ms need 9 ticks; the other thread's calls end long before, and the ticker pauses
+    # 10 ms after the last call ended unless it counts the runaway as running. Paused, the runaway would
+    # burn its 1e9 fuel (~0.5 s here) and fault with "fuel", not "deadline".
+    monkeypatch.setattr(wasm_module, "PAUSE_AFTER_S", 0.01)
+    runaway = compiled(ticker, module(when_hostile(f"(drop (call $frame (i32.const 4096) (i32.const 64))) {SPIN}")),
+                       fuel=1_000_000_000, deadline_ms=40, grants=PluginGrants(frame=True)).instantiate()
+    short = compiled(ticker, module("(i64.const 0)")).instantiate()
+    context = Signalling()
+    faults: list[PluginFault] = []
+
+    def run_away() -> None:
+        try:
+            runaway.call(HOSTILE, context)
+        except PluginFault as fault:
+            faults.append(fault)
+
+    thread = threading.Thread(target=run_away)
+    thread.start()
+    try:
+        assert context.inside.wait(PAUSED_S), "the runaway never started"
+        for _ in range(5):  # each one's end must not count the runaway's call as ended
+            assert short.call(PREDICTION, NO_CONTEXT).result is None
+    finally:
+        thread.join(PAUSED_S)
+    assert not thread.is_alive()
+    assert [fault.kind for fault in faults] == ["deadline"], faults
+    assert_paused(ticker, ticks)
+    assert_spaced(ticks)
+
+
+def test_a_start_function_that_never_returns_is_interrupted_at_its_deadline(ticker, ticks):
+    assert_paused(ticker, ticks)  # its call has to wake the ticker: the start function is counted as plugin code
+    wasm_bytes = module("(i64.const 0)", extra="(func $start (loop $l (br $l))) (start $start)")
+    with pytest.raises(PluginError, match="interrupt"):
+        compiled(ticker, wasm_bytes, fuel=1_000_000_000, deadline_ms=20).instantiate()
+    assert_paused(ticker, ticks)
 
 
 # The real hostile plugins (tests/plugins/*.c), when scripts/plugins.sh has built them

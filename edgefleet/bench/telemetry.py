@@ -122,6 +122,34 @@ def _ingest(broker: Broker, store: S3Server, replica: str) -> IngestSettings:
                                          "log_level": "WARNING"})
 
 
+def _wait_online(broker: Broker, replicas: int, timeout_s: float = 60.0) -> None:
+    """Until `replicas` cloud_ingest replicas said ONLINE on `broker` (a fresh one: no other replica's retained
+    status). A replica subscribes before it says so, in one connection (shared.mqtt), so a batch sent after this
+    finds it subscribed: no fixed sleep that is too long on an idle machine and may be too short on a busy one.
+
+    Raises:
+        RuntimeError: fewer than `replicas` said ONLINE within `timeout_s`.
+    """
+    online: set[str] = set()
+    ready = threading.Event()
+
+    def on_status(message) -> None:
+        status = decode(ServiceStatus, message.payload, content_type_of(message))
+        if status.state is ServiceState.ONLINE:
+            online.add(status.device)
+            if len(online) >= replicas:
+                ready.set()
+
+    watcher = MqttLink(CommonSettings(mqtt_url=broker.url, device_id="bench-ingest-watch"), "bench", unique=True)
+    watcher.subscribe(topics.status("+", topics.INGEST_SERVICE), on_status)
+    watcher.start()
+    try:
+        if not ready.wait(timeout_s):
+            raise RuntimeError(f"{len(online)} of {replicas} cloud_ingest replicas ONLINE after {timeout_s:g} s")
+    finally:
+        watcher.stop()
+
+
 def _drain(tmp: Path, backlog: int) -> float:
     """Records/s from a full outbox into S3 through `edgefleet telemetry` and `edgefleet cloud-ingest`."""
     outbox = Outbox(tmp / "backlog.db", "bench-drain", 1 << 34)
@@ -164,7 +192,7 @@ def _ingest_rate(replicas: int, devices: int, batches: int, per_batch: int, tmp:
         spawner = stack.enter_context(Spawner(tmp))
         for r in range(replicas):
             spawner.start(f"ingest-{replicas}-{r}", "cloud-ingest", _ingest(cloud, store, f"ingest-{r}"))
-        time.sleep(3)
+        _wait_online(cloud, replicas)
         payloads = {d: [encode(_batch(f"dev-{d}", b, per_batch), WireFormat.MSGPACK_ZLIB) for b in range(batches)]
                     for d in range(devices)}
         acks_by_device = {f"dev-{d}": threading.Semaphore(0) for d in range(devices)}

@@ -65,7 +65,7 @@ def test_bench_quick_writes_its_goals(name, model_dir, tmp_path):
             assert static["answered"] == static["frames"] == static["model runs"] + static["cached"]
         # The agreement goal is the lower of the two streams' cached answers.
         agreement = next(g["value"] for g in document["goals"] if "cached answers agreeing" in g["name"])
-        assert agreement == min(s["cached agree"] for s in statics if s["cached"])
+        assert agreement == pytest.approx(min(s["cached agree"] for s in statics if s["cached"]), abs=5e-5)
     if name == "wasm":  # every goal measured; the device measured with the plugin really ran it
         assert len(document["goals"]) == 4
         service = next(r for r in document["rows"] if r["run"].startswith("the service with"))
@@ -96,7 +96,7 @@ def test_bench_cascade_quick_chooses_builds_and_times_the_cascade(model_dir, tmp
         "cascade top-1 agreement with FP32 on held-out (2-fold cross-checked)",
         "cascade mean model time / FP32 (batch 8, same run, 2-fold cross-checked thresholds)"}
     # Both goals judge each image by the threshold chosen on the other half.
-    assert document["goals"][1]["value"] == rows[checked]["x FP32"]
+    assert document["goals"][1]["value"] == pytest.approx(rows[checked]["x FP32"], abs=5e-4)
     # The cascade it timed is the folder it wrote, and its gate is the one the agreement goal reports.
     from shared.cascade import verify_folder
 

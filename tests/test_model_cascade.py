@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+from edgefleet.models.derive import gate_target
 from shared.cascade import is_cascade, load_members, read_spec, verify_folder
 from shared.manifest import load_verified
 
@@ -40,6 +41,11 @@ def test_model_cascade_writes_a_verified_cascade_its_gate_and_its_curve(data, mo
     assert len(rows) >= 2 and sum(int(r["chosen"]) for r in rows) == 1
     chosen = next(r for r in rows if r["chosen"] == "1")
     assert float(chosen["threshold"]) == float(f"{spec.threshold:.6g}") and float(chosen["agreement"]) >= 0.95
+    # Chosen one standard error above the gate (so the gate holds on images it did not see): the cheapest row
+    # reaching that, every cheaper one short of it.
+    target = gate_target(0.95, 24)
+    assert 0.95 < target and float(chosen["agreement"]) >= target
+    assert all(float(r["agreement"]) < target for r in rows if float(r["ms_batch1"]) < float(chosen["ms_batch1"]))
     assert "chosen" in result.stderr and "escalated" in result.stderr
     summary = [line for line in result.stderr.splitlines() if line.startswith("lite0-cascade v3:")]
     assert len(summary) == 1 and "cross-checked" in summary[0] and str(out) in summary[0]

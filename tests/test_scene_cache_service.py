@@ -66,10 +66,10 @@ def test_a_static_camera_is_answered_from_the_cache_naming_the_frame_the_model_r
     exact = ask(device, "f9", noisy_jpeg("coffee", seed=7))  # the bytes the model ran on for f7
     assert exact.cache is not None and (exact.cache.frame_id, exact.cache.match) == ("f7", "exact")
 
-    # A scene the model is unsure of (top-1 0.38, its runner-up close): its answer flips with the noise, so
-    # the model sees every frame of it.
-    unsure = [ask(device, f"f{i}", noisy_jpeg("chelsea", seed=i)) for i in (10, 11, 12)]
-    assert unsure[0].top[0].score - unsure[0].top[1].score < 0.20 and not any(p.cached for p in unsure)
+    # A scene the model is unsure of (top-1 0.38, its runner-up close), on a frame whose margin passes the old
+    # floor of 0.10 but not the default 0.20: its answer flips with the noise, so the model sees every frame.
+    unsure = [ask(device, f"f{i}", noisy_jpeg("chelsea", seed=s)) for i, s in ((10, 0), (11, 1), (12, 2))]
+    assert 0.10 <= unsure[0].top[0].score - unsure[0].top[1].score < 0.20 and not any(p.cached for p in unsure)
 
     cached = sum(p.cached for p in device.predictions)
     assert cached == 8

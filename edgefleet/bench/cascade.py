@@ -8,10 +8,10 @@ FP32 and the cascade alternating round by round so a busy moment of the machine 
 
 Stage 1 is static INT8 with every layer quantized (MinMax, per-channel weights), bias-corrected
 (edgefleet.models.biascorrect) on the calibration frames; the metric is the softmax margin. Measured on
-the 300 held-out / 128 calibration images (load 1.2-2.2, FP32 ~7.6 ms/img at batch 8): uncorrected INT8
-agrees with FP32 on 85.7 % and the gate needs 31 % escalated (cascade 0.82 × FP32); corrected, 95.3 % and
-13-14 % escalated for 98.7-99.0 % cross-checked (cascade 0.65 ×). What did not help: Percentile
-calibration (85.3 %), Entropy (MinMax's very model), layers kept in float (67-75 %: ONNX Runtime's
+the 300 held-out / 128 calibration images (2026-12-06, logits still 8-bit; load 1.2-2.2, FP32 ~7.6 ms/img
+at batch 8): uncorrected INT8 agrees with FP32 on 85.7 % and the gate needs 31 % escalated (cascade 0.82 ×
+FP32); corrected, 95.3 % and 13-14 % escalated for 98.7-99.0 % cross-checked (cascade 0.65 ×). What did
+not help: Percentile calibration (85.3 %), Entropy (MinMax's very model), layers kept in float (67-75 %: ONNX Runtime's
 WeightBiasQuantization re-quantizes a float Conv's weights per-tensor when its input comes from a
 DequantizeLinear; 87-90 % with that pass disabled, still ~30 % escalated; model sessions now run without
 it, and bias-corrected on top, the 1 / 2 / 3 layers the calibration frames rank most sensitive agree 95.3 /
@@ -121,9 +121,9 @@ def run(quick: bool, json_out: Path | None, model_dir: Path, work: Path | None =
         Goal("cascade top-1 agreement with FP32 on held-out (2-fold cross-checked)", round(choice.cross_checked, 4),
              GATE, "fraction"),
         Goal(f"cascade mean model time / FP32 (batch {cascade.SERVICE_BATCH}, same run, 2-fold cross-checked "
-             "thresholds)", round(checked_ms / fp32_ms, 3), TIME_SHARE, "ratio", "max"),
+             "thresholds)", checked_ms / fp32_ms, TIME_SHARE, "ratio", "max"),  # judged unrounded
     ]
-    _explain(choice, len(inputs), served.escalated)
+    _explain(choice, len(inputs), served.escalated, measured[cascade.SERVICE_BATCH][1] / fp32_ms)
     return emit("cascade", quick, rows, goals, json_out, progress=progress)
 
 
@@ -188,7 +188,9 @@ def _timed(runners: tuple[ort.InferenceSession, ort.InferenceSession], input_nam
             round(float(np.median(checked)) * per_image, 4), sum(h.escalated for h in halves))
 
 
-def _explain(choice: cascade.Choice, images: int, escalated: int) -> None:
+def _explain(choice: cascade.Choice, images: int, escalated: int, served_share: float) -> None:
+    """The threshold, the cross-check and the time goal's budget, in words; `served_share` is the shipped
+    cascade's measured model time over FP32's."""
     c = choice.chosen
     print(f"threshold: {choice.metric} >= {c.threshold:.4g} stands (the cheapest of {len(choice.points)} reaching "
           f"{gate_target(GATE, images):.2%} on all {images} held-out images, the gate plus one standard error): "
@@ -203,14 +205,17 @@ def _explain(choice: cascade.Choice, images: int, escalated: int) -> None:
           f"{choice.large.batched_ms:.2f}; full agreement in sample needs {full.escalated:.1%} escalated")
     print(f"quality gate in the manifest: {choice.cross_checked:.1%} "
           f"({'passed' if choice.passed else 'FAILED: not publishable'})")
-    # The time goal's budget in frames: stage 1 runs on every frame, and an escalated frame costs about one
-    # FP32 frame (stage 2's sub-batch runs at batch 1-8, where FP32's time per image is within 12 %).
+    # The time goal's budget in frames: stage 1 runs on every frame, and an escalated frame costs what this
+    # run measured (stage 2 on a sub-batch of ~1, beside stage 1: 1.3-1.5 FP32 frames here, 2026-12-07).
     stage1 = choice.small.batched_ms / choice.large.batched_ms
-    room = max(0.0, TIME_SHARE - stage1)
+    share = escalated / images if images else 0.0
+    per_frame = (served_share - stage1) / share if share else 1.0
+    room = max(0.0, TIME_SHARE - stage1) / max(per_frame, 1e-9)
     folds = sum(f.samples for f in choice.folds)
     needed = sum(f.escalated * f.samples for f in choice.folds) / folds if folds else c.escalated
-    print(f"time goal {TIME_SHARE:g} x FP32 with stage 1 alone at {stage1:.2f} x leaves room for about {room:.0%} "
-          f"escalated; the gate took {needed:.1%} ({'cross-checked' if folds else 'in sample'})")
+    print(f"time goal {TIME_SHARE:g} x FP32 with stage 1 alone at {stage1:.2f} x and an escalated frame at "
+          f"{per_frame:.2f} FP32 frames leaves room for about {room:.0%} escalated; the gate took {needed:.1%} "
+          f"({'cross-checked' if folds else 'in sample'})")
 
 
 def _dataset(work: Path, scale: Scale, quick: bool, progress: Reporter = QUIET) -> Path:

@@ -135,8 +135,9 @@ class Result(NamedTuple):
     # From the frame on the wire (the camera's MQTT client reported its last byte written to its socket)
     # to the prediction's arrival: e2e_s less the camera's own client work, its packet built and paho's hop
     # to its network thread (0.21-0.28 ms p50 of this process's core at half load, 2026-12-07), which a
-    # camera on another machine does there. e2e_s where the write was not seen (never less than it).
-    wire_s: float = 0.0
+    # camera on another machine does there. Where the write was not seen, e2e_s itself: the larger figure,
+    # so a missed report never flatters the path. No default: a result without it must not read as 0.
+    wire_s: float
 
 
 class Saturated(NamedTuple):

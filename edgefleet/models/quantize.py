@@ -239,7 +239,7 @@ def quantize(
                     corrected = correct_biases(staged, prepared, parent.input.name, calibration)
             recipe = {
                 "weight_type": weight_type.value, "activation_type": "quint8", "format": "qdq", "per_channel": "true",
-                "outputs": "float",
+                "outputs": "float" if _outputs_are_float(staged) else "quantized",
                 "calibration_method": method.value,
                 "calibration_set": f"{calibration_dir} ({len(calibration)} images fit the ranges)",
                 "float_layer_selection": (
@@ -366,6 +366,14 @@ def _outputs_in_float(path: Path) -> int:
     if freed:
         onnx.save(model, str(path))
     return freed
+
+
+def _outputs_are_float(path: Path) -> bool:
+    """Whether no graph output of the model at `path` comes out of a DequantizeLinear (what the recipe says,
+    and what `bench cascade` and `bench pipeline` check before they reuse a model)."""
+    graph = onnx.load(str(path)).graph
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    return all(producers.get(output.name) != "DequantizeLinear" for output in graph.output)
 
 
 def _drop_unread(graph: onnx.GraphProto, names: list[str]) -> None:

@@ -3,8 +3,9 @@
     receive  (paho's network thread, Receiver)   header-only checks, then into the bounded backlog
     batch    (each worker thread, Worker)        up to max_batch frames, across cameras
     cache    (cache.SceneCache, when enabled)    repeats and unchanged scenes answered, before any decode
-    decode   (decode_batch)                      JPEG/PNG to pixels to the model's input tensor
-    infer    (BatchRun)                          one ONNX Runtime run for the batch, top-k, features;
+    decode   (decode_batch)                      JPEG/PNG to pixels to the model's input tensor, and each
+                                                 frame's input summary (features.py) while it is in cache
+    infer    (BatchRun)                          one ONNX Runtime run for the batch, top-k;
                                                  a cascade's unsure rows run again on stage 2
     plugins  (plugins.PluginRunner)              each WebAssembly plugin, in order, keeps, replaces or
                                                  drops the prediction (the model's or the cache's)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
@@ -16,6 +17,7 @@ from edgefleet.models import cascade
 from edgefleet.models.derive import gate_target
 from edgefleet.models.frames import load_inputs
 from edgefleet.models.outputs import logits, session
+from services.inference.session import DISABLED_OPTIMIZERS
 from shared.manifest import load_verified
 
 FREE = cascade.Timing("small", 1.0, 0.5, 8)
@@ -148,7 +150,7 @@ def test_a_threshold_is_chosen_one_standard_error_above_the_gate_capped_at_every
     assert gate_target(0.0, 10) == 0.0 and gate_target(-0.5, 10) == 0.0  # no gate: nothing to aim above
 
 
-def test_static_int8_computes_its_logits_in_float_from_int8_weights(outputs, int8_dir):
+def test_static_int8_computes_its_logits_in_float_from_int8_weights(outputs, int8_dir, tmp_path):
     """The logits in `outputs` are this model's (the fixture reads int8_dir)."""
     small, path = load_verified(int8_dir)
     model = onnx.load(str(path))
@@ -160,3 +162,12 @@ def test_static_int8_computes_its_logits_in_float_from_int8_weights(outputs, int
     assert next(i for i in model.graph.initializer if i.name == weights.input[0]).data_type == onnx.TensorProto.INT8
     # An 8-bit output takes at most 256 values per frame; these are the Gemm's float sums.
     assert all(len(np.unique(row)) > 256 for row in outputs["small_logits"])
+    # As served: ONNX Runtime fuses the classifier into one QGemm (INT8 arithmetic) whose output is the logits.
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "served.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=DISABLED_OPTIMIZERS)
+    served = onnx.load(str(tmp_path / "served.onnx")).graph
+    made_by = {out: node.op_type for node in served.node for out in node.output}
+    assert made_by[served.output[0].name] == "QGemm" and "Gemm" not in made_by.values()

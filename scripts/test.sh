@@ -11,4 +11,6 @@ scripts/test-tools.sh
 # says what each checks: ruff over the tree, mypy strict on shared/ and services/).
 .venv/bin/ruff check .
 .venv/bin/mypy
-exec .venv/bin/python -m pytest "$@"
+# Two workers (pytest-xdist); tests/conftest.py keeps the tests that need the images in one group, run in
+# order by one worker. Arguments after the script's name go to pytest (`-n 0`: one process).
+exec .venv/bin/python -m pytest -n 2 --dist loadgroup "$@"

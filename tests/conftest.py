@@ -122,15 +122,29 @@ def _needs_images(item) -> bool:
     return item.get_closest_marker("images") is not None
 
 
+def _first_process(config) -> bool:
+    """This process runs the suite alone, or is xdist's first worker."""
+    return getattr(config, "workerinput", {}).get("workerid", "gw0") == "gw0"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
 def pytest_collection_modifyitems(session, config, items):
-    """The tests that need the images last, so the build they wait for overlaps everything before them."""
+    """The tests that need the images last, so the build they wait for overlaps everything before them.
+
+    Under pytest-xdist (scripts/test.sh runs two workers) they are one group, run by one worker in this
+    order: the compose stack's fixed ports and the one Docker engine allow a single stack at a time."""
     items.sort(key=_needs_images)
+    for item in items:
+        if _needs_images(item):
+            item.add_marker(pytest.mark.xdist_group("images"))
 
 
 def pytest_collection_finish(session):
     from tests.image_build import engine_available, start_build
 
-    if any(_needs_images(item) for item in session.items) and engine_available():
+    # Every xdist worker collects every test: the first starts the build now, so that it overlaps the
+    # tests; whichever runs the group waits for it (tests/image_build.py).
+    if _first_process(session.config) and any(map(_needs_images, session.items)) and engine_available():
         start_build()
 
 

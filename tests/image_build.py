@@ -11,7 +11,12 @@ import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-LOG = REPO / "var" / "log" / "images.log"
+# Under pytest-xdist (scripts/test.sh) every worker may call start_build: the first worker's build starts
+# when collection ends, another's only when a test of its own waits for the images. flock makes a second
+# build wait for the first, then find its layers built; each writes its own log.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+LOG = REPO / "var" / "log" / ("images.log" if _WORKER == "gw0" else f"images-{_WORKER}.log")
+_LOCK = REPO / "var" / "log" / "images.lock"
 _build: subprocess.Popen | None = None
 
 
@@ -21,11 +26,11 @@ def engine_available() -> bool:
 
 
 def start_build() -> None:
-    """Starts scripts/images.sh unless it runs already; its output goes to var/log/images.log."""
+    """Starts scripts/images.sh unless this process started it already; its output goes to LOG."""
     global _build
     if _build is None:
         LOG.parent.mkdir(parents=True, exist_ok=True)
-        _build = subprocess.Popen([str(REPO / "scripts" / "images.sh")], stdout=LOG.open("wb"),
+        _build = subprocess.Popen(["flock", str(_LOCK), str(REPO / "scripts" / "images.sh")], stdout=LOG.open("wb"),
                                   stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
 
 

@@ -131,12 +131,23 @@ def _first_process(config) -> bool:
 def pytest_collection_modifyitems(session, config, items):
     """The tests that need the images last, so the build they wait for overlaps everything before them.
 
-    Under pytest-xdist (scripts/test.sh runs two workers) they are one group, run by one worker in this
-    order: the compose stack's fixed ports and the one Docker engine allow a single stack at a time."""
+    Under pytest-xdist (scripts/test.sh runs two workers) they are one group, run in this order by one
+    worker: the compose stack's fixed ports and the one Docker engine allow a single stack at a time.
+    xdist hands the largest group out first, so that worker starts with them and waits for the build
+    while the other worker's tests go on."""
     items.sort(key=_needs_images)
     for item in items:
         if _needs_images(item):
             item.add_marker(pytest.mark.xdist_group("images"))
+
+
+def pytest_xdist_node_collection_finished(node, ids):
+    """Ends the run before any test where xdist did not group the container tests: with pytest 9.2 its
+    loadgroup silently does nothing (pytest-dev/pytest-xdist#1386), and two compose stacks would fight
+    over the same ports. (In xdist's controller, which sees node ids, not marks.)"""
+    if any(i.startswith("tests/test_containers.py::") and not i.endswith("@images") for i in ids):
+        pytest.exit("pytest-xdist did not group the tests that need the images (pytest-xdist#1386: pytest 9.2 or "
+                    "later?): install the pytest that pyproject.toml names, or run with -n 0", returncode=4)
 
 
 def pytest_collection_finish(session):

@@ -1,6 +1,8 @@
-"""The shipped images, built once per test session by scripts/images.sh, in the background from the
-moment the container tests are collected: the build is mostly downloads and layer writes, so it
-overlaps the suite's other tests instead of adding its minutes to the end (those tests run last)."""
+"""The shipped images, built by scripts/images.sh in the background from the moment the tests are
+collected: the build is mostly downloads and layer writes, so it overlaps the suite's other tests
+instead of adding its minutes to theirs. In one process the tests that need the images run last; under
+pytest-xdist (scripts/test.sh) one worker runs them first, waiting for the build while the other
+worker's tests go on."""
 
 from __future__ import annotations
 
@@ -11,9 +13,9 @@ import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# Under pytest-xdist (scripts/test.sh) every worker may call start_build: the first worker's build starts
-# when collection ends, another's only when a test of its own waits for the images. flock makes a second
-# build wait for the first, then find its layers built; each writes its own log.
+# Under pytest-xdist every worker may call start_build: the first worker's build starts when collection
+# ends, another's only when a test of its own waits for the images (the group landed there). flock makes
+# that second build wait for the first, then find its layers built (~35 s here); each writes its own log.
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
 LOG = REPO / "var" / "log" / ("images.log" if _WORKER == "gw0" else f"images-{_WORKER}.log")
 _LOCK = REPO / "var" / "log" / "images.lock"

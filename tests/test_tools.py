@@ -333,8 +333,9 @@ def test_a_second_fleet_run_starts_its_devices_fresh_with_its_empty_store(tmp_pa
         path.write_bytes(b"from an earlier run")
     (folder / "log").mkdir()
     (folder / "log" / "earlier.log").write_text("kept")
+    # A free console port: 8080, the fleet's default, is the compose console's, whose tests may run meanwhile.
     done = _edgefleet("fleet", "--duration", "1", "--devices", "1", "--folder", str(folder), timeout=180,
-                      env={"COLUMNS": "160"})
+                      env={"COLUMNS": "160", "EDGEFLEET_CONSOLE_PORT": str(free_port())})
     assert "devices start fresh with the in-memory S3 store" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     assert [p for p in leftovers if p.exists() and p.read_bytes() == b"from an earlier run"] == []
     assert (folder / "log" / "earlier.log").read_text() == "kept" and (folder / "certs" / "ca.crt").exists()

@@ -16,6 +16,7 @@ and rolled out arrives live. Ctrl-C stops everything."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import shutil
 import socket
 from dataclasses import dataclass, field
@@ -180,7 +181,7 @@ def run(devices: int = 2, rate_hz: float = 2.0, duration_s: float | None = None,
     console.print(f"devices start fresh with the in-memory S3 store: outboxes, model stores, broker state cleared "
                   f"in {folder}/ (certificates, logs kept)", highlight=False)
     certs = _pki(folder, ids).resolve()
-    if not (DEFAULT_KEY_DIR / "operator.key").exists():
+    with contextlib.suppress(FileExistsError):  # made on first use, by whichever start comes first
         new_key_pair(DEFAULT_KEY_DIR)
     logs = folder / "log"
     spawner = Spawner(logs)

@@ -12,6 +12,7 @@ prediction."""
 from __future__ import annotations
 
 import collections
+import contextlib
 from pathlib import Path
 
 from paho.mqtt.client import MQTTMessage
@@ -167,7 +168,7 @@ def run(
     broker = None if mqtt_url else Broker().start()
     url = broker.url if broker is not None else str(mqtt_url)
     s3_server = S3Server().start()
-    if not (DEFAULT_KEY_DIR / "operator.key").exists():
+    with contextlib.suppress(FileExistsError):  # made on first use, by whichever start comes first
         new_key_pair(DEFAULT_KEY_DIR)
     spawner = Spawner(log_dir)
     stop = stop_on_signals()

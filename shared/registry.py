@@ -24,7 +24,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -278,11 +280,25 @@ def new_key_pair(folder: Path, name: str = "operator") -> KeyPair:
     private, public = folder / f"{name}.key", folder / f"{name}{PUBLIC_KEY_SUFFIX}"
     if private.exists():
         raise FileExistsError(f"{private} exists; a signing key is never overwritten")
-    private.touch(mode=0o600)
-    private.write_bytes(private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                  serialization.NoEncryption()))
-    public.write_bytes(private_key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                             serialization.PublicFormat.SubjectPublicKeyInfo))
+    # Both halves are written whole beside their places, then the private key is linked in: a link fails
+    # if the name exists, so two processes making the key at once (two `edgefleet fleet` started
+    # together) end with one of them refused, never with one's private key and the other's public half.
+    pending = folder / f".{name}.{secrets.token_hex(8)}.pending"  # not *.pub: load_public_keys skips it
+    pending_public = pending.with_name(f"{pending.name}-public")
+    try:
+        pending.touch(mode=0o600)
+        pending.write_bytes(private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()))
+        pending_public.write_bytes(private_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        try:
+            os.link(pending, private)
+        except FileExistsError:
+            raise FileExistsError(f"{private} exists; a signing key is never overwritten") from None
+        os.replace(pending_public, public)
+    finally:
+        pending.unlink(missing_ok=True)
+        pending_public.unlink(missing_ok=True)
     return KeyPair(private, public, key_id(private_key.public_key()))
 
 

@@ -274,7 +274,7 @@ class BatchRun:
     inference_s: float  # the model's run over the batch (a cascade's stage 1)
     classes: np.ndarray  # (frames, k) class indices, best first
     scores: np.ndarray  # (frames, k) probabilities
-    features: np.ndarray  # (frames, 7) input summaries for drift detection
+    features: np.ndarray  # (frames, 7) input summaries for drift detection; (frames, 0) for a plugin's run
     # All the batch's input summaries, taken before `started` (decode_batch, for the CPU cache's sake):
     # kept out of every frame's queued_ms, which is waiting, as when they ran after the model; total_ms
     # counts them.
@@ -287,7 +287,7 @@ class BatchRun:
     stage2_failure: str | None = None
 
     @classmethod
-    def of(cls, model: ServedModel, batch: np.ndarray, *, k: int, features: np.ndarray | None = None,
+    def of(cls, model: ServedModel, batch: np.ndarray, *, k: int, features: np.ndarray,
            summary_s: float = 0.0) -> BatchRun:
         """Runs the model (a cascade: both stages, as needed) on the batch; top-k classes and features.
 
@@ -295,8 +295,8 @@ class BatchRun:
             model: the model to run.
             batch: its NCHW float32 input.
             k: classes per row.
-            features: the batch's (frames, 7) input summaries if the caller took them already
-                (decode_batch does, while each slot is in cache); None: summarised here.
+            features: the batch's (frames, 7) input summaries, taken by the caller (decode_batch takes
+                them while each slot is in cache); (frames, 0) where no prediction is made of the run.
             summary_s: the seconds the caller spent taking `features` (kept out of queued_ms).
 
         Raises:
@@ -306,8 +306,6 @@ class BatchRun:
         started = time.monotonic()
         logits = model.session.run(batch)
         inference_s = time.monotonic() - started
-        if features is None:
-            features = summarise(batch)
         if model.escalation is None:
             classes, scores = top_k(logits, k)
             return cls(model=model, started=started, inference_s=inference_s, classes=classes, scores=scores,
@@ -455,7 +453,9 @@ class FrameContext:
 
     def _probabilities(self, batch: np.ndarray) -> np.ndarray:
         classes = len(self._model.manifest.labels)
-        run = BatchRun.of(self._model, batch, k=classes)
+        # A plugin reads probabilities, never a prediction: no input summary, which would cost its
+        # deadline 0.08-0.33 ms a call (decode_batch's figures, hot and cold).
+        run = BatchRun.of(self._model, batch, k=classes, features=np.empty((1, 0), dtype=np.float32))
         if run.stage2_failure is not None and run.escalated[0]:
             raise RuntimeError(f"the cascade's stage 2 failed: {run.stage2_failure}")
         probabilities = np.zeros(classes, dtype=np.float32)

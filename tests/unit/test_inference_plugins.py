@@ -20,6 +20,7 @@ import pytest
 import wasmtime
 
 from edgefleet import photos
+from services.inference.intake import Frame
 from services.inference.plugins import PluginRecord
 from services.inference.service import InferenceService
 from services.inference.swap import ServedModel, warm
@@ -514,3 +515,23 @@ def test_the_epoch_ticker_stops_when_the_start_fails_after_it_began(model, tmp_p
     finally:
         host.stop()
     assert tickers == []  # a non-daemon ticker left running would keep the process from exiting
+
+
+def test_a_plugins_inference_reads_the_models_probabilities_and_takes_no_input_summary(model, monkeypatch):
+    """infer_tensor answers the served model's softmax over its logits, without the drift summary a
+    prediction carries: a plugin publishes no prediction of it, and the summary would spend its deadline."""
+    import services.inference.pipeline as pipeline
+
+    def summarised(batch: np.ndarray) -> np.ndarray:
+        raise AssertionError("a plugin's inference took an input summary")
+
+    monkeypatch.setattr(pipeline, "summarise", summarised)
+    crop = model.manifest.preprocessing.crop
+    tensor = np.empty((1, 3, crop, crop), dtype=np.float32)
+    model.preprocess(cv2.cvtColor(photos.photo_rgb("coffee"), cv2.COLOR_RGB2BGR), tensor[0])
+    context = pipeline.FrameContext(Frame("cam", "f1", b"", None), model, max_pixels=10**7, max_bytes=10**7)
+    probabilities = context.infer_tensor(tensor)
+    logits = model.session.run(tensor)[0].astype(np.float64)
+    softmax = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    assert probabilities.shape == (len(model.manifest.labels),)
+    np.testing.assert_allclose(probabilities, softmax, atol=1e-6)

@@ -16,7 +16,6 @@ and rolled out arrives live. Ctrl-C stops everything."""
 from __future__ import annotations
 
 import collections
-import contextlib
 import shutil
 import socket
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from shared.config import (
     load,
 )
 from shared.mqtt import MqttLink
-from shared.registry import new_key_pair
+from shared.registry import ensure_key_pair
 from shared.schemas import Alert, AlertState, Prediction, ServiceStatus, SyncReport
 
 FLEET_DIR = Path("var/fleet")
@@ -181,8 +180,7 @@ def run(devices: int = 2, rate_hz: float = 2.0, duration_s: float | None = None,
     console.print(f"devices start fresh with the in-memory S3 store: outboxes, model stores, broker state cleared "
                   f"in {folder}/ (certificates, logs kept)", highlight=False)
     certs = _pki(folder, ids).resolve()
-    with contextlib.suppress(FileExistsError):  # made on first use, by whichever start comes first
-        new_key_pair(DEFAULT_KEY_DIR)
+    ensure_key_pair(DEFAULT_KEY_DIR)
     logs = folder / "log"
     spawner = Spawner(logs)
     servers: list[Broker | S3Server] = []

@@ -12,7 +12,6 @@ prediction."""
 from __future__ import annotations
 
 import collections
-import contextlib
 from pathlib import Path
 
 from paho.mqtt.client import MQTTMessage
@@ -36,7 +35,7 @@ from shared.config import (
     SyncSettings,
     load,
 )
-from shared.registry import new_key_pair
+from shared.registry import ensure_key_pair
 from shared.schemas import ErrorReport, Prediction, ServiceStatus, SyncReport
 
 UP_DIR = Path("var/up")  # the operator's env file of `edgefleet up`
@@ -168,8 +167,7 @@ def run(
     broker = None if mqtt_url else Broker().start()
     url = broker.url if broker is not None else str(mqtt_url)
     s3_server = S3Server().start()
-    with contextlib.suppress(FileExistsError):  # made on first use, by whichever start comes first
-        new_key_pair(DEFAULT_KEY_DIR)
+    ensure_key_pair(DEFAULT_KEY_DIR)
     spawner = Spawner(log_dir)
     stop = stop_on_signals()
     try:

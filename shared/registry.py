@@ -22,6 +22,7 @@ they become keys or paths, and manifest and signature are read only up to their 
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -280,26 +281,80 @@ def new_key_pair(folder: Path, name: str = "operator") -> KeyPair:
     private, public = folder / f"{name}.key", folder / f"{name}{PUBLIC_KEY_SUFFIX}"
     if private.exists():
         raise FileExistsError(f"{private} exists; a signing key is never overwritten")
-    # Both halves are written whole beside their places, then the private key is linked in: a link fails
-    # if the name exists, so two processes making the key at once (two `edgefleet fleet` started
-    # together) end with one of them refused, never with one's private key and the other's public half.
-    pending = folder / f".{name}.{secrets.token_hex(8)}.pending"  # not *.pub: load_public_keys skips it
-    pending_public = pending.with_name(f"{pending.name}-public")
+    # Written whole beside its place, then linked in: a link fails if the name exists, so of two processes
+    # making the key at once (two `edgefleet fleet` started together) one is refused and the key both then
+    # read is the other's, whole; a check-then-write let the later one overwrite it.
+    pending = _pending(private)
     try:
         pending.touch(mode=0o600)
         pending.write_bytes(private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                       serialization.NoEncryption()))
-        pending_public.write_bytes(private_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-        try:
-            os.link(pending, private)
-        except FileExistsError:
-            raise FileExistsError(f"{private} exists; a signing key is never overwritten") from None
-        os.replace(pending_public, public)
+        _create_from(pending, private)
     finally:
         pending.unlink(missing_ok=True)
-        pending_public.unlink(missing_ok=True)
+    _write_whole(public, _public_pem(private_key))
     return KeyPair(private, public, key_id(private_key.public_key()))
+
+
+def ensure_key_pair(folder: Path, name: str = "operator") -> KeyPair:
+    """The operator's key pair, made on first use (new_key_pair), else the one there: its public half
+    written again from the private key where it is missing or another key's (a maker stopped between
+    the two files, or a second maker reading before the first wrote it).
+
+    :param Path folder: where the pair is or goes.
+    :param str name: the files' name: `<name>.key` and `<name>.pub`.
+    :returns: the two paths and the key id.
+    :raises ValueError: if `<name>.key` is not a PEM private key.
+    :raises SignatureError: if it is a private key of another kind than Ed25519.
+    """
+    try:
+        return new_key_pair(folder, name)
+    except FileExistsError:
+        pass
+    private, public = folder / f"{name}.key", folder / f"{name}{PUBLIC_KEY_SUFFIX}"
+    private_key = load_private_key(private)
+    pem = _public_pem(private_key)
+    if not public.is_file() or public.read_bytes() != pem:
+        _write_whole(public, pem)
+    return KeyPair(private, public, key_id(private_key.public_key()))
+
+
+def _public_pem(private_key: Ed25519PrivateKey) -> bytes:
+    return private_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _pending(path: Path) -> Path:
+    """A hidden name beside `path` for its next content (never *.pub: load_public_keys would read it)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(8)}.pending")
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """Replaces `path` with `data` at once: a reader sees the old file or the new one, never a part."""
+    pending = _pending(path)
+    try:
+        pending.write_bytes(data)
+        os.replace(pending, path)
+    finally:
+        pending.unlink(missing_ok=True)
+
+
+def _create_from(pending: Path, target: Path) -> None:
+    """Makes `target` with `pending`'s content, raising FileExistsError if it exists: a hard link, whole at
+    once; on a filesystem without hard links (vfat, some network mounts), an exclusive create."""
+    try:
+        os.link(pending, target)
+    except FileExistsError:
+        raise FileExistsError(f"{target} exists; a signing key is never overwritten") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
+            raise
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise FileExistsError(f"{target} exists; a signing key is never overwritten") from None
+        with os.fdopen(fd, "wb") as out:
+            out.write(pending.read_bytes())
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:

@@ -129,7 +129,8 @@ def _first_process(config) -> bool:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
 def pytest_collection_modifyitems(session, config, items):
-    """The tests that need the images last, so the build they wait for overlaps everything before them.
+    """In one process, the tests that need the images last, so the build they wait for overlaps
+    everything before them.
 
     Under pytest-xdist (scripts/test.sh runs two workers) they are one group, run in this order by one
     worker: the compose stack's fixed ports and the one Docker engine allow a single stack at a time.
@@ -141,11 +142,15 @@ def pytest_collection_modifyitems(session, config, items):
             item.add_marker(pytest.mark.xdist_group("images"))
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: absent with -p no:xdist
 def pytest_xdist_node_collection_finished(node, ids):
-    """Ends the run before any test where xdist did not group the container tests: with pytest 9.2 its
-    loadgroup silently does nothing (pytest-dev/pytest-xdist#1386), and two compose stacks would fight
-    over the same ports. (In xdist's controller, which sees node ids, not marks.)"""
-    if any(i.startswith("tests/test_containers.py::") and not i.endswith("@images") for i in ids):
+    """Ends the run before any test where --dist loadgroup did not group the tests that need the images:
+    with pytest 9.2 it silently does nothing (pytest-dev/pytest-xdist#1386), and two compose stacks would
+    fight over the same ports. (In xdist's controller, which sees node ids, not marks: the two files all
+    of whose tests need them.)"""
+    whole_files = ("tests/test_containers.py::", "tests/test_resources.py::")
+    if node.config.getvalue("dist") == "loadgroup" and any(
+            i.startswith(whole_files) and not i.endswith("@images") for i in ids):
         pytest.exit("pytest-xdist did not group the tests that need the images (pytest-xdist#1386: pytest 9.2 or "
                     "later?): install the pytest that pyproject.toml names, or run with -n 0", returncode=4)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 # Under pytest-xdist every worker may call start_build: the first worker's build starts when collection
 # ends, another's only when a test of its own waits for the images (the group landed there). flock makes
-# that second build wait for the first, then find its layers built (~35 s here); each writes its own log.
+# that second build wait for the first, then find its layers built and cached; each writes its own log.
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
 LOG = REPO / "var" / "log" / ("images.log" if _WORKER == "gw0" else f"images-{_WORKER}.log")
 _LOCK = REPO / "var" / "log" / "images.lock"

@@ -289,7 +289,8 @@ class BatchRun:
     @classmethod
     def of(cls, model: ServedModel, batch: np.ndarray, *, k: int, features: np.ndarray,
            summary_s: float = 0.0) -> BatchRun:
-        """Runs the model (a cascade: both stages, as needed) on the batch; top-k classes and features.
+        """Runs the model (a cascade: both stages, as needed) on the batch; top-k classes, the caller's
+        features kept.
 
         Args:
             model: the model to run.
@@ -455,7 +456,7 @@ class FrameContext:
         classes = len(self._model.manifest.labels)
         # A plugin reads probabilities, never a prediction: no input summary, which would cost its
         # deadline 0.08-0.33 ms a call (decode_batch's figures, hot and cold).
-        run = BatchRun.of(self._model, batch, k=classes, features=np.empty((1, 0), dtype=np.float32))
+        run = BatchRun.of(self._model, batch, k=classes, features=np.empty((len(batch), 0), dtype=np.float32))
         if run.stage2_failure is not None and run.escalated[0]:
             raise RuntimeError(f"the cascade's stage 2 failed: {run.stage2_failure}")
         probabilities = np.zeros(classes, dtype=np.float32)

@@ -280,7 +280,7 @@ def new_key_pair(folder: Path, name: str = "operator") -> KeyPair:
     private_key = Ed25519PrivateKey.generate()
     private, public = folder / f"{name}.key", folder / f"{name}{PUBLIC_KEY_SUFFIX}"
     if private.exists():
-        raise FileExistsError(f"{private} exists; a signing key is never overwritten")
+        raise _refused(private)
     # Written whole beside its place, then linked in: a link fails if the name exists, so of two processes
     # making the key at once (two `edgefleet fleet` started together) one is refused and the key both then
     # read is the other's, whole; a check-then-write let the later one overwrite it.
@@ -319,6 +319,10 @@ def ensure_key_pair(folder: Path, name: str = "operator") -> KeyPair:
     return KeyPair(private, public, key_id(private_key.public_key()))
 
 
+def _refused(key: Path) -> FileExistsError:
+    return FileExistsError(f"{key} exists; a signing key is never overwritten")
+
+
 def _public_pem(private_key: Ed25519PrivateKey) -> bytes:
     return private_key.public_key().public_bytes(serialization.Encoding.PEM,
                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -345,14 +349,14 @@ def _create_from(pending: Path, target: Path) -> None:
     try:
         os.link(pending, target)
     except FileExistsError:
-        raise FileExistsError(f"{target} exists; a signing key is never overwritten") from None
+        raise _refused(target) from None
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
             raise
         try:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
-            raise FileExistsError(f"{target} exists; a signing key is never overwritten") from None
+            raise _refused(target) from None
         with os.fdopen(fd, "wb") as out:
             out.write(pending.read_bytes())
 

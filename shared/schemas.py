@@ -141,6 +141,9 @@ class ErrorReason(StrEnum):
     # topic): the prediction went on as it came in. After too many in a window the plugin is disabled.
     PLUGIN_FAULT = "plugin_fault"
     PLUGIN_DISABLED = "plugin_disabled"
+    # A frame on a topic whose camera level is not a camera id (shared.topics.check_id): the camera names
+    # the prediction's topic, the counters and the metrics, so such a frame is refused before any of them.
+    INVALID_CAMERA = "invalid_camera"
 
 
 class ErrorReport(_Message):

@@ -30,7 +30,14 @@ import re
 ROOT = "edgefleet"
 
 # MQTT forbids wildcards and separators inside a level; we also keep ids shell- and path-safe.
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+ID_RULE = "1-64 characters of letters, digits, '_', '.', '-' starting with a letter or digit"
+
+
+def is_id(value: str) -> bool:
+    """Whether `value` is a device or camera id (check_id's rule), without raising: for ids read off a
+    topic, where anything up to MQTT's 65535 bytes may arrive."""
+    return _ID.fullmatch(value) is not None
 
 
 def check_id(kind: str, value: str) -> str:
@@ -41,11 +48,8 @@ def check_id(kind: str, value: str) -> str:
     :returns: the id unchanged.
     :raises ValueError: unless it is 1-64 letters, digits, '_', '.', '-' starting with a letter or digit.
     """
-    if not _ID.match(value):
-        raise ValueError(
-            f"{kind} id {value!r} must be 1-64 characters of letters, digits, '_', '.', '-' "
-            "and start with a letter or digit"
-        )
+    if not is_id(value):
+        raise ValueError(f"{kind} id {value!r} must be {ID_RULE}")
     return value
 
 

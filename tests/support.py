@@ -104,6 +104,11 @@ class Device:
 
         return wait_until(find, timeout, f"an error report for camera {camera}")
 
+    def errors_of(self, reason: str) -> list[ErrorReport]:
+        """The error reports received so far with this reason."""
+        with self._lock:
+            return [e for e in self.errors if e.reason == reason]
+
     def latest_status(self, service: str = "inference") -> ServiceStatus | None:
         with self._lock:
             return next((s for s in reversed(self.statuses) if s.service == service), None)

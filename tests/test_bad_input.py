@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgefleet import photos
+from edgefleet.waiting import wait_until
 from tests.support import zlib_bomb
 
 MAX_FRAME_BYTES = 300_000
@@ -87,3 +88,40 @@ def test_every_bad_frame_gets_an_error_and_good_frames_are_still_answered(broker
     assert device.prediction_for("good-1").top[0].label in {"espresso", "cup", "coffee mug"}
     status = device.latest_status()
     assert status.state == "online"
+
+
+def test_a_topic_naming_no_camera_id_is_refused_and_the_cameras_beside_it_are_answered(broker, start_inference):
+    """A topic level may be 65535 bytes, and the camera it names becomes the prediction's topic, a counter's
+    key and the error report's field: a name over the schemas' string limit once cost every frame batched
+    after it its answer, and would have made the status unpublishable."""
+    service, device = start_inference(broker)
+    not_ids = ["x" * 5000, "cam 1", "-leading-dash", "c" * 65]
+    for n, camera in enumerate(not_ids):
+        device.publish_envelope("good", f"good-{n}", JPEG, qos=0)
+        device.publish_envelope(camera, f"bad-{n}", JPEG, qos=0)
+    device.publish_envelope("good", "good-last", JPEG)
+
+    for n in range(len(not_ids)):
+        assert device.prediction_for(f"good-{n}").camera == "good"
+    assert device.prediction_for("good-last").camera == "good"
+
+    def refused():
+        reports = device.errors_of("invalid_camera")
+        return reports if len(reports) == len(not_ids) else None
+
+    reports = wait_until(refused, 30, "an invalid_camera report for each topic naming no camera id")
+    assert all(r.camera is None and r.frame_id is None and "not a camera id" in r.detail for r in reports)
+    assert all(len(r.detail) < 300 for r in reports)  # the 5000-character name is quoted clipped
+
+    def balanced():
+        s = device.latest_status()
+        if s is None or s.inference is None:
+            return None
+        st = s.inference
+        settled = st.frames_received == st.predictions_published + st.predictions_lost + st.frames_rejected \
+            + st.frames_dropped
+        return st if settled and st.frames_received == 2 * len(not_ids) + 1 else None
+
+    stats = wait_until(balanced, 30, "a status counting every frame received as answered")
+    assert stats.frames_rejected == len(not_ids) and stats.predictions_published == len(not_ids) + 1
+    assert service.alive()

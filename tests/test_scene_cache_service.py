@@ -31,9 +31,9 @@ def noisy_jpeg(name: str, seed: int, sigma: float = 4.0) -> bytes:
     return buf.tobytes()
 
 
-def ask(device: Device, frame_id: str, data: bytes) -> Prediction:
+def ask(device: Device, frame_id: str, data: bytes, camera: str = "door") -> Prediction:
     """One frame, and its answer: sent one at a time, each frame is checked against the last answer."""
-    device.publish_envelope("door", frame_id, data)
+    device.publish_envelope(camera, frame_id, data)
     return device.prediction_for(frame_id)
 
 
@@ -93,6 +93,8 @@ def test_a_model_swap_makes_the_next_frame_a_model_run(broker, start_inference, 
     assert not ask(device, "f0", still).cached
     assert ask(device, "f1", still).cached  # exact
     assert ask(device, "f2", noisy_jpeg("camera", seed=2)).cached  # scene
+    first = ask(device, "y0", noisy_jpeg("coffee", seed=20), camera="yard")  # silent from now until the swap back
+    assert not first.cached
 
     result = switch(device, tmp_path / "v2", other.sha256)
     assert result.ok and result.serving.version == 2
@@ -102,3 +104,10 @@ def test_a_model_swap_makes_the_next_frame_a_model_run(broker, start_inference, 
     following = ask(device, "f4", noisy_jpeg("camera", seed=4))
     assert following.cached and following.cache is not None and following.cache.frame_id == "f3"
     assert following.model.version == 2
+
+    # Back to the first model, as a rollback does: its answers from before the swaps, to a camera silent
+    # since, are gone too. The entries' model names alone would let them through again: the swap clears them.
+    assert switch(device, model_dir, first.model.sha256).ok
+    back = ask(device, "y1", noisy_jpeg("coffee", seed=21), camera="yard")
+    assert not back.cached and back.model == first.model and back.timings.inference_ms > 0
+    assert ask(device, "y2", noisy_jpeg("coffee", seed=22), camera="yard").cached

@@ -2,12 +2,16 @@
 
 A frame matches in one of two ways (docs/protocol.md, "Cached predictions"):
 
-- exact: the same image bytes as a frame the model answered, found by a 16-byte BLAKE2b digest in a
-  bounded LRU shared by all cameras. Exact hits do not count against max_consecutive: the same bytes
-  through the same model give the same answer, so a re-run would prove nothing. They do expire after
-  max_age_s, so that no cached answer of either kind is older than max_age_s (one bound on staleness
-  for consumers) and a frozen camera still has its frame re-run, the model path re-proved, that often.
-- scene: per camera (at most MAX_CAMERAS, the least recently seen forgotten), the grey thumbnail of the
+- exact: the same decoded pixels as a frame the model answered, found by a 16-byte BLAKE2b digest of
+  what decides them (pixel_digest: a JPEG's or PNG's bytes less the metadata that cameras stamp into
+  every frame and the decoder never turns into pixels, such as COM, most APPn, an EXIF DateTime, PNG
+  text; anything it cannot parse, all of its bytes) in a bounded LRU shared by all cameras. Exact
+  hits do not count against max_consecutive: the same pixels through the same model give the same
+  answer, so a re-run would prove nothing. They do expire after max_age_s, so that no cached answer
+  of either kind is older than max_age_s (one bound on staleness for consumers) and a frozen camera
+  still has its frame re-run, the model path re-proved, that often.
+- scene: per camera (at most MAX_CAMERAS; past that the camera forgotten is the one whose latest frame
+  the cache looked at, checked, backing off or exact, is the oldest), the grey thumbnail of the
   last frame the model really ran on, its answer, and how many cached answers were given since. A
   frame whose thumbnail differs from that reference by at most `threshold` (mean absolute difference,
   grey levels), while the reference is at most max_age_s old and fewer than max_consecutive cached
@@ -15,6 +19,9 @@ A frame matches in one of two ways (docs/protocol.md, "Cached predictions"):
   becomes the camera's new reference. The cap means a slow drift below the threshold is re-checked.
   A camera whose scene keeps changing backs off: from its second change in a row, 1, 3, 7, then 15
   frames go to the model unchecked before the next check, and the first hit ends the back-off.
+  An answer whose top-1 margin is under min_margin is never reused, so while a camera's reference
+  answer is unsure its frames skip the thumbnail; the reference then has none, and the first frame
+  after a sure answer decodes its own (a miss) so that its answer becomes a full reference.
 
 Nothing outlives a model swap: an entry is given only to frames served by the model that made it
 (name, version and SHA-256), and the service clears the cache when it installs a model. Two guards,
@@ -26,18 +33,20 @@ model is ever given.
 Ages are on the service's monotonic clock, between the arrivals (Frame.received) of the frame answered
 and of the frame the model ran on: how old the observation of the scene is.
 
-Cost, measured on the bundled photos (edgefleet.photos, 35-265 KB JPEGs; CPU time on one core of this
-2-core machine): a check takes 0.72 ms a frame on average (the grey thumbnail 0.64, from 0.29 to 2.0;
-the digest 0.08), against 1.1 ms for the full decode and preprocessing and 6.7 ms of model run per
-frame at batch 8. So a hit saves about 7 ms, but a check on every frame of a scene that keeps changing
-would cost 9 % of the throughput: the reduced decode still entropy-decodes the whole JPEG, which is
-most of a decode's work. With the back-off, such a stream (every frame another photo) ran at 0.996x
-the throughput without the cache (61 checks in 792 frames).
+Cost, measured on the 8 bundled photos (edgefleet.photos, 35-265 KB JPEGs) with timeit on 2026-12-07,
+on this 2-core machine while other work ran on it (the fastest of 5-7 timeit repeats): a check on a
+camera with a sure reference takes 0.81 ms a frame on average (the grey thumbnail 0.68, from 0.30 to
+2.2; the digest 0.086, 0.083 for a digest of all the bytes), against 1.1 ms for the full decode and
+preprocessing and 6.7 ms of model run per frame at batch 8 (measured before). So a hit saves about
+7 ms, but a check on every frame of a scene that keeps changing would cost about a tenth of the
+throughput: the reduced decode still entropy-decodes the whole JPEG, most of a decode's work; hence
+the back-off. A camera whose reference answer is unsure pays the digest alone (0.09 ms, against 0.75
+ms when it decoded the thumbnail too). What the cache costs a stream where every frame changes is
+measured by `edgefleet bench pipeline` ("changing frames: cache on / off" in README.md), not here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections import OrderedDict
@@ -49,6 +58,7 @@ import numpy as np
 from services.inference.decode import grey_thumbnail
 from services.inference.errors import UndecodableFrame
 from services.inference.intake import Frame
+from services.inference.pixel_digest import pixel_digest
 from shared.config import CacheSettings
 from shared.schemas import CacheSource, ModelRef, Prediction, Timings
 
@@ -64,14 +74,15 @@ class Probe:
     """What the check learnt of a frame it could not answer, remembered with the model's answer.
 
     Attributes:
-        digest: the image bytes' digest (None: exact matching is off).
-        thumbnail: the frame's grey thumbnail.
+        digest: the digest of what decides the frame's pixels (pixel_digest; None: exact matching is off).
+        thumbnail: the frame's grey thumbnail; None where its camera's reference answer was unsure, so
+            none was decoded (the answer to this frame then becomes a reference without one).
         model: the model serving the frame's batch.
         generation: the cache's generation at the check (a clear since makes the probe stale).
     """
 
     digest: bytes | None
-    thumbnail: np.ndarray
+    thumbnail: np.ndarray | None
     model: ModelRef
     generation: int
 
@@ -114,7 +125,9 @@ class _Answer:
 
 @dataclass(slots=True)
 class _Camera:
-    thumbnail: np.ndarray  # the reference: the last checked frame the model ran on
+    # The reference: the last checked frame the model ran on. None where that frame's check skipped
+    # the thumbnail (the answer before it was unsure): no scene hit until a frame with one is answered.
+    thumbnail: np.ndarray | None
     answer: _Answer
     streak: int = 0  # cached answers given from this reference
     changes: int = 0  # checks in a row that found the scene changed
@@ -148,19 +161,27 @@ class SceneCache:
             model: the model serving its batch.
 
         Returns:
-            A Hit to publish; or a Probe to hand to remember() with the model's answer; or None: the
-            frame goes to the model unchecked (its camera is backing off, or its thumbnail cannot be
-            decoded and the full decode will report it).
+            A Hit to publish; or a Probe to hand to remember() with the model's answer (without a
+            thumbnail where the camera's reference answer is unsure); or None: the frame goes to the
+            model unchecked (its camera is backing off, or its thumbnail cannot be decoded and the full
+            decode will report it).
         """
         with self._lock:
-            if self._backing_off(frame.camera):
+            camera = self._seen(frame.camera)
+            if camera is not None and camera.unchecked:  # backing off (see _scene_hit)
+                camera.unchecked -= 1
                 return None
-        digest = _digest(frame.data) if self._settings.exact_entries else None
-        if digest is not None:
-            with self._lock:
-                hit = self._exact_hit(digest, frame, model)
-            if hit is not None:
+        digest = pixel_digest(frame.data) if self._settings.exact_entries else None
+        with self._lock:
+            if digest is not None and (hit := self._exact_hit(digest, frame, model)) is not None:
                 return hit
+            if self._unsure(frame.camera, model):
+                # The scene check could only miss (an unsure answer is never reused), and the thumbnail
+                # is most of a check's cost: an unsure camera would pay it on every frame for nothing.
+                # Only this case skips it. The other misses a reference alone decides (too old, streak
+                # at the cap, another model) still decode it: they end with this frame's answer, which
+                # is likely sure, and its thumbnail is then the reference the next frames are hit by.
+                return Probe(digest, None, model, self._generation)
         try:
             thumbnail = grey_thumbnail(frame.data, self._settings.thumbnail)
         except UndecodableFrame:
@@ -185,7 +206,7 @@ class SceneCache:
                 self._exact.move_to_end(probe.digest)
                 while len(self._exact) > self._settings.exact_entries:
                     self._exact.popitem(last=False)
-            camera = self._scenes.get(frame.camera)
+            camera = self._seen(frame.camera)
             if camera is None:
                 self._scenes[frame.camera] = _Camera(probe.thumbnail, entry)
                 while len(self._scenes) > self._cameras:
@@ -211,23 +232,30 @@ class SceneCache:
         return Hit(answer.prediction, CacheSource(frame_id=answer.prediction.frame_id, age_ms=_ms(max(age, 0.0)),
                                                   match="exact"))
 
-    def _backing_off(self, name: str) -> bool:
+    def _seen(self, name: str) -> _Camera | None:
+        """The camera's entry, marked most recently seen: every frame the cache looks at counts, so
+        the camera forgotten past the bound is the one whose frames stopped longest ago."""
         camera = self._scenes.get(name)
-        if camera is None or not camera.unchecked:
-            return False
-        camera.unchecked -= 1
-        return True
+        if camera is not None:
+            self._scenes.move_to_end(name)
+        return camera
+
+    def _unsure(self, name: str, model: ModelRef) -> bool:
+        camera = self._scenes.get(name)
+        return (camera is not None and camera.answer.model == model
+                and margin(camera.answer.prediction) < self._settings.min_margin)
 
     def _scene_hit(self, frame: Frame, model: ModelRef, thumbnail: np.ndarray) -> Hit | None:
         camera = self._scenes.get(frame.camera)
         if camera is None:
             return None
-        self._scenes.move_to_end(frame.camera)
         answer, age = camera.answer, frame.received - camera.answer.received
         if answer.model != model or age > self._settings.max_age_s or camera.streak >= self._settings.max_consecutive:
             return None
         if margin(answer.prediction) < self._settings.min_margin:
             return None  # an unsure answer flips with the sensor's noise: the model must see each frame
+        if camera.thumbnail is None:
+            return None  # a sure answer to a frame whose thumbnail was skipped: this frame's answer has one
         if difference(thumbnail, camera.thumbnail) > self._settings.threshold:
             # A camera whose scene keeps changing (moving, or panning) would pay the check on every
             # frame for nothing: from the second change in a row it skips 1, 3, 7, then 15 frames.
@@ -248,12 +276,6 @@ def margin(prediction: Prediction) -> float:
 def difference(a: np.ndarray, b: np.ndarray) -> float:
     """The change measure: mean absolute difference of two grey thumbnails, in grey levels (0-255)."""
     return float(cv2.absdiff(a, b).mean())
-
-
-def _digest(data: bytes) -> bytes:
-    # BLAKE2b: faster than MD5 in CPython's hashlib (0.078 against 0.099 ms for the bundled photos),
-    # and 128 bits make a collision between two frames of a device out of the question.
-    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def _ms(seconds: float) -> float:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import paho.mqtt.client as paho
 
-from services.inference.batcher import FrameBacklog
+from services.inference.batcher import CameraCounts, FrameBacklog
 from services.inference.cache import Hit, Probe, SceneCache
 from services.inference.counters import Counters
 from services.inference.decode import decode_bgr, image_size
@@ -63,6 +63,14 @@ class Receiver:
 
     def __call__(self, message: paho.MQTTMessage) -> None:
         camera = topics.last_level(message.topic)
+        if not topics.is_id(camera):
+            # The camera names the prediction's topic, the counters and the metrics' labels, and a topic
+            # level may be 65535 bytes: a name no camera could log in with goes no further than here.
+            self._counters.receive(CameraCounts.OTHER)
+            self._publisher.reject(camera=None, reason=ErrorReason.INVALID_CAMERA, frame_id=None,
+                                   detail=f"the topic's camera {clip(camera, 80)!r} is not a camera id: "
+                                          f"{topics.ID_RULE}")
+            return
         self._counters.receive(camera)
         # paho hands received payloads as bytes; bytes() of bytes is the same object, not a copy.
         payload = bytes(message.payload)
@@ -159,13 +167,27 @@ class Worker:
                                        detail=f"inference failed (the cascade's stage 2): {run.stage2_failure}",
                                        frame_id=item.frame.frame_id)
                 continue
-            prediction = run.prediction(i, item, device=self._device)
-            self._publish(prediction, item.frame, model, plugins)
+            try:
+                prediction = run.prediction(i, item, device=self._device)
+                self._publish(prediction, item.frame, model, plugins)
+            except Exception as exc:  # one frame's failure must not cost the rest of the batch its answers
+                self._failed(item.frame, "publishing its prediction", exc)
+                continue
             if self._cache is not None and (probe := probes.get(id(item.frame))) is not None:
                 try:
                     self._cache.remember(item.frame, probe, prediction)  # the scene's new reference
                 except Exception:  # the cache must never cost the rest of the batch its answers
                     log.exception("scene cache remember failed", extra=fields(frame_id=item.frame.frame_id))
+
+    def _failed(self, frame: Frame, step: str, exc: Exception) -> None:
+        """Answers a frame whose own step failed with an internal error report, logged; a report that
+        cannot be sent either is logged only, and the batch goes on."""
+        log.exception("frame failed", extra=fields(frame_id=frame.frame_id, step=step))
+        try:
+            self._publisher.reject(camera=frame.camera, reason=ErrorReason.INTERNAL,
+                                   detail=f"{step} failed: {clip(str(exc))}", frame_id=frame.frame_id)
+        except Exception:
+            log.exception("error report failed", extra=fields(frame_id=frame.frame_id))
 
     def _publish(self, prediction: Prediction, frame: Frame, model: ServedModel, plugins: PluginRunner | None) -> None:
         """The plugins step, then publish: what the plugins make of the prediction, unless one dropped it.
@@ -196,7 +218,10 @@ class Worker:
                 log.exception("scene cache check failed", extra=fields(frame_id=frame.frame_id))
                 found = None
             if isinstance(found, Hit):
-                self._publish(answer, frame, model, plugins)
+                try:
+                    self._publish(answer, frame, model, plugins)
+                except Exception as exc:  # as a model-run frame's: the others of the batch go on
+                    self._failed(frame, "publishing its cached prediction", exc)
                 continue
             if found is not None:
                 probes[id(frame)] = found

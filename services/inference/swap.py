@@ -121,6 +121,9 @@ class ModelLoader:
             UnknownProvider: a provider name ONNX Runtime does not know.
             ProviderRefused: `strict` and the first provider is not the active one.
         """
+        # Resolved once: through the store's `current` link, the digest would be taken of one version and
+        # the members and the file ONNX Runtime opens read from whichever version the link names by then.
+        model_dir = model_dir.resolve()
         manifest, path = load_verified(model_dir)
         if sha256 is not None and manifest.sha256 != sha256:
             raise ModelError(f"{model_dir} holds {manifest.sha256[:16]}…, the switch asked for {sha256[:16]}…")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
+import cv2
 import numpy as np
 import paho.mqtt.client as paho
 import pytest
@@ -77,6 +78,7 @@ class MemoryLink:
         self.hold.set()
         self.held = 0  # prediction publishes waiting on `hold` now
         self.refuse = 0
+        self.fail_topic: str | None = None  # a publish on it raises, as paho's does for a topic too long
         self._handlers: list[tuple[str, Callable[[paho.MQTTMessage], None]]] = []
         self._lock = threading.Lock()
 
@@ -98,6 +100,8 @@ class MemoryLink:
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False,
                 content_type: str | None = None) -> paho.MQTTMessageInfo:
         info = paho.MQTTMessageInfo(0)
+        if topic == self.fail_topic:
+            raise ValueError("Publish topic is too long.")
         if paho.topic_matches_sub(topics.all_predictions(DEVICE), topic):
             with self._lock:
                 self.held += 1
@@ -274,6 +278,55 @@ def test_every_frame_received_is_counted_once_published_lost_dropped_or_rejected
     assert answered == ["f4", "f5"]
     final = offline[-1][1]  # the status run() leaves on shutdown carries the same counters
     assert final.state == "offline" and final.reason == "shutdown" and final.inference == after
+
+
+def test_a_frame_whose_prediction_cannot_be_published_costs_only_its_own_answer(model):
+    with serving(model, max_batch=4) as (service, link):
+        link.hold.clear()
+        link.deliver(topics.frames(DEVICE, "cam"), _envelope("first", photos.jpeg("chelsea")))
+        _soon(lambda: link.held == 1, "the worker publishing the first frame, held")
+        link.fail_topic = topics.predictions(DEVICE, "boom")
+        for frame_id, camera in (("a", "cam"), ("b", "boom"), ("c", "cam")):  # queued: the next batch, together
+            link.deliver(topics.frames(DEVICE, camera), _envelope(frame_id, photos.jpeg("coffee")))
+        link.hold.set()
+        _prediction_for(link, "c")  # after b in its batch: a failure that left the batch would lose it
+        stats = _soon(lambda: (s := service.stats()).frames_rejected == 1 and _balanced(s) and s,
+                      "b counted rejected, every frame accounted for")
+        answered = sorted(p.frame_id for _, p in _predictions(link))
+
+    errors = _errors(link)
+    assert [(e.reason, e.camera, e.frame_id) for e in errors] == [("internal", "boom", "b")]
+    assert "publishing its prediction failed" in errors[0].detail
+    assert answered == ["a", "c", "first"]
+    assert (stats.frames_received, stats.predictions_published, stats.batches) == (4, 3, 2)
+
+
+def test_frames_the_scene_cache_answers_are_never_fully_decoded(model, monkeypatch):
+    """docs/protocol.md: the cache decides before the frame's full decode (a reduced-scale one at most)."""
+    full_decodes: list[int] = []
+    real_decode = pipeline.decode_bgr
+
+    def counted(data: bytes, min_side: int = 0):
+        full_decodes.append(len(data))
+        return real_decode(data, min_side)
+
+    monkeypatch.setattr(pipeline, "decode_bgr", counted)
+    still = photos.jpeg("camera")  # a scene the model is sure of (top-1 0.96)
+    photo = photos.photo_rgb("camera").astype(np.int16)
+    noisy = photo + np.random.default_rng(1).integers(-3, 4, photo.shape)  # the same scene, fresh sensor noise
+    ok, again = cv2.imencode(".jpg", cv2.cvtColor(np.clip(noisy, 0, 255).astype(np.uint8), cv2.COLOR_RGB2BGR))
+    assert ok
+    with serving(model, cache_enabled=True) as (_, link):
+        link.deliver(topics.frames(DEVICE, "door"), _envelope("f0", still))
+        _prediction_for(link, "f0")
+        link.deliver(topics.frames(DEVICE, "door"), _envelope("f1", still))
+        link.deliver(topics.frames(DEVICE, "door"), _envelope("f2", again.tobytes()))
+        _, exact = _prediction_for(link, "f1")
+        _, scene = _prediction_for(link, "f2")
+
+    assert exact.cache is not None and exact.cache.match == "exact"
+    assert scene.cache is not None and scene.cache.match == "scene"
+    assert full_decodes == [len(still)]  # f0's, for the model; none for the two answered from the cache
 
 
 def test_a_malformed_switch_request_is_reported_and_frames_are_still_answered(model):

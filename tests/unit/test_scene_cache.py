@@ -4,7 +4,9 @@ Predictions as the model would publish them, since the cache only stores and han
 
 from __future__ import annotations
 
+import struct
 import time
+import zlib
 from functools import cache
 
 import cv2
@@ -15,6 +17,7 @@ from edgefleet import photos
 from services.inference.cache import Hit, Probe, SceneCache, difference
 from services.inference.decode import grey_thumbnail
 from services.inference.intake import Frame
+from services.inference.pixel_digest import pixel_digest
 from shared.config import CacheSettings
 from shared.schemas import ClassScore, ModelRef, Prediction, Timings
 
@@ -215,18 +218,39 @@ def test_the_reduced_decode_thumbnail_is_the_full_decode_one_within_the_default_
     assert np.array_equal(grey_thumbnail(png, 32), cv2.resize(full_png, (32, 32), interpolation=cv2.INTER_AREA))
 
 
-def test_an_unsure_answer_is_never_reused_for_an_unchanged_scene():
+def test_an_unsure_answer_is_never_reused_and_its_camera_skips_the_thumbnail_until_a_sure_one():
+    scene_cache = SceneCache(settings(min_margin=0.08))
+    first = frame("door-1", noisy_jpeg("chelsea", seed=1))
+    probe = scene_cache.check(first, V1)
+    assert isinstance(probe, Probe) and probe.thumbnail is not None
+    unsure = answer(first).model_copy(update={"top": [ClassScore(index=281, label="tabby", score=0.40),
+                                                      ClassScore(index=282, label="tiger cat", score=0.36)]})
+    scene_cache.remember(first, probe, unsure)
+    # Same scene, fresh noise: the margin 0.04 is under the floor, so the model sees the frame, and
+    # no thumbnail is decoded for a check that could only miss.
+    second = frame("door-2", noisy_jpeg("chelsea", seed=2), at=0.25)
+    probe = scene_cache.check(second, V1)
+    assert isinstance(probe, Probe) and probe.thumbnail is None
+    scene_cache.remember(second, probe, answer(second))
+    # Its answer is sure (0.8 alone) but has no thumbnail to compare with: the next frame decodes its
+    # own and goes to the model, and that answer is the reference the frames after it are hit by.
+    third = frame("door-3", noisy_jpeg("chelsea", seed=3), at=0.5)
+    probe = scene_cache.check(third, V1)
+    assert isinstance(probe, Probe) and probe.thumbnail is not None
+    scene_cache.remember(third, probe, answer(third))
+    assert hit(scene_cache, frame("door-4", noisy_jpeg("chelsea", seed=4), at=0.75)).source.frame_id == "door-3"
+
+
+def test_an_unsure_answer_of_another_model_does_not_skip_the_thumbnail():
     scene_cache = SceneCache(settings(min_margin=0.08))
     first = frame("door-1", noisy_jpeg("chelsea", seed=1))
     probe = scene_cache.check(first, V1)
     assert isinstance(probe, Probe)
-    unsure = answer(first).model_copy(update={"top": [ClassScore(index=281, label="tabby", score=0.40),
-                                                      ClassScore(index=282, label="tiger cat", score=0.36)]})
-    scene_cache.remember(first, probe, unsure)
-    # Same scene, fresh noise: the margin 0.04 is under the floor, so the model sees the frame.
-    model_runs(scene_cache, frame("door-2", noisy_jpeg("chelsea", seed=2), at=0.25))
-    # Its answer is sure (0.8 alone): the next frame of the scene is answered from the cache.
-    hit(scene_cache, frame("door-3", noisy_jpeg("chelsea", seed=3), at=0.5))
+    scene_cache.remember(first, probe, answer(first).model_copy(update={"top": [
+        ClassScore(index=281, label="tabby", score=0.40), ClassScore(index=282, label="tiger cat", score=0.36)]}))
+    # V1's doubt says nothing of V2: its answer to this frame becomes a full reference.
+    model_runs(scene_cache, frame("door-2", noisy_jpeg("chelsea", seed=2), at=0.25), model=V2)
+    assert hit(scene_cache, frame("door-3", noisy_jpeg("chelsea", seed=3), at=0.5), V2).source.frame_id == "door-2"
 
 
 def test_past_its_camera_bound_the_least_recently_seen_camera_is_forgotten():
@@ -235,3 +259,132 @@ def test_past_its_camera_bound_the_least_recently_seen_camera_is_forgotten():
         model_runs(scene_cache, frame(f"{camera}-1", noisy_jpeg("coffee", seed=at), at=at * 0.1, camera=camera))
     model_runs(scene_cache, frame("door-2", noisy_jpeg("coffee", seed=9), at=0.4, camera="door"))
     hit(scene_cache, frame("gate-2", noisy_jpeg("coffee", seed=10), at=0.5, camera="gate"))
+
+
+def test_a_camera_kept_alive_by_exact_repeats_alone_is_not_the_one_forgotten():
+    scene_cache = SceneCache(settings(), cameras=2)
+    still = noisy_jpeg("coffee", seed=0)
+    model_runs(scene_cache, frame("door-1", still))
+    model_runs(scene_cache, frame("yard-1", noisy_jpeg("coffee", seed=1), 0.1, "yard"))
+    assert hit(scene_cache, frame("door-2", still, at=0.2)).source.match == "exact"  # door seen after yard
+    model_runs(scene_cache, frame("gate-1", noisy_jpeg("coffee", seed=2), 0.3, "gate"))  # past the bound
+    assert hit(scene_cache, frame("door-3", noisy_jpeg("coffee", seed=3), at=0.4)).source.frame_id == "door-1"
+    assert isinstance(scene_cache.check(frame("yard-2", noisy_jpeg("coffee", seed=4), 0.5, "yard"), V1), Probe)
+
+
+def test_a_camera_kept_alive_by_backing_off_alone_is_not_the_one_forgotten():
+    scene_cache = SceneCache(settings(), cameras=2)
+    for i, scene in enumerate(("chelsea", "coffee", "rocket")):  # two changes in a row: door backs off
+        model_runs(scene_cache, frame(f"door-{i}", noisy_jpeg(scene, seed=i), at=i / 10))
+    model_runs(scene_cache, frame("yard-1", noisy_jpeg("coffee", seed=5), 0.3, "yard"))
+    assert scene_cache.check(frame("door-3", noisy_jpeg("chelsea", seed=6), at=0.4), V1) is None  # unchecked
+    model_runs(scene_cache, frame("gate-1", noisy_jpeg("coffee", seed=7), 0.5, "gate"))  # past the bound
+    # door's reference (door-2, rocket) survived: rocket again is answered from it; yard was forgotten.
+    assert hit(scene_cache, frame("door-4", noisy_jpeg("rocket", seed=8), at=0.6)).source.frame_id == "door-2"
+    assert isinstance(scene_cache.check(frame("yard-2", noisy_jpeg("coffee", seed=9), 0.7, "yard"), V1), Probe)
+
+
+# -- exact: what decides the pixels, not every byte ---------------------------------------------------------
+
+
+def jpeg_segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def exif(orientation: int, stamp: bytes) -> bytes:
+    """An APP1 Exif segment as a camera writes one: IFD0 with Orientation and DateTime (little-endian)."""
+    date_at = 8 + 2 + 2 * 12 + 4  # after the TIFF header and the two-entry IFD0
+    ifd = (struct.pack("<H", 2) + struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0)
+           + struct.pack("<HHII", 0x0132, 2, 20, date_at) + struct.pack("<I", 0))
+    tiff = b"II\x2a\x00" + struct.pack("<I", 8) + ifd + stamp[:19].ljust(19, b"\x00") + b"\x00"
+    return jpeg_segment(0xE1, b"Exif\x00\x00" + tiff)
+
+
+def stamped(jpeg: bytes, *segments: bytes) -> bytes:
+    """The JPEG with `segments` inserted after its SOI marker, as a camera stamps each frame."""
+    return jpeg[:2] + b"".join(segments) + jpeg[2:]
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def with_chunk(png: bytes, chunk: bytes) -> bytes:
+    """The PNG with `chunk` inserted after its IHDR (signature 8 bytes, IHDR 25)."""
+    return png[:33] + chunk + png[33:]
+
+
+def exact_outcome(reference: bytes, other: bytes) -> Hit | Probe | None:
+    """What the cache says of `other` from another camera (no scene reference) once the model answered `reference`."""
+    scene_cache = SceneCache(settings())
+    model_runs(scene_cache, frame("door-1", reference))
+    return scene_cache.check(frame("lobby-1", other, 0.1, "lobby"), V1)
+
+
+def test_jpegs_differing_only_in_comments_and_exif_stamps_are_exact_repeats():
+    photo = photos.jpeg("chelsea")
+    first = stamped(photo, jpeg_segment(0xFE, b"frame 1"), exif(1, b"2026:12:07 08:00:01"),
+                    jpeg_segment(0xE5, b"counter 0001"))
+    second = stamped(photo, jpeg_segment(0xFE, b"frame 2 of the day"), exif(1, b"2026:12:07 08:00:02"),
+                     jpeg_segment(0xE5, b"counter 0002"))
+    assert first != second
+    found = exact_outcome(first, second)
+    assert isinstance(found, Hit) and found.source.match == "exact"
+
+
+def test_jpegs_whose_pixels_differ_are_not_exact_repeats():
+    photo = photos.jpeg("chelsea")
+    ok, requantised = cv2.imencode(".jpg", _photo_bgr("chelsea"), [cv2.IMWRITE_JPEG_QUALITY, 70])
+    assert ok
+    assert isinstance(exact_outcome(photo, requantised.tobytes()), Probe)
+    # The same scan under another EXIF orientation: OpenCV turns the picture, so it is another image.
+    upright, turned = stamped(photo, exif(1, b"2026:12:07")), stamped(photo, exif(6, b"2026:12:07"))
+    shapes = [cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR).shape for data in (upright, turned)]
+    assert shapes[0] != shapes[1]
+    assert isinstance(exact_outcome(upright, turned), Probe)
+    # One byte of the scan changed (one block's coefficients): the pixels differ.
+    flipped = bytearray(photo)
+    flipped[len(photo) // 2] ^= 0x01
+    assert isinstance(exact_outcome(photo, bytes(flipped)), Probe)
+
+
+def test_a_png_with_a_text_chunk_added_is_an_exact_repeat_but_not_one_with_an_exif_orientation():
+    png = photos.png("coins")
+    found = exact_outcome(png, with_chunk(png, png_chunk(b"tEXt", b"Comment\x00frame 2")))
+    assert isinstance(found, Hit) and found.source.match == "exact"
+    turned_tiff = (b"MM\x00\x2a" + struct.pack(">IH", 8, 1) + struct.pack(">HHIHH", 0x0112, 3, 1, 6, 0)
+                   + struct.pack(">I", 0))
+    turned = with_chunk(png, png_chunk(b"eXIf", turned_tiff))
+    assert cv2.imdecode(np.frombuffer(turned, np.uint8), cv2.IMREAD_COLOR).shape[:2] == (
+        cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR).shape[1::-1])  # OpenCV turns it
+    assert isinstance(exact_outcome(png, turned), Probe)
+
+
+def test_a_png_made_undecodable_by_a_text_chunk_between_its_image_data_is_not_an_exact_repeat():
+    png = photos.png("coins")
+    idats, i = [], 8
+    while i < len(png):
+        (length,) = struct.unpack_from(">I", png, i)
+        if png[i + 4:i + 8] == b"IDAT":
+            idats.append(i)
+        i += 12 + length
+    split = png[:idats[1]] + png_chunk(b"tEXt", b"Comment\x00frame 2") + png[idats[1]:]
+    assert cv2.imdecode(np.frombuffer(split, np.uint8), cv2.IMREAD_COLOR) is None  # libpng: not enough image data
+    assert pixel_digest(split) != pixel_digest(png)
+
+
+def test_malformed_frames_are_digested_whole_without_raising():
+    photo = stamped(photos.jpeg("chelsea"), jpeg_segment(0xFE, b"frame 1"))
+    restamped = stamped(photos.jpeg("chelsea"), jpeg_segment(0xFE, b"frame 2"))
+    overlong = photo[:2] + b"\xff\xfe\xff\xf0" + photo[2:]  # a COM segment claiming 65 KB, past the end
+    bad_marker = photo[:2] + b"\x12\x34" + photo[2:]
+    largest_exif = exif(1, b"2026:12:07")  # not malformed: an Exif segment of the largest length there is
+    largest_exif = largest_exif[:2] + b"\xff\xff" + largest_exif[4:].ljust(0xFFFF - 2, b"\x00")
+    png = photos.png("coins")
+    for data in (photo[:2], photo[:3], photo[:40], overlong, bad_marker, png[:20], png[:100], b"", b"GIF89a",
+                 stamped(photo, largest_exif)):
+        assert len(pixel_digest(data)) == 16 and pixel_digest(data) == pixel_digest(bytes(data))
+    # Truncated before the scan, the walk cannot tell what decides the pixels: only the same bytes match.
+    assert pixel_digest(photo[:60]) != pixel_digest(restamped[:60])
+    assert pixel_digest(photo) == pixel_digest(restamped)  # whole, they do
+    assert pixel_digest(overlong) != pixel_digest(photo)

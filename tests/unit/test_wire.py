@@ -60,9 +60,11 @@ def test_topics_follow_the_brief():
     assert topics.predictions("d1", "c1") == "edgefleet/d1/predictions/c1"
     assert topics.errors("d1") == "edgefleet/d1/errors"
     assert topics.status("d1", "inference") == "edgefleet/d1/status/inference"
-    for bad in ("a/b", "+", "#", "", "x" * 65):
+    for bad in ("a/b", "+", "#", "", "x" * 65, "door\n", "cam 1", "-cam"):  # "$" let a trailing newline by
         with pytest.raises(ValueError):
             topics.check_id("camera", bad)
+        assert not topics.is_id(bad)
+    assert topics.is_id("door") and topics.is_id("c" * 64) and topics.check_id("camera", "cam-1.b_2") == "cam-1.b_2"
 
 
 def test_jpeg_size_reads_the_header():

@@ -204,7 +204,8 @@ class CacheSettings(Group):
         10, ge=1, description="At most this many cached answers in a row per camera, then the model runs (so a "
         "slow drift below the threshold is always re-checked).")
     exact_entries: int = Field(
-        256, ge=0, le=100_000, description="Answers remembered by the exact bytes of their frame (0: none).")
+        256, ge=0, le=100_000, description="Answers remembered by the exact pixels of their frame (its image "
+        "bytes less the metadata cameras stamp into each frame; 0: none).")
     min_margin: float = Field(
         0.20, ge=0, le=1,
         description="An unchanged scene gets the cached answer only if its top-1 probability beats the runner-up's "

@@ -84,7 +84,8 @@ class CacheSource(_Message):
 
     frame_id: str
     age_ms: float = Field(ge=0)
-    # exact: the same bytes as a frame the model answered; scene: a thumbnail within the change threshold.
+    # exact: the same pixels as a frame the model answered (its bytes less camera metadata); scene: a
+    # thumbnail within the change threshold.
     match: Literal["exact", "scene"]
 
 

@@ -20,8 +20,8 @@ A frame matches in one of two ways (docs/protocol.md, "Cached predictions"):
   A camera whose scene keeps changing backs off: from its second change in a row, 1, 3, 7, then 15
   frames go to the model unchecked before the next check, and the first hit ends the back-off.
   An answer whose top-1 margin is under min_margin is never reused, so while a camera's reference
-  answer is unsure its frames skip the thumbnail; the reference then has none, and the first frame
-  after a sure answer decodes its own (a miss) so that its answer becomes a full reference.
+  answer is unsure its frames skip the thumbnail; a sure answer to such a frame has its thumbnail
+  decoded when it is remembered, so the next frame can already be answered from it.
 
 Nothing outlives a model swap: an entry is given only to frames served by the model that made it
 (name, version and SHA-256), and the service clears the cache when it installs a model. Two guards,
@@ -76,7 +76,7 @@ class Probe:
     Attributes:
         digest: the digest of what decides the frame's pixels (pixel_digest; None: exact matching is off).
         thumbnail: the frame's grey thumbnail; None where its camera's reference answer was unsure, so
-            none was decoded (the answer to this frame then becomes a reference without one).
+            none was decoded (remember() decodes it if the answer to this frame is sure).
         model: the model serving the frame's batch.
         generation: the cache's generation at the check (a clear since makes the probe stale).
     """
@@ -126,7 +126,7 @@ class _Answer:
 @dataclass(slots=True)
 class _Camera:
     # The reference: the last checked frame the model ran on. None where that frame's check skipped
-    # the thumbnail (the answer before it was unsure): no scene hit until a frame with one is answered.
+    # the thumbnail and its answer is unsure (or its thumbnail did not decode): no scene hit from it.
     thumbnail: np.ndarray | None
     answer: _Answer
     streak: int = 0  # cached answers given from this reference
@@ -198,6 +198,14 @@ class SceneCache:
             answer: the model's prediction for it (not a cached one).
         """
         entry = _Answer(answer, frame.received, probe.model)
+        thumbnail = probe.thumbnail
+        if thumbnail is None and margin(answer) >= self._settings.min_margin:
+            # The check skipped it (the answer before was unsure), but this answer can be reused: decoded
+            # now, once, rather than sending the next frame to the model to get a reference with one.
+            try:
+                thumbnail = grey_thumbnail(frame.data, self._settings.thumbnail)
+            except UndecodableFrame:
+                pass
         with self._lock:
             if probe.generation != self._generation:  # cleared since the check: a swap happened
                 return
@@ -208,11 +216,11 @@ class SceneCache:
                     self._exact.popitem(last=False)
             camera = self._seen(frame.camera)
             if camera is None:
-                self._scenes[frame.camera] = _Camera(probe.thumbnail, entry)
+                self._scenes[frame.camera] = _Camera(thumbnail, entry)
                 while len(self._scenes) > self._cameras:
                     self._scenes.popitem(last=False)
             elif camera.answer.received <= frame.received:  # workers finish out of order: the later frame wins
-                camera.thumbnail, camera.answer, camera.streak = probe.thumbnail, entry, 0
+                camera.thumbnail, camera.answer, camera.streak = thumbnail, entry, 0
 
     def clear(self) -> None:
         """Forgets every answer (a model swap); answers of batches checked before are not remembered."""
@@ -255,7 +263,7 @@ class SceneCache:
         if margin(answer.prediction) < self._settings.min_margin:
             return None  # an unsure answer flips with the sensor's noise: the model must see each frame
         if camera.thumbnail is None:
-            return None  # a sure answer to a frame whose thumbnail was skipped: this frame's answer has one
+            return None  # its thumbnail did not decode when it was remembered: this frame's answer has one
         if difference(thumbnail, camera.thumbnail) > self._settings.threshold:
             # A camera whose scene keeps changing (moving, or panning) would pay the check on every
             # frame for nothing: from the second change in a row it skips 1, 3, 7, then 15 frames.

@@ -37,7 +37,7 @@ class Counters:
     received_by_camera: CameraCounts = field(default_factory=_camera_counts)
     published_by_camera: CameraCounts = field(default_factory=_camera_counts)
     rejected_by_reason: dict[ErrorReason, CameraCounts] = field(default_factory=_by_reason)  # each by camera
-    cached_exact: Counter = field(default_factory=Counter)  # of `cached`: the same bytes as an answered frame
+    cached_exact: Counter = field(default_factory=Counter)  # of `cached`: the same pixels as an answered frame
     cached_scene: Counter = field(default_factory=Counter)  # of `cached`: a scene within the change threshold
     stage1: Counter = field(default_factory=Counter)  # of `published`: a cascade's stage 1 stood (model run)
     swaps_ok: Counter = field(default_factory=Counter)

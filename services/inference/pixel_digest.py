@@ -13,12 +13,13 @@ segments and chunks that the decoder (OpenCV, libjpeg-turbo, libpng) never turns
   or an Exif one whose IFD0 runs past the segment) is digested whole. Every other segment (DQT, DHT,
   SOF, DRI, ...) and every byte from the first SOS to the end (scans, later tables, EOI, any trailer)
   is digested.
-- PNG: tEXt, zTXt and iTXt (except ImageMagick's "Raw profile type ..." ones, which can carry EXIF
-  that OpenCV reads), tIME and pHYs. A deny-list, not an allow-list, so that a chunk not named here
-  counts (fails closed): eXIf in particular, whose orientation OpenCV applies to a PNG too (measured:
-  an eXIf chunk with orientation 6 turns a 300x451 decode into 451x300). A PNG whose IDAT chunks
-  another chunk splits (libpng then fails: "Not enough image data") is digested whole. Their CRCs are
-  not checked: libpng only warns of a bad one in an ancillary chunk, and decodes the same pixels.
+- PNG: tEXt, zTXt and iTXt (except ImageMagick's "Raw profile type ..." ones, which carry EXIF a decoder
+  may apply: OpenCV 5.1 does not, but keeping them costs nothing), tIME and pHYs. A deny-list, not an
+  allow-list, so that a chunk not named here counts (fails closed): eXIf in particular, whose
+  orientation OpenCV applies to a PNG too (measured: an eXIf chunk with orientation 6 turns a 300x451
+  decode into 451x300). A PNG whose IDAT chunks another chunk splits (libpng then fails: "Not enough
+  image data") is digested whole. Their CRCs are not checked: libpng only warns of a bad one in an
+  ancillary chunk, and decodes the same pixels.
 
 Anything else, or anything that does not parse (a truncated segment, a stray byte where a marker
 belongs, more than MAX_STEPS segments or chunks), is digested whole: byte-identical frames still
@@ -67,7 +68,8 @@ def pixel_digest(data: bytes) -> bytes:
 
     Returns:
         The digest: equal for byte-identical frames, and for JPEGs or PNGs that differ only in the
-        metadata left out. Never raises for malformed input.
+        metadata left out (tests/unit/test_scene_cache.py checks that those decode to the same pixels
+        with the OpenCV installed). Never raises for malformed input.
     """
     if data.startswith(b"\xff\xd8"):
         digest = _jpeg(data)

@@ -66,7 +66,10 @@ class Publisher:
         if _accepted(info.rc, self._qos):
             self._count_published(prediction)
             if self._observe is not None:
-                self._observe(prediction)
+                try:
+                    self._observe(prediction)
+                except Exception:  # published: a metrics fault must not make the caller answer it twice
+                    log.exception("prediction latency not observed", extra=fields(frame_id=prediction.frame_id))
             return
         self._counters.lost.add()
         if (lost := self._counters.lost.value) == 1 or lost % 100 == 0:  # an outage must not flood the log too

@@ -15,7 +15,7 @@ import pytest
 
 from edgefleet import photos
 from services.inference.cache import Hit, Probe, SceneCache, difference
-from services.inference.decode import grey_thumbnail
+from services.inference.decode import decode_bgr, grey_thumbnail
 from services.inference.intake import Frame
 from services.inference.pixel_digest import pixel_digest
 from shared.config import CacheSettings
@@ -232,13 +232,21 @@ def test_an_unsure_answer_is_never_reused_and_its_camera_skips_the_thumbnail_unt
     probe = scene_cache.check(second, V1)
     assert isinstance(probe, Probe) and probe.thumbnail is None
     scene_cache.remember(second, probe, answer(second))
-    # Its answer is sure (0.8 alone) but has no thumbnail to compare with: the next frame decodes its
-    # own and goes to the model, and that answer is the reference the frames after it are hit by.
-    third = frame("door-3", noisy_jpeg("chelsea", seed=3), at=0.5)
-    probe = scene_cache.check(third, V1)
-    assert isinstance(probe, Probe) and probe.thumbnail is not None
-    scene_cache.remember(third, probe, answer(third))
-    assert hit(scene_cache, frame("door-4", noisy_jpeg("chelsea", seed=4), at=0.75)).source.frame_id == "door-3"
+    # Its answer is sure (0.8 alone): remembering it decodes the thumbnail the check skipped, so the very
+    # next frame is answered from it, with no second model run to get a reference.
+    assert hit(scene_cache, frame("door-3", noisy_jpeg("chelsea", seed=3), at=0.5)).source.frame_id == "door-2"
+
+
+def test_an_unsure_answer_to_a_frame_whose_thumbnail_was_skipped_stays_without_one():
+    scene_cache = SceneCache(settings(min_margin=0.08))
+    doubt = {"top": [ClassScore(index=281, label="tabby", score=0.40), ClassScore(index=282, label="tiger cat",
+                                                                                  score=0.36)]}
+    for n in range(1, 4):  # every answer unsure: no frame after the first decodes a thumbnail, not even remembered
+        current = frame(f"door-{n}", noisy_jpeg("chelsea", seed=n), at=n * 0.25)
+        probe = scene_cache.check(current, V1)
+        assert isinstance(probe, Probe) and (probe.thumbnail is None) == (n > 1)
+        scene_cache.remember(current, probe, answer(current).model_copy(update=doubt))
+    assert scene_cache._scenes["door"].thumbnail is None
 
 
 def test_an_unsure_answer_of_another_model_does_not_skip_the_thumbnail():
@@ -330,6 +338,35 @@ def test_jpegs_differing_only_in_comments_and_exif_stamps_are_exact_repeats():
     assert first != second
     found = exact_outcome(first, second)
     assert isinstance(found, Hit) and found.source.match == "exact"
+
+
+def _left_out_variants() -> list[tuple[str, bytes, bytes]]:
+    """(what, a frame, the same frame with only what the digest leaves out changed)."""
+    jpeg, png = photos.jpeg("chelsea"), photos.png("coins")
+    noise = bytes(range(256)) * 8
+    return [
+        ("JPEG comment", stamped(jpeg, jpeg_segment(0xFE, b"frame 1")), stamped(jpeg, jpeg_segment(0xFE, b"frame 22"))),
+        ("JPEG Exif DateTime", stamped(jpeg, exif(6, b"2026:12:07 08:00:01")),
+         stamped(jpeg, exif(6, b"2027:01:01 00:00:00"))),
+        ("JPEG APP2 ICC profile", jpeg, stamped(jpeg, jpeg_segment(0xE2, b"ICC_PROFILE\x00\x01\x01" + noise))),
+        ("JPEG APP5 counter", stamped(jpeg, jpeg_segment(0xE5, b"0001")), stamped(jpeg, jpeg_segment(0xE5, b"0002"))),
+        ("JPEG APP13 Photoshop", jpeg, stamped(jpeg, jpeg_segment(0xED, b"Photoshop 3.0\x00" + noise))),
+        ("PNG tEXt", png, with_chunk(png, png_chunk(b"tEXt", b"Comment\x00frame 2"))),
+        ("PNG zTXt", png, with_chunk(png, png_chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(noise)))),
+        ("PNG iTXt", png, with_chunk(png, png_chunk(b"iTXt", b"Comment\x00\x00\x00en\x00\x00frame 2"))),
+        ("PNG tIME", png, with_chunk(png, png_chunk(b"tIME", struct.pack(">HBBBBB", 2026, 12, 7, 8, 0, 1)))),
+        ("PNG pHYs", png, with_chunk(png, png_chunk(b"pHYs", struct.pack(">IIB", 3780, 3780, 1)))),
+    ]
+
+
+@pytest.mark.parametrize("what, first, second", _left_out_variants(), ids=lambda v: v if isinstance(v, str) else "")
+def test_what_the_exact_digest_leaves_out_decodes_to_the_same_pixels(what, first, second):
+    """The exact match's premise, pinned to the OpenCV installed: should a decoder start applying one of
+    these (an ICC profile, a PNG's text), this fails before the cache can give a wrong answer."""
+    assert first != second and pixel_digest(first) == pixel_digest(second), what
+    for min_side in (0, 256):  # the full decode, and the scaled one the service uses
+        assert np.array_equal(decode_bgr(first, min_side), decode_bgr(second, min_side)), (what, min_side)
+    assert np.array_equal(grey_thumbnail(first, 32), grey_thumbnail(second, 32)), what
 
 
 def test_jpegs_whose_pixels_differ_are_not_exact_repeats():

@@ -21,11 +21,24 @@ from edgefleet.ports import free_port
 from edgefleet.spawner import keys_of
 from edgefleet.waiting import wait_until
 from services.console import server as console_server
+from services.console.fleet import MAX_PLUGINS
 from shared import lake, topics
 from shared.codec import WireFormat, encode
 from shared.config import ConsoleSettings, load
 from shared.mqtt import MqttLink
-from shared.schemas import Gap, GapReason, ServiceState, ServiceStatus, TelemetryBatch, TelemetryRecord
+from shared.schemas import (
+    Gap,
+    GapReason,
+    PluginRollout,
+    RolloutPhase,
+    RolloutTarget,
+    ServiceState,
+    ServiceStatus,
+    SyncReport,
+    SyncState,
+    TelemetryBatch,
+    TelemetryRecord,
+)
 from tests import uplink as uplink_rig
 from tests.uplink import Uplink
 
@@ -216,4 +229,40 @@ def test_the_console_closes_idle_connections_refuses_those_over_its_cap_and_unkn
         for conn in idle:
             conn.close()
     assert "too many open" in console.log()
+    assert console.alive()
+
+
+def _plugin_views(port: int) -> list[dict] | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/fleet", timeout=2) as response:  # noqa: S310
+            return json.load(response)["plugin_rollouts"]
+    except OSError:
+        return None
+
+
+def test_plugin_names_one_device_invents_cannot_hide_a_rolled_out_plugin_from_a_restarted_console(uplink):
+    """A device's certificate may publish retained plugin states under any name (cloud.acl lets it write
+    its own `sync/plugins/+`). The console keeps states of at most MAX_PLUGINS plugins; started after a
+    flood of invented names, it still shows the plugin the operators rolled out, because it reads the
+    rollouts first and a rolled-out plugin takes an invented one's place."""
+    rig, port = uplink, free_port()
+    evil = _connected(rig.cloud_client("dev-evil"), topics.plugin_sync_state("dev-evil", "round-trip"))
+    invented = SyncReport(device="dev-evil", rollout_id="x", state=SyncState.ACTIVE, at=time.time())
+    for n in range(MAX_PLUGINS + 6):
+        evil.publish(topics.plugin_sync_state("dev-evil", f"fake-{n:03d}"), encode(invented), qos=1, retain=True,
+                     content_type=JSON).wait_for_publish(5)
+    operator = _connected(rig.cloud_client("operator"), topics.plugin_rollout("round-trip"))
+    rollout = PluginRollout(rollout_id="p-1", plugin="night_alert", version=2, phase=RolloutPhase.PROMOTED,
+                            target=RolloutTarget(), issued_at=time.time())
+    operator.publish(topics.plugin_rollout("night_alert"), encode(rollout), qos=1, retain=True,
+                     content_type=JSON).wait_for_publish(5)
+    device = _connected(rig.cloud_client("dev-real"), topics.plugin_sync_state("dev-real", "round-trip"))
+    real = SyncReport(device="dev-real", rollout_id="p-1", state=SyncState.ACTIVE, at=time.time())
+    device.publish(topics.plugin_sync_state("dev-real", "night_alert"), encode(real), qos=1, retain=True,
+                   content_type=JSON).wait_for_publish(5)
+
+    console = _start_console(rig, port)
+    views = wait_until(lambda: (v := _plugin_views(port)) and v[0]["states"] and v, 30,
+                       "the console to show the rolled-out plugin's device states")
+    assert [(v["name"], v["states"]) for v in views] == [("night_alert", {"active": 1})]
     assert console.alive()

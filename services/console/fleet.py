@@ -156,7 +156,7 @@ class FleetState:
         with self._changed:
             reports = self._plugin_reports.get(plugin)
             if reports is None:
-                if report is None or len(self._plugin_reports) >= MAX_PLUGINS:
+                if report is None or not self._room_for_plugin(plugin):
                     return
                 reports = self._plugin_reports[plugin] = {}
             if report is None:
@@ -174,6 +174,21 @@ class FleetState:
         with self._changed:
             self._rollout = rollout
             self._bump()
+
+    def _room_for_plugin(self, plugin: str) -> bool:
+        """Whether devices' reports on `plugin` may be kept (the lock held): while fewer than MAX_PLUGINS
+        plugins are tracked, yes; past that, only for a plugin the operators rolled out, in place of one no
+        rollout names. A device's certificate may publish states under any plugin name it invents, and
+        first come, first kept let one device hide every real plugin rolled out after it fleet-wide."""
+        if len(self._plugin_reports) < MAX_PLUGINS:
+            return True
+        if plugin not in self._plugin_rollouts:
+            return False
+        invented = next((name for name in self._plugin_reports if name not in self._plugin_rollouts), None)
+        if invented is None:
+            return False
+        del self._plugin_reports[invented]
+        return True
 
     def on_plugin_rollout(self, topic: str, payload: bytes, content_type: str | None = None) -> None:
         """A plugin's retained PluginRollout (topics.plugin_rollout(name)); an empty payload clears it."""

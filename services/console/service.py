@@ -54,12 +54,15 @@ class ConsoleService:
         self._stopping = threading.Event()
         self.liveness = Liveness()
         self.link = MqttLink(settings, SERVICE)
+        # The operators' plugin rollouts before the devices' plugin states: the broker replays retained
+        # messages subscription by subscription, and a full plugin table makes room only for a plugin a
+        # rollout names (FleetState._room_for_plugin).
         for topic_filter, handler in (
             (topics.every_device_status("+"), self.fleet.on_status),
             (topics.all_sync_states(), self.fleet.on_sync_state),
-            (topics.all_plugin_sync_states(), self.fleet.on_plugin_sync_state),
             (topics.rollout(), self.fleet.on_rollout),
             (topics.all_plugin_rollouts(), self.fleet.on_plugin_rollout),
+            (topics.all_plugin_sync_states(), self.fleet.on_plugin_sync_state),
         ):
             self.link.subscribe(topic_filter, _reading(handler), qos=1)
         try:

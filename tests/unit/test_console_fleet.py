@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from services.console import charts as drift_charts
-from services.console.fleet import MAX_ROLLBACKS, FleetState
+from services.console.fleet import MAX_PLUGINS, MAX_ROLLBACKS, FleetState
 from services.console.server import page_files
 from shared import codec, lake, schemas, topics
 from shared.codec import WireFormat, encode
@@ -234,6 +234,24 @@ def test_plugin_rollouts_show_beside_the_model_rollout():
     assert (view.kind, view.name, view.version, view.target_groups, view.states) == (
         "plugin", "night_alert", 3, ["yard"], {"active": 1})
     assert fleet.snapshot(NOW).rollout is None
+
+
+def test_plugin_names_a_device_invents_cannot_hide_a_plugin_the_operators_roll_out():
+    fleet = FleetState(stale_after_s=20)
+    invented = SyncReport(device="dev-evil", rollout_id="x", state=SyncState.ACTIVE, at=NOW)
+    for n in range(MAX_PLUGINS + 5):  # one device's certificate, as many names as it likes
+        fleet.on_plugin_sync_state(topics.plugin_sync_state("dev-evil", f"fake-{n}"), encode(invented))
+    plugin = schemas.PluginRollout(rollout_id="p-1", plugin="night_alert", version=3,
+                                   phase=schemas.RolloutPhase.PROMOTED, target=schemas.RolloutTarget(), issued_at=NOW)
+    fleet.on_plugin_rollout(topics.plugin_rollout("night_alert"), encode(plugin))
+    report = SyncReport(device="dev-a", rollout_id="p-1", state=SyncState.ACTIVE, at=NOW)
+    fleet.on_plugin_sync_state(topics.plugin_sync_state("dev-a", "night_alert"), encode(report))
+
+    [view] = fleet.snapshot(NOW).plugin_rollouts
+    assert (view.name, view.states) == ("night_alert", {"active": 1})
+    # Still bounded: the real plugin took an invented name's place, and a further invented one gets none.
+    fleet.on_plugin_sync_state(topics.plugin_sync_state("dev-evil", "fake-new"), encode(invented))
+    assert len(fleet._plugin_reports) == MAX_PLUGINS and "fake-new" not in fleet._plugin_reports
 
 
 @pytest.mark.parametrize("payload", [b"{not json", b'{"device": "dev-a"}', b"\x81\xa1x\x01"])

@@ -66,12 +66,17 @@ def _start_console(rig: Uplink, port: int):
         console_stale_after_s=120), "console", "console")
 
 
-def _fleet_devices(port: int) -> list[str] | None:
+def _fleet(port: int) -> dict | None:
+    """The console's /api/fleet, or None while it does not answer."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/fleet", timeout=2) as response:  # noqa: S310
-            return [d["device"] for d in json.load(response)["devices"]]
+            return json.load(response)
     except OSError:
         return None
+
+
+def _fleet_devices(port: int) -> list[str] | None:
+    return None if (fleet := _fleet(port)) is None else [d["device"] for d in fleet["devices"]]
 
 
 def _impersonate(link: MqttLink, name: str) -> None:
@@ -233,11 +238,7 @@ def test_the_console_closes_idle_connections_refuses_those_over_its_cap_and_unkn
 
 
 def _plugin_views(port: int) -> list[dict] | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/fleet", timeout=2) as response:  # noqa: S310
-            return json.load(response)["plugin_rollouts"]
-    except OSError:
-        return None
+    return None if (fleet := _fleet(port)) is None else fleet["plugin_rollouts"]
 
 
 def test_plugin_names_one_device_invents_cannot_hide_a_rolled_out_plugin_from_a_restarted_console(uplink):

@@ -208,6 +208,7 @@ def _bridge_carrying(cloud: Broker, edge: Broker, certs, first: bytes):
     operator = _device(cloud, certs, "operator")
     operator.listen("edgefleet/+/sync/state")
     assert operator.connect()
+    _subscribed(operator)  # `first` is not retained: it must find the operator's subscription in place
     sync = _user(edge, "sync")
     assert sync.connect()
     sync.link.publish("edgefleet/dev-1/sync/state", first, qos=1).wait_for_publish(5)

@@ -5,7 +5,8 @@
 # through the `mc` shim, the compose health check `mc ready local`. Its objects live in memory: a
 # restart of this container empties the store, which real MinIO would not. Built by scripts/images.sh.
 FROM python:3.11-slim
-RUN python3 -m venv /opt/s3 && /opt/s3/bin/pip install --no-cache-dir --quiet "moto[server]>=5" \
+# psutil: edgefleet/ports.py, which s3server.py imports, reads who listens on a port with it.
+RUN python3 -m venv /opt/s3 && /opt/s3/bin/pip install --no-cache-dir --quiet "moto[server]>=5" "psutil>=6.0" \
     && printf '#!/bin/sh\nexec /opt/s3/bin/python -m edgefleet.s3server mc "$@"\n' > /usr/local/bin/mc \
     && chmod 755 /usr/local/bin/mc \
     && useradd --uid 10001 --no-create-home edgefleet

@@ -71,10 +71,17 @@ class Broker:
         )
         try:
             wait_listening(self.process, self.port, timeout, f"mosquitto (log: {self.workdir}/mosquitto.log)")
-        except (RuntimeError, TimeoutError):
-            self.stop()
+        except BaseException as failed:
+            self.stop()  # whatever ended the wait (Ctrl-C, psutil), no broker is left running
+            failed.add_note(self.log_tail())  # the log goes with the work folder on close
             raise
         return self
+
+    def log_tail(self, lines: int = 5) -> str:
+        """The last `lines` lines of the broker's log, labelled, for an error message."""
+        log = self.workdir / "mosquitto.log"
+        text = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else ["(no log)"]
+        return "\n".join([f"{log} ends:", *text])
 
     def reload(self, timeout: float = 10.0) -> None:
         """SIGHUP: Mosquitto re-reads its config (ACL, passwords, certificates and, on 2.0, the CRL), as

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import shutil
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from edgefleet.brokerconf import bridge, cloud_listener
 from edgefleet.certs import CRL, issue, new_ca, write_crl
 from edgefleet.liveview import Rate, View, decoded, listen, show_live, stop_on_signals, table
 from edgefleet.operator_shell import OPERATOR_ENV, seed_registry, write_operator_env
-from edgefleet.ports import free_port
+from edgefleet.ports import bindable, free_port
 from edgefleet.s3server import S3Server
 from edgefleet.spawner import Spawner, keys_of
 from edgefleet.stack import start_device
@@ -148,20 +147,11 @@ def _start_console(spawner: Spawner, store: StoreSettings, cloud_url: str, certs
     if "port" in settings.console.model_fields_set and settings.console.port:
         port = settings.console.port  # asked for: the console takes it or refuses to start, saying why
     else:
-        port = CONSOLE_PORT if _free(settings.console.host, CONSOLE_PORT) else free_port()
+        port = CONSOLE_PORT if bindable(settings.console.host, CONSOLE_PORT) else free_port()
     spawner.start("console", "console", settings.model_copy(
         update={"console": settings.console.model_copy(update={"port": port})}))
     host = "127.0.0.1" if settings.console.host in ("0.0.0.0", "") else settings.console.host  # noqa: S104
     return f"http://{host}:{port}/"
-
-
-def _free(host: str, port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def _fresh_devices(folder: Path, devices: list[str]) -> None:

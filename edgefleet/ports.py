@@ -2,26 +2,37 @@
 
 from __future__ import annotations
 
-import collections
+import contextlib
+import fcntl
+import logging
 import os
 import random
 import socket
 import subprocess
-import threading
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 
-PORTS_ENV = "EDGEFLEET_PORTS"  # "LOW-HIGH": free_port draws from this range alone (the tests give each worker one)
-# Below Linux's default ephemeral range (32768-60999), from which the kernel draws every outgoing connection's
-# port and every bind(0): a broker killed and restarted on its port (a fault test, the local stack) must not
-# find it handed to another server, or taken as a connection's source port, in between. Below Kubernetes'
-# NodePort range (30000-32767) too, and above every port the stack fixes (at most 10001).
-DEFAULT_PORTS = range(20000, 30000)
-_PICKS = 500
+log = logging.getLogger(__name__)
 
-_lock = threading.Lock()
-_handed_out: collections.deque[int] = collections.deque()
+PORTS_ENV = "EDGEFLEET_PORTS"  # "LOW-HIGH": free_port draws from this range instead
+# Below Linux's default ephemeral range (32768-60999), from which the kernel draws every outgoing connection's
+# port and every bind(0): a broker killed and restarted on its port (a fault test) must not find it taken as a
+# connection's source port in between. Below Kubernetes' NodePorts (30000-32767) too, and above every port the
+# stack fixes (at most 10001).
+DEFAULT_PORTS = range(20000, 30000)
+# How long a port handed out stays out of every other process's draws on this machine: far longer than any
+# test keeps a broker it kills and restarts (the whole suite takes 12 minutes). A port whose server still
+# listens is never drawn anyway.
+CLAIM_S = 30 * 60
+_DRAWS = 500  # with half the range claimed or bound, 500 misses in a row has a chance of 2^-500
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+_draw = random.Random()  # noqa: S311 not a secret; its own generator, so no test's seeding of `random` steers it
+_warned = False
 
 
 def port_range() -> range:
@@ -43,55 +54,85 @@ def port_range() -> range:
     return ports
 
 
-def share(index: int, count: int) -> str:
-    """The `index`-th of `count` disjoint slices of port_range(), as an EDGEFLEET_PORTS value: one for each of
-    the processes that start servers side by side (the tests' workers).
-
-    Raises:
-        ValueError: index is not in 0..count-1, or the range is too small to share.
-    """
-    ports = port_range()
-    size = len(ports) // count if count > 0 else 0
-    if not 0 <= index < count or size < 2:
-        raise ValueError(f"cannot give share {index} of {count} of ports {ports.start}-{ports.stop - 1}")
-    return f"{ports.start + index * size}-{ports.start + (index + 1) * size - 1}"
-
-
 def free_port() -> int:
-    """A loopback port nothing is bound to, drawn at random from `port_range()`.
+    """A loopback port nothing is bound to, drawn at random from `port_range()` and claimed for this process.
 
-    This process never hands a port out twice while it remembers it (the last half of the range): a broker
-    the tests kill keeps its port for its restart, and no other server of this process takes it meanwhile.
+    A claim keeps the port out of every other draw on this machine for CLAIM_S, by any process that draws
+    through here (the tests' two workers, the processes they start, a local stack beside them): a broker
+    killed and restarted on its port gets it back. Claims are files in `claims_dir()`, one per port, taken
+    under one lock.
 
     Raises:
         ValueError: EDGEFLEET_PORTS is malformed.
-        RuntimeError: no free port found in the range.
+        RuntimeError: every port of the range drawn was bound or claimed.
     """
     ports = port_range()
-    with _lock:
-        for port in random.sample(ports, min(_PICKS, len(ports))):
-            if port not in _handed_out and _bindable(port):
-                _handed_out.append(port)
-                if len(_handed_out) > len(ports) // 2:
-                    _handed_out.popleft()
+    _warn_if_ephemeral(ports)
+    with _claims() as folder:
+        for port in _draw.sample(ports, min(_DRAWS, len(ports))):
+            claim = folder / str(port)
+            if not _claimed(claim) and bindable("127.0.0.1", port):
+                claim.touch()  # an old claim's file gets a new time, which is what counts
                 return port
-    raise RuntimeError(f"no free loopback port in {ports.start}-{ports.stop - 1} ({PORTS_ENV})")
+    raise RuntimeError(f"no free loopback port in {ports.start}-{ports.stop - 1} ({PORTS_ENV}; claims in "
+                       f"{claims_dir()})")
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
+def claims_dir() -> Path:
+    """Where free_port's claims live: one folder per user under the temporary folder."""
+    return Path(tempfile.gettempdir()) / f"edgefleet-ports-{os.getuid()}"
+
+
+@contextlib.contextmanager
+def _claims() -> Iterator[Path]:
+    folder = claims_dir()
+    folder.mkdir(mode=0o700, exist_ok=True)
+    with (folder / ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield folder
+
+
+def _claimed(claim: Path) -> bool:
+    try:
+        return time.time() - claim.stat().st_mtime < CLAIM_S
+    except FileNotFoundError:
+        return False
+
+
+def bindable(host: str, port: int) -> bool:
+    """Whether a TCP socket can bind `host`:`port` now (nothing listens or holds it there)."""
+    with socket.socket() as probe:
         try:
-            s.bind(("127.0.0.1", port))
+            probe.bind((host, port))
         except OSError:
             return False
     return True
+
+
+def ephemeral_overlap(ports: range, path: Path = EPHEMERAL_RANGE_FILE) -> range:
+    """The part of `ports` inside the kernel's ephemeral range (read from `path`); empty where it cannot be read."""
+    try:
+        low, high = map(int, path.read_text().split())
+    except (OSError, ValueError):
+        return range(0)
+    return range(max(ports.start, low), min(ports.stop, high + 1))
+
+
+def _warn_if_ephemeral(ports: range) -> None:
+    global _warned
+    overlap = ephemeral_overlap(ports)
+    if overlap and not _warned:
+        _warned = True
+        log.warning("ports %d-%d, which free_port draws from, are in the kernel's range for outgoing connections: "
+                    "a killed server's port may be taken before it restarts; set %s outside it",
+                    overlap.start, overlap.stop - 1, PORTS_ENV)
 
 
 def wait_listening(process: subprocess.Popen, port: int, timeout: float, what: str) -> None:
     """Returns once `process`, or a process it started, listens on `port`.
 
     Only that process counts: a connection that succeeds could reach another process on the port (one that
-    took it between free_port and the bind), and the caller would then talk to the wrong server unawares.
+    took it before our server bound it), and the caller would then talk to the wrong server unawares.
 
     Raises:
         RuntimeError: the process exited (the message names whoever listens on the port, if anyone does).
@@ -121,11 +162,22 @@ def _listening_ports(process: psutil.Process) -> set[int]:
         return {c.laddr.port for c in process.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
     except psutil.NoSuchProcess:
         return set()
+    except psutil.AccessDenied:
+        # Its sockets are not ours to read (another user's process, a hidepid /proc): the system-wide table
+        # still says which pid listens where, or nothing, and then nothing here counts as listening.
+        return {c.laddr.port for c in _system_listeners() if c.pid == process.pid}
+
+
+def _system_listeners() -> list:
+    try:
+        return [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+    except psutil.Error:
+        return []
 
 
 def _held_by(port: int) -> str:
-    holders = [c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    holders = [c.pid for c in _system_listeners() if c.laddr.port == port]
     if not holders:
         return ""
     pids = ", ".join(str(pid or "?") for pid in sorted(set(holders), key=str))
-    return f" (another process listens on port {port}: pid {pids})"
+    return f" (port {port} is held by pid {pids})"

@@ -38,7 +38,8 @@ compose service: `server /data --console-address :9001` with MINIO_ROOT_USER(_FI
 MINIO_ROOT_PASSWORD(_FILE), listening on :9000 (or `--address`); there is no console. The compose
 health check `mc ready local` is answered by `python -m edgefleet.s3server mc ready local` (an image
 puts a two-line `mc` script on PATH that runs it), probing /minio/health/ready as MinIO's client does.
-The server needs only this module, edgefleet/ports.py, edgefleet/__init__.py and `moto[server]`.
+The server needs only this module, edgefleet/ports.py, edgefleet/__init__.py, `moto[server]` and psutil
+(which ports.py imports).
 """
 
 from __future__ import annotations
@@ -130,8 +131,8 @@ class S3Server:
         try:
             # The enforcing entry opens its port only after the root user exists and enforcement is on.
             wait_listening(self.process, self.port, timeout, f"moto_server (log: {self.workdir}/moto.log)")
-        except (RuntimeError, TimeoutError):
-            self.stop()
+        except BaseException:
+            self.stop()  # whatever ended the wait, no server is left running
             raise
         return self
 

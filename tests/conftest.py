@@ -2,14 +2,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 from pathlib import Path
 
 import pytest
 
 from edgefleet.broker import Broker
 from edgefleet.models.build import build
-from edgefleet.ports import PORTS_ENV, share
 from shared.config import DEFAULT_MODEL_DIR, InferenceSettings, load
 from tests import s3pool
 from tests.support import Device, ServiceProcess, Services, wait_until
@@ -118,17 +116,6 @@ def pytest_runtest_makereport(item, call):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "images: needs the shipped images (tests/image_build.py builds them once)")
-    _own_ports(config)
-
-
-def _own_ports(config) -> None:
-    """Each xdist worker draws its servers' ports from its own share of the range (the processes it starts
-    too: they inherit it). Fault tests kill a broker and restart it on its port; with a range shared by the
-    workers, the other worker's next server could take it in between. The likeliest cause of a CI run's
-    failed bridge test: its client published to a broker that was not the test's, and nothing crossed."""
-    worker = getattr(config, "workerinput", None)
-    if worker is not None:
-        os.environ[PORTS_ENV] = share(int(worker["workerid"].removeprefix("gw")), int(worker["workercount"]))
 
 
 def _needs_images(item) -> bool:

@@ -16,6 +16,7 @@ from edgefleet.broker import Broker
 from edgefleet.brokerconf import DEPLOY, bridge, cloud_listener, edge_listener, password_file
 from edgefleet.certs import issue, new_ca
 from edgefleet.cli import app
+from edgefleet.waiting import WaitTimeout
 from shared import topics
 from shared.config import CommonSettings, InferenceSettings, TelemetrySettings
 from shared.mqtt import MqttLink
@@ -66,7 +67,9 @@ def edge(tmp_path):
 def _subscribed(*clients: Client) -> None:
     """Every subscription in place: a QoS 1 round trip after the SUBSCRIBE (the broker answers in order)."""
     for client in clients:
-        client.link.publish("edgefleet/round-trip", b"", qos=1).wait_for_publish(5)
+        sent = client.link.publish("edgefleet/round-trip", b"", qos=1)
+        sent.wait_for_publish(5)
+        assert sent.is_published(), "no PUBACK within 5 s: the subscriptions are not known to be in"
 
 
 def _user(broker, name, password=None):
@@ -212,7 +215,12 @@ def _bridge_carrying(cloud: Broker, edge: Broker, certs, first: bytes):
     sync = _user(edge, "sync")
     assert sync.connect()
     sync.link.publish("edgefleet/dev-1/sync/state", first, qos=1).wait_for_publish(5)
-    wait_until(lambda: operator.received, 20, "the bridge to carry a first message")
+    try:
+        wait_until(lambda: operator.received, 20, "the bridge to carry a first message")
+    except WaitTimeout as missing:  # which hop failed: a broker gone, the bridge refused, never connected...
+        for broker in (edge, cloud):
+            missing.add_note(f"exit code {broker.process.poll()}; {broker.log_tail(20)}")
+        raise
     return operator, sync
 
 

@@ -6,6 +6,7 @@ exercise the broker set-up the main job uses.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -14,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgefleet.ports import free_port, wait_listening
+from edgefleet.ports import claim, free_port, wait_listening
 
 
 def find_mosquitto() -> str:
@@ -108,6 +109,7 @@ class Broker:
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait()
+            self._keep_port()
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -116,6 +118,13 @@ class Broker:
                 self.process.wait(5)
             except subprocess.TimeoutExpired:
                 self.kill()
+            self._keep_port()
+
+    def _keep_port(self) -> None:
+        """Its port stays out of other draws for a while from now, for a restart (edgefleet.ports.claim). A
+        courtesy to that restart: a claims folder that refuses it must not fail the stop."""
+        with contextlib.suppress(OSError, RuntimeError):
+            claim(self.port)
 
     def close(self) -> None:
         self.stop()

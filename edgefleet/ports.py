@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -24,14 +25,14 @@ PORTS_ENV = "EDGEFLEET_PORTS"  # "LOW-HIGH": free_port draws from this range ins
 # connection's source port in between. Below Kubernetes' NodePorts (30000-32767) too, and above every port the
 # stack fixes (at most 10001).
 DEFAULT_PORTS = range(20000, 30000)
-# How long a port handed out stays out of every other process's draws on this machine: far longer than any
-# test keeps a broker it kills and restarts (the whole suite takes 12 minutes). A port whose server still
-# listens is never drawn anyway.
+# How long a claimed port stays out of other draws, from its draw or from its broker's stop or kill (the
+# broker claims it again then): far longer than any test keeps a killed broker down (the whole suite takes
+# 12 minutes). A port whose server listens is never drawn anyway.
 CLAIM_S = 30 * 60
 _DRAWS = 500  # with half the range claimed or bound, 500 misses in a row has a chance of 2^-500
 EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
-_draw = random.Random()  # noqa: S311 not a secret; its own generator, so no test's seeding of `random` steers it
+_rng = random.Random()  # noqa: S311 not a secret; its own generator, so no test's seeding of `random` steers it
 _warned = False
 
 
@@ -55,31 +56,42 @@ def port_range() -> range:
 
 
 def free_port() -> int:
-    """A loopback port nothing is bound to, drawn at random from `port_range()` and claimed for this process.
+    """A loopback port nothing is bound to, drawn at random from `port_range()`, and claimed.
 
-    A claim keeps the port out of every other draw on this machine for CLAIM_S, by any process that draws
-    through here (the tests' two workers, the processes they start, a local stack beside them): a broker
-    killed and restarted on its port gets it back. Claims are files in `claims_dir()`, one per port, taken
-    under one lock.
+    A claim keeps the port out of every other draw for CLAIM_S, by any process of this user that draws through
+    here with the same temporary folder (the tests' two workers, the processes they start, a local stack
+    beside them): a broker killed and restarted on its port gets it back. Claims are files in `claims_dir()`,
+    one per port, taken under one lock.
 
     Raises:
         ValueError: EDGEFLEET_PORTS is malformed.
-        RuntimeError: every port of the range drawn was bound or claimed.
+        RuntimeError: every port of the range drawn was bound or claimed, or the claims folder is not this
+            user's alone.
     """
     ports = port_range()
     _warn_if_ephemeral(ports)
     with _claims() as folder:
-        for port in _draw.sample(ports, min(_DRAWS, len(ports))):
-            claim = folder / str(port)
-            if not _claimed(claim) and bindable("127.0.0.1", port):
-                claim.touch()  # an old claim's file gets a new time, which is what counts
+        for port in _rng.sample(ports, min(_DRAWS, len(ports))):
+            if not _claimed(folder, port) and bindable("127.0.0.1", port):
+                _touch(folder, port)
                 return port
     raise RuntimeError(f"no free loopback port in {ports.start}-{ports.stop - 1} ({PORTS_ENV}; claims in "
                        f"{claims_dir()})")
 
 
+def claim(port: int) -> None:
+    """Claims `port` again for CLAIM_S from now: a server that stops or is killed calls it, so the time its port
+    stays out of other draws counts from when it went down, not from when it was drawn.
+
+    Raises:
+        RuntimeError: the claims folder is not this user's alone.
+    """
+    with _claims() as folder:
+        _touch(folder, port)
+
+
 def claims_dir() -> Path:
-    """Where free_port's claims live: one folder per user under the temporary folder."""
+    """Where the claims live: one folder per user under the temporary folder."""
     return Path(tempfile.gettempdir()) / f"edgefleet-ports-{os.getuid()}"
 
 
@@ -87,16 +99,34 @@ def claims_dir() -> Path:
 def _claims() -> Iterator[Path]:
     folder = claims_dir()
     folder.mkdir(mode=0o700, exist_ok=True)
-    with (folder / ".lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        yield folder
-
-
-def _claimed(claim: Path) -> bool:
+    # Its name is predictable: one another user made, or left writable, could block every draw or, through
+    # symbolic links, have us create files where they point. Files are opened without following links too.
+    found = folder.lstat()
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o077:
+        raise RuntimeError(f"{folder}: the port claims folder must be a folder of user {os.getuid()} alone "
+                           "(mode 700); remove it")
+    lock = os.open(folder / ".lock", os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        return time.time() - claim.stat().st_mtime < CLAIM_S
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed
+        yield folder
+    finally:
+        os.close(lock)
+
+
+def _claimed(folder: Path, port: int) -> bool:
+    try:
+        age = time.time() - (folder / str(port)).lstat().st_mtime
     except FileNotFoundError:
         return False
+    return 0 <= age < CLAIM_S  # a time ahead of the clock (set back since) is no claim
+
+
+def _touch(folder: Path, port: int) -> None:
+    claim = os.open(folder / str(port), os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.utime(claim)  # an old claim's file gets a new time, which is what counts
+    finally:
+        os.close(claim)
 
 
 def bindable(host: str, port: int) -> bool:
@@ -109,10 +139,11 @@ def bindable(host: str, port: int) -> bool:
     return True
 
 
-def ephemeral_overlap(ports: range, path: Path = EPHEMERAL_RANGE_FILE) -> range:
-    """The part of `ports` inside the kernel's ephemeral range (read from `path`); empty where it cannot be read."""
+def ephemeral_overlap(ports: range, path: Path | None = None) -> range:
+    """The part of `ports` inside the kernel's ephemeral range (read from `path`, EPHEMERAL_RANGE_FILE by default);
+    empty where it cannot be read."""
     try:
-        low, high = map(int, path.read_text().split())
+        low, high = map(int, (path or EPHEMERAL_RANGE_FILE).read_text().split())
     except (OSError, ValueError):
         return range(0)
     return range(max(ports.start, low), min(ports.stop, high + 1))
@@ -151,10 +182,19 @@ def wait_listening(process: subprocess.Popen, port: int, timeout: float, what: s
 def _listens(pid: int, port: int) -> bool:
     try:
         process = psutil.Process(pid)
-        family = [process, *process.children(recursive=True)]
+        family = [process, *_children(process)]
     except psutil.NoSuchProcess:
         return False
     return any(port in _listening_ports(member) for member in family)
+
+
+def _children(process: psutil.Process) -> list[psutil.Process]:
+    try:
+        return process.children(recursive=True)
+    except psutil.AccessDenied:
+        # psutil reads every process's parent to find them; a hidepid /proc hides other users' processes.
+        # The process itself still counts (the servers we start listen themselves).
+        return []
 
 
 def _listening_ports(process: psutil.Process) -> set[int]:
@@ -163,8 +203,8 @@ def _listening_ports(process: psutil.Process) -> set[int]:
     except psutil.NoSuchProcess:
         return set()
     except psutil.AccessDenied:
-        # Its sockets are not ours to read (another user's process, a hidepid /proc): the system-wide table
-        # still says which pid listens where, or nothing, and then nothing here counts as listening.
+        # Its sockets are not ours to read (another user's process): the system-wide table still says which pid
+        # listens where, or nothing, and then nothing here counts as listening.
         return {c.laddr.port for c in _system_listeners() if c.pid == process.pid}
 
 
@@ -180,4 +220,4 @@ def _held_by(port: int) -> str:
     if not holders:
         return ""
     pids = ", ".join(str(pid or "?") for pid in sorted(set(holders), key=str))
-    return f" (port {port} is held by pid {pids})"
+    return f" (pid {pids} listens on port {port})"

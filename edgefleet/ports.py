@@ -122,11 +122,11 @@ def _claimed(folder: Path, port: int) -> bool:
 
 
 def _touch(folder: Path, port: int) -> None:
-    claim = os.open(folder / str(port), os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    file = os.open(folder / str(port), os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        os.utime(claim)  # an old claim's file gets a new time, which is what counts
+        os.utime(file)  # an old claim's file gets a new time, which is what counts
     finally:
-        os.close(claim)
+        os.close(file)
 
 
 def bindable(host: str, port: int) -> bool:

@@ -57,7 +57,11 @@ def test_a_cascade_rolls_out_canaries_and_rolls_back_as_one_unit(fleet, model_di
         fleet.store, BUCKET, registry.key(CASCADE, 1, MANIFEST_FILE), registry.MAX_MANIFEST_BYTES))
     assert versions(fleet.store, BUCKET, NAME) == [1] and versions(fleet.store, BUCKET, SMALL) == [1]
     assert _objects(fleet, CASCADE) == [CASCADE_FILE, MANIFEST_FILE, registry.SIGNATURE_OBJECT]
-    rig = fleet.start_device("edge-cascade", model_dir, camera_rate=8)
+    # Stage 1 is the full model re-saved, so an escalated frame runs it twice: the cascade's p95 latency is
+    # 1.6-2.0 x the seed's by construction (34-36 against 18-22 ms, quiet). 8 keeps the load margin the other
+    # delivery tests have (4 x); a CI run under the other worker's load rolled this sound cascade back at
+    # 92.9 against 21.0 ms.
+    rig = fleet.start_device("edge-cascade", model_dir, camera_rate=8, canary_max_latency_ratio=8)
     wait_until(lambda: len(rig.device.predictions) >= 25, 60, "predictions from the first model")
 
     fleet.rollout(CASCADE, 1, "r-cascade")
